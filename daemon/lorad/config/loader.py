@@ -1,0 +1,408 @@
+"""YAML (or an equivalent mapping) → a validated :class:`TrainConfig`, with every problem at once.
+
+Validation never stops at the first problem: each key is checked, problems are collected, and a
+single :class:`ConfigError` lists them all, each naming the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorad.config.schema import REQUIRED_KEYS, RepeatPolicy, TrainConfig
+from lorad.errors import ConfigError, ConfigProblem
+
+# Names other tools use for our keys, so "did you mean" can teach the mapping.
+SYNONYMS: Mapping[str, str] = {
+    "network_dim": "lora_rank",
+    "rank": "lora_rank",
+    "lora_r": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "alpha": "lora_alpha",
+    "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "pretrained_model_name_or_path": "base_model",
+    "pretrained_model": "base_model",
+    "lr": "learning_rate",
+    "unet_lr": "learning_rate",
+    "lr_warmup": "lr_warmup_steps",
+    "shuffle_captions": "shuffle_caption",
+    "caption_dropout_rate": "caption_dropout",
+    "save_every_n_steps": "save_steps",
+    "save_last_n_steps_state": "keep_checkpoints",
+    "save_total_limit": "keep_checkpoints",
+    "save_model_as": "save_precision",
+    "network_weights": "init_lora",
+    "resume": "resume_from",
+    "optimizer_type": "optimizer",
+    "target_modules": "unet_target_modules",
+    "instance_prompt": "trigger_word",
+    "image_dir": "train_data_dir",
+    "data_dir": "train_data_dir",
+    "metadata": "metadata_path",
+    "max_grad_norm_clip": "max_grad_norm",
+}
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+class _Invalid(Exception):
+    """A value that cannot be converted; carries the problem message and the fix."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+
+def _show(value: Any) -> str:
+    """A bad value as the user wrote it, with its YAML type when that explains the problem."""
+    kind = {str: "text", bool: "true/false", int: "a number", float: "a number",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _Invalid(f"got {_show(value)}", "write a whole number such as 10")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace("_", ""))
+        except ValueError:
+            raise _Invalid(f"got {_show(value)}", "write a whole number such as 10") from None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _Invalid(f"got {_show(value)}", "write a whole number such as 10")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _Invalid(f"got {_show(value)}", "write a number such as 1e-4 or 0.0001")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads `2e-4` as text because it lacks a dot; accept it as a number.
+        try:
+            return float(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    raise _Invalid(f"got {_show(value)}", "write a number such as 1e-4 or 0.0001")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
+        return str(value).strip().lower() in _TRUE
+    raise _Invalid(f"got {_show(value)}", "write true or false")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _Invalid(f"got {_show(value)}", "write a text value in quotes")
+
+
+def _to_str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise _Invalid(f"got {_show(value)}", 'write a list of names such as ["to_q", "to_v"]')
+    items = [i for i in items if i]
+    if not items:
+        raise _Invalid("the list is empty", 'name at least one module, e.g. ["to_q", "to_v"]')
+    return tuple(dict.fromkeys(items))
+
+
+def _to_repeats(value: Any) -> RepeatPolicy:
+    if isinstance(value, Mapping):
+        per_folder: list[tuple[str, int]] = []
+        default = None
+        for folder, count in value.items():
+            n = _to_int(count)
+            if n < 1:
+                raise _Invalid(f"folder {folder!r} has {n}", "repeats must be 1 or more")
+            if str(folder) == "*":
+                default = n
+            else:
+                per_folder.append((str(folder).strip("/"), n))
+        return RepeatPolicy(default=default, per_folder=tuple(per_folder))
+    n = _to_int(value)
+    if n < 1:
+        raise _Invalid(f"got {n}", "repeats must be 1 or more")
+    return RepeatPolicy(default=n)
+
+
+def _resolve_path(value: Any, base_dir: Path) -> Path:
+    text = _to_str(value).strip()
+    if not text:
+        raise _Invalid("the path is empty", "write a path, or remove the key")
+    path = Path(os.path.expandvars(text)).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _optional_inner(hint: Any) -> Any:
+    """For ``X | None`` return X; for anything else None."""
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
+def _convert(name: str, value: Any, base_dir: Path) -> Any:
+    """Convert one raw value to the key's declared type, or raise _Invalid."""
+    hint = _HINTS[name]
+    inner = _optional_inner(hint)
+    if inner is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+            return None
+        hint = inner
+    if value is None:
+        raise _Invalid("is empty", "give it a value, or remove the key to use the default")
+    if hint is int:
+        return _to_int(value)
+    if hint is float:
+        return _to_float(value)
+    if hint is bool:
+        return _to_bool(value)
+    if hint is str:
+        return _to_str(value)
+    if hint is Path:
+        if name == "resume_from" and str(value).strip() == "latest":
+            return Path("latest")  # resolved against output_dir below
+        return _resolve_path(value, base_dir)
+    if hint == tuple[str, ...]:
+        return _to_str_tuple(value)
+    if hint is RepeatPolicy:
+        return _to_repeats(value)
+    raise AssertionError(f"no converter for {name}: {hint}")  # a schema bug, not a user error
+
+
+def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> ConfigProblem | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    lo, hi = meta.get("minimum"), meta.get("maximum")
+    if lo is not None and (value < lo or (meta.get("exclusive_minimum") and value == lo)):
+        bound = f"greater than {lo:g}" if meta.get("exclusive_minimum") else f"at least {lo:g}"
+        return ConfigProblem(name, f"got {value!r}", f"it must be {bound}")
+    if hi is not None and value > hi:
+        return ConfigProblem(name, f"got {value!r}", f"it must be at most {hi:g}")
+    return None
+
+
+def _check_choice(name: str, value: Any, meta: Mapping[str, Any]) -> tuple[Any, ConfigProblem | None]:
+    choices = meta.get("choices")
+    if not choices or value is None:
+        return value, None
+    normal = str(value).strip().lower()
+    if normal in choices:
+        return normal, None
+    close = difflib.get_close_matches(normal, choices, n=1)
+    fix = f"did you mean `{close[0]}`? " if close else ""
+    return value, ConfigProblem(name, f"got {value!r}", fix + "choose one of: " + ", ".join(choices))
+
+
+def _unknown_key_problem(key: str, known: list[str]) -> ConfigProblem:
+    if key in SYNONYMS:
+        return ConfigProblem(key, "unknown key", f"lorad calls this `{SYNONYMS[key]}`; rename it")
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return ConfigProblem(key, "unknown key", f"did you mean `{close[0]}`?")
+    return ConfigProblem(key, "unknown key", "remove it; `lorad config --example` lists every key")
+
+
+def _writable_target(path: Path) -> bool:
+    """Whether `path` exists as a writable folder, or could be created under a writable ancestor."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _resolve_base_model(value: str, base_dir: Path) -> str:
+    """A path-like base_model becomes absolute; anything else is kept as a hub id (``org/name``)."""
+    text = os.path.expandvars(value.strip())
+    candidate = Path(text).expanduser()
+    looks_like_path = (text.startswith((".", "/", "~")) or text.lower().endswith(_MODEL_SUFFIXES)
+                       or "\\" in text or text.count("/") != 1)
+    if candidate.is_absolute():
+        return str(candidate)
+    if looks_like_path or (base_dir / candidate).exists():
+        return str((base_dir / candidate).resolve())
+    return text
+
+
+def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    """Checks that involve the file system or more than one key."""
+    problems: list[ConfigProblem] = []
+    data_dir = values.get("train_data_dir")
+    if isinstance(data_dir, Path) and not data_dir.is_dir():
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        problems.append(ConfigProblem("train_data_dir", f"{data_dir} {what}",
+                                      "point it at the folder that holds your training images"))
+    for key in ("metadata_path", "init_lora"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.is_file():
+            problems.append(ConfigProblem(key, f"{path} does not exist",
+                                          "fix the path, or remove the key"))
+    for key in ("model_config_dir", "tokenizer_path"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.is_dir():
+            problems.append(ConfigProblem(key, f"{path} is not a folder",
+                                          "fix the path, or remove the key"))
+    resume = values.get("resume_from")
+    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
+        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
+                                      "use a folder under output_dir/checkpoints/, or `latest`"))
+    out = values.get("output_dir")
+    if isinstance(out, Path):
+        if out.exists() and not out.is_dir():
+            problems.append(ConfigProblem("output_dir", f"{out} is a file",
+                                          "choose a folder path for the outputs"))
+        elif not _writable_target(out):
+            problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
+                                          "choose a folder you can write to"))
+    name = values.get("output_name")
+    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
+        problems.append(ConfigProblem("output_name", f"got {name!r}",
+                                      "use a plain file name without folders or special characters"))
+    resolution = values.get("resolution")
+    if isinstance(resolution, int) and resolution % 8:
+        problems.append(ConfigProblem("resolution", f"got {resolution}",
+                                      f"use a multiple of 8, e.g. {resolution - resolution % 8 or 8}"))
+    steps = values.get("bucket_reso_steps")
+    if isinstance(steps, int) and steps % 8:
+        problems.append(ConfigProblem("bucket_reso_steps", f"got {steps}", "use a multiple of 8, e.g. 64"))
+    lo, hi = values.get("min_bucket_reso"), values.get("max_bucket_reso")
+    if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+        problems.append(ConfigProblem("min_bucket_reso", f"{lo} is above max_bucket_reso {hi}",
+                                      "make min_bucket_reso <= max_bucket_reso"))
+    device = values.get("device")
+    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
+        problems.append(ConfigProblem("device", f"got {device!r}",
+                                      "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
+    if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(ConfigProblem("optimizer", "adamw8bit needs the bitsandbytes package, which is "
+                                      "not installed", "run `pip install bitsandbytes`, or use adamw"))
+    keep, shuffle = values.get("keep_tokens"), values.get("shuffle_caption")
+    if isinstance(keep, int) and keep > 0 and shuffle is False:
+        problems.append(ConfigProblem("keep_tokens", f"is {keep} but shuffle_caption is off",
+                                      "set shuffle_caption: true, or remove keep_tokens"))
+    return problems
+
+
+def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:
+    """Validate a mapping of config keys into a :class:`TrainConfig`.
+
+    Relative paths resolve against ``base_dir`` (the directory the user ran the command in).
+    Raises :class:`ConfigError` listing every problem found; never returns a partial config.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError([ConfigProblem("", f"the config must be a mapping of `key: value` lines, "
+                                         f"got {_show(raw)}",
+                                         "see `lorad config --example`")], source)
+    specs = {f.name: f for f in fields(TrainConfig)}
+    problems: list[ConfigProblem] = []
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in specs:
+            problems.append(_unknown_key_problem(key, list(specs)))
+            continue
+        try:
+            converted = _convert(key, value, base_dir)
+        except _Invalid as bad:
+            problems.append(ConfigProblem(key, bad.message, bad.fix))
+            continue
+        converted, problem = _check_choice(key, converted, specs[key].metadata)
+        problem = problem or _check_range(key, converted, specs[key].metadata)
+        if problem:
+            problems.append(problem)
+            continue
+        values[key] = converted
+    for key in REQUIRED_KEYS:
+        if key not in raw or raw[key] in (None, ""):
+            example = specs[key].metadata.get("example")
+            problems.append(ConfigProblem(key, "is required but missing",
+                                          f'add e.g. `{key}: "{example}"`'))
+    problems += _cross_checks(values)
+    if problems:
+        raise ConfigError(problems, source)
+
+    if "base_model" in values:
+        values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
+    if "device" in values:
+        values["device"] = values["device"].strip().lower()
+    out_dir: Path = values["output_dir"]
+    if not values.get("output_name"):
+        values["output_name"] = out_dir.name or "lora"
+    if values.get("resume_from") == Path("latest"):
+        values["resume_from"] = out_dir / "checkpoints" / "latest"
+    # Fill defaults explicitly so the frozen object is complete and self-describing.
+    for name, f in specs.items():
+        if name not in values:
+            if f.default is not MISSING:
+                values[name] = f.default
+            elif f.default_factory is not MISSING:
+                values[name] = f.default_factory()
+    return TrainConfig(**values)
+
+
+def parse_config_text(text: str, *, base_dir: Path, source: str = "config") -> TrainConfig:
+    """Parse YAML text and validate it; a YAML syntax error is reported with its line and column."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([ConfigProblem("", f"YAML syntax error at {where}: {problem}",
+                                         "check indentation, quotes and the `key: value` form "
+                                         "on that line")], source) from None
+    if raw is None:
+        raw = {}
+    return parse_config(raw, base_dir=base_dir, source=source)
+
+
+def load_config(path: str | os.PathLike[str], *, base_dir: Path | None = None) -> TrainConfig:
+    """Read and validate a YAML config file.
+
+    Relative paths inside resolve against ``base_dir`` (default: the current directory), as in
+    ``lorad train --config configs/x.yaml`` run from the project folder.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem("--config", f"{path} does not exist",
+                                         "give the path of your YAML config; "
+                                         "`lorad config --example > my.yaml` writes one")],
+                          str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([ConfigProblem("--config", f"{path} cannot be read: {err}",
+                                         "save the config as a UTF-8 text file")], str(path)) from None
+    return parse_config_text(text, base_dir=(base_dir or Path.cwd()).resolve(), source=str(path))

@@ -1,0 +1,258 @@
+"""The training config: every key, its type, default and help text, in one place.
+
+`TrainConfig` is the single typed, frozen object the engine sees. It is built only by
+:func:`lorad.config.loader.load_config` / :func:`~lorad.config.loader.parse_config`, which validate
+every key at once. The ``help`` metadata here is the documentation: ``lorad config --example``
+prints it, and the README's config reference points there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Sections group keys in the annotated example; order here is the order printed.
+SECTIONS = ("data", "model", "lora", "training", "checkpoints", "output")
+
+
+def spec(
+    section: str,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    example: Any = None,
+) -> dict[str, Any]:
+    """Metadata for one config key (its section, help text and value constraints)."""
+    return {
+        "section": section,
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum,
+        "example": example,
+    }
+
+
+@dataclass(frozen=True)
+class RepeatPolicy:
+    """How many times each image is seen per epoch.
+
+    ``default`` applies to every folder not named in ``per_folder`` (folder paths relative to
+    ``train_data_dir``, "" is the top level). A kohya-style folder name ``10_mystyle`` gives 10
+    repeats when the config names no value for it.
+    """
+
+    default: int | None = None
+    per_folder: tuple[tuple[str, int], ...] = ()
+
+    def for_folder(self, rel_folder: str) -> int | None:
+        """The configured repeats for a folder, or None when the config says nothing about it."""
+        for name, count in self.per_folder:
+            if name.strip("/") == rel_folder.strip("/"):
+                return count
+        return self.default
+
+    def to_yaml(self) -> int | dict[str, int] | None:
+        """The YAML spelling: a number, or a mapping with "*" for the default."""
+        if not self.per_folder:
+            return self.default
+        mapping = dict(self.per_folder)
+        if self.default is not None:
+            mapping["*"] = self.default
+        return mapping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A validated Stable Diffusion LoRA training config. All paths are absolute."""
+
+    # --- data -------------------------------------------------------------------------------
+    train_data_dir: Path = field(metadata=spec(
+        "data", "Folder of training images (jpg, jpeg, png, webp, bmp), searched recursively.",
+        example="./data/style_train"))
+    metadata_path: Path | None = field(default=None, metadata=spec(
+        "data", "CSV with a header `file,caption` (file relative to train_data_dir). When unset, "
+        "captions come from `<image>.txt` sidecar files.", example="./data/style_train/metadata.csv"))
+    caption_extension: str = field(default=".txt", metadata=spec(
+        "data", "Extension of sidecar caption files beside each image."))
+    repeats: RepeatPolicy = field(default_factory=RepeatPolicy, metadata=spec(
+        "data", "Times each image is seen per epoch: a number for all folders, or a mapping "
+        "{subfolder: number, \"*\": default}. Unset: a kohya folder name like `10_mystyle` gives 10, else 1.",
+        example=1))
+    trigger_word: str | None = field(default=None, metadata=spec(
+        "data", "Word put first in every caption that lacks it; use it in prompts to call the LoRA.",
+        example="mystyle"))
+    shuffle_caption: bool = field(default=False, metadata=spec(
+        "data", "Shuffle comma-separated tags of each caption every time it is used."))
+    keep_tokens: int = field(default=0, metadata=spec(
+        "data", "With shuffle_caption: how many leading tags stay in place.", minimum=0))
+    caption_dropout: float = field(default=0.0, metadata=spec(
+        "data", "Probability of training a sample with an empty caption (helps the LoRA "
+        "generalise).", minimum=0.0, maximum=1.0))
+    resolution: int = field(default=512, metadata=spec(
+        "data", "Training resolution (pixels per side of the target area). SD1.x: 512; SD2.x-768: 768.",
+        minimum=64, maximum=4096))
+    enable_bucket: bool = field(default=True, metadata=spec(
+        "data", "Aspect-ratio bucketing: train each image near its own aspect ratio instead of "
+        "center-cropping to a square."))
+    bucket_no_upscale: bool = field(default=True, metadata=spec(
+        "data", "Never upscale images smaller than the resolution; they get a bucket of their own size."))
+    min_bucket_reso: int = field(default=256, metadata=spec(
+        "data", "Smallest bucket side in pixels.", minimum=64))
+    max_bucket_reso: int = field(default=1024, metadata=spec(
+        "data", "Largest bucket side in pixels.", minimum=64))
+    bucket_reso_steps: int = field(default=64, metadata=spec(
+        "data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8))
+
+    # --- model ------------------------------------------------------------------------------
+    base_model: str = field(default="", metadata=spec(
+        "model", "Base model: a .safetensors checkpoint (A1111 layout), a diffusers folder, or a "
+        "hub id that is already in the local Hugging Face cache (nothing is downloaded).",
+        example="./models/Stable-diffusion/v1-5-pruned.safetensors"))
+    model_config_dir: Path | None = field(default=None, metadata=spec(
+        "model", "A diffusers-layout folder whose configs (and tokenizer/) describe a single-file "
+        "base_model. Unset: lorad's built-in SD1.x/SD2.x configs."))
+    tokenizer_path: Path | None = field(default=None, metadata=spec(
+        "model", "Folder with the CLIP tokenizer for a single-file base_model. Unset: looked up in "
+        "model_config_dir, then the local Hugging Face cache."))
+    prediction_type: str = field(default="auto", metadata=spec(
+        "model", "What the UNet predicts. auto: from the model (SD2.x single files: v_prediction).",
+        choices=("auto", "epsilon", "v_prediction")))
+    allow_pickle: bool = field(default=False, metadata=spec(
+        "model", "Allow .ckpt/.pt/.bin base models (loaded with torch.load(weights_only=True)). "
+        "Prefer .safetensors."))
+
+    # --- lora -------------------------------------------------------------------------------
+    lora_rank: int = field(default=8, metadata=spec(
+        "lora", "LoRA rank (network_dim). 4-32 is typical; lower uses less memory.", minimum=1,
+        maximum=1024))
+    lora_alpha: float | None = field(default=None, metadata=spec(
+        "lora", "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
+        minimum=0.0, exclusive_minimum=True))
+    lora_dropout: float = field(default=0.0, metadata=spec(
+        "lora", "Dropout on the LoRA path during training.", minimum=0.0, maximum=1.0))
+    unet_target_modules: tuple[str, ...] = field(
+        default=("to_q", "to_k", "to_v", "to_out.0"), metadata=spec(
+            "lora", "UNet layers that get LoRA, by diffusers leaf name (to_q, to_k, to_v, to_out.0, "
+            "proj_in, proj_out, ff.net.0.proj, ff.net.2, ...) or the aliases q_proj/k_proj/v_proj/"
+            "out_proj. A longer suffix such as attn2.to_k narrows the match."))
+    train_text_encoder: bool = field(default=False, metadata=spec(
+        "lora", "Also train a LoRA on the text encoder (stronger, more prone to overfitting)."))
+    text_encoder_target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "out_proj"), metadata=spec(
+            "lora", "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, "
+            "out_proj, fc1, fc2)."))
+    text_encoder_lr: float | None = field(default=None, metadata=spec(
+        "lora", "Learning rate of the text-encoder LoRA. Unset: learning_rate.", minimum=0.0,
+        exclusive_minimum=True))
+    init_lora: Path | None = field(default=None, metadata=spec(
+        "lora", "Start from an existing LoRA file (kohya .safetensors written by lorad, kohya or "
+        "diffusers) instead of zeros: incremental training. Its rank must equal lora_rank."))
+
+    # --- training ---------------------------------------------------------------------------
+    batch_size: int = field(default=1, metadata=spec(
+        "training", "Images per step. Lower it (and raise gradient_accumulation_steps) when out "
+        "of memory.", minimum=1))
+    epochs: int = field(default=10, metadata=spec(
+        "training", "Passes over the data (each image counted `repeats` times).", minimum=1))
+    max_train_steps: int | None = field(default=None, metadata=spec(
+        "training", "Stop after this many optimizer steps; overrides epochs.", minimum=1))
+    learning_rate: float = field(default=1e-4, metadata=spec(
+        "training", "Learning rate of the UNet LoRA.", minimum=0.0, exclusive_minimum=True))
+    gradient_accumulation_steps: int = field(default=1, metadata=spec(
+        "training", "Batches whose gradients are summed per optimizer step (a larger effective "
+        "batch without more memory).", minimum=1))
+    max_grad_norm: float = field(default=1.0, metadata=spec(
+        "training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0))
+    optimizer: str = field(default="adamw", metadata=spec(
+        "training", "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
+        choices=("adamw", "adamw8bit")))
+    adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.",
+                                                         minimum=0.0, maximum=1.0))
+    adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.",
+                                                           minimum=0.0, maximum=1.0))
+    adam_epsilon: float = field(default=1e-8, metadata=spec("training", "AdamW epsilon.",
+                                                            minimum=0.0, exclusive_minimum=True))
+    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.",
+                                                            minimum=0.0))
+    lr_scheduler: str = field(default="constant", metadata=spec(
+        "training", "Learning-rate schedule after warmup.",
+        choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")))
+    lr_warmup_steps: int = field(default=0, metadata=spec(
+        "training", "Steps of linear warmup from 0 to the learning rate.", minimum=0))
+    noise_offset: float = field(default=0.0, metadata=spec(
+        "training", "Noise offset (0.05-0.1 helps very dark/bright images); 0 disables.", minimum=0.0,
+        maximum=1.0))
+    min_snr_gamma: float | None = field(default=None, metadata=spec(
+        "training", "Min-SNR loss weighting gamma (5 is the paper's value); unset disables.",
+        minimum=0.0, exclusive_minimum=True))
+    mixed_precision: str = field(default="auto", metadata=spec(
+        "training", "Autocast precision. auto: bf16 on GPUs that support it, else fp16 on CUDA, "
+        "no on CPU.", choices=("auto", "no", "fp16", "bf16")))
+    gradient_checkpointing: bool = field(default=False, metadata=spec(
+        "training", "Recompute activations in the backward pass: much less memory, ~20% slower."))
+    seed: int = field(default=42, metadata=spec(
+        "training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0))
+    device: str = field(default="auto", metadata=spec(
+        "training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."))
+    cache_dir: Path | None = field(default=None, metadata=spec(
+        "training", "Where VAE latents are cached by image content (a re-run encodes nothing). "
+        "Unset: the lorad cache folder ($LORAD_HOME/cache)."))
+
+    # --- checkpoints ------------------------------------------------------------------------
+    save_steps: int | None = field(default=None, metadata=spec(
+        "checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1))
+    save_every_n_epochs: int | None = field(default=None, metadata=spec(
+        "checkpoints", "Save a resumable checkpoint every N epochs; unset disables.", minimum=1))
+    keep_checkpoints: int = field(default=3, metadata=spec(
+        "checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1))
+    resume_from: Path | None = field(default=None, metadata=spec(
+        "checkpoints", "A checkpoint folder of this run (output_dir/checkpoints/step-N) or `latest`, "
+        "to continue exactly where it stopped."))
+
+    # --- output -----------------------------------------------------------------------------
+    output_dir: Path = field(default=Path("output"), metadata=spec(
+        "output", "Folder for the LoRA files, checkpoints, logs and training_summary.json.",
+        example="./output/my_style_lora"))
+    output_name: str = field(default="", metadata=spec(
+        "output", "File name of the LoRA (`<lora:NAME:0.8>` in A1111). Unset: output_dir's folder name."))
+    save_precision: str = field(default="fp16", metadata=spec(
+        "output", "Precision of the saved LoRA files.", choices=("fp16", "bf16", "fp32")))
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """lora_alpha, or lora_rank when unset."""
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        """text_encoder_lr, or learning_rate when unset."""
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable view (paths as strings), in the same keys the YAML uses."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, RepeatPolicy):
+                value = value.to_yaml()
+            out[f.name] = value
+        return out
+
+
+REQUIRED_KEYS = ("train_data_dir", "base_model", "output_dir")
+
+
+def key_specs() -> Mapping[str, dict[str, Any]]:
+    """Every config key and its metadata, in declaration order."""
+    return {f.name: dict(f.metadata) for f in fields(TrainConfig)}
