@@ -1,0 +1,1 @@
+"""Training engines: one plain PyTorch loop per model family."""

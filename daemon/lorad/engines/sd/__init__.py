@@ -1,0 +1,1 @@
+"""Stable Diffusion LoRA training (UNet and optionally the CLIP text encoder)."""

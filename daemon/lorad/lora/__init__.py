@@ -1,0 +1,1 @@
+"""LoRA networks: which layers get adapters, and the file formats other tools load."""
