@@ -1,5 +1,7 @@
-# Developer tasks. `scripts/bootstrap --dev` installs `just` into .venv (rust-just).
+# Developer tasks. `scripts/bootstrap --dev` installs `just` itself into .venv (rust-just).
 set shell := ["bash", "-euo", "pipefail", "-c"]
+export HF_HUB_OFFLINE := "1"
+export TRANSFORMERS_OFFLINE := "1"
 
 venv := ".venv/bin"
 
@@ -8,16 +10,16 @@ install:
     scripts/bootstrap --dev
 
 # Lint and run the whole test suite (what CI runs)
-test *ARGS:
-    scripts/test {{ARGS}}
+test *ARGS: lint
+    {{venv}}/python -m pytest -q -n 2 {{ARGS}}
 
 # Train the tiny built-in model end to end
 demo *ARGS:
     {{venv}}/lorad demo {{ARGS}}
 
-# Speed benchmarks: engine vs a bare training loop (ratios, same run)
+# Speed benchmarks: engine vs a bare training loop (ratios, measured in the same run)
 bench *ARGS:
-    HF_HUB_OFFLINE=1 {{venv}}/python -m bench.engine_vs_bare {{ARGS}}
+    {{venv}}/python -m bench.engine_vs_bare {{ARGS}}
 
 # Lint
 lint:

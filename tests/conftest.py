@@ -1,0 +1,106 @@
+"""Shared fixtures: an offline environment, a tiny random SD model, and a small captioned dataset."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_single_thread() -> None:
+    # pytest-xdist runs one worker per core; more torch threads per worker only oversubscribe.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _lorad_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "lorad-home"
+    monkeypatch.setenv("LORAD_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD1-style model in diffusers layout (built locally, offline)."""
+    from lorad.models.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd1", version="sd1", seed=0)
+
+
+def draw_image(path: Path, colour: str, shape: str, size: tuple[int, int] = (64, 64), seed: int = 0) -> None:
+    """A small synthetic picture: a coloured shape on a noisy background."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    img.save(path)
+
+
+def make_dataset(root: Path, count: int = 8, *, csv: bool = True, size: tuple[int, int] = (64, 64)) -> Path:
+    """``count`` images in ``root`` with captions in metadata.csv (or .txt sidecars)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        name = f"img_{i:02d}.png"
+        draw_image(root / name, colour, shape, size, seed=i)
+        caption = f"mystyle, a {colour} {shape}, simple background"
+        if csv:
+            rows.append(f"{name},{caption}")
+        else:
+            (root / f"img_{i:02d}.txt").write_text(caption)
+    if csv:
+        (root / "metadata.csv").write_text("file,caption\n" + "\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data" / "style_train")
+
+
+def write_config(path: Path, **values: object) -> Path:
+    """Write a YAML config file with the given keys."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
+                                   sort_keys=False))
+    return path
+
+
+def tiny_train_values(tiny_sd: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
+    """Config keys for a fast CPU run on the tiny model (64 px images, a few steps)."""
+    values: dict[str, object] = {
+        "train_data_dir": data,
+        "metadata_path": data / "metadata.csv",
+        "base_model": tiny_sd,
+        "lora_rank": 4,
+        "unet_target_modules": ["q_proj", "v_proj"],
+        "batch_size": 2,
+        "epochs": 1,
+        "learning_rate": "1e-3",
+        "output_dir": out,
+        "resolution": 64,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 16,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return values
