@@ -134,7 +134,7 @@ def test_missing_folder_and_metadata_file_name_their_keys(tmp_path: Path) -> Non
 
 def test_malformed_csv_stops_the_scan_naming_file_and_line(tmp_path: Path) -> None:
     save_image(tmp_path / "data" / "a.png")
-    csv = write(tmp_path / "metadata.csv", "file,caption\na.png,a cat, unquoted\n")
+    csv = write(tmp_path / "metadata.csv", "caption,file\na cat, unquoted,a.png\n")
     with pytest.raises(DataError, match=r"metadata\.csv line 2"):
         scan_dataset(tmp_path / "data", metadata_path=csv)
 

@@ -90,7 +90,7 @@ def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Pat
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     config = config_for(tmp_path, tiny_sd, dataset, lora_rank=4, lora_alpha=2, epochs=2,
-                        learning_rate="5e-2", save_precision="fp32")
+                        learning_rate="5e-2", save_precision="fp32", train_text_encoder=True)
     result = train_sd_lora(config)
     kohya = Path(result.outputs["kohya"])
     modules = kohya_modules(kohya)
@@ -102,6 +102,8 @@ def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Pat
     by_name = {"lora_unet_" + p.replace(".", "_"): m for p, m in merged.named_modules() if p}
     with torch.no_grad():
         for name, parts in modules.items():
+            if name.startswith("lora_te_"):
+                continue
             delta = parts["lora_up.weight"] @ parts["lora_down.weight"]
             by_name[name].weight += (2.0 / 4) * delta
 
@@ -109,7 +111,11 @@ def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Pat
     pipe.load_lora_weights(str(kohya), adapter_name="mine")
     adapted = {p for p, m in pipe.unet.named_modules()
                if isinstance(m, BaseTunerLayer) and "mine" in m.lora_A}
-    assert {"lora_unet_" + p.replace(".", "_") for p in adapted} == set(modules)  # nothing unmatched
+    te_adapted = {p for p, m in pipe.text_encoder.named_modules()
+                  if isinstance(m, BaseTunerLayer) and "mine" in m.lora_A}
+    unet_modules = {n for n in modules if n.startswith("lora_unet_")}
+    assert {"lora_unet_" + p.replace(".", "_") for p in adapted} == unet_modules  # nothing unmatched
+    assert len(te_adapted) == len(modules) - len(unet_modules) > 0
 
     torch.manual_seed(0)
     sample = torch.randn(1, 4, 8, 8)
@@ -169,12 +175,13 @@ def test_resume_with_changed_settings_is_refused(tmp_path: Path, tiny_sd: Path, 
 
 def test_init_lora_starts_from_file(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     first = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "first", learning_rate="5e-2",
-                                     save_precision="fp32", lora_alpha=2))
+                                     save_precision="fp32", lora_alpha=2, train_text_encoder=True))
     seen: list[StepDone] = []
     cont = config_for(tmp_path, tiny_sd, dataset, "cont", init_lora=first.outputs["kohya"],
-                      learning_rate="1e-12", save_precision="fp32", lora_alpha=4)
+                      learning_rate="1e-12", save_precision="fp32", lora_alpha=4, train_text_encoder=True)
     second = train_sd_lora(cont, on_event=lambda e: seen.append(e) if isinstance(e, StepDone) else None)
     a, b = kohya_modules(Path(first.outputs["kohya"])), kohya_modules(Path(second.outputs["kohya"]))
+    assert a.keys() == b.keys() and any(n.startswith("lora_te_") for n in a)
     # With a negligible learning rate the continued LoRA *is* the first one (alpha rescaled 2 → 4).
     for name, parts in a.items():
         delta_a = parts["lora_up.weight"] @ parts["lora_down.weight"] * (2 / 4)

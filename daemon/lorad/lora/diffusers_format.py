@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
+from lorad.lora.kohya_format import portable_path
+
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -29,8 +31,9 @@ def save_diffusers_lora(
     # The loader mixin, not the pipeline: importing the pipeline drags in image processors.
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    def cast(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    def cast(part: str) -> dict[str, torch.Tensor]:
+        return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous()
+                for k, v in parts[part].items()}
 
     def metadata(part: str) -> dict | None:
         # Without it diffusers would assume alpha == rank and scale the LoRA wrongly.
@@ -41,8 +44,8 @@ def save_diffusers_lora(
     try:
         StableDiffusionLoraLoaderMixin.save_lora_weights(
             tmp,
-            unet_lora_layers=cast(parts["unet"]) if parts.get("unet") else None,
-            text_encoder_lora_layers=cast(parts["text_encoder"]) if parts.get("text_encoder") else None,
+            unet_lora_layers=cast("unet") if parts.get("unet") else None,
+            text_encoder_lora_layers=cast("text_encoder") if parts.get("text_encoder") else None,
             unet_lora_adapter_metadata=metadata("unet") if parts.get("unet") else None,
             text_encoder_lora_adapter_metadata=metadata("text_encoder") if parts.get("text_encoder") else None,
             weight_name=WEIGHT_NAME,

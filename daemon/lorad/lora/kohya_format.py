@@ -22,6 +22,15 @@ from lorad.errors import ModelLoadError
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
+def portable_path(part: str, module_path: str) -> str:
+    """The module path other tools expect. transformers >= 5.6 flattened CLIPTextModel
+    (``encoder.layers.0…`` instead of ``text_model.encoder.layers.0…``); A1111, ComfyUI, kohya and
+    older diffusers all look for the classic ``text_model.`` names, so files always use those."""
+    if part == "text_encoder" and not module_path.startswith("text_model."):
+        return "text_model." + module_path
+    return module_path
+
+
 def kohya_module_name(prefix: str, module_path: str) -> str:
     """``lora_unet_`` + ``down_blocks.0.attentions.0.proj_in`` → ``lora_unet_down_blocks_0_…``."""
     return prefix + module_path.replace(".", "_")
@@ -36,7 +45,7 @@ def to_kohya(
         prefix = PREFIXES[part]
         for key, tensor in state.items():
             module_path, _, rest = key.partition(".lora_")
-            name = kohya_module_name(prefix, module_path)
+            name = kohya_module_name(prefix, portable_path(part, module_path))
             role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
             out[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
@@ -71,8 +80,10 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
     except Exception as err:
         raise ModelLoadError(f"`init_lora`: {path} is not a readable .safetensors LoRA ({err})",
                              "point init_lora at a LoRA .safetensors file") from None
-    lookup = {part: {kohya_module_name(PREFIXES[part], p): p for p in paths}
-              for part, paths in module_paths.items()}
+    lookup: dict[str, dict[str, str]] = {}
+    for part, paths in module_paths.items():
+        lookup[part] = {kohya_module_name(PREFIXES[part], name): p
+                        for p in paths for name in {p, portable_path(part, p)}}
     parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in module_paths}
     alphas: dict[str, float] = {}
     unknown: list[str] = []
@@ -82,6 +93,8 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
         if key.startswith(("unet.", "text_encoder.")):  # diffusers layout: <part>.<path>.lora_A.weight
             part, _, rest = key.partition(".")
             module_path, _, role = rest.partition(".lora_")
+            if part == "text_encoder" and module_path not in module_paths.get(part, ()):
+                module_path = module_path.removeprefix("text_model.")
             if part not in parts or module_path not in module_paths[part]:
                 unknown.append(key)
                 continue
