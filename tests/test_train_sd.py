@@ -239,3 +239,31 @@ def test_single_file_checkpoint_trains(tmp_path: Path, tiny_sd: Path, dataset: P
     result = train_sd_lora(config)
     assert Path(result.outputs["kohya"]).is_file()
 
+
+
+def test_sd2_v_prediction_with_min_snr_and_noise_offset(tmp_path: Path, dataset: Path) -> None:
+    from lorad.models.tiny import build_tiny_sd
+
+    tiny_sd2 = build_tiny_sd(tmp_path / "tiny-sd2", version="sd2")
+    config = config_for(tmp_path, tiny_sd2, dataset, min_snr_gamma=5, noise_offset=0.05,
+                        unet_target_modules=["to_q", "to_v", "proj_in"])
+    result = train_sd_lora(config)
+    with safe_open(result.outputs["kohya"], "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_base_model_version"] == "sd_v2" and meta["ss_v2"] == "True"
+    assert meta["ss_min_snr_gamma"] == "5.0"
+    assert result.final_loss == result.final_loss  # finite, not NaN
+
+
+def test_gradient_checkpointing_gives_the_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
+    plain = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "plain", save_precision="fp32"))
+    ckpt = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "ckpt", save_precision="fp32",
+                                    gradient_checkpointing=True))
+    ta, tb = load_file(plain.outputs["kohya"]), load_file(ckpt.outputs["kohya"])
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
+
+
+def test_mixed_precision_on_cpu_is_a_config_error(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        train_sd_lora(config_for(tmp_path, tiny_sd, dataset, mixed_precision="fp16"))
+    assert err.value.problems[0].key == "mixed_precision"
