@@ -200,13 +200,26 @@ def test_second_run_encodes_no_latents(tmp_path: Path, tiny_sd: Path, dataset: P
 
 
 def test_resident_base_model_left_bit_identical(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
-    from lorad.models.sd_loader import load_sd_components
+    from contextlib import contextmanager
 
-    components = load_sd_components(str(tiny_sd))
+    from lorad.engines.activation_checkpointing import is_activation_checkpointing
+    from lorad.engines.device import pick_placement
+    from lorad.engines.sd.train import ProvidedModel, load_for_training
+
+    components = load_for_training(str(tiny_sd), pick_placement("cpu", "no"))
     before = {k: v.clone() for k, v in components.unet.state_dict().items()}
     before_te = {k: v.clone() for k, v in components.text_encoder.state_dict().items()}
-    train_sd_lora(config_for(tmp_path, tiny_sd, dataset, train_text_encoder=True, learning_rate="1e-1"),
-                  components=components)
+    events: list[object] = []
+
+    @contextmanager
+    def resident(config, placement):
+        yield ProvidedModel(components=components, resident=True, seconds=0.0)
+
+    train_sd_lora(config_for(tmp_path, tiny_sd, dataset, train_text_encoder=True, learning_rate="1e-1",
+                             gradient_checkpointing=True), models=resident, on_event=events.append)
+    assert any(getattr(e, "resident", False) for e in events)
+    assert not components.unet.training and not components.text_encoder.training
+    assert not any(is_activation_checkpointing(m) for m in (components.unet, components.text_encoder))
     after = components.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(before_te[k], v) for k, v in components.text_encoder.state_dict().items())

@@ -7,7 +7,8 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,12 @@ from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_
 from lorad.data.captions import prepare_caption
 from lorad.data.dataset import scan_dataset
 from lorad.data.latent_cache import LatentCache
-from lorad.engines.device import pick_placement
+from lorad.engines.activation_checkpointing import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    is_activation_checkpointing,
+)
+from lorad.engines.device import Placement, pick_placement
 from lorad.engines.optim import build_optimizer, build_scheduler
 from lorad.engines.sd.checkpoint import (
     check_signature,
@@ -83,14 +89,57 @@ def prepare_output_dir(output_dir: Path) -> None:
                           "choose a folder you can write to") from None
 
 
-def load_components(config: TrainConfig, weight_dtype: torch.dtype) -> SDComponents:
-    """Load the base model named by the config (imported lazily: loading pulls in diffusers)."""
+@dataclass(frozen=True)
+class ProvidedModel:
+    """A base model ready on the run's device, and how it got there."""
+
+    components: SDComponents
+    resident: bool   # True when it was already in memory (no load happened for this run)
+    seconds: float   # time spent loading for this run
+
+
+# Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
+# resident model this way; the default loads a private copy).
+ModelProvider = Callable[[TrainConfig, Placement], AbstractContextManager[ProvidedModel]]
+
+
+def load_for_training(
+    base_model: str, placement: Placement, *, allow_pickle: bool = False, model_config_dir: Path | None = None,
+    tokenizer_path: Path | None = None, prediction_type: str = "auto",
+) -> SDComponents:
+    """Load a base model and place it for training: UNet and text encoder in the weight dtype on
+    the device, the VAE in fp32 (fp16 VAEs overflow to NaN on some images; latents are encoded
+    once, so fp32 costs little)."""
     from lorad.models.sd_loader import load_sd_components
 
-    return load_sd_components(config.base_model, allow_pickle=config.allow_pickle,
-                              model_config_dir=config.model_config_dir,
-                              tokenizer_path=config.tokenizer_path,
-                              prediction_type=config.prediction_type, dtype=weight_dtype)
+    components = load_sd_components(base_model, allow_pickle=allow_pickle, model_config_dir=model_config_dir,
+                                    tokenizer_path=tokenizer_path, prediction_type=prediction_type,
+                                    dtype=placement.weight_dtype)
+    if components.vae.dtype != torch.float32:
+        components.vae.to(dtype=torch.float32)
+    for module in (components.vae, components.unet, components.text_encoder):
+        module.to(placement.device)
+    return components
+
+
+@contextmanager
+def load_fresh_model(config: TrainConfig, placement: Placement) -> Iterator[ProvidedModel]:
+    """The default ModelProvider: load the config's base model for this run only."""
+    start = time.monotonic()
+    components = load_for_training(config.base_model, placement, allow_pickle=config.allow_pickle,
+                                   model_config_dir=config.model_config_dir, tokenizer_path=config.tokenizer_path,
+                                   prediction_type=config.prediction_type)
+    yield ProvidedModel(components=components, resident=False, seconds=time.monotonic() - start)
+
+
+def restore_base_model(components: SDComponents) -> None:
+    """Leave a (possibly resident, shared) base model exactly as the run found it: adapters
+    removed, gradient checkpointing off, eval mode. Safe to call when nothing was changed."""
+    for model in (components.unet, components.text_encoder):
+        if is_activation_checkpointing(model):
+            disable_activation_checkpointing(model)
+        model.eval()
+        detach_lora(model, ADAPTER)
 
 
 def run_signature(config: TrainConfig) -> dict:
@@ -106,13 +155,13 @@ def train_sd_lora(
     *,
     on_event: EventSink = ignore_events,
     stop: threading.Event | None = None,
-    components: SDComponents | None = None,
+    models: ModelProvider | None = None,
     caption_missing: CaptionFiller | None = None,
 ) -> TrainResult:
     """Train a LoRA as ``config`` says and write its outputs into ``config.output_dir``.
 
-    ``components`` is a resident base model to train on (it is left bit-identical: the adapter is
-    removed afterwards); when None the base model is loaded from ``config.base_model``. Setting
+    ``models`` provides the base model (the daemon passes its resident-model registry; the model is
+    left bit-identical: the adapter is removed afterwards); by default it is loaded for this run. Setting
     ``stop`` makes the run save a checkpoint after the current step and raise TrainingInterrupted.
     Raises DataError before any model is loaded when no image is usable; TrainingDiverged on a
     NaN/inf loss (earlier checkpoints are kept); ConfigError for settings only the model can check.
@@ -134,55 +183,46 @@ def train_sd_lora(
     on_event(DataReported(report=report.to_dict(), text=report.render()))
 
     placement = pick_placement(config.device, config.mixed_precision)
-    device, resident = placement.device, components is not None
-    t0 = time.monotonic()
-    if components is None:
-        components = load_components(config, placement.weight_dtype)
-        # fp16 VAEs overflow to NaN on some images; latents are encoded once, so fp32 costs little.
-        if components.vae.dtype != torch.float32:
-            components.vae.to(dtype=torch.float32)
-        components.vae.to(device)
-        components.unet.to(device)
-        components.text_encoder.to(device)
-    unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-    noise_scheduler = components.noise_scheduler
-    timings["load_model"] = time.monotonic() - t0
-    on_event(ModelLoaded(source=components.source, model_version=components.model_version,
-                         seconds=timings["load_model"], resident=resident))
-
-    # Resolve targets before encoding anything, so a typo costs nothing.
-    unet_paths = resolve_targets(unet, config.unet_target_modules, key="unet_target_modules",
-                                 aliases=UNET_ALIASES, suggestions=UNET_SUGGESTIONS)
-    te_paths = (resolve_targets(text_encoder, config.text_encoder_target_modules,
-                                key="text_encoder_target_modules", suggestions=TEXT_ENCODER_SUGGESTIONS)
-                if config.train_text_encoder else [])
-    adaptable = {"unet": [p for p, m in unet.named_modules() if isinstance(m, ADAPTABLE)],
-                 "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)]}
-
-    # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
-    t0 = time.monotonic()
-    cache = LatentCache(config.cache_dir or default_cache_dir() / "latents", components.vae_identity())
-    latents, stats = encode_latents(images, image_buckets, vae=vae, cache=cache, device=device)
-    timings["latents"] = time.monotonic() - t0
-    on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=timings["latents"]))
-    samples = [i for i, image in enumerate(images) for _ in range(image.repeats)]
-    sample_buckets = [image_buckets[i] for i in samples]
-    scaling = vae.config.scaling_factor
-
-    unet_params: list[torch.nn.Parameter] = []
-    te_params: list[torch.nn.Parameter] = []
-    writer = None
+    device = placement.device
+    hold = ExitStack()  # releases, in reverse order, everything this run reserved or changed
     try:
+        provided = hold.enter_context((models or load_fresh_model)(config, placement))
+        components = provided.components
+        hold.callback(restore_base_model, components)
+        timings["load_model"] = provided.seconds
+        on_event(ModelLoaded(source=components.source, model_version=components.model_version,
+                             seconds=provided.seconds, resident=provided.resident))
+        unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+        noise_scheduler = components.noise_scheduler
+
+        # Resolve targets before encoding anything, so a typo costs nothing.
+        unet_paths = resolve_targets(unet, config.unet_target_modules, key="unet_target_modules",
+                                     aliases=UNET_ALIASES, suggestions=UNET_SUGGESTIONS)
+        te_paths = (resolve_targets(text_encoder, config.text_encoder_target_modules,
+                                    key="text_encoder_target_modules", suggestions=TEXT_ENCODER_SUGGESTIONS)
+                    if config.train_text_encoder else [])
+        adaptable = {"unet": [p for p, m in unet.named_modules() if isinstance(m, ADAPTABLE)],
+                     "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)]}
+
+        # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
+        t0 = time.monotonic()
+        cache = LatentCache(config.cache_dir or default_cache_dir() / "latents", components.vae_identity())
+        latents, stats = encode_latents(images, image_buckets, vae=vae, cache=cache, device=device)
+        timings["latents"] = time.monotonic() - t0
+        on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=timings["latents"]))
+        samples = [i for i, image in enumerate(images) for _ in range(image.repeats)]
+        sample_buckets = [image_buckets[i] for i in samples]
+        scaling = vae.config.scaling_factor
+
         # LoRA A is drawn from the global RNG; seeding it makes a run repeatable on the CPU.
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         unet_params = attach_lora(unet, adapter_name=ADAPTER, target_paths=unet_paths,
                                   rank=config.lora_rank, alpha=config.effective_lora_alpha,
                                   dropout=config.lora_dropout)
-        if te_paths:
-            te_params = attach_lora(text_encoder, adapter_name=ADAPTER, target_paths=te_paths,
-                                    rank=config.lora_rank, alpha=config.effective_lora_alpha,
-                                    dropout=config.lora_dropout)
+        te_params = (attach_lora(text_encoder, adapter_name=ADAPTER, target_paths=te_paths,
+                                 rank=config.lora_rank, alpha=config.effective_lora_alpha,
+                                 dropout=config.lora_dropout) if te_paths else [])
         if config.init_lora:
             apply_init_lora(config, {"unet": unet, "text_encoder": text_encoder}, ADAPTER,
                             targeted={"unet": unet_paths, "text_encoder": te_paths},
@@ -234,12 +274,13 @@ def train_sd_lora(
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
 
         writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
+        hold.callback(writer.close)
         unet.train()
         text_encoder.train(bool(te_params))
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        if config.gradient_checkpointing:  # restore_base_model turns it off again
+            enable_activation_checkpointing(unet)
             if te_params:
-                text_encoder.gradient_checkpointing_enable()
+                enable_activation_checkpointing(text_encoder)
         on_event(TrainingStarted(total_steps=total_steps, start_step=step, epochs=num_epochs,
                                  trainable_params=sum(p.numel() for p in params), device=str(device),
                                  precision=placement.precision))
@@ -353,14 +394,4 @@ def train_sd_lora(
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
     finally:
-        # Leave a (possibly resident) base model exactly as it was given to us.
-        if writer is not None:
-            writer.close()
-        if config.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-            if te_params:
-                text_encoder.gradient_checkpointing_disable()
-        unet.eval()
-        text_encoder.eval()
-        detach_lora(unet, ADAPTER)
-        detach_lora(text_encoder, ADAPTER)
+        hold.close()
