@@ -24,3 +24,7 @@ bench *ARGS:
 # Lint
 lint:
     {{venv}}/ruff check .
+
+# Regenerate the gRPC stubs in proto/lorad_api from proto/lorad/v1/*.proto
+proto:
+    {{venv}}/python scripts/gen_proto.py

@@ -1,0 +1,56 @@
+"""lorad_client: the typed Python client of the lorad daemon (gRPC).
+
+Importing it is cheap: it needs only grpc, protobuf, the generated ``lorad_api`` stubs and
+``lorad.paths``; it never imports torch, diffusers or transformers (a test checks this).
+
+    from lorad_client import LoradClient, JOB_STATE_RUNNING
+
+    with LoradClient.connect() as client:      # finds the local daemon and its token
+        print(client.status().version)
+
+Messages are the generated classes (``Job``, ``JobEvent``, ...); ``lorad_client.format`` has text
+helpers for showing them.
+"""
+
+from lorad_api.v1.jobs_pb2 import (
+    JOB_STATE_CANCELLED,
+    JOB_STATE_FAILED,
+    JOB_STATE_INTERRUPTED,
+    JOB_STATE_QUEUED,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+    JOB_STATE_UNSPECIFIED,
+    Job,
+    JobEvent,
+    JobState,
+    Progress,
+)
+from lorad_api.v1.training_pb2 import WatchJobResponse
+from lorad_client.client import JobWatch, LoradClient
+from lorad_client.discovery import DaemonTarget, find_daemon
+from lorad_client.errors import DaemonUnavailable, LoradRpcError
+
+# States a job never leaves. INTERRUPTED is not one: the daemon queues such a job again on restart.
+FINAL_STATES = frozenset({JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED})
+
+__all__ = [
+    "FINAL_STATES",
+    "JOB_STATE_CANCELLED",
+    "JOB_STATE_FAILED",
+    "JOB_STATE_INTERRUPTED",
+    "JOB_STATE_QUEUED",
+    "JOB_STATE_RUNNING",
+    "JOB_STATE_SUCCEEDED",
+    "JOB_STATE_UNSPECIFIED",
+    "DaemonTarget",
+    "DaemonUnavailable",
+    "Job",
+    "JobEvent",
+    "JobState",
+    "JobWatch",
+    "LoradClient",
+    "LoradRpcError",
+    "Progress",
+    "WatchJobResponse",
+    "find_daemon",
+]

@@ -1,0 +1,296 @@
+"""``LoradClient``: a thin, typed wrapper over the daemon's gRPC services.
+
+Each method is one RPC. Requests and responses are the generated messages from ``lorad_api.v1``
+(no copies into other classes), so the .proto comments document every field. Unary calls have a
+default deadline (``timeout=`` overrides it; None waits forever); ``watch_job`` has none.
+Every failed call raises ``LoradRpcError`` (``DaemonUnavailable`` when nothing answers).
+The bearer token, when known, is sent as ``authorization`` metadata on every call.
+
+Usage::
+
+    with LoradClient.connect() as client:
+        job = client.submit_training(Path("my_lora.yaml").read_text(), base_dir=Path.cwd())
+        for message in client.watch_job(job.job_id):
+            ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lorad import __version__
+from lorad_api.v1 import models_pb2, models_pb2_grpc, system_pb2, system_pb2_grpc, training_pb2, training_pb2_grpc
+from lorad_api.v1.jobs_pb2 import Job
+from lorad_api.v1.models_pb2 import LoadModelResponse, ResidentModel
+from lorad_api.v1.system_pb2 import GetStatusResponse
+from lorad_api.v1.training_pb2 import WatchJobResponse
+from lorad_client.discovery import DaemonTarget, find_daemon
+from lorad_client.errors import START_HINT, DaemonUnavailable, LoradRpcError, translate_rpc_error
+
+# Default deadlines (seconds). Quick reads; submitting (the daemon validates the whole config and
+# may scan the data folder); loading a base model (a large checkpoint from a slow disk).
+DEFAULT_TIMEOUT = 10.0
+SUBMIT_TIMEOUT = 60.0
+LOAD_MODEL_TIMEOUT = 900.0
+UNLOAD_MODEL_TIMEOUT = 60.0
+
+_T = TypeVar("_T")
+
+_CHANNEL_OPTIONS = (
+    ("grpc.primary_user_agent", f"lorad-client/{__version__}"),
+    # The daemon is local: never route loopback/Unix traffic through $http_proxy / $https_proxy.
+    ("grpc.enable_http_proxy", 0),
+)
+
+
+class JobWatch:
+    """The live stream of ``WatchJob``: iterate it for ``WatchJobResponse`` messages.
+
+    The first message carries ``job`` (its state when the watch began), each later one an ``event``;
+    iteration ends after the job's final event. ``cancel()`` (safe from another thread, e.g. a
+    Ctrl-C handler or a TUI) ends the stream: a blocked or later ``next()`` then stops quietly.
+    Using it as a context manager cancels it on exit. Errors raise ``LoradRpcError``.
+    """
+
+    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], LoradRpcError]) -> None:
+        self._call = call
+        self._translate = translate
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[WatchJobResponse]:
+        return self
+
+    def __next__(self) -> WatchJobResponse:
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise self._translate(err) from err
+
+    def cancel(self) -> None:
+        """Stop the stream (idempotent); the daemon sees the watcher leave."""
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> JobWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class LoradClient:
+    """A connection to one lorad daemon. Use ``LoradClient.connect()``; close it (or use ``with``)."""
+
+    def __init__(self, channel: grpc.Channel, target: DaemonTarget, token: str | None = None) -> None:
+        """Wrap an open ``channel`` to ``target``; ``token`` (if any) is sent with every call."""
+        self._channel = channel
+        self.target = target
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._training = training_pb2_grpc.TrainingServiceStub(channel)
+        self._models = models_pb2_grpc.ModelServiceStub(channel)
+        self._system = system_pb2_grpc.SystemServiceStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str | None = None,
+        *,
+        home: Path | None = None,
+        token: str | None = None,
+        timeout: float = 3.0,
+    ) -> LoradClient:
+        """Find the daemon (``find_daemon(home, address)``), open a channel and wait up to ``timeout``
+        seconds for it to be ready. ``token`` overrides the discovered one.
+
+        Raises DaemonUnavailable (naming the address, how it was found, and `lorad serve`) when
+        nothing answers in time.
+        """
+        found = find_daemon(home=home, address=address)
+        channel = grpc.insecure_channel(found.target, options=_CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            raise DaemonUnavailable(
+                f"no lorad daemon at {found.target} (found via {found.source}); {START_HINT}", found.target
+            ) from None
+        return cls(channel, found, token if token is not None else found.token)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _translate(self, err: grpc.RpcError) -> LoradRpcError:
+        return translate_rpc_error(err, target=self.target.target, token_sent=bool(self._metadata))
+
+    def _unary(self, rpc: Callable[..., _T], request: Any, timeout: float | None) -> _T:
+        try:
+            return rpc(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise self._translate(err) from err
+
+    # -- TrainingService ------------------------------------------------------------------------
+
+    def submit_training(
+        self,
+        config_yaml: str,
+        *,
+        base_dir: str | Path,
+        source_name: str = "",
+        keep_alive_seconds: float = 0,
+        timeout: float | None = SUBMIT_TIMEOUT,
+    ) -> Job:
+        """Queue a job from YAML config text; relative paths in it resolve against ``base_dir``
+        (made absolute here). A bad config raises LoradRpcError(INVALID_ARGUMENT) listing every problem.
+        """
+        request = training_pb2.SubmitTrainingRequest(
+            config_yaml=config_yaml,
+            base_dir=_abs_dir(base_dir),
+            source_name=source_name,
+            keep_alive_seconds=keep_alive_seconds,
+        )
+        return self._unary(self._training.SubmitTraining, request, timeout).job
+
+    def submit_training_fields(
+        self,
+        fields: Mapping[str, Any],
+        *,
+        base_dir: str | Path,
+        source_name: str = "",
+        keep_alive_seconds: float = 0,
+        timeout: float | None = SUBMIT_TIMEOUT,
+    ) -> Job:
+        """Like ``submit_training`` but with the config as a mapping (the same keys as the YAML).
+
+        Values must be JSON-like (str, number, bool, None, lists, mappings); paths are sent as text.
+        Note protobuf's Struct carries every number as a double (8 arrives as 8.0).
+        """
+        config = struct_pb2.Struct()
+        config.update(_json_like(fields))
+        request = training_pb2.SubmitTrainingRequest(
+            config_fields=config,
+            base_dir=_abs_dir(base_dir),
+            source_name=source_name,
+            keep_alive_seconds=keep_alive_seconds,
+        )
+        return self._unary(self._training.SubmitTraining, request, timeout).job
+
+    def get_job(self, job_id: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> Job:
+        """One job's current state; LoradRpcError(NOT_FOUND) for an unknown id."""
+        return self._unary(self._training.GetJob, training_pb2.GetJobRequest(job_id=job_id), timeout).job
+
+    def list_jobs(
+        self, states: Sequence[int] = (), limit: int = 0, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> list[Job]:
+        """Jobs newest first; only those in ``states`` (JobState values) if given; ``limit`` 0 = daemon default."""
+        request = training_pb2.ListJobsRequest(states=list(states), limit=limit)
+        return list(self._unary(self._training.ListJobs, request, timeout).jobs)
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> Job:
+        """Cancel a job; returns it after the request (a running job stays RUNNING until it stops)."""
+        return self._unary(self._training.CancelJob, training_pb2.CancelJobRequest(job_id=job_id), timeout).job
+
+    def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobWatch:
+        """Follow a job: its state, then its history after ``after_seq``, then live events
+        (with ``history_only``, the stream ends after the events that exist now).
+
+        Returns a ``JobWatch``: iterate it; call ``.cancel()`` on it to stop early. No deadline.
+        """
+        request = training_pb2.WatchJobRequest(job_id=job_id, after_seq=after_seq, history_only=history_only)
+        try:
+            call = self._training.WatchJob(request, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise self._translate(err) from err
+        return JobWatch(call, self._translate)
+
+    # -- ModelService ---------------------------------------------------------------------------
+
+    def list_models(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[ResidentModel]:
+        """Base models resident in the daemon's memory, most recently used first."""
+        return list(self._unary(self._models.ListModels, models_pb2.ListModelsRequest(), timeout).models)
+
+    def load_model(
+        self,
+        base_model: str,
+        *,
+        base_dir: str | Path,
+        device: str = "",
+        mixed_precision: str = "",
+        keep_alive_seconds: float = 0,
+        model_config_dir: str = "",
+        tokenizer_path: str = "",
+        prediction_type: str = "",
+        allow_pickle: bool = False,
+        timeout: float | None = LOAD_MODEL_TIMEOUT,
+    ) -> LoadModelResponse:
+        """Load a base model ahead of jobs (as the config's keys of the same names; "" = auto/default)."""
+        request = models_pb2.LoadModelRequest(
+            base_model=base_model,
+            base_dir=_abs_dir(base_dir),
+            model_config_dir=model_config_dir,
+            tokenizer_path=tokenizer_path,
+            device=device,
+            mixed_precision=mixed_precision,
+            keep_alive_seconds=keep_alive_seconds,
+            prediction_type=prediction_type,
+            allow_pickle=allow_pickle,
+        )
+        return self._unary(self._models.LoadModel, request, timeout)
+
+    def unload_model(self, model: str, *, timeout: float | None = UNLOAD_MODEL_TIMEOUT) -> int:
+        """Drop a resident model (registry id or base_model path); returns the bytes freed."""
+        request = models_pb2.UnloadModelRequest(model=model)
+        return self._unary(self._models.UnloadModel, request, timeout).freed_bytes
+
+    # -- SystemService and health ---------------------------------------------------------------
+
+    def status(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> GetStatusResponse:
+        """Version, uptime, devices, queue and listen addresses of the daemon."""
+        return self._unary(self._system.GetStatus, system_pb2.GetStatusRequest(), timeout)
+
+    def health(self, service: str = "", *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
+        """The standard gRPC health status of ``service`` ("" = the whole daemon): "SERVING", "NOT_SERVING", ..."""
+        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel (idempotent); open watches end with an error."""
+        self._channel.close()
+
+    def __enter__(self) -> LoradClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LoradClient({self.target.target!r}, via {self.target.source})"
+
+
+def _abs_dir(base_dir: str | Path) -> str:
+    """``base_dir`` made absolute against this process's working directory (the daemon has another)."""
+    return str(Path(base_dir).expanduser().resolve())
+
+
+def _json_like(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain-JSON copy of ``fields`` (what Struct accepts): paths become text, tuples lists."""
+
+    def fallback(value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        raise TypeError(f"config value {value!r} ({type(value).__name__}) is not JSON-like")
+
+    return json.loads(json.dumps(dict(fields), default=fallback))

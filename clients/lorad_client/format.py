@@ -1,0 +1,176 @@
+"""Pure text helpers for CLIs and TUIs: job states, durations, sizes, progress and event lines.
+
+No I/O and no daemon access; every function takes plain values or generated messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from lorad_api.v1.jobs_pb2 import JobEvent, JobState, Progress
+
+_STATE_PREFIX = "JOB_STATE_"
+
+
+def job_state_name(state: int) -> str:
+    """Lower-case name of a JobState value: "queued", "running", "succeeded", ...; "unknown(N)" if unknown."""
+    try:
+        name = JobState.Name(state)
+    except ValueError:
+        return f"unknown({state})"
+    return name.removeprefix(_STATE_PREFIX).lower()
+
+
+def format_duration(seconds: float) -> str:
+    """Compact duration, rounded to whole seconds: "12s", "3m05s", "1h02m", "2d03h"; "?" if unknown (<0, inf, nan)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = round(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_bytes(n: float) -> str:
+    """Binary size: "512 B", "1.5 KiB", "3.2 GiB" (one decimal above bytes)."""
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_progress(progress: Progress) -> str:
+    """One status line: "step 120/1000 (12%) · epoch 2 · loss 0.1234 · 3.10 steps/s · ETA 4m44s"."""
+    parts = [f"step {progress.step}/{progress.total_steps}"]
+    if progress.total_steps > 0:
+        parts[0] += f" ({100 * progress.step // progress.total_steps}%)"
+    if progress.epoch:
+        parts.append(f"epoch {progress.epoch}")
+    parts.append(f"loss {progress.loss:.4f}")
+    if progress.steps_per_second > 0:
+        parts.append(f"{progress.steps_per_second:.2f} steps/s")
+        parts.append(f"ETA {format_duration(progress.eta_seconds)}")
+    return " · ".join(parts)
+
+
+def describe_event(event: JobEvent) -> str | None:
+    """A human line for one event (a few lines for failures and results).
+
+    None for ``step`` events (a progress bar shows those) and for events whose kind this client
+    does not know (sent by a newer daemon).
+    """
+    kind = event.WhichOneof("kind")
+    describe = _DESCRIBERS.get(kind) if kind else None
+    return describe(event) if describe else None
+
+
+def _queued(e: JobEvent) -> str:
+    return f"queued (position {e.queued.queue_position})" if e.queued.queue_position else "queued"
+
+
+def _started(e: JobEvent) -> str:
+    s = e.started
+    text = f"started on {s.device or 'an unknown device'} (attempt {s.attempt or 1})"
+    return text + (f", resuming from {s.resumed_from}" if s.resumed_from else "")
+
+
+def _model_loaded(e: JobEvent) -> str:
+    m = e.model_loaded
+    how = "already resident" if m.resident else f"loaded in {format_duration(m.seconds)}"
+    return f"model loaded: {m.source} ({m.model_version or 'unknown version'}, {how})"
+
+
+def _data_report(e: JobEvent) -> str:
+    d = e.data_report
+    text = f"data: {d.images_used} of {d.images_found} images used"
+    if d.images_skipped:
+        text += f", {d.images_skipped} skipped"
+    if d.captions_generated:
+        text += f", {d.captions_generated} captions generated"
+    return text
+
+
+def _latents_cached(e: JobEvent) -> str:
+    c = e.latents_cached
+    return f"latents ready: {c.encoded} encoded, {c.cached} from cache ({format_duration(c.seconds)})"
+
+
+def _training_started(e: JobEvent) -> str:
+    t = e.training_started
+    if t.start_step:
+        verb = f"training resumes at step {t.start_step} of {t.total_steps}"
+    else:
+        verb = f"training {t.total_steps} steps"
+    epochs = f" over {t.epochs} epoch{'s' if t.epochs != 1 else ''}" if t.epochs else ""
+    precision = f", {t.precision}" if t.precision else ""
+    device = t.device or "an unknown device"
+    return f"{verb}{epochs} on {device}{precision} ({t.trainable_params:,} trainable parameters)"
+
+
+def _checkpoint_saved(e: JobEvent) -> str:
+    return f"checkpoint saved at step {e.checkpoint_saved.step}: {e.checkpoint_saved.path}"
+
+
+def _log(e: JobEvent) -> str:
+    return f"{e.log.level}: {e.log.message}" if e.log.level and e.log.level != "info" else e.log.message
+
+
+def _finished(e: JobEvent) -> str:
+    f = e.finished
+    lines = [f"finished: {f.steps} steps in {format_duration(f.seconds)}, final loss {f.final_loss:.4f}"]
+    lines += [f"  {role}: {path}" for role, path in sorted(f.outputs.items())]
+    return "\n".join(lines)
+
+
+def _failed(e: JobEvent) -> str:
+    f = e.failed
+    lines = [f"failed: {f.error or 'unknown error'}"]
+    if f.hint:
+        lines.append(f"  hint: {f.hint}")
+    if f.checkpoint:
+        lines.append(f"  checkpoint kept: {f.checkpoint}")
+    return "\n".join(lines)
+
+
+def _cancelled(e: JobEvent) -> str:
+    checkpoint = e.cancelled.checkpoint
+    return f"cancelled; checkpoint kept: {checkpoint}" if checkpoint else "cancelled"
+
+
+def _interrupted(e: JobEvent) -> str:
+    i = e.interrupted
+    if not i.will_resume:
+        return "interrupted by a daemon stop (resuming is off: it will not run again)"
+    start = f"resume from {i.checkpoint}" if i.checkpoint else "start over"
+    return f"interrupted by a daemon stop; it will {start} when the daemon restarts"
+
+
+# One describer per JobEvent.kind field (None = deliberately silent). A kind added to the proto
+# without an entry here is caught by tests/test_client_discovery.py.
+_DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
+    "queued": _queued,
+    "started": _started,
+    "model_loaded": _model_loaded,
+    "data_report": _data_report,
+    "latents_cached": _latents_cached,
+    "training_started": _training_started,
+    "step": None,
+    "checkpoint_saved": _checkpoint_saved,
+    "log": _log,
+    "finished": _finished,
+    "failed": _failed,
+    "cancelled": _cancelled,
+    "interrupted": _interrupted,
+}
