@@ -7,6 +7,9 @@ import os
 # Before anything imports huggingface_hub: tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Workers (pytest-xdist) and the daemons/CLIs tests start share 2 cores: more threads per process
+# only oversubscribe them (OpenMP threads spinning against each other slow training tenfold).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import random
 from pathlib import Path

@@ -17,22 +17,13 @@ from lorad import __version__
 from lorad.errors import LoradError, TrainingInterrupted
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+STATE_CHOICES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 
 
 def _print_error(err: LoradError) -> None:
     print(f"error: {err}", file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)
-
-
-def _how_to_use(outputs: dict[str, str], name: str) -> str:
-    return (f"\nLoRA written:\n"
-            f"  kohya / AUTOMATIC1111: {outputs['kohya']}\n"
-            f"  diffusers:             {outputs['diffusers']}\n"
-            f"  summary:               {outputs['summary']}\n"
-            f"Use it: copy the .safetensors into stable-diffusion-webui/models/Lora and prompt with "
-            f"<lora:{name}:0.8>;\n"
-            f"or in diffusers: pipe.load_lora_weights(\"{Path(outputs['diffusers']).parent}\")")
 
 
 def run_training(config_path: Path, base_dir: Path) -> int:
@@ -69,12 +60,99 @@ def run_training(config_path: Path, base_dir: Path) -> int:
     finally:
         progress.close()
         signal.signal(signal.SIGINT, previous)
-    print(_how_to_use(result.outputs, config.output_name))
+    from lorad.client_commands import how_to_use
+
+    print(how_to_use(result.outputs, config.output_name))
     return EXIT_OK
 
 
+def _connect(timeout: float = 3.0):
+    from lorad_client import LoradClient
+
+    return LoradClient.connect(timeout=timeout)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Submit to the running daemon and follow; without one, train in this process."""
+    if not args.embedded:
+        from lorad_client import DaemonUnavailable
+
+        try:
+            client = _connect(timeout=1.0)
+        except DaemonUnavailable:
+            if args.detach:
+                print("error: --detach needs a running daemon; start one with `lorad serve`", file=sys.stderr)
+                return EXIT_USAGE
+            print("no lorad daemon running: training in this process (start one with `lorad serve` to "
+                  "keep models loaded and queue jobs)", file=sys.stderr)
+        else:
+            from lorad.client_commands import submit_and_follow
+
+            with client:
+                return submit_and_follow(client, Path(args.config), detach=args.detach)
     return run_training(Path(args.config), Path.cwd())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from lorad.progress import quiet_libraries
+    from lorad.server import serve_forever
+    from lorad.settings import daemon_settings
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    settings = daemon_settings(args.listen or (), require_token=args.require_token,
+                               default_keep_alive=args.keep_alive, memory_budget_gb=args.memory_budget,
+                               resume_interrupted=not args.no_resume)
+
+    def ready(daemon) -> None:
+        token = " (token required: clients on this machine read it from the state directory)" \
+            if settings.require_token else ""
+        print(f"lorad daemon ready on {', '.join(daemon.addresses)}{token}; state in {settings.home}",
+              file=sys.stderr, flush=True)
+
+    return serve_forever(settings, ready=ready)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lorad.client_commands import print_status
+
+    with _connect() as client:
+        return print_status(client)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from lorad.client_commands import print_jobs
+
+    with _connect() as client:
+        return print_jobs(client, args.state or (), args.limit)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from lorad.client_commands import follow_job
+
+    with _connect() as client:
+        return follow_job(client, args.job, live_bar=args.follow, history_only=not args.follow)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from lorad.client_commands import cancel_job
+
+    with _connect() as client:
+        return cancel_job(client, args.job)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lorad.client_commands import load_model, print_models, unload_model
+
+    with _connect() as client:
+        if args.action == "load":
+            return load_model(client, args.model, args.keep_alive)
+        if args.action == "unload":
+            return unload_model(client, args.model)
+        return print_models(client)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -104,7 +182,51 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a LoRA from a YAML config, in this process. Relative "
                            "paths in the config resolve against the current directory.")
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
+    train.add_argument("--detach", "-d", action="store_true",
+                       help="submit to the daemon and print the job id instead of following it")
+    train.add_argument("--embedded", action="store_true", help="train in this process even if a daemon runs")
     train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="run the daemon: resident models, a job queue, gRPC API",
+                           description="Run the lorad daemon. Default: 127.0.0.1:47860 and a Unix socket in "
+                           "the state directory ($LORAD_HOME). Ctrl-C/SIGTERM checkpoints the running job, "
+                           "which resumes on the next start.")
+    serve.add_argument("--listen", action="append", metavar="ADDR",
+                       help="HOST:PORT or unix:/path (repeatable; replaces the defaults; env LORAD_ADDRESS). "
+                       "A non-loopback address requires the token.")
+    serve.add_argument("--require-token", action="store_true", help="require the token on loopback too")
+    serve.add_argument("--keep-alive", type=float, default=1800.0, metavar="SECONDS",
+                       help="keep a base model loaded this long after its last job (default 1800)")
+    serve.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                       help="unload least-recently-used idle models beyond this much memory")
+    serve.add_argument("--no-resume", action="store_true",
+                       help="do not resume jobs that were running when the daemon last stopped")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="the daemon's version, devices, queue and models")
+    status.set_defaults(func=cmd_status)
+
+    jobs = sub.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", action="append", choices=sorted(STATE_CHOICES), help="only these states")
+    jobs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    jobs.set_defaults(func=cmd_jobs)
+
+    logs = sub.add_parser("logs", help="a job's events (its whole history)")
+    logs.add_argument("job", help="job id (or a unique prefix)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep following until the job ends")
+    logs.set_defaults(func=cmd_logs)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job (a running job keeps its checkpoint)")
+    cancel.add_argument("job", help="job id (or a unique prefix)")
+    cancel.set_defaults(func=cmd_cancel)
+
+    models = sub.add_parser("models", help="resident models; `load PATH` / `unload ID|PATH`")
+    models.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list")
+    models.add_argument("model", nargs="?", help="base model path / hub id (load) or model id / path (unload)")
+    models.add_argument("--keep-alive", type=float, default=0.0, metavar="SECONDS",
+                        help="with load: keep-alive after last use (default: the daemon's)")
+    models.set_defaults(func=cmd_models)
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")
     group = config.add_mutually_exclusive_group(required=True)
@@ -123,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorad`` console script; returns the exit code."""
     # Never reach out to a model hub unless a command explicitly asks to.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.func is cmd_models and args.action in ("load", "unload") and not args.model:
+        parser.error(f"`lorad models {args.action}` needs a MODEL")
     try:
         return args.func(args)
     except LoradError as err:
@@ -134,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:
+        # Errors from the daemon (lorad_client.LoradRpcError) carry the server's message and hint.
+        if type(err).__name__ not in ("LoradRpcError", "DaemonUnavailable"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        code = getattr(err, "code", None)
+        return EXIT_USAGE if getattr(code, "name", "") == "INVALID_ARGUMENT" else EXIT_FAILED
 
 
 if __name__ == "__main__":

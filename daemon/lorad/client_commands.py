@@ -1,0 +1,188 @@
+"""The CLI commands that talk to a running daemon (status, jobs, logs, cancel, models, train).
+
+Nothing here imports torch: these commands answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from lorad.convert import engine_event_from_proto
+from lorad.progress import TerminalProgress
+from lorad_api.v1 import jobs_pb2
+from lorad_client import FINAL_STATES, LoradClient
+from lorad_client.format import describe_event, format_bytes, format_duration, job_state_name
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+STATE_NAMES = {job_state_name(v): v for v in jobs_pb2.JobState.values() if v}
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _ago(stamp: object) -> str:
+    seconds = getattr(stamp, "seconds", 0)
+    return f"{format_duration(time.time() - seconds)} ago" if seconds else "-"
+
+
+def print_status(client: LoradClient) -> int:
+    s = client.status()
+    print(f"lorad {s.version} — pid {s.pid}, up {format_duration(s.uptime_seconds)}")
+    print(f"listening: {', '.join(s.addresses)}" + (" (token required)" if s.token_required else ""))
+    print(f"state directory: {s.home}")
+    for d in s.devices:
+        memory = f"{format_bytes(d.memory_used_bytes)} used" + (
+            f" of {format_bytes(d.memory_total_bytes)}" if d.memory_total_bytes else "")
+        print(f"device {d.name}: {d.description} ({memory})")
+    print(f"queue: {s.queue_length} waiting; running: {s.running_job_id or 'nothing'}; "
+          f"resident models: {s.resident_models}")
+    return EXIT_OK
+
+
+def print_jobs(client: LoradClient, states: Iterable[str], limit: int) -> int:
+    wanted = [STATE_NAMES[s] for s in states]
+    jobs = client.list_jobs(wanted, limit)
+    if not jobs:
+        print("no jobs" + (f" in state {', '.join(states)}" if wanted else "") + " — submit one with "
+              "`lorad train --config FILE`")
+        return EXIT_OK
+    rows = []
+    for job in jobs:
+        p = job.progress
+        progress = f"{p.step}/{p.total_steps}" if p.total_steps else "-"
+        loss = f"{p.loss:.4f}" if p.total_steps else "-"
+        eta = format_duration(p.eta_seconds) if job.state == jobs_pb2.JOB_STATE_RUNNING and p.total_steps else "-"
+        state = job_state_name(job.state) + (f" #{job.queue_position}" if job.queue_position else "")
+        rows.append([job.job_id, job.name, state, progress, loss, eta, _ago(job.created_at)])
+    print(_table(rows, ["ID", "NAME", "STATE", "STEP", "LOSS", "ETA", "SUBMITTED"]))
+    return EXIT_OK
+
+
+def print_models(client: LoradClient) -> int:
+    models = client.list_models()
+    if not models:
+        print("no resident models — they load with the first job that uses them, or `lorad models load PATH`")
+        return EXIT_OK
+    rows = [[m.model_id, m.source, m.model_version, m.device, m.dtype, format_bytes(m.memory_bytes),
+             "in use" if m.in_use else format_duration(m.keep_alive_seconds_left)] for m in models]
+    print(_table(rows, ["ID", "SOURCE", "VERSION", "DEVICE", "DTYPE", "MEMORY", "KEEP-ALIVE"]))
+    return EXIT_OK
+
+
+def load_model(client: LoradClient, model: str, keep_alive: float) -> int:
+    reply = client.load_model(model, base_dir=Path.cwd(), keep_alive_seconds=keep_alive)
+    m = reply.model
+    how = "already resident" if reply.already_resident else "loaded"
+    print(f"{how}: {m.source} as {m.model_id} ({m.model_version}, {m.device}, {format_bytes(m.memory_bytes)})")
+    return EXIT_OK
+
+
+def unload_model(client: LoradClient, model: str) -> int:
+    freed = client.unload_model(model)
+    print(f"unloaded {model} ({format_bytes(freed)} freed)")
+    return EXIT_OK
+
+
+def cancel_job(client: LoradClient, job_id: str) -> int:
+    job = client.cancel_job(job_id)
+    if job.state == jobs_pb2.JOB_STATE_CANCELLED:
+        print(f"job {job.job_id} cancelled")
+    else:
+        print(f"job {job.job_id} is stopping after its current step (it keeps its last checkpoint); "
+              f"`lorad logs {job.job_id} --follow` shows when it has stopped")
+    return EXIT_OK
+
+
+def how_to_use(outputs: dict[str, str], name: str) -> str:
+    """The closing message of a successful run: where the files are and how to use them."""
+    return (f"\nLoRA written:\n"
+            f"  kohya / AUTOMATIC1111: {outputs.get('kohya', '-')}\n"
+            f"  diffusers:             {outputs.get('diffusers', '-')}\n"
+            f"  summary:               {outputs.get('summary', '-')}\n"
+            f"Use it: copy the .safetensors into stable-diffusion-webui/models/Lora and prompt with "
+            f"<lora:{name}:0.8>;\n"
+            f"or in diffusers: pipe.load_lora_weights(\"{Path(outputs.get('diffusers', '.')).parent}\")")
+
+
+def follow_job(client: LoradClient, job_id: str, *, after_seq: int = 0, live_bar: bool = True,
+               history_only: bool = False) -> int:
+    """Stream a job's events to the terminal until it ends (or, with ``history_only``, until the
+    newest event so far); Ctrl-C detaches (the job goes on)."""
+    progress = TerminalProgress() if live_bar else None
+    watch = client.watch_job(job_id, after_seq=after_seq, history_only=history_only)
+    name, final_state = job_id, None
+    try:
+        for message in watch:
+            if message.WhichOneof("item") == "job":
+                job_id, name = message.job.job_id, message.job.name
+                continue
+            event = message.event
+            kind = event.WhichOneof("kind")
+            engine_event = engine_event_from_proto(event)
+            if progress is not None and engine_event is not None and kind != "finished":
+                progress(engine_event)
+            elif kind == "step" and not live_bar:
+                p = event.step.progress
+                if p.step == p.total_steps or p.step % max(1, p.total_steps // 20) == 0:
+                    print(f"step {p.step}/{p.total_steps}  epoch {p.epoch}  loss {p.loss:.4f}  lr {p.lr:.2e}")
+            elif (line := describe_event(event)) is not None and kind != "finished":
+                (progress._print if progress else print)(line)
+            if kind == "finished":
+                if progress:
+                    progress.close()
+                print(how_to_use(dict(event.finished.outputs), name))
+                final_state = "finished"
+            elif kind in ("failed", "cancelled"):
+                if progress:
+                    progress.close()
+                if kind == "failed":
+                    print(f"error: {event.failed.error}", file=sys.stderr)
+                    if event.failed.hint:
+                        print(f"hint: {event.failed.hint}", file=sys.stderr)
+                final_state = kind
+    except KeyboardInterrupt:
+        watch.cancel()
+        if progress:
+            progress.close()
+        print(f"\ndetached; job {job_id} goes on. Follow it: `lorad logs {job_id} --follow`; "
+              f"cancel it: `lorad cancel {job_id}`", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        if progress:
+            progress.close()
+    if final_state is None and history_only:
+        job = client.get_job(job_id)
+        print(f"job {job.job_id} is {job_state_name(job.state)}; `lorad logs {job.job_id} --follow` follows it")
+        return EXIT_OK
+    if final_state is None:  # stream ended without a final event (e.g. the daemon stopped)
+        job = client.get_job(job_id)
+        if job.state not in FINAL_STATES:
+            print(f"the daemon stopped following job {job_id} ({job_state_name(job.state)}); "
+                  f"`lorad logs {job_id} --follow` picks it up again", file=sys.stderr)
+            return EXIT_FAILED
+    return {"finished": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED}.get(final_state or "",
+                                                                                          EXIT_OK)
+
+
+def submit_and_follow(client: LoradClient, config_path: Path, *, detach: bool) -> int:
+    """Submit a config file to the daemon; follow the job unless ``detach``."""
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as err:
+        print(f"error: --config: cannot read {config_path}: {err.strerror}", file=sys.stderr)
+        return 2
+    job = client.submit_training(text, base_dir=Path.cwd(), source_name=str(config_path))
+    position = f", #{job.queue_position} in the queue" if job.queue_position > 1 else ""
+    print(f"job {job.job_id} submitted to the lorad daemon{position}", file=sys.stderr)
+    if detach:
+        print(job.job_id)
+        return EXIT_OK
+    return follow_job(client, job.job_id)

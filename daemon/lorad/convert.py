@@ -1,0 +1,132 @@
+"""Conversions between lorad's domain objects and the lorad.v1 protobuf messages.
+
+Daemon side: job records, history rows, resident models and status → messages. Client side:
+a JobEvent message → the engine's event dataclass, so the CLI draws daemon jobs with the same
+progress renderer as in-process runs. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lorad import events as ev
+from lorad.jobs.records import EventRecord, JobRecord, JobState
+from lorad_api.v1 import jobs_pb2, models_pb2, system_pb2
+
+STATE_TO_PROTO = {
+    JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: jobs_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: jobs_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
+    JobState.INTERRUPTED: jobs_pb2.JOB_STATE_INTERRUPTED,
+}
+STATE_FROM_PROTO = {v: k for k, v in STATE_TO_PROTO.items()}
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    """A unix time as a protobuf Timestamp (None stays unset)."""
+    if seconds is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def progress_to_proto(progress: Mapping[str, float]) -> jobs_pb2.Progress:
+    return jobs_pb2.Progress(step=int(progress.get("step", 0)), total_steps=int(progress.get("total_steps", 0)),
+                             epoch=int(progress.get("epoch", 0)), loss=float(progress.get("loss", 0.0)),
+                             lr=float(progress.get("lr", 0.0)),
+                             steps_per_second=float(progress.get("steps_per_second", 0.0)),
+                             eta_seconds=float(progress.get("eta_seconds", 0.0)))
+
+
+def job_to_proto(job: JobRecord, *, queue_position: int = 0) -> jobs_pb2.Job:
+    """A job record as the API's Job message."""
+    message = jobs_pb2.Job(
+        job_id=job.job_id, name=job.name, state=STATE_TO_PROTO[job.state], config_yaml=job.config_yaml,
+        base_dir=job.base_dir, base_model=job.base_model, output_dir=job.output_dir, outputs=dict(job.outputs),
+        error=job.error, hint=job.hint, queue_position=queue_position, attempt=job.attempt,
+        checkpoint=job.checkpoint, source_name=job.source_name, created_at=timestamp(job.created_at),
+        started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at))
+    if job.progress:
+        message.progress.CopyFrom(progress_to_proto(job.progress))
+    return message
+
+
+def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:
+    """A history row as a JobEvent; the row's kind names the oneof field it fills."""
+    event = jobs_pb2.JobEvent(job_id=record.job_id, seq=record.seq, time=timestamp(record.time))
+    payload = dict(record.payload)
+    if record.kind == "step":
+        event.step.progress.CopyFrom(progress_to_proto(payload))
+    elif record.kind in jobs_pb2.JobEvent.DESCRIPTOR.fields_by_name:
+        target = getattr(event, record.kind)
+        fields = target.DESCRIPTOR.fields_by_name
+        for key, value in payload.items():
+            if key not in fields:
+                continue  # a field a newer daemon wrote; older messages simply lack it
+            if isinstance(value, Mapping):
+                getattr(target, key).update({str(k): str(v) for k, v in value.items()})
+            else:
+                setattr(target, key, value)
+        target.SetInParent()  # select the oneof even when every field has its default value
+    else:
+        event.log.message, event.log.level = f"{record.kind}: {json.dumps(payload)}", "info"
+    return event
+
+
+def resident_to_proto(info: Any) -> models_pb2.ResidentModel:
+    """A registry ResidentInfo as a ResidentModel message."""
+    return models_pb2.ResidentModel(
+        model_id=info.model_id, source=info.source, model_version=info.model_version, device=info.key.device,
+        dtype=info.key.dtype, memory_bytes=info.memory_bytes, loaded_at=timestamp(info.loaded_at),
+        last_used_at=timestamp(info.last_used_at), keep_alive_seconds_left=max(0.0, info.keep_alive_seconds_left),
+        in_use=info.in_use)
+
+
+def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
+    """The service's DaemonStatus as GetStatusResponse."""
+    return system_pb2.GetStatusResponse(
+        version=status.version, started_at=timestamp(status.started_at), uptime_seconds=status.uptime_seconds,
+        devices=[system_pb2.Device(name=d.name, description=d.description, memory_total_bytes=d.memory_total_bytes,
+                                   memory_used_bytes=d.memory_used_bytes) for d in status.devices],
+        queue_length=status.queue_length, running_job_id=status.running_job_id, addresses=status.addresses,
+        token_required=status.token_required, home=status.home, resident_models=status.resident_models,
+        pid=status.pid)
+
+
+def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
+    """The engine event a JobEvent carries, for renderers shared with in-process runs; None for
+    job-level kinds (queued, started, failed, cancelled, interrupted) that callers handle."""
+    kind = event.WhichOneof("kind")
+    if kind == "step":
+        p = event.step.progress
+        return ev.StepDone(step=p.step, total_steps=p.total_steps, epoch=p.epoch, loss=p.loss, lr=p.lr,
+                           steps_per_second=p.steps_per_second, eta_seconds=p.eta_seconds)
+    if kind == "data_report":
+        report = json.loads(event.data_report.report_json or "{}")
+        return ev.DataReported(report=report, text=event.data_report.text)
+    if kind == "model_loaded":
+        m = event.model_loaded
+        return ev.ModelLoaded(source=m.source, model_version=m.model_version, seconds=m.seconds, resident=m.resident)
+    if kind == "latents_cached":
+        lc = event.latents_cached
+        return ev.LatentsCached(cached=lc.cached, encoded=lc.encoded, seconds=lc.seconds)
+    if kind == "training_started":
+        t = event.training_started
+        return ev.TrainingStarted(total_steps=t.total_steps, start_step=t.start_step, epochs=t.epochs,
+                                  trainable_params=t.trainable_params, device=t.device, precision=t.precision)
+    if kind == "checkpoint_saved":
+        return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)
+    if kind == "log":
+        return ev.LogLine(message=event.log.message, level=event.log.level or "info")
+    if kind == "finished":
+        f = event.finished
+        return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)
+    return None

@@ -1,0 +1,303 @@
+"""The daemon's domain API: what the gRPC servicer calls, with no gRPC in it.
+
+It owns the job store, the event hub, the resident-model registry and the worker, and wires the
+training engine to them. Methods raise lorad's own errors (ConfigError, JobNotFound, ...); the
+servicer maps those to status codes in one place (``lorad.status_codes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorad import __version__
+from lorad.config import TrainConfig, parse_config, parse_config_text
+from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
+from lorad.jobs.hub import EventHub
+from lorad.jobs.records import EventRecord, JobRecord, JobState
+from lorad.jobs.store import JobStore
+from lorad.jobs.worker import Worker
+from lorad.paths import jobs_db_path
+from lorad.registry import ModelKey, ModelRegistry, ResidentInfo
+from lorad.settings import DaemonSettings
+
+log = logging.getLogger("lorad.service")
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class JobNotCancellable(LoradError):
+    """The job already reached a final state."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One compute device and its memory."""
+
+    name: str
+    description: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """What ``GetStatus`` reports."""
+
+    version: str
+    started_at: float
+    uptime_seconds: float
+    devices: list[DeviceInfo]
+    queue_length: int
+    running_job_id: str
+    addresses: list[str]
+    token_required: bool
+    home: str
+    resident_models: int
+    pid: int
+
+
+def model_key(config: TrainConfig | None, *, base_model: str, device: str, dtype: str,
+              model_config_dir: str = "", tokenizer_path: str = "", prediction_type: str = "auto") -> ModelKey:
+    """The registry key of a base model as a job or LoadModel names it."""
+    if config is not None:
+        model_config_dir = str(config.model_config_dir or "")
+        tokenizer_path = str(config.tokenizer_path or "")
+        prediction_type = config.prediction_type
+    return ModelKey(base_model=base_model, device=device, dtype=dtype, model_config_dir=model_config_dir,
+                    tokenizer_path=tokenizer_path, prediction_type=prediction_type)
+
+
+class LoradService:
+    """Jobs, models and status for one daemon process."""
+
+    def __init__(self, settings: DaemonSettings, *, registry: ModelRegistry | None = None) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.store = JobStore(jobs_db_path(settings.home))
+        self.hub = EventHub(self.store)
+        self.registry: ModelRegistry = registry or ModelRegistry(
+            self._load_model, default_keep_alive=settings.default_keep_alive,
+            memory_budget_bytes=settings.memory_budget_bytes)
+        from lorad.engines.sd.train import train_sd_lora
+
+        self.worker = Worker(self.store, self.hub, train=train_sd_lora, models=self._provide_model,
+                             device_name=self._device_name())
+        self._reaper_stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_models, name="lorad-model-reaper", daemon=True)
+        self.addresses: list[str] = settings.grpc_targets  # the server replaces these with the bound ones
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Recover jobs a dead daemon left running, then start the worker and the model reaper."""
+        self._recover_interrupted()
+        self.worker.start()
+        self._reaper.start()
+
+    def stop(self) -> None:
+        """Checkpoint and interrupt the running job (it resumes on the next start), stop threads."""
+        self._reaper_stop.set()
+        self.worker.shutdown(timeout=120)
+        self.hub.wake()
+        self.registry.close()
+        self.store.close()
+
+    def _recover_interrupted(self) -> None:
+        for job in self.store.list([JobState.RUNNING, JobState.INTERRUPTED], limit=10_000):
+            if self.settings.resume_interrupted:
+                self.store.update(job.job_id, state=JobState.QUEUED)
+                self.hub.publish(job.job_id, "interrupted", {"checkpoint": job.checkpoint, "will_resume": True})
+                log.info("job %s was interrupted; queued to resume from %s", job.job_id,
+                         job.checkpoint or "the start")
+            else:
+                hint = (f"resubmit with `resume_from: {job.checkpoint}` to continue" if job.checkpoint
+                        else "resubmit the job")
+                self.store.update(job.job_id, state=JobState.FAILED, finished_at=time.time(),
+                                  error="the daemon stopped while this job ran", hint=hint)
+                self.hub.publish(job.job_id, "failed", {"error": "the daemon stopped while this job ran",
+                                                        "hint": hint, "checkpoint": job.checkpoint})
+
+    # --- jobs ----------------------------------------------------------------------------------
+    def submit(self, *, config_yaml: str | None = None, config_fields: Mapping[str, Any] | None = None,
+               base_dir: str, source_name: str = "", keep_alive_seconds: float = 0.0) -> JobRecord:
+        """Validate a config (every problem at once, as ConfigError) and queue a job for it."""
+        if not base_dir or not Path(base_dir).is_absolute():
+            raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
+                                             "send the absolute directory relative paths resolve against")],
+                              source_name or "request")
+        source = source_name or "submitted config"
+        if config_fields is not None:
+            config = parse_config(dict(config_fields), base_dir=Path(base_dir), source=source)
+            config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
+        else:
+            config = parse_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
+        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
+            raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
+                                             "convert it to .safetensors, or set `allow_pickle: true`")], source)
+        job = self.store.create_job(name=config.output_name, config_yaml=config_yaml or "", base_dir=base_dir,
+                                    source_name=source_name, base_model=config.base_model,
+                                    output_dir=str(config.output_dir), keep_alive_seconds=keep_alive_seconds)
+        self.hub.publish(job.job_id, "queued", {"queue_position": self.store.queue_position(job.job_id)})
+        self.worker.wake()
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """A job by id (or unique id prefix), with live progress while it runs."""
+        job = self.store.get(job_id)
+        live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
+        return replace(job, progress=live) if live else job
+
+    def queue_position(self, job_id: str) -> int:
+        return self.store.queue_position(job_id)
+
+    def list_jobs(self, states: Sequence[JobState] = (), limit: int = 100) -> list[JobRecord]:
+        return [self.get_job(j.job_id) if j.state == JobState.RUNNING else j
+                for j in self.store.list(states, limit or 100)]
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job now, or ask a running one to stop after its current step."""
+        job = self.store.get(job_id)
+        if job.state.final:
+            raise JobNotCancellable(f"job {job.job_id} already {job.state.value}",
+                                    "only queued or running jobs can be cancelled")
+        cancelled = self.store.transition(job.job_id, expect={JobState.QUEUED, JobState.INTERRUPTED},
+                                          to=JobState.CANCELLED, finished_at=time.time())
+        if cancelled is not None:
+            self.hub.publish(job.job_id, "cancelled", {"checkpoint": ""})
+            return cancelled
+        self.worker.cancel_running(job.job_id)
+        return self.store.get(job.job_id)
+
+    def watch(self, job_id: str, *, after_seq: int = 0, active: Any = lambda: True,
+              history_only: bool = False) -> tuple[JobRecord, Iterator[EventRecord]]:
+        """The job's state now and an iterator over its events after ``after_seq``: history, then live,
+        ending after its final event (or when ``active()`` turns False; or after the history)."""
+        job = self.get_job(job_id)
+        return job, self.hub.follow(job.job_id, after_seq=after_seq, active=active, history_only=history_only)
+
+    # --- models --------------------------------------------------------------------------------
+    def _device_name(self) -> str:
+        from lorad.engines.device import pick_device
+
+        return str(pick_device("auto"))
+
+    def _load_model(self, key: ModelKey) -> Any:
+        import torch
+
+        from lorad.engines.device import Placement
+        from lorad.engines.sd.train import load_for_training
+
+        # Loading needs only the device and the weight dtype, both part of the key.
+        placement = Placement(device=torch.device(key.device), autocast_dtype=None,
+                              weight_dtype=getattr(torch, key.dtype))
+        return load_for_training(key.base_model, placement, allow_pickle=True,
+                                 model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
+                                 tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
+                                 prediction_type=key.prediction_type)
+
+    @contextmanager
+    def _provide_model(self, config: TrainConfig, placement: Any) -> Iterator[Any]:
+        """The engine's ModelProvider: reserve the config's base model in the registry."""
+        from lorad.engines.sd.train import ProvidedModel
+
+        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
+            raise ModelLoadError(f"`base_model`: {config.base_model} is a pickle file",
+                                 "convert it to .safetensors, or set `allow_pickle: true`")
+        key = model_key(config, base_model=config.base_model, device=str(placement.device),
+                        dtype=str(placement.weight_dtype).removeprefix("torch."))
+        keep_alive = self._running_keep_alive()
+        with self.registry.use(key, keep_alive=keep_alive) as acquired:
+            yield ProvidedModel(components=acquired.model, resident=acquired.resident,
+                                seconds=acquired.load_seconds)
+
+    def _running_keep_alive(self) -> float | None:
+        job_id = self.worker.running_job_id
+        if job_id is None:
+            return None
+        seconds = self.store.get(job_id).keep_alive_seconds
+        return seconds if seconds > 0 else None
+
+    def list_models(self) -> list[ResidentInfo]:
+        return self.registry.list()
+
+    def load_model(self, *, base_model: str, base_dir: str, device: str = "", mixed_precision: str = "",
+                   model_config_dir: str = "", tokenizer_path: str = "", prediction_type: str = "",
+                   allow_pickle: bool = False, keep_alive_seconds: float = 0.0) -> tuple[ResidentInfo, bool]:
+        """Preload a base model the way a job with these settings would use it."""
+        from lorad.engines.device import pick_placement
+
+        fields: dict[str, Any] = {"train_data_dir": base_dir, "base_model": base_model, "output_dir": base_dir,
+                                  "device": device or "auto", "mixed_precision": mixed_precision or "auto",
+                                  "prediction_type": prediction_type or "auto", "allow_pickle": allow_pickle}
+        if model_config_dir:
+            fields["model_config_dir"] = model_config_dir
+        if tokenizer_path:
+            fields["tokenizer_path"] = tokenizer_path
+        config = parse_config(fields, base_dir=Path(base_dir or "/"), source="LoadModel")
+        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
+            raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
+                                             "convert it to .safetensors, or set allow_pickle")], "LoadModel")
+        placement = pick_placement(config.device, config.mixed_precision)
+        key = model_key(config, base_model=config.base_model, device=str(placement.device),
+                        dtype=str(placement.weight_dtype).removeprefix("torch."))
+        return self.registry.load(key, keep_alive=keep_alive_seconds or None)
+
+    def unload_model(self, model: str) -> int:
+        return self.registry.unload(model)
+
+    def _reap_models(self) -> None:
+        while not self._reaper_stop.wait(timeout=5.0):
+            try:
+                for model_id in self.registry.evict_expired():
+                    log.info("unloaded model %s after its keep-alive", model_id)
+            except Exception:
+                log.exception("model reaper")
+
+    # --- status --------------------------------------------------------------------------------
+    def status(self) -> DaemonStatus:
+        return DaemonStatus(
+            version=__version__, started_at=self.started_at, uptime_seconds=time.time() - self.started_at,
+            devices=self._devices(), queue_length=len(self.store.list([JobState.QUEUED], limit=100_000)),
+            running_job_id=self.worker.running_job_id or "", addresses=self.addresses,
+            token_required=self.settings.require_token, home=str(self.settings.home),
+            resident_models=len(self.registry.list()), pid=os.getpid())
+
+    def _devices(self) -> list[DeviceInfo]:
+        import platform
+
+        import torch
+
+        devices = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            devices.append(DeviceInfo(f"cuda:{index}", torch.cuda.get_device_name(index), total, total - free))
+        if torch.backends.mps.is_available():
+            devices.append(DeviceInfo("mps", "Apple GPU", 0, int(torch.mps.current_allocated_memory())))
+        devices.append(DeviceInfo("cpu", platform.processor() or platform.machine(), _total_memory_bytes(),
+                                  _resident_set_bytes()))
+        return devices
+
+
+def _total_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 0
+
+
+def _resident_set_bytes() -> int:
+    """This process's current resident memory (Linux); 0 where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

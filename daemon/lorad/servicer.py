@@ -1,0 +1,131 @@
+"""gRPC servicers: convert the request, make one call into the service, convert the answer back.
+
+Errors never get handled here one by one: :func:`rpc_errors` maps every lorad error through
+``lorad.status_codes`` and turns anything unexpected into INTERNAL without killing the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from lorad.convert import (
+    STATE_FROM_PROTO,
+    event_to_proto,
+    job_to_proto,
+    resident_to_proto,
+    status_to_proto,
+)
+from lorad.errors import LoradError
+from lorad.service import LoradService
+from lorad.status_codes import message_for, status_for
+from lorad_api.v1 import (
+    models_pb2,
+    models_pb2_grpc,
+    system_pb2,
+    system_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+log = logging.getLogger("lorad.servicer")
+
+
+@contextlib.contextmanager
+def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Abort the RPC with the mapped status for lorad errors; INTERNAL (logged) for bugs."""
+    try:
+        yield
+    except LoradError as err:
+        context.abort(status_for(err), message_for(err))
+    except Exception as err:
+        if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
+            raise
+        log.exception("unexpected error in an RPC")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, service: LoradService) -> None:
+        self.service = service
+
+    def _job(self, job) -> object:
+        return job_to_proto(job, queue_position=self.service.queue_position(job.job_id))
+
+    def SubmitTraining(self, request, context):
+        with rpc_errors(context):
+            form = request.WhichOneof("config")
+            fields = MessageToDict(request.config_fields) if form == "config_fields" else None
+            job = self.service.submit(config_yaml=request.config_yaml if form == "config_yaml" else None,
+                                      config_fields=fields, base_dir=request.base_dir,
+                                      source_name=request.source_name,
+                                      keep_alive_seconds=request.keep_alive_seconds)
+            return training_pb2.SubmitTrainingResponse(job=self._job(job))
+
+    def GetJob(self, request, context):
+        with rpc_errors(context):
+            return training_pb2.GetJobResponse(job=self._job(self.service.get_job(request.job_id)))
+
+    def ListJobs(self, request, context):
+        with rpc_errors(context):
+            states = [STATE_FROM_PROTO[s] for s in request.states if s in STATE_FROM_PROTO]
+            jobs = self.service.list_jobs(states, request.limit)
+            return training_pb2.ListJobsResponse(jobs=[self._job(j) for j in jobs])
+
+    def CancelJob(self, request, context):
+        with rpc_errors(context):
+            return training_pb2.CancelJobResponse(job=self._job(self.service.cancel(request.job_id)))
+
+    def WatchJob(self, request, context):
+        with rpc_errors(context):
+            job, events = self.service.watch(request.job_id, after_seq=request.after_seq, active=context.is_active,
+                                             history_only=request.history_only)
+            context.add_callback(self.service.hub.wake)  # a client that leaves frees its thread at once
+            yield training_pb2.WatchJobResponse(job=self._job(job))
+            for record in events:
+                yield training_pb2.WatchJobResponse(event=event_to_proto(record))
+
+
+class ModelServicer(models_pb2_grpc.ModelServiceServicer):
+    def __init__(self, service: LoradService) -> None:
+        self.service = service
+
+    def ListModels(self, request, context):
+        with rpc_errors(context):
+            return models_pb2.ListModelsResponse(models=[resident_to_proto(m) for m in self.service.list_models()])
+
+    def LoadModel(self, request, context):
+        with rpc_errors(context):
+            info, already = self.service.load_model(
+                base_model=request.base_model, base_dir=request.base_dir, device=request.device,
+                mixed_precision=request.mixed_precision, model_config_dir=request.model_config_dir,
+                tokenizer_path=request.tokenizer_path, prediction_type=request.prediction_type,
+                allow_pickle=request.allow_pickle, keep_alive_seconds=request.keep_alive_seconds)
+            return models_pb2.LoadModelResponse(model=resident_to_proto(info), already_resident=already)
+
+    def UnloadModel(self, request, context):
+        with rpc_errors(context):
+            return models_pb2.UnloadModelResponse(freed_bytes=self.service.unload_model(request.model))
+
+
+class SystemServicer(system_pb2_grpc.SystemServiceServicer):
+    def __init__(self, service: LoradService) -> None:
+        self.service = service
+
+    def GetStatus(self, request, context):
+        with rpc_errors(context):
+            return status_to_proto(self.service.status())
+
+
+def add_servicers(server: grpc.Server, service: LoradService) -> list[str]:
+    """Register lorad's services on ``server``; returns their full names (for health and reflection)."""
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
+    system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service), server)
+    return [training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+            models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+            system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name]

@@ -1,0 +1,86 @@
+"""Daemon settings: where it listens, whether it needs a token, model keep-alive and budget."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorad.errors import LoradError
+from lorad.paths import DEFAULT_PORT, lorad_home, socket_path
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """How a `lorad serve` process runs. Built by :func:`daemon_settings`."""
+
+    home: Path
+    tcp_addresses: tuple[str, ...]          # "host:port" each
+    unix_socket: Path | None                # None: no Unix socket
+    require_token: bool
+    default_keep_alive: float = 1800.0      # seconds a model stays resident after its last use
+    memory_budget_bytes: int | None = None  # resident models beyond this are evicted LRU
+    resume_interrupted: bool = True         # re-queue jobs a dead daemon was running
+
+    @property
+    def grpc_targets(self) -> list[str]:
+        """Addresses as gRPC client targets, the Unix socket first (clients prefer it)."""
+        targets = [f"unix://{self.unix_socket}"] if self.unix_socket else []
+        return targets + list(self.tcp_addresses)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"127.0.0.1:47860" / "[::1]:47860" / "localhost:1" → (host, port); a bad address is a LoradError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise LoradError(f"`--listen`: {address!r} is not HOST:PORT",
+                         "use e.g. 127.0.0.1:47860, [::1]:47860, 0.0.0.0:47860 or unix:/path/lorad.sock")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IPs (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything, so treat it as remote
+
+
+def daemon_settings(
+    listen: Sequence[str] = (),
+    *,
+    home: Path | None = None,
+    require_token: bool = False,
+    default_keep_alive: float = 1800.0,
+    memory_budget_gb: float | None = None,
+    resume_interrupted: bool = True,
+) -> DaemonSettings:
+    """Settings from CLI options and the environment.
+
+    ``listen`` (or ``LORAD_ADDRESS``, comma-separated) replaces the default 127.0.0.1 port; an
+    entry ``unix:/path`` sets the socket. Without any, the daemon listens on 127.0.0.1 and the
+    state directory's socket. Any non-loopback address makes the token required.
+    """
+    home = home or lorad_home()
+    entries = list(listen) or [a.strip() for a in os.environ.get("LORAD_ADDRESS", "").split(",") if a.strip()]
+    tcp: list[str] = []
+    unix: Path | None = socket_path(home)
+    if entries:
+        unix = None
+        for entry in entries:
+            if entry.startswith("unix:"):
+                unix = Path(entry.removeprefix("unix:").removeprefix("//")).expanduser().resolve()
+            else:
+                host, port = split_host_port(entry)
+                tcp.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+                require_token = require_token or not is_loopback(host)
+    else:
+        tcp.append(f"127.0.0.1:{DEFAULT_PORT}")
+    budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else None
+    return DaemonSettings(home=home, tcp_addresses=tuple(tcp), unix_socket=unix, require_token=require_token,
+                          default_keep_alive=default_keep_alive, memory_budget_bytes=budget,
+                          resume_interrupted=resume_interrupted)

@@ -1,0 +1,47 @@
+"""The one place lorad's exceptions become gRPC status codes.
+
+The message sent is the error's full text followed by its hint, so any gRPC client shows the user
+what to fix without knowing lorad's error types.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from lorad.errors import (
+    ConfigError,
+    DataError,
+    LoradError,
+    ModelLoadError,
+    OutputError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
+from lorad.jobs.records import JobNotFound
+from lorad.registry import ModelInUse, ModelNotResident
+from lorad.service import JobNotCancellable
+
+# Most specific first: the first matching class decides.
+STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (ModelNotResident, grpc.StatusCode.NOT_FOUND),
+    (JobNotCancellable, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (DataError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OutputError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TrainingDiverged, grpc.StatusCode.ABORTED),
+    (TrainingInterrupted, grpc.StatusCode.ABORTED),
+    (LoradError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(err: LoradError) -> grpc.StatusCode:
+    """The status code for a lorad error."""
+    return next(code for cls, code in STATUS_BY_ERROR if isinstance(err, cls))
+
+
+def message_for(err: LoradError) -> str:
+    """The text clients show: the error, then the hint on its own line."""
+    return f"{err}\nhint: {err.hint}" if err.hint else str(err)
