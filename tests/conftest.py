@@ -12,11 +12,19 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from lorad.server import RunningDaemon
+    from lorad_client import LoradClient
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
@@ -34,6 +42,8 @@ def _quiet_single_thread() -> None:
 def _lorad_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "lorad-home"
     monkeypatch.setenv("LORAD_HOME", str(home))
+    # Never reach a real daemon a developer may be running on the default port.
+    monkeypatch.setenv("LORAD_ADDRESS", f"unix://{tmp_path}/no-daemon.sock")
     return home
 
 
@@ -107,3 +117,37 @@ def tiny_train_values(tiny_sd: Path, data: Path, out: Path, **overrides: object)
     }
     values.update(overrides)
     return values
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="lorad-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_daemon(home: Path, *, require_token: bool = False) -> RunningDaemon:
+    """A real daemon in this process on a free port and a Unix socket in ``home``."""
+    from lorad.server import start_daemon
+    from lorad.settings import daemon_settings
+
+    settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home, require_token=require_token)
+    return start_daemon(settings)
+
+
+@pytest.fixture
+def daemon(short_dir: Path) -> Iterator[RunningDaemon]:
+    running = run_daemon(short_dir)
+    yield running
+    running.stop(grace=0)
+
+
+@pytest.fixture
+def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
+    from lorad_client import LoradClient
+
+    with LoradClient.connect(daemon.addresses[0], home=daemon.settings.home) as connected:
+        yield connected
+
+

@@ -3,54 +3,24 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 
-from lorad.server import RunningDaemon, start_daemon
-from lorad.settings import daemon_settings
+from lorad.server import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import tiny_train_values
+from tests.conftest import run_daemon, tiny_train_values
 
 
 def config_yaml(tiny_sd: Path, data: Path, out: Path, **overrides: object) -> str:
     values = tiny_train_values(tiny_sd, data, out, **overrides)
     return yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="lorad-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def run_daemon(home: Path, *, require_token: bool = False) -> RunningDaemon:
-    settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home, require_token=require_token)
-    return start_daemon(settings)
-
-
-@pytest.fixture
-def daemon(short_dir: Path) -> Iterator[RunningDaemon]:
-    running = run_daemon(short_dir)
-    yield running
-    running.stop(grace=0)
-
-
-@pytest.fixture
-def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
-    with LoradClient.connect(daemon.addresses[0], home=daemon.settings.home) as connected:
-        yield connected
 
 
 def watch_all(client: LoradClient, job_id: str, after_seq: int = 0) -> tuple[jobs_pb2.Job, list[jobs_pb2.JobEvent]]:
@@ -240,8 +210,10 @@ def start_serve_process(home: Path) -> subprocess.Popen[str]:
 
 
 def test_sigkilled_daemon_resumes_job_from_checkpoint(short_dir: Path, tiny_sd: Path, dataset: Path,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
+
+    monkeypatch.delenv("LORAD_ADDRESS")  # clients find the daemon through its discovery file
 
     first = start_serve_process(short_dir)
     try:

@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lorad logs JOB | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as err:
         # Errors from the daemon (lorad_client.LoradRpcError) carry the server's message and hint.
         if type(err).__name__ not in ("LoradRpcError", "DaemonUnavailable"):
