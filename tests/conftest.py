@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from lorad.server import RunningDaemon
     from lorad_client import LoradClient
 
+# The config from the lora-scripts article, verbatim but for base_model.
+SEED_YAML = """\
+train_data_dir: "./data/style_train"
+metadata_path: "./data/style_train/metadata.csv"
+base_model: "{base_model}"
+lora_rank: 8
+unet_target_modules: ["q_proj", "v_proj"]
+batch_size: 4
+epochs: 10
+learning_rate: 2e-4
+output_dir: "./output/my_style_lora"
+save_steps: 100
+"""
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
 

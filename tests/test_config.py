@@ -8,19 +8,9 @@ import pytest
 
 from lorad.config import load_config, parse_config, parse_config_text, render_example
 from lorad.errors import ConfigError
+from tests.conftest import SEED_YAML as SEED_TEMPLATE
 
-SEED_YAML = """\
-train_data_dir: "./data/style_train"
-metadata_path: "./data/style_train/metadata.csv"
-base_model: "./models/Stable-diffusion/v1-5-pruned.safetensors"
-lora_rank: 8
-unet_target_modules: ["q_proj", "v_proj"]
-batch_size: 4
-epochs: 10
-learning_rate: 2e-4
-output_dir: "./output/my_style_lora"
-save_steps: 100
-"""
+SEED_YAML = SEED_TEMPLATE.format(base_model="./models/Stable-diffusion/v1-5-pruned.safetensors")
 
 
 @pytest.fixture

@@ -15,20 +15,7 @@ from lorad.config import load_config, parse_config
 from lorad.engines.sd.train import train_sd_lora
 from lorad.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lorad.events import LatentsCached, StepDone
-from tests.conftest import tiny_train_values
-
-SEED_YAML = """\
-train_data_dir: "./data/style_train"
-metadata_path: "./data/style_train/metadata.csv"
-base_model: "{model}"
-lora_rank: 8
-unet_target_modules: ["q_proj", "v_proj"]
-batch_size: 4
-epochs: 10
-learning_rate: 2e-4
-output_dir: "./output/my_style_lora"
-save_steps: 100
-"""
+from tests.conftest import SEED_YAML, tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):
@@ -47,7 +34,7 @@ def kohya_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 def test_seed_config_verbatim_trains(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     (tmp_path / "configs").mkdir()
     cfg = tmp_path / "configs" / "my_lora_config.yaml"
-    cfg.write_text(SEED_YAML.format(model=tiny_sd))
+    cfg.write_text(SEED_YAML.format(base_model=tiny_sd))
     config = load_config(cfg, base_dir=tmp_path)
     result = train_sd_lora(config)
     out = tmp_path / "output" / "my_style_lora"
