@@ -1,0 +1,1 @@
+"""Speed benchmarks for lorad (run with ``just bench``); not part of the installed package."""
