@@ -133,6 +133,8 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_sd: Path, dataset
     common = {"epochs": 3, "save_steps": 2, "gradient_accumulation_steps": 1, "lr_scheduler": "cosine",
               "lora_dropout": 0.1, "train_text_encoder": True, "save_precision": "fp32"}
     full = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "full", **common))
+    kept = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert kept == ["step-000006", "step-000008", "step-000010"]  # keep_checkpoints: 3 (the default)
 
     stop = threading.Event()
 
