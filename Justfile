@@ -17,9 +17,24 @@ test *ARGS: lint
 demo *ARGS:
     {{venv}}/lorad demo {{ARGS}}
 
-# Speed benchmarks: engine vs a bare training loop (ratios, measured in the same run)
+# Speed benchmarks (results in bench/results/): `just bench` runs every bench/*.py module; `just bench NAME [FLAGS]`
+# runs one (e.g. `just bench caption_throughput --images 96`); flags alone go to engine_vs_bare, as before.
 bench *ARGS:
-    {{venv}}/python -m bench.engine_vs_bare {{ARGS}}
+    #!/usr/bin/env bash
+    set -euo pipefail
+    args=({{ARGS}})
+    if [ ${#args[@]} -eq 0 ]; then
+        for path in bench/*.py; do
+            name=$(basename "$path" .py)
+            [ "$name" = __init__ ] && continue
+            echo "== bench.$name"
+            {{venv}}/python -m "bench.$name"
+        done
+    elif [[ "${args[0]}" == -* ]]; then
+        {{venv}}/python -m bench.engine_vs_bare "${args[@]}"
+    else
+        {{venv}}/python -m "bench.${args[0]}" "${args[@]:1}"
+    fi
 
 # Lint
 lint:

@@ -12,6 +12,16 @@ Messages are the generated classes (``Job``, ``JobEvent``, ...); ``lorad_client.
 helpers for showing them.
 """
 
+from lorad_api.v1.caption_pb2 import (
+    CAPTION_FORMAT_CSV,
+    CAPTION_FORMAT_TXT,
+    CAPTION_FORMAT_UNSPECIFIED,
+    CAPTIONER_KIND_BLIP,
+    CAPTIONER_KIND_CLIP,
+    CAPTIONER_KIND_WD14,
+    CaptionImagesResponse,
+    CaptionOptions,
+)
 from lorad_api.v1.jobs_pb2 import (
     JOB_STATE_CANCELLED,
     JOB_STATE_FAILED,
@@ -26,7 +36,7 @@ from lorad_api.v1.jobs_pb2 import (
     Progress,
 )
 from lorad_api.v1.training_pb2 import WatchJobResponse
-from lorad_client.client import JobWatch, LoradClient
+from lorad_client.client import CaptionStream, JobWatch, LoradClient
 from lorad_client.discovery import DaemonTarget, find_daemon
 from lorad_client.errors import DaemonUnavailable, LoradRpcError
 
@@ -34,6 +44,12 @@ from lorad_client.errors import DaemonUnavailable, LoradRpcError
 FINAL_STATES = frozenset({JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED})
 
 __all__ = [
+    "CAPTIONER_KIND_BLIP",
+    "CAPTIONER_KIND_CLIP",
+    "CAPTIONER_KIND_WD14",
+    "CAPTION_FORMAT_CSV",
+    "CAPTION_FORMAT_TXT",
+    "CAPTION_FORMAT_UNSPECIFIED",
     "FINAL_STATES",
     "JOB_STATE_CANCELLED",
     "JOB_STATE_FAILED",
@@ -42,6 +58,9 @@ __all__ = [
     "JOB_STATE_RUNNING",
     "JOB_STATE_SUCCEEDED",
     "JOB_STATE_UNSPECIFIED",
+    "CaptionImagesResponse",
+    "CaptionOptions",
+    "CaptionStream",
     "DaemonTarget",
     "DaemonUnavailable",
     "Job",

@@ -2,7 +2,8 @@
 
 Each method is one RPC. Requests and responses are the generated messages from ``lorad_api.v1``
 (no copies into other classes), so the .proto comments document every field. Unary calls have a
-default deadline (``timeout=`` overrides it; None waits forever); ``watch_job`` has none.
+default deadline (``timeout=`` overrides it; None waits forever); the streams (``watch_job``,
+``caption_images``) have none.
 Every failed call raises ``LoradRpcError`` (``DaemonUnavailable`` when nothing answers).
 The bearer token, when known, is sent as ``authorization`` metadata on every call.
 
@@ -27,7 +28,17 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lorad import __version__
-from lorad_api.v1 import models_pb2, models_pb2_grpc, system_pb2, system_pb2_grpc, training_pb2, training_pb2_grpc
+from lorad_api.v1 import (
+    caption_pb2,
+    caption_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    system_pb2,
+    system_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+from lorad_api.v1.caption_pb2 import CaptionImagesResponse
 from lorad_api.v1.jobs_pb2 import Job
 from lorad_api.v1.models_pb2 import LoadModelResponse, ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
@@ -88,6 +99,43 @@ class JobWatch:
         self.cancel()
 
 
+class CaptionStream:
+    """The live stream of ``CaptionImages``: iterate it for ``CaptionImagesResponse`` messages
+    (``planned``, ``captioner_ready``, one ``image`` per image, ``finished``).
+
+    ``cancel()`` (safe from another thread, e.g. a Ctrl-C handler) ends it: the daemon stops after
+    the batch it is captioning, and the captions written so far stay. Using it as a context manager
+    cancels it on exit. Errors raise ``LoradRpcError``.
+    """
+
+    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], LoradRpcError]) -> None:
+        self._call = call
+        self._translate = translate
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[CaptionImagesResponse]:
+        return self
+
+    def __next__(self) -> CaptionImagesResponse:
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise self._translate(err) from err
+
+    def cancel(self) -> None:
+        """Stop the stream (idempotent)."""
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> CaptionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
 class LoradClient:
     """A connection to one lorad daemon. Use ``LoradClient.connect()``; close it (or use ``with``)."""
 
@@ -99,6 +147,7 @@ class LoradClient:
         self._training = training_pb2_grpc.TrainingServiceStub(channel)
         self._models = models_pb2_grpc.ModelServiceStub(channel)
         self._system = system_pb2_grpc.SystemServiceStub(channel)
+        self._caption = caption_pb2_grpc.CaptionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
 
     @classmethod
@@ -215,7 +264,7 @@ class LoradClient:
     # -- ModelService ---------------------------------------------------------------------------
 
     def list_models(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[ResidentModel]:
-        """Base models resident in the daemon's memory, most recently used first."""
+        """Base models and captioners resident in the daemon's memory, most recently used first."""
         return list(self._unary(self._models.ListModels, models_pb2.ListModelsRequest(), timeout).models)
 
     def load_model(
@@ -250,6 +299,40 @@ class LoradClient:
         """Drop a resident model (registry id or base_model path); returns the bytes freed."""
         request = models_pb2.UnloadModelRequest(model=model)
         return self._unary(self._models.UnloadModel, request, timeout).freed_bytes
+
+    # -- CaptionService -------------------------------------------------------------------------
+
+    def caption_images(
+        self,
+        folder: str | Path,
+        *,
+        base_dir: str | Path,
+        captioner: int = caption_pb2.CAPTIONER_KIND_BLIP,
+        model: str = "",
+        trigger_word: str = "",
+        format: int = caption_pb2.CAPTION_FORMAT_UNSPECIFIED,
+        overwrite: bool = False,
+        regenerate: bool = False,
+        caption_extension: str = "",
+        device: str = "",
+        batch_size: int = 0,
+        options: caption_pb2.CaptionOptions | None = None,
+        keep_alive_seconds: float = 0,
+    ) -> CaptionStream:
+        """Caption the images in ``folder`` (relative paths, here and in ``model``, resolve against
+        ``base_dir``, made absolute here); ``captioner`` and ``format`` are CaptionerKind and
+        CaptionFormat values. Returns a ``CaptionStream``; iterate it, or ``.cancel()`` it. No deadline.
+        """
+        request = caption_pb2.CaptionImagesRequest(
+            folder=str(folder), base_dir=_abs_dir(base_dir), captioner=captioner, model=model,
+            trigger_word=trigger_word, format=format, overwrite=overwrite, regenerate=regenerate,
+            caption_extension=caption_extension, device=device, batch_size=batch_size, options=options,
+            keep_alive_seconds=keep_alive_seconds)
+        try:
+            call = self._caption.CaptionImages(request, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise self._translate(err) from err
+        return CaptionStream(call, self._translate)
 
     # -- SystemService and health ---------------------------------------------------------------
 

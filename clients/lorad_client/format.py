@@ -1,4 +1,4 @@
-"""Pure text helpers for CLIs and TUIs: job states, durations, sizes, progress and event lines.
+"""Pure text helpers for CLIs and TUIs: job states, durations, sizes, progress, event and caption lines.
 
 No I/O and no daemon access; every function takes plain values or generated messages.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from lorad_api.v1 import caption_pb2
 from lorad_api.v1.jobs_pb2 import JobEvent, JobState, Progress
 
 _STATE_PREFIX = "JOB_STATE_"
@@ -174,3 +175,39 @@ _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
     "cancelled": _cancelled,
     "interrupted": _interrupted,
 }
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+def describe_caption(message: caption_pb2.CaptionImagesResponse) -> str | None:
+    """A human line for one CaptionImages message.
+
+    None for images that were captioned or kept (a progress bar counts those) and for items this
+    client does not know; failed images get "path: why".
+    """
+    item = message.WhichOneof("item")
+    if item == "planned":
+        p = message.planned
+        text = (f"{p.folder}: {p.images_found} image{_s(p.images_found)}, {p.to_caption} to caption, "
+                f"{p.to_keep} keep{'s' if p.to_keep == 1 else ''} {'its' if p.to_keep == 1 else 'their'} caption")
+        if p.unusable:
+            text += f", {p.unusable} cannot be captioned"
+        return text + (f"; captions go to {p.written_to}" if p.to_caption else "")
+    if item == "captioner_ready":
+        r = message.captioner_ready
+        how = "already resident" if r.resident else f"loaded in {format_duration(r.seconds)}"
+        return f"captioner: {r.model_version or r.captioner} from {r.source}, {how}"
+    if item == "image":
+        i = message.image
+        return f"{i.path}: {i.error}" if i.status == caption_pb2.CAPTION_STATUS_FAILED else None
+    if item == "finished":
+        f = message.finished
+        speed = f" ({f.images_per_second:.2f} images/s)" if f.captioned else ""
+        lines = [f"{'stopped' if f.stopped else 'done'}: {f.captioned} captioned, {f.kept} kept, {f.failed} failed "
+                 f"in {format_duration(f.seconds)}{speed}"]
+        if f.captioned:
+            lines.append(f"  captions written to {f.written_to}; generated ones are listed in {f.record_path}")
+        return "\n".join(lines)
+    return None

@@ -1,4 +1,4 @@
-"""The CLI commands that talk to a running daemon (status, jobs, logs, cancel, models, train).
+"""The CLI commands that talk to a running daemon (status, jobs, logs, cancel, models, train, caption).
 
 Nothing here imports torch: these commands answer in a fraction of a second.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from lorad.convert import engine_event_from_proto
 from lorad.progress import TerminalProgress
-from lorad_api.v1 import jobs_pb2
+from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import FINAL_STATES, LoradClient
-from lorad_client.format import describe_event, format_bytes, format_duration, job_state_name
+from lorad_client.format import describe_caption, describe_event, format_bytes, format_duration, job_state_name
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -71,9 +71,9 @@ def print_models(client: LoradClient) -> int:
     if not models:
         print("no resident models — they load with the first job that uses them, or `lorad models load PATH`")
         return EXIT_OK
-    rows = [[m.model_id, m.source, m.model_version, m.device, m.dtype, format_bytes(m.memory_bytes),
+    rows = [[m.model_id, m.kind or "sd", m.source, m.model_version, m.device, m.dtype, format_bytes(m.memory_bytes),
              "in use" if m.in_use else format_duration(m.keep_alive_seconds_left)] for m in models]
-    print(_table(rows, ["ID", "SOURCE", "VERSION", "DEVICE", "DTYPE", "MEMORY", "KEEP-ALIVE"]))
+    print(_table(rows, ["ID", "KIND", "SOURCE", "VERSION", "DEVICE", "DTYPE", "MEMORY", "KEEP-ALIVE"]))
     return EXIT_OK
 
 
@@ -186,3 +186,63 @@ def submit_and_follow(client: LoradClient, config_path: Path, *, detach: bool) -
         print(job.job_id)
         return EXIT_OK
     return follow_job(client, job.job_id)
+
+
+def show_captions(messages: Iterable[caption_pb2.CaptionImagesResponse], *, verbose: bool = False) -> int:
+    """Draw a caption run (from the daemon, or converted from an in-process one): the plan, a
+    progress bar over the images being captioned, a line per image that failed, and the summary
+    (on stdout). With ``verbose``, every new caption is printed too.
+
+    Returns EXIT_OK when every image has a caption afterwards, EXIT_FAILED when some could not be
+    captioned (or the stream ended without a summary), EXIT_INTERRUPTED when the run was stopped.
+    """
+    from tqdm import tqdm
+
+    bar = None
+    to_caption = 0
+
+    def say(text: str) -> None:
+        if bar is not None:
+            bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    try:
+        for message in messages:
+            item = message.WhichOneof("item")
+            line = describe_caption(message)
+            if item == "finished":
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                print(line)
+                finished = message.finished
+                return EXIT_INTERRUPTED if finished.stopped else EXIT_FAILED if finished.failed else EXIT_OK
+            if line is not None:
+                say(line)
+            if item == "planned":
+                to_caption = message.planned.to_caption
+            elif item == "captioner_ready":
+                bar = tqdm(total=to_caption, file=sys.stderr, unit="image", dynamic_ncols=True, mininterval=0.5)
+            elif item == "image" and bar is not None:
+                bar.update(1)
+                if verbose and message.image.status == caption_pb2.CAPTION_STATUS_CAPTIONED:
+                    say(f"{message.image.path}: {message.image.caption}")
+    finally:
+        if bar is not None:
+            bar.close()
+    print("error: the caption run ended without a summary (did the daemon stop?)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def caption_with_daemon(client: LoradClient, folder: str, *, verbose: bool = False, **request: object) -> int:
+    """Caption ``folder`` through the daemon (``request``: the keyword arguments of
+    ``LoradClient.caption_images``); Ctrl-C stops it after the current batch, keeping what is written."""
+    stream = client.caption_images(folder, base_dir=Path.cwd(), **request)  # type: ignore[arg-type]
+    try:
+        return show_captions(stream, verbose=verbose)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print("\nstopped; the captions written so far are kept (run the same command to caption the rest)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,6 +1,7 @@
 """Conversions between lorad's domain objects and the lorad.v1 protobuf messages.
 
-Daemon side: job records, history rows, resident models and status → messages. Client side:
+Daemon side: job records, history rows, resident models, status and caption updates → messages
+(the CLI converts in-process caption updates the same way, so one renderer draws both). Client side:
 a JobEvent message → the engine's event dataclass, so the CLI draws daemon jobs with the same
 progress renderer as in-process runs. Imports no torch.
 """
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lorad import events as ev
+from lorad.captioning import options as cu_options
+from lorad.captioning import updates as cu
 from lorad.jobs.records import EventRecord, JobRecord, JobState
-from lorad_api.v1 import jobs_pb2, models_pb2, system_pb2
+from lorad_api.v1 import caption_pb2, jobs_pb2, models_pb2, system_pb2
 
 STATE_TO_PROTO = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -26,6 +30,21 @@ STATE_TO_PROTO = {
     JobState.INTERRUPTED: jobs_pb2.JOB_STATE_INTERRUPTED,
 }
 STATE_FROM_PROTO = {v: k for k, v in STATE_TO_PROTO.items()}
+
+CAPTIONER_FROM_PROTO = {
+    caption_pb2.CAPTIONER_KIND_UNSPECIFIED: "blip",
+    caption_pb2.CAPTIONER_KIND_BLIP: "blip",
+    caption_pb2.CAPTIONER_KIND_WD14: "wd14",
+    caption_pb2.CAPTIONER_KIND_CLIP: "clip",
+}
+CAPTIONER_TO_PROTO = {"blip": caption_pb2.CAPTIONER_KIND_BLIP, "wd14": caption_pb2.CAPTIONER_KIND_WD14,
+                      "clip": caption_pb2.CAPTIONER_KIND_CLIP}
+FORMAT_TO_PROTO = {"auto": caption_pb2.CAPTION_FORMAT_UNSPECIFIED, "csv": caption_pb2.CAPTION_FORMAT_CSV,
+                   "txt": caption_pb2.CAPTION_FORMAT_TXT}
+FORMAT_FROM_PROTO = {v: k for k, v in FORMAT_TO_PROTO.items()}
+CAPTION_STATUS_TO_PROTO = {cu.CAPTIONED: caption_pb2.CAPTION_STATUS_CAPTIONED, cu.KEPT: caption_pb2.CAPTION_STATUS_KEPT,
+                           cu.FAILED: caption_pb2.CAPTION_STATUS_FAILED}
+
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -87,7 +106,7 @@ def resident_to_proto(info: Any) -> models_pb2.ResidentModel:
         model_id=info.model_id, source=info.source, model_version=info.model_version, device=info.key.device,
         dtype=info.key.dtype, memory_bytes=info.memory_bytes, loaded_at=timestamp(info.loaded_at),
         last_used_at=timestamp(info.last_used_at), keep_alive_seconds_left=max(0.0, info.keep_alive_seconds_left),
-        in_use=info.in_use)
+        in_use=info.in_use, kind=info.key.kind)
 
 
 def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
@@ -130,3 +149,48 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
         f = event.finished
         return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)
     return None
+
+
+def caption_options_from_proto(options: caption_pb2.CaptionOptions) -> cu_options.CaptionOptions:
+    """Request options as CaptionOptions; unset (zero) fields take the defaults."""
+    default = cu_options.CaptionOptions()
+    return cu_options.CaptionOptions(
+        max_length=options.max_length or default.max_length, num_beams=options.num_beams or default.num_beams,
+        prompt=options.prompt,
+        general_threshold=(options.general_threshold if options.HasField("general_threshold")
+                           else default.general_threshold),
+        character_threshold=(options.character_threshold if options.HasField("character_threshold")
+                             else default.character_threshold),
+        exclude_tags=tuple(options.exclude_tags), vocabulary=Path(options.vocabulary) if options.vocabulary else None,
+        top_k=options.top_k or default.top_k)
+
+
+def caption_options_to_proto(options: cu_options.CaptionOptions) -> caption_pb2.CaptionOptions:
+    """CaptionOptions as the request message (every field set explicitly)."""
+    return caption_pb2.CaptionOptions(
+        max_length=options.max_length, num_beams=options.num_beams, prompt=options.prompt,
+        general_threshold=options.general_threshold, character_threshold=options.character_threshold,
+        exclude_tags=list(options.exclude_tags), vocabulary=str(options.vocabulary or ""), top_k=options.top_k)
+
+
+def caption_update_to_proto(update: cu.CaptionUpdate) -> caption_pb2.CaptionImagesResponse:
+    """A folder-captioning update as one message of the CaptionImages stream."""
+    if isinstance(update, cu.CaptionPlanned):
+        return caption_pb2.CaptionImagesResponse(planned=caption_pb2.CaptionPlanned(
+            folder=update.folder, images_found=update.images_found, to_caption=update.to_caption,
+            to_keep=update.to_keep, unusable=update.unusable, format=FORMAT_TO_PROTO[update.format],
+            written_to=update.written_to, record_path=update.record_path))
+    if isinstance(update, cu.CaptionerReady):
+        return caption_pb2.CaptionImagesResponse(captioner_ready=caption_pb2.CaptionerReady(
+            captioner=update.captioner, source=update.source, model_version=update.model_version,
+            model_id=update.model_id, resident=update.resident, seconds=update.seconds))
+    if isinstance(update, cu.ImageCaptioned):
+        return caption_pb2.CaptionImagesResponse(image=caption_pb2.ImageCaption(
+            path=update.path, status=CAPTION_STATUS_TO_PROTO[update.status], caption=update.caption,
+            error=update.error, done=update.done, total=update.total))
+    return caption_pb2.CaptionImagesResponse(finished=caption_pb2.CaptionFinished(
+        folder=update.folder, images_found=update.images_found, captioned=update.captioned, kept=update.kept,
+        failed=update.failed, seconds=update.seconds, images_per_second=update.images_per_second,
+        format=FORMAT_TO_PROTO[update.format], written_to=update.written_to, record_path=update.record_path,
+        stopped=update.stopped))
+

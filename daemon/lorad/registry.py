@@ -6,7 +6,8 @@ object ("resident"). A model left idle longer than its keep-alive is unloaded by
 memory budget unloads least-recently-used idle models after each load.
 
 The registry is generic over what a model is: it only calls the ``loader`` it was given, so tests
-use small fakes and the daemon uses :class:`lorad.models.sd_components.SDComponents`.
+use small fakes and the daemon uses :class:`lorad.models.sd_components.SDComponents` for base models
+and :mod:`lorad.captioning` captioners, told apart by :attr:`ModelKey.kind`.
 
 Threading: every public method may be called from any thread. One lock guards the bookkeeping and
 is never held while user code runs (``loader``, ``measure``, ``describe``) or while memory is
@@ -64,7 +65,9 @@ class ModelKey:
     what the loader produces belongs here. ``base_model`` should already be resolved (an absolute
     path or a hub id): ``./sd15`` and ``/models/sd15`` would otherwise be two models. ``dtype`` is
     a torch dtype name ("float32", "bfloat16", "float16"); ``device`` a torch device ("cpu",
-    "cuda:0", ...).
+    "cuda:0", ...). ``kind`` says what the model is for: "sd" (a base model to train on), or a
+    captioner kind ("blip", "wd14", "clip"; ``base_model`` is then the captioner's model folder);
+    the daemon's loader dispatches on it.
     """
 
     base_model: str
@@ -73,6 +76,7 @@ class ModelKey:
     model_config_dir: str = ""
     tokenizer_path: str = ""
     prediction_type: str = "auto"
+    kind: str = "sd"
 
     @property
     def model_id(self) -> str:

@@ -1,8 +1,9 @@
 """The daemon's domain API: what the gRPC servicer calls, with no gRPC in it.
 
 It owns the job store, the event hub, the resident-model registry and the worker, and wires the
-training engine to them. Methods raise lorad's own errors (ConfigError, JobNotFound, ...); the
-servicer maps those to status codes in one place (``lorad.status_codes``).
+training engine to them. The registry holds captioners too: caption requests and training jobs
+that caption their images share them. Methods raise lorad's own errors (ConfigError, JobNotFound,
+...); the servicer maps those to status codes in one place (``lorad.status_codes``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,14 +21,19 @@ from typing import Any
 import yaml
 
 from lorad import __version__
+from lorad.captioning.captioner import CaptionerKey, CaptionerProvider, ProvidedCaptioner
+from lorad.captioning.errors import FolderBusy
+from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
+from lorad.captioning.updates import CaptionUpdate
 from lorad.config import TrainConfig, parse_config, parse_config_text
 from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
+from lorad.events import EventSink
 from lorad.jobs.hub import EventHub
 from lorad.jobs.records import EventRecord, JobRecord, JobState
 from lorad.jobs.store import JobStore
 from lorad.jobs.worker import Worker
 from lorad.paths import jobs_db_path
-from lorad.registry import ModelKey, ModelRegistry, ResidentInfo
+from lorad.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
 from lorad.settings import DaemonSettings
 
 log = logging.getLogger("lorad.service")
@@ -87,11 +93,14 @@ class LoradService:
         self.hub = EventHub(self.store)
         self.registry: ModelRegistry = registry or ModelRegistry(
             self._load_model, default_keep_alive=settings.default_keep_alive,
-            memory_budget_bytes=settings.memory_budget_bytes)
+            memory_budget_bytes=settings.memory_budget_bytes, measure=_measure_model)
         from lorad.engines.sd.train import train_sd_lora
 
         self.worker = Worker(self.store, self.hub, train=train_sd_lora, models=self._provide_model,
-                             device_name=self._device_name())
+                             captions=self._caption_filler, device_name=self._device_name())
+        # One writer per caption folder: two requests merging into one metadata.csv would lose rows.
+        self._folder_locks: dict[str, threading.Lock] = {}
+        self._folder_locks_guard = threading.Lock()
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_models, name="lorad-model-reaper", daemon=True)
         self.addresses: list[str] = settings.grpc_targets  # the server replaces these with the bound ones
@@ -191,6 +200,11 @@ class LoradService:
         return str(pick_device("auto"))
 
     def _load_model(self, key: ModelKey) -> Any:
+        if key.kind != "sd":
+            from lorad.captioning.captioner import load_captioner
+
+            return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device,
+                                               dtype=key.dtype))
         import torch
 
         from lorad.engines.device import Placement
@@ -225,6 +239,63 @@ class LoradService:
             return None
         seconds = self.store.get(job_id).keep_alive_seconds
         return seconds if seconds > 0 else None
+
+    def _captioner_provider(self, keep_alive: float | None) -> CaptionerProvider:
+        """A CaptionerProvider that reserves captioners in the registry (loading them once)."""
+
+        @contextmanager
+        def provide(key: CaptionerKey) -> Iterator[ProvidedCaptioner]:
+            registry_key = ModelKey(base_model=key.model, device=key.device, dtype=key.dtype, kind=key.kind)
+            with self.registry.use(registry_key, keep_alive=keep_alive) as acquired:
+                yield ProvidedCaptioner(captioner=acquired.model, resident=acquired.resident,
+                                        seconds=acquired.load_seconds, model_id=acquired.model_id)
+
+        return provide
+
+    @contextmanager
+    def _hold_folder(self, folder: Path, *, wait: bool) -> Iterator[None]:
+        """Be the only one writing captions into ``folder``; FolderBusy unless ``wait``."""
+        with self._folder_locks_guard:
+            lock = self._folder_locks.setdefault(str(folder), threading.Lock())
+        if not lock.acquire(blocking=wait):
+            raise FolderBusy(f"{folder} is being captioned by another request right now",
+                             "wait for that request to finish, then run again")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _caption_filler(self, config: TrainConfig, on_event: EventSink, stop: threading.Event) -> Callable:
+        """The worker's hook factory: a job's ``caption_missing`` hook, using resident captioners."""
+        from lorad.captioning.training import caption_filler
+
+        return caption_filler(config, on_event=on_event, provide=self._captioner_provider(self._running_keep_alive()),
+                              stop=stop, exclusive=lambda folder: self._hold_folder(folder, wait=True))
+
+    def caption_images(self, *, folder: str, base_dir: str, captioner: str = "blip", model: str = "",
+                       options: CaptionOptions | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                       trigger_word: str = "", format: str = "auto", caption_extension: str = ".txt",
+                       overwrite: bool = False, regenerate: bool = False, device: str = "auto",
+                       keep_alive_seconds: float = 0.0, active: Callable[[], bool] = lambda: True,
+                       ) -> Iterator[CaptionUpdate]:
+        """Caption a folder with a resident captioner; yields its updates (see
+        :func:`lorad.captioning.folder.caption_folder`). Validates first (ConfigError listing every
+        problem; CaptionModelError for the model folder); FolderBusy when the folder is being captioned.
+        Stops after the current batch once ``active()`` turns False (the client left)."""
+        from lorad.captioning.folder import caption_folder
+        from lorad.captioning.request import caption_request
+
+        if not base_dir or not Path(base_dir).is_absolute():
+            raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
+                                             "send the absolute directory relative paths resolve against")],
+                              "CaptionImages")
+        request = caption_request(folder, base_dir=Path(base_dir), captioner=captioner, model=model, options=options,
+                                  batch_size=batch_size, trigger_word=trigger_word, format=format,
+                                  caption_extension=caption_extension, overwrite=overwrite, regenerate=regenerate,
+                                  device=device, source="CaptionImages")
+        with self._hold_folder(request.folder, wait=False):
+            yield from caption_folder(request, provide=self._captioner_provider(keep_alive_seconds or None),
+                                      should_stop=lambda: not active())
 
     def list_models(self) -> list[ResidentInfo]:
         return self.registry.list()
@@ -285,6 +356,13 @@ class LoradService:
         devices.append(DeviceInfo("cpu", platform.processor() or platform.machine(), _total_memory_bytes(),
                                   _resident_set_bytes()))
         return devices
+
+
+def _measure_model(model: Any) -> int:
+    """Bytes a resident model holds: its own ``memory_bytes`` when it says (an ONNX tagger holds no
+    torch tensors), else its tensors."""
+    own = getattr(model, "memory_bytes", None)
+    return own if isinstance(own, int) else measure_tensor_bytes(model)
 
 
 def _total_memory_bytes() -> int:

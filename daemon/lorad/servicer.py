@@ -13,8 +13,13 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from lorad.captioning.options import DEFAULT_BATCH_SIZE
 from lorad.convert import (
+    CAPTIONER_FROM_PROTO,
+    FORMAT_FROM_PROTO,
     STATE_FROM_PROTO,
+    caption_options_from_proto,
+    caption_update_to_proto,
     event_to_proto,
     job_to_proto,
     resident_to_proto,
@@ -24,6 +29,8 @@ from lorad.errors import LoradError
 from lorad.service import LoradService
 from lorad.status_codes import message_for, status_for
 from lorad_api.v1 import (
+    caption_pb2,
+    caption_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     system_pb2,
@@ -112,6 +119,27 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             return models_pb2.UnloadModelResponse(freed_bytes=self.service.unload_model(request.model))
 
 
+class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
+    def __init__(self, service: LoradService) -> None:
+        self.service = service
+
+    def CaptionImages(self, request, context):
+        with rpc_errors(context):
+            updates = self.service.caption_images(
+                folder=request.folder, base_dir=request.base_dir, captioner=CAPTIONER_FROM_PROTO[request.captioner],
+                model=request.model, options=caption_options_from_proto(request.options),
+                batch_size=request.batch_size or DEFAULT_BATCH_SIZE, trigger_word=request.trigger_word,
+                format=FORMAT_FROM_PROTO.get(request.format, "auto"),
+                caption_extension=request.caption_extension or ".txt", overwrite=request.overwrite,
+                regenerate=request.regenerate, device=request.device or "auto",
+                keep_alive_seconds=request.keep_alive_seconds, active=context.is_active)
+            try:
+                for update in updates:
+                    yield caption_update_to_proto(update)
+            finally:
+                updates.close()  # a client that left: release the folder and the captioner now
+
+
 class SystemServicer(system_pb2_grpc.SystemServiceServicer):
     def __init__(self, service: LoradService) -> None:
         self.service = service
@@ -125,7 +153,9 @@ def add_servicers(server: grpc.Server, service: LoradService) -> list[str]:
     """Register lorad's services on ``server``; returns their full names (for health and reflection)."""
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
+    caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
     system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service), server)
     return [training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
             models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+            caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name,
             system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name]

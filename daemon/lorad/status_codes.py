@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from lorad.captioning.errors import FolderBusy
 from lorad.errors import (
     ConfigError,
     DataError,
@@ -33,6 +34,8 @@ STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
     (OutputError, grpc.StatusCode.FAILED_PRECONDITION),
     (TrainingDiverged, grpc.StatusCode.ABORTED),
     (TrainingInterrupted, grpc.StatusCode.ABORTED),
+    # Another request is captioning the same folder: a concurrency conflict, worth retrying later.
+    (FolderBusy, grpc.StatusCode.ABORTED),
     (LoradError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

@@ -95,6 +95,35 @@ class TrainConfig:
     caption_dropout: float = field(default=0.0, metadata=spec(
         "data", "Probability of training a sample with an empty caption (helps the LoRA "
         "generalise).", minimum=0.0, maximum=1.0))
+    captioner: str | None = field(default=None, metadata=spec(
+        "data", "Caption the images that have none before training, writing the captions into metadata_path "
+        "(created if missing) or <image>.txt sidecars so later runs reuse them: blip (sentences; BLIP and the "
+        "other image-to-text models transformers loads), wd14 (booru tags from a WD14 ONNX tagger), clip "
+        "(phrases of a vocabulary ranked by CLIP). Unset: images without a caption are skipped.",
+        choices=("blip", "wd14", "clip"), example="blip"))
+    captioner_model: str = field(default="", metadata=spec(
+        "data", "The captioner's model: a folder, or a Hugging Face id already in the local cache. Unset: "
+        "Salesforce/blip-image-captioning-large, SmilingWolf/wd-v1-4-convnext-tagger-v2 or "
+        "openai/clip-vit-large-patch14, from the local cache.", example="./models/blip-large"))
+    caption_batch_size: int = field(default=8, metadata=spec(
+        "data", "Images captioned per batch (images of similar size are batched together).", minimum=1))
+    caption_max_length: int = field(default=75, metadata=spec(
+        "data", "blip: at most this many tokens per caption.", minimum=1))
+    caption_beams: int = field(default=1, metadata=spec(
+        "data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1))
+    caption_prompt: str = field(default="", metadata=spec(
+        "data", "blip: text every caption continues, e.g. \"a photo of\" (conditional captioning)."))
+    caption_general_threshold: float = field(default=0.35, metadata=spec(
+        "data", "wd14: lowest score a general tag needs to be written.", minimum=0.0, maximum=1.0))
+    caption_character_threshold: float = field(default=0.85, metadata=spec(
+        "data", "wd14: lowest score a character tag needs to be written.", minimum=0.0, maximum=1.0))
+    caption_exclude_tags: tuple[str, ...] = field(default=(), metadata=spec(
+        "data", "wd14: tags never written, e.g. [\"simple background\"] (underscores or spaces)."))
+    caption_vocabulary: Path | None = field(default=None, metadata=spec(
+        "data", "clip: a phrase file, one per line, `[section N]` lines keep the N best of a section. Unset: "
+        "lorad's built-in subject/medium/style/lighting/colour/composition phrases."))
+    caption_top_k: int = field(default=3, metadata=spec(
+        "data", "clip: phrases kept from each vocabulary section that does not say how many.", minimum=1))
     resolution: int = field(default=512, metadata=spec(
         "data", "Training resolution (pixels per side of the target area). SD1.x: 512; SD2.x-768: 768.",
         minimum=64, maximum=4096))

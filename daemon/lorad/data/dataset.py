@@ -141,7 +141,7 @@ def scan_dataset(
     csv_name = csv_captions.source if csv_captions else "metadata.csv"
     no_caption = f"no caption (add a {csv_name} row or <stem>{_dotted(caption_extension)})"
 
-    found = _find_image_files(root)
+    found = find_image_files(root)
     skipped: list[SkippedImage] = []
     verified: list[_Verified] = []
     for path in found:
@@ -237,7 +237,7 @@ def _is_cache_dir(path: Path) -> bool:
     return path.name == CACHE_DIR_NAME or (path / CACHEDIR_TAG).is_file()
 
 
-def _find_image_files(root: Path) -> list[Path]:
+def find_image_files(root: Path) -> list[Path]:
     """Image files (supported or known-unsupported types) under ``root``, sorted, hidden ones
     and cache folders left out. Symlinked folders are followed once each (no loops)."""
     wanted = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS

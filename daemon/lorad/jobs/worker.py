@@ -62,15 +62,19 @@ class Worker:
 
     ``train`` is the engine entry point (``lorad.engines.sd.train.train_sd_lora``) and ``models``
     the model provider handed to it; both are injected so the daemon wires the real ones and the
-    module stays importable without torch.
+    module stays importable without torch. ``captions(config, on_event, stop)``, when given, makes
+    each job's ``caption_missing`` hook (images without a caption are captioned before training).
     """
 
     def __init__(self, store: JobStore, hub: EventHub, *, train: Callable[..., object],
-                 models: Callable = _no_models, device_name: str = "auto") -> None:
+                 models: Callable = _no_models, device_name: str = "auto",
+                 captions: Callable[[TrainConfig, Callable[[Event], None], threading.Event], Callable] | None = None,
+                 ) -> None:
         self.store = store
         self.hub = hub
         self.train = train
         self.models = models
+        self.captions = captions
         self.device_name = device_name
         self._wake = threading.Event()
         self._shutdown = threading.Event()
@@ -142,7 +146,9 @@ class Worker:
             self.hub.publish(job.job_id, "started", {"attempt": job.attempt, "device": self.device_name,
                                                      "resumed_from": resumed_from})
             finished: list[dict] = []
-            self.train(config, on_event=self._sink(job.job_id, finished), stop=stop, models=self.models)
+            sink = self._sink(job.job_id, finished)
+            hooks = {"caption_missing": self.captions(config, sink, stop)} if self.captions else {}
+            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
             self.store.update(job.job_id, state=JobState.SUCCEEDED, finished_at=time.time(),
                               outputs=finished[0]["outputs"], progress=self._progress.get(job.job_id))

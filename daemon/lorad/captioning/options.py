@@ -1,0 +1,85 @@
+"""The captioner kinds, their default models, and the options that shape their captions.
+
+Options are applied per call, not at load time, so one resident model serves requests with
+different settings. Importing this module is cheap (no torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorad.errors import ConfigProblem
+
+# blip: sentences from an image-to-text model (BLIP, and the other families transformers loads
+# natively: BLIP-2, GIT, Florence-2); wd14: booru tags from a WD14 ONNX tagger; clip: phrases of a
+# vocabulary ranked by a CLIP model.
+KINDS = ("blip", "wd14", "clip")
+
+# What each kind uses when no model is named: a Hugging Face id, used only if it is already in the
+# local cache (lorad never downloads). These are the models kohya's scripts and most guides use.
+DEFAULT_MODELS = {
+    "blip": "Salesforce/blip-image-captioning-large",
+    "wd14": "SmilingWolf/wd-v1-4-convnext-tagger-v2",
+    "clip": "openai/clip-vit-large-patch14",
+}
+
+# Where captions go: "auto" follows what the folder already uses (see lorad.captioning.folder).
+FORMATS = ("auto", "csv", "txt")
+
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How captions are made. Each option is read only by the kinds named in its comment.
+
+    ``max_length``, ``num_beams``, ``prompt`` (blip): at most that many new tokens, beam search
+    width (1 = greedy), and a prefix the caption continues ("a photo of"; Florence-2 reads it as
+    its task token, e.g. "<DETAILED_CAPTION>").
+    ``general_threshold``, ``character_threshold``, ``exclude_tags`` (wd14): the lowest score a
+    general or character tag needs to be kept, and tags never written (either spelling, with
+    underscores or spaces).
+    ``vocabulary``, ``top_k`` (clip): a phrase file (None: the built-in one) and how many phrases
+    each of its sections contributes when the section does not say.
+    """
+
+    max_length: int = 75
+    num_beams: int = 1
+    prompt: str = ""
+    general_threshold: float = 0.35
+    character_threshold: float = 0.85
+    exclude_tags: tuple[str, ...] = ()
+    vocabulary: Path | None = None
+    top_k: int = 3
+
+
+def option_problems(options: CaptionOptions, *, batch_size: int,
+                    names: Mapping[str, str] | None = None) -> list[ConfigProblem]:
+    """Every out-of-range option, each naming its key (``names`` maps a field to the caller's
+    spelling of it, e.g. ``max_length`` → ``--max-length``)."""
+    names = names or {}
+    problems = []
+
+    def bad(field: str, value: object, fix: str) -> None:
+        problems.append(ConfigProblem(names.get(field, field), f"got {value!r}", fix))
+
+    if batch_size < 1:
+        bad("batch_size", batch_size, "use 1 or more images per batch")
+    if options.max_length < 1:
+        bad("max_length", options.max_length, "use 1 or more tokens")
+    if options.num_beams < 1:
+        bad("num_beams", options.num_beams, "use 1 (greedy) or more beams")
+    for field in ("general_threshold", "character_threshold"):
+        value = getattr(options, field)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            bad(field, value, "use a score between 0 and 1, e.g. 0.35")
+    if options.top_k < 1:
+        bad("top_k", options.top_k, "keep 1 or more phrases per section")
+    if options.vocabulary is not None and not options.vocabulary.is_file():
+        problems.append(ConfigProblem(names.get("vocabulary", "vocabulary"), f"{options.vocabulary} is not a file",
+                                      "name a text file with one phrase per line, or leave it out for the "
+                                      "built-in vocabulary"))
+    return problems

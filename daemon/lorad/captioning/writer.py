@@ -1,0 +1,91 @@
+"""Writing generated captions where the folder keeps them, and recording them as generated."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from lorad.captioning.csv_file import CaptionCsv
+from lorad.captioning.record import CaptionRecord, GeneratedCaption
+from lorad.captioning.user_files import write_user_text
+from lorad.data.captions import sidecar_path
+
+
+def with_trigger(caption: str, trigger_word: str) -> str:
+    """``caption`` with ``trigger_word`` put first as its own tag, unless it already holds it as a
+    whole word (any case): "ohwx, a red car"."""
+    trigger = trigger_word.strip()
+    # Lookarounds instead of \b so trigger words made of punctuation ("<ohwx>") match too.
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, flags=re.IGNORECASE):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+class CaptionWriter:
+    """Writes captions of images under ``root`` and records them in the folder's caption record.
+
+    ``format`` "csv": rows of ``csv_path`` (default ``root/metadata.csv``; its ``file`` column is
+    relative to ``root``) are updated or appended, other rows and columns kept. "txt": each image
+    gets ``<stem><caption_extension>`` beside it. ``trigger_word`` is put first in each caption
+    that lacks it. Opening a malformed CSV raises :class:`~lorad.errors.DataError` at construction,
+    before any captioning work.
+
+    Each :meth:`write` saves the captions first and the record second, both atomically: a crash in
+    between leaves captions that count as a person's (kept), never a record of captions that are not
+    there. Not thread-safe: one writer per folder at a time.
+    """
+
+    def __init__(self, root: Path, *, format: str, captioner: str, model: str, csv_path: Path | None = None,
+                 caption_extension: str = ".txt", trigger_word: str = "") -> None:
+        if format not in ("csv", "txt"):
+            raise ValueError(f"format must be csv or txt, not {format!r}")
+        self.root = root
+        self.format = format
+        self.csv_path = csv_path or root / "metadata.csv"
+        self.caption_extension = caption_extension
+        self.trigger_word = trigger_word
+        self.captioner = captioner
+        self.model = model
+        self._csv = CaptionCsv.open(self.csv_path) if format == "csv" else None
+        self._record = CaptionRecord.load(root)
+
+    @property
+    def target(self) -> str:
+        """Where captions go, for messages: the CSV's path, or the sidecar naming pattern."""
+        if self.format == "csv":
+            return str(self.csv_path)
+        return f"<image name>{self.caption_extension} files beside the images"
+
+    @property
+    def record_path(self) -> Path:
+        """The caption record file of ``root``."""
+        return self._record.path
+
+    def write(self, captions: Mapping[Path, str]) -> dict[Path, str]:
+        """Write ``captions`` (absolute image path under ``root`` → caption); returns the texts as
+        written (with the trigger word)."""
+        if not captions:
+            return {}
+        now = time.time()
+        written: dict[Path, str] = {}
+        entries: dict[str, GeneratedCaption] = {}
+        for path, caption in captions.items():
+            text = with_trigger(caption, self.trigger_word)
+            rel = path.relative_to(self.root).as_posix()
+            if self._csv is not None:
+                self._csv.set(rel, text)
+                where = self.csv_path.name
+            else:
+                sidecar = sidecar_path(path, self.caption_extension)
+                write_user_text(sidecar, text + "\n")
+                where = sidecar.relative_to(self.root).as_posix()
+            written[path] = text
+            entries[rel] = GeneratedCaption(caption=text, captioner=self.captioner, model=self.model,
+                                            written_to=where, generated_at=now)
+        if self._csv is not None:
+            self._csv.save()
+        self._record = self._record.with_entries(entries)
+        self._record.save()
+        return written
