@@ -48,7 +48,11 @@ def run_training(config_path: Path, base_dir: Path) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     progress = TerminalProgress()
     try:
-        result = train_sd_lora(config, on_event=progress, stop=stop)
+        from lorad.captioning.training import caption_filler
+
+        # Images without a caption: captioned first when the config names a captioner, else named in a warning.
+        captions = caption_filler(config, on_event=progress, stop=stop)
+        result = train_sd_lora(config, on_event=progress, stop=stop, caption_missing=captions)
     except TrainingInterrupted as err:
         progress.close()
         print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}",
@@ -91,6 +95,84 @@ def cmd_train(args: argparse.Namespace) -> int:
             with client:
                 return submit_and_follow(client, Path(args.config), detach=args.detach)
     return run_training(Path(args.config), Path.cwd())
+
+
+# Option names of `lorad caption`, for messages about them.
+CAPTION_OPTION_NAMES = {
+    "folder": "DIR", "captioner": "--captioner", "model": "--model", "format": "--format", "device": "--device",
+    "batch_size": "--batch-size", "max_length": "--max-length", "num_beams": "--beams", "prompt": "--prompt",
+    "general_threshold": "--general-threshold", "character_threshold": "--character-threshold",
+    "vocabulary": "--vocabulary", "top_k": "--top-k", "caption_extension": "--caption-extension",
+    "regenerate": "--regenerate",
+}
+
+
+def _caption_options(args: argparse.Namespace):
+    from lorad.captioning.options import CaptionOptions
+
+    exclude = tuple(t.strip() for value in args.exclude or () for t in value.split(",") if t.strip())
+    return CaptionOptions(max_length=args.max_length, num_beams=args.beams, prompt=args.prompt or "",
+                          general_threshold=args.general_threshold, character_threshold=args.character_threshold,
+                          exclude_tags=exclude, vocabulary=Path(args.vocabulary) if args.vocabulary else None,
+                          top_k=args.top_k)
+
+
+def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
+    """Caption a folder in this process, drawing progress; Ctrl-C stops after the current batch."""
+    from lorad.captioning.folder import caption_folder
+    from lorad.captioning.request import caption_request
+    from lorad.client_commands import show_captions
+    from lorad.convert import caption_update_to_proto
+
+    request = caption_request(args.dir, base_dir=base_dir, captioner=args.captioner, model=args.model or "",
+                              options=_caption_options(args), batch_size=args.batch_size,
+                              trigger_word=args.trigger or "", format=args.format,
+                              caption_extension=args.caption_extension, overwrite=args.overwrite,
+                              regenerate=args.regenerate, device=args.device, names=CAPTION_OPTION_NAMES,
+                              source="lorad caption")
+    if request.captioner != "wd14":  # the tagger runs on onnxruntime: no transformers to quiet (or import)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this batch; the captions written so far are kept (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        updates = caption_folder(request, should_stop=stop.is_set)
+        return show_captions((caption_update_to_proto(u) for u in updates), verbose=args.verbose)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption through the running daemon (its captioners stay resident); without one, in this process."""
+    if not args.embedded:
+        from lorad_client import DaemonUnavailable
+
+        try:
+            client = _connect(timeout=1.0)
+        except DaemonUnavailable:
+            print("no lorad daemon running: captioning in this process", file=sys.stderr)
+        else:
+            from lorad.client_commands import caption_with_daemon
+            from lorad.convert import CAPTIONER_TO_PROTO, FORMAT_TO_PROTO, caption_options_to_proto
+
+            with client:
+                return caption_with_daemon(
+                    client, args.dir, verbose=args.verbose, captioner=CAPTIONER_TO_PROTO.get(args.captioner, 0),
+                    model=args.model or "", trigger_word=args.trigger or "", format=FORMAT_TO_PROTO[args.format],
+                    overwrite=args.overwrite, regenerate=args.regenerate, caption_extension=args.caption_extension,
+                    device=args.device, batch_size=args.batch_size, options=caption_options_to_proto(
+                        _caption_options(args)))
+    return run_captioning(args, Path.cwd())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -166,6 +248,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    # Imported here: Textual is only needed by this command, and the dashboard never imports torch.
+    from lorad_tui import run
+
+    return run()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorad.demo import run_demo
 
@@ -186,6 +275,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="submit to the daemon and print the job id instead of following it")
     train.add_argument("--embedded", action="store_true", help="train in this process even if a daemon runs")
     train.set_defaults(func=cmd_train)
+
+    caption = sub.add_parser(
+        "caption", help="caption the images of a folder that have no caption",
+        description="Write captions for the images in DIR (and its subfolders) that have none: into "
+        "metadata.csv or <image>.txt files, whichever the folder already uses. Captions a person wrote are "
+        "kept unless --overwrite; generated ones are listed in DIR/.lorad_captions.json. Runs in the daemon "
+        "when one is running (the captioner stays loaded), else in this process. Exit 0 when every image "
+        "has a caption afterwards, 1 when some could not be captioned.")
+    caption.add_argument("dir", help="the image folder")
+    caption.add_argument("--captioner", default="blip", choices=["blip", "wd14", "clip"],
+                         help="blip: sentences (BLIP, BLIP-2, GIT, Florence-2); wd14: booru tags (WD14 ONNX "
+                         "tagger); clip: phrases of a vocabulary ranked by CLIP (default blip)")
+    caption.add_argument("--model", help="model folder, or a Hugging Face id already in the local cache (default: "
+                         "the captioner's usual model from the cache)")
+    caption.add_argument("--trigger", metavar="WORD", help="put WORD first in every new caption")
+    caption.add_argument("--format", default="auto", choices=["auto", "csv", "txt"],
+                         help="where captions go: metadata.csv or .txt files (default: what the folder uses)")
+    caption.add_argument("--overwrite", action="store_true", help="replace every existing caption, people's too")
+    caption.add_argument("--regenerate", action="store_true",
+                         help="replace captions lorad generated before that nobody edited (people's are kept)")
+    caption.add_argument("--caption-extension", default=".txt", help="sidecar extension (default .txt)")
+    caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    caption.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    caption.add_argument("--max-length", type=int, default=75, help="blip: most tokens per caption (default 75)")
+    caption.add_argument("--beams", type=int, default=1, help="blip: beam search width (default 1, greedy)")
+    caption.add_argument("--prompt", help='blip: text each caption continues, e.g. "a photo of"')
+    caption.add_argument("--general-threshold", type=float, default=0.35,
+                         help="wd14: lowest score of a general tag (default 0.35)")
+    caption.add_argument("--character-threshold", type=float, default=0.85,
+                         help="wd14: lowest score of a character tag (default 0.85)")
+    caption.add_argument("--exclude", action="append", metavar="TAGS",
+                         help="wd14: comma-separated tags never written (repeatable)")
+    caption.add_argument("--vocabulary", metavar="FILE", help="clip: your own phrase file (default: built-in)")
+    caption.add_argument("--top-k", type=int, default=3, help="clip: phrases per vocabulary section (default 3)")
+    caption.add_argument("--verbose", "-v", action="store_true", help="print every new caption")
+    caption.add_argument("--embedded", action="store_true", help="caption in this process even if a daemon runs")
+    caption.set_defaults(func=cmd_caption)
 
     serve = sub.add_parser("serve", help="run the daemon: resident models, a job queue, gRPC API",
                            description="Run the lorad daemon. Default: 127.0.0.1:47860 and a Unix socket in "
@@ -233,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--example", action="store_true", help="print every key with its help and default")
     group.add_argument("--check", metavar="FILE", help="validate a config and report every problem")
     config.set_defaults(func=cmd_config)
+
+    tui = sub.add_parser("tui", help="the terminal dashboard",
+                         description="The terminal dashboard of the running daemon: status, models, jobs "
+                         "with live progress and loss curves, submit and cancel. Finds the daemon as the other "
+                         "commands do ($LORAD_ADDRESS, $LORAD_HOME) and waits for one if none is running.")
+    tui.set_defaults(func=cmd_tui)
 
     demo = sub.add_parser("demo", help="train a tiny built-in model end to end (offline, < 1 min)")
     demo.add_argument("--dir", default="lorad-demo", help="work folder (default: ./lorad-demo)")

@@ -1,0 +1,254 @@
+"""The TUI against a real in-process daemon training the tiny model, driven with Textual's Pilot."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lorad.config import parse_config_text
+from lorad.errors import ConfigError
+from lorad.server import RunningDaemon
+from lorad_api.v1.jobs_pb2 import JobInterrupted, Step, TrainingStarted
+from lorad_client import JOB_STATE_CANCELLED, Job, JobEvent, LoradClient, Progress
+from lorad_tui import LoradApp
+from lorad_tui.screens.dashboard import DashboardScreen
+from lorad_tui.screens.job_detail import JobDetailScreen
+from lorad_tui.screens.offline import HEADLINE, OfflineScreen
+from lorad_tui.screens.submit import ConfigTree, SubmitScreen
+from lorad_tui.state import JobView
+from tests.conftest import run_daemon, tiny_train_values, write_config
+from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
+
+# Wide enough that the long temporary paths in the outputs fit on one line.
+SIZE = (200, 50)
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(scenario)
+
+
+@pytest.fixture
+def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> RunningDaemon:
+    """Let the TUI find the test daemon as it finds one on a user's machine (its state directory)."""
+    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))
+    monkeypatch.delenv("LORAD_ADDRESS")
+    return daemon
+
+
+def test_submit_a_config_watch_it_finish_and_copy_the_snippet(use_daemon: RunningDaemon, tiny_sd: Path,
+                                                              dataset: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "configs" / "style.yaml", **tiny_train_values(tiny_sd, dataset, Path("output/style")))
+    kohya = tmp_path / "output" / "style" / "style.safetensors"
+
+    async def scenario() -> None:
+        app = LoradApp()
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: "lorad 0.1.0" in screen_text(app) and "no jobs yet" in screen_text(app),
+                             "the dashboard with its empty job table")
+            await pilot.press("s")
+            await wait_until(pilot, lambda: isinstance(app.screen, SubmitScreen), "the submit screen")
+            await pick_in_tree(pilot, app.screen.query_one(ConfigTree), Path("configs/style.yaml"))
+            await wait_until(pilot, lambda: "✓ valid — configs/style.yaml" in screen_text(app), "the verdict")
+            await pilot.press("s")
+            await wait_until(pilot, lambda: isinstance(app.screen, JobDetailScreen), "the new job's detail")
+            await wait_until(pilot, lambda: "✓ LoRA written" in screen_text(app), "the job to finish", timeout=60)
+            text = screen_text(app)
+            assert f"kohya / A1111: {kohya}" in text
+            assert "step 4/4" in text and "succeeded" in text and "<lora:style:0.8>" in text
+            assert "training 4 steps" in text  # the log tail
+            assert "8 image files found, 8 used" in text  # the data report
+            await pilot.press("y")
+            assert app.clipboard == "<lora:style:0.8>"
+            await pilot.press("o")
+            assert app.clipboard == str(kohya.parent)
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
+            await wait_until(pilot, lambda: "succeeded" in screen_text(app), "the job's row")
+            assert "4/4 100%" in screen_text(app)
+
+    run(scenario())
+    assert kohya.is_file()
+
+
+def test_cancel_a_running_job_from_its_detail_screen(use_daemon: RunningDaemon, client: LoradClient,
+                                                      tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "long.yaml",
+                          **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000))
+    job = client.submit_training(config.read_text(), base_dir=tmp_path, source_name=str(config))
+
+    async def scenario() -> None:
+        app = LoradApp()
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: "running" in screen_text(app), "the job to run")
+            await pilot.press("enter")  # the newest job is under the cursor
+            await wait_until(pilot, lambda: isinstance(app.screen, JobDetailScreen), "the job's detail")
+            view = app.view.jobs[job.job_id]
+            await wait_until(pilot, lambda: len(view.losses) >= 2, "a few steps")
+            assert "/100000" in screen_text(app) and "loss ⣿ raw" in screen_text(app)
+            await pilot.press("c")
+            await wait_until(pilot, lambda: "Cancel the running job `long`?" in screen_text(app), "the question")
+            await pilot.press("y")
+            await wait_until(pilot, lambda: view.job.state == JOB_STATE_CANCELLED, "the job to stop")
+            await wait_until(pilot, lambda: "cancelled" in screen_text(app), "the cancelled state on screen")
+            assert "Cancel job" not in screen_text(app)  # the key is gone from the footer
+
+    run(scenario())
+    assert client.get_job(job.job_id).state == JOB_STATE_CANCELLED
+
+
+def test_a_bad_config_shows_every_problem_by_key_and_is_not_sent(use_daemon: RunningDaemon, client: LoradClient,
+                                                                  tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
+    values = tiny_train_values(tiny_sd, dataset, tmp_path / "out") | {"lora_rank": "eight", "epoch": 3}
+    del values["output_dir"]
+    bad = write_config(tmp_path / "bad.yaml", **values)
+    with pytest.raises(ConfigError) as raised:
+        parse_config_text(bad.read_text(), base_dir=tmp_path)
+    keys = [problem.key for problem in raised.value.problems]
+    assert {"lora_rank", "epoch", "output_dir"} <= set(keys)
+
+    async def scenario() -> None:
+        app = LoradApp(base_dir=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.connected, "the connection")
+            await pilot.press("s")
+            await wait_until(pilot, lambda: isinstance(app.screen, SubmitScreen), "the submit screen")
+            await pilot.click("#config-path")
+            await pilot.press(*"bad.yaml", "enter")  # typing a path works as well as the tree
+            await wait_until(pilot, lambda: f"{len(keys)} problems" in screen_text(app), "the verdict")
+            text = screen_text(app)
+            for problem in raised.value.problems:
+                assert f"✗ {problem.render()}" in text
+            await pilot.click("#submit-button")  # disabled: nothing happens
+            await pilot.press("tab", "s")  # nor with the key, once out of the text field
+            await pilot.pause()
+            assert isinstance(app.screen, SubmitScreen)
+
+    run(scenario())
+    assert client.list_jobs() == []
+
+
+def test_daemon_down_screen_then_reconnects_by_itself(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAD_HOME", str(short_dir))
+    # The socket the daemon below will listen on. Without a daemon (no discovery file) the lookup
+    # would fall back to the default TCP port, where a developer's own daemon may be running.
+    monkeypatch.setenv("LORAD_ADDRESS", f"unix://{short_dir}/lorad.sock")
+
+    async def scenario() -> None:
+        app = LoradApp(retry_seconds=0.2, refresh_seconds=0.5)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_until(pilot, lambda: HEADLINE in screen_text(app), "the daemon-down screen")
+            assert isinstance(app.screen, OfflineScreen)
+            daemon = run_daemon(short_dir)
+            try:
+                await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
+                await wait_until(pilot, lambda: f"pid {daemon.service.status().pid}" in screen_text(app),
+                                 "the daemon's status")
+                # The daemon stops, then comes back (a restart): the TUI follows by itself.
+                daemon.stop(grace=0)
+                await wait_until(pilot, lambda: HEADLINE in screen_text(app), "the daemon-down screen again")
+                daemon = run_daemon(short_dir)
+                await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.connected,
+                                 "the dashboard after the restart")
+            finally:
+                daemon.stop(grace=0)
+
+    run(scenario())
+
+
+def test_the_tui_imports_no_torch() -> None:
+    probe = """
+import importlib, pkgutil, sys
+from pathlib import Path
+import lorad_tui
+for module in pkgutil.walk_packages(lorad_tui.__path__, "lorad_tui."):
+    if module.name != "lorad_tui.__main__":  # that one runs the app
+        importlib.import_module(module.name)
+from lorad.config import parse_config_text
+from lorad.errors import ConfigError
+try:
+    parse_config_text("lora_rank: 4\\n", base_dir=Path.cwd())
+except ConfigError:
+    pass
+lorad_tui.LoradApp()
+heavy = ("torch", "diffusers", "transformers", "peft", "lorad.engines", "lorad.models", "lorad.service")
+print(sorted(m for m in sys.modules if m.startswith(heavy)))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_running_job_row_moves_by_its_stream_not_by_reloading_the_list(
+        use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "long.yaml",
+                          **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000))
+    job = client.submit_training(config.read_text(), base_dir=tmp_path)
+    calls: Counter[str] = Counter()
+
+    def counting_connect() -> LoradClient:
+        connected = LoradClient.connect(timeout=2)
+        for name in ("list_jobs", "status"):
+            setattr(connected, name, counting(name, getattr(connected, name)))
+        return connected
+
+    def counting(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return call(*args, **kwargs)
+
+        return counted
+
+    step_cell = re.compile(r"(\d+)/100000")
+
+    def shown_step(app: LoradApp) -> int:
+        match = step_cell.search(screen_text(app))
+        return int(match.group(1)) if match else -1
+
+    async def scenario() -> None:
+        app = LoradApp(connect=counting_connect, refresh_seconds=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: shown_step(app) >= 1, "the job's first step in its row")
+            first, listed, polled = shown_step(app), calls["list_jobs"], calls["status"]
+            await wait_until(pilot, lambda: shown_step(app) >= first + 3 and calls["status"] >= polled + 3,
+                             "the row to move on while the status refreshes")
+            assert calls["list_jobs"] == listed
+        client.cancel_job(job.job_id)
+
+    run(scenario())
+
+
+def test_a_resumed_job_curve_does_not_double_back_and_replayed_events_are_not_repeated() -> None:
+    """After a daemon restart the run resumes from its checkpoint, and the TUI re-watches from the
+    last event it saw: the loss curve continues from the checkpoint, and no log line shows twice."""
+    view = JobView(Job(job_id="j", name="style"))
+    seq = 0
+
+    def event(**kind: Any) -> JobEvent:
+        nonlocal seq
+        seq += 1
+        return JobEvent(job_id="j", seq=seq, **kind)
+
+    def step(n: int) -> JobEvent:
+        return event(step=Step(progress=Progress(step=n, total_steps=10, loss=1.0 / n)))
+
+    history = [event(training_started=TrainingStarted(total_steps=10)), *(step(n) for n in range(1, 6)),
+               event(interrupted=JobInterrupted(checkpoint="ckpt/step-3", will_resume=True))]
+    for item in history:
+        assert view.apply(item)
+    assert [view.apply(item) for item in history] == [False] * len(history)  # a replay changes nothing
+    lines = list(view.log)
+    view.apply(event(training_started=TrainingStarted(total_steps=10, start_step=3)))
+    for n in range(4, 7):
+        view.apply(step(n))
+    assert view.steps == [1, 2, 3, 4, 5, 6]
+    assert view.losses[3:] == [1.0 / 4, 1.0 / 5, 1.0 / 6]
+    assert view.log[: len(lines)] == lines and "training resumes at step 3 of 10" in view.log[-1][1]

@@ -1,0 +1,218 @@
+"""Snapshot tests of the TUI's screens, against a fake daemon client with fixed data and a fixed clock.
+
+Nothing here varies between runs (no real times, ids, temporary paths or durations), so a changed
+snapshot means a changed screen. Update after an intended change with
+``pytest tests/test_tui_snapshots.py --snapshot-update`` and look at the SVGs.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from textual.pilot import Pilot
+
+from lorad_api.v1.jobs_pb2 import (
+    DataReport,
+    JobQueued,
+    JobStarted,
+    LatentsCached,
+    LogLine,
+    ModelLoaded,
+    Step,
+    TrainingStarted,
+)
+from lorad_api.v1.models_pb2 import ResidentModel
+from lorad_api.v1.system_pb2 import Device, GetStatusResponse
+from lorad_client import (
+    JOB_STATE_FAILED,
+    JOB_STATE_QUEUED,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+    Job,
+    JobEvent,
+    Progress,
+    WatchJobResponse,
+)
+from lorad_tui import LoradApp
+from lorad_tui.connection import DaemonClient, JobStream
+from lorad_tui.screens.job_detail import JobDetailScreen
+from lorad_tui.screens.submit import ConfigTree, SubmitScreen
+from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
+
+NOW = 1_750_000_000.0  # the fixed "now" of every snapshot
+SIZE = (100, 32)
+SOCKET = "unix:///home/ada/.local/share/lorad/lorad.sock"
+# A fixed folder (not tmp_path, whose name changes every run) for the submit screen's file tree.
+SUBMIT_DIR = Path("/tmp/lorad-tui-snapshot")
+
+
+def stamp(seconds_ago: float) -> Timestamp:
+    return Timestamp(seconds=int(NOW - seconds_ago))
+
+
+def loss_at(step: int) -> float:
+    """A plausible, noisy, falling loss curve (deterministic)."""
+    return 0.08 + 0.12 * math.exp(-step / 25) + 0.03 * math.sin(step * 1.7) * math.cos(step * 0.3)
+
+
+RUNNING = Job(job_id="a1b2c3d4e5", name="watercolor_style", state=JOB_STATE_RUNNING, created_at=stamp(400),
+              started_at=stamp(390), output_dir="/home/ada/loras/watercolor_style",
+              source_name="configs/watercolor.yaml",
+              progress=Progress(step=60, total_steps=100, epoch=3, loss=loss_at(60), lr=1e-4, steps_per_second=2.5,
+                                eta_seconds=16))
+QUEUED = Job(job_id="f6g7h8i9j0", name="ink_portraits", state=JOB_STATE_QUEUED, created_at=stamp(120), queue_position=1)
+DONE = Job(job_id="k1l2m3n4o5", name="pixel_art", state=JOB_STATE_SUCCEEDED, created_at=stamp(7200),
+           started_at=stamp(7100), finished_at=stamp(6000), output_dir="/home/ada/loras/pixel_art",
+           outputs={"kohya": "/home/ada/loras/pixel_art/pixel_art.safetensors",
+                    "diffusers": "/home/ada/loras/pixel_art/pytorch_lora_weights.safetensors"},
+           progress=Progress(step=400, total_steps=400, epoch=10, loss=0.0712, lr=1e-4, steps_per_second=3.1))
+FAILED = Job(job_id="p6q7r8s9t0", name="big_batch", state=JOB_STATE_FAILED, created_at=stamp(90000),
+             started_at=stamp(89990), finished_at=stamp(89900), error="CUDA out of memory",
+             hint="lower batch_size or resolution, or set gradient_checkpointing: true")
+
+
+def running_history() -> list[WatchJobResponse]:
+    """What WatchJob sends for the running job: its state, then its events so far."""
+    kinds: list[dict[str, object]] = [
+        {"queued": JobQueued(queue_position=1)},
+        {"started": JobStarted(attempt=1, device="cuda:0")},
+        {"data_report": DataReport(images_found=24, images_used=23, images_skipped=1, text=(
+            "Training data: /home/ada/data/watercolor\n  24 image files found, 23 used, 1 skipped\n"
+            "  captions: 23 from the metadata CSV, 0 from sidecar files, 0 generated\n"
+            "  buckets: 512x512 (15), 448x576 (8)"))},
+        {"model_loaded": ModelLoaded(source="/home/ada/models/v1-5-pruned.safetensors", model_version="sd1",
+                                     seconds=4.2)},
+        {"latents_cached": LatentsCached(cached=0, encoded=23, seconds=6)},
+        {"training_started": TrainingStarted(total_steps=100, epochs=5, trainable_params=797184, device="cuda:0",
+                                             precision="bf16")},
+        {"log": LogLine(message="bf16 autocast on cuda:0", level="info")},
+    ]
+    kinds += [{"step": Step(progress=Progress(step=s, total_steps=100, epoch=1 + (s - 1) // 20, loss=loss_at(s),
+                                              lr=1e-4 * min(1.0, s / 10), steps_per_second=2.5,
+                                              eta_seconds=(100 - s) / 2.5))} for s in range(1, 61)]
+    events = [WatchJobResponse(event=JobEvent(job_id=RUNNING.job_id, seq=i, time=stamp(400 - 5 * i), **kind))
+              for i, kind in enumerate(kinds, start=1)]
+    return [WatchJobResponse(job=RUNNING), *events]
+
+
+class FakeStream:
+    """A WatchJob stream that replays fixed messages, then ends."""
+
+    def __init__(self, items: list[WatchJobResponse]) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[WatchJobResponse]:
+        return iter(self.items)
+
+    def cancel(self) -> None:
+        pass
+
+
+class FakeClient:
+    """Answers like a daemon with one running, one queued, one finished and one failed job."""
+
+    def status(self) -> GetStatusResponse:
+        return GetStatusResponse(
+            version="0.1.0", pid=4242, uptime_seconds=3725, started_at=stamp(3725), queue_length=1,
+            running_job_id=RUNNING.job_id, addresses=[SOCKET, "127.0.0.1:47860"], home="/home/ada/.local/share/lorad",
+            resident_models=1, devices=[Device(name="cuda:0", description="NVIDIA GeForce RTX 4090",
+                                               memory_total_bytes=24 * 2**30, memory_used_bytes=9 * 2**30)])
+
+    def list_models(self) -> list[ResidentModel]:
+        return [ResidentModel(model_id="m-5f1e", source="/home/ada/models/v1-5-pruned.safetensors", model_version="sd1",
+                              device="cuda:0", dtype="bfloat16", memory_bytes=2_100_000_000, in_use=True,
+                              keep_alive_seconds_left=1800),
+                ResidentModel(model_id="m-77ab", source="/home/ada/models/anything-v4.safetensors", model_version="sd1",
+                              device="cuda:0", dtype="bfloat16", memory_bytes=2_100_000_000,
+                              keep_alive_seconds_left=754)]
+
+    def list_jobs(self, states: object = (), limit: int = 0) -> list[Job]:
+        return [QUEUED, RUNNING, DONE, FAILED]
+
+    def get_job(self, job_id: str) -> Job:
+        return {job.job_id: job for job in self.list_jobs()}[job_id]
+
+    def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobStream:
+        items = running_history() if job_id == RUNNING.job_id else [WatchJobResponse(job=self.get_job(job_id))]
+        return FakeStream([i for i in items if i.WhichOneof("item") == "job" or i.event.seq > after_seq])
+
+    def submit_training(self, config_yaml: str, *, base_dir: str | Path, source_name: str = "") -> Job:
+        raise AssertionError("the snapshot tests submit nothing")
+
+    def cancel_job(self, job_id: str) -> Job:
+        raise AssertionError("the snapshot tests cancel nothing")
+
+    def health(self, service: str = "") -> str:
+        return "SERVING"
+
+    def close(self) -> None:
+        pass
+
+
+def fake_app(base_dir: Path | None = None) -> LoradApp:
+    def connect() -> DaemonClient:
+        return FakeClient()
+
+    # One status refresh only (the next would be an hour away): nothing moves during a snapshot.
+    return LoradApp(connect=connect, clock=lambda: NOW, refresh_seconds=3600, base_dir=base_dir)
+
+
+async def settled(pilot: Pilot) -> None:
+    """Wait until the fake daemon's data is on screen: connected, jobs listed, running job replayed."""
+    app = pilot.app
+    assert isinstance(app, LoradApp)
+    await wait_until(pilot, lambda: app.connected and len(app.view.order) == 4 and app.view.models
+                     and RUNNING.job_id in app.view.jobs and len(app.view.jobs[RUNNING.job_id].losses) == 60,
+                     "the fake daemon's data")
+    await wait_until(pilot, lambda: "60/100  60%" in screen_text(app) and "12m34s" in screen_text(app),
+                     "the data on screen")
+
+
+def test_dashboard(snap_compare) -> None:
+    assert snap_compare(fake_app(), terminal_size=SIZE, run_before=settled)
+
+
+def test_job_detail(snap_compare) -> None:
+    assert snap_compare(fake_app(), terminal_size=SIZE, run_before=open_running_job)
+
+
+def test_job_detail_wide(snap_compare) -> None:
+    """At 120 columns and more the log and data report sit beside the curve."""
+    assert snap_compare(fake_app(), terminal_size=(160, 40), run_before=open_running_job)
+
+
+async def open_running_job(pilot: Pilot) -> None:
+    await settled(pilot)
+    await pilot.press("down", "enter")  # the second row: the running job
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, JobDetailScreen)
+                     and "step 60/100" in screen_text(pilot.app)
+                     and "bf16 autocast on cuda:0" in screen_text(pilot.app), "the job's detail")
+
+
+@pytest.fixture
+def submit_dir() -> Iterator[Path]:
+    shutil.rmtree(SUBMIT_DIR, ignore_errors=True)
+    (SUBMIT_DIR / "configs").mkdir(parents=True)
+    (SUBMIT_DIR / "data").mkdir()
+    (SUBMIT_DIR / ".git").mkdir()  # hidden: not listed
+    (SUBMIT_DIR / "notes.txt").write_text("not a config: not listed\n")
+    (SUBMIT_DIR / "configs" / "bad.yaml").write_text("lora_rank: eight\nepoch: 3\nlearning_rate: -1\n")
+    (SUBMIT_DIR / "configs" / "good.yml").write_text("lora_rank: 8\n")
+    yield SUBMIT_DIR
+    shutil.rmtree(SUBMIT_DIR, ignore_errors=True)
+
+
+def test_submit_with_problems(snap_compare, submit_dir: Path) -> None:
+    async def pick_bad_config(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SubmitScreen), "the submit screen")
+        await pick_in_tree(pilot, pilot.app.screen.query_one(ConfigTree), Path("configs/bad.yaml"))
+        await wait_until(pilot, lambda: "6 problems" in screen_text(pilot.app), "the verdict")
+
+    assert snap_compare(fake_app(submit_dir), terminal_size=SIZE, run_before=pick_bad_config)

@@ -1,0 +1,239 @@
+"""One job: progress, loss curve, learning rate, log tail, data report, and the result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, ProgressBar, Sparkline, Static
+
+from lorad_client import (
+    JOB_STATE_CANCELLED,
+    JOB_STATE_FAILED,
+    JOB_STATE_INTERRUPTED,
+    JOB_STATE_QUEUED,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+)
+from lorad_client.format import format_duration
+from lorad_tui.display import state_text
+from lorad_tui.messages import CancelRequested, CloseJob, ViewChanged
+from lorad_tui.screens.confirm import ConfirmScreen, cancel_question
+from lorad_tui.state import DaemonView, JobView, is_final, lora_snippet
+from lorad_tui.widgets.job_log import JobLog
+from lorad_tui.widgets.loss_plot import LossPlot
+from lorad_tui.widgets.title_bar import TitleBar
+
+# How the output roles the daemon reports are labelled, in the order shown.
+OUTPUT_LABELS = {"kohya": "kohya / A1111", "diffusers": "diffusers", "summary": "summary", "logs": "TensorBoard"}
+
+
+def output_folder(view: JobView) -> str:
+    """Where the job's files are: its output_dir, else the folder of its kohya file, else ""."""
+    job = view.job
+    if job.output_dir:
+        return job.output_dir
+    kohya = job.outputs.get("kohya", "")
+    return str(Path(kohya).parent) if kohya else ""
+
+
+class JobDetailScreen(Screen[None]):
+    """The detail of ``job_id``, drawn from ``view`` whenever the App says the job changed.
+
+    Keys: ``c`` cancels (after a yes/no question), ``y`` copies the ``<lora:NAME:0.8>`` snippet,
+    ``o`` copies the output folder's path and shows it, ``escape`` goes back. Keys that do nothing
+    for the job's state are hidden.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "back", "Back"),
+        Binding("c", "cancel_job", "Cancel"),
+        Binding("y", "copy_snippet", "Copy <lora:…>"),
+        Binding("o", "output_folder", "Folder path"),
+    ]
+    # Wide terminals put the log beside the curve instead of under it.
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (120, "-wide")]
+
+    def __init__(self, job_id: str, view: DaemonView, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.view = view
+        self.clock = clock
+        self._log_lines_shown = 0
+        self._keys_state: int | None = None
+
+    @property
+    def job_view(self) -> JobView | None:
+        return self.view.jobs.get(self.job_id)
+
+    def compose(self) -> ComposeResult:
+        yield TitleBar(f"job {self.job_id}")
+        with VerticalScroll(id="detail-body"):
+            yield Static(id="job-title")
+            yield ProgressBar(id="job-progress", show_eta=False)
+            yield Static(id="job-stats")
+            yield Static(id="job-outcome")
+            with Vertical(id="job-panels"):
+                with Vertical(id="curve-panel"):
+                    yield LossPlot(id="loss-plot")
+                    yield Static("learning rate", id="lr-label")
+                    yield Sparkline([], id="lr-spark")
+                with Vertical(id="text-panel"):
+                    yield Static("Log", classes="section-title")
+                    yield JobLog(id="job-log")
+                    yield Static("Data", classes="section-title")
+                    yield Static("the data report appears when the job has scanned its images",
+                                 id="data-report")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#detail-body").focus()
+        self.redraw()
+
+    def on_unmount(self) -> None:
+        # The App may stop following this job if no one else needs its stream.
+        self.app.post_message(CloseJob(self.job_id))
+
+    def on_view_changed(self, message: ViewChanged) -> None:
+        if not message.job_ids or self.job_id in message.job_ids:
+            self.redraw()
+
+    def redraw(self) -> None:
+        """Draw every part from the job's view (a job not known yet shows as loading)."""
+        view = self.job_view
+        if view is None:
+            self.query_one("#job-title", Static).update(f"job {self.job_id}: loading…")
+            return
+        job, progress = view.job, view.job.progress
+        title = Text.assemble((job.name or job.job_id, "bold"), "  ", state_text(job), f"  · job {job.job_id}")
+        if job.source_name:
+            title.append(f" · {job.source_name}", style="dim")
+        self.query_one("#job-title", Static).update(title)
+
+        bar = self.query_one("#job-progress", ProgressBar)
+        # A known total even before the first step: an indeterminate bar would animate forever.
+        bar.update(total=max(1, progress.total_steps), progress=progress.step)
+        self.query_one("#job-stats", Static).update(self._stats(view))
+        outcome = self._outcome(view)
+        self.query_one("#job-outcome", Static).update(outcome)
+        self.query_one("#job-outcome").display = bool(outcome.plain)
+
+        plot = self.query_one("#loss-plot", LossPlot)
+        plot.set_data(view.steps, view.losses)
+        # Before the first step the plot is a one-line note, not ten empty rows.
+        plot.set_class(not view.losses, "-empty")
+        lr_now = f" {progress.lr:.2e}" if progress.step else ": no steps yet"
+        self.query_one("#lr-label", Static).update(f"learning rate{lr_now}")
+        spark = self.query_one("#lr-spark", Sparkline)
+        spark.data = list(view.lrs)
+        spark.display = bool(view.lrs)
+        if view.data_report:
+            self.query_one("#data-report", Static).update(Text(view.data_report))
+        self._append_log(view)
+        if job.state != self._keys_state:  # the keys depend on the state only; a footer refresh is costly
+            self._keys_state = job.state
+            self.refresh_bindings()
+
+    def _append_log(self, view: JobView) -> None:
+        new = view.log_total - self._log_lines_shown
+        if new > 0:
+            self.query_one("#job-log", JobLog).add(view.log[-min(new, len(view.log)):])
+        self._log_lines_shown = view.log_total
+
+    @staticmethod
+    def _stats(view: JobView) -> Text:
+        job, progress = view.job, view.job.progress
+        if not progress.step and not progress.total_steps:
+            if job.state == JOB_STATE_RUNNING:
+                return Text("preparing: loading the base model and scanning the data…")
+            return Text("no training steps ran" if is_final(job) else "not started yet", style="dim")
+        parts = [f"step {progress.step}/{progress.total_steps or '?'}"]
+        if progress.epoch:
+            parts.append(f"epoch {progress.epoch}" + (f"/{view.epochs}" if view.epochs else ""))
+        if progress.steps_per_second > 0:
+            parts.append(f"{progress.steps_per_second:.2f} it/s")
+        if job.state not in (JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED) and progress.step:
+            parts.append(f"ETA {format_duration(progress.eta_seconds)}")
+        if progress.step:
+            parts.append(f"loss {progress.loss:.4f}")
+        return Text(" · ".join(parts))
+
+    @staticmethod
+    def _outcome(view: JobView) -> Text:
+        job = view.job
+        text = Text()
+        if job.state == JOB_STATE_SUCCEEDED:
+            text.append("✓ LoRA written\n", style="bold green")
+            for role, label in OUTPUT_LABELS.items():
+                if role in job.outputs:
+                    text.append(f"  {label + ':':<15}{job.outputs[role]}\n")
+            for role in sorted(set(job.outputs) - set(OUTPUT_LABELS)):
+                text.append(f"  {role + ':':<15}{job.outputs[role]}\n")
+            text.append(f"  {'output folder:':<15}{output_folder(view)}")
+            text.append("  (o copies it)\n", style="dim")
+            text.append(f"  {'use it:':<15}")
+            text.append(lora_snippet(job.name), style="bold")
+            text.append("  (y copies it)", style="dim")
+        elif job.state == JOB_STATE_FAILED:
+            text.append(f"✗ failed: {job.error or 'unknown error'}", style="bold red")
+            if job.hint:
+                text.append(f"\n  hint: {job.hint}")
+            if job.checkpoint:
+                text.append(f"\n  checkpoint kept: {job.checkpoint}")
+        elif job.state == JOB_STATE_CANCELLED:
+            text.append("cancelled", style="bold magenta")
+            if job.checkpoint:
+                text.append(f"; checkpoint kept: {job.checkpoint}")
+        elif job.state == JOB_STATE_QUEUED:
+            where = f" (#{job.queue_position})" if job.queue_position else ""
+            text.append(f"waiting in the queue{where}; it starts when the jobs before it are done", style="yellow")
+        elif job.state == JOB_STATE_INTERRUPTED:
+            text.append("interrupted by a daemon stop; it resumes from its last checkpoint when the daemon "
+                        "restarts", style="yellow")
+        return text
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        view = self.job_view
+        # False hides a key that means nothing for the job's state (None would show it dimmed).
+        if action == "cancel_job":
+            return view is not None and not is_final(view.job)
+        if action in ("copy_snippet", "output_folder"):
+            return view is not None and view.job.state == JOB_STATE_SUCCEEDED
+        return True
+
+    def action_back(self) -> None:
+        self.dismiss()
+
+    def action_cancel_job(self) -> None:
+        view = self.job_view
+        if view is None or is_final(view.job):
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.post_message(CancelRequested(self.job_id))
+
+        self.app.push_screen(ConfirmScreen(cancel_question(view.job)), confirmed)
+
+    def action_copy_snippet(self) -> None:
+        view = self.job_view
+        if view is None:
+            return
+        snippet = lora_snippet(view.job.name)
+        self.app.copy_to_clipboard(snippet)
+        self.notify(f"copied {snippet} — paste it into your prompt", title="clipboard")
+
+    def action_output_folder(self) -> None:
+        view = self.job_view
+        folder = output_folder(view) if view is not None else ""
+        if not folder:
+            self.notify("this job has no output folder yet", severity="warning")
+            return
+        self.app.copy_to_clipboard(folder)
+        self.notify(f"{folder}\n(path copied to the clipboard)", title="output folder")
