@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -54,6 +54,7 @@ LOAD_MODEL_TIMEOUT = 900.0
 UNLOAD_MODEL_TIMEOUT = 60.0
 
 _T = TypeVar("_T")
+_M = TypeVar("_M")  # a streamed response message type
 
 _CHANNEL_OPTIONS = (
     ("grpc.primary_user_agent", f"lorad-client/{__version__}"),
@@ -62,7 +63,40 @@ _CHANNEL_OPTIONS = (
 )
 
 
-class JobWatch:
+class ServerStream(Generic[_M]):
+    """A server-streaming call: iterate it for the response messages; ``cancel()`` (idempotent, safe
+    from another thread) ends it quietly; as a context manager it cancels on exit. Errors raise
+    ``LoradRpcError``."""
+
+    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], LoradRpcError]) -> None:
+        self._call = call
+        self._translate = translate
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[_M]:
+        return self
+
+    def __next__(self) -> _M:
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise self._translate(err) from err
+
+    def cancel(self) -> None:
+        """Stop the stream (idempotent); the daemon sees the client leave."""
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> ServerStream[_M]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class JobWatch(ServerStream[WatchJobResponse]):
     """The live stream of ``WatchJob``: iterate it for ``WatchJobResponse`` messages.
 
     The first message carries ``job`` (its state when the watch began), each later one an ``event``;
@@ -71,35 +105,8 @@ class JobWatch:
     Using it as a context manager cancels it on exit. Errors raise ``LoradRpcError``.
     """
 
-    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], LoradRpcError]) -> None:
-        self._call = call
-        self._translate = translate
-        self._cancelled = False
 
-    def __iter__(self) -> Iterator[WatchJobResponse]:
-        return self
-
-    def __next__(self) -> WatchJobResponse:
-        try:
-            return next(self._call)
-        except grpc.RpcError as err:
-            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise self._translate(err) from err
-
-    def cancel(self) -> None:
-        """Stop the stream (idempotent); the daemon sees the watcher leave."""
-        self._cancelled = True
-        self._call.cancel()
-
-    def __enter__(self) -> JobWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
-
-
-class CaptionStream:
+class CaptionStream(ServerStream[CaptionImagesResponse]):
     """The live stream of ``CaptionImages``: iterate it for ``CaptionImagesResponse`` messages
     (``planned``, ``captioner_ready``, one ``image`` per image, ``finished``).
 
@@ -107,33 +114,6 @@ class CaptionStream:
     the batch it is captioning, and the captions written so far stay. Using it as a context manager
     cancels it on exit. Errors raise ``LoradRpcError``.
     """
-
-    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], LoradRpcError]) -> None:
-        self._call = call
-        self._translate = translate
-        self._cancelled = False
-
-    def __iter__(self) -> Iterator[CaptionImagesResponse]:
-        return self
-
-    def __next__(self) -> CaptionImagesResponse:
-        try:
-            return next(self._call)
-        except grpc.RpcError as err:
-            if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise self._translate(err) from err
-
-    def cancel(self) -> None:
-        """Stop the stream (idempotent)."""
-        self._cancelled = True
-        self._call.cancel()
-
-    def __enter__(self) -> CaptionStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
 
 
 class LoradClient:
