@@ -78,8 +78,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     host = StandaloneHost(args.lora_dir.resolve(), args.work_dir.resolve(), args.models_dir, args.address, args.weight)
     blocks = build_ui(host)
     blocks.queue()
+    blocks.launch(server_name=args.host, server_port=args.port, show_api=False, quiet=True,
+                  prevent_thread_lock=True)
+    # Printed once the server answers: scripts (and the browser test) wait for this line.
     print(f"lorad LoRA Training page: http://{args.host}:{args.port}", flush=True)
-    blocks.launch(server_name=args.host, server_port=args.port, show_api=False, quiet=True)
+    blocks.block_thread()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                     caption_button = gr.Button("Caption images", elem_id="lorad-caption")
                     reload_button = gr.Button("Reload captions", elem_id="lorad-reload")
                     save_button = gr.Button("Save caption edits", elem_id="lorad-save-captions")
-                caption_log = gr.Textbox(label="Captioning", lines=3, interactive=False, elem_id="lorad-caption-log")
+                caption_log = gr.Textbox(label="Captioning", lines=3, max_lines=8, interactive=False,
+                                         elem_id="lorad-caption-log")
                 table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
                                      type="array", interactive=True, label="Captions (edit, then save)",
                                      elem_id="lorad-captions")
@@ -46,7 +47,7 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                 with gr.Row():
                     base_choice = gr.Dropdown(checkpoints, value=checkpoints[0] if checkpoints else None,
                                               label="Base model", elem_id="lorad-base-choice")
-                    refresh_models = gr.Button("🔄", elem_id="lorad-refresh-models")
+                    refresh_models = gr.Button("Refresh list", size="sm", elem_id="lorad-refresh-models")
                 base_path = gr.Textbox(label="…or base model path (file or diffusers folder)",
                                        elem_id="lorad-base-path")
                 with gr.Row():
