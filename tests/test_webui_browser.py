@@ -18,6 +18,7 @@ import pytest
 
 from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server import RunningDaemon
+from lorad_webui.captions import read_captions
 from tests.conftest import draw_image
 from tests.webui_env import EXTENSION_DIR, REPO, a1111_python, load_script
 
@@ -99,6 +100,15 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
             playwright_api.expect(_field(page, "lorad-caption-log")).to_have_value(
                 re.compile("done: 4 captioned"))
             playwright_api.expect(page.locator("#lorad-captions")).to_contain_text("ohwx, tiny hero")
+
+            # Edit one caption in the table and save it back into the folder's metadata.csv.
+            page.locator("#lorad-captions").get_by_text("red theme").first.dblclick()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("ohwx, a red circle drawn by hand")
+            page.keyboard.press("Enter")
+            page.locator("#lorad-save-captions").click()
+            playwright_api.expect(_field(page, "lorad-caption-log")).to_have_value("Saved 1 changed caption.")
+            assert read_captions(folder)["red_circle.png"] == "ohwx, a red circle drawn by hand"
 
             # 3. Train on the tiny model: a few steps at 64 px on the CPU.
             _field(page, "lorad-base-path").fill(str(tiny_sd))
