@@ -22,6 +22,7 @@ give byte-identical files. ``render_files()`` and ``find_stale()`` are the API t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import re
 import subprocess
 import sys
@@ -61,16 +62,21 @@ def _header(source: str) -> str:
 
 
 def compat_python() -> Path:
-    """The interpreter of the venv holding ``COMPAT_TOOLS``; creates it on first use (a few seconds)."""
+    """The interpreter of the venv holding ``COMPAT_TOOLS``; creates it on first use (a few seconds).
+
+    Safe to call from parallel processes (test workers): a file lock lets one of them build it.
+    """
     python = COMPAT_VENV / "bin" / "python"
     marker = COMPAT_VENV / "tools-version"
-    if python.exists() and marker.exists() and marker.read_text() == COMPAT_TOOLS:
-        return python
-    venv.EnvBuilder(clear=True, with_pip=True).create(COMPAT_VENV)
-    # --no-deps: protoc needs only the bundled compiler, not grpcio-tools' protobuf/grpcio pins.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                    COMPAT_TOOLS], check=True)
-    marker.write_text(COMPAT_TOOLS)
+    with open(REPO_ROOT / ".venv-protoc-compat.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and marker.exists() and marker.read_text() == COMPAT_TOOLS:
+            return python
+        venv.EnvBuilder(clear=True, with_pip=True).create(COMPAT_VENV)
+        # --no-deps: protoc needs only the bundled compiler, not grpcio-tools' protobuf/grpcio pins.
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        COMPAT_TOOLS], check=True)
+        marker.write_text(COMPAT_TOOLS)
     return python
 
 

@@ -147,11 +147,11 @@ def test_uploads_are_copied_into_a_new_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["img_00.png", "img_01.png"]
 
 
-def test_the_home_and_port_match_the_daemons() -> None:
+def test_the_home_and_port_match_the_daemons(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorad import paths as daemon_paths
 
     assert paths.DEFAULT_PORT == daemon_paths.DEFAULT_PORT
-    os.environ.pop("LORAD_HOME")
+    monkeypatch.delenv("LORAD_HOME")
     assert paths.lorad_home() == daemon_paths.lorad_home()
     assert paths._user_data_dir() / "lorad" == daemon_paths.lorad_home()  # the fallback without platformdirs
 
