@@ -14,6 +14,7 @@ from lorad.data.captions import read_metadata_csv
 from lorad.server import RunningDaemon
 from lorad_webui import actions, captions, paths
 from lorad_webui.api.v1 import jobs_pb2, training_pb2
+from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
 from lorad_webui.placement import lora_snippet, place_lora
 from lorad_webui.progress import JobProgress
@@ -162,6 +163,21 @@ def test_a_daemon_that_is_not_running_gets_a_message_with_the_start_command(tmp_
     assert "not running" in status and "`lorad serve`" in status
     outputs = list(actions.train(host, TrainForm(name="x", data_dir=str(tmp_path), base_model="m")))
     assert "`lorad serve`" in outputs[-1][0]
+
+
+def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_daemon
+
+    running = run_daemon(short_dir, require_token=True)
+    try:
+        tcp = running.addresses[-1]
+        with Daemon.connect(tcp, home=short_dir) as daemon:  # the token file in the daemon's home
+            assert daemon.version()
+        with Daemon.connect(tcp, home=tmp_path / "other-home") as daemon, pytest.raises(DaemonError) as err:
+            daemon.version()
+        assert "No token was found on this machine" in str(err.value) and not err.value.unavailable
+    finally:
+        running.stop(grace=0)
 
 
 @pytest.mark.slow

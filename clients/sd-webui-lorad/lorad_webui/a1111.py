@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from lorad_webui import TAB_TITLE
 
@@ -16,6 +17,17 @@ SECTION = ("lorad", "lorad (LoRA training)")
 ADDRESS_OPTION = "lorad_address"
 WEIGHT_OPTION = "lorad_snippet_weight"
 TAB_ID = "lorad_training"
+
+
+def _webui_paths() -> ModuleType:
+    """The module with ``models_path`` and ``data_path``: ``paths_internal`` (A1111 ≥ 1.1, Forge), else ``paths``."""
+    try:
+        from modules import paths_internal
+    except ImportError:
+        from modules import paths
+
+        return paths
+    return paths_internal
 
 
 class A1111Host:
@@ -28,15 +40,11 @@ class A1111Host:
         configured = getattr(shared.cmd_opts, "lora_dir", None)
         if configured:
             return Path(configured)
-        from modules import paths_internal
-
-        return Path(paths_internal.models_path) / "Lora"
+        return Path(_webui_paths().models_path) / "Lora"
 
     def work_dir(self) -> Path:
         """``outputs/lorad`` in the WebUI's data folder: uploads and training runs."""
-        from modules import paths_internal
-
-        return Path(paths_internal.data_path) / "outputs" / "lorad"
+        return Path(_webui_paths().data_path) / "outputs" / "lorad"
 
     def checkpoints(self) -> dict[str, str]:
         """The WebUI's checkpoint list (the titles its own dropdown shows) → file paths."""

@@ -29,6 +29,8 @@ from lorad_webui.vendored.discovery import DaemonTarget, find_daemon
 
 START_COMMAND = "lorad serve"
 CALL_TIMEOUT = 10.0
+# The tab checks the connection while the WebUI builds its UI: an unreachable address must not stall that.
+STATUS_TIMEOUT = 3.0
 SUBMIT_TIMEOUT = 60.0
 _CHANNEL_OPTIONS = (("grpc.primary_user_agent", "lorad-webui"), ("grpc.enable_http_proxy", 0))
 
@@ -50,7 +52,8 @@ def _translate(err: grpc.RpcError, target: DaemonTarget) -> DaemonError:
             f"Start it on this machine with `{START_COMMAND}`, or set its address in Settings → lorad.",
             unavailable=True)
     if code == grpc.StatusCode.UNAUTHENTICATED and not target.token:
-        details += " (no token was found: set $LORAD_TOKEN for a daemon on another machine)"
+        details += ("\nNo token was found on this machine: for a daemon elsewhere, set $LORAD_TOKEN before "
+                    "starting the WebUI.")
     return DaemonError(details or f"lorad daemon call failed ({code.name})")
 
 
@@ -110,7 +113,7 @@ class Daemon:
 
     def version(self) -> str:
         """The daemon's version (a cheap "is it there" call)."""
-        return self._unary(self._system.GetStatus, system_pb2.GetStatusRequest()).version
+        return self._unary(self._system.GetStatus, system_pb2.GetStatusRequest(), STATUS_TIMEOUT).version
 
     def caption_images(self, folder: Path, *, captioner: int, model: str = "", trigger_word: str = "",
                        overwrite: bool = False) -> Stream:
