@@ -148,6 +148,20 @@ def test_uploads_are_copied_into_a_new_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["img_00.png", "img_01.png"]
 
 
+def test_the_standalone_page_lists_checkpoints_and_diffusers_folders(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "tiny-sd1").mkdir(parents=True)
+    (models / "tiny-sd1" / "model_index.json").write_text("{}")
+    (models / "v1-5.safetensors").write_bytes(b"")
+    (models / "notes.txt").write_text("not a model")
+    (models / "empty-folder").mkdir()
+    host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", models_dir=models)
+    assert host.checkpoints() == {"tiny-sd1": str(models / "tiny-sd1"),
+                                  "v1-5.safetensors": str(models / "v1-5.safetensors")}
+    assert actions.base_model_path(host, "tiny-sd1", "") == str(models / "tiny-sd1")
+    assert actions.base_model_path(host, "tiny-sd1", " /typed/model.ckpt ") == "/typed/model.ckpt"
+
+
 def test_the_home_and_port_match_the_daemons(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorad import paths as daemon_paths
 
