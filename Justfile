@@ -43,3 +43,4 @@ lint:
 # Regenerate the gRPC stubs in proto/lorad_api from proto/lorad/v1/*.proto
 proto:
     {{venv}}/python scripts/gen_proto.py
+    {{venv}}/python scripts/gen_webui_api.py  # the WebUI extension's protobuf-3.20-compatible stubs

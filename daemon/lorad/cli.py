@@ -261,6 +261,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir).resolve(), steps=args.steps)
 
 
+def cmd_webui_install(args: argparse.Namespace) -> int:
+    from lorad.webui_install import WebuiInstallError, install_extension
+
+    try:
+        target, done = install_extension(Path(args.webui_dir).expanduser().resolve(), copy=args.copy)
+    except WebuiInstallError as err:
+        _print_error(err)
+        return EXIT_USAGE
+    print(f"lorad WebUI extension {done}: {target}\n"
+          "Restart the WebUI (its install step adds grpcio); the tab is \"LoRA Training\". "
+          "Training needs the daemon running on this machine: `lorad serve`.")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorad", description="Train LoRAs locally: one YAML config, one command.")
@@ -370,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="lorad-demo", help="work folder (default: ./lorad-demo)")
     demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     demo.set_defaults(func=cmd_demo)
+
+    webui = sub.add_parser("webui", help="the AUTOMATIC1111 WebUI extension (`webui install --webui-dir PATH`)")
+    webui_sub = webui.add_subparsers(dest="webui_command", required=True, metavar="ACTION")
+    webui_install = webui_sub.add_parser(
+        "install", help="link (or copy) the extension into a WebUI's extensions/ folder",
+        description="Add lorad's LoRA Training tab to AUTOMATIC1111 (or Forge / SD.Next): links "
+                    "clients/sd-webui-lorad into WEBUI_DIR/extensions/.")
+    webui_install.add_argument("--webui-dir", required=True, help="the WebUI folder (the one with launch.py)")
+    webui_install.add_argument("--copy", action="store_true", help="copy instead of linking (re-run to update)")
+    webui_install.set_defaults(func=cmd_webui_install)
     return parser
 
 
