@@ -58,8 +58,8 @@ def drop(stock: Path, folder: Path, index: int, name: str | None = None) -> Path
 
 def template(tmp_path: Path, tiny_sd: Path, name: str = "mystyle", **overrides: object) -> Path:
     """A template training config: the tiny model, two steps, sidecar captions."""
-    values = tiny_train_values(tiny_sd, tmp_path / "unused", tmp_path / "output" / name, max_train_steps=2,
-                               **overrides)
+    values = tiny_train_values(tiny_sd, tmp_path / "unused", tmp_path / "output" / name,
+                               **{"max_train_steps": 2, **overrides})
     values.pop("metadata_path")
     return write_config(tmp_path / f"{name}.yaml", **values)
 
@@ -88,6 +88,11 @@ def job_event(client: LoradClient, job_id: str, kind: str):
         if message.WhichOneof("item") == "event" and message.event.WhichOneof("kind") == kind:
             return getattr(message.event, kind)
     raise AssertionError(f"job {job_id} has no {kind} event")
+
+
+def job_logs(client: LoradClient, job_id: str) -> list[str]:
+    return [m.event.log.message for m in client.watch_job(job_id, history_only=True)
+            if m.WhichOneof("item") == "event" and m.event.WhichOneof("kind") == "log"]
 
 
 def test_images_copied_slowly_make_one_job_after_the_quiet_period(client: LoradClient, stock: Path,
@@ -286,3 +291,86 @@ def test_cli_watch_add_ls_rm(client: LoradClient, daemon: RunningDaemon, tiny_sd
     assert client.list_watches() == []
     assert main(["watch", "rm", "cli-pics"]) == 1
     assert "no watch" in capsys.readouterr().err
+
+
+def wait_job_state(client: LoradClient, job_id: str, state: int) -> jobs_pb2.Job:
+    return wait_for(lambda: (job := client.get_job(job_id)).state == state and job,
+                    f"job {job_id} in {jobs_pb2.JobState.Name(state)}")
+
+
+def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(client: LoradClient, stock: Path, tiny_sd: Path,
+                                                               tmp_path: Path) -> None:
+    folder = tmp_path / "coalesce"
+    folder.mkdir()
+    # A long job of the watch's own: it runs while more images arrive (cancelled when seen).
+    config = template(tmp_path, tiny_sd, max_train_steps=100_000)
+    blocker_data = tmp_path / "blocker"
+    blocker_data.mkdir()
+    drop(stock, blocker_data, 29)
+    blocker = client.submit_training_fields(
+        {**{k: str(v) for k, v in tiny_train_values(tiny_sd, blocker_data, tmp_path / "blocker-out",
+                                                     max_train_steps=100_000).items()
+            if k != "metadata_path"}, "unet_target_modules": ["q_proj", "v_proj"]}, base_dir=tmp_path)
+    wait_job_state(client, blocker.job_id, jobs_pb2.JOB_STATE_RUNNING)
+    watch = client.add_watch(str(folder), str(config), quiet_seconds=QUIET)
+
+    # Queued behind the blocker: a second batch updates the queued job instead of adding one.
+    drop(stock, folder, 0)
+    (queued,) = wait_for(lambda: watch_jobs(client, folder), "the first batch's job")
+    wait_for(lambda: watch_of(client, watch.watch_id).new_images == 0, "the first batch to be taken")
+    drop(stock, folder, 1)
+    wait_for(lambda: any("more images arrived" in m for m in job_logs(client, queued.job_id)),
+             "the queued job to be updated")
+    wait_for(lambda: (w := watch_of(client, watch.watch_id)).images_seen == 2 and w.new_images == 0,
+             "the watch to count both batches as taken")
+    assert [j.job_id for j in watch_jobs(client, folder)] == [queued.job_id]
+
+    # Running: later batches wait as one follow-up, queued when the run ends.
+    client.cancel_job(blocker.job_id)
+    wait_job_state(client, queued.job_id, jobs_pb2.JOB_STATE_RUNNING)
+    drop(stock, folder, 2)
+    wait_for(lambda: watch_of(client, watch.watch_id).new_images == 1 and
+             watch_of(client, watch.watch_id).pending_files == 0, "the second batch to settle")
+    drop(stock, folder, 3)
+    wait_for(lambda: watch_of(client, watch.watch_id).new_images == 2 and
+             watch_of(client, watch.watch_id).pending_files == 0, "the third batch to settle")
+    assert [j.job_id for j in watch_jobs(client, folder)] == [queued.job_id]
+    client.cancel_job(queued.job_id)
+    jobs = wait_for(lambda: len(jobs := watch_jobs(client, folder)) == 2 and jobs, "the follow-up job")
+    follow_up = jobs[1]
+    wait_for(lambda: (w := watch_of(client, watch.watch_id)).last_job_id == follow_up.job_id and w.new_images == 0,
+             "the watch to take the follow-up")
+    client.cancel_job(follow_up.job_id)
+    wait_for(lambda: client.get_job(follow_up.job_id).state == jobs_pb2.JOB_STATE_CANCELLED, "the cancel")
+    assert len(watch_jobs(client, folder)) == 2
+
+
+def test_new_images_without_captions_are_captioned_before_the_job(client: LoradClient, stock: Path, tiny_sd: Path,
+                                                                  tmp_path: Path) -> None:
+    from lorad.models.tiny_captioners import build_tiny_blip
+
+    blip = build_tiny_blip(tmp_path / "blip")
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    config = template(tmp_path, tiny_sd, captioner="blip", captioner_model=str(blip), caption_max_length=6)
+    watch = client.add_watch(str(folder), str(config), quiet_seconds=QUIET)
+    for i in range(3):
+        shutil.copyfile(stock / f"img_{i:02d}.png", folder / f"img_{i:02d}.png")  # no captions
+    (job,) = wait_for(lambda: watch_jobs(client, folder), "the job")
+    # Captioned before the job was queued, beside the images (the config reads sidecars).
+    assert all((folder / f"img_{i:02d}.txt").read_text().strip() for i in range(3))
+    finished_job(client, job.job_id)
+    report = json.loads(job_event(client, job.job_id, "data_report").report_json)
+    assert (report["images_used"], report["captions_from_sidecars"], report["captions_generated"]) == (3, 3, 0)
+    wait_for(lambda: watch_of(client, watch.watch_id).version == 1, "version 1")
+
+
+def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "network-drive"
+    (folder / "sub").mkdir(parents=True)
+    watch = client.add_watch(str(folder), str(template(tmp_path, tiny_sd)), quiet_seconds=QUIET, polling=True)
+    assert watch.policy.polling
+    drop(stock, folder / "sub", 0)  # subfolders count
+    (job,) = wait_for(lambda: watch_jobs(client, folder), "the polled job")
+    finished_job(client, job.job_id)
+    assert wait_for(lambda: (w := watch_of(client, watch.watch_id)).version == 1 and w, "v1").images_seen == 1

@@ -270,7 +270,8 @@ class LoradService:
         from lorad.captioning.training import caption_filler
         from lorad.data.dataset import scan_dataset
 
-        fill = caption_filler(config, on_event=lambda event: log.info("watch %s: %s", config.train_data_dir, event),
+        fill = caption_filler(config, on_event=lambda event: log.info("watch %s: %s", config.train_data_dir,
+                                                                 getattr(event, "message", event)),
                               provide=self._captioner_provider(None),
                               exclusive=lambda folder: self._hold_folder(folder, wait=True))
         _, report = scan_dataset(config.train_data_dir, metadata_path=config.metadata_path,

@@ -133,11 +133,11 @@ class WatchManager:
         down), then start the thread."""
         for record in self.store.list():
             live = self._make_live(record)
-            with self._lock:
-                self._live[record.watch_id] = live
             self._open(live)
             if record.last_job_id and record.queued_version > record.version and not live.debouncer.busy:
                 live.state = WatchState.TRAINING  # the tick settles what became of that job
+            with self._lock:
+                self._live[record.watch_id] = live
             self._publish(live)
         self._thread.start()
 
@@ -174,11 +174,10 @@ class WatchManager:
         record = self.store.add(folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy,
                                 now=time.time())
         live = self._make_live(record)
+        self._open(live)  # before the thread can see it: only one thread touches a watch at a time
         with self._lock:
             self._live[record.watch_id] = live
-        self._open(live)
         self._publish(live)
-        self._events.put((record.watch_id, FileEvent(RESCAN, "")))  # wake the thread
         return self._view(live)
 
     def _check_config(self, record: WatchRecord) -> None:
@@ -380,6 +379,12 @@ class WatchManager:
         except LoradError as err:
             log.warning("watch %s: cannot queue a job: %s", record.folder, err)
             self._set(live, WatchState.ERROR, error=str(err), hint=err.hint)
+            return
+        except Exception as err:  # e.g. a captioner crashing: this watch errs, the others carry on
+            log.exception("watch %s: cannot queue a job", record.folder)
+            self._set(live, WatchState.ERROR, error=f"{type(err).__name__}: {err}",
+                      hint="This looks like a bug in lorad; the daemon log has the traceback. The next batch "
+                      "of images retries.")
             return
         live.follow_up = False
         live.record = self.store.update(record, last_job_id=job.job_id, queued_version=version,
