@@ -238,8 +238,8 @@ def test_add_watch_errors_name_the_field(client: LoradClient, tiny_sd: Path, tmp
         client.add_watch(str(folder), str(bad))
     assert invalid.value.code.name == "INVALID_ARGUMENT" and "lora_rank" in str(invalid.value)
     with pytest.raises(LoradRpcError) as policy:
-        client.add_watch(str(folder), config, quiet_seconds=-1, continue_steps=-2)
-    assert "quiet_seconds" in str(policy.value) and "continue_steps" in str(policy.value)
+        client.add_watch(str(folder), config, quiet_seconds=-1, continue_steps=-2, mode="sometimes")
+    assert all(name in str(policy.value) for name in ("quiet_seconds", "continue_steps", "mode"))
 
     added = client.add_watch("pics", config, base_dir=str(tmp_path))  # relative to base_dir
     assert added.folder == str(folder) and added.policy.quiet_seconds == 10 and added.policy.min_new_images == 1

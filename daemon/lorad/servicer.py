@@ -164,7 +164,7 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
             view = self.service.add_watch(
                 folder=request.folder, config_path=request.config_path, base_dir=request.base_dir,
                 quiet_seconds=policy.quiet_seconds, min_new_images=policy.min_new_images,
-                mode=WATCH_MODE_FROM_PROTO.get(policy.mode, "?"), continue_steps=policy.continue_steps,
+                mode=WATCH_MODE_FROM_PROTO.get(policy.mode, str(policy.mode)), continue_steps=policy.continue_steps,
                 publish_dir=policy.publish_dir, polling=policy.polling)
             return watch_pb2.AddWatchResponse(watch=watch_to_proto(view))
 

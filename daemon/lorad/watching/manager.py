@@ -359,22 +359,27 @@ class WatchManager:
             return None
 
     def _queue_job(self, live: _Live) -> None:
+        """Caption what lacks a caption, then queue the folder's job, or update the one still queued."""
         record = live.record
         queued = self._last_job(live)
-        reuse = queued is not None and queued.state == JobState.QUEUED
-        version = record.queued_version if reuse else record.version + 1
+        if queued is not None and queued.state != JobState.QUEUED:
+            queued = None
+        version = record.queued_version if queued else record.version + 1
         source = f"watch {record.folder}"
         try:
             fields = job_fields(record, version=version)
-            self._set(live, WatchState.CAPTIONING)
-            captioned = self.gateway.caption(fields, record.base_dir)
-            if captioned:
+            if fields.get("captioner"):
+                self._set(live, WatchState.CAPTIONING)
+                captioned = self.gateway.caption(fields, record.base_dir)
                 log.info("watch %s: captioned %d new image(s)", record.folder, captioned)
-            live.images = list_images(live.folder)  # captioning wrote beside them; take the newest snapshot
-            job = self.gateway.requeue(queued.job_id, fields, record.base_dir, source) if reuse and queued else None
-            if job is None:
-                version = record.version + 1
-                fields = job_fields(record, version=version)
+                live.images = list_images(live.folder)  # captions were written beside them: take a fresh look
+            if queued is not None:
+                job = self.gateway.requeue(queued.job_id, fields, record.base_dir, source)
+                if job is None:  # the worker took it meanwhile: these images follow when it ends
+                    live.follow_up = True
+                    self._set(live, WatchState.TRAINING)
+                    return
+            else:
                 job = self.gateway.submit(fields, record.base_dir, source)
         except LoradError as err:
             log.warning("watch %s: cannot queue a job: %s", record.folder, err)
@@ -389,8 +394,8 @@ class WatchManager:
         live.follow_up = False
         live.record = self.store.update(record, last_job_id=job.job_id, queued_version=version,
                                         known=dict(live.images), updated_at=time.time())
-        log.info("watch %s: %s job %s (%s_v%d)", record.folder, "updated queued" if reuse and job.job_id ==
-                 (queued.job_id if queued else "") else "queued", job.job_id, watch_name(record), version)
+        log.info("watch %s: %s job %s (%s_v%d)", record.folder, "updated the queued" if queued else "queued",
+                 job.job_id, watch_name(record), version)
         self._set(live, WatchState.TRAINING)
 
     def _check_job(self, live: _Live) -> None:
@@ -404,8 +409,8 @@ class WatchManager:
             live.record = self.store.update(record, version=record.queued_version, latest_output=output,
                                             published_path=published or record.published_path,
                                             updated_at=time.time())
-        elif job is not None and record.queued_version > record.version:
-            # Failed or cancelled: the next batch retries this version; the job says why it failed.
+        elif record.queued_version > record.version:
+            # Failed, cancelled or gone: the next batch retries this version; the job says why it failed.
             live.record = self.store.update(record, queued_version=record.version)
         if live.state == WatchState.TRAINING:
             self._set(live, WatchState.IDLE)
