@@ -35,6 +35,7 @@ from lorad.watching.file_rules import FileStat, is_image_path, list_images
 from lorad.watching.observer import (
     CHANGED,
     CLOSED,
+    GONE_HINT,
     REMOVED,
     RESCAN,
     VANISHED,
@@ -271,9 +272,7 @@ class WatchManager:
             return
         debouncer, root = live.debouncer, live.record.folder
         if event.kind == VANISHED:
-            self._unavailable(live, WatchUnavailable(f"{root} was deleted or moved away",
-                                                     "create the folder again (the watch resumes by itself), "
-                                                     "or remove the watch with `lorad watch rm`"))
+            self._unavailable(live, WatchUnavailable(f"{root} was deleted or moved away", GONE_HINT))
         elif event.kind == RESCAN:
             self._rescan(live, event.path or root)
         elif not is_image_path(event.path, root):
@@ -317,9 +316,7 @@ class WatchManager:
             return
         if live.observer is not None and not (live.folder.is_dir() and live.observer.alive):
             what = "cannot be watched any more" if live.folder.is_dir() else "was deleted or moved away"
-            self._unavailable(live, WatchUnavailable(
-                f"{live.folder} {what}",
-                "create the folder again (the watch resumes by itself), or remove the watch with `lorad watch rm`"))
+            self._unavailable(live, WatchUnavailable(f"{live.folder} {what}", GONE_HINT))
             return
         if live.record.last_job_id and live.record.queued_version > live.record.version:
             self._check_job(live)

@@ -39,6 +39,8 @@ log = logging.getLogger("lorad.watching")
 POLL_INTERVAL_SECONDS = 1.0
 
 CHANGED, CLOSED, REMOVED, RESCAN, VANISHED = "changed", "closed", "removed", "rescan", "vanished"
+# What to do about a watched folder that is gone (the manager retries it every tick).
+GONE_HINT = "create the folder again (the watch resumes by itself), or remove the watch with `lorad watch rm`"
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,14 @@ class FolderObserver:
         """Start watching. Raises WatchUnavailable (with a hint) when the folder cannot be watched."""
         if not self.folder.is_dir():
             what = "is not a folder" if self.folder.exists() else "does not exist"
-            raise WatchUnavailable(f"{self.folder} {what}",
-                                   "create the folder again (the watch resumes by itself), or remove the watch "
-                                   "with `lorad watch rm`")
+            raise WatchUnavailable(f"{self.folder} {what}", GONE_HINT)
         observer = PollingObserver(timeout=self._poll_interval) if self.polling else Observer()
         observer.daemon = True
         observer.schedule(_Recorder(str(self.folder), self._record), str(self.folder), recursive=True)
         try:
             observer.start()
         except OSError as err:
-            raise WatchUnavailable(f"cannot watch {self.folder}: {err.strerror or err}", _hint_for(err)) from err
+            raise WatchUnavailable(f"cannot watch {self.folder}: {err.strerror or err}", hint_for_os_error(err)) from err
         self._observer = observer
 
     @property
@@ -126,7 +126,8 @@ class FolderObserver:
             log.debug("stopping the observer of %s", self.folder, exc_info=True)
 
 
-def _hint_for(err: OSError) -> str:
+def hint_for_os_error(err: OSError) -> str:
+    """What to do when the OS refuses to watch a folder (watch limit, permissions, other)."""
     if err.errno in (errno.ENOSPC, errno.EMFILE):
         return ("the OS limit on watched folders is reached: raise it (e.g. `sysctl fs.inotify.max_user_watches="
                 "524288`), watch fewer folders, or add the watch with `--polling`")
