@@ -106,7 +106,8 @@ class FolderObserver:
         try:
             observer.start()
         except OSError as err:
-            raise WatchUnavailable(f"cannot watch {self.folder}: {err.strerror or err}", hint_for_os_error(err)) from err
+            raise WatchUnavailable(f"cannot watch {self.folder}: {err.strerror or err}",
+                                   hint_for_os_error(err)) from err
         self._observer = observer
 
     @property
