@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from lorad.atomic import write_with_atomic
+from lorad.config import parse_config
 from lorad.errors import ConfigError, ConfigProblem, LoradError
 from lorad.jobs.records import JobNotFound, JobRecord, JobState
 from lorad.watching.debounce import Debouncer
@@ -175,17 +176,15 @@ class WatchManager:
         record = self.store.add(folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy,
                                 now=time.time())
         live = self._make_live(record)
-        self._open(live)  # before the thread can see it: only one thread touches a watch at a time
-        with self._lock:
+        with self._lock:  # the thread waits for it: events from the new observer must find the watch
+            self._open(live)
             self._live[record.watch_id] = live
-        self._publish(live)
+            self._publish(live)
         return self._view(live)
 
     def _check_config(self, record: WatchRecord) -> None:
         """Raise ConfigError unless the template config makes a valid job for this watch."""
         fields = job_fields(record, version=record.version + 1)
-        from lorad.config import parse_config
-
         parse_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
 
     def remove(self, watch: str) -> WatchView:
