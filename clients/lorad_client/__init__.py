@@ -36,7 +36,8 @@ from lorad_api.v1.jobs_pb2 import (
     Progress,
 )
 from lorad_api.v1.training_pb2 import WatchJobResponse
-from lorad_client.client import CaptionStream, JobWatch, LoradClient
+from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch, WatchPolicy
+from lorad_client.client import CaptionStream, JobWatch, LoradClient, WatchFollow
 from lorad_client.discovery import DaemonTarget, find_daemon
 from lorad_client.errors import DaemonUnavailable, LoradRpcError
 
@@ -63,6 +64,7 @@ __all__ = [
     "CaptionStream",
     "DaemonTarget",
     "DaemonUnavailable",
+    "FollowWatchesResponse",
     "Job",
     "JobEvent",
     "JobState",
@@ -70,6 +72,9 @@ __all__ = [
     "LoradClient",
     "LoradRpcError",
     "Progress",
+    "Watch",
+    "WatchFollow",
     "WatchJobResponse",
+    "WatchPolicy",
     "find_daemon",
 ]

@@ -37,12 +37,15 @@ from lorad_api.v1 import (
     system_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    watch_pb2,
+    watch_pb2_grpc,
 )
 from lorad_api.v1.caption_pb2 import CaptionImagesResponse
 from lorad_api.v1.jobs_pb2 import Job
 from lorad_api.v1.models_pb2 import LoadModelResponse, ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.training_pb2 import WatchJobResponse
+from lorad_api.v1.watch_pb2 import FollowWatchesResponse
 from lorad_client.discovery import DaemonTarget, find_daemon
 from lorad_client.errors import START_HINT, DaemonUnavailable, LoradRpcError, translate_rpc_error
 
@@ -116,6 +119,14 @@ class CaptionStream(ServerStream[CaptionImagesResponse]):
     """
 
 
+class WatchFollow(ServerStream[FollowWatchesResponse]):
+    """The live stream of ``FollowWatches``: iterate it for ``FollowWatchesResponse`` messages (first a
+    ``snapshot`` of every watch, then one ``changed`` or ``removed_watch_id`` per change); it never ends
+    by itself. ``cancel()`` (safe from another thread) ends it quietly; as a context manager it cancels
+    on exit. Errors raise ``LoradRpcError``.
+    """
+
+
 class LoradClient:
     """A connection to one lorad daemon. Use ``LoradClient.connect()``; close it (or use ``with``)."""
 
@@ -129,6 +140,7 @@ class LoradClient:
         self._system = system_pb2_grpc.SystemServiceStub(channel)
         self._caption = caption_pb2_grpc.CaptionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
+        self._watch = watch_pb2_grpc.WatchServiceStub(channel)
 
     @classmethod
     def connect(
@@ -324,6 +336,57 @@ class LoradClient:
         """The standard gRPC health status of ``service`` ("" = the whole daemon): "SERVING", "NOT_SERVING", ..."""
         response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # -- WatchService ---------------------------------------------------------------------------
+
+    def add_watch(
+        self,
+        folder: str,
+        config_path: str,
+        *,
+        base_dir: str | None = None,
+        quiet_seconds: float = 0,
+        min_new_images: int = 0,
+        mode: str = "continue",
+        continue_steps: int = 0,
+        publish_dir: str = "",
+        polling: bool = False,
+        timeout: float | None = SUBMIT_TIMEOUT,
+    ) -> watch_pb2.Watch:
+        """Watch ``folder``: new images are captioned and trained with the template ``config_path``.
+
+        Relative paths resolve against ``base_dir`` (default: this process's working directory).
+        0 for ``quiet_seconds`` / ``min_new_images`` takes the daemon's default (10 s / 1); ``mode``
+        is "continue" or "retrain". LoradRpcError INVALID_ARGUMENT names a bad field; ALREADY_EXISTS
+        when the folder is watched already.
+        """
+        modes = {"continue": watch_pb2.WATCH_MODE_CONTINUE, "retrain": watch_pb2.WATCH_MODE_RETRAIN, "": 0}
+        policy = watch_pb2.WatchPolicy(quiet_seconds=quiet_seconds, min_new_images=min_new_images,
+                                       mode=modes.get(mode.strip().lower(), -1), continue_steps=continue_steps,
+                                       publish_dir=str(publish_dir), polling=polling)
+        request = watch_pb2.AddWatchRequest(folder=str(folder), config_path=str(config_path),
+                                            base_dir=_abs_dir(base_dir or Path.cwd()), policy=policy)
+        return self._unary(self._watch.AddWatch, request, timeout).watch
+
+    def remove_watch(self, watch: str, *, base_dir: str | None = None,
+                     timeout: float | None = DEFAULT_TIMEOUT) -> watch_pb2.Watch:
+        """Stop watching a folder, named by watch id or folder (relative to ``base_dir``, default the
+        working directory); returns its last state. LoradRpcError NOT_FOUND when it is not watched."""
+        request = watch_pb2.RemoveWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
+        return self._unary(self._watch.RemoveWatch, request, timeout).watch
+
+    def list_watches(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[watch_pb2.Watch]:
+        """Every watch and its state, oldest first."""
+        return list(self._unary(self._watch.ListWatches, watch_pb2.ListWatchesRequest(), timeout).watches)
+
+    def follow_watches(self) -> WatchFollow:
+        """Follow the watches: a snapshot, then each change. Returns a ``WatchFollow``; ``.cancel()`` it
+        to stop. No deadline."""
+        try:
+            call = self._watch.FollowWatches(watch_pb2.FollowWatchesRequest(), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise self._translate(err) from err
+        return WatchFollow(call, self._translate)
 
     # -- lifetime -------------------------------------------------------------------------------
 

@@ -237,6 +237,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         return print_models(client)
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from lorad.client_commands import add_watch, print_watches, remove_watch
+
+    with _connect() as client:
+        if args.action == "add":
+            return add_watch(client, args.dir, args.config, quiet_seconds=args.quiet_seconds,
+                             min_new_images=args.min_new_images, mode=args.mode, continue_steps=args.continue_steps,
+                             publish_dir=args.publish_dir or "", polling=args.polling)
+        if args.action == "rm":
+            return remove_watch(client, args.watch)
+        return print_watches(client)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from lorad.config import load_config, render_example
 
@@ -367,6 +380,29 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--keep-alive", type=float, default=0.0, metavar="SECONDS",
                         help="with load: keep-alive after last use (default: the daemon's)")
     models.set_defaults(func=cmd_models)
+
+    watch = sub.add_parser("watch", help="watched folders: new images are captioned and trained by the daemon",
+                           description="Drop images into a watched folder and the daemon captions them and "
+                           "trains a new version of the LoRA once the folder is quiet.")
+    watch_sub = watch.add_subparsers(dest="action", required=True, metavar="ACTION")
+    watch_add = watch_sub.add_parser("add", help="watch a folder")
+    watch_add.add_argument("dir", help="the folder of images")
+    watch_add.add_argument("--config", required=True, metavar="FILE", help="training config used as the template")
+    watch_add.add_argument("--quiet-seconds", type=float, default=0.0, metavar="S",
+                           help="seconds without file changes before training (default 10)")
+    watch_add.add_argument("--min-new-images", type=int, default=0, metavar="N",
+                           help="new images needed before a job is queued (default 1)")
+    watch_add.add_argument("--mode", choices=["continue", "retrain"], default="continue",
+                           help="continue from the newest LoRA (default), or retrain from scratch")
+    watch_add.add_argument("--continue-steps", type=int, default=0, metavar="N",
+                           help="steps of a continue job (default: the config's own budget)")
+    watch_add.add_argument("--publish-dir", metavar="DIR",
+                           help="also copy the newest LoRA here, atomically (e.g. A1111's models/Lora)")
+    watch_add.add_argument("--polling", action="store_true", help="poll the folder (network drives)")
+    watch_sub.add_parser("ls", help="the watched folders and their state")
+    watch_rm = watch_sub.add_parser("rm", help="stop watching a folder (its queued jobs stay)")
+    watch_rm.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
+    watch.set_defaults(func=cmd_watch)
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")
     group = config.add_mutually_exclusive_group(required=True)

@@ -246,3 +246,46 @@ def caption_with_daemon(client: LoradClient, folder: str, *, verbose: bool = Fal
         print("\nstopped; the captions written so far are kept (run the same command to caption the rest)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# --- watch folders -------------------------------------------------------------------------------
+def _watch_state(watch: object) -> str:
+    from lorad_api.v1 import watch_pb2
+
+    return watch_pb2.WatchState.Name(watch.state).removeprefix("WATCH_STATE_").lower()  # type: ignore[attr-defined]
+
+
+def add_watch(client: LoradClient, folder: str, config: str, **policy: object) -> int:
+    watch = client.add_watch(folder, config, base_dir=str(Path.cwd()), **policy)  # type: ignore[arg-type]
+    p = watch.policy
+    print(f"watching {watch.folder} ({watch.watch_id}) with {watch.config_path}: "
+          f"{_watch_state(watch)}, {watch.images_seen} images, quiet {p.quiet_seconds:g}s")
+    if watch.new_images:
+        print(f"{watch.new_images} image(s) not trained yet: a job is queued once the folder is quiet")
+    if watch.error:
+        print(f"error: {watch.error}\nhint: {watch.hint}", file=sys.stderr)
+    return EXIT_OK
+
+
+def print_watches(client: LoradClient) -> int:
+    watches = client.list_watches()
+    if not watches:
+        print("no watched folders — add one with `lorad watch add DIR --config FILE`")
+        return EXIT_OK
+    rows = []
+    for w in watches:
+        mode = "retrain" if w.policy.mode == 2 else "continue"
+        latest = f"v{w.version}" if w.version else "-"
+        rows.append([w.watch_id, w.folder, _watch_state(w), str(w.images_seen), str(w.new_images), mode, latest,
+                     w.last_job_id or "-"])
+    print(_table(rows, ["ID", "FOLDER", "STATE", "IMAGES", "NEW", "MODE", "LATEST", "LAST JOB"]))
+    for w in watches:
+        if w.error:
+            print(f"\n{w.folder}: {w.error}\nhint: {w.hint}")
+    return EXIT_OK
+
+
+def remove_watch(client: LoradClient, watch: str) -> int:
+    removed = client.remove_watch(watch, base_dir=str(Path.cwd()))
+    print(f"stopped watching {removed.folder} ({removed.watch_id}); jobs it queued are left alone")
+    return EXIT_OK

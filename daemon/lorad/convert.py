@@ -19,7 +19,7 @@ from lorad import events as ev
 from lorad.captioning import options as cu_options
 from lorad.captioning import updates as cu
 from lorad.jobs.records import EventRecord, JobRecord, JobState
-from lorad_api.v1 import caption_pb2, jobs_pb2, models_pb2, system_pb2
+from lorad_api.v1 import caption_pb2, jobs_pb2, models_pb2, system_pb2, watch_pb2
 
 STATE_TO_PROTO = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -194,3 +194,39 @@ def caption_update_to_proto(update: cu.CaptionUpdate) -> caption_pb2.CaptionImag
         format=FORMAT_TO_PROTO[update.format], written_to=update.written_to, record_path=update.record_path,
         stopped=update.stopped))
 
+
+# --- watch folders -------------------------------------------------------------------------------
+WATCH_STATE_TO_PROTO = {
+    "idle": watch_pb2.WATCH_STATE_IDLE,
+    "settling": watch_pb2.WATCH_STATE_SETTLING,
+    "captioning": watch_pb2.WATCH_STATE_CAPTIONING,
+    "training": watch_pb2.WATCH_STATE_TRAINING,
+    "error": watch_pb2.WATCH_STATE_ERROR,
+}
+WATCH_MODE_TO_PROTO = {"continue": watch_pb2.WATCH_MODE_CONTINUE, "retrain": watch_pb2.WATCH_MODE_RETRAIN}
+WATCH_MODE_FROM_PROTO = {watch_pb2.WATCH_MODE_UNSPECIFIED: "", **{v: k for k, v in WATCH_MODE_TO_PROTO.items()}}
+
+
+def watch_to_proto(view: Any) -> watch_pb2.Watch:
+    """A watch manager's WatchView as the API's Watch message."""
+    record, policy = view.record, view.record.policy
+    return watch_pb2.Watch(
+        watch_id=record.watch_id, folder=record.folder, config_path=record.config_path,
+        policy=watch_pb2.WatchPolicy(quiet_seconds=policy.quiet_seconds, min_new_images=policy.min_new_images,
+                                     mode=WATCH_MODE_TO_PROTO[policy.mode], continue_steps=policy.continue_steps,
+                                     publish_dir=policy.publish_dir, polling=policy.polling),
+        state=WATCH_STATE_TO_PROTO[view.state.value], error=view.error, hint=view.hint,
+        images_seen=view.images_seen, new_images=view.new_images, last_job_id=record.last_job_id,
+        version=record.version, latest_output=record.latest_output, published_path=record.published_path,
+        created_at=timestamp(record.created_at), updated_at=timestamp(view.updated_at or record.updated_at),
+        base_dir=record.base_dir, pending_files=view.pending_files)
+
+
+def watch_change_to_proto(change: Any) -> watch_pb2.FollowWatchesResponse:
+    """One FollowWatches item: the first list, a changed watch, or a removed watch's id."""
+    if isinstance(change, list):
+        return watch_pb2.FollowWatchesResponse(snapshot=watch_pb2.WatchList(
+            watches=[watch_to_proto(view) for view in change]))
+    if change.view is not None:
+        return watch_pb2.FollowWatchesResponse(changed=watch_to_proto(change.view))
+    return watch_pb2.FollowWatchesResponse(removed_watch_id=change.removed_id)

@@ -35,6 +35,8 @@ from lorad.jobs.worker import Worker
 from lorad.paths import jobs_db_path
 from lorad.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
 from lorad.settings import DaemonSettings
+from lorad.watching.manager import JobGateway, WatchChange, WatchManager
+from lorad.watching.records import WatchNotFound, WatchView, watch_policy
 
 log = logging.getLogger("lorad.service")
 
@@ -104,6 +106,7 @@ class LoradService:
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_models, name="lorad-model-reaper", daemon=True)
         self.addresses: list[str] = settings.grpc_targets  # the server replaces these with the bound ones
+        self.watches = self._make_watch_manager()
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,10 +114,12 @@ class LoradService:
         self._recover_interrupted()
         self.worker.start()
         self._reaper.start()
+        self.watches.start()
 
     def stop(self) -> None:
         """Checkpoint and interrupt the running job (it resumes on the next start), stop threads."""
         self._reaper_stop.set()
+        self.watches.stop()
         self.worker.shutdown(timeout=120)
         self.hub.wake()
         self.registry.close()
@@ -192,6 +197,86 @@ class LoradService:
         ending after its final event (or when ``active()`` turns False; or after the history)."""
         job = self.get_job(job_id)
         return job, self.hub.follow(job.job_id, after_seq=after_seq, active=active, history_only=history_only)
+
+    # --- watch folders -------------------------------------------------------------------------
+    def _make_watch_manager(self) -> WatchManager:
+        gateway = JobGateway(submit=self._submit_for_watch, requeue=self._requeue_for_watch, get_job=self.store.get,
+                             caption=self._caption_for_watch)
+        return WatchManager(jobs_db_path(self.settings.home), gateway)
+
+    def add_watch(self, *, folder: str, config_path: str, base_dir: str, quiet_seconds: float = 0,
+                  min_new_images: int = 0, mode: str = "", continue_steps: int = 0, publish_dir: str = "",
+                  polling: bool = False) -> WatchView:
+        """Watch a folder (see :meth:`WatchManager.add`); relative paths resolve against ``base_dir``.
+        ConfigError names every bad field; WatchExists when the folder is watched already."""
+        base = _absolute_base_dir(base_dir, "AddWatch")
+        problems = []
+        if not folder.strip():
+            problems.append(ConfigProblem("folder", "is empty", "name the folder of images to watch"))
+        config_file = base / Path(config_path).expanduser() if config_path.strip() else None
+        if config_file is None or not config_file.is_file():
+            problems.append(ConfigProblem("config_path", f"{config_file or 'nothing'} is not a file",
+                                          "name the training config to use as the template (`lorad config "
+                                          "--example` writes one)"))
+        if problems:
+            raise ConfigError(problems, "AddWatch")
+        assert config_file is not None
+        policy = watch_policy(quiet_seconds=quiet_seconds, min_new_images=min_new_images, mode=mode,
+                              continue_steps=continue_steps,
+                              publish_dir=str((base / Path(publish_dir).expanduser()).resolve()) if publish_dir else "",
+                              polling=polling)
+        return self.watches.add(folder=str((base / Path(folder).expanduser()).resolve()),
+                                config_path=str(config_file.resolve()), base_dir=str(base), policy=policy)
+
+    def remove_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
+        """Stop watching a folder, named by watch id or folder; WatchNotFound if not watched."""
+        try:
+            return self.watches.remove(watch)
+        except WatchNotFound:
+            if not base_dir or not watch.strip():
+                raise
+            return self.watches.remove(str((Path(base_dir) / Path(watch).expanduser()).resolve()))
+
+    def list_watches(self) -> list[WatchView]:
+        return self.watches.list()
+
+    def follow_watches(self, active: Callable[[], bool]) -> Iterator[list[WatchView] | WatchChange]:
+        """Every watch, then each change, until ``active()`` turns False."""
+        return self.watches.follow(active)
+
+    def _submit_for_watch(self, fields: Mapping[str, Any], base_dir: str, source_name: str) -> JobRecord:
+        return self.submit(config_fields=fields, base_dir=base_dir, source_name=source_name)
+
+    def _requeue_for_watch(self, job_id: str, fields: Mapping[str, Any], base_dir: str,
+                           source_name: str) -> JobRecord | None:
+        """Replace a QUEUED job's config, validated as ``submit`` validates; None if it left the queue."""
+        config = parse_config(dict(fields), base_dir=Path(base_dir), source=source_name)
+        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
+            raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
+                                             "convert it to .safetensors, or set `allow_pickle: true`")], source_name)
+        job = self.store.transition(job_id, expect={JobState.QUEUED}, to=JobState.QUEUED, name=config.output_name,
+                                    config_yaml=yaml.safe_dump(dict(fields), sort_keys=False),
+                                    base_model=config.base_model, output_dir=str(config.output_dir))
+        if job is not None:
+            self.hub.publish(job_id, "log", {"message": "more images arrived: config updated while queued",
+                                             "level": "info"})
+        return job
+
+    def _caption_for_watch(self, fields: Mapping[str, Any], base_dir: str) -> int:
+        """Caption the watched folder's uncaptioned images when the config names a captioner."""
+        config = parse_config(dict(fields), base_dir=Path(base_dir), source="watch")
+        if config.captioner is None:
+            return 0
+        from lorad.captioning.training import caption_filler
+        from lorad.data.dataset import scan_dataset
+
+        fill = caption_filler(config, on_event=lambda event: log.info("watch %s: %s", config.train_data_dir,
+                                                                 getattr(event, "message", event)),
+                              provide=self._captioner_provider(None),
+                              exclusive=lambda folder: self._hold_folder(folder, wait=True))
+        _, report = scan_dataset(config.train_data_dir, metadata_path=config.metadata_path,
+                                 caption_extension=config.caption_extension, caption_missing=fill)
+        return report.captions_generated
 
     # --- models --------------------------------------------------------------------------------
     def _device_name(self) -> str:
@@ -356,6 +441,14 @@ class LoradService:
         devices.append(DeviceInfo("cpu", platform.processor() or platform.machine(), _total_memory_bytes(),
                                   _resident_set_bytes()))
         return devices
+
+
+def _absolute_base_dir(base_dir: str, source: str) -> Path:
+    """``base_dir`` as a Path; ConfigError unless it is absolute (relative paths need an anchor)."""
+    if not base_dir or not Path(base_dir).is_absolute():
+        raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
+                                         "send the absolute directory relative paths resolve against")], source)
+    return Path(base_dir)
 
 
 def _measure_model(model: Any) -> int:

@@ -18,12 +18,15 @@ from lorad.convert import (
     CAPTIONER_FROM_PROTO,
     FORMAT_FROM_PROTO,
     STATE_FROM_PROTO,
+    WATCH_MODE_FROM_PROTO,
     caption_options_from_proto,
     caption_update_to_proto,
     event_to_proto,
     job_to_proto,
     resident_to_proto,
     status_to_proto,
+    watch_change_to_proto,
+    watch_to_proto,
 )
 from lorad.errors import LoradError
 from lorad.service import LoradService
@@ -37,6 +40,8 @@ from lorad_api.v1 import (
     system_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    watch_pb2,
+    watch_pb2_grpc,
 )
 
 log = logging.getLogger("lorad.servicer")
@@ -149,13 +154,46 @@ class SystemServicer(system_pb2_grpc.SystemServiceServicer):
             return status_to_proto(self.service.status())
 
 
+class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
+    def __init__(self, service: LoradService) -> None:
+        self.service = service
+
+    def AddWatch(self, request, context):
+        with rpc_errors(context):
+            policy = request.policy
+            view = self.service.add_watch(
+                folder=request.folder, config_path=request.config_path, base_dir=request.base_dir,
+                quiet_seconds=policy.quiet_seconds, min_new_images=policy.min_new_images,
+                mode=WATCH_MODE_FROM_PROTO.get(policy.mode, str(policy.mode)), continue_steps=policy.continue_steps,
+                publish_dir=policy.publish_dir, polling=policy.polling)
+            return watch_pb2.AddWatchResponse(watch=watch_to_proto(view))
+
+    def RemoveWatch(self, request, context):
+        with rpc_errors(context):
+            view = self.service.remove_watch(request.watch, base_dir=request.base_dir)
+            return watch_pb2.RemoveWatchResponse(watch=watch_to_proto(view))
+
+    def ListWatches(self, request, context):
+        with rpc_errors(context):
+            return watch_pb2.ListWatchesResponse(watches=[watch_to_proto(v) for v in self.service.list_watches()])
+
+    def FollowWatches(self, request, context):
+        with rpc_errors(context):
+            changes = self.service.follow_watches(active=context.is_active)
+            context.add_callback(self.service.watches.wake)  # a client that leaves frees its thread at once
+            for change in changes:
+                yield watch_change_to_proto(change)
+
+
 def add_servicers(server: grpc.Server, service: LoradService) -> list[str]:
     """Register lorad's services on ``server``; returns their full names (for health and reflection)."""
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
     system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service), server)
+    watch_pb2_grpc.add_WatchServiceServicer_to_server(WatchServicer(service), server)
     return [training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
             models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
             caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name,
-            system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name]
+            system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+            watch_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name]

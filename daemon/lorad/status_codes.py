@@ -21,6 +21,8 @@ from lorad.errors import (
 from lorad.jobs.records import JobNotFound
 from lorad.registry import ModelInUse, ModelNotResident
 from lorad.service import JobNotCancellable
+from lorad.watching.observer import WatchUnavailable
+from lorad.watching.records import WatchExists, WatchNotFound
 
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
@@ -36,6 +38,10 @@ STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
     (TrainingInterrupted, grpc.StatusCode.ABORTED),
     # Another request is captioning the same folder: a concurrency conflict, worth retrying later.
     (FolderBusy, grpc.StatusCode.ABORTED),
+    # Watch folders.
+    (WatchExists, grpc.StatusCode.ALREADY_EXISTS),
+    (WatchNotFound, grpc.StatusCode.NOT_FOUND),
+    (WatchUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (LoradError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

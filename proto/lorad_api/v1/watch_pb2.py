@@ -26,39 +26,39 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lorad/v1/watch.proto\x12\x08lorad.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x0bWatchPolicy\x12\x15\n\rquiet_seconds\x18\x01 \x01(\x01\x12\x16\n\x0emin_new_images\x18\x02 \x01(\x05\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.lorad.v1.WatchMode\x12\x16\n\x0e\x63ontinue_steps\x18\x04 \x01(\x05\x12\x13\n\x0bpublish_dir\x18\x05 \x01(\t\x12\x0f\n\x07polling\x18\x06 \x01(\x08\"\x85\x03\n\x05Watch\x12\x10\n\x08watch_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x03 \x01(\t\x12%\n\x06policy\x18\x04 \x01(\x0b\x32\x15.lorad.v1.WatchPolicy\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.lorad.v1.WatchState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0c\n\x04hint\x18\x07 \x01(\t\x12\x13\n\x0bimages_seen\x18\x08 \x01(\x05\x12\x12\n\nnew_images\x18\t \x01(\x05\x12\x13\n\x0blast_job_id\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x05\x12\x15\n\rlatest_output\x18\x0c \x01(\t\x12\x16\n\x0epublished_path\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"o\n\x0f\x41\x64\x64WatchRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x03 \x01(\t\x12%\n\x06policy\x18\x04 \x01(\x0b\x32\x15.lorad.v1.WatchPolicy\"2\n\x10\x41\x64\x64WatchResponse\x12\x1e\n\x05watch\x18\x01 \x01(\x0b\x32\x0f.lorad.v1.Watch\"5\n\x12RemoveWatchRequest\x12\r\n\x05watch\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\"5\n\x13RemoveWatchResponse\x12\x1e\n\x05watch\x18\x01 \x01(\x0b\x32\x0f.lorad.v1.Watch\"\x14\n\x12ListWatchesRequest\"7\n\x13ListWatchesResponse\x12 \n\x07watches\x18\x01 \x03(\x0b\x32\x0f.lorad.v1.Watch\"\x16\n\x14\x46ollowWatchesRequest\"-\n\tWatchList\x12 \n\x07watches\x18\x01 \x03(\x0b\x32\x0f.lorad.v1.Watch\"\x88\x01\n\x15\x46ollowWatchesResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.lorad.v1.WatchListH\x00\x12\"\n\x07\x63hanged\x18\x02 \x01(\x0b\x32\x0f.lorad.v1.WatchH\x00\x12\x1a\n\x10removed_watch_id\x18\x03 \x01(\tH\x00\x42\x06\n\x04item*\xa6\x01\n\nWatchState\x12\x1b\n\x17WATCH_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10WATCH_STATE_IDLE\x10\x01\x12\x18\n\x14WATCH_STATE_SETTLING\x10\x02\x12\x1a\n\x16WATCH_STATE_CAPTIONING\x10\x03\x12\x18\n\x14WATCH_STATE_TRAINING\x10\x04\x12\x15\n\x11WATCH_STATE_ERROR\x10\x05*X\n\tWatchMode\x12\x1a\n\x16WATCH_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13WATCH_MODE_CONTINUE\x10\x01\x12\x16\n\x12WATCH_MODE_RETRAIN\x10\x02\x32\xbd\x02\n\x0cWatchService\x12\x41\n\x08\x41\x64\x64Watch\x12\x19.lorad.v1.AddWatchRequest\x1a\x1a.lorad.v1.AddWatchResponse\x12J\n\x0bRemoveWatch\x12\x1c.lorad.v1.RemoveWatchRequest\x1a\x1d.lorad.v1.RemoveWatchResponse\x12J\n\x0bListWatches\x12\x1c.lorad.v1.ListWatchesRequest\x1a\x1d.lorad.v1.ListWatchesResponse\x12R\n\rFollowWatches\x12\x1e.lorad.v1.FollowWatchesRequest\x1a\x1f.lorad.v1.FollowWatchesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lorad/v1/watch.proto\x12\x08lorad.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x0bWatchPolicy\x12\x15\n\rquiet_seconds\x18\x01 \x01(\x01\x12\x16\n\x0emin_new_images\x18\x02 \x01(\x05\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.lorad.v1.WatchMode\x12\x16\n\x0e\x63ontinue_steps\x18\x04 \x01(\x05\x12\x13\n\x0bpublish_dir\x18\x05 \x01(\t\x12\x0f\n\x07polling\x18\x06 \x01(\x08\"\xae\x03\n\x05Watch\x12\x10\n\x08watch_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x03 \x01(\t\x12%\n\x06policy\x18\x04 \x01(\x0b\x32\x15.lorad.v1.WatchPolicy\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.lorad.v1.WatchState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0c\n\x04hint\x18\x07 \x01(\t\x12\x13\n\x0bimages_seen\x18\x08 \x01(\x05\x12\x12\n\nnew_images\x18\t \x01(\x05\x12\x13\n\x0blast_job_id\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x05\x12\x15\n\rlatest_output\x18\x0c \x01(\t\x12\x16\n\x0epublished_path\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x62\x61se_dir\x18\x10 \x01(\t\x12\x15\n\rpending_files\x18\x11 \x01(\x05\"o\n\x0f\x41\x64\x64WatchRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x03 \x01(\t\x12%\n\x06policy\x18\x04 \x01(\x0b\x32\x15.lorad.v1.WatchPolicy\"2\n\x10\x41\x64\x64WatchResponse\x12\x1e\n\x05watch\x18\x01 \x01(\x0b\x32\x0f.lorad.v1.Watch\"5\n\x12RemoveWatchRequest\x12\r\n\x05watch\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\"5\n\x13RemoveWatchResponse\x12\x1e\n\x05watch\x18\x01 \x01(\x0b\x32\x0f.lorad.v1.Watch\"\x14\n\x12ListWatchesRequest\"7\n\x13ListWatchesResponse\x12 \n\x07watches\x18\x01 \x03(\x0b\x32\x0f.lorad.v1.Watch\"\x16\n\x14\x46ollowWatchesRequest\"-\n\tWatchList\x12 \n\x07watches\x18\x01 \x03(\x0b\x32\x0f.lorad.v1.Watch\"\x88\x01\n\x15\x46ollowWatchesResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x13.lorad.v1.WatchListH\x00\x12\"\n\x07\x63hanged\x18\x02 \x01(\x0b\x32\x0f.lorad.v1.WatchH\x00\x12\x1a\n\x10removed_watch_id\x18\x03 \x01(\tH\x00\x42\x06\n\x04item*\xa6\x01\n\nWatchState\x12\x1b\n\x17WATCH_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10WATCH_STATE_IDLE\x10\x01\x12\x18\n\x14WATCH_STATE_SETTLING\x10\x02\x12\x1a\n\x16WATCH_STATE_CAPTIONING\x10\x03\x12\x18\n\x14WATCH_STATE_TRAINING\x10\x04\x12\x15\n\x11WATCH_STATE_ERROR\x10\x05*X\n\tWatchMode\x12\x1a\n\x16WATCH_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13WATCH_MODE_CONTINUE\x10\x01\x12\x16\n\x12WATCH_MODE_RETRAIN\x10\x02\x32\xbd\x02\n\x0cWatchService\x12\x41\n\x08\x41\x64\x64Watch\x12\x19.lorad.v1.AddWatchRequest\x1a\x1a.lorad.v1.AddWatchResponse\x12J\n\x0bRemoveWatch\x12\x1c.lorad.v1.RemoveWatchRequest\x1a\x1d.lorad.v1.RemoveWatchResponse\x12J\n\x0bListWatches\x12\x1c.lorad.v1.ListWatchesRequest\x1a\x1d.lorad.v1.ListWatchesResponse\x12R\n\rFollowWatches\x12\x1e.lorad.v1.FollowWatchesRequest\x1a\x1f.lorad.v1.FollowWatchesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad_api.v1.watch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHSTATE']._serialized_start=1184
-  _globals['_WATCHSTATE']._serialized_end=1350
-  _globals['_WATCHMODE']._serialized_start=1352
-  _globals['_WATCHMODE']._serialized_end=1440
+  _globals['_WATCHSTATE']._serialized_start=1225
+  _globals['_WATCHSTATE']._serialized_end=1391
+  _globals['_WATCHMODE']._serialized_start=1393
+  _globals['_WATCHMODE']._serialized_end=1481
   _globals['_WATCHPOLICY']._serialized_start=68
   _globals['_WATCHPOLICY']._serialized_end=225
   _globals['_WATCH']._serialized_start=228
-  _globals['_WATCH']._serialized_end=617
-  _globals['_ADDWATCHREQUEST']._serialized_start=619
-  _globals['_ADDWATCHREQUEST']._serialized_end=730
-  _globals['_ADDWATCHRESPONSE']._serialized_start=732
-  _globals['_ADDWATCHRESPONSE']._serialized_end=782
-  _globals['_REMOVEWATCHREQUEST']._serialized_start=784
-  _globals['_REMOVEWATCHREQUEST']._serialized_end=837
-  _globals['_REMOVEWATCHRESPONSE']._serialized_start=839
-  _globals['_REMOVEWATCHRESPONSE']._serialized_end=892
-  _globals['_LISTWATCHESREQUEST']._serialized_start=894
-  _globals['_LISTWATCHESREQUEST']._serialized_end=914
-  _globals['_LISTWATCHESRESPONSE']._serialized_start=916
-  _globals['_LISTWATCHESRESPONSE']._serialized_end=971
-  _globals['_FOLLOWWATCHESREQUEST']._serialized_start=973
-  _globals['_FOLLOWWATCHESREQUEST']._serialized_end=995
-  _globals['_WATCHLIST']._serialized_start=997
-  _globals['_WATCHLIST']._serialized_end=1042
-  _globals['_FOLLOWWATCHESRESPONSE']._serialized_start=1045
-  _globals['_FOLLOWWATCHESRESPONSE']._serialized_end=1181
-  _globals['_WATCHSERVICE']._serialized_start=1443
-  _globals['_WATCHSERVICE']._serialized_end=1760
+  _globals['_WATCH']._serialized_end=658
+  _globals['_ADDWATCHREQUEST']._serialized_start=660
+  _globals['_ADDWATCHREQUEST']._serialized_end=771
+  _globals['_ADDWATCHRESPONSE']._serialized_start=773
+  _globals['_ADDWATCHRESPONSE']._serialized_end=823
+  _globals['_REMOVEWATCHREQUEST']._serialized_start=825
+  _globals['_REMOVEWATCHREQUEST']._serialized_end=878
+  _globals['_REMOVEWATCHRESPONSE']._serialized_start=880
+  _globals['_REMOVEWATCHRESPONSE']._serialized_end=933
+  _globals['_LISTWATCHESREQUEST']._serialized_start=935
+  _globals['_LISTWATCHESREQUEST']._serialized_end=955
+  _globals['_LISTWATCHESRESPONSE']._serialized_start=957
+  _globals['_LISTWATCHESRESPONSE']._serialized_end=1012
+  _globals['_FOLLOWWATCHESREQUEST']._serialized_start=1014
+  _globals['_FOLLOWWATCHESREQUEST']._serialized_end=1036
+  _globals['_WATCHLIST']._serialized_start=1038
+  _globals['_WATCHLIST']._serialized_end=1083
+  _globals['_FOLLOWWATCHESRESPONSE']._serialized_start=1086
+  _globals['_FOLLOWWATCHESRESPONSE']._serialized_end=1222
+  _globals['_WATCHSERVICE']._serialized_start=1484
+  _globals['_WATCHSERVICE']._serialized_end=1801
 # @@protoc_insertion_point(module_scope)

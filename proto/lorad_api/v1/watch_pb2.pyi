@@ -52,7 +52,7 @@ class WatchPolicy(_message.Message):
     def __init__(self, quiet_seconds: _Optional[float] = ..., min_new_images: _Optional[int] = ..., mode: _Optional[_Union[WatchMode, str]] = ..., continue_steps: _Optional[int] = ..., publish_dir: _Optional[str] = ..., polling: _Optional[bool] = ...) -> None: ...
 
 class Watch(_message.Message):
-    __slots__ = ("watch_id", "folder", "config_path", "policy", "state", "error", "hint", "images_seen", "new_images", "last_job_id", "version", "latest_output", "published_path", "created_at", "updated_at")
+    __slots__ = ("watch_id", "folder", "config_path", "policy", "state", "error", "hint", "images_seen", "new_images", "last_job_id", "version", "latest_output", "published_path", "created_at", "updated_at", "base_dir", "pending_files")
     WATCH_ID_FIELD_NUMBER: _ClassVar[int]
     FOLDER_FIELD_NUMBER: _ClassVar[int]
     CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class Watch(_message.Message):
     PUBLISHED_PATH_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FILES_FIELD_NUMBER: _ClassVar[int]
     watch_id: str
     folder: str
     config_path: str
@@ -83,7 +85,9 @@ class Watch(_message.Message):
     published_path: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, watch_id: _Optional[str] = ..., folder: _Optional[str] = ..., config_path: _Optional[str] = ..., policy: _Optional[_Union[WatchPolicy, _Mapping]] = ..., state: _Optional[_Union[WatchState, str]] = ..., error: _Optional[str] = ..., hint: _Optional[str] = ..., images_seen: _Optional[int] = ..., new_images: _Optional[int] = ..., last_job_id: _Optional[str] = ..., version: _Optional[int] = ..., latest_output: _Optional[str] = ..., published_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    base_dir: str
+    pending_files: int
+    def __init__(self, watch_id: _Optional[str] = ..., folder: _Optional[str] = ..., config_path: _Optional[str] = ..., policy: _Optional[_Union[WatchPolicy, _Mapping]] = ..., state: _Optional[_Union[WatchState, str]] = ..., error: _Optional[str] = ..., hint: _Optional[str] = ..., images_seen: _Optional[int] = ..., new_images: _Optional[int] = ..., last_job_id: _Optional[str] = ..., version: _Optional[int] = ..., latest_output: _Optional[str] = ..., published_path: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., base_dir: _Optional[str] = ..., pending_files: _Optional[int] = ...) -> None: ...
 
 class AddWatchRequest(_message.Message):
     __slots__ = ("folder", "config_path", "base_dir", "policy")
