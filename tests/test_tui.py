@@ -252,3 +252,48 @@ def test_a_resumed_job_curve_does_not_double_back_and_replayed_events_are_not_re
     assert view.steps == [1, 2, 3, 4, 5, 6]
     assert view.losses[3:] == [1.0 / 4, 1.0 / 5, 1.0 / 6]
     assert view.log[: len(lines)] == lines and "training resumes at step 3 of 10" in view.log[-1][1]
+
+
+def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon, tmp_path: Path) -> None:
+    from PIL import Image
+    from textual.widgets import Input, Select
+
+    from lorad.models.tiny_captioners import build_tiny_wd14
+    from lorad_api.v1 import caption_pb2
+    from lorad_tui.screens.captions import CaptionsScreen
+
+    tagger = build_tiny_wd14(tmp_path / "wd14")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, colour in (("red.png", (230, 20, 20)), ("blue.png", (20, 20, 230))):
+        Image.new("RGB", (40, 30), colour).save(data / name)
+    metadata = data / "metadata.csv"
+
+    async def scenario() -> None:
+        app = LoradApp(base_dir=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.connected and "lorad 0.1.0" in screen_text(app), "the dashboard")
+            await pilot.press("t")
+            await wait_until(pilot, lambda: isinstance(app.screen, CaptionsScreen), "the captions screen")
+            screen = app.screen
+            await pilot.press(*"data")  # the folder field has the focus
+            screen.query_one("#captioner", Select).value = caption_pb2.CAPTIONER_KIND_WD14
+            screen.query_one("#caption-model", Input).value = str(tagger)
+            await pilot.click("#caption-button")
+            await wait_until(pilot, lambda: "done: 2 captioned, 0 kept, 0 failed" in screen_text(app),
+                             "the captioning to finish", timeout=60)
+            await wait_until(pilot, lambda: "csv · lorad" in screen_text(app), "the listing after it")
+            generated = metadata.read_text()
+            assert "blue.png,\"tiny hero, blue theme" in generated
+
+            await pilot.press("home", "e")  # the first image: blue.png
+            await pilot.press("end", *", edited", "enter")
+            await wait_until(pilot, lambda: "✎ not saved" in screen_text(app), "the unsaved edit")
+            assert metadata.read_text() == generated  # nothing written before the save
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: "saved 1 caption" in screen_text(app), "the save")
+            assert "✎ not saved" not in screen_text(app)
+
+    run(scenario())
+    rows = dict(line.split(",", 1) for line in metadata.read_text().splitlines()[1:])
+    assert rows["blue.png"].endswith(', edited"') and "edited" not in rows["red.png"]
