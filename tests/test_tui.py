@@ -296,9 +296,13 @@ def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon
             await wait_until(pilot, lambda: "saved 1 caption" in screen_text(app), "the save")
             assert "✎ not saved" not in screen_text(app)
 
+            await pilot.press("end", "e", "ctrl+u")  # the last image: red.png, cleared; ctrl+s while still typing
+            await pilot.press(*"a red square", "ctrl+s")
+            await wait_until(pilot, lambda: "a red square" in metadata.read_text(), "the second save")
+
     run(scenario())
     rows = dict(line.split(",", 1) for line in metadata.read_text().splitlines()[1:])
-    assert rows["blue.png"].endswith(', edited"') and "edited" not in rows["red.png"]
+    assert rows["blue.png"].endswith(', edited"') and rows["red.png"] == "a red square"
 
 
 def test_watched_folders_follow_the_stream() -> None:

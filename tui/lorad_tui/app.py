@@ -4,7 +4,9 @@ Data flow: workers (threads: the client is synchronous gRPC) make every network 
 the results as messages; the App's handlers, on the UI thread, fold them into ``self.view`` and
 tell each screen on the stack ``ViewChanged``; screens redraw from the view. What the user asks
 for (open a job, submit, cancel) comes back up from the screens as messages, and the App runs
-the call in a worker. Screens never touch the network.
+the call in a worker. The core screens never touch the network; section screens of optional
+services (captions, watches) run their own calls in workers through the App's client
+(``lorad_tui.section_calls``), and hand a lost daemon back to the App.
 
 Connection: at start, and whenever a call finds the daemon gone (``DaemonUnavailable``), the App
 shows the daemon-down screen and retries every ``retry_seconds`` in a worker, discovering the

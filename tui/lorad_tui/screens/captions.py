@@ -18,6 +18,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Input, ProgressBar, Select, Static
 
@@ -68,8 +69,10 @@ class CaptionEditor(Input):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "drop", "Drop the edit", key_display="esc")]
 
     def action_drop(self) -> None:
-        self.value = ""
-        self.screen.query_one("#captions-table", DataTable).focus()
+        self.post_message(self.Dropped())
+
+    class Dropped(Message):
+        """The user dropped the edit in progress."""
 
 
 class CaptionsScreen(Screen[None]):
@@ -298,6 +301,14 @@ class CaptionsScreen(Screen[None]):
         editor.border_title = rel
         editor.focus()
         editor.cursor_position = len(editor.value)
+        self.refresh_bindings()
+
+    def on_caption_editor_dropped(self, message: CaptionEditor.Dropped) -> None:
+        self._editing = None
+        editor = self.query_one("#caption-edit", CaptionEditor)
+        editor.value, editor.border_title = "", None
+        self.query_one("#captions-table", DataTable).focus()
+        self.refresh_bindings()
 
     def _keep_edit(self, value: str) -> None:
         rel, self._editing = self._editing, None
@@ -324,6 +335,9 @@ class CaptionsScreen(Screen[None]):
         self.refresh_bindings()
 
     def action_save(self) -> None:
+        editor = self.query_one("#caption-edit", CaptionEditor)
+        if self._editing is not None and editor.has_focus:
+            self._keep_edit(editor.value)  # ctrl+s while typing saves what is typed too
         if not self.edits:
             self.notify("no edits to save", severity="warning")
             return
@@ -363,7 +377,7 @@ class CaptionsScreen(Screen[None]):
         if action == "caption":
             return self._stream is None
         if action == "save":
-            return True if self.edits else None
+            return True if self.edits or self._editing is not None else None
         if action == "edit":
             return self.selected() is not None
         return True
