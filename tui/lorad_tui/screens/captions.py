@@ -52,7 +52,7 @@ def source_text(row: CaptionRowView, *, edited: bool) -> Text:
     """The From cell: where the caption lives, who wrote it, or that an edit is not saved yet."""
     if edited:
         return Text("✎ not saved", style="bold yellow")
-    style = "dim" if row.source.startswith("none") else ("green" if "new" in row.source else "")
+    style = {"none": "dim", "✓ new": "green", "failed": "bold red"}.get(row.source, "")
     return Text(row.source, style=style)
 
 
