@@ -12,20 +12,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
+from textual.widgets import Input, Select
 
 from lorad.config import parse_config_text
 from lorad.errors import ConfigError
+from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server import RunningDaemon
+from lorad_api.v1 import caption_pb2
 from lorad_api.v1.jobs_pb2 import JobInterrupted, Step, TrainingStarted
+from lorad_api.v1.watch_pb2 import WATCH_STATE_IDLE, FollowWatchesResponse, Watch, WatchList
 from lorad_client import JOB_STATE_CANCELLED, Job, JobEvent, LoradClient, Progress
 from lorad_tui import LoradApp
+from lorad_tui.screens.captions import CaptionsScreen
+from lorad_tui.screens.confirm import ConfirmScreen
 from lorad_tui.screens.dashboard import DashboardScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
 from lorad_tui.screens.offline import HEADLINE, OfflineScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
-from lorad_tui.state import JobView
+from lorad_tui.screens.watches import WatchesScreen
+from lorad_tui.state import DaemonView, JobView
 from tests.conftest import run_daemon, tiny_train_values, write_config
 from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
+from tests.test_tui_snapshots import FakeClient, FakeStream
 
 # Wide enough that the long temporary paths in the outputs fit on one line.
 SIZE = (200, 50)
@@ -252,3 +261,100 @@ def test_a_resumed_job_curve_does_not_double_back_and_replayed_events_are_not_re
     assert view.steps == [1, 2, 3, 4, 5, 6]
     assert view.losses[3:] == [1.0 / 4, 1.0 / 5, 1.0 / 6]
     assert view.log[: len(lines)] == lines and "training resumes at step 3 of 10" in view.log[-1][1]
+
+
+def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon, tmp_path: Path) -> None:
+    tagger = build_tiny_wd14(tmp_path / "wd14")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, colour in (("red.png", (230, 20, 20)), ("blue.png", (20, 20, 230))):
+        Image.new("RGB", (40, 30), colour).save(data / name)
+    metadata = data / "metadata.csv"
+
+    async def scenario() -> None:
+        app = LoradApp(base_dir=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.connected and "lorad 0.1.0" in screen_text(app), "the dashboard")
+            await pilot.press("t")
+            await wait_until(pilot, lambda: isinstance(app.screen, CaptionsScreen), "the captions screen")
+            screen = app.screen
+            await pilot.press(*"data")  # the folder field has the focus
+            screen.query_one("#captioner", Select).value = caption_pb2.CAPTIONER_KIND_WD14
+            screen.query_one("#caption-model", Input).value = str(tagger)
+            await pilot.click("#caption-button")
+            await wait_until(pilot, lambda: "done: 2 captioned, 0 kept, 0 failed" in screen_text(app),
+                             "the captioning to finish", timeout=60)
+            await wait_until(pilot, lambda: "csv · lorad" in screen_text(app), "the listing after it")
+            generated = metadata.read_text()
+            assert "blue.png,\"tiny hero, blue theme" in generated
+
+            await pilot.press("home", "e")  # the first image: blue.png
+            await pilot.press("end", *", edited", "enter")
+            await wait_until(pilot, lambda: "✎ not saved" in screen_text(app), "the unsaved edit")
+            assert metadata.read_text() == generated  # nothing written before the save
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: "saved 1 caption" in screen_text(app), "the save")
+            assert "✎ not saved" not in screen_text(app)
+
+            await pilot.press("end", "e", "ctrl+u")  # the last image: red.png, cleared; ctrl+s while still typing
+            await pilot.press(*"a red square", "ctrl+s")
+            await wait_until(pilot, lambda: "a red square" in metadata.read_text(), "the second save")
+
+    run(scenario())
+    rows = dict(line.split(",", 1) for line in metadata.read_text().splitlines()[1:])
+    assert rows["blue.png"].endswith(', edited"') and rows["red.png"] == "a red square"
+
+
+def test_watched_folders_follow_the_stream() -> None:
+    view = DaemonView()
+    view.apply_watches(FollowWatchesResponse(snapshot=WatchList(watches=[Watch(watch_id="a", folder="/a"),
+                                                                         Watch(watch_id="b", folder="/b")])))
+    view.apply_watches(FollowWatchesResponse(changed=Watch(watch_id="c", folder="/c")))
+    view.apply_watches(FollowWatchesResponse(changed=Watch(watch_id="a", folder="/a", new_images=3)))
+    view.apply_watches(FollowWatchesResponse(removed_watch_id="b"))
+    assert [(w.watch_id, w.new_images) for w in view.watches.values()] == [("a", 3), ("c", 0)]
+
+
+def test_add_and_remove_a_watch_from_the_watches_screen(tmp_path: Path) -> None:
+    """Against a fake daemon that serves WatchService (the real one is another branch's work)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "style.yaml").write_text("lora_rank: 8\n")
+    (tmp_path / "photos").mkdir()
+    calls: list[tuple[object, ...]] = []
+
+    class WatchingClient(FakeClient):
+        def follow_watches(self) -> FakeStream:
+            return FakeStream([FollowWatchesResponse(snapshot=WatchList())])
+
+        def add_watch(self, folder: str, config_path: str, **policy: object) -> Watch:
+            calls.append(("add", folder, config_path, policy))
+            return Watch(watch_id="w-9", folder=str(tmp_path / folder), config_path=str(tmp_path / config_path),
+                         state=WATCH_STATE_IDLE, images_seen=12)
+
+        def remove_watch(self, watch: str, *, base_dir: str | None = None) -> Watch:
+            calls.append(("remove", watch))
+            return Watch(watch_id=watch, folder=str(tmp_path / "photos"))
+
+    async def scenario() -> None:
+        app = LoradApp(connect=WatchingClient, base_dir=tmp_path, refresh_seconds=3600)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await wait_until(pilot, lambda: app.connected and "Watched folders" in screen_text(app)
+                             and "press w to watch a folder" in screen_text(app), "the empty watches panel")
+            await pilot.press("w")
+            await wait_until(pilot, lambda: isinstance(app.screen, WatchesScreen), "the watches screen")
+            tree = app.screen.query_one(ConfigTree)
+            await pick_in_tree(pilot, tree, Path("configs/style.yaml"))
+            await pick_in_tree(pilot, tree, Path("photos"))  # below configs/: the tree is walked downwards
+            await pilot.click("#watch-add")
+            await wait_until(pilot, lambda: calls and re.search(r"/photos +idle +12 ", screen_text(app)),
+                             "the new watch")
+            assert calls[0] == ("add", "photos", "configs/style.yaml", {"base_dir": str(tmp_path), "mode": "continue"})
+            app.screen.query_one("#watch-table").focus()
+            await pilot.press("d")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
+            await pilot.press("y")
+            await wait_until(pilot, lambda: len(calls) == 2 and "no folder is watched" in screen_text(app),
+                             "the watch removed")
+            assert calls[1] == ("remove", "w-9")
+
+    run(scenario())

@@ -16,6 +16,21 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from textual.pilot import Pilot
 
+from lorad_api.v1.caption_pb2 import (
+    CAPTION_FORMAT_CSV,
+    CAPTION_SOURCE_CSV,
+    CAPTION_SOURCE_SIDECAR,
+    CAPTION_STATUS_CAPTIONED,
+    CAPTION_STATUS_KEPT,
+    CaptionerReady,
+    CaptionFinished,
+    CaptionImagesResponse,
+    CaptionPlanned,
+    CaptionRow,
+    ImageCaption,
+    ListCaptionsResponse,
+    SetCaptionsResponse,
+)
 from lorad_api.v1.jobs_pb2 import (
     DataReport,
     JobQueued,
@@ -28,6 +43,16 @@ from lorad_api.v1.jobs_pb2 import (
 )
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import Device, GetStatusResponse
+from lorad_api.v1.watch_pb2 import (
+    WATCH_MODE_CONTINUE,
+    WATCH_MODE_RETRAIN,
+    WATCH_STATE_ERROR,
+    WATCH_STATE_IDLE,
+    FollowWatchesResponse,
+    Watch,
+    WatchList,
+    WatchPolicy,
+)
 from lorad_client import (
     JOB_STATE_FAILED,
     JOB_STATE_QUEUED,
@@ -40,8 +65,10 @@ from lorad_client import (
 )
 from lorad_tui import LoradApp
 from lorad_tui.connection import DaemonClient, JobStream
+from lorad_tui.screens.captions import CaptionsScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
+from lorad_tui.screens.watches import WatchesScreen
 from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
 
 NOW = 1_750_000_000.0  # the fixed "now" of every snapshot
@@ -66,10 +93,12 @@ RUNNING = Job(job_id="a1b2c3d4e5", name="watercolor_style", state=JOB_STATE_RUNN
               progress=Progress(step=60, total_steps=100, epoch=3, loss=loss_at(60), lr=1e-4, steps_per_second=2.5,
                                 eta_seconds=16))
 QUEUED = Job(job_id="f6g7h8i9j0", name="ink_portraits", state=JOB_STATE_QUEUED, created_at=stamp(120), queue_position=1)
+# Long output paths: at 80 columns they must wrap under their own column, not under the labels.
+DONE_DIR = "/home/ada/projects/game_assets/loras/pixel_art"
 DONE = Job(job_id="k1l2m3n4o5", name="pixel_art", state=JOB_STATE_SUCCEEDED, created_at=stamp(7200),
-           started_at=stamp(7100), finished_at=stamp(6000), output_dir="/home/ada/loras/pixel_art",
-           outputs={"kohya": "/home/ada/loras/pixel_art/pixel_art.safetensors",
-                    "diffusers": "/home/ada/loras/pixel_art/pytorch_lora_weights.safetensors"},
+           started_at=stamp(7100), finished_at=stamp(6000), output_dir=DONE_DIR,
+           outputs={"kohya": f"{DONE_DIR}/pixel_art.safetensors",
+                    "diffusers": f"{DONE_DIR}/pytorch_lora_weights.safetensors"},
            progress=Progress(step=400, total_steps=400, epoch=10, loss=0.0712, lr=1e-4, steps_per_second=3.1))
 FAILED = Job(job_id="p6q7r8s9t0", name="big_batch", state=JOB_STATE_FAILED, created_at=stamp(90000),
              started_at=stamp(89990), finished_at=stamp(89900), error="CUDA out of memory",
@@ -100,13 +129,53 @@ def running_history() -> list[WatchJobResponse]:
     return [WatchJobResponse(job=RUNNING), *events]
 
 
-class FakeStream:
-    """A WatchJob stream that replays fixed messages, then ends."""
+CAPTION_ROWS = [
+    CaptionRow(path="autumn_lake.png", caption="ohwx, a watercolor painting of a lake with autumn trees",
+               source=CAPTION_SOURCE_CSV, generated=True),
+    CaptionRow(path="harbour_boats.jpg", caption="ohwx, boats in a small harbour at dawn, soft washes of blue",
+               source=CAPTION_SOURCE_CSV),
+    CaptionRow(path="portraits/old_fisherman_with_a_very_long_file_name.png",
+               caption="ohwx, a watercolor portrait of an old fisherman", source=CAPTION_SOURCE_CSV, generated=True),
+    CaptionRow(path="sketch.webp", caption="ohwx, a pencil sketch of a bridge", source=CAPTION_SOURCE_SIDECAR),
+]
 
-    def __init__(self, items: list[WatchJobResponse]) -> None:
+
+def caption_run() -> list[CaptionImagesResponse]:
+    """What CaptionImages sends for the folder above: one kept, three captioned."""
+    items = [CaptionImagesResponse(planned=CaptionPlanned(folder="/home/ada/data/watercolor", images_found=4,
+                                                          to_caption=3, to_keep=1, format=CAPTION_FORMAT_CSV)),
+             CaptionImagesResponse(image=ImageCaption(path="harbour_boats.jpg", status=CAPTION_STATUS_KEPT,
+                                                      caption=CAPTION_ROWS[1].caption, done=1, total=4)),
+             CaptionImagesResponse(captioner_ready=CaptionerReady(captioner="wd14", model_version="wd14 (9083 tags)",
+                                                                  seconds=2.5))]
+    items += [CaptionImagesResponse(image=ImageCaption(path=row.path, status=CAPTION_STATUS_CAPTIONED,
+                                                       caption=row.caption, done=done, total=4))
+              for done, row in enumerate([CAPTION_ROWS[0], *CAPTION_ROWS[2:]], start=2)]
+    items.append(CaptionImagesResponse(finished=CaptionFinished(
+        folder="/home/ada/data/watercolor", images_found=4, captioned=3, kept=1, seconds=4.25,
+        format=CAPTION_FORMAT_CSV, written_to="/home/ada/data/watercolor/metadata.csv")))
+    return items
+
+
+WATCHES = [
+    Watch(watch_id="w-1", folder="/home/ada/data/watercolor", config_path="/home/ada/configs/watercolor.yaml",
+          policy=WatchPolicy(quiet_seconds=10, min_new_images=1, mode=WATCH_MODE_CONTINUE, continue_steps=200),
+          state=WATCH_STATE_IDLE, images_seen=24, new_images=0, last_job_id=RUNNING.job_id, version=3,
+          latest_output="/home/ada/loras/watercolor_style/watercolor_style_v3.safetensors"),
+    Watch(watch_id="w-2", folder="/mnt/nas/photos/ink", config_path="/home/ada/configs/ink.yaml",
+          policy=WatchPolicy(quiet_seconds=30, min_new_images=5, mode=WATCH_MODE_RETRAIN, polling=True),
+          state=WATCH_STATE_ERROR, images_seen=0, error="/mnt/nas/photos/ink cannot be read: permission denied",
+          hint="give the daemon's user read access to the folder, then add the watch again"),
+]
+
+
+class FakeStream:
+    """A stream (WatchJob, CaptionImages, FollowWatches) that replays fixed messages, then ends."""
+
+    def __init__(self, items: list) -> None:
         self.items = items
 
-    def __iter__(self) -> Iterator[WatchJobResponse]:
+    def __iter__(self) -> Iterator:
         return iter(self.items)
 
     def cancel(self) -> None:
@@ -150,6 +219,33 @@ class FakeClient:
     def health(self, service: str = "") -> str:
         return "SERVING"
 
+    # CaptionService: a folder of four images, captioned with WD14 (three new, one kept)
+
+    def caption_images(self, folder: str | Path, *, base_dir: str | Path, captioner: int = 0,
+                       model: str = "") -> FakeStream:
+        return FakeStream(caption_run())
+
+    def list_captions(self, folder: str | Path, *, base_dir: str | Path) -> ListCaptionsResponse:
+        return ListCaptionsResponse(folder="/home/ada/data/watercolor", rows=CAPTION_ROWS,
+                                    format=CAPTION_FORMAT_CSV, written_to="/home/ada/data/watercolor/metadata.csv")
+
+    def set_captions(self, folder: str | Path, edits: object, *, base_dir: str | Path) -> SetCaptionsResponse:
+        raise AssertionError("the snapshot tests save nothing")
+
+    # WatchService: two watched folders, one of them in error
+
+    def list_watches(self) -> list[Watch]:
+        return list(WATCHES)
+
+    def follow_watches(self) -> FakeStream:
+        return FakeStream([FollowWatchesResponse(snapshot=WatchList(watches=WATCHES))])
+
+    def add_watch(self, folder: str, config_path: str, **policy: object) -> Watch:
+        raise AssertionError("the snapshot tests add no watch")
+
+    def remove_watch(self, watch: str, *, base_dir: str | None = None) -> Watch:
+        raise AssertionError("the snapshot tests remove no watch")
+
     def close(self) -> None:
         pass
 
@@ -167,6 +263,7 @@ async def settled(pilot: Pilot) -> None:
     app = pilot.app
     assert isinstance(app, LoradApp)
     await wait_until(pilot, lambda: app.connected and len(app.view.order) == 4 and app.view.models
+                     and len(app.view.watches) == 2
                      and RUNNING.job_id in app.view.jobs and len(app.view.jobs[RUNNING.job_id].losses) == 60,
                      "the fake daemon's data")
     await wait_until(pilot, lambda: "60/100  60%" in screen_text(app) and "12m34s" in screen_text(app),
@@ -216,3 +313,52 @@ def test_submit_with_problems(snap_compare, submit_dir: Path) -> None:
         await wait_until(pilot, lambda: "6 problems" in screen_text(pilot.app), "the verdict")
 
     assert snap_compare(fake_app(submit_dir), terminal_size=SIZE, run_before=pick_bad_config)
+
+
+def test_captions_after_captioning_with_an_unsaved_edit(snap_compare) -> None:
+    async def caption_and_edit(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("t")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, CaptionsScreen), "the captions screen")
+        await pilot.press(*"data/watercolor")
+        await pilot.click("#caption-button")
+        await wait_until(pilot, lambda: "done: 3 captioned, 1 kept" in screen_text(pilot.app)
+                         and "csv · lorad" in screen_text(pilot.app), "the captions listed")
+        await pilot.press("down", "e", "end", *" under a grey sky", "enter")
+        await wait_until(pilot, lambda: "✎ not saved" in screen_text(pilot.app), "the edit")
+        pilot.app.clear_notifications()
+
+    assert snap_compare(fake_app(), terminal_size=SIZE, run_before=caption_and_edit)
+
+
+def test_captions_at_80x24(snap_compare) -> None:
+    async def listed(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("t")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, CaptionsScreen), "the captions screen")
+        await pilot.press(*"data/watercolor", "enter")
+        await wait_until(pilot, lambda: "4 images" in screen_text(pilot.app), "the captions listed")
+
+    assert snap_compare(fake_app(), terminal_size=(80, 24), run_before=listed)
+
+
+def test_watches(snap_compare, submit_dir: Path) -> None:
+    async def open_watches(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("w")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, WatchesScreen), "the watches screen")
+        await pilot.click("#watch-table", offset=(4, 2))  # the second row (under the header): the watch in error
+        await wait_until(pilot, lambda: "permission denied" in screen_text(pilot.app), "the error's detail")
+
+    assert snap_compare(fake_app(submit_dir), terminal_size=SIZE, run_before=open_watches)
+
+
+def test_finished_job_at_80x24(snap_compare) -> None:
+    """The outputs block of a finished job in a small terminal: long paths wrap indented."""
+    async def open_finished_job(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("down", "down", "enter")  # the third row: the finished job
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, JobDetailScreen)
+                         and "✓ LoRA written" in screen_text(pilot.app), "the finished job's detail")
+
+    assert snap_compare(fake_app(), terminal_size=(80, 24), run_before=open_finished_job)

@@ -55,6 +55,8 @@ DEFAULT_TIMEOUT = 10.0
 SUBMIT_TIMEOUT = 60.0
 LOAD_MODEL_TIMEOUT = 900.0
 UNLOAD_MODEL_TIMEOUT = 60.0
+# Listing or writing a folder's captions reads every caption file: a few thousand images on a slow disk.
+CAPTIONS_TIMEOUT = 60.0
 
 _T = TypeVar("_T")
 _M = TypeVar("_M")  # a streamed response message type
@@ -325,6 +327,26 @@ class LoradClient:
         except grpc.RpcError as err:
             raise self._translate(err) from err
         return CaptionStream(call, self._translate)
+
+    def list_captions(self, folder: str | Path, *, base_dir: str | Path, caption_extension: str = "",
+                      timeout: float | None = CAPTIONS_TIMEOUT) -> caption_pb2.ListCaptionsResponse:
+        """Every image of ``folder`` (relative: to ``base_dir``) with its caption, where it comes from and
+        whether lorad generated it. LoradRpcError(INVALID_ARGUMENT) names a missing folder."""
+        request = caption_pb2.ListCaptionsRequest(folder=str(folder), base_dir=_abs_dir(base_dir),
+                                                  caption_extension=caption_extension)
+        return self._unary(self._caption.ListCaptions, request, timeout)
+
+    def set_captions(self, folder: str | Path, edits: Mapping[str, str] | Sequence[tuple[str, str]], *,
+                     base_dir: str | Path, caption_extension: str = "",
+                     timeout: float | None = CAPTIONS_TIMEOUT) -> caption_pb2.SetCaptionsResponse:
+        """Write caption ``edits`` (image path relative to the folder → caption) where the folder keeps
+        its captions; they count as the user's from then on. Nothing is written when any edit is bad:
+        LoradRpcError(INVALID_ARGUMENT) names each path outside the folder or not one of its images."""
+        pairs = edits.items() if isinstance(edits, Mapping) else edits
+        request = caption_pb2.SetCaptionsRequest(
+            folder=str(folder), base_dir=_abs_dir(base_dir), caption_extension=caption_extension,
+            edits=[caption_pb2.CaptionEdit(path=path, caption=caption) for path, caption in pairs])
+        return self._unary(self._caption.SetCaptions, request, timeout)
 
     # -- SystemService and health ---------------------------------------------------------------
 

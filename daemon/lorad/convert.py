@@ -230,3 +230,29 @@ def watch_change_to_proto(change: Any) -> watch_pb2.FollowWatchesResponse:
     if change.view is not None:
         return watch_pb2.FollowWatchesResponse(changed=watch_to_proto(change.view))
     return watch_pb2.FollowWatchesResponse(removed_watch_id=change.removed_id)
+
+CAPTION_SOURCE_TO_PROTO = {"none": caption_pb2.CAPTION_SOURCE_NONE, "csv": caption_pb2.CAPTION_SOURCE_CSV,
+                           "sidecar": caption_pb2.CAPTION_SOURCE_SIDECAR}
+
+
+def caption_rows_to_proto(captions: Any) -> list[caption_pb2.CaptionRow]:
+    """The entries of a FolderCaptions (``lorad.captioning.editing``) as CaptionRow messages."""
+    return [caption_pb2.CaptionRow(path=entry.rel, caption=entry.caption, source=CAPTION_SOURCE_TO_PROTO[entry.source],
+                                   generated=entry.generated, error=entry.error) for entry in captions.entries]
+
+
+def list_captions_to_proto(captions: Any) -> caption_pb2.ListCaptionsResponse:
+    """A FolderCaptions as the ListCaptions answer."""
+    return caption_pb2.ListCaptionsResponse(folder=str(captions.folder), rows=caption_rows_to_proto(captions),
+                                            format=FORMAT_TO_PROTO[captions.format], written_to=captions.written_to)
+
+
+def set_captions_to_proto(captions: Any) -> caption_pb2.SetCaptionsResponse:
+    """The edited images (a FolderCaptions) as the SetCaptions answer."""
+    return caption_pb2.SetCaptionsResponse(rows=caption_rows_to_proto(captions),
+                                           format=FORMAT_TO_PROTO[captions.format], written_to=captions.written_to)
+
+
+def caption_edits_from_proto(edits: Any) -> list[tuple[str, str]]:
+    """SetCaptions edits as (image path, caption) pairs, in the request's order."""
+    return [(edit.path, edit.caption) for edit in edits]

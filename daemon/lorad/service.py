@@ -22,6 +22,7 @@ import yaml
 
 from lorad import __version__
 from lorad.captioning.captioner import CaptionerKey, CaptionerProvider, ProvidedCaptioner
+from lorad.captioning.editing import FolderCaptions
 from lorad.captioning.errors import FolderBusy
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
 from lorad.captioning.updates import CaptionUpdate
@@ -382,6 +383,25 @@ class LoradService:
             yield from caption_folder(request, provide=self._captioner_provider(keep_alive_seconds or None),
                                       should_stop=lambda: not active())
 
+    # --- caption review and edits --------------------------------------------------------------
+    def list_captions(self, *, folder: str, base_dir: str, caption_extension: str = "") -> FolderCaptions:
+        """Every image of a folder with its caption (see :func:`lorad.captioning.editing.list_captions`).
+        ConfigError names a missing folder; DataError a metadata.csv training could not read."""
+        from lorad.captioning.editing import list_captions, resolve_folder
+
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "ListCaptions"), "ListCaptions")
+        return list_captions(root, caption_extension=_caption_extension(caption_extension))
+
+    def set_captions(self, *, folder: str, base_dir: str, edits: Sequence[tuple[str, str]],
+                     caption_extension: str = "") -> FolderCaptions:
+        """Write a person's caption edits into a folder (see :func:`lorad.captioning.editing.set_captions`):
+        ConfigError lists every bad edit before anything is written; FolderBusy while it is being captioned."""
+        from lorad.captioning.editing import resolve_folder, set_captions
+
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "SetCaptions"), "SetCaptions")
+        with self._hold_folder(root, wait=False):
+            return set_captions(root, edits, caption_extension=_caption_extension(caption_extension))
+
     def list_models(self) -> list[ResidentInfo]:
         return self.registry.list()
 
@@ -449,6 +469,12 @@ def _absolute_base_dir(base_dir: str, source: str) -> Path:
         raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
                                          "send the absolute directory relative paths resolve against")], source)
     return Path(base_dir)
+
+
+def _caption_extension(extension: str) -> str:
+    """A sidecar extension as sent ("" = ".txt", "caption" = ".caption")."""
+    extension = extension.strip() or ".txt"
+    return extension if extension.startswith(".") else "." + extension
 
 
 def _measure_model(model: Any) -> int:

@@ -19,11 +19,14 @@ from lorad.convert import (
     FORMAT_FROM_PROTO,
     STATE_FROM_PROTO,
     WATCH_MODE_FROM_PROTO,
+    caption_edits_from_proto,
     caption_options_from_proto,
     caption_update_to_proto,
     event_to_proto,
     job_to_proto,
+    list_captions_to_proto,
     resident_to_proto,
+    set_captions_to_proto,
     status_to_proto,
     watch_change_to_proto,
     watch_to_proto,
@@ -143,6 +146,17 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
                     yield caption_update_to_proto(update)
             finally:
                 updates.close()  # a client that left: release the folder and the captioner now
+
+    def ListCaptions(self, request, context):
+        with rpc_errors(context):
+            return list_captions_to_proto(self.service.list_captions(
+                folder=request.folder, base_dir=request.base_dir, caption_extension=request.caption_extension))
+
+    def SetCaptions(self, request, context):
+        with rpc_errors(context):
+            return set_captions_to_proto(self.service.set_captions(
+                folder=request.folder, base_dir=request.base_dir, edits=caption_edits_from_proto(request.edits),
+                caption_extension=request.caption_extension))
 
 
 class SystemServicer(system_pb2_grpc.SystemServiceServicer):

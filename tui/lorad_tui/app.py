@@ -4,7 +4,9 @@ Data flow: workers (threads: the client is synchronous gRPC) make every network 
 the results as messages; the App's handlers, on the UI thread, fold them into ``self.view`` and
 tell each screen on the stack ``ViewChanged``; screens redraw from the view. What the user asks
 for (open a job, submit, cancel) comes back up from the screens as messages, and the App runs
-the call in a worker. Screens never touch the network.
+the call in a worker. The core screens never touch the network; section screens of optional
+services (captions, watches) run their own calls in workers through the App's client
+(``lorad_tui.section_calls``), and hand a lost daemon back to the App.
 
 Connection: at start, and whenever a call finds the daemon gone (``DaemonUnavailable``), the App
 shows the daemon-down screen and retries every ``retry_seconds`` in a worker, discovering the
@@ -29,7 +31,7 @@ from textual.screen import Screen
 from textual.worker import get_current_worker
 
 from lorad_client import JOB_STATE_RUNNING, DaemonUnavailable, LoradRpcError
-from lorad_tui.connection import Connector, DaemonClient, JobStream, daemon_connector
+from lorad_tui.connection import Connector, DaemonClient, JobStream, WatchesStream, daemon_connector
 from lorad_tui.messages import (
     CallFailed,
     Cancelled,
@@ -48,13 +50,16 @@ from lorad_tui.messages import (
     SubmitRequested,
     Submitted,
     ViewChanged,
+    WatchesStreamed,
 )
+from lorad_tui.screens.captions import CaptionsScreen
 from lorad_tui.screens.dashboard import DashboardScreen
 from lorad_tui.screens.help import HelpScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
 from lorad_tui.screens.offline import OfflineScreen
 from lorad_tui.screens.submit import SubmitScreen
-from lorad_tui.sections import SECTIONS, section
+from lorad_tui.screens.watches import WatchesScreen
+from lorad_tui.sections import SECTIONS, WATCH_SERVICE, section
 from lorad_tui.state import DaemonView, is_final
 
 # The client raises ValueError when a call races with closing its channel (after the daemon went
@@ -135,6 +140,7 @@ class LoradApp(App[None]):
         self._dirty_all = False
         self._dirty_jobs: set[str] = set()
         self._poll_signature: tuple[int, str] | None = None
+        self._watches_stream: WatchesStream | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -156,6 +162,7 @@ class LoradApp(App[None]):
         # sleepers and end the blocking streams, or quitting would hang until the daemon speaks.
         self._stopping.set()
         self._drop_streams()
+        self._stop_watches()
         if self.client is not None:
             self.client.close()
 
@@ -177,7 +184,7 @@ class LoradApp(App[None]):
     def action_open_section(self, name: str) -> None:
         """Open a registered top-level screen (e.g. submit) over the dashboard."""
         if not self._exiting:
-            self.push_screen(section(name).make(self.base_dir))
+            self.push_screen(section(name).make(self.base_dir, self.view))
 
     def action_help(self) -> None:
         if self._exiting or isinstance(self.screen, HelpScreen):
@@ -185,14 +192,25 @@ class LoradApp(App[None]):
         self.push_screen(HelpScreen(self.help_groups()))
 
     def help_groups(self) -> list[tuple[str, list[BindingType]]]:
-        """(title, bindings) of every screen, for the help screen."""
+        """(title, bindings) of every screen, for the help screen. ``escape`` goes back on every
+        screen, so it is listed once, under "Everywhere", not in each screen's group."""
         sections = [binding for binding in self.BINDINGS if isinstance(binding, Binding)
                     and binding.action.startswith("open_section")]
-        return [
-            ("Everywhere", [b for b in self.BINDINGS if b not in sections]),
-            ("Dashboard", [*DashboardScreen.BINDINGS, *sections]),
+        served = [binding for binding, entry in zip(sections, SECTIONS, strict=True) if entry.service in self.services]
+        screens: list[tuple[str, list[BindingType]]] = [
+            ("Dashboard", [*DashboardScreen.BINDINGS, *served]),
             ("Submit", list(SubmitScreen.BINDINGS)),
             ("Job detail", list(JobDetailScreen.BINDINGS)),
+            *((entry.title, list(screen.BINDINGS)) for entry, screen in ((section("captions"), CaptionsScreen),
+                                                                         (section("watches"), WatchesScreen))
+              if entry.service in self.services),
+        ]
+        everywhere = [*(b for b in self.BINDINGS if b not in sections),
+                      Binding("escape", "", "Back, or close a box", key_display="esc")]
+        return [
+            ("Everywhere", everywhere),
+            *((title, [b for b in bindings if not (isinstance(b, Binding) and b.key == "escape")])
+              for title, bindings in screens),
             ("Moving around", [Binding("up,down", "", "Move in a table, tree or list", key_display="↑ ↓"),
                                Binding("tab", "", "Next part of the screen"),
                                Binding("enter", "", "Open, pick or press", key_display="enter")]),
@@ -261,6 +279,9 @@ class LoradApp(App[None]):
         self._following.clear()
         self._poll_loop(message.client)
         self._load_jobs(message.client)
+        self.view.watching = WATCH_SERVICE in message.services
+        if self.view.watching:
+            self._follow_watches(message.client)
         self._changed()
         self.refresh_bindings()
 
@@ -271,6 +292,7 @@ class LoradApp(App[None]):
         self.client = None
         self.workers.cancel_group(self, "poll")
         self._drop_streams()
+        self._stop_watches()
         message.client.close()
         self.refresh_bindings()
         self.post_message(DaemonDown(message.reason))
@@ -335,6 +357,33 @@ class LoradApp(App[None]):
         if self.client is not None:
             self._load_jobs(self.client)
             self._poll_loop(self.client)  # restarts the loop: a refresh now, then every few seconds
+
+    # -- watched folders -----------------------------------------------------------------------
+
+    @work(exclusive=True, thread=True, group="watches")
+    def _follow_watches(self, client: DaemonClient) -> None:
+        """Follow the FollowWatches stream (→ WatchesStreamed) while the daemon serves WatchService."""
+        try:
+            stream = client.follow_watches()
+            self._watches_stream = stream
+            for item in stream:
+                self.post_message(WatchesStreamed(client, item))
+        except DaemonUnavailable as err:
+            self.post_message(ConnectionLost(client, str(err)))
+        except _GONE as err:
+            self.post_message(CallFailed("follow watched folders", str(err)))
+
+    def _stop_watches(self) -> None:
+        stream, self._watches_stream = self._watches_stream, None
+        if stream is not None:
+            stream.cancel()
+
+    @_while_running
+    def on_watches_streamed(self, message: WatchesStreamed) -> None:
+        if message.client is not self.client:
+            return
+        self.view.apply_watches(message.item)
+        self._changed()
 
     # -- following jobs ------------------------------------------------------------------------
 

@@ -7,12 +7,14 @@ then the daemon's discovery file in ``$LORAD_HOME``); tests pass a connector tha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from lorad_api.v1.caption_pb2 import CaptionImagesResponse, ListCaptionsResponse, SetCaptionsResponse
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
+from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch
 from lorad_client import Job, LoradClient, WatchJobResponse
 
 # How long one connection attempt waits for the daemon to answer. Short: a missing daemon should
@@ -24,6 +26,22 @@ class JobStream(Protocol):
     """A WatchJob stream: iterate for messages; ``cancel()`` (from any thread) ends it."""
 
     def __iter__(self) -> Iterator[WatchJobResponse]: ...
+
+    def cancel(self) -> None: ...
+
+
+class CaptionStream(Protocol):
+    """A CaptionImages stream: iterate for messages; ``cancel()`` (from any thread) ends it."""
+
+    def __iter__(self) -> Iterator[CaptionImagesResponse]: ...
+
+    def cancel(self) -> None: ...
+
+
+class WatchesStream(Protocol):
+    """A FollowWatches stream: iterate for messages; ``cancel()`` (from any thread) ends it."""
+
+    def __iter__(self) -> Iterator[FollowWatchesResponse]: ...
 
     def cancel(self) -> None: ...
 
@@ -50,6 +68,28 @@ class DaemonClient(Protocol):
     def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobStream: ...
 
     def health(self, service: str = "") -> str: ...
+
+    # CaptionService (the captions screen)
+
+    def caption_images(self, folder: str | Path, *, base_dir: str | Path, captioner: int = ...,
+                       model: str = "") -> CaptionStream: ...
+
+    def list_captions(self, folder: str | Path, *, base_dir: str | Path) -> ListCaptionsResponse: ...
+
+    def set_captions(self, folder: str | Path, edits: Mapping[str, str], *,
+                     base_dir: str | Path) -> SetCaptionsResponse: ...
+
+    # WatchService (the watches screen and the dashboard's watched folders), when the daemon serves it
+
+    def add_watch(self, folder: str, config_path: str, *, base_dir: str | None = None, quiet_seconds: float = 0,
+                  min_new_images: int = 0, mode: str = "continue", continue_steps: int = 0, publish_dir: str = "",
+                  polling: bool = False) -> Watch: ...
+
+    def remove_watch(self, watch: str, *, base_dir: str | None = None) -> Watch: ...
+
+    def list_watches(self) -> list[Watch]: ...
+
+    def follow_watches(self) -> WatchesStream: ...
 
     def close(self) -> None: ...
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.text import Text
 
+from lorad_api.v1 import watch_pb2
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_client import (
@@ -93,4 +94,60 @@ def status_text(status: GetStatusResponse, uptime: float, running_name: str) -> 
     text.append("\n")
     text.append(f"queue: {status.queue_length} waiting · running: ")
     text.append(running_name or "nothing", style="bold cyan" if running_name else "")
+    return text
+
+
+# -- watched folders ------------------------------------------------------------------------------
+
+WATCH_COLUMNS = ("FOLDER", "STATE", "IMAGES", "NEW", "LORA", "LAST JOB")
+
+WATCH_STATE_NAMES = {
+    watch_pb2.WATCH_STATE_IDLE: ("idle", "green"),
+    watch_pb2.WATCH_STATE_SETTLING: ("settling", "yellow"),
+    watch_pb2.WATCH_STATE_CAPTIONING: ("captioning", "bold cyan"),
+    watch_pb2.WATCH_STATE_TRAINING: ("training", "bold cyan"),
+    watch_pb2.WATCH_STATE_ERROR: ("error", "bold red"),
+}
+
+
+def watch_state_text(watch: watch_pb2.Watch) -> Text:
+    """The watch's state as a coloured word."""
+    name, style = WATCH_STATE_NAMES.get(watch.state, ("unknown", ""))
+    return Text(name, style=style)
+
+
+def shorten_folder(folder: str, width: int) -> str:
+    """``folder`` in at most ``width`` characters: its home shown as ~, its start cut to "…" (the end
+    names the folder, so it is what is kept)."""
+    home = str(Path.home())
+    if folder == home or folder.startswith(home + "/"):
+        folder = "~" + folder[len(home):]
+    return folder if len(folder) <= width else "…" + folder[-(width - 1):]
+
+
+def watch_cells(watch: watch_pb2.Watch, folder_width: int = 40) -> tuple[str | Text, ...]:
+    """The watch table's cells for one watch, in ``WATCH_COLUMNS`` order."""
+    lora = f"v{watch.version}" if watch.version else "-"
+    return (shorten_folder(watch.folder, folder_width), watch_state_text(watch), str(watch.images_seen),
+            str(watch.new_images), lora, watch.last_job_id[:10] or "-")
+
+
+def watch_detail(watch: watch_pb2.Watch) -> Text:
+    """Lines about one watch under its table: config, policy, latest LoRA, or the error and its hint."""
+    policy = watch.policy
+    mode = "retrain" if policy.mode == watch_pb2.WATCH_MODE_RETRAIN else "continue"
+    text = Text()
+    text.append("config: ", style="bold")
+    text.append(f"{watch.config_path}\n")
+    text.append("policy: ", style="bold")
+    text.append(f"{mode}" + (f" {policy.continue_steps} steps" if policy.continue_steps else "")
+                + f" · after {policy.quiet_seconds:g}s quiet · at least {policy.min_new_images} new"
+                + (" · polling" if policy.polling else ""))
+    if watch.state == watch_pb2.WATCH_STATE_ERROR:
+        text.append(f"\n✗ {watch.error}", style="bold red")
+        if watch.hint:
+            text.append(f"\nhint: {watch.hint}")
+    elif watch.latest_output:
+        text.append("\nlatest: ", style="bold")
+        text.append(watch.latest_output + (f" (published to {watch.published_path})" if watch.published_path else ""))
     return text

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from textual.message import Message
 
+from lorad_api.v1.caption_pb2 import CaptionImagesResponse, ListCaptionsResponse, SetCaptionsResponse
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
+from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch
 from lorad_client import Job, WatchJobResponse
 
 if TYPE_CHECKING:
@@ -179,3 +181,82 @@ class SubmitRejected(Message):
     def __init__(self, error: str) -> None:
         super().__init__()
         self.error = error
+
+
+# -- section screens: their own workers → the screen ----------------------------------------------
+# Screens of optional services (captions, watches) make their calls in workers of their own, through
+# the App's client, and post the results to themselves; none of these bubble to the App.
+
+
+class CaptionStreamed(Message):
+    """One message of a CaptionImages stream."""
+
+    bubble = False
+
+    def __init__(self, item: CaptionImagesResponse) -> None:
+        super().__init__()
+        self.item = item
+
+
+class CaptionsListed(Message):
+    """A folder's captions (ListCaptions)."""
+
+    bubble = False
+
+    def __init__(self, listing: ListCaptionsResponse) -> None:
+        super().__init__()
+        self.listing = listing
+
+
+class CaptionsSaved(Message):
+    """SetCaptions wrote the edits; ``saved`` is its answer (the edited rows as they read now)."""
+
+    bubble = False
+
+    def __init__(self, saved: SetCaptionsResponse) -> None:
+        super().__init__()
+        self.saved = saved
+
+
+class SectionCallFailed(Message):
+    """A call of a section screen (``what``: "caption", "list", "save", "add watch", ...) failed;
+    ``error`` is the daemon's text (every problem, with the path or key)."""
+
+    bubble = False
+
+    def __init__(self, what: str, error: str) -> None:
+        super().__init__()
+        self.what = what
+        self.error = error
+
+
+class WatchAdded(Message):
+    """AddWatch took the folder; ``watch`` is its state right after."""
+
+    bubble = False
+
+    def __init__(self, watch: Watch) -> None:
+        super().__init__()
+        self.watch = watch
+
+
+class WatchRemoved(Message):
+    """RemoveWatch stopped watching; ``watch`` is its last state."""
+
+    bubble = False
+
+    def __init__(self, watch: Watch) -> None:
+        super().__init__()
+        self.watch = watch
+
+
+# -- worker → App (watched folders) ---------------------------------------------------------------
+
+
+class WatchesStreamed(Message):
+    """One message of the FollowWatches stream through ``client`` (the snapshot first, then changes)."""
+
+    def __init__(self, client: DaemonClient, item: FollowWatchesResponse) -> None:
+        super().__init__()
+        self.client = client
+        self.item = item

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
+from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch
 from lorad_client import (
     FINAL_STATES,
     JOB_STATE_CANCELLED,
@@ -162,6 +163,10 @@ class DaemonView:
     models_at: float = 0.0
     jobs: dict[str, JobView] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    # Watched folders (id → latest state, oldest first) while the daemon serves WatchService;
+    # ``watching`` is False when it does not, and the watch panels stay hidden.
+    watching: bool = False
+    watches: dict[str, Watch] = field(default_factory=dict)
 
     def set_status(self, status: GetStatusResponse, models: list[ResidentModel], now: float) -> None:
         """Record a status + models refresh taken at ``now``."""
@@ -202,6 +207,17 @@ class DaemonView:
     def keep_alive_left(self, model: ResidentModel, now: float) -> float:
         """Seconds until ``model`` unloads, counted down locally from the last refresh (never < 0)."""
         return max(0.0, model.keep_alive_seconds_left - (now - self.models_at))
+
+    def apply_watches(self, item: FollowWatchesResponse) -> None:
+        """Fold one FollowWatches message in: the snapshot replaces every watch, ``changed`` adds or
+        updates one (an added watch goes last: they are listed oldest first), ``removed_watch_id`` drops one."""
+        kind = item.WhichOneof("item")
+        if kind == "snapshot":
+            self.watches = {watch.watch_id: watch for watch in item.snapshot.watches}
+        elif kind == "changed":
+            self.watches[item.changed.watch_id] = item.changed
+        elif kind == "removed_watch_id":
+            self.watches.pop(item.removed_watch_id, None)
 
     def uptime(self, now: float) -> float:
         """The daemon's uptime, counted up locally from the last status refresh."""

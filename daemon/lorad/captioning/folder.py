@@ -96,7 +96,7 @@ def plan_folder(root: Path, *, format: str = "auto", caption_extension: str = ".
             continue
         caption, problem = csv_captions.get(rel), ""
         if caption is None:
-            caption, problem = _sidecar_caption(path, caption_extension)
+            caption, problem = sidecar_caption(path, caption_extension)
         if overwrite or (caption is None and not problem) or (regenerate and caption is not None
                                                                 and record.is_generated(rel, caption)):
             planned.append(PlannedImage(path, rel, CAPTION))
@@ -107,7 +107,7 @@ def plan_folder(root: Path, *, format: str = "auto", caption_extension: str = ".
     return FolderPlan(root=root, format=fmt, images=tuple(planned))
 
 
-def _sidecar_caption(path: Path, extension: str) -> tuple[str | None, str]:
+def sidecar_caption(path: Path, extension: str) -> tuple[str | None, str]:
     """(caption, "") from the image's sidecar, (None, "") without one (or an empty one), or
     (None, the problem) when it exists but cannot be read."""
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -68,6 +68,11 @@ class CaptionRecord:
     def with_entries(self, updates: Mapping[str, GeneratedCaption]) -> CaptionRecord:
         """A copy with ``updates`` added (replacing older entries for the same images)."""
         return CaptionRecord(self.path, {**self.entries, **updates})
+
+    def without(self, rels: Iterable[str]) -> CaptionRecord:
+        """A copy that no longer lists ``rels``: their captions count as a person's from now on."""
+        drop = set(rels)
+        return CaptionRecord(self.path, {rel: entry for rel, entry in self.entries.items() if rel not in drop})
 
     def save(self) -> None:
         """Write the record atomically (sorted, so it diffs well under version control)."""

@@ -89,3 +89,21 @@ class CaptionWriter:
         self._record = self._record.with_entries(entries)
         self._record.save()
         return written
+
+    def write_edited(self, captions: Mapping[Path, str]) -> None:
+        """Write captions a person edited (absolute image path under ``root`` → caption), as they are
+        (no trigger word added), and drop those images from the caption record: an edited caption is
+        the person's, so ``regenerate`` never replaces it, even when its text equals what lorad wrote."""
+        if not captions:
+            return
+        for path, caption in captions.items():
+            if self._csv is not None:
+                self._csv.set(path.relative_to(self.root).as_posix(), caption)
+            else:
+                write_user_text(sidecar_path(path, self.caption_extension), caption + "\n")
+        if self._csv is not None:
+            self._csv.save()
+        rels = [path.relative_to(self.root).as_posix() for path in captions]
+        if any(rel in self._record.entries for rel in rels):
+            self._record = self._record.without(rels)
+            self._record.save()

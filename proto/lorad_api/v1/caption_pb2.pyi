@@ -27,6 +27,13 @@ class CaptionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPTION_STATUS_CAPTIONED: _ClassVar[CaptionStatus]
     CAPTION_STATUS_KEPT: _ClassVar[CaptionStatus]
     CAPTION_STATUS_FAILED: _ClassVar[CaptionStatus]
+
+class CaptionSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAPTION_SOURCE_UNSPECIFIED: _ClassVar[CaptionSource]
+    CAPTION_SOURCE_NONE: _ClassVar[CaptionSource]
+    CAPTION_SOURCE_CSV: _ClassVar[CaptionSource]
+    CAPTION_SOURCE_SIDECAR: _ClassVar[CaptionSource]
 CAPTIONER_KIND_UNSPECIFIED: CaptionerKind
 CAPTIONER_KIND_BLIP: CaptionerKind
 CAPTIONER_KIND_WD14: CaptionerKind
@@ -38,6 +45,10 @@ CAPTION_STATUS_UNSPECIFIED: CaptionStatus
 CAPTION_STATUS_CAPTIONED: CaptionStatus
 CAPTION_STATUS_KEPT: CaptionStatus
 CAPTION_STATUS_FAILED: CaptionStatus
+CAPTION_SOURCE_UNSPECIFIED: CaptionSource
+CAPTION_SOURCE_NONE: CaptionSource
+CAPTION_SOURCE_CSV: CaptionSource
+CAPTION_SOURCE_SIDECAR: CaptionSource
 
 class CaptionOptions(_message.Message):
     __slots__ = ("max_length", "num_beams", "prompt", "general_threshold", "character_threshold", "exclude_tags", "vocabulary", "top_k")
@@ -178,3 +189,69 @@ class CaptionImagesResponse(_message.Message):
     image: ImageCaption
     finished: CaptionFinished
     def __init__(self, planned: _Optional[_Union[CaptionPlanned, _Mapping]] = ..., captioner_ready: _Optional[_Union[CaptionerReady, _Mapping]] = ..., image: _Optional[_Union[ImageCaption, _Mapping]] = ..., finished: _Optional[_Union[CaptionFinished, _Mapping]] = ...) -> None: ...
+
+class ListCaptionsRequest(_message.Message):
+    __slots__ = ("folder", "base_dir", "caption_extension")
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_EXTENSION_FIELD_NUMBER: _ClassVar[int]
+    folder: str
+    base_dir: str
+    caption_extension: str
+    def __init__(self, folder: _Optional[str] = ..., base_dir: _Optional[str] = ..., caption_extension: _Optional[str] = ...) -> None: ...
+
+class CaptionRow(_message.Message):
+    __slots__ = ("path", "caption", "source", "generated", "error")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    caption: str
+    source: CaptionSource
+    generated: bool
+    error: str
+    def __init__(self, path: _Optional[str] = ..., caption: _Optional[str] = ..., source: _Optional[_Union[CaptionSource, str]] = ..., generated: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListCaptionsResponse(_message.Message):
+    __slots__ = ("folder", "rows", "format", "written_to")
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_TO_FIELD_NUMBER: _ClassVar[int]
+    folder: str
+    rows: _containers.RepeatedCompositeFieldContainer[CaptionRow]
+    format: CaptionFormat
+    written_to: str
+    def __init__(self, folder: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[CaptionRow, _Mapping]]] = ..., format: _Optional[_Union[CaptionFormat, str]] = ..., written_to: _Optional[str] = ...) -> None: ...
+
+class CaptionEdit(_message.Message):
+    __slots__ = ("path", "caption")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    caption: str
+    def __init__(self, path: _Optional[str] = ..., caption: _Optional[str] = ...) -> None: ...
+
+class SetCaptionsRequest(_message.Message):
+    __slots__ = ("folder", "base_dir", "edits", "caption_extension")
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    EDITS_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_EXTENSION_FIELD_NUMBER: _ClassVar[int]
+    folder: str
+    base_dir: str
+    edits: _containers.RepeatedCompositeFieldContainer[CaptionEdit]
+    caption_extension: str
+    def __init__(self, folder: _Optional[str] = ..., base_dir: _Optional[str] = ..., edits: _Optional[_Iterable[_Union[CaptionEdit, _Mapping]]] = ..., caption_extension: _Optional[str] = ...) -> None: ...
+
+class SetCaptionsResponse(_message.Message):
+    __slots__ = ("rows", "format", "written_to")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_TO_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[CaptionRow]
+    format: CaptionFormat
+    written_to: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[CaptionRow, _Mapping]]] = ..., format: _Optional[_Union[CaptionFormat, str]] = ..., written_to: _Optional[str] = ...) -> None: ...

@@ -1,4 +1,4 @@
-"""The dashboard: the daemon's status, the resident models, and the job table."""
+"""The dashboard: the daemon's status, the resident models, the watched folders and the job table."""
 
 from __future__ import annotations
 
@@ -11,10 +11,19 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from lorad_tui.display import JOB_COLUMNS, MODEL_COLUMNS, job_cells, model_cells, status_text
+from lorad_tui.display import (
+    JOB_COLUMNS,
+    MODEL_COLUMNS,
+    WATCH_COLUMNS,
+    job_cells,
+    model_cells,
+    status_text,
+    watch_cells,
+)
 from lorad_tui.messages import CancelRequested, OpenJob, RefreshRequested, ViewChanged
 from lorad_tui.screens.confirm import ConfirmScreen, cancel_question
 from lorad_tui.state import DaemonView, is_final
+from lorad_tui.widgets.tables import key_under_cursor
 from lorad_tui.widgets.title_bar import TitleBar
 
 
@@ -46,6 +55,11 @@ class DashboardScreen(Screen[None]):
         yield DataTable(id="models", cursor_type="none", zebra_stripes=True)
         yield Static("none — a base model loads with the first job that uses it", id="models-empty",
                      classes="empty-note")
+        # Watched folders: only on a daemon that serves WatchService (hidden until it says so).
+        yield Static("Watched folders", classes="section-title watches-part", id="watches-title")
+        yield DataTable(id="watches", cursor_type="none", zebra_stripes=True, classes="watches-part")
+        yield Static("none — press w to watch a folder of images", id="watches-empty",
+                     classes="empty-note watches-part")
         yield Static("Jobs", classes="section-title")
         with Vertical(id="jobs-panel"):
             yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
@@ -57,6 +71,9 @@ class DashboardScreen(Screen[None]):
         models = self.query_one("#models", DataTable)
         for column in MODEL_COLUMNS:
             models.add_column(column, key=column)
+        watches = self.query_one("#watches", DataTable)
+        for column in WATCH_COLUMNS:
+            watches.add_column(column, key=column)
         jobs = self.query_one("#jobs", DataTable)
         for column in JOB_COLUMNS:
             jobs.add_column(column, key=column)
@@ -78,6 +95,7 @@ class DashboardScreen(Screen[None]):
         """Draw status, models and the whole job table from the view."""
         self._draw_status()
         self._draw_models()
+        self._draw_watches()
         self._draw_jobs()
         self._sync_keys()
 
@@ -108,6 +126,19 @@ class DashboardScreen(Screen[None]):
                     table.update_cell(model.model_id, column, cell)
         table.display = bool(keys)
         self.query_one("#models-empty").display = not keys
+
+    def _draw_watches(self) -> None:
+        for part in self.query(".watches-part"):
+            part.display = self.view.watching
+        if not self.view.watching:
+            return
+        table = self.query_one("#watches", DataTable)
+        table.clear()
+        folder_width = max(16, self.size.width - 52)
+        for watch in self.view.watches.values():
+            table.add_row(*watch_cells(watch, folder_width), key=watch.watch_id)
+        table.display = bool(self.view.watches)
+        self.query_one("#watches-empty").display = not self.view.watches
 
     def _draw_jobs(self) -> None:
         table = self.query_one("#jobs", DataTable)
@@ -140,11 +171,7 @@ class DashboardScreen(Screen[None]):
 
     def selected_job_id(self) -> str | None:
         """The id of the job under the table's cursor, or None when the table is empty."""
-        table = self.query_one("#jobs", DataTable)
-        if not table.row_count:
-            return None
-        row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
-        return row_key.value
+        return key_under_cursor(self.query_one("#jobs", DataTable))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("open_job", "cancel_job"):

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
+from rich.console import Group
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -122,7 +124,7 @@ class JobDetailScreen(Screen[None]):
         self.query_one("#job-stats", Static).update(self._stats(view))
         outcome = self._outcome(view)
         self.query_one("#job-outcome", Static).update(outcome)
-        self.query_one("#job-outcome").display = bool(outcome.plain)
+        self.query_one("#job-outcome").display = not isinstance(outcome, Text) or bool(outcome.plain)
 
         plot = self.query_one("#loss-plot", LossPlot)
         plot.set_data(view.steps, view.losses)
@@ -165,22 +167,12 @@ class JobDetailScreen(Screen[None]):
         return Text(" · ".join(parts))
 
     @staticmethod
-    def _outcome(view: JobView) -> Text:
+    def _outcome(view: JobView) -> Text | Group:
         job = view.job
         text = Text()
         if job.state == JOB_STATE_SUCCEEDED:
-            text.append("✓ LoRA written\n", style="bold green")
-            for role, label in OUTPUT_LABELS.items():
-                if role in job.outputs:
-                    text.append(f"  {label + ':':<15}{job.outputs[role]}\n")
-            for role in sorted(set(job.outputs) - set(OUTPUT_LABELS)):
-                text.append(f"  {role + ':':<15}{job.outputs[role]}\n")
-            text.append(f"  {'output folder:':<15}{output_folder(view)}")
-            text.append("  (o copies it)\n", style="dim")
-            text.append(f"  {'use it:':<15}")
-            text.append(lora_snippet(job.name), style="bold")
-            text.append("  (y copies it)", style="dim")
-        elif job.state == JOB_STATE_FAILED:
+            return _succeeded(view)
+        if job.state == JOB_STATE_FAILED:
             text.append(f"✗ failed: {job.error or 'unknown error'}", style="bold red")
             if job.hint:
                 text.append(f"\n  hint: {job.hint}")
@@ -237,3 +229,20 @@ class JobDetailScreen(Screen[None]):
             return
         self.app.copy_to_clipboard(folder)
         self.notify(f"{folder}\n(path copied to the clipboard)", title="output folder")
+
+
+def _succeeded(view: JobView) -> Group:
+    """What a finished job made: each output path, the folder and the prompt snippet, as label/value
+    rows; a path too long for the line breaks under its own column, never under the labels."""
+    job = view.job
+    rows = Table.grid(padding=(0, 1, 0, 0))
+    rows.add_column(no_wrap=True)
+    rows.add_column(overflow="fold")
+    for role, label in OUTPUT_LABELS.items():
+        if role in job.outputs:
+            rows.add_row(f"  {label}:", job.outputs[role])
+    for role in sorted(set(job.outputs) - set(OUTPUT_LABELS)):
+        rows.add_row(f"  {role}:", job.outputs[role])
+    rows.add_row("  output folder:", Text.assemble(output_folder(view), ("  (o copies it)", "dim")))
+    rows.add_row("  use it:", Text.assemble((lora_snippet(job.name), "bold"), ("  (y copies it)", "dim")))
+    return Group(Text("✓ LoRA written", style="bold green"), rows)

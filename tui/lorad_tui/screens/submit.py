@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -139,12 +140,16 @@ class SubmitScreen(Screen[None]):
         self._valid = (path, text)
         verdict.update(Text.assemble(("✓ valid", "bold green"), f" — {self._shown(path)}"))
         steps = f"max {config.max_train_steps} steps" if config.max_train_steps else f"{config.epochs} epochs"
-        problems.update(Text.assemble(
-            ("LoRA ", ""), (f"{config.output_name}", "bold"), f" · rank {config.lora_rank} · {steps}\n",
-            f"base model: {config.base_model}\n",
-            f"data:       {config.train_data_dir}\n",
-            f"output:     {config.output_dir}\n",
-            ("press s (or the button) to queue it", "dim")))
+        # Label/value rows: a long path breaks under its own column, not under the labels.
+        paths = Table.grid(padding=(0, 1, 0, 0))
+        paths.add_column(no_wrap=True)
+        paths.add_column(overflow="fold")
+        paths.add_row("base model:", str(config.base_model))
+        paths.add_row("data:", str(config.train_data_dir))
+        paths.add_row("output:", str(config.output_dir))
+        problems.update(Group(
+            Text.assemble("LoRA ", (f"{config.output_name}", "bold"), f" · rank {config.lora_rank} · {steps}"),
+            paths, Text("press s (or the button) to queue it", style="dim")))
         button.disabled = False
         self.refresh_bindings()
         return True

@@ -23,6 +23,16 @@ class CaptionServiceStub(object):
                 request_serializer=lorad_dot_v1_dot_caption__pb2.CaptionImagesRequest.SerializeToString,
                 response_deserializer=lorad_dot_v1_dot_caption__pb2.CaptionImagesResponse.FromString,
                 )
+        self.ListCaptions = channel.unary_unary(
+                '/lorad.v1.CaptionService/ListCaptions',
+                request_serializer=lorad_dot_v1_dot_caption__pb2.ListCaptionsRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_caption__pb2.ListCaptionsResponse.FromString,
+                )
+        self.SetCaptions = channel.unary_unary(
+                '/lorad.v1.CaptionService/SetCaptions',
+                request_serializer=lorad_dot_v1_dot_caption__pb2.SetCaptionsRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_caption__pb2.SetCaptionsResponse.FromString,
+                )
 
 
 class CaptionServiceServicer(object):
@@ -42,6 +52,25 @@ class CaptionServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCaptions(self, request, context):
+        """Every image of a folder with its caption as training reads it (metadata.csv row first, then the
+        sidecar), where it came from, and whether lorad generated it. INVALID_ARGUMENT for a missing
+        folder; FAILED_PRECONDITION for a metadata.csv training could not read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCaptions(self, request, context):
+        """Replace the captions of some images of a folder, written atomically where the folder keeps its
+        captions; an edited caption counts as a person's from then on (never regenerated). Every edit is
+        checked before anything is written: INVALID_ARGUMENT names each path outside the folder or not
+        one of its images; ABORTED while the folder is being captioned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -49,6 +78,16 @@ def add_CaptionServiceServicer_to_server(servicer, server):
                     servicer.CaptionImages,
                     request_deserializer=lorad_dot_v1_dot_caption__pb2.CaptionImagesRequest.FromString,
                     response_serializer=lorad_dot_v1_dot_caption__pb2.CaptionImagesResponse.SerializeToString,
+            ),
+            'ListCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaptions,
+                    request_deserializer=lorad_dot_v1_dot_caption__pb2.ListCaptionsRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_caption__pb2.ListCaptionsResponse.SerializeToString,
+            ),
+            'SetCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCaptions,
+                    request_deserializer=lorad_dot_v1_dot_caption__pb2.SetCaptionsRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_caption__pb2.SetCaptionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -77,5 +116,39 @@ class CaptionService(object):
         return grpc.experimental.unary_stream(request, target, '/lorad.v1.CaptionService/CaptionImages',
             lorad_dot_v1_dot_caption__pb2.CaptionImagesRequest.SerializeToString,
             lorad_dot_v1_dot_caption__pb2.CaptionImagesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lorad.v1.CaptionService/ListCaptions',
+            lorad_dot_v1_dot_caption__pb2.ListCaptionsRequest.SerializeToString,
+            lorad_dot_v1_dot_caption__pb2.ListCaptionsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def SetCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lorad.v1.CaptionService/SetCaptions',
+            lorad_dot_v1_dot_caption__pb2.SetCaptionsRequest.SerializeToString,
+            lorad_dot_v1_dot_caption__pb2.SetCaptionsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
