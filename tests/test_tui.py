@@ -32,7 +32,7 @@ from lorad_tui.screens.offline import HEADLINE, OfflineScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import DaemonView, JobView
-from tests.conftest import run_daemon, tiny_train_values, write_config
+from tests.conftest import draw_image, run_daemon, tiny_train_values, write_config
 from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
 from tests.test_tui_snapshots import FakeClient, FakeStream
 
@@ -358,3 +358,40 @@ def test_add_and_remove_a_watch_from_the_watches_screen(tmp_path: Path) -> None:
             assert calls[1] == ("remove", "w-9")
 
     run(scenario())
+
+
+def test_watch_a_folder_from_the_tui_and_see_its_lora_published(use_daemon: RunningDaemon, client: LoradClient,
+                                                                tiny_sd: Path, tmp_path: Path) -> None:
+    """The whole watch story from the keyboard, against the real daemon: pick a folder and a template
+    config in the tree, set a short quiet period and a publish folder, add; the folder's images train
+    into `NAME_v1` and the row shows it, with the published copy on disk."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (colour, shape) in enumerate((("red", "circle"), ("blue", "square"), ("green", "triangle"))):
+        draw_image(photos / f"img_{i}.png", colour, shape, (64, 64), seed=i)
+        (photos / f"img_{i}.txt").write_text(f"mystyle, a {colour} {shape}")
+    values = tiny_train_values(tiny_sd, tmp_path / "unused", Path("output/mystyle"), max_train_steps=2)
+    values.pop("metadata_path")
+    write_config(tmp_path / "configs" / "mystyle.yaml", **values)
+
+    async def scenario() -> None:
+        app = LoradApp(base_dir=tmp_path)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await wait_until(pilot, lambda: app.connected and "Watched folders" in screen_text(app), "the panel")
+            await pilot.press("w")
+            await wait_until(pilot, lambda: isinstance(app.screen, WatchesScreen), "the watches screen")
+            tree = app.screen.query_one(ConfigTree)
+            await pick_in_tree(pilot, tree, Path("configs/mystyle.yaml"))
+            await pick_in_tree(pilot, tree, Path("photos"))
+            app.screen.query_one("#watch-quiet", Input).value = "0.3"
+            app.screen.query_one("#watch-publish", Input).value = "webui/models/Lora"
+            await pilot.press("a")
+            await wait_until(pilot, lambda: re.search(r"/photos +idle +3 +0 +v1 ", screen_text(app)),
+                             "the first version in the row", timeout=120)
+
+    run(scenario())
+    (watch,) = client.list_watches()
+    assert watch.policy.quiet_seconds == pytest.approx(0.3) and watch.version == 1
+    assert Path(watch.latest_output).name == "mystyle_v1.safetensors"
+    assert Path(watch.published_path) == tmp_path / "webui" / "models" / "Lora" / "mystyle.safetensors"
+    assert Path(watch.published_path).read_bytes() == Path(watch.latest_output).read_bytes()

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, DirectoryTree, Footer, Input, Select, Static
+from textual.widgets import Button, Checkbox, DataTable, DirectoryTree, Footer, Input, Select, Static
 
 from lorad_tui.display import WATCH_COLUMNS, watch_cells, watch_detail
 from lorad_tui.messages import SectionCallFailed, ViewChanged, WatchAdded, WatchRemoved
@@ -28,7 +28,7 @@ from lorad_tui.state import DaemonView
 from lorad_tui.widgets.tables import key_under_cursor
 from lorad_tui.widgets.title_bar import TitleBar
 
-MODES = (("mode: continue", "continue"), ("mode: retrain", "retrain"))  # see WatchMode in watch.proto
+MODES = (("continue", "continue"), ("retrain", "retrain"))  # see WatchMode in watch.proto
 
 
 class WatchesScreen(Screen[None]):
@@ -53,8 +53,18 @@ class WatchesScreen(Screen[None]):
             with Vertical(id="watch-fields"):
                 yield Input(placeholder="image folder (enter on a folder in the tree)", id="watch-folder")
                 yield Input(placeholder="template config .yaml (enter on a file)", id="watch-config")
-                with Horizontal(id="watch-add-row"):
+                # The policy; an empty field means the daemon's default (WatchPolicy in watch.proto).
+                with Horizontal(id="watch-policy-row"):
                     yield Select(MODES, value="continue", allow_blank=False, id="watch-mode")
+                    yield Input(placeholder="10", type="number", id="watch-quiet", classes="watch-number",
+                                tooltip="seconds without file changes before training (default 10)")
+                    yield Input(placeholder="1", type="integer", id="watch-min-new", classes="watch-number",
+                                tooltip="new images needed before a job (default 1)")
+                    yield Input(placeholder="cfg", type="integer", id="watch-steps", classes="watch-number",
+                                tooltip="steps of a continue job (default: the config's)")
+                with Horizontal(id="watch-add-row"):
+                    yield Input(placeholder="optional", id="watch-publish")
+                    yield Checkbox("poll", id="watch-polling", tooltip="poll the folder (network drives)")
                     yield Button("Add (a)", id="watch-add", variant="primary")
         yield Static("Watched folders", classes="section-title")
         yield DataTable(id="watch-table", cursor_type="row", zebra_stripes=True)
@@ -64,6 +74,10 @@ class WatchesScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        # Labels on the fields' top edges: a placeholder vanishes once a value is typed.
+        for field, label in (("#watch-mode", "mode"), ("#watch-quiet", "quiet"), ("#watch-min-new", "min"),
+                             ("#watch-steps", "steps"), ("#watch-publish", "publish to")):
+            self.query_one(field).border_title = label
         table = self.query_one("#watch-table", DataTable)
         for column in WATCH_COLUMNS:
             table.add_column(column, key=column)
@@ -137,13 +151,37 @@ class WatchesScreen(Screen[None]):
         if not folder or not config:
             self.notify("pick the image folder and the template config first", severity="warning")
             return
-        mode = str(self.query_one("#watch-mode", Select).value)
-        self._add(folder, config, mode)
+        try:
+            policy = self._policy()
+        except ValueError as error:
+            self.notify(str(error), severity="warning")
+            return
+        self._add(folder, config, policy)
+
+    def _policy(self) -> dict[str, object]:
+        """The policy fields as ``add_watch`` keywords; only those set (the daemon fills in the rest and
+        checks the ranges). ValueError names a field that is not a number."""
+        policy: dict[str, object] = {"mode": str(self.query_one("#watch-mode", Select).value)}
+        numbers = (("#watch-quiet", "quiet_seconds", float), ("#watch-min-new", "min_new_images", int),
+                   ("#watch-steps", "continue_steps", int))
+        for field, keyword, kind in numbers:
+            text = self.query_one(field, Input).value.strip()
+            if text:
+                try:
+                    policy[keyword] = kind(text)
+                except ValueError:
+                    raise ValueError(f"{keyword.replace('_', ' ')} must be a number, not {text!r}") from None
+        publish = self.query_one("#watch-publish", Input).value.strip()
+        if publish:
+            policy["publish_dir"] = publish
+        if self.query_one("#watch-polling", Checkbox).value:
+            policy["polling"] = True
+        return policy
 
     @work(exclusive=True, thread=True, group="watch-add")
-    def _add(self, folder: str, config: str, mode: str) -> None:
+    def _add(self, folder: str, config: str, policy: dict[str, object]) -> None:
         call_daemon(self, "add watch", lambda client: WatchAdded(
-            client.add_watch(folder, config, base_dir=str(self.base_dir), mode=mode)))
+            client.add_watch(folder, config, base_dir=str(self.base_dir), **policy)))
 
     def on_watch_added(self, message: WatchAdded) -> None:
         self.view.watches[message.watch.watch_id] = message.watch  # the stream confirms it shortly
