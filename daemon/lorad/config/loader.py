@@ -168,9 +168,9 @@ def _optional_inner(hint: Any) -> Any:
     return None
 
 
-def _convert(name: str, value: Any, base_dir: Path) -> Any:
-    """Convert one raw value to the key's declared type, or raise _Invalid."""
-    hint = _HINTS[name]
+def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _HINTS) -> Any:
+    """Convert one raw value to the key's declared type (``hints``: the config class's), or raise _Invalid."""
+    hint = hints[name]
     inner = _optional_inner(hint)
     if inner is not None:
         if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):

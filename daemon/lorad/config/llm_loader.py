@@ -1,0 +1,172 @@
+"""A mapping of config keys → a validated :class:`LlmTrainConfig`, with every problem at once.
+
+Uses the SD loader's value converters (the YAML spellings of numbers, booleans, paths and lists
+are the same for both tasks) and adds the checks only an LLM config has.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
+from lorad.config.loader import (
+    _DEVICE,
+    _check_choice,
+    _check_range,
+    _convert,
+    _Invalid,
+    _resolve_base_model,
+    _show,
+    _unknown_key_problem,
+    _writable_target,
+)
+from lorad.errors import ConfigError, ConfigProblem
+
+_HINTS = typing.get_type_hints(LlmTrainConfig)
+_PAIR_KEYS = ("columns", "roles")
+_COLUMN_NAMES = ("instruction", "input", "output", "system", "messages", "role", "content", "conversations",
+                 "from", "value", "text")
+# SD keys a user may carry over, with the LLM key that means the same.
+_SD_KEYS = {"train_data_dir": "train_data", "unet_target_modules": "target_modules", "init_lora": "init_adapter",
+            "metadata_path": "train_data", "resolution": "max_seq_len"}
+
+
+def _to_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) and v for v in value.values()):
+        raise _Invalid(f"got {_show(value)}", f"write a mapping such as {name}: {{instruction: question}}")
+    pairs = tuple((str(k), v) for k, v in value.items())
+    if name == "columns":
+        unknown = [k for k, _ in pairs if k not in _COLUMN_NAMES]
+        if unknown:
+            raise _Invalid(f"unknown field {unknown[0]!r}", "map one of: " + ", ".join(_COLUMN_NAMES))
+    else:
+        wrong = [v for _, v in pairs if v not in ("system", "user", "assistant")]
+        if wrong:
+            raise _Invalid(f"role {wrong[0]!r}", "map each speaker to system, user or assistant")
+    return pairs
+
+
+def _convert_llm(name: str, value: Any, base_dir: Path) -> Any:
+    if name in _PAIR_KEYS:
+        return _to_pairs(name, value)
+    if name == "sample_prompts":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise _Invalid(f"got {_show(value)}", 'write a list of prompts, e.g. ["What does COPD stand for?"]')
+        return tuple(value)
+    return _convert(name, value, base_dir, _HINTS)
+
+
+def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    for key in ("train_data", "eval_data"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.exists():
+            problems.append(ConfigProblem(key, f"{path} does not exist",
+                                          "point it at a .jsonl/.json/.csv file or a folder of them"))
+    for key in ("init_adapter", "tokenizer_path"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.is_dir():
+            problems.append(ConfigProblem(key, f"{path} is not a folder", "fix the path, or remove the key"))
+    adapter = values.get("init_adapter")
+    if isinstance(adapter, Path) and adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
+        problems.append(ConfigProblem("init_adapter", f"{adapter} has no adapter_config.json",
+                                      "name a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"))
+    resume = values.get("resume_from")
+    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
+        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
+                                      "use a folder under output_dir/checkpoints/, or `latest`"))
+    out = values.get("output_dir")
+    if isinstance(out, Path) and ((out.exists() and not out.is_dir()) or not _writable_target(out)):
+        problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
+                                      "choose a folder you can write to"))
+    name = values.get("output_name")
+    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
+        problems.append(ConfigProblem("output_name", f"got {name!r}",
+                                      "use a plain name without folders or special characters"))
+    device = values.get("device")
+    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
+        problems.append(ConfigProblem("device", f"got {device!r}", "use auto, cpu, cuda, cuda:N or mps"))
+    template = values.get("chat_template")
+    if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
+        problems.append(ConfigProblem("chat_template", f"got {template!r}",
+                                      "use tokenizer, chatml, llama2, alpaca, or Jinja template text"))
+    targets = values.get("target_modules", ())
+    unknown_presets = [t for t in targets if "-" in t and t not in TARGET_PRESETS]
+    if unknown_presets:
+        problems.append(ConfigProblem("target_modules", f"unknown preset {unknown_presets[0]!r}",
+                                      "use layer names, or a preset: " + ", ".join(TARGET_PRESETS)))
+    if values.get("eval_data") is not None and values.get("eval_fraction"):
+        problems.append(ConfigProblem("eval_fraction", "is set together with eval_data",
+                                      "use one: eval_data (a file) or eval_fraction (held out of train_data)"))
+    needs_bnb = [k for k in ("load_in_4bit",) if values.get(k)] + (
+        ["optimizer"] if values.get("optimizer") == "adamw8bit" else [])
+    for key in needs_bnb:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(ConfigProblem(key, "needs the bitsandbytes package, which is not installed",
+                                          "run `pip install bitsandbytes` on a machine with a CUDA GPU, or turn it "
+                                          "off (QLoRA is CUDA-only)"))
+    if values.get("load_in_4bit") and values.get("merge_export"):
+        problems.append(ConfigProblem("merge_export", "cannot merge into a 4-bit base",
+                                      "train without load_in_4bit to export a merged model, or merge later "
+                                      "into the full-precision base"))
+    return problems
+
+
+def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> LlmTrainConfig:
+    """Validate a mapping of LLM config keys into a :class:`LlmTrainConfig`.
+
+    Relative paths resolve against ``base_dir``. Raises :class:`ConfigError` listing every problem.
+    """
+    specs = {f.name: f for f in fields(LlmTrainConfig)}
+    problems: list[ConfigProblem] = []
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in specs:
+            if key in _SD_KEYS:
+                problems.append(ConfigProblem(key, "is a Stable Diffusion key", f"an LLM config calls it "
+                                              f"`{_SD_KEYS[key]}`; rename it"))
+            else:
+                problems.append(_unknown_key_problem(key, list(specs)))
+            continue
+        try:
+            converted = _convert_llm(key, value, base_dir)
+        except _Invalid as bad:
+            problems.append(ConfigProblem(key, bad.message, bad.fix))
+            continue
+        if key != "chat_template":  # Jinja text is a valid value too, not only the named choices
+            converted, problem = _check_choice(key, converted, specs[key].metadata)
+        else:
+            problem = None
+        problem = problem or _check_range(key, converted, specs[key].metadata)
+        if problem:
+            problems.append(problem)
+            continue
+        values[key] = converted
+    for key in LLM_REQUIRED_KEYS:
+        if key not in raw or raw[key] in (None, ""):
+            example = specs[key].metadata.get("example")
+            problems.append(ConfigProblem(key, "is required but missing", f'add e.g. `{key}: "{example}"`'))
+    problems += _llm_cross_checks(values)
+    if problems:
+        raise ConfigError(problems, source)
+
+    values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
+    if "device" in values:
+        values["device"] = values["device"].strip().lower()
+    out_dir: Path = values["output_dir"]
+    if not values.get("output_name"):
+        values["output_name"] = out_dir.name or "adapter"
+    if values.get("resume_from") == Path("latest"):
+        values["resume_from"] = out_dir / "checkpoints" / "latest"
+    for name, f in specs.items():
+        if name not in values:
+            values[name] = f.default if f.default is not MISSING else f.default_factory()
+    return LlmTrainConfig(**values)
