@@ -69,3 +69,6 @@ def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(client: LoradC
         client.submit_training(yaml.safe_dump({"base_model": str(tiny_llm), "train_data": "nope.jsonl",
                                                "output_dir": "o", "lora_rank": -1}), base_dir=str(tmp_path))
     assert "nope.jsonl does not exist" in str(err.value) and "`lora_rank`" in str(err.value)
+    # A causal LM preloads as an LLM base model, the way its jobs will use it.
+    reply = client.load_model(str(tiny_llm), base_dir="/", device="cpu")
+    assert not reply.already_resident and reply.model.kind == "llm"

@@ -207,3 +207,26 @@ def test_an_empty_data_file_fails_before_the_model_loads(tiny_llm: Path, tmp_pat
         yield
     with pytest.raises(DataError, match=r"empty\.jsonl"):
         train_llm_lora(config, models=must_not_load)
+
+
+def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found(tiny_llm: Path,
+                                                                                 tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorad.engines.llm.model import LlmModel
+    from lorad.engines.llm.train import ProvidedLlm
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+
+    @contextmanager
+    def provide(config, placement):
+        yield ProvidedLlm(llm=LlmModel(model=base, source="test", model_version="llama"), resident=True, seconds=0)
+    config = parse_llm_config(tiny_llm_values(tiny_llm, write_shape(tmp_path, "sharegpt"), tmp_path / "out",
+                                              packing=True, gradient_checkpointing=True, max_train_steps=15),
+                              base_dir=tmp_path)
+    events: list[Event] = []
+    train_llm_lora(config, on_event=events.append, models=provide)
+    seen = losses(events)
+    assert seen[-1] < seen[0]
+    assert not base.is_activation_checkpointing and base.config.use_cache and not base.training
+    assert not any("lora" in name for name, _ in base.named_modules())

@@ -264,9 +264,11 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lorad.demo import run_demo
+    from lorad.demo import run_demo, run_llm_demo
 
-    return run_demo(Path(args.dir).resolve(), steps=args.steps)
+    if args.llm:
+        return run_llm_demo(Path(args.dir).resolve(), steps=args.steps or 40)
+    return run_demo(Path(args.dir).resolve(), steps=args.steps or 30)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a tiny built-in model end to end (offline, < 1 min)")
     demo.add_argument("--dir", default="lorad-demo", help="work folder (default: ./lorad-demo)")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    demo.add_argument("--steps", type=int, default=0, help="training steps (default: 30; 40 with --llm)")
+    demo.add_argument("--llm", action="store_true", help="train a LoRA on a tiny Llama instead (PEFT adapter)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

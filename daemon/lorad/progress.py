@@ -70,6 +70,7 @@ class TerminalProgress:
         elif isinstance(event, EvalDone):
             self._print(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
         elif isinstance(event, SampleGenerated):
+            self.close()  # samples come after the last step
             end = "" if event.stopped == "eos" else " [cut at sample_max_new_tokens]"
             self._print(f"sample: {event.prompt!r} -> {event.output!r}{end}")
         elif isinstance(event, TrainingFinished):
