@@ -9,21 +9,21 @@ from __future__ import annotations
 import importlib.util
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
 from lorad.config.loader import (
     _DEVICE,
-    _check_choice,
-    _check_range,
     _convert,
     _Invalid,
-    _resolve_base_model,
     _show,
     _unknown_key_problem,
     _writable_target,
+    convert_keys,
+    finish_common,
+    missing_required,
 )
 from lorad.errors import ConfigError, ConfigProblem
 
@@ -119,54 +119,24 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
+def _sd_key_or_unknown(key: str, known: list[str]) -> ConfigProblem:
+    if key in _SD_KEYS:
+        return ConfigProblem(key, "is a Stable Diffusion key", f"an LLM config calls it `{_SD_KEYS[key]}`; rename it")
+    return _unknown_key_problem(key, known)
+
+
 def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> LlmTrainConfig:
     """Validate a mapping of LLM config keys into a :class:`LlmTrainConfig`.
 
     Relative paths resolve against ``base_dir``. Raises :class:`ConfigError` listing every problem.
     """
     specs = {f.name: f for f in fields(LlmTrainConfig)}
-    problems: list[ConfigProblem] = []
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        key = str(key)
-        if key not in specs:
-            if key in _SD_KEYS:
-                problems.append(ConfigProblem(key, "is a Stable Diffusion key", f"an LLM config calls it "
-                                              f"`{_SD_KEYS[key]}`; rename it"))
-            else:
-                problems.append(_unknown_key_problem(key, list(specs)))
-            continue
-        try:
-            converted = _convert_llm(key, value, base_dir)
-        except _Invalid as bad:
-            problems.append(ConfigProblem(key, bad.message, bad.fix))
-            continue
-        if key != "chat_template":  # Jinja text is a valid value too, not only the named choices
-            converted, problem = _check_choice(key, converted, specs[key].metadata)
-        else:
-            problem = None
-        problem = problem or _check_range(key, converted, specs[key].metadata)
-        if problem:
-            problems.append(problem)
-            continue
-        values[key] = converted
-    for key in LLM_REQUIRED_KEYS:
-        if key not in raw or raw[key] in (None, ""):
-            example = specs[key].metadata.get("example")
-            problems.append(ConfigProblem(key, "is required but missing", f'add e.g. `{key}: "{example}"`'))
+    # chat_template may be Jinja text as well as one of the named templates.
+    values, problems = convert_keys(raw, specs, lambda key, value: _convert_llm(key, value, base_dir),
+                                    unknown=_sd_key_or_unknown, free_choice=("chat_template",))
+    problems += missing_required(raw, specs, LLM_REQUIRED_KEYS)
     problems += _llm_cross_checks(values)
     if problems:
         raise ConfigError(problems, source)
-
-    values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
-    if "device" in values:
-        values["device"] = values["device"].strip().lower()
-    out_dir: Path = values["output_dir"]
-    if not values.get("output_name"):
-        values["output_name"] = out_dir.name or "adapter"
-    if values.get("resume_from") == Path("latest"):
-        values["resume_from"] = out_dir / "checkpoints" / "latest"
-    for name, f in specs.items():
-        if name not in values:
-            values[name] = f.default if f.default is not MISSING else f.default_factory()
+    finish_common(values, specs, base_dir, default_name="adapter")
     return LlmTrainConfig(**values)

@@ -10,11 +10,11 @@ reads on its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorad.config.schema import spec
+from lorad.config.schema import config_to_dict, spec
 
 # `target_modules` presets: names every Llama/Mistral/Qwen-style model uses.
 TARGET_PRESETS: Mapping[str, tuple[str, ...]] = {
@@ -159,17 +159,7 @@ class LlmTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (paths as strings), in the same keys the YAML uses."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif f.name in ("columns", "roles"):
-                value = dict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
+        return config_to_dict(self, mappings=("columns", "roles"))
 
 
 LLM_REQUIRED_KEYS = ("train_data", "base_model", "output_dir")

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -347,6 +347,66 @@ def _captioner_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
+def convert_keys(
+    raw: Mapping[str, Any],
+    specs: Mapping[str, Any],
+    convert: Callable[[str, Any], Any],
+    *,
+    unknown: Callable[[str, list[str]], ConfigProblem] | None = None,
+    free_choice: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], list[ConfigProblem]]:
+    """Convert and range/choice-check every key of ``raw`` against ``specs`` (dataclass fields by name);
+    return the good values and every problem. ``free_choice`` keys may hold values beyond their choices."""
+    problems: list[ConfigProblem] = []
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in specs:
+            problems.append((unknown or _unknown_key_problem)(key, list(specs)))
+            continue
+        try:
+            converted = convert(key, value)
+        except _Invalid as bad:
+            problems.append(ConfigProblem(key, bad.message, bad.fix))
+            continue
+        problem = None
+        if key not in free_choice:
+            converted, problem = _check_choice(key, converted, specs[key].metadata)
+        problem = problem or _check_range(key, converted, specs[key].metadata)
+        if problem:
+            problems.append(problem)
+            continue
+        values[key] = converted
+    return values, problems
+
+
+def missing_required(raw: Mapping[str, Any], specs: Mapping[str, Any],
+                     required: tuple[str, ...]) -> list[ConfigProblem]:
+    """A problem for each required key that is absent or empty, with an example value."""
+    return [ConfigProblem(key, "is required but missing", f'add e.g. `{key}: "{specs[key].metadata.get("example")}"`')
+            for key in required if key not in raw or raw[key] in (None, "")]
+
+
+def finish_common(values: dict[str, Any], specs: Mapping[str, Any], base_dir: Path, *, default_name: str) -> None:
+    """After validation: resolve base_model, normalise device, name the run, expand `resume_from: latest`,
+    and fill every unset key with its default so the frozen object is complete and self-describing."""
+    if "base_model" in values:
+        values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
+    if "device" in values:
+        values["device"] = values["device"].strip().lower()
+    out_dir: Path = values["output_dir"]
+    if not values.get("output_name"):
+        values["output_name"] = out_dir.name or default_name
+    if values.get("resume_from") == Path("latest"):
+        values["resume_from"] = out_dir / "checkpoints" / "latest"
+    for name, f in specs.items():
+        if name not in values:
+            if f.default is not MISSING:
+                values[name] = f.default
+            elif f.default_factory is not MISSING:
+                values[name] = f.default_factory()
+
+
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:
     """Validate a mapping of config keys into a :class:`TrainConfig`.
 
@@ -358,51 +418,14 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainCo
                                          f"got {_show(raw)}",
                                          "see `lorad config --example`")], source)
     specs = {f.name: f for f in fields(TrainConfig)}
-    problems: list[ConfigProblem] = []
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        key = str(key)
-        if key not in specs:
-            problems.append(_unknown_key_problem(key, list(specs)))
-            continue
-        try:
-            converted = _convert(key, value, base_dir)
-        except _Invalid as bad:
-            problems.append(ConfigProblem(key, bad.message, bad.fix))
-            continue
-        converted, problem = _check_choice(key, converted, specs[key].metadata)
-        problem = problem or _check_range(key, converted, specs[key].metadata)
-        if problem:
-            problems.append(problem)
-            continue
-        values[key] = converted
-    for key in REQUIRED_KEYS:
-        if key not in raw or raw[key] in (None, ""):
-            example = specs[key].metadata.get("example")
-            problems.append(ConfigProblem(key, "is required but missing",
-                                          f'add e.g. `{key}: "{example}"`'))
+    values, problems = convert_keys(raw, specs, lambda key, value: _convert(key, value, base_dir))
+    problems += missing_required(raw, specs, REQUIRED_KEYS)
     if values.get("captioner_model"):
         values["captioner_model"] = _resolve_base_model(values["captioner_model"], base_dir)
     problems += _cross_checks(values)
     if problems:
         raise ConfigError(problems, source)
-
-    if "base_model" in values:
-        values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
-    if "device" in values:
-        values["device"] = values["device"].strip().lower()
-    out_dir: Path = values["output_dir"]
-    if not values.get("output_name"):
-        values["output_name"] = out_dir.name or "lora"
-    if values.get("resume_from") == Path("latest"):
-        values["resume_from"] = out_dir / "checkpoints" / "latest"
-    # Fill defaults explicitly so the frozen object is complete and self-describing.
-    for name, f in specs.items():
-        if name not in values:
-            if f.default is not MISSING:
-                values[name] = f.default
-            elif f.default_factory is not MISSING:
-                values[name] = f.default_factory()
+    finish_common(values, specs, base_dir, default_name="lora")
     return TrainConfig(**values)
 
 
