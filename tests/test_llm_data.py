@@ -180,3 +180,20 @@ def test_packed_samples_do_not_see_each_other(tiny_llm: Path, tokenizer) -> None
             torch.testing.assert_close(logits[at:at + n], alone, atol=1e-5, rtol=1e-5)
             at += n
     assert (packed.labels[0, len(samples[0].input_ids)] == IGNORE).item()  # no label across the seam
+
+
+def test_parquet_reads_with_pyarrow_and_says_what_is_missing_without(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = tmp_path / "records.parquet"
+    if importlib.util.find_spec("pyarrow") is None:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(DataError, match="needs the pyarrow package"):
+            read_samples(path, **NO_MAPPING)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": ["q", ""], "output": ["a", "b"]}), path)
+    found = read_samples(path, **NO_MAPPING)
+    assert len(found.samples) == 1 and found.bad_rows[0].render() == "records.parquet:2: `instruction` is empty"
