@@ -15,15 +15,14 @@ from typing import Any
 
 from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
 from lorad.config.loader import (
-    _DEVICE,
     _convert,
     _Invalid,
     _show,
     _unknown_key_problem,
-    _writable_target,
     convert_keys,
     finish_common,
     missing_required,
+    run_checks,
 )
 from lorad.errors import ConfigError, ConfigProblem
 
@@ -78,21 +77,7 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     if isinstance(adapter, Path) and adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
         problems.append(ConfigProblem("init_adapter", f"{adapter} has no adapter_config.json",
                                       "name a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"))
-    resume = values.get("resume_from")
-    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
-        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
-                                      "use a folder under output_dir/checkpoints/, or `latest`"))
-    out = values.get("output_dir")
-    if isinstance(out, Path) and ((out.exists() and not out.is_dir()) or not _writable_target(out)):
-        problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
-                                      "choose a folder you can write to"))
-    name = values.get("output_name")
-    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(ConfigProblem("output_name", f"got {name!r}",
-                                      "use a plain name without folders or special characters"))
-    device = values.get("device")
-    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
-        problems.append(ConfigProblem("device", f"got {device!r}", "use auto, cpu, cuda, cuda:N or mps"))
+    problems += run_checks(values)
     template = values.get("chat_template")
     if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
         problems.append(ConfigProblem("chat_template", f"got {template!r}",

@@ -258,6 +258,32 @@ def _resolve_base_model(value: str, base_dir: Path) -> str:
     return text
 
 
+def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    """Checks every task's config shares: resume_from, output_dir, output_name, device."""
+    problems: list[ConfigProblem] = []
+    resume = values.get("resume_from")
+    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
+        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
+                                      "use a folder under output_dir/checkpoints/, or `latest`"))
+    out = values.get("output_dir")
+    if isinstance(out, Path):
+        if out.exists() and not out.is_dir():
+            problems.append(ConfigProblem("output_dir", f"{out} is a file",
+                                          "choose a folder path for the outputs"))
+        elif not _writable_target(out):
+            problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
+                                          "choose a folder you can write to"))
+    name = values.get("output_name")
+    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
+        problems.append(ConfigProblem("output_name", f"got {name!r}",
+                                      "use a plain file name without folders or special characters"))
+    device = values.get("device")
+    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
+        problems.append(ConfigProblem("device", f"got {device!r}",
+                                      "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
+    return problems
+
+
 def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     """Checks that involve the file system or more than one key."""
     problems: list[ConfigProblem] = []
@@ -279,22 +305,7 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         if isinstance(path, Path) and not path.is_dir():
             problems.append(ConfigProblem(key, f"{path} is not a folder",
                                           "fix the path, or remove the key"))
-    resume = values.get("resume_from")
-    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
-        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
-                                      "use a folder under output_dir/checkpoints/, or `latest`"))
-    out = values.get("output_dir")
-    if isinstance(out, Path):
-        if out.exists() and not out.is_dir():
-            problems.append(ConfigProblem("output_dir", f"{out} is a file",
-                                          "choose a folder path for the outputs"))
-        elif not _writable_target(out):
-            problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
-                                          "choose a folder you can write to"))
-    name = values.get("output_name")
-    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(ConfigProblem("output_name", f"got {name!r}",
-                                      "use a plain file name without folders or special characters"))
+    problems += run_checks(values)
     resolution = values.get("resolution")
     if isinstance(resolution, int) and resolution % 8:
         problems.append(ConfigProblem("resolution", f"got {resolution}",
@@ -306,10 +317,6 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
         problems.append(ConfigProblem("min_bucket_reso", f"{lo} is above max_bucket_reso {hi}",
                                       "make min_bucket_reso <= max_bucket_reso"))
-    device = values.get("device")
-    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
-        problems.append(ConfigProblem("device", f"got {device!r}",
-                                      "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
     if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(ConfigProblem("optimizer", "adamw8bit needs the bitsandbytes package, which is "
                                       "not installed", "run `pip install bitsandbytes`, or use adamw"))
