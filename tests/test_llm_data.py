@@ -197,3 +197,20 @@ def test_parquet_reads_with_pyarrow_and_says_what_is_missing_without(tmp_path: P
     pq.write_table(pa.table({"instruction": ["q", ""], "output": ["a", "b"]}), path)
     found = read_samples(path, **NO_MAPPING)
     assert len(found.samples) == 1 and found.bad_rows[0].render() == "records.parquet:2: `instruction` is empty"
+
+
+def test_conversations_the_template_refuses_become_bad_rows(tmp_path: Path, tokenizer) -> None:
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                            + tokenizer.chat_template)
+    write_jsonl(tmp_path / "c.jsonl", [{"instruction": "q", "output": "a", "system": "be brief"},
+                                       {"instruction": "q", "output": "a"}])
+    found = read_samples(tmp_path / "c.jsonl", **NO_MAPPING)
+    data = encode_samples(found, [], list(found.samples), strict, max_seq_len=64)
+    assert len(data.train) == 1
+    assert data.report["bad_rows"] == ["c.jsonl:1: the chat template refused it (no system role)"]
+    only_refused = read_samples(tmp_path / "c.jsonl", **NO_MAPPING).samples[:1]
+    with pytest.raises(DataError, match="refused every training sample"):
+        encode_samples(found, [], list(only_refused), strict, max_seq_len=64)

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from lorad.errors import DataError
 from lorad.textdata.encoding import Encoded, encode_sample
 from lorad.textdata.rows import BadRow, data_files, read_rows
 from lorad.textdata.shapes import Sample, row_shape, to_sample
+from lorad.textdata.templates import TemplateError
 
 RENDER_LIMIT = 20
 
@@ -110,10 +113,17 @@ def encode_samples(train: SampleSet, eval_samples: Sequence[Sample], train_sampl
                    tokenizer: object, *, max_seq_len: int, eval_set: SampleSet | None = None) -> TextData:
     """Tokenize the split samples and build the report. Samples left with no response token after
     truncation are dropped (and counted); DataError when no train sample remains."""
+    rejected: list[str] = []  # "file:line: reason" of samples the chat template refused
+
     def encode(items: Sequence[Sample]) -> tuple[list[Encoded], int, int, int]:
         kept, truncated, dropped, longest = [], 0, 0, 0
         for sample in items:
-            encoded = encode_sample(sample, tokenizer, max_seq_len=max_seq_len)
+            try:
+                encoded = encode_sample(sample, tokenizer, max_seq_len=max_seq_len)
+            except (TemplateError, jinja2.TemplateError) as err:
+                # Templates may refuse a conversation (e.g. Llama 2's "roles must alternate").
+                rejected.append(f"{sample.where}: the chat template refused it ({err})")
+                continue
             truncated += encoded.truncated
             longest = max(longest, encoded.original_length)
             if encoded.trained_tokens == 0:
@@ -131,7 +141,7 @@ def encode_samples(train: SampleSet, eval_samples: Sequence[Sample], train_sampl
                                                                    if eval_set else 0),
         "rows_used": len(train_enc) + len(eval_enc),
         "shapes": dict(train.shapes),
-        "bad_rows": [b.render() for b in bad],
+        "bad_rows": [b.render() for b in bad] + rejected,
         "truncated": truncated + eval_truncated,
         "longest_tokens": longest,
         "max_seq_len": max_seq_len,
@@ -141,6 +151,9 @@ def encode_samples(train: SampleSet, eval_samples: Sequence[Sample], train_sampl
         "trained_tokens": sum(e.trained_tokens for e in train_enc),
         "total_tokens": sum(len(e.input_ids) for e in train_enc),
     }
+    if not train_enc and rejected:
+        raise DataError("the chat template refused every training sample:\n  " + "\n  ".join(rejected[:RENDER_LIMIT]),
+                        "set `chat_template` to one that fits your conversations (chatml, llama2, alpaca)")
     if not train_enc:
         raise DataError(f"no training sample has a response within max_seq_len={max_seq_len}",
                         "raise max_seq_len, or shorten the prompts")
