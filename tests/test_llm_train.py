@@ -230,3 +230,16 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
     assert seen[-1] < seen[0]
     assert not base.is_activation_checkpointing and base.config.use_cache and not base.training
     assert not any("lora" in name for name, _ in base.named_modules())
+
+
+def test_lorad_train_runs_an_llm_config_in_process(tiny_llm: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from lorad.cli import run_training
+    from tests.conftest import write_config
+
+    values = tiny_llm_values(tiny_llm, write_shape(tmp_path, "alpaca"), tmp_path / "out", max_train_steps=3)
+    config = write_config(tmp_path / "llm.yaml", **values)
+    assert run_training(config, base_dir=tmp_path) == 0
+    out = capsys.readouterr()
+    assert "PEFT adapter:" in out.out and str(tmp_path / "out" / "adapter") in out.out
+    assert "text data: 4 of 4 rows usable (alpaca: 4)" in out.err
