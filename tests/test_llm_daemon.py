@@ -72,3 +72,33 @@ def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(client: LoradC
     # A causal LM preloads as an LLM base model, the way its jobs will use it.
     reply = client.load_model(str(tiny_llm), base_dir="/", device="cpu")
     assert not reply.already_resident and reply.model.kind == "llm"
+
+
+def test_an_llm_job_interrupted_by_a_daemon_stop_resumes_on_the_next_start(short_dir: Path, tiny_llm: Path,
+                                                                           tmp_path: Path) -> None:
+    from tests.conftest import run_daemon
+
+    data = write_jsonl(tmp_path / "records.jsonl", [{"text": "one two three four five six"}] * 4)
+    first = run_daemon(short_dir)
+    try:
+        with LoradClient.connect(first.addresses[0], home=short_dir) as client:
+            job = client.submit_training(llm_yaml(tiny_llm, data, tmp_path / "out", max_train_steps=40, batch_size=1,
+                                                  save_steps=2), base_dir=tmp_path)
+            for message in client.watch_job(job.job_id):
+                if message.WhichOneof("item") == "event" and message.event.HasField("checkpoint_saved"):
+                    break
+    finally:
+        first.stop(grace=0)  # the worker checkpoints the running job and leaves it INTERRUPTED
+
+    second = run_daemon(short_dir)
+    try:
+        with LoradClient.connect(second.addresses[0], home=short_dir) as client:
+            _, events = watch_all(client, job.job_id)
+            seen = kinds(events)
+            assert "interrupted" in seen and seen[-1] == "finished", seen
+            started = [e.started for e in events if e.HasField("started")]
+            assert [s.attempt for s in started] == [1, 2] and "checkpoints/step-" in started[1].resumed_from
+            assert [e.training_started for e in events if e.HasField("training_started")][-1].start_step >= 2
+            assert client.get_job(job.job_id).progress.step == 40
+    finally:
+        second.stop(grace=0)
