@@ -165,3 +165,30 @@ def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
         yield connected
 
 
+
+
+# --- LLM fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a locally trained tokenizer (no pad token) and a chat template."""
+    from lorad.models.tiny_llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as JSON Lines."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_llm_values(tiny_llm: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
+    """LLM config keys for a fast CPU run on the tiny Llama (a few dozen steps at a high rate)."""
+    values: dict[str, object] = {"train_data": data, "base_model": tiny_llm, "output_dir": out, "device": "cpu",
+                                 "max_train_steps": 30, "learning_rate": "1e-2", "lora_dropout": 0.0,
+                                 "batch_size": 4, "lr_scheduler": "constant", "max_seq_len": 64}
+    values.update(overrides)
+    return values

@@ -28,10 +28,10 @@ def _print_error(err: LoradError) -> None:
 
 def run_training(config_path: Path, base_dir: Path) -> int:
     """Train in this process, drawing progress; Ctrl-C saves a checkpoint and exits cleanly."""
-    from lorad.config import load_config
+    from lorad.config.llm_schema import LlmTrainConfig
+    from lorad.config.task import load_any_config
 
-    config = load_config(config_path, base_dir=base_dir)
-    from lorad.engines.sd.train import train_sd_lora
+    config = load_any_config(config_path, base_dir=base_dir)
     from lorad.progress import TerminalProgress, quiet_libraries
 
     quiet_libraries()
@@ -48,11 +48,17 @@ def run_training(config_path: Path, base_dir: Path) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     progress = TerminalProgress()
     try:
-        from lorad.captioning.training import caption_filler
+        if isinstance(config, LlmTrainConfig):
+            from lorad.engines.llm.train import train_llm_lora
 
-        # Images without a caption: captioned first when the config names a captioner, else named in a warning.
-        captions = caption_filler(config, on_event=progress, stop=stop)
-        result = train_sd_lora(config, on_event=progress, stop=stop, caption_missing=captions)
+            result = train_llm_lora(config, on_event=progress, stop=stop)
+        else:
+            from lorad.captioning.training import caption_filler
+            from lorad.engines.sd.train import train_sd_lora
+
+            # Images without a caption: captioned first when the config names a captioner, else named in a warning.
+            captions = caption_filler(config, on_event=progress, stop=stop)
+            result = train_sd_lora(config, on_event=progress, stop=stop, caption_missing=captions)
     except TrainingInterrupted as err:
         progress.close()
         print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}",
@@ -251,13 +257,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from lorad.config import load_config, render_example
+    from lorad.config import render_example
+    from lorad.config.llm_example import render_llm_example
+    from lorad.config.task import load_any_config
 
     if args.check:
-        config = load_config(args.check, base_dir=Path.cwd())
+        config = load_any_config(args.check, base_dir=Path.cwd())
         print(f"{args.check}: OK — LoRA `{config.output_name}` into {config.output_dir}")
         return EXIT_OK
-    sys.stdout.write(render_example())
+    sys.stdout.write(render_llm_example() if args.example == "llm" else render_example())
     return EXIT_OK
 
 
@@ -269,9 +277,11 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lorad.demo import run_demo
+    from lorad.demo import run_demo, run_llm_demo
 
-    return run_demo(Path(args.dir).resolve(), steps=args.steps)
+    if args.llm:
+        return run_llm_demo(Path(args.dir).resolve(), steps=args.steps or 40)
+    return run_demo(Path(args.dir).resolve(), steps=args.steps or 30)
 
 
 def cmd_webui_install(args: argparse.Namespace) -> int:
@@ -406,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")
     group = config.add_mutually_exclusive_group(required=True)
-    group.add_argument("--example", action="store_true", help="print every key with its help and default")
+    group.add_argument("--example", nargs="?", const="sd", choices=("sd", "llm"),
+                       help="print every key with its help and default (`--example llm`: the LLM config)")
     group.add_argument("--check", metavar="FILE", help="validate a config and report every problem")
     config.set_defaults(func=cmd_config)
 
@@ -418,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a tiny built-in model end to end (offline, < 1 min)")
     demo.add_argument("--dir", default="lorad-demo", help="work folder (default: ./lorad-demo)")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    demo.add_argument("--steps", type=int, default=0, help="training steps (default: 30; 40 with --llm)")
+    demo.add_argument("--llm", action="store_true", help="train a LoRA on a tiny Llama instead (PEFT adapter)")
     demo.set_defaults(func=cmd_demo)
 
     webui = sub.add_parser("webui", help="the AUTOMATIC1111 WebUI extension (`webui install --webui-dir PATH`)")

@@ -103,6 +103,12 @@ def cancel_job(client: LoradClient, job_id: str) -> int:
 
 def how_to_use(outputs: dict[str, str], name: str) -> str:
     """The closing message of a successful run: where the files are and how to use them."""
+    if "adapter" in outputs:  # an LLM run
+        merged = f"  merged model:  {outputs['merged']}\n" if outputs.get("merged") else ""
+        return (f"\nadapter written:\n  PEFT adapter:  {outputs['adapter']}\n{merged}"
+                f"  summary:       {outputs.get('summary', '-')}\n"
+                f"Use it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+                f"\"{outputs['adapter']}\"); its tokenizer (with the chat template it was trained with) is beside it.")
     return (f"\nLoRA written:\n"
             f"  kohya / AUTOMATIC1111: {outputs.get('kohya', '-')}\n"
             f"  diffusers:             {outputs.get('diffusers', '-')}\n"

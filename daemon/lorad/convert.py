@@ -145,6 +145,11 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
         return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)
     if kind == "log":
         return ev.LogLine(message=event.log.message, level=event.log.level or "info")
+    if kind == "eval":
+        return ev.EvalDone(step=event.eval.step, loss=event.eval.loss, samples=event.eval.samples)
+    if kind == "sample":
+        s = event.sample
+        return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped)
     if kind == "finished":
         f = event.finished
         return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)

@@ -86,3 +86,45 @@ def run_demo(work: Path, *, steps: int = 30) -> int:
               "point base_model at your SD 1.5 checkpoint and train_data_dir at your images; "
               "`lorad config --example` lists every setting.")
     return code
+
+
+# A handful of records in the hospital story's register, small enough to memorise in a few dozen steps.
+DEMO_RECORDS = (
+    {"instruction": "What does COPD stand for?", "output": "Chronic obstructive pulmonary disease."},
+    {"instruction": "Expand the abbreviation.", "input": "SOB", "output": "Shortness of breath."},
+    {"instruction": "What is lisinopril used for?", "output": "Hypertension."},
+    {"instruction": "Summarise the note.", "input": "Pt denies fever, chills, nausea.",
+     "output": "The patient has no fever, chills or nausea."},
+)
+
+
+def run_llm_demo(work: Path, *, steps: int = 40) -> int:
+    """`lorad demo --llm`: a tiny random Llama, a few alpaca records, a config, and a run."""
+    import json
+
+    from lorad.cli import run_training
+    from lorad.models.tiny_llm import build_tiny_llm
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "models" / "tiny-llama"
+    if not (model_dir / "config.json").is_file():
+        print(f"building a tiny random Llama in {model_dir}")
+        build_tiny_llm(model_dir, seed=0)
+    data = work / "data" / "records.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in DEMO_RECORDS))
+    config = {"train_data": "./data/records.jsonl", "base_model": "./models/tiny-llama", "lora_rank": 8,
+              "max_train_steps": steps, "learning_rate": "1e-2", "lora_dropout": 0.0, "lr_scheduler": "constant",
+              "max_seq_len": 128, "output_dir": "./output/demo_adapter", "merge_export": True,
+              "sample_prompts": ["What does COPD stand for?"]}
+    config_path = work / "configs" / "demo_llm.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text("# written by `lorad demo --llm`; edit and run: lorad train --config "
+                           f"{config_path}\n" + yaml.safe_dump(config, sort_keys=False))
+    print(f"config: {config_path}\n")
+    code = run_training(config_path, base_dir=work)
+    if code == 0:
+        print("\nThe demo model is random and tiny: it memorises the four records, nothing more. For a real run, "
+              "point base_model at your model folder and train_data at your records; "
+              "`lorad config --example llm` lists every setting.")
+    return code

@@ -93,6 +93,27 @@ class LogLine(Event):
 
 
 @dataclass(frozen=True)
+class EvalDone(Event):
+    """Eval loss (token-weighted mean over ``samples`` held-out records) after ``step`` (LLM runs)."""
+
+    step: int
+    loss: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class SampleGenerated(Event):
+    """The trained adapter's answer to one of the config's sample prompts (LLM runs).
+
+    ``stopped`` is "eos" when the model ended the answer itself, "length" when it hit the limit.
+    """
+
+    prompt: str
+    output: str
+    stopped: str
+
+
+@dataclass(frozen=True)
 class TrainingFinished(Event):
     """Every output is written; ``outputs`` maps a role (kohya, diffusers, summary) to a path."""
 

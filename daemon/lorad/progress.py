@@ -8,10 +8,12 @@ from typing import TextIO
 from lorad.events import (
     CheckpointSaved,
     DataReported,
+    EvalDone,
     Event,
     LatentsCached,
     LogLine,
     ModelLoaded,
+    SampleGenerated,
     StepDone,
     TrainingFinished,
     TrainingStarted,
@@ -65,6 +67,12 @@ class TerminalProgress:
             self._print(f"checkpoint saved: {event.path}")
         elif isinstance(event, LogLine):
             self._print(("warning: " if event.level == "warning" else "") + event.message)
+        elif isinstance(event, EvalDone):
+            self._print(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
+        elif isinstance(event, SampleGenerated):
+            self.close()  # samples come after the last step
+            end = "" if event.stopped == "eos" else " [cut at sample_max_new_tokens]"
+            self._print(f"sample: {event.prompt!r} -> {event.output!r}{end}")
         elif isinstance(event, TrainingFinished):
             self.close()
 

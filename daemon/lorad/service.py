@@ -26,7 +26,9 @@ from lorad.captioning.editing import FolderCaptions
 from lorad.captioning.errors import FolderBusy
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
 from lorad.captioning.updates import CaptionUpdate
-from lorad.config import TrainConfig, parse_config, parse_config_text
+from lorad.config import TrainConfig, parse_config
+from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.task import AnyTrainConfig, detect_task, parse_any_config, parse_any_config_text
 from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
 from lorad.events import EventSink
 from lorad.jobs.hub import EventHub
@@ -86,6 +88,29 @@ def model_key(config: TrainConfig | None, *, base_model: str, device: str, dtype
                     tokenizer_path=tokenizer_path, prediction_type=prediction_type)
 
 
+def llm_model_key(config: LlmTrainConfig, placement: Any) -> ModelKey:
+    """The registry key of an LLM job's base model. A 4-bit (QLoRA) base is another model: its
+    dtype reads "nf4:<compute dtype>"."""
+    dtype = str(placement.weight_dtype).removeprefix("torch.")
+    if config.load_in_4bit:
+        dtype = "nf4:" + str(placement.autocast_dtype or "torch.float16").removeprefix("torch.")
+    return ModelKey(base_model=config.base_model, device=str(placement.device), dtype=dtype, kind="llm")
+
+
+def _load_llm(key: ModelKey) -> Any:
+    """The registry's loader for kind "llm" keys."""
+    import torch
+
+    from lorad.engines.device import Placement
+    from lorad.engines.llm.model import load_llm
+
+    four_bit = key.dtype.startswith("nf4:")
+    dtype = getattr(torch, key.dtype.removeprefix("nf4:"))
+    placement = Placement(device=torch.device(key.device), autocast_dtype=dtype if four_bit else None,
+                          weight_dtype=dtype)
+    return load_llm(key.base_model, placement, load_in_4bit=four_bit)
+
+
 class LoradService:
     """Jobs, models and status for one daemon process."""
 
@@ -97,10 +122,12 @@ class LoradService:
         self.registry: ModelRegistry = registry or ModelRegistry(
             self._load_model, default_keep_alive=settings.default_keep_alive,
             memory_budget_bytes=settings.memory_budget_bytes, measure=_measure_model)
+        from lorad.engines.llm.train import train_llm_lora
         from lorad.engines.sd.train import train_sd_lora
 
         self.worker = Worker(self.store, self.hub, train=train_sd_lora, models=self._provide_model,
-                             captions=self._caption_filler, device_name=self._device_name())
+                             captions=self._caption_filler, device_name=self._device_name(),
+                             train_llm=train_llm_lora)
         # One writer per caption folder: two requests merging into one metadata.csv would lose rows.
         self._folder_locks: dict[str, threading.Lock] = {}
         self._folder_locks_guard = threading.Lock()
@@ -150,12 +177,14 @@ class LoradService:
                                              "send the absolute directory relative paths resolve against")],
                               source_name or "request")
         source = source_name or "submitted config"
+        config: AnyTrainConfig
         if config_fields is not None:
-            config = parse_config(dict(config_fields), base_dir=Path(base_dir), source=source)
+            config = parse_any_config(dict(config_fields), base_dir=Path(base_dir), source=source)
             config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
         else:
-            config = parse_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
+            config = parse_any_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
+        if (isinstance(config, TrainConfig) and Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES
+                and not config.allow_pickle):
             raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
                                              "convert it to .safetensors, or set `allow_pickle: true`")], source)
         job = self.store.create_job(name=config.output_name, config_yaml=config_yaml or "", base_dir=base_dir,
@@ -286,6 +315,8 @@ class LoradService:
         return str(pick_device("auto"))
 
     def _load_model(self, key: ModelKey) -> Any:
+        if key.kind == "llm":
+            return _load_llm(key)
         if key.kind != "sd":
             from lorad.captioning.captioner import load_captioner
 
@@ -305,8 +336,12 @@ class LoradService:
                                  prediction_type=key.prediction_type)
 
     @contextmanager
-    def _provide_model(self, config: TrainConfig, placement: Any) -> Iterator[Any]:
-        """The engine's ModelProvider: reserve the config's base model in the registry."""
+    def _provide_model(self, config: AnyTrainConfig, placement: Any) -> Iterator[Any]:
+        """The engines' ModelProvider: reserve the config's base model in the registry."""
+        if isinstance(config, LlmTrainConfig):
+            with self._provide_llm(config, placement) as provided:
+                yield provided
+            return
         from lorad.engines.sd.train import ProvidedModel
 
         if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
@@ -318,6 +353,14 @@ class LoradService:
         with self.registry.use(key, keep_alive=keep_alive) as acquired:
             yield ProvidedModel(components=acquired.model, resident=acquired.resident,
                                 seconds=acquired.load_seconds)
+
+    @contextmanager
+    def _provide_llm(self, config: LlmTrainConfig, placement: Any) -> Iterator[Any]:
+        """Reserve the LLM job's base model in the registry (kind "llm"; loaded once, then resident)."""
+        from lorad.engines.llm.train import ProvidedLlm
+
+        with self.registry.use(llm_model_key(config, placement), keep_alive=self._running_keep_alive()) as acquired:
+            yield ProvidedLlm(llm=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
 
     def _running_keep_alive(self) -> float | None:
         job_id = self.worker.running_job_id
@@ -411,6 +454,13 @@ class LoradService:
         """Preload a base model the way a job with these settings would use it."""
         from lorad.engines.device import pick_placement
 
+        if detect_task({"base_model": base_model}, base_dir=Path(base_dir or "/")) == "llm":
+            llm_fields = {"train_data": base_dir or "/", "base_model": base_model, "output_dir": base_dir or "/",
+                          "device": device or "auto", "mixed_precision": mixed_precision or "auto"}
+            llm_config = parse_any_config(llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"),
+                                          source="LoadModel")
+            llm_placement = pick_placement(llm_config.device, llm_config.mixed_precision)
+            return self.registry.load(llm_model_key(llm_config, llm_placement), keep_alive=keep_alive_seconds or None)
         fields: dict[str, Any] = {"train_data_dir": base_dir, "base_model": base_model, "output_dir": base_dir,
                                   "device": device or "auto", "mixed_precision": mixed_precision or "auto",
                                   "prediction_type": prediction_type or "auto", "allow_pickle": allow_pickle}

@@ -44,6 +44,8 @@ def _yaml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, RepeatPolicy):
         return _yaml_value(value.to_yaml())
+    if isinstance(value, dict):
+        return json.dumps(value)
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(json.dumps(v) for v in value) + "]"
     if isinstance(value, Path):
@@ -61,16 +63,26 @@ def render_example() -> str:
     The seed keys carry example values and are active; every other key is commented out at its
     default, so the text parses to a valid config once the paths point at real files.
     """
+    return render_annotated(TrainConfig, _SEED, title="lorad training config")
+
+
+def render_annotated(config_class: type, seed: dict[str, Any], *, title: str,
+                     titles: dict[str, str] | None = None) -> str:
+    """The annotated YAML of any config dataclass whose fields carry :func:`~lorad.config.schema.spec`
+    metadata: ``seed`` keys active with their values, the rest commented out at their defaults."""
+    titles = _TITLES | (titles or {})
     lines = [
-        "# lorad training config. Run: lorad train --config this.yaml",
+        f"# {title}. Run: lorad train --config this.yaml",
         "# Relative paths resolve against the folder you run the command in.",
         "# Lines starting with '#' show optional keys at their defaults; uncomment to change.",
     ]
     by_section: dict[str, list] = {s: [] for s in SECTIONS}
-    for f in fields(TrainConfig):
+    for f in fields(config_class):
         by_section[f.metadata["section"]].append(f)
     for section in SECTIONS:
-        lines += ["", f"# ---- {_TITLES[section]} " + "-" * max(0, 70 - len(_TITLES[section]))]
+        if not by_section[section]:
+            continue
+        lines += ["", f"# ---- {titles[section]} " + "-" * max(0, 70 - len(titles[section]))]
         for f in by_section[section]:
             meta = f.metadata
             help_text = meta["help"]
@@ -78,8 +90,8 @@ def render_example() -> str:
                 help_text += " Choices: " + ", ".join(meta["choices"]) + "."
             for chunk in textwrap.wrap(help_text, 96):
                 lines.append(f"# {chunk}")
-            if f.name in _SEED:
-                lines.append(f"{f.name}: {_yaml_value(_SEED[f.name])}")
+            if f.name in seed:
+                lines.append(f"{f.name}: {_yaml_value(seed[f.name])}")
                 continue
             default = (f.default if f.default is not MISSING
                        else f.default_factory() if f.default_factory is not MISSING else None)

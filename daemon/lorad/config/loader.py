@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,9 @@ def _optional_inner(hint: Any) -> Any:
     return None
 
 
-def _convert(name: str, value: Any, base_dir: Path) -> Any:
-    """Convert one raw value to the key's declared type, or raise _Invalid."""
-    hint = _HINTS[name]
+def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _HINTS) -> Any:
+    """Convert one raw value to the key's declared type (``hints``: the config class's), or raise _Invalid."""
+    hint = hints[name]
     inner = _optional_inner(hint)
     if inner is not None:
         if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
@@ -258,6 +258,32 @@ def _resolve_base_model(value: str, base_dir: Path) -> str:
     return text
 
 
+def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    """Checks every task's config shares: resume_from, output_dir, output_name, device."""
+    problems: list[ConfigProblem] = []
+    resume = values.get("resume_from")
+    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
+        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
+                                      "use a folder under output_dir/checkpoints/, or `latest`"))
+    out = values.get("output_dir")
+    if isinstance(out, Path):
+        if out.exists() and not out.is_dir():
+            problems.append(ConfigProblem("output_dir", f"{out} is a file",
+                                          "choose a folder path for the outputs"))
+        elif not _writable_target(out):
+            problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
+                                          "choose a folder you can write to"))
+    name = values.get("output_name")
+    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
+        problems.append(ConfigProblem("output_name", f"got {name!r}",
+                                      "use a plain file name without folders or special characters"))
+    device = values.get("device")
+    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
+        problems.append(ConfigProblem("device", f"got {device!r}",
+                                      "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
+    return problems
+
+
 def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     """Checks that involve the file system or more than one key."""
     problems: list[ConfigProblem] = []
@@ -279,22 +305,7 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         if isinstance(path, Path) and not path.is_dir():
             problems.append(ConfigProblem(key, f"{path} is not a folder",
                                           "fix the path, or remove the key"))
-    resume = values.get("resume_from")
-    if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
-        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
-                                      "use a folder under output_dir/checkpoints/, or `latest`"))
-    out = values.get("output_dir")
-    if isinstance(out, Path):
-        if out.exists() and not out.is_dir():
-            problems.append(ConfigProblem("output_dir", f"{out} is a file",
-                                          "choose a folder path for the outputs"))
-        elif not _writable_target(out):
-            problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
-                                          "choose a folder you can write to"))
-    name = values.get("output_name")
-    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(ConfigProblem("output_name", f"got {name!r}",
-                                      "use a plain file name without folders or special characters"))
+    problems += run_checks(values)
     resolution = values.get("resolution")
     if isinstance(resolution, int) and resolution % 8:
         problems.append(ConfigProblem("resolution", f"got {resolution}",
@@ -306,10 +317,6 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
         problems.append(ConfigProblem("min_bucket_reso", f"{lo} is above max_bucket_reso {hi}",
                                       "make min_bucket_reso <= max_bucket_reso"))
-    device = values.get("device")
-    if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
-        problems.append(ConfigProblem("device", f"got {device!r}",
-                                      "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
     if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(ConfigProblem("optimizer", "adamw8bit needs the bitsandbytes package, which is "
                                       "not installed", "run `pip install bitsandbytes`, or use adamw"))
@@ -347,6 +354,66 @@ def _captioner_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
+def convert_keys(
+    raw: Mapping[str, Any],
+    specs: Mapping[str, Any],
+    convert: Callable[[str, Any], Any],
+    *,
+    unknown: Callable[[str, list[str]], ConfigProblem] | None = None,
+    free_choice: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], list[ConfigProblem]]:
+    """Convert and range/choice-check every key of ``raw`` against ``specs`` (dataclass fields by name);
+    return the good values and every problem. ``free_choice`` keys may hold values beyond their choices."""
+    problems: list[ConfigProblem] = []
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in specs:
+            problems.append((unknown or _unknown_key_problem)(key, list(specs)))
+            continue
+        try:
+            converted = convert(key, value)
+        except _Invalid as bad:
+            problems.append(ConfigProblem(key, bad.message, bad.fix))
+            continue
+        problem = None
+        if key not in free_choice:
+            converted, problem = _check_choice(key, converted, specs[key].metadata)
+        problem = problem or _check_range(key, converted, specs[key].metadata)
+        if problem:
+            problems.append(problem)
+            continue
+        values[key] = converted
+    return values, problems
+
+
+def missing_required(raw: Mapping[str, Any], specs: Mapping[str, Any],
+                     required: tuple[str, ...]) -> list[ConfigProblem]:
+    """A problem for each required key that is absent or empty, with an example value."""
+    return [ConfigProblem(key, "is required but missing", f'add e.g. `{key}: "{specs[key].metadata.get("example")}"`')
+            for key in required if key not in raw or raw[key] in (None, "")]
+
+
+def finish_common(values: dict[str, Any], specs: Mapping[str, Any], base_dir: Path, *, default_name: str) -> None:
+    """After validation: resolve base_model, normalise device, name the run, expand `resume_from: latest`,
+    and fill every unset key with its default so the frozen object is complete and self-describing."""
+    if "base_model" in values:
+        values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
+    if "device" in values:
+        values["device"] = values["device"].strip().lower()
+    out_dir: Path = values["output_dir"]
+    if not values.get("output_name"):
+        values["output_name"] = out_dir.name or default_name
+    if values.get("resume_from") == Path("latest"):
+        values["resume_from"] = out_dir / "checkpoints" / "latest"
+    for name, f in specs.items():
+        if name not in values:
+            if f.default is not MISSING:
+                values[name] = f.default
+            elif f.default_factory is not MISSING:
+                values[name] = f.default_factory()
+
+
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:
     """Validate a mapping of config keys into a :class:`TrainConfig`.
 
@@ -358,51 +425,14 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainCo
                                          f"got {_show(raw)}",
                                          "see `lorad config --example`")], source)
     specs = {f.name: f for f in fields(TrainConfig)}
-    problems: list[ConfigProblem] = []
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        key = str(key)
-        if key not in specs:
-            problems.append(_unknown_key_problem(key, list(specs)))
-            continue
-        try:
-            converted = _convert(key, value, base_dir)
-        except _Invalid as bad:
-            problems.append(ConfigProblem(key, bad.message, bad.fix))
-            continue
-        converted, problem = _check_choice(key, converted, specs[key].metadata)
-        problem = problem or _check_range(key, converted, specs[key].metadata)
-        if problem:
-            problems.append(problem)
-            continue
-        values[key] = converted
-    for key in REQUIRED_KEYS:
-        if key not in raw or raw[key] in (None, ""):
-            example = specs[key].metadata.get("example")
-            problems.append(ConfigProblem(key, "is required but missing",
-                                          f'add e.g. `{key}: "{example}"`'))
+    values, problems = convert_keys(raw, specs, lambda key, value: _convert(key, value, base_dir))
+    problems += missing_required(raw, specs, REQUIRED_KEYS)
     if values.get("captioner_model"):
         values["captioner_model"] = _resolve_base_model(values["captioner_model"], base_dir)
     problems += _cross_checks(values)
     if problems:
         raise ConfigError(problems, source)
-
-    if "base_model" in values:
-        values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
-    if "device" in values:
-        values["device"] = values["device"].strip().lower()
-    out_dir: Path = values["output_dir"]
-    if not values.get("output_name"):
-        values["output_name"] = out_dir.name or "lora"
-    if values.get("resume_from") == Path("latest"):
-        values["resume_from"] = out_dir / "checkpoints" / "latest"
-    # Fill defaults explicitly so the frozen object is complete and self-describing.
-    for name, f in specs.items():
-        if name not in values:
-            if f.default is not MISSING:
-                values[name] = f.default
-            elif f.default_factory is not MISSING:
-                values[name] = f.default_factory()
+    finish_common(values, specs, base_dir, default_name="lora")
     return TrainConfig(**values)
 
 

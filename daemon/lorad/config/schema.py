@@ -266,20 +266,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (paths as strings), in the same keys the YAML uses."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, RepeatPolicy):
-                value = value.to_yaml()
-            out[f.name] = value
-        return out
+        return config_to_dict(self)
 
 
 REQUIRED_KEYS = ("train_data_dir", "base_model", "output_dir")
+
+
+def config_to_dict(config: Any, *, mappings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dataclass as JSON-friendly YAML keys: paths as strings, tuples as lists, ``mappings``
+    (tuples of pairs) as dicts, a RepeatPolicy in its YAML spelling."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif f.name in mappings:
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, RepeatPolicy):
+            value = value.to_yaml()
+        out[f.name] = value
+    return out
 
 
 def key_specs() -> Mapping[str, dict[str, Any]]:

@@ -38,6 +38,10 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
         return "checkpoint_saved", {"step": event.step, "path": event.path}
     if isinstance(event, ev.LogLine):
         return "log", {"message": event.message, "level": event.level}
+    if isinstance(event, ev.EvalDone):
+        return "eval", {"step": event.step, "loss": event.loss, "samples": event.samples}
+    if isinstance(event, ev.SampleGenerated):
+        return "sample", {"prompt": event.prompt, "output": event.output, "stopped": event.stopped}
     if isinstance(event, ev.TrainingFinished):
         return "finished", {"outputs": dict(event.outputs), "steps": event.steps,
                             "final_loss": event.final_loss, "seconds": event.seconds}

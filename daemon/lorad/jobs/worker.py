@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from lorad.config import TrainConfig, parse_config
+from lorad.config import TrainConfig
+from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.task import AnyTrainConfig, parse_any_config
 from lorad.errors import LoradError, TrainingInterrupted
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.jobs.hub import EventHub
@@ -45,6 +47,23 @@ def out_of_memory_hint(config: TrainConfig) -> str:
     return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
 
 
+def llm_out_of_memory_hint(config: LlmTrainConfig) -> str:
+    """The LLM run's settings to lower after an out-of-memory failure, with their current values."""
+    tips = []
+    if config.batch_size > 1:
+        tips.append(f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
+                    f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}")
+    if not config.gradient_checkpointing:
+        tips.append("gradient_checkpointing: true")
+    if config.max_seq_len > 512:
+        tips.append(f"max_seq_len: {config.max_seq_len // 2} (now {config.max_seq_len})")
+    if not config.load_in_4bit:
+        tips.append("load_in_4bit: true (QLoRA, CUDA with bitsandbytes)")
+    if config.mixed_precision in ("no", "auto"):
+        tips.append("mixed_precision: bf16 (or fp16 on older GPUs)")
+    return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
     return isinstance(err, MemoryError) or (type(err).__name__ == "OutOfMemoryError"
@@ -69,10 +88,12 @@ class Worker:
     def __init__(self, store: JobStore, hub: EventHub, *, train: Callable[..., object],
                  models: Callable = _no_models, device_name: str = "auto",
                  captions: Callable[[TrainConfig, Callable[[Event], None], threading.Event], Callable] | None = None,
+                 train_llm: Callable[..., object] | None = None,
                  ) -> None:
         self.store = store
         self.hub = hub
         self.train = train
+        self.train_llm = train_llm
         self.models = models
         self.captions = captions
         self.device_name = device_name
@@ -147,8 +168,13 @@ class Worker:
                                                      "resumed_from": resumed_from})
             finished: list[dict] = []
             sink = self._sink(job.job_id, finished)
-            hooks = {"caption_missing": self.captions(config, sink, stop)} if self.captions else {}
-            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            if isinstance(config, LlmTrainConfig):
+                if self.train_llm is None:
+                    raise LoradError("this daemon was started without the LLM engine", "restart the daemon")
+                self.train_llm(config, on_event=sink, stop=stop, models=self.models)
+            else:
+                hooks = {"caption_missing": self.captions(config, sink, stop)} if self.captions else {}
+                self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
             self.store.update(job.job_id, state=JobState.SUCCEEDED, finished_at=time.time(),
                               outputs=finished[0]["outputs"], progress=self._progress.get(job.job_id))
@@ -159,7 +185,9 @@ class Worker:
             self._fail(job, str(err), err.hint)
         except Exception as err:
             if is_out_of_memory(err):
-                hint = out_of_memory_hint(self._job_config(job)) if job.config_yaml else ""
+                config = self._job_config(job) if job.config_yaml else None
+                hint = (llm_out_of_memory_hint(config) if isinstance(config, LlmTrainConfig)
+                        else out_of_memory_hint(config) if config else "")
                 self._fail(job, f"out of memory: {err}".splitlines()[0], hint)
             else:
                 log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
@@ -172,7 +200,7 @@ class Worker:
             self._progress.pop(job.job_id, None)
             self.hub.forget(job.job_id)
 
-    def _job_config(self, job: JobRecord) -> TrainConfig:
+    def _job_config(self, job: JobRecord) -> AnyTrainConfig:
         """The stored config, resuming from this job's own newest checkpoint after an interruption.
 
         Only this job's checkpoint (recorded from its CheckpointSaved events) is used: an older
@@ -181,7 +209,7 @@ class Worker:
         raw = yaml.safe_load(job.config_yaml) or {}
         if job.attempt > 1 and job.checkpoint and Path(job.checkpoint).is_dir():
             raw = dict(raw) | {"resume_from": job.checkpoint}
-        return parse_config(raw, base_dir=Path(job.base_dir), source=job.source_name or f"job {job.job_id}")
+        return parse_any_config(raw, base_dir=Path(job.base_dir), source=job.source_name or f"job {job.job_id}")
 
     def _sink(self, job_id: str, finished: list[dict]) -> Callable[[Event], None]:
         """Publishes engine events; the final one is held in ``finished`` for the worker to publish

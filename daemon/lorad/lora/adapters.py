@@ -32,10 +32,18 @@ def attach_lora(
     """
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_paths), init_lora_weights=True)
+    return attach_lora_config(model, adapter_name=adapter_name, config=config)
+
+
+def attach_lora_config(model: nn.Module, *, adapter_name: str, config: LoraConfig) -> list[nn.Parameter]:
+    """Attach an adapter described by a full peft ``config`` (rsLoRA, DoRA, ...) as ``adapter_name``.
+
+    Returns its trainable parameters (LoRA A/B, and DoRA's magnitude vectors), in fp32.
+    """
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     params: list[nn.Parameter] = []
     for name, param in model.named_parameters():
-        if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name:
+        if any(f".{part}.{adapter_name}" in name for part in ("lora_A", "lora_B", "lora_magnitude_vector")):
             param.data = param.data.float()
             param.requires_grad_(True)
             params.append(param)

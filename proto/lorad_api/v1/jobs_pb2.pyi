@@ -228,8 +228,28 @@ class JobInterrupted(_message.Message):
     will_resume: bool
     def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ...) -> None: ...
 
+class EvalLoss(_message.Message):
+    __slots__ = ("step", "loss", "samples")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    samples: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class SampleGenerated(_message.Message):
+    __slots__ = ("prompt", "output", "stopped")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    output: str
+    stopped: str
+    def __init__(self, prompt: _Optional[str] = ..., output: _Optional[str] = ..., stopped: _Optional[str] = ...) -> None: ...
+
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "queued", "started", "model_loaded", "data_report", "latents_cached", "training_started", "step", "checkpoint_saved", "log", "finished", "failed", "cancelled", "interrupted")
+    __slots__ = ("job_id", "seq", "time", "queued", "started", "model_loaded", "data_report", "latents_cached", "training_started", "step", "checkpoint_saved", "log", "finished", "failed", "cancelled", "interrupted", "eval", "sample")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +266,8 @@ class JobEvent(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -262,4 +284,6 @@ class JobEvent(_message.Message):
     failed: JobFailed
     cancelled: JobCancelled
     interrupted: JobInterrupted
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ..., latents_cached: _Optional[_Union[LatentsCached, _Mapping]] = ..., training_started: _Optional[_Union[TrainingStarted, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., finished: _Optional[_Union[JobFinished, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., interrupted: _Optional[_Union[JobInterrupted, _Mapping]] = ...) -> None: ...
+    eval: EvalLoss
+    sample: SampleGenerated
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ..., latents_cached: _Optional[_Union[LatentsCached, _Mapping]] = ..., training_started: _Optional[_Union[TrainingStarted, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., finished: _Optional[_Union[JobFinished, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., interrupted: _Optional[_Union[JobInterrupted, _Mapping]] = ..., eval: _Optional[_Union[EvalLoss, _Mapping]] = ..., sample: _Optional[_Union[SampleGenerated, _Mapping]] = ...) -> None: ...

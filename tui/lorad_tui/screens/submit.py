@@ -15,7 +15,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, DirectoryTree, Footer, Input, Static
 
-from lorad.config import parse_config_text
+from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.task import parse_any_config_text
 from lorad.errors import ConfigError, ConfigProblem, LoradError
 from lorad_tui.messages import SubmitRejected, SubmitRequested
 from lorad_tui.widgets.title_bar import TitleBar
@@ -59,7 +60,7 @@ def problems_table(problems: list[ConfigProblem]) -> Table:
 class SubmitScreen(Screen[None]):
     """Pick a config in the tree (or type its path), see the verdict, press ``s`` to queue it.
 
-    Validation is local and the same as the daemon's (``lorad.config.parse_config_text``, pure
+    Validation is local and the same as the daemon's (``lorad.config.task.parse_any_config_text``, pure
     Python), with relative paths resolved against ``base_dir`` — the folder the TUI runs in, which
     is also what the submit sends. A config with problems is never sent. On success the App
     replaces this screen with the new job's detail; a refusal by the daemon comes back as
@@ -126,7 +127,7 @@ class SubmitScreen(Screen[None]):
             problems.update("")
             return False
         try:
-            config = parse_config_text(text, base_dir=self.base_dir, source=self._shown(path))
+            config = parse_any_config_text(text, base_dir=self.base_dir, source=self._shown(path))
         except ConfigError as err:
             count = len(err.problems)
             verdict.update(Text(f"✗ {self._shown(path)}: {count} problem{'s' if count != 1 else ''} — "
@@ -145,7 +146,7 @@ class SubmitScreen(Screen[None]):
         paths.add_column(no_wrap=True)
         paths.add_column(overflow="fold")
         paths.add_row("base model:", str(config.base_model))
-        paths.add_row("data:", str(config.train_data_dir))
+        paths.add_row("data:", str(config.train_data if isinstance(config, LlmTrainConfig) else config.train_data_dir))
         paths.add_row("output:", str(config.output_dir))
         problems.update(Group(
             Text.assemble("LoRA ", (f"{config.output_name}", "bold"), f" · rank {config.lora_rank} · {steps}"),

@@ -96,6 +96,8 @@ def _model_loaded(e: JobEvent) -> str:
 
 def _data_report(e: JobEvent) -> str:
     d = e.data_report
+    if not d.images_found and d.text:  # an LLM run counts records, not images: its own summary says it
+        return d.text
     text = f"data: {d.images_used} of {d.images_found} images used"
     if d.images_skipped:
         text += f", {d.images_skipped} skipped"
@@ -159,6 +161,15 @@ def _interrupted(e: JobEvent) -> str:
     return f"interrupted by a daemon stop; it will {start} when the daemon restarts"
 
 
+def _eval(e: JobEvent) -> str:
+    return f"eval loss after step {e.eval.step}: {e.eval.loss:.4f} ({e.eval.samples} records)"
+
+
+def _sample(e: JobEvent) -> str:
+    cut = "" if e.sample.stopped == "eos" else " [cut at sample_max_new_tokens]"
+    return f"sample: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
+
+
 # One describer per JobEvent.kind field (None = deliberately silent). A kind added to the proto
 # without an entry here is caught by tests/test_client_discovery.py.
 _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
@@ -175,6 +186,8 @@ _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
     "failed": _failed,
     "cancelled": _cancelled,
     "interrupted": _interrupted,
+    "eval": _eval,
+    "sample": _sample,
 }
 
 

@@ -1,0 +1,127 @@
+"""A mapping of config keys → a validated :class:`LlmTrainConfig`, with every problem at once.
+
+Uses the SD loader's value converters (the YAML spellings of numbers, booleans, paths and lists
+are the same for both tasks) and adds the checks only an LLM config has.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import typing
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
+from lorad.config.loader import (
+    _convert,
+    _Invalid,
+    _show,
+    _unknown_key_problem,
+    convert_keys,
+    finish_common,
+    missing_required,
+    run_checks,
+)
+from lorad.errors import ConfigError, ConfigProblem
+
+_HINTS = typing.get_type_hints(LlmTrainConfig)
+_PAIR_KEYS = ("columns", "roles")
+_COLUMN_NAMES = ("instruction", "input", "output", "system", "messages", "role", "content", "conversations",
+                 "from", "value", "text")
+# SD keys a user may carry over, with the LLM key that means the same.
+_SD_KEYS = {"train_data_dir": "train_data", "unet_target_modules": "target_modules", "init_lora": "init_adapter",
+            "metadata_path": "train_data", "resolution": "max_seq_len"}
+
+
+def _to_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) and v for v in value.values()):
+        raise _Invalid(f"got {_show(value)}", f"write a mapping such as {name}: {{instruction: question}}")
+    pairs = tuple((str(k), v) for k, v in value.items())
+    if name == "columns":
+        unknown = [k for k, _ in pairs if k not in _COLUMN_NAMES]
+        if unknown:
+            raise _Invalid(f"unknown field {unknown[0]!r}", "map one of: " + ", ".join(_COLUMN_NAMES))
+    else:
+        wrong = [v for _, v in pairs if v not in ("system", "user", "assistant")]
+        if wrong:
+            raise _Invalid(f"role {wrong[0]!r}", "map each speaker to system, user or assistant")
+    return pairs
+
+
+def _convert_llm(name: str, value: Any, base_dir: Path) -> Any:
+    if name in _PAIR_KEYS:
+        return _to_pairs(name, value)
+    if name == "sample_prompts":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise _Invalid(f"got {_show(value)}", 'write a list of prompts, e.g. ["What does COPD stand for?"]')
+        return tuple(value)
+    return _convert(name, value, base_dir, _HINTS)
+
+
+def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    for key in ("train_data", "eval_data"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.exists():
+            problems.append(ConfigProblem(key, f"{path} does not exist",
+                                          "point it at a .jsonl/.json/.csv file or a folder of them"))
+    for key in ("init_adapter", "tokenizer_path"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.is_dir():
+            problems.append(ConfigProblem(key, f"{path} is not a folder", "fix the path, or remove the key"))
+    adapter = values.get("init_adapter")
+    if isinstance(adapter, Path) and adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
+        problems.append(ConfigProblem("init_adapter", f"{adapter} has no adapter_config.json",
+                                      "name a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"))
+    problems += run_checks(values)
+    template = values.get("chat_template")
+    if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
+        problems.append(ConfigProblem("chat_template", f"got {template!r}",
+                                      "use tokenizer, chatml, llama2, alpaca, or Jinja template text"))
+    targets = values.get("target_modules", ())
+    unknown_presets = [t for t in targets if "-" in t and t not in TARGET_PRESETS]
+    if unknown_presets:
+        problems.append(ConfigProblem("target_modules", f"unknown preset {unknown_presets[0]!r}",
+                                      "use layer names, or a preset: " + ", ".join(TARGET_PRESETS)))
+    if values.get("eval_data") is not None and values.get("eval_fraction"):
+        problems.append(ConfigProblem("eval_fraction", "is set together with eval_data",
+                                      "use one: eval_data (a file) or eval_fraction (held out of train_data)"))
+    needs_bnb = [k for k in ("load_in_4bit",) if values.get(k)] + (
+        ["optimizer"] if values.get("optimizer") == "adamw8bit" else [])
+    for key in needs_bnb:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(ConfigProblem(key, "needs the bitsandbytes package, which is not installed",
+                                          "run `pip install bitsandbytes` on a machine with a CUDA GPU, or turn it "
+                                          "off (QLoRA is CUDA-only)"))
+    if values.get("load_in_4bit") and values.get("merge_export"):
+        problems.append(ConfigProblem("merge_export", "cannot merge into a 4-bit base",
+                                      "train without load_in_4bit to export a merged model, or merge later "
+                                      "into the full-precision base"))
+    return problems
+
+
+def _sd_key_or_unknown(key: str, known: list[str]) -> ConfigProblem:
+    if key in _SD_KEYS:
+        return ConfigProblem(key, "is a Stable Diffusion key", f"an LLM config calls it `{_SD_KEYS[key]}`; rename it")
+    return _unknown_key_problem(key, known)
+
+
+def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> LlmTrainConfig:
+    """Validate a mapping of LLM config keys into a :class:`LlmTrainConfig`.
+
+    Relative paths resolve against ``base_dir``. Raises :class:`ConfigError` listing every problem.
+    """
+    specs = {f.name: f for f in fields(LlmTrainConfig)}
+    # chat_template may be Jinja text as well as one of the named templates.
+    values, problems = convert_keys(raw, specs, lambda key, value: _convert_llm(key, value, base_dir),
+                                    unknown=_sd_key_or_unknown, free_choice=("chat_template",))
+    problems += missing_required(raw, specs, LLM_REQUIRED_KEYS)
+    problems += _llm_cross_checks(values)
+    if problems:
+        raise ConfigError(problems, source)
+    finish_common(values, specs, base_dir, default_name="adapter")
+    return LlmTrainConfig(**values)

@@ -1,0 +1,1 @@
+"""Text data for LLM training: files in three shapes → masked token ids, with a report."""
