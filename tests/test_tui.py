@@ -98,7 +98,8 @@ def test_cancel_a_running_job_from_its_detail_screen(use_daemon: RunningDaemon, 
     async def scenario() -> None:
         app = LoradApp()
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: "running" in screen_text(app), "the job to run")
+            # The job's row, not just the status line's "running: long": enter acts on the table's row.
+            await wait_until(pilot, lambda: re.search(r"long +running", screen_text(app)), "the job's row to run")
             await pilot.press("enter")  # the newest job is under the cursor
             await wait_until(pilot, lambda: isinstance(app.screen, JobDetailScreen), "the job's detail")
             view = app.view.jobs[job.job_id]
