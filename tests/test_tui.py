@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from PIL import Image
 from textual.widgets import Input, Select
 
@@ -32,7 +33,7 @@ from lorad_tui.screens.offline import HEADLINE, OfflineScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import DaemonView, JobView
-from tests.conftest import draw_image, run_daemon, tiny_train_values, write_config
+from tests.conftest import draw_image, run_daemon, tiny_llm_values, tiny_train_values, write_config, write_jsonl
 from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
 from tests.test_tui_snapshots import FakeClient, FakeStream
 
@@ -396,3 +397,26 @@ def test_watch_a_folder_from_the_tui_and_see_its_lora_published(use_daemon: Runn
     assert Path(watch.latest_output).name == "mystyle_v1.safetensors"
     assert Path(watch.published_path) == tmp_path / "webui" / "models" / "Lora" / "mystyle.safetensors"
     assert Path(watch.published_path).read_bytes() == Path(watch.latest_output).read_bytes()
+
+
+def test_a_finished_llm_job_shows_its_adapter_and_how_to_load_it(use_daemon: RunningDaemon, client: LoradClient,
+                                                                tiny_llm: Path, tmp_path: Path) -> None:
+    """An LLM job's detail names the PEFT adapter and offers the call that loads it, not a `<lora:…>` tag."""
+    data = write_jsonl(tmp_path / "records.jsonl", [{"instruction": "greet", "output": "hello world"}])
+    values = tiny_llm_values(tiny_llm, data, tmp_path / "out", max_train_steps=3, output_name="notes")
+    job = client.submit_training(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}),
+                                 base_dir=tmp_path)
+
+    async def scenario() -> None:
+        app = LoradApp()
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: re.search(r"notes +succeeded", screen_text(app)), "the job to finish",
+                             timeout=90)
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: "✓ adapter written" in screen_text(app), "the finished job's detail")
+            text = screen_text(app)
+            adapter = client.get_job(job.job_id).outputs["adapter"]
+            assert "PEFT adapter:" in text and f'PeftModel.from_pretrained(base_model, "{adapter}")' in text
+            assert "<lora:" not in text
+
+    run(scenario())

@@ -49,6 +49,15 @@ def lora_snippet(name: str, weight: float = 0.8) -> str:
     return f"<lora:{name}:{weight:g}>"
 
 
+def usage_snippet(job: Job) -> str:
+    """How to use what a succeeded job made: for an LLM adapter (an ``adapter`` output) the PEFT
+    call that loads it, for an SD LoRA its ``<lora:NAME:0.8>`` prompt snippet."""
+    adapter = job.outputs.get("adapter", "")
+    if adapter:
+        return f'PeftModel.from_pretrained(base_model, "{adapter}")'
+    return lora_snippet(job.name)
+
+
 @dataclass
 class JobView:
     """One job: the daemon's latest ``Job`` message plus what its events told us since.

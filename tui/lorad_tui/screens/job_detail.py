@@ -27,13 +27,14 @@ from lorad_client.format import format_duration
 from lorad_tui.display import state_text
 from lorad_tui.messages import CancelRequested, CloseJob, ViewChanged
 from lorad_tui.screens.confirm import ConfirmScreen, cancel_question
-from lorad_tui.state import DaemonView, JobView, is_final, lora_snippet
+from lorad_tui.state import DaemonView, JobView, is_final, usage_snippet
 from lorad_tui.widgets.job_log import JobLog
 from lorad_tui.widgets.loss_plot import LossPlot
 from lorad_tui.widgets.title_bar import TitleBar
 
 # How the output roles the daemon reports are labelled, in the order shown.
-OUTPUT_LABELS = {"kohya": "kohya / A1111", "diffusers": "diffusers", "summary": "summary", "logs": "TensorBoard"}
+OUTPUT_LABELS = {"kohya": "kohya / A1111", "diffusers": "diffusers", "adapter": "PEFT adapter",
+                 "merged": "merged model", "summary": "summary", "logs": "TensorBoard"}
 
 
 def output_folder(view: JobView) -> str:
@@ -56,7 +57,7 @@ class JobDetailScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back"),
         Binding("c", "cancel_job", "Cancel"),
-        Binding("y", "copy_snippet", "Copy <lora:…>"),
+        Binding("y", "copy_snippet", "Copy snippet"),
         Binding("o", "output_folder", "Folder path"),
     ]
     # Wide terminals put the log beside the curve instead of under it.
@@ -217,9 +218,10 @@ class JobDetailScreen(Screen[None]):
         view = self.job_view
         if view is None:
             return
-        snippet = lora_snippet(view.job.name)
+        snippet = usage_snippet(view.job)
         self.app.copy_to_clipboard(snippet)
-        self.notify(f"copied {snippet} — paste it into your prompt", title="clipboard")
+        where = "your code" if "adapter" in view.job.outputs else "your prompt"
+        self.notify(f"copied {snippet} — paste it into {where}", title="clipboard")
 
     def action_output_folder(self) -> None:
         view = self.job_view
@@ -244,5 +246,6 @@ def _succeeded(view: JobView) -> Group:
     for role in sorted(set(job.outputs) - set(OUTPUT_LABELS)):
         rows.add_row(f"  {role}:", job.outputs[role])
     rows.add_row("  output folder:", Text.assemble(output_folder(view), ("  (o copies it)", "dim")))
-    rows.add_row("  use it:", Text.assemble((lora_snippet(job.name), "bold"), ("  (y copies it)", "dim")))
-    return Group(Text("✓ LoRA written", style="bold green"), rows)
+    rows.add_row("  use it:", Text.assemble((usage_snippet(job), "bold"), ("  (y copies it)", "dim")))
+    made = "adapter" if "adapter" in job.outputs else "LoRA"
+    return Group(Text(f"✓ {made} written", style="bold green"), rows)
