@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -176,15 +177,21 @@ def test_concurrent_use_of_one_key_loads_once() -> None:
     assert [info.in_use for info in registry.list()] == [False]
 
 
-def test_list_answers_and_other_keys_load_while_one_loads() -> None:
+def test_list_answers_while_one_loads_and_loads_run_one_at_a_time() -> None:
+    """The registry lock is free during a load (list and unload answer), but a second key's load
+    waits for the first: diffusers' fast loading patches torch for the whole process, so two loads
+    at once could leave one model's weights on the meta device."""
     gate = threading.Event()
     entered = threading.Event()
     inner = FakeLoader()
+    order: list[str] = []
 
     def loader(k: ModelKey) -> FakeModel:
+        order.append(f"start {k.base_model}")
         if k.base_model == "slow":
             entered.set()
             assert gate.wait(THREAD_TIMEOUT)
+        order.append(f"end {k.base_model}")
         return inner(k)
 
     registry, _, _ = make_registry(loader)
@@ -192,21 +199,33 @@ def test_list_answers_and_other_keys_load_while_one_loads() -> None:
     slow.start()
     try:
         assert entered.wait(THREAD_TIMEOUT)
-        # Both would deadlock if the load held the registry lock; run them with a bounded join.
-        answers: list[object] = []
-        other = threading.Thread(target=lambda: answers.extend([registry.list(), registry.load(key("fast"))]))
-        other.start()
-        other.join(THREAD_TIMEOUT)
-        assert not other.is_alive()
-        listed, (info, _) = answers
-        assert listed == []
-        assert info.key == key("fast")
+        assert registry.list() == []  # would deadlock if the load held the registry lock
         with pytest.raises(ModelInUse, match="being loaded"):
             registry.unload("slow")
+        answers: list[object] = []
+        other = threading.Thread(target=lambda: answers.append(registry.load(key("fast"))))
+        other.start()
+
+        def fast_is_loading() -> bool:
+            try:
+                registry.unload("fast")
+            except ModelInUse:
+                return True
+            except ModelNotResident:
+                return False
+            raise AssertionError("fast was loaded while slow still loads")
+
+        deadline = time.monotonic() + THREAD_TIMEOUT
+        while not fast_is_loading():  # the second load has begun (it is registered as loading) ...
+            assert time.monotonic() < deadline, "the second load never began"
+        assert order == ["start slow"]  # ... yet its loader waits for the first to finish
     finally:
         gate.set()
         slow.join(THREAD_TIMEOUT)
-    assert [i.key.base_model for i in registry.list()] == ["slow", "fast"]
+    other.join(THREAD_TIMEOUT)
+    assert not other.is_alive() and answers[0][0].key == key("fast")
+    assert order == ["start slow", "end slow", "start fast", "end fast"]  # fast waited for slow
+    assert [i.key.base_model for i in registry.list()] == ["fast", "slow"]  # most recently used first
 
 
 def test_keep_alive_default_expiry() -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from lorad.errors import LoradError
+from lorad.models.construction import MODULE_CONSTRUCTION
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +264,9 @@ def _check_keep_alive(keep_alive: float | None) -> None:
 class ModelRegistry(Generic[T]):
     """Keeps loaded base models resident across jobs; thread-safe.
 
-    - ``loader(key)`` loads a model; it runs without the registry lock held, at most once at a time
-      per key. Its exceptions propagate to the caller and leave nothing behind.
+    - ``loader(key)`` loads a model; it runs without the registry lock held, and one load at a time
+      in the process (``MODULE_CONSTRUCTION``: the libraries' fast loading patches torch globally).
+      Its exceptions propagate to the caller and leave nothing behind.
     - ``default_keep_alive``: seconds an idle model stays loaded (``math.inf``: until unloaded).
     - ``memory_budget_bytes``: after each load, while the measured total exceeds it, the
       least-recently-used model that is not in use (and is not the one just loaded) is unloaded.
@@ -438,7 +440,8 @@ class ModelRegistry(Generic[T]):
         """Run the loader for ``key`` (lock not held), install the result, enforce the budget."""
         model_id = key.model_id
         try:
-            model = self._loader(key)
+            with MODULE_CONSTRUCTION:  # one load at a time in the process: see lorad.models.construction
+                model = self._loader(key)
             memory_bytes = int(self._measure(model))
             source, model_version = self._describe(model)
         except BaseException as error:

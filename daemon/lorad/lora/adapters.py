@@ -14,6 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from lorad.models.construction import MODULE_CONSTRUCTION
+
 
 def attach_lora(
     model: nn.Module,
@@ -40,7 +42,8 @@ def attach_lora_config(model: nn.Module, *, adapter_name: str, config: LoraConfi
 
     Returns its trainable parameters (LoRA A/B, and DoRA's magnitude vectors), in fp32.
     """
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    with MODULE_CONSTRUCTION:  # another thread's model load must not turn these new layers into meta tensors
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
     params: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if any(f".{part}.{adapter_name}" in name for part in ("lora_A", "lora_B", "lora_magnitude_vector")):
