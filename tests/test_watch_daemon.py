@@ -5,9 +5,11 @@ Every wait is on a condition with a deadline (the daemon's state, polled); the o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -383,3 +385,42 @@ def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_
     (job,) = wait_for(lambda: watch_jobs(client, folder), "the polled job")
     finished_job(client, job.job_id)
     assert wait_for(lambda: (w := watch_of(client, watch.watch_id)).version == 1 and w, "v1").images_seen == 1
+
+
+def test_a_slow_captioning_pass_does_not_hold_up_other_watches(client: LoradClient, daemon: RunningDaemon,
+                                                               stock: Path, tiny_sd: Path, tmp_path: Path) -> None:
+    """One folder's captioner is held mid-pass (a gate in front of the real one): meanwhile another
+    watched folder settles and gets its job; released, the first folder's job follows."""
+    from lorad.models.tiny_captioners import build_tiny_blip
+
+    manager = daemon.service.watches
+    real_caption, gate, entered = manager.gateway.caption, threading.Event(), threading.Event()
+
+    def gated_caption(fields: object, base_dir: str) -> int:
+        entered.set()
+        assert gate.wait(DEADLINE), "the test never opened the gate"
+        return real_caption(fields, base_dir)
+
+    manager.gateway = dataclasses.replace(manager.gateway, caption=gated_caption)
+    blip = build_tiny_blip(tmp_path / "blip")
+    slow, quick = tmp_path / "uncaptioned", tmp_path / "captioned"
+    slow.mkdir()
+    quick.mkdir()
+    slow_watch = client.add_watch(str(slow), str(template(tmp_path, tiny_sd, "slow", captioner="blip",
+                                                          captioner_model=str(blip), caption_max_length=6)),
+                                  quiet_seconds=QUIET)
+    client.add_watch(str(quick), str(template(tmp_path, tiny_sd, "quick")), quiet_seconds=QUIET)
+    for i in range(2):
+        shutil.copyfile(stock / f"img_{i:02d}.png", slow / f"img_{i:02d}.png")  # no captions
+    assert entered.wait(DEADLINE), "captioning never started"
+    assert watch_of(client, slow_watch.watch_id).state == watch_pb2.WATCH_STATE_CAPTIONING
+
+    drop(stock, quick, 5)
+    wait_for(lambda: watch_jobs(client, quick), "the other folder's job, while the first is still captioning")
+    assert watch_of(client, slow_watch.watch_id).state == watch_pb2.WATCH_STATE_CAPTIONING
+    assert not watch_jobs(client, slow)
+
+    gate.set()
+    (job,) = wait_for(lambda: watch_jobs(client, slow), "the captioned folder's job")
+    assert all((slow / f"img_{i:02d}.txt").read_text().strip() for i in range(2))
+    finished_job(client, job.job_id)

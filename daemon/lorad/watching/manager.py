@@ -3,11 +3,13 @@
 One thread owns every watch's runtime state. Observers only put events on its queue; the thread
 feeds each folder's debouncer, polls it at its deadline, and on a settled batch with enough new
 images captions what lacks a caption and queues one job through the daemon's own submission path
-(validated like SubmitTraining). Bursts coalesce: a job of the watch that is still queued has its
-config replaced instead of a second job being queued; while one runs, the next batch waits as one
-follow-up that is queued the moment the running job ends (so a CONTINUE follow-up starts from that
-job's LoRA). A finished job's LoRA becomes the watch's newest version and is copied, atomically,
-to the publish folder.
+(validated like SubmitTraining). Captioning runs on a thread of its own and reports back through
+the same queue, so a long captioning pass never delays the other watches. Bursts coalesce: a job
+of the watch that is still queued has its config replaced instead of a second job being queued;
+while one runs (or the folder is being captioned), the next batch waits as one follow-up that is
+queued the moment the running job ends (so a CONTINUE follow-up starts from that job's LoRA). A
+finished job's LoRA becomes the watch's newest version and is copied, atomically, to the publish
+folder.
 
 A folder that vanishes or cannot be watched puts only its own watch in ERROR; the thread checks
 such folders every tick and resumes the watch (with a rescan) when the folder is back.
@@ -91,7 +93,8 @@ class _Live:
     error: str = ""
     hint: str = ""
     images: dict[str, FileStat] = field(default_factory=dict)
-    follow_up: bool = False  # a settled batch waits for the running job to end
+    follow_up: bool = False  # a settled batch waits for the running job (or this watch's captioning) to end
+    captioning: bool = False  # a captioning thread works on this folder; its _CaptionDone ends it
     updated_at: float = field(default_factory=time.time)
 
     @property
@@ -102,6 +105,14 @@ class _Live:
         """Images not in the last queued job's snapshot, or changed since."""
         known = self.record.known
         return {rel: stat for rel, stat in self.images.items() if known.get(rel) != stat}
+
+
+@dataclass(frozen=True)
+class _CaptionDone:
+    """A watch's captioning thread finished: how many images it captioned, or the error it raised."""
+
+    captioned: int = 0
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ class WatchManager:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._live: dict[str, _Live] = {}
-        self._events: queue.Queue[tuple[str, FileEvent]] = queue.Queue()
+        self._events: queue.Queue[tuple[str, FileEvent | _CaptionDone]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorad-watch", daemon=True)
         self._changes: list[tuple[int, WatchChange]] = []
@@ -264,10 +275,13 @@ class WatchManager:
             except queue.Empty:
                 return
 
-    def _apply(self, watch_id: str, event: FileEvent) -> None:
+    def _apply(self, watch_id: str, event: FileEvent | _CaptionDone) -> None:
         with self._lock:
             live = self._live.get(watch_id)
-        if live is None:
+        if live is None:  # removed meanwhile (a captioning thread may still report back: ignored)
+            return
+        if isinstance(event, _CaptionDone):
+            self._captioned(live, event)
             return
         debouncer, root = live.debouncer, live.record.folder
         if event.kind == VANISHED:
@@ -329,9 +343,10 @@ class WatchManager:
     def _settled(self, live: _Live) -> None:
         live.images = list_images(live.folder)
         new = live.new_images()
-        if self._job_running(live):
+        if live.captioning or self._job_running(live):
             live.follow_up = len(new) >= live.record.policy.min_new_images
-            self._set(live, WatchState.TRAINING)
+            if not live.captioning:
+                self._set(live, WatchState.TRAINING)
             return
         if len(new) < live.record.policy.min_new_images:
             self._set(live, WatchState.TRAINING if self._job_active(live) else WatchState.IDLE)
@@ -354,9 +369,14 @@ class WatchManager:
         except JobNotFound:
             return None
 
-    def _queue_job(self, live: _Live) -> None:
-        """Caption what lacks a caption, then queue the folder's job, or update the one still queued."""
+    def _queue_job(self, live: _Live, *, captioned: bool = False) -> None:
+        """Queue the folder's job, or update the one still queued. When the config names a captioner
+        and ``captioned`` is False, start captioning what lacks a caption instead; its thread's
+        _CaptionDone calls this again with ``captioned=True``."""
         record = live.record
+        if live.captioning:  # this folder is being captioned: the batch follows when that ends
+            live.follow_up = True
+            return
         queued = self._last_job(live)
         if queued is not None and queued.state != JobState.QUEUED:
             queued = None
@@ -364,11 +384,9 @@ class WatchManager:
         source = f"watch {record.folder}"
         try:
             fields = job_fields(record, version=version)
-            if fields.get("captioner"):
-                self._set(live, WatchState.CAPTIONING)
-                captioned = self.gateway.caption(fields, record.base_dir)
-                log.info("watch %s: captioned %d new image(s)", record.folder, captioned)
-                live.images = list_images(live.folder)  # captions were written beside them: take a fresh look
+            if fields.get("captioner") and not captioned:
+                self._start_captioning(live, fields)
+                return
             if queued is not None:
                 job = self.gateway.requeue(queued.job_id, fields, record.base_dir, source)
                 if job is None:  # the worker took it meanwhile: these images follow when it ends
@@ -377,15 +395,8 @@ class WatchManager:
                     return
             else:
                 job = self.gateway.submit(fields, record.base_dir, source)
-        except LoradError as err:
-            log.warning("watch %s: cannot queue a job: %s", record.folder, err)
-            self._set(live, WatchState.ERROR, error=str(err), hint=err.hint)
-            return
-        except Exception as err:  # e.g. a captioner crashing: this watch errs, the others carry on
-            log.exception("watch %s: cannot queue a job", record.folder)
-            self._set(live, WatchState.ERROR, error=f"{type(err).__name__}: {err}",
-                      hint="This looks like a bug in lorad; the daemon log has the traceback. The next batch "
-                      "of images retries.")
+        except Exception as err:
+            self._cannot_queue(live, err)
             return
         live.follow_up = False
         live.record = self.store.update(record, last_job_id=job.job_id, queued_version=version,
@@ -393,6 +404,44 @@ class WatchManager:
         log.info("watch %s: %s job %s (%s_v%d)", record.folder, "updated the queued" if queued else "queued",
                  job.job_id, watch_name(record), version)
         self._set(live, WatchState.TRAINING)
+
+    def _cannot_queue(self, live: _Live, err: BaseException) -> None:
+        """Put the watch in ERROR for ``err`` (a domain error's message and hint, else the exception's
+        name); the next batch of images retries. Other watches are untouched."""
+        if isinstance(err, LoradError):
+            log.warning("watch %s: cannot queue a job: %s", live.record.folder, err)
+            self._set(live, WatchState.ERROR, error=str(err), hint=err.hint)
+            return
+        log.error("watch %s: cannot queue a job", live.record.folder, exc_info=err)
+        self._set(live, WatchState.ERROR, error=f"{type(err).__name__}: {err}",
+                  hint="This looks like a bug in lorad; the daemon log has the traceback. The next batch of "
+                  "images retries.")
+
+    def _start_captioning(self, live: _Live, fields: Mapping[str, Any]) -> None:
+        """Caption the folder's uncaptioned images on a thread of its own (a captioner on a CPU can
+        take minutes, and this thread serves every watch); the result comes back as a _CaptionDone."""
+        watch_id, base_dir = live.record.watch_id, live.record.base_dir
+
+        def caption() -> None:
+            try:
+                done = _CaptionDone(captioned=self.gateway.caption(fields, base_dir))
+            except BaseException as err:  # reported to the manager thread, which errs this watch alone
+                done = _CaptionDone(error=err)
+            self._events.put((watch_id, done))
+
+        live.captioning, live.follow_up = True, False
+        self._set(live, WatchState.CAPTIONING)
+        threading.Thread(target=caption, name=f"lorad-watch-caption-{watch_id}", daemon=True).start()
+
+    def _captioned(self, live: _Live, done: _CaptionDone) -> None:
+        """A captioning thread finished: queue the job it prepared, or put the watch in ERROR."""
+        live.captioning = False
+        if done.error is not None:
+            self._cannot_queue(live, done.error)
+            return
+        log.info("watch %s: captioned %d new image(s)", live.record.folder, done.captioned)
+        live.images = list_images(live.folder)  # captions were written beside them: take a fresh look
+        self._queue_job(live, captioned=True)
 
     def _check_job(self, live: _Live) -> None:
         job = self._last_job(live)
