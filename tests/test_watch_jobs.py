@@ -26,12 +26,23 @@ TEMPLATE = {"train_data_dir": "./elsewhere", "metadata_path": "./elsewhere/metad
 
 
 def test_the_first_job_trains_the_folder_into_its_own_version(tmp_path: Path) -> None:
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "metadata.csv").write_text("file,caption\n")
     fields = job_fields(record(tmp_path, TEMPLATE), version=1)
     assert fields["train_data_dir"] == str(tmp_path / "pics")
     assert fields["metadata_path"] == str(tmp_path / "pics" / "metadata.csv")  # the folder's own captions
     assert fields["output_dir"] == str(tmp_path / "cwd" / "output" / "mystyle" / "mystyle_v1")
     assert fields["output_name"] == "mystyle_v1"
     assert "resume_from" not in fields and "init_lora" not in fields and fields["epochs"] == 5
+
+
+def test_a_csv_template_reads_the_sidecars_of_a_folder_without_a_csv(tmp_path: Path) -> None:
+    """A template written for a metadata.csv (the README's example, `lorad demo`'s config) watching a
+    folder of images with `.txt` sidecars: the job reads the sidecars, unless a captioner will write
+    the folder's CSV."""
+    assert "metadata_path" not in job_fields(record(tmp_path, TEMPLATE), version=1)
+    captioned = job_fields(record(tmp_path, {**TEMPLATE, "captioner": "blip"}), version=1)
+    assert captioned["metadata_path"] == str(tmp_path / "pics" / "metadata.csv")
 
 
 def test_continue_starts_from_the_newest_lora_with_its_own_steps(tmp_path: Path) -> None:

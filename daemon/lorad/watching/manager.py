@@ -566,7 +566,13 @@ def job_fields(record: WatchRecord, *, version: int) -> dict[str, Any]:
     fields["train_data_dir"] = record.folder
     if template.get("metadata_path"):
         # Captions of the watched folder live in it: the template's own CSV belongs to other data.
-        fields["metadata_path"] = str(Path(record.folder) / "metadata.csv")
+        # The folder's metadata.csv when it has one (or the captioner will write it); else its
+        # `.txt` sidecars, so a folder of images with sidecars works with a template made for a CSV.
+        folder_csv = Path(record.folder) / "metadata.csv"
+        if folder_csv.is_file() or template.get("captioner"):
+            fields["metadata_path"] = str(folder_csv)
+        else:
+            fields.pop("metadata_path")
     output_dir = Path(str(template.get("output_dir") or "output")).expanduser()
     if not output_dir.is_absolute():
         output_dir = Path(record.base_dir) / output_dir
