@@ -214,3 +214,28 @@ def test_conversations_the_template_refuses_become_bad_rows(tmp_path: Path, toke
     only_refused = read_samples(tmp_path / "c.jsonl", **NO_MAPPING).samples[:1]
     with pytest.raises(DataError, match="refused every training sample"):
         encode_samples(found, [], list(only_refused), strict, max_seq_len=64)
+
+
+def test_the_first_reply_token_is_trained_when_the_tokenizer_folds_the_space_into_it() -> None:
+    """A SentencePiece-style tokenizer ("▁Hello" starts at the space before it) with a template whose
+    prompt ends in a space ("ASSISTANT: "): the reply's first token begins one character before the
+    reply and must still be trained on, or the model never learns how to start its answers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.BPE(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Metaspace()
+    words.decoder = decoders.Metaspace()
+    words.train_from_iterator(["USER: what is copd ASSISTANT: chronic obstructive pulmonary disease"] * 4,
+                              trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}USER: {{ m.content }} {% else %}"
+                               "ASSISTANT: {{ m.content }}</s>{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+    sample = Sample(where="x.jsonl:1", shape="chat", messages=(Message("user", "what is copd"),
+                                                 Message("assistant", "chronic obstructive pulmonary disease")))
+    encoded = encode_sample(sample, tokenizer, max_seq_len=64)
+    trained = [tokenizer.convert_ids_to_tokens(t)
+               for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE]
+    assert trained[0].lstrip("▁") == "chronic" and trained[0].startswith("▁")  # the space is folded in
+    assert tokenizer.convert_tokens_to_string(trained).strip() == "chronic obstructive pulmonary disease</s>"

@@ -1,7 +1,7 @@
 """Samples → token ids and labels, with the loss mask computed from token boundaries.
 
-The rendered text is tokenized once with character offsets; a token is trained on exactly when it
-starts inside a response span (see :mod:`lorad.textdata.templates`). Everything else (system,
+The rendered text is tokenized once with character offsets; a token is trained on exactly when its
+characters overlap a response span (see :mod:`lorad.textdata.templates`). Everything else (system,
 user, template markers, the generation prompt) gets the label -100. No string is searched for in
 token ids, so a reply whose text also appears in the prompt is still masked correctly.
 """
@@ -37,12 +37,16 @@ class Encoded:
 
 def _labels_in_spans(offsets: Sequence[tuple[int, int]], ids: Sequence[int],
                      spans: Sequence[tuple[int, int]]) -> list[int]:
+    """A token is trained on when its characters overlap a response span. Overlap, not "starts
+    inside": SentencePiece-style tokenizers fold the space before a word into it ("▁Hello" starts at
+    the space), so after a prompt ending in a space ("ASSISTANT: ") the reply's first token starts one
+    character before the span and would otherwise never be learned."""
     labels = []
     span_index = 0
     for token_id, (start, end) in zip(ids, offsets, strict=True):
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
-        inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start
+        inside = span_index < len(spans) and end > start and start < spans[span_index][1] and end > spans[span_index][0]
         labels.append(token_id if inside else IGNORE)
     return labels
 
