@@ -71,13 +71,25 @@ def _well_known_include() -> Path:
     return Path(grpc_tools.__file__).resolve().parent / "_proto"
 
 
-def _rewrite(text: str, name: str) -> str:
-    for pattern, replacement in _IMPORT_REWRITES:
+def rewrite_imports(text: str, name: str, rewrites: tuple[tuple[re.Pattern[str], str], ...] = _IMPORT_REWRITES,
+                    leftover: re.Pattern[str] = _LEFTOVER) -> str:
+    """``text`` with each (pattern, replacement) of ``rewrites`` applied; RuntimeError naming ``name``
+    when ``leftover`` still matches (protoc's output changed shape, or a rewrite is missing)."""
+    for pattern, replacement in rewrites:
         text = pattern.sub(replacement, text)
-    leftover = _LEFTOVER.search(text)
-    if leftover:
-        raise RuntimeError(f"{name}: unrewritten lorad.v1 reference {leftover.group(0)!r}; update _IMPORT_REWRITES")
+    left = leftover.search(text)
+    if left:
+        raise RuntimeError(f"{name}: unrewritten reference {left.group(0)!r}; update the import rewrites")
     return text
+
+
+def proto_sources(proto_root: Path = PROTO_ROOT) -> list[str]:
+    """The ``lorad/v1/*.proto`` files under ``proto_root``, as protoc's virtual paths, sorted;
+    RuntimeError when there are none."""
+    sources = sorted(p.relative_to(proto_root).as_posix() for p in (proto_root / SOURCE_PACKAGE).glob("*.proto"))
+    if not sources:
+        raise RuntimeError(f"no .proto files in {proto_root / SOURCE_PACKAGE}")
+    return sources
 
 
 def render_stubs(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
@@ -86,9 +98,7 @@ def render_stubs(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
     Keys are paths relative to ``proto_root`` (e.g. ``lorad_api/v1/jobs_pb2.py``), values the exact
     bytes; includes the package ``__init__.py`` files. Raises RuntimeError when protoc fails.
     """
-    sources = sorted(p.relative_to(proto_root).as_posix() for p in (proto_root / SOURCE_PACKAGE).glob("*.proto"))
-    if not sources:
-        raise RuntimeError(f"no .proto files in {proto_root / SOURCE_PACKAGE}")
+    sources = proto_sources(proto_root)
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="lorad-protoc-") as tmp:
         cmd = [
@@ -109,7 +119,7 @@ def render_stubs(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
         out_dir = Path(tmp) / SOURCE_PACKAGE
         for path in sorted(out_dir.iterdir()):
             source = f"proto/{SOURCE_PACKAGE}/{path.name.split('_pb2')[0]}.proto"
-            text = _rewrite(path.read_text(encoding="utf-8"), path.name)
+            text = rewrite_imports(path.read_text(encoding="utf-8"), path.name)
             files[f"{STUB_PACKAGE}/v1/{path.name}"] = (_header(source) + text).encode("utf-8")
     for rel, doc in _PACKAGE_DOCSTRINGS.items():
         files[rel] = (_header(f"proto/{SOURCE_PACKAGE}/*.proto") + f'"""{doc}\n"""\n').encode("utf-8")

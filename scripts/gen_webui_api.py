@@ -30,9 +30,9 @@ import tempfile
 import venv
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_ROOT = REPO_ROOT / "proto"
-SOURCE_PACKAGE = "lorad/v1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gen_proto beside this file, also when loaded by path
+from gen_proto import PROTO_ROOT, REPO_ROOT, SOURCE_PACKAGE, proto_sources, rewrite_imports
+
 EXTENSION_ROOT = REPO_ROOT / "clients" / "sd-webui-lorad"
 PACKAGE = "lorad_webui"
 COMPAT_TOOLS = "grpcio-tools==1.49.1"
@@ -80,23 +80,12 @@ def compat_python() -> Path:
     return python
 
 
-def _rewrite(text: str, name: str) -> str:
-    for pattern, replacement in _REWRITES:
-        text = pattern.sub(replacement, text)
-    leftover = _LEFTOVER.search(text)
-    if leftover:
-        raise RuntimeError(f"{name}: unrewritten reference {leftover.group(0)!r}; update _REWRITES")
-    return text
-
-
 def render_files(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
     """Every generated file: path relative to the extension folder → exact bytes.
 
     Raises RuntimeError when protoc fails or a rewrite leaves a reference to lorad's own packages.
     """
-    sources = sorted(p.relative_to(proto_root).as_posix() for p in (proto_root / SOURCE_PACKAGE).glob("*.proto"))
-    if not sources:
-        raise RuntimeError(f"no .proto files in {proto_root / SOURCE_PACKAGE}")
+    sources = proto_sources(proto_root)
     python = compat_python()
     include = subprocess.run([str(python), "-c", "import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -109,10 +98,10 @@ def render_files(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
             raise RuntimeError(f"protoc failed ({result.returncode}):\n{result.stderr.strip()}")
         for path in sorted((Path(tmp) / SOURCE_PACKAGE).iterdir()):
             source = f"proto/{SOURCE_PACKAGE}/{path.name.split('_pb2')[0]}.proto"
-            text = _rewrite(path.read_text(encoding="utf-8"), path.name)
+            text = rewrite_imports(path.read_text(encoding="utf-8"), path.name, _REWRITES, _LEFTOVER)
             files[f"{PACKAGE}/api/v1/{path.name}"] = (_header(source) + text).encode("utf-8")
     for name, source_path in VENDORED.items():
-        text = _rewrite(source_path.read_text(encoding="utf-8"), name)
+        text = rewrite_imports(source_path.read_text(encoding="utf-8"), name, _REWRITES, _LEFTOVER)
         files[f"{PACKAGE}/vendored/{name}"] = (_header(source_path.relative_to(REPO_ROOT).as_posix()) + text).encode()
     for rel, doc in _INITS.items():
         files[rel] = (_header("proto/lorad/v1/*.proto") + f'"""{doc}\n"""\n').encode("utf-8")
