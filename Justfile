@@ -36,9 +36,10 @@ bench *ARGS:
         {{venv}}/python -m "bench.${args[0]}" "${args[@]:1}"
     fi
 
-# Lint
+# Lint, and check the format (`{{venv}}/ruff format .` fixes it)
 lint:
     {{venv}}/ruff check .
+    {{venv}}/ruff format --check .
 
 # Regenerate the gRPC stubs in proto/lorad_api from proto/lorad/v1/*.proto
 proto:

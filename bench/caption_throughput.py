@@ -59,8 +59,9 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     for index in range(count):
         size = sizes[index % len(sizes)]
         image = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
-        ImageDraw.Draw(image).ellipse((8, 8, size[0] - 8, size[1] - 8),
-                                      fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        ImageDraw.Draw(image).ellipse(
+            (8, 8, size[0] - 8, size[1] - 8), fill=tuple(rng.randint(0, 255) for _ in range(3))
+        )
         path = folder / f"{index:03d}.png"
         image.save(path)
         paths.append(path)
@@ -95,9 +96,17 @@ def bench_kind(kind: str, model: Path, paths: list[Path], args: argparse.Namespa
         batched.append(time_round(captioner, paths, options, args.batch_size))
         single.append(time_round(captioner, paths, options, 1))
     b, s = statistics.median(batched), statistics.median(single)
-    return KindResult(kind=kind, model_version=captioner.model_version, images=len(paths), batch_size=args.batch_size,
-                      batched_images_per_second=b, single_images_per_second=s, ratio=b / s,
-                      batched_rounds=batched, single_rounds=single)
+    return KindResult(
+        kind=kind,
+        model_version=captioner.model_version,
+        images=len(paths),
+        batch_size=args.batch_size,
+        batched_images_per_second=b,
+        single_images_per_second=s,
+        ratio=b / s,
+        batched_rounds=batched,
+        single_rounds=single,
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -135,9 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = builders[kind](Path(tmp) / kind)
             result = bench_kind(kind, model, paths, args)
             results.append(result)
-            print(f"{kind:5s} {result.model_version:16s} batched (x{result.batch_size}) "
-                  f"{result.batched_images_per_second:8.1f} images/s   one by one "
-                  f"{result.single_images_per_second:8.1f} images/s   ratio {result.ratio:5.2f}x", flush=True)
+            print(
+                f"{kind:5s} {result.model_version:16s} batched (x{result.batch_size}) "
+                f"{result.batched_images_per_second:8.1f} images/s   one by one "
+                f"{result.single_images_per_second:8.1f} images/s   ratio {result.ratio:5.2f}x",
+                flush=True,
+            )
 
     from lorad.captioning.captioner import captioner_placement
 
@@ -146,8 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = torch.cuda.get_device_name(0) if device_type == "cuda" else platform.processor() or platform.machine()
     payload = {
         "environment": {
-            "device": device, "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": device,
+            "device_name": name,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             # Other processes share the machine: numbers taken under load are noisier.
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

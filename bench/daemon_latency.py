@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-TARGET_WARM_OVER_COLD = 0.10   # warm start ≤ 10% of a cold start
+TARGET_WARM_OVER_COLD = 0.10  # warm start ≤ 10% of a cold start
 TARGET_WATCHER_OVERHEAD = 0.03  # ≤ 3% slower steps with the watchers connected
 FINAL_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 JOB_TIMEOUT_S = 300.0  # a job that takes longer than this on the tiny model is stuck
@@ -74,8 +74,9 @@ IMAGE_SIZE = 64
 
 # Runs in a child process: opens `count` WatchJob streams (one client each, like separate CLIs or
 # TUIs) on the job id read from stdin, and reports on stdout. See run_watchers().
-WATCHER_HELPER = ("import sys; from bench.daemon_latency import run_watchers; "
-                  "run_watchers(sys.argv[1], int(sys.argv[2]))")
+WATCHER_HELPER = (
+    "import sys; from bench.daemon_latency import run_watchers; run_watchers(sys.argv[1], int(sys.argv[2]))"
+)
 
 
 # --------------------------------------------------------------------------------------- records
@@ -87,12 +88,12 @@ class JobTimeline:
 
     job_id: str
     label: str
-    submitted: float                # when SubmitTraining returned, in this process
-    first: dict[str, float]         # event kind -> time of its first occurrence
-    steps: list[float]              # time of step event 1, 2, ... (index i = step i + 1)
-    model_resident: bool | None     # the model_loaded event's `resident`
+    submitted: float  # when SubmitTraining returned, in this process
+    first: dict[str, float]  # event kind -> time of its first occurrence
+    steps: list[float]  # time of step event 1, 2, ... (index i = step i + 1)
+    model_resident: bool | None  # the model_loaded event's `resident`
     model_load_seconds: float | None
-    latents: dict[str, int]         # latents_cached: cached / encoded counts
+    latents: dict[str, int]  # latents_cached: cached / encoded counts
     state: str
 
     @property
@@ -132,9 +133,9 @@ class WatchRun:
 
     watchers: int
     timeline: JobTimeline
-    connected_at: float            # when the last watcher got its first message
-    first_timed_step: int          # steps after this one are timed
-    seconds_per_step_mean: float   # (t_last - t_first_timed) / timed steps
+    connected_at: float  # when the last watcher got its first message
+    first_timed_step: int  # steps after this one are timed
+    seconds_per_step_mean: float  # (t_last - t_first_timed) / timed steps
     seconds_per_step_median: float  # median gap between consecutive timed step events
     timed_steps: int
     # Over the same timed steps, per step: CPU time of the thread that trains (the worker) and of
@@ -148,7 +149,7 @@ class WatchRun:
     # the threads serving watchers), a lock or I/O.
     worker_runqueue_per_step: float
     publish_seconds_median: float  # the training thread's cost of publishing one step event
-    watcher_cpu_seconds: float     # the watcher process's CPU time from the submit to its end
+    watcher_cpu_seconds: float  # the watcher process's CPU time from the submit to its end
     events_per_watcher: list[int] = field(default_factory=list)
 
     @property
@@ -166,10 +167,10 @@ class WatchRun:
 class StepMark:
     """Clocks read on the training thread as it published one step event."""
 
-    thread_cpu: float    # the training thread's CPU seconds
-    process_cpu: float   # the whole process's CPU seconds
-    runqueue: float      # seconds the training thread waited for a core (NaN where unknown)
-    publish: float       # wall seconds the hub's publish took (store append + waking watchers)
+    thread_cpu: float  # the training thread's CPU seconds
+    process_cpu: float  # the whole process's CPU seconds
+    runqueue: float  # seconds the training thread waited for a core (NaN where unknown)
+    publish: float  # wall seconds the hub's publish took (store append + waking watchers)
 
 
 def thread_runqueue_seconds() -> float:
@@ -201,7 +202,8 @@ class StepCpuProbe:
             if kind == "step":
                 took = time.perf_counter() - start
                 self.marks.setdefault(job_id, []).append(
-                    StepMark(time.thread_time(), time.process_time(), thread_runqueue_seconds(), took))
+                    StepMark(time.thread_time(), time.process_time(), thread_runqueue_seconds(), took)
+                )
             return record
 
         hub.publish = publish_and_note  # type: ignore[method-assign]
@@ -213,8 +215,12 @@ class StepCpuProbe:
         a, b = marks[first], marks[last]
         steps = last - first
         worker = b.thread_cpu - a.thread_cpu
-        return (worker / steps, (b.process_cpu - a.process_cpu - worker) / steps, (b.runqueue - a.runqueue) / steps,
-                statistics.median(m.publish for m in marks[first + 1:last + 1]))
+        return (
+            worker / steps,
+            (b.process_cpu - a.process_cpu - worker) / steps,
+            (b.runqueue - a.runqueue) / steps,
+            statistics.median(m.publish for m in marks[first + 1 : last + 1]),
+        )
 
 
 # --------------------------------------------------------------------------------------- set-up
@@ -242,24 +248,27 @@ def job_yaml(*, model: Path, data: Path, out: Path, cache: Path, steps: int) -> 
     """A training config for the tiny model: a small LoRA on the UNet's attention projections."""
     import yaml
 
-    return yaml.safe_dump({
-        "train_data_dir": str(data),
-        "metadata_path": str(data / "metadata.csv"),
-        "base_model": str(model),
-        "lora_rank": 4,
-        "unet_target_modules": ["q_proj", "v_proj"],
-        "batch_size": 2,
-        "max_train_steps": steps,
-        "learning_rate": "1e-4",
-        "output_dir": str(out),
-        "resolution": IMAGE_SIZE,
-        "min_bucket_reso": IMAGE_SIZE,
-        "max_bucket_reso": 2 * IMAGE_SIZE,
-        "bucket_reso_steps": 16,
-        "device": "cpu",
-        # Shared by every job: after the warm-up job every image's latent is a cache hit.
-        "cache_dir": str(cache),
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "train_data_dir": str(data),
+            "metadata_path": str(data / "metadata.csv"),
+            "base_model": str(model),
+            "lora_rank": 4,
+            "unet_target_modules": ["q_proj", "v_proj"],
+            "batch_size": 2,
+            "max_train_steps": steps,
+            "learning_rate": "1e-4",
+            "output_dir": str(out),
+            "resolution": IMAGE_SIZE,
+            "min_bucket_reso": IMAGE_SIZE,
+            "max_bucket_reso": 2 * IMAGE_SIZE,
+            "bucket_reso_steps": 16,
+            "device": "cpu",
+            # Shared by every job: after the warm-up job every image's latent is a cache hit.
+            "cache_dir": str(cache),
+        },
+        sort_keys=False,
+    )
 
 
 def start_daemon_in_process(home: Path) -> RunningDaemon:
@@ -301,8 +310,17 @@ def read_timeline(client: LoradClient, job_id: str, *, label: str, submitted: fl
     # The history is final once the job is; re-read the state in case the stream's first message
     # predates the final event (it reports the state when the watch began).
     state = JobState.Name(client.get_job(job_id).state)
-    return JobTimeline(job_id=job_id, label=label, submitted=submitted, first=first, steps=steps,
-                       model_resident=resident, model_load_seconds=load_seconds, latents=latents, state=state)
+    return JobTimeline(
+        job_id=job_id,
+        label=label,
+        submitted=submitted,
+        first=first,
+        steps=steps,
+        model_resident=resident,
+        model_load_seconds=load_seconds,
+        latents=latents,
+        state=state,
+    )
 
 
 def wait_until_final(client: LoradClient, job_id: str, *, poll_s: float = 0.25) -> str:
@@ -338,40 +356,57 @@ def run_watched_job(client: LoradClient, yaml_text: str, base_dir: Path, label: 
 def check_succeeded(timeline: JobTimeline) -> None:
     """Stop the benchmark when a job failed: its timings would mean nothing."""
     if timeline.state != "JOB_STATE_SUCCEEDED" or "step" not in timeline.first:
-        raise RuntimeError(f"job {timeline.job_id} ({timeline.label}) ended {timeline.state} "
-                           f"with {len(timeline.steps)} steps; see the daemon log above")
+        raise RuntimeError(
+            f"job {timeline.job_id} ({timeline.label}) ended {timeline.state} "
+            f"with {len(timeline.steps)} steps; see the daemon log above"
+        )
 
 
 # --------------------------------------------------------------------------------------- section 1
 
 
-def measure_starts(client: LoradClient, root: Path, model: Path, data: Path, cache: Path,
-                   repeats: int) -> tuple[JobTimeline, list[StartRepeat]]:
+def measure_starts(
+    client: LoradClient, root: Path, model: Path, data: Path, cache: Path, repeats: int
+) -> tuple[JobTimeline, list[StartRepeat]]:
     """A throwaway warm-up job, then per repeat a cold and a warm job on a fresh copy of the model."""
     # Warm-up on its own copy: pays this process's one-time imports and encodes the latents into
     # the shared cache, so the cold jobs below only pay what a model load costs.
     warm_up_model = copy_model(model, root / "models" / "warm-up")
-    warm_up, _ = run_watched_job(client, job_yaml(model=warm_up_model, data=data, out=root / "out" / "warm-up",
-                                                  cache=cache, steps=2), root, "warm-up")
+    warm_up, _ = run_watched_job(
+        client,
+        job_yaml(model=warm_up_model, data=data, out=root / "out" / "warm-up", cache=cache, steps=2),
+        root,
+        "warm-up",
+    )
     client.unload_model(str(warm_up_model))
     results = []
     for i in range(repeats):
         copy = copy_model(model, root / "models" / f"copy-{i}")
         cold, cold_received = run_watched_job(
-            client, job_yaml(model=copy, data=data, out=root / "out" / f"cold-{i}", cache=cache, steps=2),
-            root, f"cold-{i}")
+            client,
+            job_yaml(model=copy, data=data, out=root / "out" / f"cold-{i}", cache=cache, steps=2),
+            root,
+            f"cold-{i}",
+        )
         warm, warm_received = run_watched_job(
-            client, job_yaml(model=copy, data=data, out=root / "out" / f"warm-{i}", cache=cache, steps=2),
-            root, f"warm-{i}")
+            client,
+            job_yaml(model=copy, data=data, out=root / "out" / f"warm-{i}", cache=cache, steps=2),
+            root,
+            f"warm-{i}",
+        )
         # The copies share the VAE's weights, so the latent cache must have served every image.
         for timeline, resident in ((cold, False), (warm, True)):
             if timeline.model_resident is not resident or timeline.latents.get("encoded", 0):
-                print(f"warning: {timeline.label}: model resident={timeline.model_resident} (expected "
-                      f"{resident}), latents {timeline.latents}: this repeat is not the intended "
-                      "comparison", file=sys.stderr)
+                print(
+                    f"warning: {timeline.label}: model resident={timeline.model_resident} (expected "
+                    f"{resident}), latents {timeline.latents}: this repeat is not the intended "
+                    "comparison",
+                    file=sys.stderr,
+                )
         client.unload_model(str(copy))  # keeps memory flat across repeats; outside any timing
-        results.append(StartRepeat(model=str(copy), cold=cold, warm=warm, cold_received=cold_received,
-                                   warm_received=warm_received))
+        results.append(
+            StartRepeat(model=str(copy), cold=cold, warm=warm, cold_received=cold_received, warm_received=warm_received)
+        )
     return warm_up, results
 
 
@@ -426,8 +461,16 @@ def run_watchers(address: str, count: int) -> None:
         client.close()
 
 
-def run_job_with_watchers(client: LoradClient, probe: StepCpuProbe, address: str, yaml_text: str, base_dir: Path,
-                          label: str, watchers: int, skip: int) -> WatchRun:
+def run_job_with_watchers(
+    client: LoradClient,
+    probe: StepCpuProbe,
+    address: str,
+    yaml_text: str,
+    base_dir: Path,
+    label: str,
+    watchers: int,
+    skip: int,
+) -> WatchRun:
     """One job followed by ``watchers`` streams from a child process (0: the process only idles).
 
     Its steps are timed from the step events' timestamps, leaving out the first ``skip`` steps
@@ -435,8 +478,13 @@ def run_job_with_watchers(client: LoradClient, probe: StepCpuProbe, address: str
     """
     # The child starts (imports, connects) before the job is submitted, so its start-up does not
     # overlap the training; with 0 watchers it runs too, so both sides have the same processes.
-    helper = subprocess.Popen([sys.executable, "-c", WATCHER_HELPER, address, str(watchers)], cwd=REPO_ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    helper = subprocess.Popen(
+        [sys.executable, "-c", WATCHER_HELPER, address, str(watchers)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert helper.stdin is not None and helper.stdout is not None
     try:
         expect_line(helper, "ready")
@@ -462,12 +510,21 @@ def run_job_with_watchers(client: LoradClient, probe: StepCpuProbe, address: str
     timed = timeline.steps[first_timed:]
     gaps = [b - a for a, b in itertools.pairwise(timed)]
     worker_cpu, other_cpu, runqueue, publish = probe.per_step(job.job_id, first_timed, len(timeline.steps) - 1)
-    return WatchRun(watchers=watchers, timeline=timeline, connected_at=connected_at, first_timed_step=first_timed + 1,
-                    seconds_per_step_mean=(timed[-1] - timed[0]) / len(gaps),
-                    seconds_per_step_median=statistics.median(gaps), timed_steps=len(gaps),
-                    worker_cpu_per_step=worker_cpu, other_threads_cpu_per_step=other_cpu,
-                    worker_runqueue_per_step=runqueue, publish_seconds_median=publish,
-                    watcher_cpu_seconds=summary["cpu_seconds"], events_per_watcher=summary["events"])
+    return WatchRun(
+        watchers=watchers,
+        timeline=timeline,
+        connected_at=connected_at,
+        first_timed_step=first_timed + 1,
+        seconds_per_step_mean=(timed[-1] - timed[0]) / len(gaps),
+        seconds_per_step_median=statistics.median(gaps),
+        timed_steps=len(gaps),
+        worker_cpu_per_step=worker_cpu,
+        other_threads_cpu_per_step=other_cpu,
+        worker_runqueue_per_step=runqueue,
+        publish_seconds_median=publish,
+        watcher_cpu_seconds=summary["cpu_seconds"],
+        events_per_watcher=summary["events"],
+    )
 
 
 def expect_line(helper: subprocess.Popen[str], prefix: str) -> str:
@@ -479,8 +536,20 @@ def expect_line(helper: subprocess.Popen[str], prefix: str) -> str:
     return line
 
 
-def measure_watchers(client: LoradClient, probe: StepCpuProbe, address: str, root: Path, model: Path, data: Path,
-                     cache: Path, *, pairs: int, steps: int, watchers: int, skip: int) -> list[WatchRun]:
+def measure_watchers(
+    client: LoradClient,
+    probe: StepCpuProbe,
+    address: str,
+    root: Path,
+    model: Path,
+    data: Path,
+    cache: Path,
+    *,
+    pairs: int,
+    steps: int,
+    watchers: int,
+    skip: int,
+) -> list[WatchRun]:
     """``pairs`` × (a job without watchers, a job with ``watchers``), alternating, on the resident model."""
     runs = []
     for i in range(pairs):
@@ -524,7 +593,7 @@ class CpuSample:
 
     wall: float
     machine_busy: float  # seconds all CPUs together spent busy since boot (Linux /proc/stat)
-    own: float           # CPU seconds of this process and its waited-for children
+    own: float  # CPU seconds of this process and its waited-for children
 
 
 def cpu_sample() -> CpuSample | None:
@@ -538,8 +607,11 @@ def cpu_sample() -> CpuSample | None:
     busy_ticks = sum(fields[:3]) + sum(fields[5:8])  # all but idle and iowait
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return CpuSample(wall=time.monotonic(), machine_busy=busy_ticks / os.sysconf("SC_CLK_TCK"),
-                     own=own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime)
+    return CpuSample(
+        wall=time.monotonic(),
+        machine_busy=busy_ticks / os.sysconf("SC_CLK_TCK"),
+        own=own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+    )
 
 
 def other_programs_cores(start: CpuSample | None, end: CpuSample | None) -> float:
@@ -572,17 +644,25 @@ def summarise_starts(warm_up: JobTimeline, repeats: list[StartRepeat]) -> dict[s
     # the same ratio up to "training_started" shows what start-up work alone costs.
     setup_cold = [r.cold.first["training_started"] - r.cold.submitted for r in repeats]
     setup_warm = [r.warm.first["training_started"] - r.warm.submitted for r in repeats]
-    phases = {label: {"cold": median([r.cold.phases().get(label, float("nan")) for r in repeats]),
-                      "warm": median([r.warm.phases().get(label, float("nan")) for r in repeats])}
-              for label, _, _ in PHASES}
+    phases = {
+        label: {
+            "cold": median([r.cold.phases().get(label, float("nan")) for r in repeats]),
+            "warm": median([r.warm.phases().get(label, float("nan")) for r in repeats]),
+        }
+        for label, _, _ in PHASES
+    }
     return {
-        "cold_seconds_median": median(cold), "warm_seconds_median": median(warm),
-        "warm_over_cold": ratio, "target": TARGET_WARM_OVER_COLD, "within_target": ratio <= TARGET_WARM_OVER_COLD,
+        "cold_seconds_median": median(cold),
+        "warm_seconds_median": median(warm),
+        "warm_over_cold": ratio,
+        "target": TARGET_WARM_OVER_COLD,
+        "within_target": ratio <= TARGET_WARM_OVER_COLD,
         "per_repeat_ratio": [r.ratio for r in repeats],
         "to_training_started_cold_seconds_median": median(setup_cold),
         "to_training_started_warm_seconds_median": median(setup_warm),
         "warm_over_cold_to_training_started": median(setup_warm) / median(setup_cold),
-        "cold_seconds": cold, "warm_seconds": warm,
+        "cold_seconds": cold,
+        "warm_seconds": warm,
         "cold_received_seconds": [r.cold_received for r in repeats],
         "warm_received_seconds": [r.warm_received for r in repeats],
         "model_load_seconds": [r.cold.model_load_seconds for r in repeats],
@@ -609,11 +689,15 @@ def summarise_watchers(runs: list[WatchRun], watchers: int) -> dict[str, Any]:
     spread = max(pair_overheads) - min(pair_overheads)
     return {
         "watchers": watchers,
-        "seconds_per_step_none": mean_none, "seconds_per_step_watched": mean_some,
-        "overhead": overhead, "target": TARGET_WATCHER_OVERHEAD, "within_target": overhead <= TARGET_WATCHER_OVERHEAD,
+        "seconds_per_step_none": mean_none,
+        "seconds_per_step_watched": mean_some,
+        "overhead": overhead,
+        "target": TARGET_WATCHER_OVERHEAD,
+        "within_target": overhead <= TARGET_WATCHER_OVERHEAD,
         "overhead_from_median_gaps": med_some / med_none - 1,
         "per_pair_overhead": pair_overheads,
-        "per_pair_spread": spread, "noisy": spread > 2 * TARGET_WATCHER_OVERHEAD,
+        "per_pair_spread": spread,
+        "noisy": spread > 2 * TARGET_WATCHER_OVERHEAD,
         "events_delivered_per_watcher": [r.events_per_watcher for r in some],
         # CPU time is less sensitive to other load than wall time: what the watchers cost the
         # daemon process, and what the watcher process itself burns, per training step.
@@ -629,89 +713,137 @@ def summarise_watchers(runs: list[WatchRun], watchers: int) -> dict[str, Any]:
         "own_core_seconds_per_step_watched": median([r.seconds_per_step_own_core for r in some]),
         # The same ratio without the waits for a core, which other programs cause: less noisy on
         # a shared machine, but blind to the watchers' own use of the cores.
-        "overhead_own_core": (median([r.seconds_per_step_own_core for r in some])
-                              / median([r.seconds_per_step_own_core for r in none]) - 1),
+        "overhead_own_core": (
+            median([r.seconds_per_step_own_core for r in some]) / median([r.seconds_per_step_own_core for r in none])
+            - 1
+        ),
         "other_threads_cpu_seconds_per_step_none": median([r.other_threads_cpu_per_step for r in none]),
         "other_threads_cpu_seconds_per_step_watched": median([r.other_threads_cpu_per_step for r in some]),
-        "watcher_process_cpu_seconds_per_step": median([r.watcher_cpu_seconds / len(r.timeline.steps)
-                                                         for r in some]),
+        "watcher_process_cpu_seconds_per_step": median([r.watcher_cpu_seconds / len(r.timeline.steps) for r in some]),
     }
 
 
-def print_report(settings: dict[str, Any], starts: dict[str, Any], start_runs: list[StartRepeat],
-                 watch: dict[str, Any], watch_runs: list[WatchRun]) -> None:
+def print_report(
+    settings: dict[str, Any],
+    starts: dict[str, Any],
+    start_runs: list[StartRepeat],
+    watch: dict[str, Any],
+    watch_runs: list[WatchRun],
+) -> None:
     """The human-readable tables."""
     ms = 1000.0
     load = settings["load_average_before"]
-    print(f"\nlorad daemon latency — tiny SD1 model, {IMAGE_SIZE} px, cpu, torch threads {settings['torch_threads']}, "
-          f"{settings['cpus']} CPUs")
+    print(
+        f"\nlorad daemon latency — tiny SD1 model, {IMAGE_SIZE} px, cpu, torch threads {settings['torch_threads']}, "
+        f"{settings['cpus']} CPUs"
+    )
     after = settings["load_average_after"]
-    print(f"load average before: {' '.join(map(str, load))}; after: {' '.join(map(str, after))}; "
-          f"other programs kept {settings['other_programs_cores_before']:.2f} cores busy just before, "
-          f"{settings['other_programs_cores_during']:.2f} during the run")
+    print(
+        f"load average before: {' '.join(map(str, load))}; after: {' '.join(map(str, after))}; "
+        f"other programs kept {settings['other_programs_cores_before']:.2f} cores busy just before, "
+        f"{settings['other_programs_cores_during']:.2f} during the run"
+    )
     if settings["machine_busy"]:
-        print("note: the machine was busy: other programs competed for the cores, and the wall times below are "
-              "distorted by them (the CPU figures much less)")
+        print(
+            "note: the machine was busy: other programs competed for the cores, and the wall times below are "
+            "distorted by them (the CPU figures much less)"
+        )
 
-    print(f"\n1. Cold vs warm start: SubmitTraining returned → first step event "
-          f"(medians of {len(start_runs)} repeats, ms)")
+    print(
+        f"\n1. Cold vs warm start: SubmitTraining returned → first step event "
+        f"(medians of {len(start_runs)} repeats, ms)"
+    )
     print(f"   {'phase':<32}{'cold':>10}{'warm':>10}")
     for label, values in starts["phases_median_seconds"].items():
         print(f"   {label:<32}{values['cold'] * ms:>10.1f}{values['warm'] * ms:>10.1f}")
-    print(f"   {'SubmitTraining returned → step':<32}{starts['cold_seconds_median'] * ms:>10.1f}"
-          f"{starts['warm_seconds_median'] * ms:>10.1f}")
-    print(f"   (phases run from the \"queued\" event; the reply reached the client "
-          f"{starts['reply_lag_median_seconds'] * ms:.1f} ms after it)")
-    print("   per repeat (cold / warm ms): " + ", ".join(
-        f"{r.cold.to_first_step * ms:.0f} / {r.warm.to_first_step * ms:.0f}" for r in start_runs))
-    print("   model load inside cold (registry, ms): " + ", ".join(
-        f"{(r.cold.model_load_seconds or 0) * ms:.0f}" for r in start_runs))
-    print(f"   first job of the process (imports, latent encoding; not compared): "
-          f"{starts['warm_up_job_seconds'] * ms:.0f} ms")
+    print(
+        f"   {'SubmitTraining returned → step':<32}{starts['cold_seconds_median'] * ms:>10.1f}"
+        f"{starts['warm_seconds_median'] * ms:>10.1f}"
+    )
+    print(
+        f'   (phases run from the "queued" event; the reply reached the client '
+        f"{starts['reply_lag_median_seconds'] * ms:.1f} ms after it)"
+    )
+    print(
+        "   per repeat (cold / warm ms): "
+        + ", ".join(f"{r.cold.to_first_step * ms:.0f} / {r.warm.to_first_step * ms:.0f}" for r in start_runs)
+    )
+    print(
+        "   model load inside cold (registry, ms): "
+        + ", ".join(f"{(r.cold.model_load_seconds or 0) * ms:.0f}" for r in start_runs)
+    )
+    print(
+        f"   first job of the process (imports, latent encoding; not compared): "
+        f"{starts['warm_up_job_seconds'] * ms:.0f} ms"
+    )
     ratio = starts["warm_over_cold"]
     print(f"   warm/cold = {ratio:.1%} (target ≤ {TARGET_WARM_OVER_COLD:.0%}): {verdict(ratio, TARGET_WARM_OVER_COLD)}")
-    print(f"   without the first step's own compute (submit → training_started): "
-          f"{starts['to_training_started_cold_seconds_median'] * ms:.0f} / "
-          f"{starts['to_training_started_warm_seconds_median'] * ms:.0f} ms = "
-          f"{starts['warm_over_cold_to_training_started']:.1%}")
+    print(
+        f"   without the first step's own compute (submit → training_started): "
+        f"{starts['to_training_started_cold_seconds_median'] * ms:.0f} / "
+        f"{starts['to_training_started_warm_seconds_median'] * ms:.0f} ms = "
+        f"{starts['warm_over_cold_to_training_started']:.1%}"
+    )
 
-    print(f"\n2. Watchers' cost: seconds per step, {settings['steps']} steps per job, first "
-          f"{settings['skip_steps']} not timed")
+    print(
+        f"\n2. Watchers' cost: seconds per step, {settings['steps']} steps per job, first "
+        f"{settings['skip_steps']} not timed"
+    )
     print("   ms per step. train CPU: the training thread's CPU time; no core: it was runnable but every core was")
     print("   busy (other programs); blocked: it waited on the GIL, a lock or I/O; other CPU: the daemon's other")
     print("   threads (gRPC serving the watchers, TensorBoard's writer, polling); clients: the watcher process")
-    print(f"   {'job':<15}{'watchers':>9}{'mean':>8}{'median':>8}{'timed':>6}{'train CPU':>10}{'no core':>9}"
-          f"{'blocked':>9}{'other CPU':>10}{'clients':>9}  events/watcher")
+    print(
+        f"   {'job':<15}{'watchers':>9}{'mean':>8}{'median':>8}{'timed':>6}{'train CPU':>10}{'no core':>9}"
+        f"{'blocked':>9}{'other CPU':>10}{'clients':>9}  events/watcher"
+    )
     for run in watch_runs:
-        events = (f"{min(run.events_per_watcher)}–{max(run.events_per_watcher)}" if run.events_per_watcher else "-")
-        print(f"   {run.timeline.label:<15}{run.watchers:>9}{run.seconds_per_step_mean * ms:>8.1f}"
-              f"{run.seconds_per_step_median * ms:>8.1f}{run.timed_steps:>6}{run.worker_cpu_per_step * ms:>10.1f}"
-              f"{run.worker_runqueue_per_step * ms:>9.1f}{run.worker_blocked_per_step * ms:>9.1f}"
-              f"{run.other_threads_cpu_per_step * ms:>10.2f}"
-              f"{run.watcher_cpu_seconds / len(run.timeline.steps) * ms:>9.2f}  {events}")
+        events = f"{min(run.events_per_watcher)}–{max(run.events_per_watcher)}" if run.events_per_watcher else "-"
+        print(
+            f"   {run.timeline.label:<15}{run.watchers:>9}{run.seconds_per_step_mean * ms:>8.1f}"
+            f"{run.seconds_per_step_median * ms:>8.1f}{run.timed_steps:>6}{run.worker_cpu_per_step * ms:>10.1f}"
+            f"{run.worker_runqueue_per_step * ms:>9.1f}{run.worker_blocked_per_step * ms:>9.1f}"
+            f"{run.other_threads_cpu_per_step * ms:>10.2f}"
+            f"{run.watcher_cpu_seconds / len(run.timeline.steps) * ms:>9.2f}  {events}"
+        )
     print(f"\n   {'medians, ms per step':<34}{'none':>9}{watch['watchers']:>9}")
-    for name, key in (("wall (mean over the timed steps)", "seconds_per_step"),
-                      ("  training thread CPU", "worker_cpu_seconds_per_step"),
-                      ("  training thread: no free core", "worker_runqueue_seconds_per_step"),
-                      ("  training thread: blocked", "worker_blocked_seconds_per_step"),
-                      ("  publishing its step event (wall)", "publish_seconds_per_step"),
-                      ("wall less 'no free core'", "own_core_seconds_per_step"),
-                      ("daemon's other threads CPU", "other_threads_cpu_seconds_per_step")):
+    for name, key in (
+        ("wall (mean over the timed steps)", "seconds_per_step"),
+        ("  training thread CPU", "worker_cpu_seconds_per_step"),
+        ("  training thread: no free core", "worker_runqueue_seconds_per_step"),
+        ("  training thread: blocked", "worker_blocked_seconds_per_step"),
+        ("  publishing its step event (wall)", "publish_seconds_per_step"),
+        ("wall less 'no free core'", "own_core_seconds_per_step"),
+        ("daemon's other threads CPU", "other_threads_cpu_seconds_per_step"),
+    ):
         print(f"   {name:<34}{watch[f'{key}_none'] * ms:>9.2f}{watch[f'{key}_watched'] * ms:>9.2f}")
     print(f"   {'watcher process CPU':<34}{0.0:>9.2f}{watch['watcher_process_cpu_seconds_per_step'] * ms:>9.2f}")
     overhead = watch["overhead"]
-    print(f"\n   {watch['watchers']} watchers vs none: {overhead:+.1%} per step (target ≤ "
-          f"{TARGET_WATCHER_OVERHEAD:+.0%}): {verdict(overhead, TARGET_WATCHER_OVERHEAD)}")
-    print(f"   per pair: {', '.join(f'{x:+.1%}' for x in watch['per_pair_overhead'])}; from median gaps: "
-          f"{watch['overhead_from_median_gaps']:+.1%}; less waits for a core: {watch['overhead_own_core']:+.1%}")
+    print(
+        f"\n   {watch['watchers']} watchers vs none: {overhead:+.1%} per step (target ≤ "
+        f"{TARGET_WATCHER_OVERHEAD:+.0%}): {verdict(overhead, TARGET_WATCHER_OVERHEAD)}"
+    )
+    print(
+        f"   per pair: {', '.join(f'{x:+.1%}' for x in watch['per_pair_overhead'])}; from median gaps: "
+        f"{watch['overhead_from_median_gaps']:+.1%}; less waits for a core: {watch['overhead_own_core']:+.1%}"
+    )
     if watch["noisy"]:
-        print(f"   NOISY: pairs run back to back differ by {watch['per_pair_spread']:.0%} points, more than twice the "
-              "target; other load decided the wall-time ratio. The CPU rows (and 'less waits for a core') still "
-              "hold; rerun on a quiet machine, or with more --repeats, for a wall-time verdict.")
+        print(
+            f"   NOISY: pairs run back to back differ by {watch['per_pair_spread']:.0%} points, more than twice the "
+            "target; other load decided the wall-time ratio. The CPU rows (and 'less waits for a core') still "
+            "hold; rerun on a quiet machine, or with more --repeats, for a wall-time verdict."
+        )
     if not starts["within_target"] or not watch["within_target"]:
-        print("\nabove target: " + ", ".join(
-            name for name, ok in (("warm/cold start", starts["within_target"]),
-                                  ("watchers' cost", watch["within_target"])) if not ok))
+        print(
+            "\nabove target: "
+            + ", ".join(
+                name
+                for name, ok in (
+                    ("warm/cold start", starts["within_target"]),
+                    ("watchers' cost", watch["within_target"]),
+                )
+                if not ok
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------- main
@@ -720,15 +852,24 @@ def print_report(settings: dict[str, Any], starts: dict[str, Any], start_runs: l
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; ``--steps`` must leave at least 10 timed steps after ``--skip-steps``."""
     parser = argparse.ArgumentParser(prog="python -m bench.daemon_latency", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="cold/warm repeats, and (none, watched) job pairs (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="cold/warm repeats, and (none, watched) job pairs (default 3)"
+    )
     parser.add_argument("--steps", type=int, default=80, help="steps per job in the watchers' test (default 80)")
     parser.add_argument("--watchers", type=int, default=10, help="concurrent WatchJob streams (default 10)")
-    parser.add_argument("--skip-steps", type=int, default=10,
-                        help="first steps of each watchers' job left out of the timing (default 10)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads in the daemon (default 1: the daemon's RPC threads and "
-                             "any other benchmark share the cores)")
+    parser.add_argument(
+        "--skip-steps",
+        type=int,
+        default=10,
+        help="first steps of each watchers' job left out of the timing (default 10)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads in the daemon (default 1: the daemon's RPC threads and "
+        "any other benchmark share the cores)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "daemon_latency.json", help="JSON results file")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.watchers < 1 or args.steps < args.skip_steps + 10:
@@ -775,8 +916,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_mid = load_average()
             print("watchers' cost ...", file=sys.stderr)
             # The watchers' jobs share one model (resident after the first) and the latent cache.
-            watch_runs = measure_watchers(client, probe, address, root, model, data, cache, pairs=args.repeats,
-                                          steps=args.steps, watchers=args.watchers, skip=args.skip_steps)
+            watch_runs = measure_watchers(
+                client,
+                probe,
+                address,
+                root,
+                model,
+                data,
+                cache,
+                pairs=args.repeats,
+                steps=args.steps,
+                watchers=args.watchers,
+                skip=args.skip_steps,
+            )
     finally:
         if daemon is not None:
             daemon.stop(grace=0)
@@ -784,23 +936,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     other_during = other_programs_cores(run_start, cpu_sample())
 
     settings = {
-        "repeats": args.repeats, "steps": args.steps, "watchers": args.watchers, "skip_steps": args.skip_steps,
-        "torch_threads": args.threads, "cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "load_average_before": load_before, "load_average_between": load_mid, "load_average_after": load_average(),
-        "other_programs_cores_before": other_before, "other_programs_cores_during": other_during,
-        "machine_busy": busy(max((x for x in (other_before, other_during) if math.isfinite(x)),
-                                 default=float("nan")), load_before),
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "watchers": args.watchers,
+        "skip_steps": args.skip_steps,
+        "torch_threads": args.threads,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_before": load_before,
+        "load_average_between": load_mid,
+        "load_average_after": load_average(),
+        "other_programs_cores_before": other_before,
+        "other_programs_cores_during": other_during,
+        "machine_busy": busy(
+            max((x for x in (other_before, other_during) if math.isfinite(x)), default=float("nan")), load_before
+        ),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     starts = summarise_starts(warm_up, start_runs)
     watch = summarise_watchers(watch_runs, args.watchers)
     print_report(settings, starts, start_runs, watch, watch_runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(json_safe({
-        "settings": settings, "cold_vs_warm": starts, "watchers": watch,
-        "start_runs": [asdict(r) for r in start_runs], "watch_runs": [asdict(r) for r in watch_runs],
-    }), indent=2, allow_nan=False) + "\n")
+    args.out.write_text(
+        json.dumps(
+            json_safe(
+                {
+                    "settings": settings,
+                    "cold_vs_warm": starts,
+                    "watchers": watch,
+                    "start_runs": [asdict(r) for r in start_runs],
+                    "watch_runs": [asdict(r) for r in watch_runs],
+                }
+            ),
+            indent=2,
+            allow_nan=False,
+        )
+        + "\n"
+    )
     print(f"\nresults: {args.out} ({settings['wall_seconds']} s)")
     return 0  # a missed target is a finding, not a failure of the benchmark
 

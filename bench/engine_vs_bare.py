@@ -207,9 +207,15 @@ def build_sd15(tokenizer_dir: Path, placement: Placement) -> SDComponents:
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
     scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(configs / "scheduler"))
     components = SDComponents(
-        unet=unet, vae=vae, text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        noise_scheduler=scheduler, model_version="sd1", prediction_type="epsilon", source="random-sd15")
+        noise_scheduler=scheduler,
+        model_version="sd1",
+        prediction_type="epsilon",
+        source="random-sd15",
+    )
     return place(components, placement)
 
 
@@ -252,27 +258,33 @@ def picture_tensor(picture: Image.Image) -> torch.Tensor:
     return raw.view(picture.height, picture.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def prepare_bare_inputs(components: SDComponents, pictures: Sequence[Image.Image], captions: Sequence[str],
-                        placement: Placement) -> BareInputs:
+def prepare_bare_inputs(
+    components: SDComponents, pictures: Sequence[Image.Image], captions: Sequence[str], placement: Placement
+) -> BareInputs:
     """Encode the pictures and captions once, on the device: the bare loop's whole data pipeline."""
     device = placement.device
     vae, text_encoder, tokenizer = components.vae, components.text_encoder, components.tokenizer
     pixels = torch.stack([picture_tensor(p) for p in pictures])
     means, stds = [], []
-    autocast = torch.autocast(device.type, dtype=placement.autocast_dtype,
-                              enabled=placement.autocast_dtype is not None)
+    autocast = torch.autocast(device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None)
     with torch.no_grad():
         for chunk in pixels.split(4):
             dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
-        ids = tokenizer(list(captions), padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         # Under the same autocast as the engine's prompt encoding, so the hidden states have its dtype.
         with autocast:
             hidden = text_encoder(ids.to(device))[0]
-    return BareInputs(mean=torch.cat(means), std=torch.cat(stds), hidden=hidden,
-                      scaling=float(vae.config.scaling_factor))
+    return BareInputs(
+        mean=torch.cat(means), std=torch.cat(stds), hidden=hidden, scaling=float(vae.config.scaling_factor)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +310,16 @@ def resident_model_kwargs(components: SDComponents, placement: Placement) -> dic
     return {"models": provide}
 
 
-def run_engine(components: SDComponents, settings: CaseSettings, data_dir: Path, work: Path,
-               placement: Placement, device_flag: str, precision_flag: str, repeat: int) -> LoopRun:
+def run_engine(
+    components: SDComponents,
+    settings: CaseSettings,
+    data_dir: Path,
+    work: Path,
+    placement: Placement,
+    device_flag: str,
+    precision_flag: str,
+    repeat: int,
+) -> LoopRun:
     """One full ``train_sd_lora`` call on the resident model; times steps warmup+1..end from its events."""
     from lorad.config import parse_config
     from lorad.engines.sd.train import train_sd_lora
@@ -308,32 +328,36 @@ def run_engine(components: SDComponents, settings: CaseSettings, data_dir: Path,
     device = placement.device
     total = settings.warmup_steps + settings.steps
     out = work / f"engine-run-{repeat}"
-    config = parse_config({
-        "train_data_dir": str(data_dir),
-        "metadata_path": str(data_dir / "metadata.csv"),
-        "base_model": components.source,
-        "output_dir": str(out),
-        "cache_dir": str(work / "latent-cache"),
-        "resolution": settings.resolution,
-        "enable_bucket": False,  # every picture is already square at the resolution
-        "min_bucket_reso": min(256, settings.resolution),
-        "lora_rank": settings.rank,
-        "lora_alpha": settings.rank,
-        "unet_target_modules": list(UNET_TARGETS),
-        "batch_size": settings.batch_size,
-        "max_train_steps": total,
-        "learning_rate": LEARNING_RATE,
-        "max_grad_norm": MAX_GRAD_NORM,
-        "adam_beta1": ADAM_BETAS[0],
-        "adam_beta2": ADAM_BETAS[1],
-        "adam_epsilon": ADAM_EPS,
-        "weight_decay": WEIGHT_DECAY,
-        "optimizer": "adamw",
-        "lr_scheduler": "constant",
-        "seed": SEED,
-        "device": device_flag,
-        "mixed_precision": precision_flag,
-    }, base_dir=work, source="bench config")
+    config = parse_config(
+        {
+            "train_data_dir": str(data_dir),
+            "metadata_path": str(data_dir / "metadata.csv"),
+            "base_model": components.source,
+            "output_dir": str(out),
+            "cache_dir": str(work / "latent-cache"),
+            "resolution": settings.resolution,
+            "enable_bucket": False,  # every picture is already square at the resolution
+            "min_bucket_reso": min(256, settings.resolution),
+            "lora_rank": settings.rank,
+            "lora_alpha": settings.rank,
+            "unet_target_modules": list(UNET_TARGETS),
+            "batch_size": settings.batch_size,
+            "max_train_steps": total,
+            "learning_rate": LEARNING_RATE,
+            "max_grad_norm": MAX_GRAD_NORM,
+            "adam_beta1": ADAM_BETAS[0],
+            "adam_beta2": ADAM_BETAS[1],
+            "adam_epsilon": ADAM_EPS,
+            "weight_decay": WEIGHT_DECAY,
+            "optimizer": "adamw",
+            "lr_scheduler": "constant",
+            "seed": SEED,
+            "device": device_flag,
+            "mixed_precision": precision_flag,
+        },
+        base_dir=work,
+        source="bench config",
+    )
 
     marks: dict[str, float] = {}
     seen: dict[str, Any] = {}
@@ -374,16 +398,25 @@ def run_engine(components: SDComponents, settings: CaseSettings, data_dir: Path,
         raise RuntimeError(f"engine trained in {summary['precision']}, the bare loop in {placement.precision}")
     timings = summary.get("timings_seconds", {})
     return LoopRun(
-        side="engine", repeat=repeat, seconds=marks["end"] - marks["start"], steps=settings.steps,
+        side="engine",
+        repeat=repeat,
+        seconds=marks["end"] - marks["start"],
+        steps=settings.steps,
         step_seconds=[b - a for a, b in itertools.pairwise(step_marks)],
-        peak_bytes=seen.get("peak"), trainable_params=seen["trainable"], final_loss=result.final_loss,
+        peak_bytes=seen.get("peak"),
+        trainable_params=seen["trainable"],
+        final_loss=result.final_loss,
         # The engine's own loop timer covers every step (warm-up included); kept for cross-checking.
-        extra={"summary_train_s_per_step": timings["train"] / total if "train" in timings else None,
-               "summary_timings_seconds": timings})
+        extra={
+            "summary_train_s_per_step": timings["train"] / total if "train" in timings else None,
+            "summary_timings_seconds": timings,
+        },
+    )
 
 
-def run_bare(components: SDComponents, inputs: BareInputs, settings: CaseSettings, placement: Placement,
-             repeat: int) -> LoopRun:
+def run_bare(
+    components: SDComponents, inputs: BareInputs, settings: CaseSettings, placement: Placement, repeat: int
+) -> LoopRun:
     """The minimal honest loop on the same resident model: peft LoRA, AdamW, pre-encoded inputs."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -391,8 +424,13 @@ def run_bare(components: SDComponents, inputs: BareInputs, settings: CaseSetting
 
     device, unet, scheduler = placement.device, components.unet, components.noise_scheduler
     assert_no_adapters(unet)
-    lora = LoraConfig(r=settings.rank, lora_alpha=settings.rank, lora_dropout=0.0,
-                      target_modules=list(UNET_TARGETS), init_lora_weights=True)
+    lora = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.rank,
+        lora_dropout=0.0,
+        target_modules=list(UNET_TARGETS),
+        init_lora_weights=True,
+    )
     inject_adapter_in_model(lora, unet, adapter_name=BARE_ADAPTER)
     try:
         params = []
@@ -402,12 +440,14 @@ def run_bare(components: SDComponents, inputs: BareInputs, settings: CaseSetting
                 param.data = param.data.float()
                 param.requires_grad_(True)
                 params.append(param)
-        optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                      weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(
+            params, lr=LEARNING_RATE, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY
+        )
         # fp16 needs loss scaling (the engine uses it too); bf16 and fp32 do not.
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
-        autocast = torch.autocast(device.type, dtype=placement.autocast_dtype,
-                                  enabled=placement.autocast_dtype is not None)
+        autocast = torch.autocast(
+            device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
+        )
         unet.train()
         batch, total = settings.batch_size, settings.warmup_steps + settings.steps
         batches = inputs.mean.shape[0] // batch
@@ -421,8 +461,8 @@ def run_bare(components: SDComponents, inputs: BareInputs, settings: CaseSetting
             step_marks.append(time.perf_counter())
         for step in range(1, total + 1):
             lo = ((step - 1) % batches) * batch
-            mean, std = inputs.mean[lo:lo + batch], inputs.std[lo:lo + batch]
-            hidden = inputs.hidden[lo:lo + batch]
+            mean, std = inputs.mean[lo : lo + batch], inputs.std[lo : lo + batch]
+            hidden = inputs.hidden[lo : lo + batch]
             # Same math as the engine: a fresh latent sample from the VAE posterior, noise,
             # uniform timesteps, the scheduler's noising, MSE to the epsilon (or v) target.
             clean = (mean + std * torch.randn_like(mean)) * inputs.scaling
@@ -459,17 +499,25 @@ def run_bare(components: SDComponents, inputs: BareInputs, settings: CaseSetting
     finally:
         unet.eval()
         detach_lora(unet, BARE_ADAPTER)  # cleanup only; not part of the timed steps
-    return LoopRun(side="bare", repeat=repeat, seconds=seconds, steps=settings.steps,
-                   step_seconds=[b - a for a, b in itertools.pairwise(step_marks)], peak_bytes=peak,
-                   trainable_params=trainable, final_loss=final_loss)
+    return LoopRun(
+        side="bare",
+        repeat=repeat,
+        seconds=seconds,
+        steps=settings.steps,
+        step_seconds=[b - a for a, b in itertools.pairwise(step_marks)],
+        peak_bytes=peak,
+        trainable_params=trainable,
+        final_loss=final_loss,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # One case, all cases, reporting
 
 
-def bench_case(settings: CaseSettings, placement: Placement, args: argparse.Namespace, tmp: Path,
-               tiny_dir: Path) -> dict[str, Any]:
+def bench_case(
+    settings: CaseSettings, placement: Placement, args: argparse.Namespace, tmp: Path, tiny_dir: Path
+) -> dict[str, Any]:
     """Set up one case, run both sides ``repeats`` times alternately, and summarise."""
     work = tmp / settings.name
     work.mkdir()
@@ -480,9 +528,12 @@ def bench_case(settings: CaseSettings, placement: Placement, args: argparse.Name
         components = build_sd15(tiny_dir / "tokenizer", placement)
     pictures, captions = make_dataset(work / "data", settings.images, settings.resolution)
     inputs = prepare_bare_inputs(components, pictures, captions, placement)
-    print(f"[{settings.name}] setup {time.perf_counter() - t0:.1f}s: {settings.images} images at "
-          f"{settings.resolution}px, batch {settings.batch_size}, {settings.warmup_steps} warm-up + "
-          f"{settings.steps} timed steps per run, {settings.repeats} repeats", flush=True)
+    print(
+        f"[{settings.name}] setup {time.perf_counter() - t0:.1f}s: {settings.images} images at "
+        f"{settings.resolution}px, batch {settings.batch_size}, {settings.warmup_steps} warm-up + "
+        f"{settings.steps} timed steps per run, {settings.repeats} repeats",
+        flush=True,
+    )
 
     runs: dict[str, list[LoopRun]] = {"engine": [], "bare": []}
     for repeat in range(settings.repeats):
@@ -491,13 +542,17 @@ def bench_case(settings: CaseSettings, placement: Placement, args: argparse.Name
         for side in order:
             release_memory(placement.device)
             if side == "engine":
-                run = run_engine(components, settings, work / "data", work, placement, args.device,
-                                 args.precision, repeat)
+                run = run_engine(
+                    components, settings, work / "data", work, placement, args.device, args.precision, repeat
+                )
             else:
                 run = run_bare(components, inputs, settings, placement, repeat)
             runs[side].append(run)
-            print(f"[{settings.name}] repeat {repeat + 1}/{settings.repeats} {side:6s} "
-                  f"{run.s_per_step * 1e3:9.2f} ms/step", flush=True)
+            print(
+                f"[{settings.name}] repeat {repeat + 1}/{settings.repeats} {side:6s} "
+                f"{run.s_per_step * 1e3:9.2f} ms/step",
+                flush=True,
+            )
 
     engine = [r.s_per_step for r in runs["engine"]]
     bare = [r.s_per_step for r in runs["bare"]]
@@ -548,15 +603,25 @@ def case_settings(name: str, device: torch.device, args: argparse.Namespace) -> 
     gpu = device.type != "cpu"
     if name == "tiny":
         # Tiny steps take milliseconds: many of them, so per-step overhead is measured well.
-        settings = CaseSettings("tiny", TINY_RESOLUTION, batch_size=4, steps=100 if gpu else 20,
-                                warmup_steps=10 if gpu else 5, repeats=5 if gpu else 7, rank=8)
+        settings = CaseSettings(
+            "tiny",
+            TINY_RESOLUTION,
+            batch_size=4,
+            steps=100 if gpu else 20,
+            warmup_steps=10 if gpu else 5,
+            repeats=5 if gpu else 7,
+            rank=8,
+        )
     elif gpu:
         settings = CaseSettings("sd15", 512, batch_size=2, steps=30, warmup_steps=5, repeats=3, rank=8)
     else:
         # A real-size UNet step is seconds on a CPU (~3 s at 128 px on 2 cores, ~13 s at 256 px).
         settings = CaseSettings("sd15", 128, batch_size=1, steps=3, warmup_steps=1, repeats=3, rank=8)
-    overrides = {key: getattr(args, key) for key in ("steps", "warmup_steps", "batch_size", "repeats", "rank")
-                 if getattr(args, key) is not None}
+    overrides = {
+        key: getattr(args, key)
+        for key in ("steps", "warmup_steps", "batch_size", "repeats", "rank")
+        if getattr(args, key) is not None
+    }
     if args.resolution is not None and name == "sd15":
         overrides["resolution"] = args.resolution
     return replace(settings, **overrides)
@@ -568,16 +633,39 @@ def format_bytes(value: int | None) -> str:
 
 def print_table(results: Sequence[dict[str, Any]]) -> None:
     """The summary table, then one verdict line per case."""
-    header = ("case", "device", "precision", "res", "batch", "steps", "bare s/step", "engine s/step", "ratio",
-              "paired range", "bare peak", "engine peak")
+    header = (
+        "case",
+        "device",
+        "precision",
+        "res",
+        "batch",
+        "steps",
+        "bare s/step",
+        "engine s/step",
+        "ratio",
+        "paired range",
+        "bare peak",
+        "engine peak",
+    )
     rows = []
     for r in results:
         s = r["settings"]
-        rows.append((r["case"], r["device"], r["precision"], str(s["resolution"]), str(s["batch_size"]),
-                     f"{s['steps']}x{s['repeats']}", f"{r['bare_s_per_step']:.4f}",
-                     f"{r['engine_s_per_step']:.4f}", f"{r['ratio']:.3f}",
-                     f"{min(r['paired_ratios']):.3f}-{max(r['paired_ratios']):.3f}",
-                     format_bytes(r["peak_bytes"]["bare"]), format_bytes(r["peak_bytes"]["engine"])))
+        rows.append(
+            (
+                r["case"],
+                r["device"],
+                r["precision"],
+                str(s["resolution"]),
+                str(s["batch_size"]),
+                f"{s['steps']}x{s['repeats']}",
+                f"{r['bare_s_per_step']:.4f}",
+                f"{r['engine_s_per_step']:.4f}",
+                f"{r['ratio']:.3f}",
+                f"{min(r['paired_ratios']):.3f}-{max(r['paired_ratios']):.3f}",
+                format_bytes(r["peak_bytes"]["bare"]),
+                format_bytes(r["peak_bytes"]["engine"]),
+            )
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print()
     for line in (header, tuple("-" * w for w in widths), *rows):
@@ -587,35 +675,51 @@ def print_table(results: Sequence[dict[str, Any]]) -> None:
         if r["meets_target"]:
             print(f"{r['case']}: ratio {r['ratio']:.3f} <= {TARGET_RATIO} (within target)")
         else:
-            print(f"{r['case']}: ratio {r['ratio']:.3f} is ABOVE TARGET {TARGET_RATIO}: the engine's "
-                  f"per-step overhead is {(r['ratio'] - 1) * 100:.1f}% of a bare step")
+            print(
+                f"{r['case']}: ratio {r['ratio']:.3f} is ABOVE TARGET {TARGET_RATIO}: the engine's "
+                f"per-step overhead is {(r['ratio'] - 1) * 100:.1f}% of a bare step"
+            )
         robust = f"best run {r['best_run_ratio']:.3f}"
         if r["median_step_ratio"] is not None:
             robust += f", median single step {r['median_step_ratio']:.3f}"
         print(f"  cross-checks: {robust}")
         paired = r["paired_ratios"]
         if max(paired) / min(paired) > 1.25:
-            print(f"  NOISY: back-to-back ratios span {min(paired):.2f}-{max(paired):.2f}; something else was "
-                  "using the machine. Rerun on a quiet machine (on a small CPU: --threads 1).")
+            print(
+                f"  NOISY: back-to-back ratios span {min(paired):.2f}-{max(paired):.2f}; something else was "
+                "using the machine. Rerun on a quiet machine (on a small CPU: --threads 1)."
+            )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.engine_vs_bare",
-        description="Steps/s of lorad's SD LoRA engine vs a bare training loop, side by side in one run.")
+        description="Steps/s of lorad's SD LoRA engine vs a bare training loop, side by side in one run.",
+    )
     parser.add_argument("--only", choices=CASES, help="run one case (default: all)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
-                        help="autocast precision (auto: bf16 on GPUs that support it, fp32 on CPU)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "no", "bf16", "fp16"),
+        help="autocast precision (auto: bf16 on GPUs that support it, fp32 on CPU)",
+    )
     parser.add_argument("--steps", type=int, help="timed steps per run (default per case and device)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps at the start of every run")
-    parser.add_argument("--resolution", type=int, help="sd15 image size in px (default 512 on GPU, 128 on "
-                        f"CPU); tiny always uses {TINY_RESOLUTION}")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help=f"sd15 image size in px (default 512 on GPU, 128 on CPU); tiny always uses {TINY_RESOLUTION}",
+    )
     parser.add_argument("--batch-size", type=int, help="images per step")
     parser.add_argument("--repeats", type=int, help="runs per side; the median is reported")
     parser.add_argument("--rank", type=int, help="LoRA rank (alpha = rank)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's "
-                        "choice); 1 is far steadier on a small machine that other processes share")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for both sides (default: torch's "
+        "choice); 1 is far steadier on a small machine that other processes share",
+    )
     args = parser.parse_args(argv)
     for key in ("steps", "batch_size", "repeats", "rank", "threads"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -635,9 +739,13 @@ def environment(placement: Placement) -> dict[str, Any]:
 
     return {
         "device_name": device_description(placement.device),
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -662,16 +770,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     placement = pick_placement(args.device, args.precision)
     cases = [args.only] if args.only else list(CASES)
-    print(f"engine vs bare loop on {placement.device} ({device_description(placement.device)}), "
-          f"precision {placement.precision}", flush=True)
+    print(
+        f"engine vs bare loop on {placement.device} ({device_description(placement.device)}), "
+        f"precision {placement.precision}",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="lorad-bench-") as tmp_name:
         tmp = Path(tmp_name)
         # The tiny model is always built: the sd15 case borrows its tokenizer.
         tiny_dir = build_tiny_sd(tmp / "tiny-sd1", version="sd1", seed=SEED)
         for name in cases:
-            results.append(bench_case(case_settings(name, placement.device, args), placement, args, tmp,
-                                      tiny_dir))
+            results.append(bench_case(case_settings(name, placement.device, args), placement, args, tmp, tiny_dir))
 
     print_table(results)
     if placement.device.type != "cuda":

@@ -52,9 +52,16 @@ def build_model(case: str, tokenizer_dir: Path, device: torch.device, dtype: tor
     if case == "tiny":
         config = tiny_llama_config(vocab_size=400)
     else:  # TinyLlama-1.1B's shape
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                             tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
     config.bos_token_id, config.eos_token_id = 1, 2
     torch.manual_seed(0)
     with torch.device(device):
@@ -67,26 +74,53 @@ def build_model(case: str, tokenizer_dir: Path, device: torch.device, dtype: tor
 
 def make_text(path: Path, rows: int) -> Path:
     """Plain-text rows long enough to fill any --seq-len (the tiny tokenizer makes ~1 token per word)."""
-    words = ["the", "patient", "was", "admitted", "with", "shortness", "of", "breath", "and", "a", "persistent",
-             "cough"]
+    words = [
+        "the",
+        "patient",
+        "was",
+        "admitted",
+        "with",
+        "shortness",
+        "of",
+        "breath",
+        "and",
+        "a",
+        "persistent",
+        "cough",
+    ]
     lines = [" ".join(words[(i + j) % len(words)] for j in range(1200)) for i in range(rows)]
     path.write_text(json.dumps([{"text": line} for line in lines]))
     return path
 
 
-def run_engine(model: torch.nn.Module, base: Path, data: Path, out: Path, args: argparse.Namespace,
-               precision: str) -> tuple[float, float]:
+def run_engine(
+    model: torch.nn.Module, base: Path, data: Path, out: Path, args: argparse.Namespace, precision: str
+) -> tuple[float, float]:
     """(wall, process CPU) seconds for ``args.steps`` engine steps after the warmup."""
     from lorad.config.llm_loader import parse_llm_config
     from lorad.engines.llm.model import LlmModel
     from lorad.engines.llm.train import ProvidedLlm, train_llm_lora
     from lorad.events import Event, StepDone
 
-    config = parse_llm_config({
-        "train_data": str(data), "base_model": str(base), "output_dir": str(out), "max_seq_len": args.seq_len,
-        "batch_size": args.batch, "max_train_steps": args.warmup_steps + args.steps, "lora_rank": RANK,
-        "lora_alpha": ALPHA, "lora_dropout": 0.0, "learning_rate": LR, "lr_scheduler": "constant",
-        "device": args.device, "mixed_precision": precision, "save_precision": "bf16"}, base_dir=out.parent)
+    config = parse_llm_config(
+        {
+            "train_data": str(data),
+            "base_model": str(base),
+            "output_dir": str(out),
+            "max_seq_len": args.seq_len,
+            "batch_size": args.batch,
+            "max_train_steps": args.warmup_steps + args.steps,
+            "lora_rank": RANK,
+            "lora_alpha": ALPHA,
+            "lora_dropout": 0.0,
+            "learning_rate": LR,
+            "lr_scheduler": "constant",
+            "device": args.device,
+            "mixed_precision": precision,
+            "save_precision": "bf16",
+        },
+        base_dir=out.parent,
+    )
     marks: dict[int, tuple[float, float]] = {}
 
     @contextmanager
@@ -102,18 +136,20 @@ def run_engine(model: torch.nn.Module, base: Path, data: Path, out: Path, args: 
     return last[0] - first[0], last[1] - first[1]
 
 
-def run_bare(model: torch.nn.Module, tokenizer: Any, data: Path, args: argparse.Namespace,
-             autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+def run_bare(
+    model: torch.nn.Module, tokenizer: Any, data: Path, args: argparse.Namespace, autocast_dtype: torch.dtype | None
+) -> tuple[float, float]:
     """(wall, process CPU) seconds for ``args.steps`` steps of the smallest honest loop: tokenize, LoRA, AdamW, clip."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     device = torch.device(args.device)
     texts = [row["text"] for row in json.loads(data.read_text())]
-    ids = [tokenizer(t)["input_ids"][:args.seq_len] for t in texts]
+    ids = [tokenizer(t)["input_ids"][: args.seq_len] for t in texts]
     torch.manual_seed(0)
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS), model,
-                            adapter_name="bench_bare")
+    inject_adapter_in_model(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS), model, adapter_name="bench_bare"
+    )
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()
@@ -172,11 +208,22 @@ def bench_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     e, b = statistics.median(w for w, _ in engine), statistics.median(w for w, _ in bare)
     # Process CPU time is the steadier measure on a shared CPU (other processes steal wall time).
     e_cpu, b_cpu = statistics.median(c for _, c in engine), statistics.median(c for _, c in bare)
-    return {"case": case, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": precision, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-            "engine_tokens_per_s": tokens / e, "bare_tokens_per_s": tokens / b, "time_ratio": e / b,
-            "cpu_time_ratio": e_cpu / b_cpu, "engine_s": engine, "bare_s": bare, "target": TARGET_RATIO,
-            "met": e / b <= TARGET_RATIO}
+    return {
+        "case": case,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "engine_tokens_per_s": tokens / e,
+        "bare_tokens_per_s": tokens / b,
+        "time_ratio": e / b,
+        "cpu_time_ratio": e_cpu / b_cpu,
+        "engine_s": engine,
+        "bare_s": bare,
+        "target": TARGET_RATIO,
+        "met": e / b <= TARGET_RATIO,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         for case in args.cases:
             result = bench_case(case, args, Path(tmp))
             results.append(result)
-            print(f"{case:8s} {result['device']:24s} {result['precision']:4s} "
-                  f"engine {result['engine_tokens_per_s']:10.0f} tok/s  "
-                  f"bare {result['bare_tokens_per_s']:10.0f} tok/s  "
-                  f"time ratio {result['time_ratio']:.3f} (process CPU time {result['cpu_time_ratio']:.3f}) "
-                  f"({'meets' if result['met'] else 'MISSES'} <= {TARGET_RATIO})",
-                  flush=True)
+            print(
+                f"{case:8s} {result['device']:24s} {result['precision']:4s} "
+                f"engine {result['engine_tokens_per_s']:10.0f} tok/s  "
+                f"bare {result['bare_tokens_per_s']:10.0f} tok/s  "
+                f"time ratio {result['time_ratio']:.3f} (process CPU time {result['cpu_time_ratio']:.3f}) "
+                f"({'meets' if result['met'] else 'MISSES'} <= {TARGET_RATIO})",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     return 0

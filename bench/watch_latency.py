@@ -48,9 +48,19 @@ def make_stock(root: Path, count: int) -> Path:
 def write_template(path: Path, model: Path, output_dir: Path) -> Path:
     import yaml
 
-    values = {"train_data_dir": "./unused", "base_model": str(model), "output_dir": str(output_dir),
-              "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 16,
-              "lora_rank": 4, "batch_size": 2, "max_train_steps": 2, "device": "cpu"}
+    values = {
+        "train_data_dir": "./unused",
+        "base_model": str(model),
+        "output_dir": str(output_dir),
+        "resolution": 64,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 16,
+        "lora_rank": 4,
+        "batch_size": 2,
+        "max_train_steps": 2,
+        "device": "cpu",
+    }
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
 
@@ -115,16 +125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for observer in observers:
                     folder = work / f"watched-{observer}"
                     folder.mkdir()
-                    client.add_watch(str(folder), str(template), quiet_seconds=args.quiet,
-                                     polling=observer == "polling")
+                    client.add_watch(
+                        str(folder), str(template), quiet_seconds=args.quiet, polling=observer == "polling"
+                    )
                     runs = []
                     for repeat in range(args.repeats):
-                        run = measure(client, folder, stock, start=repeat * args.images, images=args.images,
-                                      quiet=args.quiet)
+                        run = measure(
+                            client, folder, stock, start=repeat * args.images, images=args.images, quiet=args.quiet
+                        )
                         runs.append(run)
-                        print(f"{observer:9s} burst {repeat + 1}: job queued {run['after_complete']:.3f} s after "
-                              f"the last file was complete = quiet {args.quiet:g} s + {run['latency'] * 1000:.0f} ms",
-                              flush=True)
+                        print(
+                            f"{observer:9s} burst {repeat + 1}: job queued {run['after_complete']:.3f} s after "
+                            f"the last file was complete = quiet {args.quiet:g} s + {run['latency'] * 1000:.0f} ms",
+                            flush=True,
+                        )
                     results[observer] = runs
         finally:
             daemon.stop(grace=0)
@@ -136,17 +150,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for observer, runs in results.items():
         latencies = [r["latency"] for r in runs]
         med, worst = statistics.median(latencies), max(latencies)
-        verdict = ("within target" if worst < TARGET_SECONDS else "ABOVE TARGET") if observer == "os-events" \
+        verdict = (
+            ("within target" if worst < TARGET_SECONDS else "ABOVE TARGET")
+            if observer == "os-events"
             else "reported (includes the 1 s scan interval)"
+        )
         summary[observer] = {"median_seconds": med, "max_seconds": worst, "runs": runs}
         print(f"{observer:9s}  {len(runs):6d}  {med * 1000:7.0f}ms  {worst * 1000:7.0f}ms  {verdict}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "settings": {"repeats": args.repeats, "images": args.images, "quiet_seconds": args.quiet,
-                     "wall_seconds": round(time.monotonic() - started, 1)},
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                        "cpus": os.cpu_count()},
-        "target_seconds": TARGET_SECONDS, "results": summary}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "repeats": args.repeats,
+                    "images": args.images,
+                    "quiet_seconds": args.quiet,
+                    "wall_seconds": round(time.monotonic() - started, 1),
+                },
+                "environment": {
+                    "python": sys.version.split()[0],
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                },
+                "target_seconds": TARGET_SECONDS,
+                "results": summary,
+            },
+            indent=2,
+        )
+    )
     print(f"\nresults: {args.out}")
     return 0
 

@@ -71,8 +71,12 @@ def _well_known_include() -> Path:
     return Path(grpc_tools.__file__).resolve().parent / "_proto"
 
 
-def rewrite_imports(text: str, name: str, rewrites: tuple[tuple[re.Pattern[str], str], ...] = _IMPORT_REWRITES,
-                    leftover: re.Pattern[str] = _LEFTOVER) -> str:
+def rewrite_imports(
+    text: str,
+    name: str,
+    rewrites: tuple[tuple[re.Pattern[str], str], ...] = _IMPORT_REWRITES,
+    leftover: re.Pattern[str] = _LEFTOVER,
+) -> str:
     """``text`` with each (pattern, replacement) of ``rewrites`` applied; RuntimeError naming ``name``
     when ``leftover`` still matches (protoc's output changed shape, or a rewrite is missing)."""
     for pattern, replacement in rewrites:
@@ -196,12 +200,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {where}/{rel}", file=sys.stderr)
         committed = _committed_tools_version(PROTO_ROOT)
         if committed and committed != tools_version():
-            print(f"gen_proto: note: they were made with grpcio-tools {committed}; this is {tools_version()}",
-                  file=sys.stderr)
+            print(
+                f"gen_proto: note: they were made with grpcio-tools {committed}; this is {tools_version()}",
+                file=sys.stderr,
+            )
         return 1
     changed = write_stubs(expected)
-    print(f"gen_proto: {len(changed)} of {len(expected)} files changed in {where}/{STUB_PACKAGE}"
-          + (f": {', '.join(f'{where}/{c}' for c in changed)}" if changed else ""))
+    print(
+        f"gen_proto: {len(changed)} of {len(expected)} files changed in {where}/{STUB_PACKAGE}"
+        + (f": {', '.join(f'{where}/{c}' for c in changed)}" if changed else "")
+    )
     return 0
 
 

@@ -40,8 +40,10 @@ COMPAT_VENV = REPO_ROOT / ".venv-protoc-compat"
 # Generated folders (relative to EXTENSION_ROOT): everything in them is this script's output.
 GENERATED_DIRS = (f"{PACKAGE}/api", f"{PACKAGE}/vendored")
 # lorad_client modules copied into the extension, and the rewrites that make them use its stubs.
-VENDORED = {"discovery.py": REPO_ROOT / "clients/lorad_client/discovery.py",
-            "format.py": REPO_ROOT / "clients/lorad_client/format.py"}
+VENDORED = {
+    "discovery.py": REPO_ROOT / "clients/lorad_client/discovery.py",
+    "format.py": REPO_ROOT / "clients/lorad_client/format.py",
+}
 _REWRITES = (
     (re.compile(r"^from lorad\.v1 import ", re.MULTILINE), f"from {PACKAGE}.api.v1 import "),
     (re.compile(r"'lorad\.v1\.(\w+_pb2)'"), rf"'{PACKAGE}.api.v1.\1'"),
@@ -74,8 +76,10 @@ def compat_python() -> Path:
             return python
         venv.EnvBuilder(clear=True, with_pip=True).create(COMPAT_VENV)
         # --no-deps: protoc needs only the bundled compiler, not grpcio-tools' protobuf/grpcio pins.
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                        COMPAT_TOOLS], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", COMPAT_TOOLS],
+            check=True,
+        )
         marker.write_text(COMPAT_TOOLS)
     return python
 
@@ -87,12 +91,24 @@ def render_files(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
     """
     sources = proto_sources(proto_root)
     python = compat_python()
-    include = subprocess.run([str(python), "-c", "import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    include = subprocess.run(
+        [str(python), "-c", "import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="lorad-protoc-compat-") as tmp:
-        cmd = [str(python), "-m", "grpc_tools.protoc", f"-I{proto_root}", f"-I{include}/_proto",
-               f"--python_out={tmp}", f"--grpc_python_out={tmp}", *sources]
+        cmd = [
+            str(python),
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{proto_root}",
+            f"-I{include}/_proto",
+            f"--python_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *sources,
+        ]
         result = subprocess.run(cmd, cwd=proto_root, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"protoc failed ({result.returncode}):\n{result.stderr.strip()}")
@@ -110,8 +126,13 @@ def render_files(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
 
 def find_stale(expected: dict[str, bytes], root: Path = EXTENSION_ROOT) -> list[str]:
     """Paths (relative to ``root``) that differ from ``expected``: changed, missing or extra."""
-    existing = {p.relative_to(root).as_posix() for d in GENERATED_DIRS if (root / d).is_dir()
-                for p in (root / d).rglob("*.py") if "__pycache__" not in p.parts}
+    existing = {
+        p.relative_to(root).as_posix()
+        for d in GENERATED_DIRS
+        if (root / d).is_dir()
+        for p in (root / d).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     stale = [rel for rel, data in expected.items() if not (root / rel).is_file() or (root / rel).read_bytes() != data]
     return sorted(stale + sorted(existing - expected.keys()))
 

@@ -46,8 +46,21 @@ def ensure_a1111_venv() -> Path:
     # The base interpreter, not .venv's: a venv made from inside another venv still works, but this is clearer.
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--clear", str(A1111_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                    "--no-compile", "-r", str(A1111_LOCK)], check=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-compile",
+            "-r",
+            str(A1111_LOCK),
+        ],
+        check=True,
+    )
     marker.write_text(digest)
     return python
 

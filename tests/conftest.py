@@ -106,8 +106,9 @@ def dataset(tmp_path: Path) -> Path:
 def write_config(path: Path, **values: object) -> Path:
     """Write a YAML config file with the given keys."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, sort_keys=False)
+    )
     return path
 
 
@@ -165,8 +166,6 @@ def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
         yield connected
 
 
-
-
 # --- LLM fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -187,8 +186,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def tiny_llm_values(tiny_llm: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
     """LLM config keys for a fast CPU run on the tiny Llama (a few dozen steps at a high rate)."""
-    values: dict[str, object] = {"train_data": data, "base_model": tiny_llm, "output_dir": out, "device": "cpu",
-                                 "max_train_steps": 30, "learning_rate": "1e-2", "lora_dropout": 0.0,
-                                 "batch_size": 4, "lr_scheduler": "constant", "max_seq_len": 64}
+    values: dict[str, object] = {
+        "train_data": data,
+        "base_model": tiny_llm,
+        "output_dir": out,
+        "device": "cpu",
+        "max_train_steps": 30,
+        "learning_rate": "1e-2",
+        "lora_dropout": 0.0,
+        "batch_size": 4,
+        "lr_scheduler": "constant",
+        "max_seq_len": 64,
+    }
     values.update(overrides)
     return values

@@ -20,8 +20,14 @@ from lorad.engines.sd.train import train_sd_lora
 from lorad.models.tiny import write_original_checkpoint
 from tests.conftest import tiny_train_values
 
-RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
-                "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+RESNET_PARTS = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "norm1": "in_layers_0",
+    "norm2": "out_layers_0",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def a1111_compvis_name(key: str, per: int = 3) -> str:
@@ -55,17 +61,21 @@ def ldm_module_names(single_file: Path) -> set[str]:
             module = key.rsplit(".", 1)[0]
             for prefix in ("model.", "cond_stage_model."):
                 if module.startswith(prefix):
-                    names.add(module[len(prefix):].replace(".", "_"))
+                    names.add(module[len(prefix) :].replace(".", "_"))
     return names
 
 
 def test_every_key_maps_to_an_a1111_module(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     # The tiny model has two cross-attention levels, like SD's layout per level (layers_per_block
     # differs, so the block arithmetic is checked against the tiny model's own LDM file).
-    values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", train_text_encoder=True,
-                               unet_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                    "ff.net.0.proj", "ff.net.2"],
-                               text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    values = tiny_train_values(
+        tiny_sd,
+        dataset,
+        tmp_path / "out",
+        train_text_encoder=True,
+        unet_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+        text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    )
     result = train_sd_lora(parse_config(values, base_dir=tmp_path))
     single = write_original_checkpoint(tiny_sd, tmp_path / "tiny.safetensors")
     known = ldm_module_names(single)

@@ -33,11 +33,18 @@ def folder_of(root: Path) -> Path:
     return root
 
 
-def test_the_stream_yields_one_result_per_image_and_a_summary(client: LoradClient, daemon: RunningDaemon,
-                                                              tagger: Path, tmp_path: Path) -> None:
+def test_the_stream_yields_one_result_per_image_and_a_summary(
+    client: LoradClient, daemon: RunningDaemon, tagger: Path, tmp_path: Path
+) -> None:
     folder = folder_of(tmp_path / "data")
-    stream = client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14,
-                                   model=str(tagger), trigger_word="ohwx", batch_size=2)
+    stream = client.caption_images(
+        "data",
+        base_dir=tmp_path,
+        captioner=caption_pb2.CAPTIONER_KIND_WD14,
+        model=str(tagger),
+        trigger_word="ohwx",
+        batch_size=2,
+    )
     messages = list(stream)
     items = [m.WhichOneof("item") for m in messages]
     assert items[0] == "planned" and items[-1] == "finished" and items.count("captioner_ready") == 1
@@ -57,15 +64,17 @@ def test_the_stream_yields_one_result_per_image_and_a_summary(client: LoradClien
     # The captioner stays resident: listed among the models, and the next request does not load it.
     (resident,) = [m for m in client.list_models() if m.kind == "wd14"]
     assert resident.model_id == ready.model_id and resident.source == str(tagger) and resident.memory_bytes > 0
-    again = list(client.caption_images(folder, base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14,
-                                       model=str(tagger), overwrite=True))
+    again = list(
+        client.caption_images(
+            folder, base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14, model=str(tagger), overwrite=True
+        )
+    )
     assert next(m.captioner_ready for m in again if m.HasField("captioner_ready")).resident
     assert again[-1].finished.captioned == 3
     assert client.unload_model(str(tagger)) > 0
 
 
-def test_bad_requests_and_models_are_refused_with_the_reason(client: LoradClient, tagger: Path,
-                                                             tmp_path: Path) -> None:
+def test_bad_requests_and_models_are_refused_with_the_reason(client: LoradClient, tagger: Path, tmp_path: Path) -> None:
     folder_of(tmp_path / "data")
     with pytest.raises(LoradRpcError) as err:
         list(client.caption_images("nowhere", base_dir=tmp_path, batch_size=-1))
@@ -76,11 +85,15 @@ def test_bad_requests_and_models_are_refused_with_the_reason(client: LoradClient
     incomplete.mkdir()
     (incomplete / "model.onnx").write_bytes((tagger / "model.onnx").read_bytes())
     with pytest.raises(LoradRpcError) as err:
-        list(client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14,
-                                   model="half-tagger"))
+        list(
+            client.caption_images(
+                "data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14, model="half-tagger"
+            )
+        )
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert f"`model`: {incomplete} is not a complete WD14 tagger model folder: it lacks selected_tags.csv" in str(
-        err.value)
+        err.value
+    )
     assert "hint:" in str(err.value)
 
 
@@ -91,32 +104,52 @@ def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> Runnin
     return daemon
 
 
-def test_lorad_caption_goes_through_the_daemon(use_daemon: RunningDaemon, tagger: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lorad_caption_goes_through_the_daemon(
+    use_daemon: RunningDaemon,
+    tagger: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     folder = folder_of(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    code = main(["caption", "data", "--captioner", "wd14", "--model", str(tagger), "--format", "csv",
-                 "--general-threshold", "0.8"])
+    code = main(
+        [
+            "caption",
+            "data",
+            "--captioner",
+            "wd14",
+            "--model",
+            str(tagger),
+            "--format",
+            "csv",
+            "--general-threshold",
+            "0.8",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1  # broken.png could not be captioned
     assert "no lorad daemon running" not in err and "broken.png: unreadable image" in err
     assert "done: 2 captioned, 1 kept, 1 failed" in out
     assert dict(read_metadata_csv(folder / "metadata.csv").captions) == {
-        "red.png": "tiny hero, red theme", "sub/blue.png": "tiny hero, blue theme"}
+        "red.png": "tiny hero, red theme",
+        "sub/blue.png": "tiny hero, blue theme",
+    }
 
     code = main(["models"])
     out, _ = capsys.readouterr()
     assert code == 0 and "wd14" in out.splitlines()[1] and str(tagger) in out
 
 
-def test_a_daemon_job_captions_its_missing_captions_then_trains(client: LoradClient, daemon: RunningDaemon,
-                                                                tiny_sd: Path, tagger: Path, tmp_path: Path) -> None:
+def test_a_daemon_job_captions_its_missing_captions_then_trains(
+    client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, tagger: Path, tmp_path: Path
+) -> None:
     data = make_dataset(tmp_path / "data", 6, csv=False)
     for index in (1, 3, 5):
         (data / f"img_{index:02d}.txt").unlink()
-    values = tiny_train_values(tiny_sd, data, tmp_path / "out", captioner="wd14", captioner_model=str(tagger),
-                               max_train_steps=1)
+    values = tiny_train_values(
+        tiny_sd, data, tmp_path / "out", captioner="wd14", captioner_model=str(tagger), max_train_steps=1
+    )
     del values["metadata_path"]  # sidecars: the generated captions go beside the images
     config = yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
     job = client.submit_training(config, base_dir=tmp_path)

@@ -31,12 +31,10 @@ def rows_of(response: caption_pb2.ListCaptionsResponse) -> dict[str, tuple[str, 
     return {row.path: (row.caption, row.source, row.generated) for row in response.rows}
 
 
-def test_list_shows_each_caption_its_source_and_who_wrote_it(client: LoradClient, tagger: Path,
-                                                             tmp_path: Path) -> None:
+def test_list_shows_each_caption_its_source_and_who_wrote_it(client: LoradClient, tagger: Path, tmp_path: Path) -> None:
     folder = images_in(tmp_path / "data", "a.png", "b.png", "sub/c.png")
     (folder / "a.txt").write_text("a person's caption\n")
-    list(client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14,
-                               model=str(tagger)))
+    list(client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14, model=str(tagger)))
     listed = client.list_captions("data", base_dir=tmp_path)
     assert listed.folder == str(folder) and listed.format == caption_pb2.CAPTION_FORMAT_TXT
     rows = rows_of(listed)
@@ -46,16 +44,19 @@ def test_list_shows_each_caption_its_source_and_who_wrote_it(client: LoradClient
     assert caption.startswith("tiny hero") and source == caption_pb2.CAPTION_SOURCE_SIDECAR and generated
 
     (folder / "d.png").write_bytes((folder / "a.png").read_bytes())
-    assert rows_of(client.list_captions(folder, base_dir=tmp_path))["d.png"] == ("", caption_pb2.CAPTION_SOURCE_NONE,
-                                                                                  False)
+    assert rows_of(client.list_captions(folder, base_dir=tmp_path))["d.png"] == (
+        "",
+        caption_pb2.CAPTION_SOURCE_NONE,
+        False,
+    )
 
 
 def test_an_edited_generated_caption_is_written_beside_the_image_and_counts_as_the_users(
-        client: LoradClient, tagger: Path, tmp_path: Path) -> None:
+    client: LoradClient, tagger: Path, tmp_path: Path
+) -> None:
     folder = images_in(tmp_path / "data", "a.png", "b.png")
     (folder / "a.txt").write_text("old\n")
-    list(client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14,
-                               model=str(tagger)))
+    list(client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14, model=str(tagger)))
     generated = (folder / "b.txt").read_text().strip()
 
     answer = client.set_captions("data", {"b.png": "  ohwx,   a red   square "}, base_dir=tmp_path)
@@ -65,8 +66,11 @@ def test_an_edited_generated_caption_is_written_beside_the_image_and_counts_as_t
 
     # Even an edit back to the generated text is the user's now: regenerate leaves it alone.
     client.set_captions(folder, [("b.png", generated)], base_dir=tmp_path)
-    again = list(client.caption_images("data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14,
-                                       model=str(tagger), regenerate=True))
+    again = list(
+        client.caption_images(
+            "data", base_dir=tmp_path, captioner=caption_pb2.CAPTIONER_KIND_WD14, model=str(tagger), regenerate=True
+        )
+    )
     assert again[-1].finished.captioned == 0 and (folder / "b.txt").read_text() == generated + "\n"
 
 
@@ -83,8 +87,9 @@ def test_edits_go_into_metadata_csv_when_the_folder_uses_one(client: LoradClient
     assert rows["c.png"] == ("third", caption_pb2.CAPTION_SOURCE_SIDECAR, False)
 
 
-def test_bad_folders_and_edits_are_refused_naming_the_path_and_nothing_is_written(client: LoradClient,
-                                                                                 tmp_path: Path) -> None:
+def test_bad_folders_and_edits_are_refused_naming_the_path_and_nothing_is_written(
+    client: LoradClient, tmp_path: Path
+) -> None:
     folder = images_in(tmp_path / "data", "a.png")
     with pytest.raises(LoradRpcError) as err:
         client.list_captions("nowhere", base_dir=tmp_path)
@@ -92,8 +97,11 @@ def test_bad_folders_and_edits_are_refused_naming_the_path_and_nothing_is_writte
     assert f"`folder`: {tmp_path}/nowhere does not exist" in str(err.value)
 
     with pytest.raises(LoradRpcError) as err:
-        client.set_captions("data", [("a.png", "fine"), ("../secret.png", "x"), ("/etc/passwd", "x"),
-                                     ("missing.png", "x"), ("a.png", " ")], base_dir=tmp_path)
+        client.set_captions(
+            "data",
+            [("a.png", "fine"), ("../secret.png", "x"), ("/etc/passwd", "x"), ("missing.png", "x"), ("a.png", " ")],
+            base_dir=tmp_path,
+        )
     message = str(err.value)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"`edits[1].path`: '../secret.png' is outside {folder}" in message

@@ -30,8 +30,12 @@ RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("captioners")
-    return {"blip": build_tiny_blip(root / "blip"), "clip": build_tiny_clip(root / "clip"),
-            "wd14": build_tiny_wd14(root / "wd14"), "wd14-batch1": build_tiny_wd14(root / "wd14-batch1", batch=1)}
+    return {
+        "blip": build_tiny_blip(root / "blip"),
+        "clip": build_tiny_clip(root / "clip"),
+        "wd14": build_tiny_wd14(root / "wd14"),
+        "wd14-batch1": build_tiny_wd14(root / "wd14-batch1", batch=1),
+    }
 
 
 def picture(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
@@ -55,8 +59,9 @@ def test_csv_captions_are_merged_and_a_persons_rows_survive(tmp_path: Path, mode
     for name, colour in (("a.png", RED), ("b.png", GREEN), ("sub/c.png", BLUE), ("d.jpg", RED)):
         picture(folder / name, colour)
     (folder / "metadata.csv").write_text("file,caption,rating\na.png,my own words,5\n")
-    updates = run(folder, models["blip"], "blip", options=CaptionOptions(max_length=6), batch_size=2,
-                  trigger_word="ohwx")
+    updates = run(
+        folder, models["blip"], "blip", options=CaptionOptions(max_length=6), batch_size=2, trigger_word="ohwx"
+    )
 
     planned, kept, ready, *images, finished = updates  # kept images are reported before the model loads
     assert isinstance(planned, CaptionPlanned) and isinstance(ready, CaptionerReady)
@@ -101,8 +106,14 @@ def test_txt_sidecars_keep_a_persons_caption_unless_overwrite(tmp_path: Path, mo
     os.umask(umask)
     assert mode == 0o666 & ~umask  # an ordinary file, not the 0600 of a temporary file
 
-    run(folder, models["wd14"], "wd14", overwrite=True, trigger_word="ohwx",
-        options=CaptionOptions(general_threshold=0.6, exclude_tags=("tiny hero",)))
+    run(
+        folder,
+        models["wd14"],
+        "wd14",
+        overwrite=True,
+        trigger_word="ohwx",
+        options=CaptionOptions(general_threshold=0.6, exclude_tags=("tiny hero",)),
+    )
     assert (folder / "red.txt").read_text() == "ohwx, red theme, simple background\n"
     assert (folder / "green.txt").read_text() == "ohwx, green theme, simple background\n"
     assert sorted(CaptionRecord.load(folder).entries) == ["blue.png", "green.png", "red.png"]
@@ -116,9 +127,11 @@ def test_regenerate_replaces_only_generated_captions_nobody_edited(tmp_path: Pat
     run(folder, models["wd14"], "wd14")
     (folder / "b.txt").write_text("tiny hero, red theme, edited by a person\n")
     updates = run(folder, models["wd14"], "wd14", regenerate=True, options=CaptionOptions(character_threshold=0.4))
-    assert results(updates) == {"a.png": (CAPTIONED, "tiny hero, tiny villain, red theme, simple background, ^_^"),
-                                "b.png": (KEPT, "tiny hero, red theme, edited by a person"),
-                                "c.png": (KEPT, "by hand")}
+    assert results(updates) == {
+        "a.png": (CAPTIONED, "tiny hero, tiny villain, red theme, simple background, ^_^"),
+        "b.png": (KEPT, "tiny hero, red theme, edited by a person"),
+        "c.png": (KEPT, "by hand"),
+    }
 
 
 def test_an_unreadable_image_is_reported_and_the_others_are_captioned(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -163,8 +176,9 @@ def test_a_prompt_starts_every_sentence(tmp_path: Path, models: dict[str, Path])
     folder = tmp_path / "data"
     picture(folder / "a.png", RED)
     picture(folder / "b.png", BLUE, size=(50, 20))
-    updates = run(folder, models["blip"], "blip", options=CaptionOptions(prompt="a photo of", max_length=5,
-                                                                         num_beams=2))
+    updates = run(
+        folder, models["blip"], "blip", options=CaptionOptions(prompt="a photo of", max_length=5, num_beams=2)
+    )
     captions = [caption for status, caption in results(updates).values()]
     assert len(captions) == 2 and all(c.startswith("a photo of ") for c in captions)
 
@@ -195,15 +209,29 @@ def test_clip_keeps_the_best_phrases_of_each_section(tmp_path: Path, models: dic
     assert len(results(builtin)["a.png"][1].split(", ")) == 6  # one phrase from each built-in section
 
 
-def test_lorad_caption_without_a_daemon(tmp_path: Path, models: dict[str, Path],
-                                        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lorad_caption_without_a_daemon(
+    tmp_path: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "data"
     picture(folder / "a.png", RED)
     picture(folder / "b.png", GREEN)
     (folder / "b.txt").write_text("mine\n")
     monkeypatch.chdir(tmp_path)
-    code = main(["caption", "data", "--captioner", "wd14", "--model", str(models["wd14"]), "--trigger", "ohwx",
-                 "--exclude", "simple_background,^_^", "-v"])
+    code = main(
+        [
+            "caption",
+            "data",
+            "--captioner",
+            "wd14",
+            "--model",
+            str(models["wd14"]),
+            "--trigger",
+            "ohwx",
+            "--exclude",
+            "simple_background,^_^",
+            "-v",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "no lorad daemon running: captioning in this process" in err

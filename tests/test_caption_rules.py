@@ -25,8 +25,13 @@ from lorad.data.captions import read_metadata_csv
 from lorad.errors import ConfigError, DataError
 
 TAGS = (
-    Tag("general", 9), Tag("red_hair", 0), Tag("simple_background", 0), Tag("^_^", 0), Tag("long_hair", 0),
-    Tag("hero_(tiny)", 4), Tag("villain", 4),
+    Tag("general", 9),
+    Tag("red_hair", 0),
+    Tag("simple_background", 0),
+    Tag("^_^", 0),
+    Tag("long_hair", 0),
+    Tag("hero_(tiny)", 4),
+    Tag("villain", 4),
 )
 
 
@@ -74,8 +79,11 @@ def test_csv_merge_keeps_other_rows_and_columns(tmp_path: Path) -> None:
     document.save()
     assert path.read_text().splitlines()[:2] == ["file_name,score,text", 'a.png,5,"a person\'s caption, with commas"']
     read = read_metadata_csv(path)
-    assert dict(read.captions) == {"a.png": "a person's caption, with commas", "b.png": "a generated caption",
-                                   "sub/c.png": 'a "quoted", caption'}
+    assert dict(read.captions) == {
+        "a.png": "a person's caption, with commas",
+        "b.png": "a generated caption",
+        "sub/c.png": 'a "quoted", caption',
+    }
     assert CaptionCsv.open(path).rows[1] == ["b.png", "3", "a generated caption"]
 
 
@@ -136,32 +144,70 @@ def test_each_image_gets_the_right_decision(tmp_path: Path) -> None:
         assert plan.format == "txt"
         return {image.rel: image.action for image in plan.images}
 
-    assert actions() == {"anim.gif": REPORT, "bare.png": CAPTION, "edited.png": KEEP, "empty.png": CAPTION,
-                         "generated.png": KEEP, "human.png": KEEP, "latin1.png": REPORT}
+    assert actions() == {
+        "anim.gif": REPORT,
+        "bare.png": CAPTION,
+        "edited.png": KEEP,
+        "empty.png": CAPTION,
+        "generated.png": KEEP,
+        "human.png": KEEP,
+        "latin1.png": REPORT,
+    }
     assert actions(regenerate=True)["generated.png"] == CAPTION
     assert {k: v for k, v in actions(regenerate=True).items() if v == CAPTION} == {
-        "bare.png": CAPTION, "empty.png": CAPTION, "generated.png": CAPTION}
-    assert actions(overwrite=True) == {"anim.gif": REPORT, **{name: CAPTION for name in (
-        "bare.png", "edited.png", "empty.png", "generated.png", "human.png", "latin1.png")}}
+        "bare.png": CAPTION,
+        "empty.png": CAPTION,
+        "generated.png": CAPTION,
+    }
+    assert actions(overwrite=True) == {
+        "anim.gif": REPORT,
+        **{
+            name: CAPTION
+            for name in ("bare.png", "edited.png", "empty.png", "generated.png", "human.png", "latin1.png")
+        },
+    }
     reasons = {image.rel: image.reason for image in plan_folder(tmp_path).images if image.action == REPORT}
     assert "unsupported image type .gif" in reasons["anim.gif"]
     assert "latin1.txt is not UTF-8" in reasons["latin1.png"] and "--overwrite" in reasons["latin1.png"]
 
 
-@pytest.mark.parametrize(("kind", "files", "missing"), [
-    ("blip", {"config.json": '{"model_type": "blip"}', "model.safetensors": "", "vocab.txt": ""},
-     "preprocessor_config.json"),
-    ("blip", {"config.json": '{"model_type": ', "model.safetensors": "", "vocab.txt": "",
-              "preprocessor_config.json": "{}"}, "config.json is not valid JSON (line 1"),
-    ("blip", {"config.json": '{"model_type": "clip"}', "model.safetensors": "", "vocab.json": "",
-              "preprocessor_config.json": "{}"}, "model_type 'clip', which is not an image-to-text model"),
-    ("clip", {"config.json": '{"model_type": "clip"}', "preprocessor_config.json": "{}"}, "model.safetensors"),
-    ("clip", {"model.safetensors": "", "vocab.json": "", "preprocessor_config.json": "{}"}, "lacks config.json"),
-    ("wd14", {"model.onnx": ""}, "selected_tags.csv"),
-    ("wd14", {"selected_tags.csv": "tag_id,name,category,count\n"}, "model.onnx"),
-])
+@pytest.mark.parametrize(
+    ("kind", "files", "missing"),
+    [
+        (
+            "blip",
+            {"config.json": '{"model_type": "blip"}', "model.safetensors": "", "vocab.txt": ""},
+            "preprocessor_config.json",
+        ),
+        (
+            "blip",
+            {
+                "config.json": '{"model_type": ',
+                "model.safetensors": "",
+                "vocab.txt": "",
+                "preprocessor_config.json": "{}",
+            },
+            "config.json is not valid JSON (line 1",
+        ),
+        (
+            "blip",
+            {
+                "config.json": '{"model_type": "clip"}',
+                "model.safetensors": "",
+                "vocab.json": "",
+                "preprocessor_config.json": "{}",
+            },
+            "model_type 'clip', which is not an image-to-text model",
+        ),
+        ("clip", {"config.json": '{"model_type": "clip"}', "preprocessor_config.json": "{}"}, "model.safetensors"),
+        ("clip", {"model.safetensors": "", "vocab.json": "", "preprocessor_config.json": "{}"}, "lacks config.json"),
+        ("wd14", {"model.onnx": ""}, "selected_tags.csv"),
+        ("wd14", {"selected_tags.csv": "tag_id,name,category,count\n"}, "model.onnx"),
+    ],
+)
 def test_an_incomplete_model_folder_names_the_path_and_what_is_missing(
-        tmp_path: Path, kind: str, files: dict[str, str], missing: str) -> None:
+    tmp_path: Path, kind: str, files: dict[str, str], missing: str
+) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     for name, text in files.items():
@@ -203,8 +249,11 @@ def test_vocabulary_files(tmp_path: Path) -> None:
     assert all(s.keep == 1 for s in builtin) and BUILTIN_VOCABULARY.is_file()
     path = tmp_path / "words.txt"
     path.write_text("# mine\nred\nblue\nred\n\n[3d art 2]\nclay\nvoxels\n[2]\n[look]\nshiny\n")
-    assert read_vocabulary(path) == (Section("", ("red", "blue")), Section("3d art", ("clay", "voxels"), 2),
-                                     Section("look", ("shiny",)))
+    assert read_vocabulary(path) == (
+        Section("", ("red", "blue")),
+        Section("3d art", ("clay", "voxels"), 2),
+        Section("look", ("shiny",)),
+    )
     path.write_text("red\n[broken\n")
     with pytest.raises(VocabularyError, match=r"words.txt line 2: '\[broken' is not a section line"):
         read_vocabulary(path)
@@ -225,16 +274,28 @@ def test_config_keys_for_captioning(tmp_path: Path) -> None:
     wd14.mkdir()
     (wd14 / "model.onnx").write_text("")
     (wd14 / "selected_tags.csv").write_text("")
-    config = _config(tmp_path, captioner="WD14", captioner_model="./wd14", metadata_path="data/metadata.csv",
-                     caption_exclude_tags=[], caption_general_threshold="0.5")
+    config = _config(
+        tmp_path,
+        captioner="WD14",
+        captioner_model="./wd14",
+        metadata_path="data/metadata.csv",
+        caption_exclude_tags=[],
+        caption_general_threshold="0.5",
+    )
     # A missing metadata_path is fine with a captioner: it writes the file.
     assert config.captioner == "wd14" and config.captioner_model == str(wd14)
     assert config.caption_exclude_tags == () and config.caption_general_threshold == 0.5
     assert _config(tmp_path, captioner="blip", captioner_model="Salesforce/blip").captioner_model == "Salesforce/blip"
 
     with pytest.raises(ConfigError) as err:
-        _config(tmp_path, captioner="blib", captioner_model="./wd14", caption_vocabulary="nope.txt",
-                caption_character_threshold=1.5, metadata_path="data/metadata.csv")
+        _config(
+            tmp_path,
+            captioner="blib",
+            captioner_model="./wd14",
+            caption_vocabulary="nope.txt",
+            caption_character_threshold=1.5,
+            metadata_path="data/metadata.csv",
+        )
     text = str(err.value)
     assert "`captioner`: got 'blib' — did you mean `blip`?" in text
     assert "`captioner_model`: is set but `captioner` is not" in text
@@ -249,12 +310,28 @@ def test_config_keys_for_captioning(tmp_path: Path) -> None:
 def test_a_caption_request_reports_every_problem_at_once(tmp_path: Path) -> None:
     options = CaptionOptions(max_length=0, general_threshold=2.0, vocabulary=Path("none.txt"))
     with pytest.raises(ConfigError) as err:
-        caption_request("missing", base_dir=tmp_path, captioner="wd41", format="json", batch_size=0,
-                        device="gpu", options=options, overwrite=True, regenerate=True,
-                        names={"folder": "DIR", "batch_size": "--batch-size", "max_length": "--max-length"})
+        caption_request(
+            "missing",
+            base_dir=tmp_path,
+            captioner="wd41",
+            format="json",
+            batch_size=0,
+            device="gpu",
+            options=options,
+            overwrite=True,
+            regenerate=True,
+            names={"folder": "DIR", "batch_size": "--batch-size", "max_length": "--max-length"},
+        )
     text = str(err.value)
-    for expected in (f"`DIR`: {tmp_path}/missing does not exist", "`captioner`: got 'wd41' — did you mean `wd14`?",
-                     "`format`: got 'json'", "`device`: got 'gpu'", "`--batch-size`: got 0", "`--max-length`: got 0",
-                     "`general_threshold`: got 2.0", f"`vocabulary`: {tmp_path}/none.txt is not a file",
-                     "`regenerate`: is given with overwrite"):
+    for expected in (
+        f"`DIR`: {tmp_path}/missing does not exist",
+        "`captioner`: got 'wd41' — did you mean `wd14`?",
+        "`format`: got 'json'",
+        "`device`: got 'gpu'",
+        "`--batch-size`: got 0",
+        "`--max-length`: got 0",
+        "`general_threshold`: got 2.0",
+        f"`vocabulary`: {tmp_path}/none.txt is not a file",
+        "`regenerate`: is given with overwrite",
+    ):
         assert expected in text, expected

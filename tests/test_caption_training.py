@@ -35,13 +35,22 @@ def half_captioned(root: Path) -> Path:
 def test_a_job_captions_the_missing_half_then_trains(tiny_sd: Path, tiny_blip: Path, tmp_path: Path) -> None:
     data = half_captioned(tmp_path / "data")
     human = dict(read_metadata_csv(data / "metadata.csv").captions)
-    values = tiny_train_values(tiny_sd, data, tmp_path / "out", captioner="blip", captioner_model=str(tiny_blip),
-                               caption_max_length=6, caption_batch_size=3, trigger_word="mystyle",
-                               max_train_steps=2)
+    values = tiny_train_values(
+        tiny_sd,
+        data,
+        tmp_path / "out",
+        captioner="blip",
+        captioner_model=str(tiny_blip),
+        caption_max_length=6,
+        caption_batch_size=3,
+        trigger_word="mystyle",
+        max_train_steps=2,
+    )
     config = parse_config({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, base_dir=tmp_path)
     events: list[Event] = []
-    result = train_sd_lora(config, on_event=events.append,
-                           caption_missing=caption_filler(config, on_event=events.append))
+    result = train_sd_lora(
+        config, on_event=events.append, caption_missing=caption_filler(config, on_event=events.append)
+    )
 
     report = next(e for e in events if isinstance(e, DataReported)).report
     assert (report["captions_from_csv"], report["captions_generated"], report["images_used"]) == (4, 4, 8)
@@ -58,8 +67,9 @@ def test_a_job_captions_the_missing_half_then_trains(tiny_sd: Path, tiny_blip: P
     assert all(text.startswith("mystyle, ") for text in generated.values())
     assert sorted(CaptionRecord.load(data).entries) == sorted(generated)
     # The next run reads them all from the CSV: nothing left to generate.
-    _, again = scan_dataset(data, metadata_path=data / "metadata.csv",
-                            caption_missing=caption_filler(config, on_event=events.append))
+    _, again = scan_dataset(
+        data, metadata_path=data / "metadata.csv", caption_missing=caption_filler(config, on_event=events.append)
+    )
     assert (again.captions_from_csv, again.captions_generated) == (8, 0)
 
 
@@ -68,8 +78,14 @@ def test_a_missing_metadata_csv_is_created_by_the_captioner(tmp_path: Path) -> N
     data = make_dataset(tmp_path / "data", 3, csv=False)
     for sidecar in data.glob("*.txt"):
         sidecar.unlink()
-    raw = {"train_data_dir": str(data), "metadata_path": str(data / "metadata.csv"), "base_model": "org/model",
-           "output_dir": str(tmp_path / "out"), "captioner": "wd14", "captioner_model": str(tagger)}
+    raw = {
+        "train_data_dir": str(data),
+        "metadata_path": str(data / "metadata.csv"),
+        "base_model": "org/model",
+        "output_dir": str(tmp_path / "out"),
+        "captioner": "wd14",
+        "captioner_model": str(tagger),
+    }
     config = parse_config(raw, base_dir=tmp_path)  # the missing CSV is not an error: it will be written
     events: list[Event] = []
     filler = caption_filler(config, on_event=events.append)
@@ -83,12 +99,17 @@ def test_a_missing_metadata_csv_is_created_by_the_captioner(tmp_path: Path) -> N
 
 def test_without_a_captioner_the_run_names_the_uncaptioned_images(tmp_path: Path) -> None:
     data = half_captioned(tmp_path / "data")
-    raw = {"train_data_dir": str(data), "metadata_path": str(data / "metadata.csv"), "base_model": "org/model",
-           "output_dir": str(tmp_path / "out")}
+    raw = {
+        "train_data_dir": str(data),
+        "metadata_path": str(data / "metadata.csv"),
+        "base_model": "org/model",
+        "output_dir": str(tmp_path / "out"),
+    }
     config = parse_config(raw, base_dir=tmp_path)
     events: list[Event] = []
-    images, report = scan_dataset(data, metadata_path=data / "metadata.csv",
-                                  caption_missing=caption_filler(config, on_event=events.append))
+    images, report = scan_dataset(
+        data, metadata_path=data / "metadata.csv", caption_missing=caption_filler(config, on_event=events.append)
+    )
     assert len(images) == 4 and report.captions_generated == 0
     (warning,) = [e for e in events if isinstance(e, LogLine)]
     assert warning.level == "warning"

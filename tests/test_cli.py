@@ -32,10 +32,12 @@ def test_config_example_prints_a_valid_config(capsys: pytest.CaptureFixture[str]
     assert "# gradient_checkpointing: false" in out
 
 
-def test_train_writes_lora_and_says_how_to_use_it(tmp_path: Path, tiny_sd: Path, dataset: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = write_config(tmp_path / "configs" / "my.yaml",
-                       **tiny_train_values(tiny_sd, dataset, tmp_path / "output" / "my_style_lora"))
+def test_train_writes_lora_and_says_how_to_use_it(
+    tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(
+        tmp_path / "configs" / "my.yaml", **tiny_train_values(tiny_sd, dataset, tmp_path / "output" / "my_style_lora")
+    )
     code, out, err = run_cli(capsys, "train", "--config", str(cfg))
     assert code == 0, err
     assert "<lora:my_style_lora:0.8>" in out
@@ -48,16 +50,21 @@ def test_train_writes_lora_and_says_how_to_use_it(tmp_path: Path, tiny_sd: Path,
         (lambda text, v: "lora_rank: [8\n" + text, "YAML syntax error at line 2"),
         (lambda text, v: text + "lora_rnak: 8\n", "did you mean `lora_rank`"),
         (lambda text, v: text + "batch_size: many\n", "`batch_size`: got 'many'"),
-        (lambda text, v: text.replace(str(v["train_data_dir"]), str(v["train_data_dir"]) + "_missing"),
-         "`train_data_dir`:"),
+        (
+            lambda text, v: text.replace(str(v["train_data_dir"]), str(v["train_data_dir"]) + "_missing"),
+            "`train_data_dir`:",
+        ),
         (lambda text, v: text + "unet_target_modules: [to_qq]\n", "'to_qq' matches no layer"),
-        (lambda text, v: text.replace(str(v["output_dir"]), str(v["train_data_dir"] / "img_00.png" / "out")),
-         "`output_dir`:"),
+        (
+            lambda text, v: text.replace(str(v["output_dir"]), str(v["train_data_dir"] / "img_00.png" / "out")),
+            "`output_dir`:",
+        ),
     ],
     ids=["yaml-syntax", "unknown-key", "wrong-type", "missing-data-dir", "bad-target", "unwritable-output"],
 )
-def test_bad_config_is_named_and_nothing_written(tmp_path: Path, tiny_sd: Path, dataset: Path, mutate, expect,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_config_is_named_and_nothing_written(
+    tmp_path: Path, tiny_sd: Path, dataset: Path, mutate, expect, capsys: pytest.CaptureFixture[str]
+) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out")
     values.pop("unet_target_modules")  # so a case can add its own
     text = yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
@@ -71,7 +78,8 @@ def test_bad_config_is_named_and_nothing_written(tmp_path: Path, tiny_sd: Path, 
 
 
 def test_corrupt_and_missing_images_reported_training_goes_on(
-        tmp_path: Path, tiny_sd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, tiny_sd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = make_dataset(tmp_path / "data", count=6)
     (data / "img_01.png").write_bytes(b"not a png at all")
     with (data / "metadata.csv").open("a") as fh:
@@ -97,8 +105,9 @@ def test_nothing_usable_fails_before_loading_the_model(tmp_path: Path, capsys: p
 
 
 def test_missing_base_model_names_the_key(tmp_path: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = write_config(tmp_path / "c.yaml", **tiny_train_values(tmp_path / "models" / "v1-5.safetensors",
-                                                                dataset, tmp_path / "out"))
+    cfg = write_config(
+        tmp_path / "c.yaml", **tiny_train_values(tmp_path / "models" / "v1-5.safetensors", dataset, tmp_path / "out")
+    )
     code, _, err = run_cli(capsys, "train", "--config", str(cfg))
     assert code == 1
     assert "`base_model`" in err and "v1-5.safetensors" in err
@@ -118,8 +127,13 @@ def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path: Path, tiny_sd: Pa
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", max_train_steps=100_000)
     cfg = write_config(tmp_path / "c.yaml", **values)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorad.cli", "train", "--config", str(cfg)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorad.cli", "train", "--config", str(cfg)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:  # wait until the loop runs, then press Ctrl-C
         if line.startswith("training "):
@@ -134,7 +148,12 @@ def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path: Path, tiny_sd: Pa
 
     stopped_at = int(checkpoints[0].name.split("-")[1])
     write_config(cfg, **(values | {"resume_from": "latest", "max_train_steps": stopped_at + 2}))
-    done = subprocess.run([sys.executable, "-m", "lorad.cli", "train", "--config", str(cfg)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorad.cli", "train", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "out.safetensors").is_file()

@@ -27,9 +27,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, captured.out, captured.err
 
 
-def test_train_submits_to_the_daemon_and_follows(use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path,
-                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_submits_to_the_daemon_and_follows(
+    use_daemon: RunningDaemon,
+    tiny_sd: Path,
+    dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = write_config(tmp_path / "configs" / "a.yaml", **tiny_train_values(tiny_sd, dataset, Path("output/style")))
     code, out, err = run_cli(capsys, "train", "--config", "configs/a.yaml")
@@ -58,8 +63,9 @@ def test_train_submits_to_the_daemon_and_follows(use_daemon: RunningDaemon, tiny
     assert code == 0 and "lorad 0.1.0" in out and "queue: 0 waiting" in out
 
 
-def test_bad_config_over_the_daemon_names_every_key(use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path,
-                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_config_over_the_daemon_names_every_key(
+    use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "o") | {"lora_rank": "eight", "epoch": 3}
     cfg = write_config(tmp_path / "bad.yaml", **values)
     code, _, err = run_cli(capsys, "train", "--config", str(cfg))
@@ -67,10 +73,12 @@ def test_bad_config_over_the_daemon_names_every_key(use_daemon: RunningDaemon, t
     assert "`lora_rank`" in err and "did you mean `epochs`" in err
 
 
-def test_cancel_a_queued_job(use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
-    long_cfg = write_config(tmp_path / "long.yaml",
-                            **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000))
+def test_cancel_a_queued_job(
+    use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_cfg = write_config(
+        tmp_path / "long.yaml", **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000)
+    )
     short_cfg = write_config(tmp_path / "short.yaml", **tiny_train_values(tiny_sd, dataset, tmp_path / "short"))
     _, running, _ = run_cli(capsys, "train", "--config", str(long_cfg), "--detach")
     _, queued, _ = run_cli(capsys, "train", "--config", str(short_cfg), "--detach")
@@ -92,7 +100,9 @@ def test_without_a_daemon(tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: 
 
 
 def test_client_commands_import_no_torch() -> None:
-    probe = ("import sys, lorad.cli, lorad.client_commands, lorad_client; "
-             "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
+    probe = (
+        "import sys, lorad.cli, lorad.client_commands, lorad_client; "
+        "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

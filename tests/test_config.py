@@ -117,6 +117,8 @@ def test_missing_config_file_is_clear(tmp_path: Path) -> None:
 
 
 def test_hub_id_kept_as_id(project: Path) -> None:
-    config = parse_config_text(SEED_YAML.replace("./models/Stable-diffusion/v1-5-pruned.safetensors",
-                                                 "runwayml/stable-diffusion-v1-5"), base_dir=project)
+    config = parse_config_text(
+        SEED_YAML.replace("./models/Stable-diffusion/v1-5-pruned.safetensors", "runwayml/stable-diffusion-v1-5"),
+        base_dir=project,
+    )
     assert config.base_model == "runwayml/stable-diffusion-v1-5"

@@ -37,8 +37,9 @@ def kinds(events: list[jobs_pb2.JobEvent]) -> list[str]:
     return [e.WhichOneof("kind") for e in events]
 
 
-def test_submit_stream_finish_then_second_job_is_resident(client: LoradClient, daemon: RunningDaemon,
-                                                          tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
+def test_submit_stream_finish_then_second_job_is_resident(
+    client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path
+) -> None:
     job = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "first"), base_dir=tmp_path)
     assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.name == "first"
     _, events = watch_all(client, job.job_id)
@@ -59,8 +60,7 @@ def test_submit_stream_finish_then_second_job_is_resident(client: LoradClient, d
     with daemon.service.registry.use(info.key) as held:
         before = state_dict_digest(held.model.unet.state_dict())
 
-    second = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "second", lora_rank=2),
-                                    base_dir=tmp_path)
+    second = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "second", lora_rank=2), base_dir=tmp_path)
     _, events = watch_all(client, second.job_id)
     loaded = next(e.model_loaded for e in events if e.HasField("model_loaded"))
     assert loaded.resident and loaded.seconds == 0
@@ -117,13 +117,13 @@ def test_bad_config_and_unknown_job(client: LoradClient, tiny_sd: Path, dataset:
 
 def test_structured_fields_submit(client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "fields")
-    job = client.submit_training_fields({k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
-                                        base_dir=tmp_path)
+    job = client.submit_training_fields(
+        {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, base_dir=tmp_path
+    )
     assert kinds(watch_all(client, job.job_id)[1])[-1] == "finished"
 
 
-def test_ten_watchers_receive_every_event(client: LoradClient, tiny_sd: Path, dataset: Path,
-                                          tmp_path: Path) -> None:
+def test_ten_watchers_receive_every_event(client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
     job = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "o", epochs=2), base_dir=tmp_path)
     results: list[list[int]] = [[] for _ in range(10)]
 
@@ -171,14 +171,23 @@ def test_reflection_lists_services(daemon: RunningDaemon) -> None:
 
     with grpc.insecure_channel(daemon.addresses[1]) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"lorad.v1.TrainingService", "lorad.v1.ModelService", "lorad.v1.SystemService",
-            "grpc.health.v1.Health"} <= services
+    assert {
+        "lorad.v1.TrainingService",
+        "lorad.v1.ModelService",
+        "lorad.v1.SystemService",
+        "grpc.health.v1.Health",
+    } <= services
 
 
 def test_a_second_daemon_on_the_same_home_is_refused(daemon: RunningDaemon) -> None:
     env = os.environ | {"LORAD_HOME": str(daemon.settings.home)}
-    second = subprocess.run([sys.executable, "-m", "lorad.cli", "serve", "--listen", "127.0.0.1:0"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "lorad.cli", "serve", "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert second.returncode == 1
     assert f"pid {os.getpid()}) is already running" in second.stderr
     assert (daemon.settings.home / "lorad.sock").exists()  # the first daemon's socket is untouched
@@ -199,9 +208,12 @@ def test_status_and_models(client: LoradClient, daemon: RunningDaemon, tiny_sd: 
 
 def start_serve_process(home: Path) -> subprocess.Popen[str]:
     env = os.environ | {"LORAD_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lorad.cli", "serve", "--listen", "127.0.0.1:0",
-                             "--listen", f"unix:{home}/lorad.sock"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorad.cli", "serve", "--listen", "127.0.0.1:0", "--listen", f"unix:{home}/lorad.sock"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:
         if "lorad daemon ready" in line:
@@ -209,8 +221,9 @@ def start_serve_process(home: Path) -> subprocess.Popen[str]:
     raise AssertionError(f"daemon did not start (exit {proc.wait()})")
 
 
-def test_sigkilled_daemon_resumes_job_from_checkpoint(short_dir: Path, tiny_sd: Path, dataset: Path,
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkilled_daemon_resumes_job_from_checkpoint(
+    short_dir: Path, tiny_sd: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from safetensors.torch import load_file
 
     monkeypatch.delenv("LORAD_ADDRESS")  # clients find the daemon through its discovery file
@@ -219,8 +232,12 @@ def test_sigkilled_daemon_resumes_job_from_checkpoint(short_dir: Path, tiny_sd: 
     try:
         with LoradClient.connect(home=short_dir) as client:
             quick = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "quick"), base_dir=tmp_path)
-            job = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "long", max_train_steps=60,
-                                                     save_steps=5, lr_scheduler="cosine"), base_dir=tmp_path)
+            job = client.submit_training(
+                config_yaml(
+                    tiny_sd, dataset, tmp_path / "long", max_train_steps=60, save_steps=5, lr_scheduler="cosine"
+                ),
+                base_dir=tmp_path,
+            )
             for message in client.watch_job(job.job_id):
                 if message.WhichOneof("item") == "event" and message.event.HasField("checkpoint_saved"):
                     break

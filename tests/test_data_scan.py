@@ -17,9 +17,7 @@ from lorad.errors import DataError
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
-def save_image(
-    path: Path, size: tuple[int, int] = (32, 24), color: tuple[int, ...] = RED, **save: object
-) -> Path:
+def save_image(path: Path, size: tuple[int, int] = (32, 24), color: tuple[int, ...] = RED, **save: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "RGBA" if len(color) == 4 else "RGB"
     Image.new(mode, size, color).save(path, **save)

@@ -26,12 +26,17 @@ def base_digest(daemon: RunningDaemon, key) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in held.model.model.state_dict().items()}
 
 
-def test_two_llm_jobs_share_one_resident_base_model(client: LoradClient, daemon: RunningDaemon, tiny_llm: Path,
-                                                    tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "records.jsonl", [{"instruction": "greet", "output": "hello world"},
-                                                    {"instruction": "count", "output": "one two three"}])
-    first = client.submit_training(llm_yaml(tiny_llm, data, tmp_path / "first", max_train_steps=10,
-                                            sample_prompts=["greet"], eval_data=str(data)), base_dir=tmp_path)
+def test_two_llm_jobs_share_one_resident_base_model(
+    client: LoradClient, daemon: RunningDaemon, tiny_llm: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(
+        tmp_path / "records.jsonl",
+        [{"instruction": "greet", "output": "hello world"}, {"instruction": "count", "output": "one two three"}],
+    )
+    first = client.submit_training(
+        llm_yaml(tiny_llm, data, tmp_path / "first", max_train_steps=10, sample_prompts=["greet"], eval_data=str(data)),
+        base_dir=tmp_path,
+    )
     _, events = watch_all(client, first.job_id)
     seen = kinds(events)
     assert seen[:2] == ["queued", "started"] and seen[-1] == "finished", seen
@@ -48,8 +53,10 @@ def test_two_llm_jobs_share_one_resident_base_model(client: LoradClient, daemon:
     assert info.key.kind == "llm"
     before = base_digest(daemon, info.key)
 
-    second = client.submit_training(llm_yaml(tiny_llm, data, tmp_path / "second", max_train_steps=5, lora_rank=4,
-                                             target_modules=["attention"]), base_dir=tmp_path)
+    second = client.submit_training(
+        llm_yaml(tiny_llm, data, tmp_path / "second", max_train_steps=5, lora_rank=4, target_modules=["attention"]),
+        base_dir=tmp_path,
+    )
     _, events = watch_all(client, second.job_id)
     assert kinds(events)[-1] == "finished"
     loaded = next(e.model_loaded for e in events if e.HasField("model_loaded"))
@@ -59,31 +66,39 @@ def test_two_llm_jobs_share_one_resident_base_model(client: LoradClient, daemon:
     assert [m.model_id for m in client.list_models()] == [info.model_id]
 
 
-def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(client: LoradClient, tiny_llm: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(
+    client: LoradClient, tiny_llm: Path, tmp_path: Path
+) -> None:
     import pytest
 
     from lorad_client import LoradRpcError
 
     with pytest.raises(LoradRpcError) as err:
-        client.submit_training(yaml.safe_dump({"base_model": str(tiny_llm), "train_data": "nope.jsonl",
-                                               "output_dir": "o", "lora_rank": -1}), base_dir=str(tmp_path))
+        client.submit_training(
+            yaml.safe_dump(
+                {"base_model": str(tiny_llm), "train_data": "nope.jsonl", "output_dir": "o", "lora_rank": -1}
+            ),
+            base_dir=str(tmp_path),
+        )
     assert "nope.jsonl does not exist" in str(err.value) and "`lora_rank`" in str(err.value)
     # A causal LM preloads as an LLM base model, the way its jobs will use it.
     reply = client.load_model(str(tiny_llm), base_dir="/", device="cpu")
     assert not reply.already_resident and reply.model.kind == "llm"
 
 
-def test_an_llm_job_interrupted_by_a_daemon_stop_resumes_on_the_next_start(short_dir: Path, tiny_llm: Path,
-                                                                           tmp_path: Path) -> None:
+def test_an_llm_job_interrupted_by_a_daemon_stop_resumes_on_the_next_start(
+    short_dir: Path, tiny_llm: Path, tmp_path: Path
+) -> None:
     from tests.conftest import run_daemon
 
     data = write_jsonl(tmp_path / "records.jsonl", [{"text": "one two three four five six"}] * 4)
     first = run_daemon(short_dir)
     try:
         with LoradClient.connect(first.addresses[0], home=short_dir) as client:
-            job = client.submit_training(llm_yaml(tiny_llm, data, tmp_path / "out", max_train_steps=40, batch_size=1,
-                                                  save_steps=2), base_dir=tmp_path)
+            job = client.submit_training(
+                llm_yaml(tiny_llm, data, tmp_path / "out", max_train_steps=40, batch_size=1, save_steps=2),
+                base_dir=tmp_path,
+            )
             for message in client.watch_job(job.job_id):
                 if message.WhichOneof("item") == "event" and message.event.HasField("checkpoint_saved"):
                     break

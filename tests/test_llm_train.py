@@ -34,14 +34,26 @@ def write_shape(folder: Path, shape: str) -> Path:
     if shape == "alpaca":
         return write_jsonl(folder / "a.jsonl", [{"instruction": q, "output": a} for q, a in ANSWERS.items()])
     if shape == "chat":
-        rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": q},
-                              {"role": "assistant", "content": a}]} for q, a in ANSWERS.items()]
+        rows = [
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a},
+                ]
+            }
+            for q, a in ANSWERS.items()
+        ]
         (folder / "c.json").write_text(json.dumps(rows))
         return folder / "c.json"
     if shape == "sharegpt":
-        return write_jsonl(folder / "s.jsonl", [{"conversations": [{"from": "human", "value": q},
-                                                                    {"from": "gpt", "value": a}]}
-                                                 for q, a in ANSWERS.items()])
+        return write_jsonl(
+            folder / "s.jsonl",
+            [
+                {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+                for q, a in ANSWERS.items()
+            ],
+        )
     (folder / "t.csv").write_text("text\n" + "".join(f"{q}: {a}\n" for q, a in ANSWERS.items()))
     return folder / "t.csv"
 
@@ -59,8 +71,16 @@ def trained(tiny_llm: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """One run on alpaca data with a merged export, an eval split and sample prompts."""
     folder = tmp_path_factory.mktemp("llm-run")
     data = write_shape(folder, "alpaca")
-    result, events = train(tiny_llm, data, folder / "out", max_train_steps=60, merge_export=True,
-                           eval_fraction=0.25, eval_steps=30, sample_prompts=["colour one"])
+    result, events = train(
+        tiny_llm,
+        data,
+        folder / "out",
+        max_train_steps=60,
+        merge_export=True,
+        eval_fraction=0.25,
+        eval_steps=30,
+        sample_prompts=["colour one"],
+    )
     return folder, result, events
 
 
@@ -96,9 +116,19 @@ def test_the_saved_adapter_reloads_to_the_end_of_training_logits(tiny_llm: Path,
         if isinstance(event, SampleGenerated):  # after the last step, adapter still attached
             with torch.no_grad():
                 captured["logits"] = base(input_ids=ids).logits
-    config = parse_llm_config(tiny_llm_values(tiny_llm, folder / "a.jsonl", folder / "again", max_train_steps=60,
-                                              eval_fraction=0.25, eval_steps=30, sample_prompts=["colour one"]),
-                              base_dir=folder)
+
+    config = parse_llm_config(
+        tiny_llm_values(
+            tiny_llm,
+            folder / "a.jsonl",
+            folder / "again",
+            max_train_steps=60,
+            eval_fraction=0.25,
+            eval_steps=30,
+            sample_prompts=["colour one"],
+        ),
+        base_dir=folder,
+    )
     before = {k: v.clone() for k, v in base.state_dict().items()}
     train_llm_lora(config, on_event=on_event, models=provide)
     torch.testing.assert_close(captured["logits"], reloaded, rtol=0, atol=1e-5)
@@ -117,9 +147,12 @@ def test_the_merged_export_equals_base_plus_adapter(tiny_llm: Path, trained) -> 
     ids = torch.tensor([[1, 11, 22, 33, 44, 55, 2]])
     merged = AutoModelForCausalLM.from_pretrained(result.outputs["merged"]).eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits,
-                                   adapter_model(tiny_llm, Path(result.outputs["adapter"]))(input_ids=ids).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits,
+            adapter_model(tiny_llm, Path(result.outputs["adapter"]))(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_no_pad_tokenizer_trains_and_the_model_learns_to_stop(tiny_llm: Path, trained) -> None:
@@ -133,8 +166,9 @@ def test_no_pad_tokenizer_trains_and_the_model_learns_to_stop(tiny_llm: Path, tr
     saved = AutoTokenizer.from_pretrained(result.outputs["adapter"])
     assert saved.chat_template and saved.pad_token_id != saved.eos_token_id
     model = adapter_model(tiny_llm, Path(result.outputs["adapter"]))
-    prompt = saved.apply_chat_template([{"role": "user", "content": "colour one"}], add_generation_prompt=True,
-                                       return_tensors="pt", return_dict=True)["input_ids"]
+    prompt = saved.apply_chat_template(
+        [{"role": "user", "content": "colour one"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     out = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False, pad_token_id=saved.pad_token_id)
     assert out[0, -1].item() == saved.eos_token_id and out.shape[1] < prompt.shape[1] + 20
 
@@ -161,6 +195,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_llm: Path, tmp_path: Path) -> N
     def stop_at_5(event: Event) -> None:
         if isinstance(event, StepDone) and event.step == 5:
             stop.set()
+
     with pytest.raises(TrainingInterrupted) as stopped:
         train_llm_lora(config, on_event=stop_at_5, stop=stop)
     assert stopped.value.checkpoint.endswith("step-000005")
@@ -175,8 +210,15 @@ def test_init_adapter_starts_from_its_weights(tiny_llm: Path, trained, tmp_path:
     folder, result, _ = trained
     start = load_file(str(Path(result.outputs["adapter"]) / "adapter_model.safetensors"))
     # A learning rate too small to move anything: the output is the adapter it started from.
-    cont, cont_events = train(tiny_llm, folder / "a.jsonl", tmp_path / "cont", init_adapter=result.outputs["adapter"],
-                              max_train_steps=1, learning_rate="1e-12", lora_rank=2)
+    cont, cont_events = train(
+        tiny_llm,
+        folder / "a.jsonl",
+        tmp_path / "cont",
+        init_adapter=result.outputs["adapter"],
+        max_train_steps=1,
+        learning_rate="1e-12",
+        lora_rank=2,
+    )
     after = load_file(str(Path(cont.outputs["adapter"]) / "adapter_model.safetensors"))
     assert after.keys() == start.keys()
     assert all(torch.allclose(after[k], start[k], atol=1e-6) for k in start)
@@ -185,8 +227,16 @@ def test_init_adapter_starts_from_its_weights(tiny_llm: Path, trained, tmp_path:
 
 
 def test_dora_and_rslora_train_reload_and_are_flagged(tiny_llm: Path, tmp_path: Path) -> None:
-    result, _ = train(tiny_llm, write_shape(tmp_path, "alpaca"), tmp_path / "out", max_train_steps=3,
-                      use_dora=True, use_rslora=True, target_modules=["attention"], lora_rank=32)
+    result, _ = train(
+        tiny_llm,
+        write_shape(tmp_path, "alpaca"),
+        tmp_path / "out",
+        max_train_steps=3,
+        use_dora=True,
+        use_rslora=True,
+        target_modules=["attention"],
+        lora_rank=32,
+    )
     summary = json.loads(Path(result.outputs["summary"]).read_text())
     warnings = " ".join(summary["compatibility"]["warnings"])
     assert "DoRA" in warnings and "rsLoRA" in warnings and "max_lora_rank" in warnings
@@ -198,19 +248,20 @@ def test_dora_and_rslora_train_reload_and_are_flagged(tiny_llm: Path, tmp_path: 
 
 def test_an_empty_data_file_fails_before_the_model_loads(tiny_llm: Path, tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
-    config = parse_llm_config(tiny_llm_values(tiny_llm, tmp_path / "empty.jsonl", tmp_path / "out"),
-                              base_dir=tmp_path)
+    config = parse_llm_config(tiny_llm_values(tiny_llm, tmp_path / "empty.jsonl", tmp_path / "out"), base_dir=tmp_path)
 
     @contextmanager
     def must_not_load(config, placement):
         raise AssertionError("the model was requested before the data was checked")
         yield
+
     with pytest.raises(DataError, match=r"empty\.jsonl"):
         train_llm_lora(config, models=must_not_load)
 
 
-def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found(tiny_llm: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found(
+    tiny_llm: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from lorad.engines.llm.model import LlmModel
@@ -221,9 +272,18 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
     @contextmanager
     def provide(config, placement):
         yield ProvidedLlm(llm=LlmModel(model=base, source="test", model_version="llama"), resident=True, seconds=0)
-    config = parse_llm_config(tiny_llm_values(tiny_llm, write_shape(tmp_path, "sharegpt"), tmp_path / "out",
-                                              packing=True, gradient_checkpointing=True, max_train_steps=15),
-                              base_dir=tmp_path)
+
+    config = parse_llm_config(
+        tiny_llm_values(
+            tiny_llm,
+            write_shape(tmp_path, "sharegpt"),
+            tmp_path / "out",
+            packing=True,
+            gradient_checkpointing=True,
+            max_train_steps=15,
+        ),
+        base_dir=tmp_path,
+    )
     events: list[Event] = []
     train_llm_lora(config, on_event=events.append, models=provide)
     seen = losses(events)
@@ -232,8 +292,9 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
     assert not any("lora" in name for name, _ in base.named_modules())
 
 
-def test_lorad_train_runs_an_llm_config_in_process(tiny_llm: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_lorad_train_runs_an_llm_config_in_process(
+    tiny_llm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lorad.cli import run_training
     from tests.conftest import write_config
 

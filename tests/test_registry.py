@@ -70,8 +70,9 @@ def key(base: str = "a", **fields: str) -> ModelKey:
     return ModelKey(base_model=base, device="cpu", dtype="float32", **fields)
 
 
-def make_registry(loader: Callable[[ModelKey], FakeModel] | None = None, **kwargs: Any
-                  ) -> tuple[ModelRegistry[FakeModel], FakeClock, FakeLoader]:
+def make_registry(
+    loader: Callable[[ModelKey], FakeModel] | None = None, **kwargs: Any
+) -> tuple[ModelRegistry[FakeModel], FakeClock, FakeLoader]:
     fake_loader = FakeLoader()
     clock = FakeClock()
     registry: ModelRegistry[FakeModel] = ModelRegistry(

@@ -204,9 +204,7 @@ def test_single_file_auto_prediction(
     assert c.prediction_type == c.noise_scheduler.config.prediction_type == expected
 
 
-def test_ckpt_needs_allow_pickle(
-    tiny: dict[str, Path], loaded: dict[str, SDComponents], tmp_path: Path
-) -> None:
+def test_ckpt_needs_allow_pickle(tiny: dict[str, Path], loaded: dict[str, SDComponents], tmp_path: Path) -> None:
     ckpt = tmp_path / "model.ckpt"
     # Lightning-style nesting, as in the original SD releases.
     torch.save({"state_dict": load_file(tiny["sd1_file"]), "global_step": 1}, ckpt)
@@ -218,9 +216,7 @@ def test_ckpt_needs_allow_pickle(
     _assert_same_weights(from_ckpt, loaded["sd1"])
 
 
-def test_pickle_with_python_objects_is_refused_even_when_allowed(
-    tiny: dict[str, Path], tmp_path: Path
-) -> None:
+def test_pickle_with_python_objects_is_refused_even_when_allowed(tiny: dict[str, Path], tmp_path: Path) -> None:
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(tiny["sd1_file"]), "callback": _NotATensor()}, ckpt)
     with pytest.raises(ModelLoadError, match="Python objects"):
@@ -233,9 +229,7 @@ def test_single_file_without_tokenizer_names_tokenizer_path(tiny: dict[str, Path
         load_sd_components(str(tiny["sd1_file"]), model_config_dir=configs)
     assert "`base_model`" in str(err.value)
     assert "`tokenizer_path`" in err.value.hint and "`model_config_dir`" in err.value.hint
-    c = load_sd_components(
-        str(tiny["sd1_file"]), model_config_dir=configs, tokenizer_path=tiny["sd1"] / "tokenizer"
-    )
+    c = load_sd_components(str(tiny["sd1_file"]), model_config_dir=configs, tokenizer_path=tiny["sd1"] / "tokenizer")
     assert c.tokenizer.model_max_length == 77
 
 
@@ -298,9 +292,7 @@ def test_sdxl_single_file_is_refused(tmp_path: Path) -> None:
 def test_missing_path_names_base_model(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as err:
         load_sd_components("models/missing.safetensors", base_dir=tmp_path)
-    assert "`base_model`" in str(err.value) and str(tmp_path / "models" / "missing.safetensors") in str(
-        err.value
-    )
+    assert "`base_model`" in str(err.value) and str(tmp_path / "models" / "missing.safetensors") in str(err.value)
     assert str(tmp_path) in err.value.hint
 
 
@@ -333,13 +325,9 @@ def test_build_tiny_sd_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("version", "pad"), [("sd1", "<|endoftext|>"), ("sd2", "!")])
-def test_tokenizer_round_trips_and_pads_to_77(
-    loaded: dict[str, SDComponents], version: str, pad: str
-) -> None:
+def test_tokenizer_round_trips_and_pads_to_77(loaded: dict[str, SDComponents], version: str, pad: str) -> None:
     tokenizer = loaded[version].tokenizer
-    ids = tokenizer(
-        PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-    ).input_ids
+    ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     assert tokenizer.model_max_length == len(ids) == 77
     tokens = tokenizer.convert_ids_to_tokens(ids[:8])
     assert tokens == [
@@ -358,9 +346,7 @@ def test_tokenizer_round_trips_and_pads_to_77(
     assert tokenizer.unk_token_id not in tokenizer("zyxwv quokka").input_ids[1:-1]
 
 
-def test_vae_identity_is_memoised_and_tracks_weights(
-    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_vae_identity_is_memoised_and_tracks_weights(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     c = load_sd_components(str(tiny["sd1"]))
     calls = []
     real = sd_components.state_dict_digest

@@ -61,8 +61,9 @@ def test_seed_config_verbatim_trains(tmp_path: Path, tiny_sd: Path, dataset: Pat
 def test_kohya_keys_name_real_modules(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    config = config_for(tmp_path, tiny_sd, dataset, unet_target_modules=["to_q", "to_k", "to_v", "to_out.0",
-                                                                         "proj_in", "ff.net.0.proj"])
+    config = config_for(
+        tmp_path, tiny_sd, dataset, unet_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj"]
+    )
     result = train_sd_lora(config)
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     real = {"lora_unet_" + p.replace(".", "_") for p, _ in unet.named_modules() if p}
@@ -76,8 +77,17 @@ def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Pat
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    config = config_for(tmp_path, tiny_sd, dataset, lora_rank=4, lora_alpha=2, epochs=2,
-                        learning_rate="5e-2", save_precision="fp32", train_text_encoder=True)
+    config = config_for(
+        tmp_path,
+        tiny_sd,
+        dataset,
+        lora_rank=4,
+        lora_alpha=2,
+        epochs=2,
+        learning_rate="5e-2",
+        save_precision="fp32",
+        train_text_encoder=True,
+    )
     result = train_sd_lora(config)
     kohya = Path(result.outputs["kohya"])
     modules = kohya_modules(kohya)
@@ -96,10 +106,10 @@ def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Pat
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(kohya), adapter_name="mine")
-    adapted = {p for p, m in pipe.unet.named_modules()
-               if isinstance(m, BaseTunerLayer) and "mine" in m.lora_A}
-    te_adapted = {p for p, m in pipe.text_encoder.named_modules()
-                  if isinstance(m, BaseTunerLayer) and "mine" in m.lora_A}
+    adapted = {p for p, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer) and "mine" in m.lora_A}
+    te_adapted = {
+        p for p, m in pipe.text_encoder.named_modules() if isinstance(m, BaseTunerLayer) and "mine" in m.lora_A
+    }
     unet_modules = {n for n in modules if n.startswith("lora_unet_")}
     assert {"lora_unet_" + p.replace(".", "_") for p in adapted} == unet_modules  # nothing unmatched
     assert len(te_adapted) == len(modules) - len(unet_modules) > 0
@@ -130,8 +140,15 @@ def test_same_seed_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> No
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
-    common = {"epochs": 3, "save_steps": 2, "gradient_accumulation_steps": 1, "lr_scheduler": "cosine",
-              "lora_dropout": 0.1, "train_text_encoder": True, "save_precision": "fp32"}
+    common = {
+        "epochs": 3,
+        "save_steps": 2,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler": "cosine",
+        "lora_dropout": 0.1,
+        "train_text_encoder": True,
+        "save_precision": "fp32",
+    }
     full = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "full", **common))
     kept = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
     assert kept == ["step-000006", "step-000008", "step-000010"]  # keep_checkpoints: 3 (the default)
@@ -163,11 +180,30 @@ def test_resume_with_changed_settings_is_refused(tmp_path: Path, tiny_sd: Path, 
 
 
 def test_init_lora_starts_from_file(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
-    first = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "first", learning_rate="5e-2",
-                                     save_precision="fp32", lora_alpha=2, train_text_encoder=True))
+    first = train_sd_lora(
+        config_for(
+            tmp_path,
+            tiny_sd,
+            dataset,
+            "first",
+            learning_rate="5e-2",
+            save_precision="fp32",
+            lora_alpha=2,
+            train_text_encoder=True,
+        )
+    )
     seen: list[StepDone] = []
-    cont = config_for(tmp_path, tiny_sd, dataset, "cont", init_lora=first.outputs["kohya"],
-                      learning_rate="1e-12", save_precision="fp32", lora_alpha=4, train_text_encoder=True)
+    cont = config_for(
+        tmp_path,
+        tiny_sd,
+        dataset,
+        "cont",
+        init_lora=first.outputs["kohya"],
+        learning_rate="1e-12",
+        save_precision="fp32",
+        lora_alpha=4,
+        train_text_encoder=True,
+    )
     second = train_sd_lora(cont, on_event=lambda e: seen.append(e) if isinstance(e, StepDone) else None)
     a, b = kohya_modules(Path(first.outputs["kohya"])), kohya_modules(Path(second.outputs["kohya"]))
     assert a.keys() == b.keys() and any(n.startswith("lora_te_") for n in a)
@@ -204,8 +240,13 @@ def test_resident_base_model_left_bit_identical(tmp_path: Path, tiny_sd: Path, d
     def resident(config, placement):
         yield ProvidedModel(components=components, resident=True, seconds=0.0)
 
-    train_sd_lora(config_for(tmp_path, tiny_sd, dataset, train_text_encoder=True, learning_rate="1e-1",
-                             gradient_checkpointing=True), models=resident, on_event=events.append)
+    train_sd_lora(
+        config_for(
+            tmp_path, tiny_sd, dataset, train_text_encoder=True, learning_rate="1e-1", gradient_checkpointing=True
+        ),
+        models=resident,
+        on_event=events.append,
+    )
     assert any(getattr(e, "resident", False) for e in events)
     assert not components.unet.training and not components.text_encoder.training
     assert not any(is_activation_checkpointing(m) for m in (components.unet, components.text_encoder))
@@ -225,8 +266,7 @@ def test_bad_target_module_lists_valid_names(tmp_path: Path, tiny_sd: Path, data
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
-    config = config_for(tmp_path, tiny_sd, dataset, learning_rate="1e30", max_grad_norm=0, epochs=5,
-                        save_steps=1)
+    config = config_for(tmp_path, tiny_sd, dataset, learning_rate="1e30", max_grad_norm=0, epochs=5, save_steps=1)
     with pytest.raises(TrainingDiverged) as err:
         train_sd_lora(config)
     assert "learning_rate" in err.value.hint and "checkpoint" in err.value.hint
@@ -242,13 +282,13 @@ def test_single_file_checkpoint_trains(tmp_path: Path, tiny_sd: Path, dataset: P
     assert Path(result.outputs["kohya"]).is_file()
 
 
-
 def test_sd2_v_prediction_with_min_snr_and_noise_offset(tmp_path: Path, dataset: Path) -> None:
     from lorad.models.tiny import build_tiny_sd
 
     tiny_sd2 = build_tiny_sd(tmp_path / "tiny-sd2", version="sd2")
-    config = config_for(tmp_path, tiny_sd2, dataset, min_snr_gamma=5, noise_offset=0.05,
-                        unet_target_modules=["to_q", "to_v", "proj_in"])
+    config = config_for(
+        tmp_path, tiny_sd2, dataset, min_snr_gamma=5, noise_offset=0.05, unet_target_modules=["to_q", "to_v", "proj_in"]
+    )
     result = train_sd_lora(config)
     with safe_open(result.outputs["kohya"], "pt") as fh:
         meta = fh.metadata()
@@ -259,8 +299,9 @@ def test_sd2_v_prediction_with_min_snr_and_noise_offset(tmp_path: Path, dataset:
 
 def test_gradient_checkpointing_gives_the_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     plain = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "plain", save_precision="fp32"))
-    ckpt = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "ckpt", save_precision="fp32",
-                                    gradient_checkpointing=True))
+    ckpt = train_sd_lora(
+        config_for(tmp_path, tiny_sd, dataset, "ckpt", save_precision="fp32", gradient_checkpointing=True)
+    )
     ta, tb = load_file(plain.outputs["kohya"]), load_file(ckpt.outputs["kohya"])
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
 

@@ -53,9 +53,9 @@ def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> Runnin
     return daemon
 
 
-def test_submit_a_config_watch_it_finish_and_copy_the_snippet(use_daemon: RunningDaemon, tiny_sd: Path,
-                                                              dataset: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
+    use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     write_config(tmp_path / "configs" / "style.yaml", **tiny_train_values(tiny_sd, dataset, Path("output/style")))
     kohya = tmp_path / "output" / "style" / "style.safetensors"
@@ -63,8 +63,11 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(use_daemon: Runnin
     async def scenario() -> None:
         app = LoradApp()
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: "lorad 0.1.0" in screen_text(app) and "no jobs yet" in screen_text(app),
-                             "the dashboard with its empty job table")
+            await wait_until(
+                pilot,
+                lambda: "lorad 0.1.0" in screen_text(app) and "no jobs yet" in screen_text(app),
+                "the dashboard with its empty job table",
+            )
             await pilot.press("s")
             await wait_until(pilot, lambda: isinstance(app.screen, SubmitScreen), "the submit screen")
             await pick_in_tree(pilot, app.screen.query_one(ConfigTree), Path("configs/style.yaml"))
@@ -90,10 +93,12 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(use_daemon: Runnin
     assert kohya.is_file()
 
 
-def test_cancel_a_running_job_from_its_detail_screen(use_daemon: RunningDaemon, client: LoradClient,
-                                                      tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "long.yaml",
-                          **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000))
+def test_cancel_a_running_job_from_its_detail_screen(
+    use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "long.yaml", **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000)
+    )
     job = client.submit_training(config.read_text(), base_dir=tmp_path, source_name=str(config))
 
     async def scenario() -> None:
@@ -117,8 +122,9 @@ def test_cancel_a_running_job_from_its_detail_screen(use_daemon: RunningDaemon, 
     assert client.get_job(job.job_id).state == JOB_STATE_CANCELLED
 
 
-def test_a_bad_config_shows_every_problem_by_key_and_is_not_sent(use_daemon: RunningDaemon, client: LoradClient,
-                                                                  tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
+def test_a_bad_config_shows_every_problem_by_key_and_is_not_sent(
+    use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
+) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out") | {"lora_rank": "eight", "epoch": 3}
     del values["output_dir"]
     bad = write_config(tmp_path / "bad.yaml", **values)
@@ -162,14 +168,18 @@ def test_daemon_down_screen_then_reconnects_by_itself(short_dir: Path, monkeypat
             daemon = run_daemon(short_dir)
             try:
                 await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
-                await wait_until(pilot, lambda: f"pid {daemon.service.status().pid}" in screen_text(app),
-                                 "the daemon's status")
+                await wait_until(
+                    pilot, lambda: f"pid {daemon.service.status().pid}" in screen_text(app), "the daemon's status"
+                )
                 # The daemon stops, then comes back (a restart): the TUI follows by itself.
                 daemon.stop(grace=0)
                 await wait_until(pilot, lambda: HEADLINE in screen_text(app), "the daemon-down screen again")
                 daemon = run_daemon(short_dir)
-                await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.connected,
-                                 "the dashboard after the restart")
+                await wait_until(
+                    pilot,
+                    lambda: isinstance(app.screen, DashboardScreen) and app.connected,
+                    "the dashboard after the restart",
+                )
             finally:
                 daemon.stop(grace=0)
 
@@ -199,9 +209,11 @@ print(sorted(m for m in sys.modules if m.startswith(heavy)))
 
 
 def test_a_running_job_row_moves_by_its_stream_not_by_reloading_the_list(
-        use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "long.yaml",
-                          **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000))
+    use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "long.yaml", **tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000)
+    )
     job = client.submit_training(config.read_text(), base_dir=tmp_path)
     calls: Counter[str] = Counter()
 
@@ -229,8 +241,11 @@ def test_a_running_job_row_moves_by_its_stream_not_by_reloading_the_list(
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: shown_step(app) >= 1, "the job's first step in its row")
             first, listed, polled = shown_step(app), calls["list_jobs"], calls["status"]
-            await wait_until(pilot, lambda: shown_step(app) >= first + 3 and calls["status"] >= polled + 3,
-                             "the row to move on while the status refreshes")
+            await wait_until(
+                pilot,
+                lambda: shown_step(app) >= first + 3 and calls["status"] >= polled + 3,
+                "the row to move on while the status refreshes",
+            )
             assert calls["list_jobs"] == listed
         client.cancel_job(job.job_id)
 
@@ -251,8 +266,11 @@ def test_a_resumed_job_curve_does_not_double_back_and_replayed_events_are_not_re
     def step(n: int) -> JobEvent:
         return event(step=Step(progress=Progress(step=n, total_steps=10, loss=1.0 / n)))
 
-    history = [event(training_started=TrainingStarted(total_steps=10)), *(step(n) for n in range(1, 6)),
-               event(interrupted=JobInterrupted(checkpoint="ckpt/step-3", will_resume=True))]
+    history = [
+        event(training_started=TrainingStarted(total_steps=10)),
+        *(step(n) for n in range(1, 6)),
+        event(interrupted=JobInterrupted(checkpoint="ckpt/step-3", will_resume=True)),
+    ]
     for item in history:
         assert view.apply(item)
     assert [view.apply(item) for item in history] == [False] * len(history)  # a replay changes nothing
@@ -284,11 +302,15 @@ def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon
             screen.query_one("#captioner", Select).value = caption_pb2.CAPTIONER_KIND_WD14
             screen.query_one("#caption-model", Input).value = str(tagger)
             await pilot.click("#caption-button")
-            await wait_until(pilot, lambda: "done: 2 captioned, 0 kept, 0 failed" in screen_text(app),
-                             "the captioning to finish", timeout=60)
+            await wait_until(
+                pilot,
+                lambda: "done: 2 captioned, 0 kept, 0 failed" in screen_text(app),
+                "the captioning to finish",
+                timeout=60,
+            )
             await wait_until(pilot, lambda: "csv · lorad" in screen_text(app), "the listing after it")
             generated = metadata.read_text()
-            assert "blue.png,\"tiny hero, blue theme" in generated
+            assert 'blue.png,"tiny hero, blue theme' in generated
 
             await pilot.press("home", "e")  # the first image: blue.png
             await pilot.press("end", *", edited", "enter")
@@ -309,8 +331,11 @@ def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon
 
 def test_watched_folders_follow_the_stream() -> None:
     view = DaemonView()
-    view.apply_watches(FollowWatchesResponse(snapshot=WatchList(watches=[Watch(watch_id="a", folder="/a"),
-                                                                         Watch(watch_id="b", folder="/b")])))
+    view.apply_watches(
+        FollowWatchesResponse(
+            snapshot=WatchList(watches=[Watch(watch_id="a", folder="/a"), Watch(watch_id="b", folder="/b")])
+        )
+    )
     view.apply_watches(FollowWatchesResponse(changed=Watch(watch_id="c", folder="/c")))
     view.apply_watches(FollowWatchesResponse(changed=Watch(watch_id="a", folder="/a", new_images=3)))
     view.apply_watches(FollowWatchesResponse(removed_watch_id="b"))
@@ -330,8 +355,13 @@ def test_add_and_remove_a_watch_from_the_watches_screen(tmp_path: Path) -> None:
 
         def add_watch(self, folder: str, config_path: str, **policy: object) -> Watch:
             calls.append(("add", folder, config_path, policy))
-            return Watch(watch_id="w-9", folder=str(tmp_path / folder), config_path=str(tmp_path / config_path),
-                         state=WATCH_STATE_IDLE, images_seen=12)
+            return Watch(
+                watch_id="w-9",
+                folder=str(tmp_path / folder),
+                config_path=str(tmp_path / config_path),
+                state=WATCH_STATE_IDLE,
+                images_seen=12,
+            )
 
         def remove_watch(self, watch: str, *, base_dir: str | None = None) -> Watch:
             calls.append(("remove", watch))
@@ -340,30 +370,40 @@ def test_add_and_remove_a_watch_from_the_watches_screen(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = LoradApp(connect=WatchingClient, base_dir=tmp_path, refresh_seconds=3600)
         async with app.run_test(size=(100, 32)) as pilot:
-            await wait_until(pilot, lambda: app.connected and "Watched folders" in screen_text(app)
-                             and "press w to watch a folder" in screen_text(app), "the empty watches panel")
+            await wait_until(
+                pilot,
+                lambda: (
+                    app.connected
+                    and "Watched folders" in screen_text(app)
+                    and "press w to watch a folder" in screen_text(app)
+                ),
+                "the empty watches panel",
+            )
             await pilot.press("w")
             await wait_until(pilot, lambda: isinstance(app.screen, WatchesScreen), "the watches screen")
             tree = app.screen.query_one(ConfigTree)
             await pick_in_tree(pilot, tree, Path("configs/style.yaml"))
             await pick_in_tree(pilot, tree, Path("photos"))  # below configs/: the tree is walked downwards
             await pilot.click("#watch-add")
-            await wait_until(pilot, lambda: calls and re.search(r"/photos +idle +12 ", screen_text(app)),
-                             "the new watch")
+            await wait_until(
+                pilot, lambda: calls and re.search(r"/photos +idle +12 ", screen_text(app)), "the new watch"
+            )
             assert calls[0] == ("add", "photos", "configs/style.yaml", {"base_dir": str(tmp_path), "mode": "continue"})
             app.screen.query_one("#watch-table").focus()
             await pilot.press("d")
             await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
             await pilot.press("y")
-            await wait_until(pilot, lambda: len(calls) == 2 and "no folder is watched" in screen_text(app),
-                             "the watch removed")
+            await wait_until(
+                pilot, lambda: len(calls) == 2 and "no folder is watched" in screen_text(app), "the watch removed"
+            )
             assert calls[1] == ("remove", "w-9")
 
     run(scenario())
 
 
-def test_watch_a_folder_from_the_tui_and_see_its_lora_published(use_daemon: RunningDaemon, client: LoradClient,
-                                                                tiny_sd: Path, tmp_path: Path) -> None:
+def test_watch_a_folder_from_the_tui_and_see_its_lora_published(
+    use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, tmp_path: Path
+) -> None:
     """The whole watch story from the keyboard, against the real daemon: pick a folder and a template
     config in the tree, set a short quiet period and a publish folder, add; the folder's images train
     into `NAME_v1` and the row shows it, with the published copy on disk."""
@@ -388,8 +428,12 @@ def test_watch_a_folder_from_the_tui_and_see_its_lora_published(use_daemon: Runn
             app.screen.query_one("#watch-quiet", Input).value = "0.3"
             app.screen.query_one("#watch-publish", Input).value = "webui/models/Lora"
             await pilot.press("a")
-            await wait_until(pilot, lambda: re.search(r"/photos +idle +3 +0 +v1 ", screen_text(app)),
-                             "the first version in the row", timeout=120)
+            await wait_until(
+                pilot,
+                lambda: re.search(r"/photos +idle +3 +0 +v1 ", screen_text(app)),
+                "the first version in the row",
+                timeout=120,
+            )
 
     run(scenario())
     (watch,) = client.list_watches()
@@ -399,19 +443,22 @@ def test_watch_a_folder_from_the_tui_and_see_its_lora_published(use_daemon: Runn
     assert Path(watch.published_path).read_bytes() == Path(watch.latest_output).read_bytes()
 
 
-def test_a_finished_llm_job_shows_its_adapter_and_how_to_load_it(use_daemon: RunningDaemon, client: LoradClient,
-                                                                tiny_llm: Path, tmp_path: Path) -> None:
+def test_a_finished_llm_job_shows_its_adapter_and_how_to_load_it(
+    use_daemon: RunningDaemon, client: LoradClient, tiny_llm: Path, tmp_path: Path
+) -> None:
     """An LLM job's detail names the PEFT adapter and offers the call that loads it, not a `<lora:…>` tag."""
     data = write_jsonl(tmp_path / "records.jsonl", [{"instruction": "greet", "output": "hello world"}])
     values = tiny_llm_values(tiny_llm, data, tmp_path / "out", max_train_steps=3, output_name="notes")
-    job = client.submit_training(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}),
-                                 base_dir=tmp_path)
+    job = client.submit_training(
+        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}), base_dir=tmp_path
+    )
 
     async def scenario() -> None:
         app = LoradApp()
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: re.search(r"notes +succeeded", screen_text(app)), "the job to finish",
-                             timeout=90)
+            await wait_until(
+                pilot, lambda: re.search(r"notes +succeeded", screen_text(app)), "the job to finish", timeout=90
+            )
             await pilot.press("enter")
             await wait_until(pilot, lambda: "✓ adapter written" in screen_text(app), "the finished job's detail")
             text = screen_text(app)

@@ -19,16 +19,24 @@ async def wait_until(pilot: Pilot, predicate: Callable[[], object], what: str, t
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n--- screen ---\n"
-                                 f"{screen_text(pilot.app)}")
+            raise AssertionError(
+                f"timed out after {timeout:g}s waiting for {what}\n--- screen ---\n{screen_text(pilot.app)}"
+            )
         await pilot.pause(0.05)
 
 
 def screen_text(app: App[object]) -> str:
     """What the terminal shows now, as plain text (the same cells a user sees, colours dropped)."""
     width, height = app.size
-    console = Console(width=width, height=height, file=io.StringIO(), force_terminal=True, record=True,
-                      legacy_windows=False, color_system="truecolor")
+    console = Console(
+        width=width,
+        height=height,
+        file=io.StringIO(),
+        force_terminal=True,
+        record=True,
+        legacy_windows=False,
+        color_system="truecolor",
+    )
     # The compositor's full frame is exactly what the driver would write to the terminal.
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return console.export_text()

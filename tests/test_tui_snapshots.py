@@ -87,22 +87,42 @@ def loss_at(step: int) -> float:
     return 0.08 + 0.12 * math.exp(-step / 25) + 0.03 * math.sin(step * 1.7) * math.cos(step * 0.3)
 
 
-RUNNING = Job(job_id="a1b2c3d4e5", name="watercolor_style", state=JOB_STATE_RUNNING, created_at=stamp(400),
-              started_at=stamp(390), output_dir="/home/ada/loras/watercolor_style",
-              source_name="configs/watercolor.yaml",
-              progress=Progress(step=60, total_steps=100, epoch=3, loss=loss_at(60), lr=1e-4, steps_per_second=2.5,
-                                eta_seconds=16))
+RUNNING = Job(
+    job_id="a1b2c3d4e5",
+    name="watercolor_style",
+    state=JOB_STATE_RUNNING,
+    created_at=stamp(400),
+    started_at=stamp(390),
+    output_dir="/home/ada/loras/watercolor_style",
+    source_name="configs/watercolor.yaml",
+    progress=Progress(
+        step=60, total_steps=100, epoch=3, loss=loss_at(60), lr=1e-4, steps_per_second=2.5, eta_seconds=16
+    ),
+)
 QUEUED = Job(job_id="f6g7h8i9j0", name="ink_portraits", state=JOB_STATE_QUEUED, created_at=stamp(120), queue_position=1)
 # Long output paths: at 80 columns they must wrap under their own column, not under the labels.
 DONE_DIR = "/home/ada/projects/game_assets/loras/pixel_art"
-DONE = Job(job_id="k1l2m3n4o5", name="pixel_art", state=JOB_STATE_SUCCEEDED, created_at=stamp(7200),
-           started_at=stamp(7100), finished_at=stamp(6000), output_dir=DONE_DIR,
-           outputs={"kohya": f"{DONE_DIR}/pixel_art.safetensors",
-                    "diffusers": f"{DONE_DIR}/pytorch_lora_weights.safetensors"},
-           progress=Progress(step=400, total_steps=400, epoch=10, loss=0.0712, lr=1e-4, steps_per_second=3.1))
-FAILED = Job(job_id="p6q7r8s9t0", name="big_batch", state=JOB_STATE_FAILED, created_at=stamp(90000),
-             started_at=stamp(89990), finished_at=stamp(89900), error="CUDA out of memory",
-             hint="lower batch_size or resolution, or set gradient_checkpointing: true")
+DONE = Job(
+    job_id="k1l2m3n4o5",
+    name="pixel_art",
+    state=JOB_STATE_SUCCEEDED,
+    created_at=stamp(7200),
+    started_at=stamp(7100),
+    finished_at=stamp(6000),
+    output_dir=DONE_DIR,
+    outputs={"kohya": f"{DONE_DIR}/pixel_art.safetensors", "diffusers": f"{DONE_DIR}/pytorch_lora_weights.safetensors"},
+    progress=Progress(step=400, total_steps=400, epoch=10, loss=0.0712, lr=1e-4, steps_per_second=3.1),
+)
+FAILED = Job(
+    job_id="p6q7r8s9t0",
+    name="big_batch",
+    state=JOB_STATE_FAILED,
+    created_at=stamp(90000),
+    started_at=stamp(89990),
+    finished_at=stamp(89900),
+    error="CUDA out of memory",
+    hint="lower batch_size or resolution, or set gradient_checkpointing: true",
+)
 
 
 def running_history() -> list[WatchJobResponse]:
@@ -110,62 +130,138 @@ def running_history() -> list[WatchJobResponse]:
     kinds: list[dict[str, object]] = [
         {"queued": JobQueued(queue_position=1)},
         {"started": JobStarted(attempt=1, device="cuda:0")},
-        {"data_report": DataReport(images_found=24, images_used=23, images_skipped=1, text=(
-            "Training data: /home/ada/data/watercolor\n  24 image files found, 23 used, 1 skipped\n"
-            "  captions: 23 from the metadata CSV, 0 from sidecar files, 0 generated\n"
-            "  buckets: 512x512 (15), 448x576 (8)"))},
-        {"model_loaded": ModelLoaded(source="/home/ada/models/v1-5-pruned.safetensors", model_version="sd1",
-                                     seconds=4.2)},
+        {
+            "data_report": DataReport(
+                images_found=24,
+                images_used=23,
+                images_skipped=1,
+                text=(
+                    "Training data: /home/ada/data/watercolor\n  24 image files found, 23 used, 1 skipped\n"
+                    "  captions: 23 from the metadata CSV, 0 from sidecar files, 0 generated\n"
+                    "  buckets: 512x512 (15), 448x576 (8)"
+                ),
+            )
+        },
+        {
+            "model_loaded": ModelLoaded(
+                source="/home/ada/models/v1-5-pruned.safetensors", model_version="sd1", seconds=4.2
+            )
+        },
         {"latents_cached": LatentsCached(cached=0, encoded=23, seconds=6)},
-        {"training_started": TrainingStarted(total_steps=100, epochs=5, trainable_params=797184, device="cuda:0",
-                                             precision="bf16")},
+        {
+            "training_started": TrainingStarted(
+                total_steps=100, epochs=5, trainable_params=797184, device="cuda:0", precision="bf16"
+            )
+        },
         {"log": LogLine(message="bf16 autocast on cuda:0", level="info")},
     ]
-    kinds += [{"step": Step(progress=Progress(step=s, total_steps=100, epoch=1 + (s - 1) // 20, loss=loss_at(s),
-                                              lr=1e-4 * min(1.0, s / 10), steps_per_second=2.5,
-                                              eta_seconds=(100 - s) / 2.5))} for s in range(1, 61)]
-    events = [WatchJobResponse(event=JobEvent(job_id=RUNNING.job_id, seq=i, time=stamp(400 - 5 * i), **kind))
-              for i, kind in enumerate(kinds, start=1)]
+    kinds += [
+        {
+            "step": Step(
+                progress=Progress(
+                    step=s,
+                    total_steps=100,
+                    epoch=1 + (s - 1) // 20,
+                    loss=loss_at(s),
+                    lr=1e-4 * min(1.0, s / 10),
+                    steps_per_second=2.5,
+                    eta_seconds=(100 - s) / 2.5,
+                )
+            )
+        }
+        for s in range(1, 61)
+    ]
+    events = [
+        WatchJobResponse(event=JobEvent(job_id=RUNNING.job_id, seq=i, time=stamp(400 - 5 * i), **kind))
+        for i, kind in enumerate(kinds, start=1)
+    ]
     return [WatchJobResponse(job=RUNNING), *events]
 
 
 CAPTION_ROWS = [
-    CaptionRow(path="autumn_lake.png", caption="ohwx, a watercolor painting of a lake with autumn trees",
-               source=CAPTION_SOURCE_CSV, generated=True),
-    CaptionRow(path="harbour_boats.jpg", caption="ohwx, boats in a small harbour at dawn, soft washes of blue",
-               source=CAPTION_SOURCE_CSV),
-    CaptionRow(path="portraits/old_fisherman_with_a_very_long_file_name.png",
-               caption="ohwx, a watercolor portrait of an old fisherman", source=CAPTION_SOURCE_CSV, generated=True),
+    CaptionRow(
+        path="autumn_lake.png",
+        caption="ohwx, a watercolor painting of a lake with autumn trees",
+        source=CAPTION_SOURCE_CSV,
+        generated=True,
+    ),
+    CaptionRow(
+        path="harbour_boats.jpg",
+        caption="ohwx, boats in a small harbour at dawn, soft washes of blue",
+        source=CAPTION_SOURCE_CSV,
+    ),
+    CaptionRow(
+        path="portraits/old_fisherman_with_a_very_long_file_name.png",
+        caption="ohwx, a watercolor portrait of an old fisherman",
+        source=CAPTION_SOURCE_CSV,
+        generated=True,
+    ),
     CaptionRow(path="sketch.webp", caption="ohwx, a pencil sketch of a bridge", source=CAPTION_SOURCE_SIDECAR),
 ]
 
 
 def caption_run() -> list[CaptionImagesResponse]:
     """What CaptionImages sends for the folder above: one kept, three captioned."""
-    items = [CaptionImagesResponse(planned=CaptionPlanned(folder="/home/ada/data/watercolor", images_found=4,
-                                                          to_caption=3, to_keep=1, format=CAPTION_FORMAT_CSV)),
-             CaptionImagesResponse(image=ImageCaption(path="harbour_boats.jpg", status=CAPTION_STATUS_KEPT,
-                                                      caption=CAPTION_ROWS[1].caption, done=1, total=4)),
-             CaptionImagesResponse(captioner_ready=CaptionerReady(captioner="wd14", model_version="wd14 (9083 tags)",
-                                                                  seconds=2.5))]
-    items += [CaptionImagesResponse(image=ImageCaption(path=row.path, status=CAPTION_STATUS_CAPTIONED,
-                                                       caption=row.caption, done=done, total=4))
-              for done, row in enumerate([CAPTION_ROWS[0], *CAPTION_ROWS[2:]], start=2)]
-    items.append(CaptionImagesResponse(finished=CaptionFinished(
-        folder="/home/ada/data/watercolor", images_found=4, captioned=3, kept=1, seconds=4.25,
-        format=CAPTION_FORMAT_CSV, written_to="/home/ada/data/watercolor/metadata.csv")))
+    items = [
+        CaptionImagesResponse(
+            planned=CaptionPlanned(
+                folder="/home/ada/data/watercolor", images_found=4, to_caption=3, to_keep=1, format=CAPTION_FORMAT_CSV
+            )
+        ),
+        CaptionImagesResponse(
+            image=ImageCaption(
+                path="harbour_boats.jpg", status=CAPTION_STATUS_KEPT, caption=CAPTION_ROWS[1].caption, done=1, total=4
+            )
+        ),
+        CaptionImagesResponse(
+            captioner_ready=CaptionerReady(captioner="wd14", model_version="wd14 (9083 tags)", seconds=2.5)
+        ),
+    ]
+    items += [
+        CaptionImagesResponse(
+            image=ImageCaption(path=row.path, status=CAPTION_STATUS_CAPTIONED, caption=row.caption, done=done, total=4)
+        )
+        for done, row in enumerate([CAPTION_ROWS[0], *CAPTION_ROWS[2:]], start=2)
+    ]
+    items.append(
+        CaptionImagesResponse(
+            finished=CaptionFinished(
+                folder="/home/ada/data/watercolor",
+                images_found=4,
+                captioned=3,
+                kept=1,
+                seconds=4.25,
+                format=CAPTION_FORMAT_CSV,
+                written_to="/home/ada/data/watercolor/metadata.csv",
+            )
+        )
+    )
     return items
 
 
 WATCHES = [
-    Watch(watch_id="w-1", folder="/home/ada/data/watercolor", config_path="/home/ada/configs/watercolor.yaml",
-          policy=WatchPolicy(quiet_seconds=10, min_new_images=1, mode=WATCH_MODE_CONTINUE, continue_steps=200),
-          state=WATCH_STATE_IDLE, images_seen=24, new_images=0, last_job_id=RUNNING.job_id, version=3,
-          latest_output="/home/ada/loras/watercolor_style/watercolor_style_v3.safetensors"),
-    Watch(watch_id="w-2", folder="/mnt/nas/photos/ink", config_path="/home/ada/configs/ink.yaml",
-          policy=WatchPolicy(quiet_seconds=30, min_new_images=5, mode=WATCH_MODE_RETRAIN, polling=True),
-          state=WATCH_STATE_ERROR, images_seen=0, error="/mnt/nas/photos/ink cannot be read: permission denied",
-          hint="give the daemon's user read access to the folder, then add the watch again"),
+    Watch(
+        watch_id="w-1",
+        folder="/home/ada/data/watercolor",
+        config_path="/home/ada/configs/watercolor.yaml",
+        policy=WatchPolicy(quiet_seconds=10, min_new_images=1, mode=WATCH_MODE_CONTINUE, continue_steps=200),
+        state=WATCH_STATE_IDLE,
+        images_seen=24,
+        new_images=0,
+        last_job_id=RUNNING.job_id,
+        version=3,
+        latest_output="/home/ada/loras/watercolor_style/watercolor_style_v3.safetensors",
+    ),
+    Watch(
+        watch_id="w-2",
+        folder="/mnt/nas/photos/ink",
+        config_path="/home/ada/configs/ink.yaml",
+        policy=WatchPolicy(quiet_seconds=30, min_new_images=5, mode=WATCH_MODE_RETRAIN, polling=True),
+        state=WATCH_STATE_ERROR,
+        images_seen=0,
+        error="/mnt/nas/photos/ink cannot be read: permission denied",
+        hint="give the daemon's user read access to the folder, then add the watch again",
+    ),
 ]
 
 
@@ -187,18 +283,47 @@ class FakeClient:
 
     def status(self) -> GetStatusResponse:
         return GetStatusResponse(
-            version="0.1.0", pid=4242, uptime_seconds=3725, started_at=stamp(3725), queue_length=1,
-            running_job_id=RUNNING.job_id, addresses=[SOCKET, "127.0.0.1:47860"], home="/home/ada/.local/share/lorad",
-            resident_models=1, devices=[Device(name="cuda:0", description="NVIDIA GeForce RTX 4090",
-                                               memory_total_bytes=24 * 2**30, memory_used_bytes=9 * 2**30)])
+            version="0.1.0",
+            pid=4242,
+            uptime_seconds=3725,
+            started_at=stamp(3725),
+            queue_length=1,
+            running_job_id=RUNNING.job_id,
+            addresses=[SOCKET, "127.0.0.1:47860"],
+            home="/home/ada/.local/share/lorad",
+            resident_models=1,
+            devices=[
+                Device(
+                    name="cuda:0",
+                    description="NVIDIA GeForce RTX 4090",
+                    memory_total_bytes=24 * 2**30,
+                    memory_used_bytes=9 * 2**30,
+                )
+            ],
+        )
 
     def list_models(self) -> list[ResidentModel]:
-        return [ResidentModel(model_id="m-5f1e", source="/home/ada/models/v1-5-pruned.safetensors", model_version="sd1",
-                              device="cuda:0", dtype="bfloat16", memory_bytes=2_100_000_000, in_use=True,
-                              keep_alive_seconds_left=1800),
-                ResidentModel(model_id="m-77ab", source="/home/ada/models/anything-v4.safetensors", model_version="sd1",
-                              device="cuda:0", dtype="bfloat16", memory_bytes=2_100_000_000,
-                              keep_alive_seconds_left=754)]
+        return [
+            ResidentModel(
+                model_id="m-5f1e",
+                source="/home/ada/models/v1-5-pruned.safetensors",
+                model_version="sd1",
+                device="cuda:0",
+                dtype="bfloat16",
+                memory_bytes=2_100_000_000,
+                in_use=True,
+                keep_alive_seconds_left=1800,
+            ),
+            ResidentModel(
+                model_id="m-77ab",
+                source="/home/ada/models/anything-v4.safetensors",
+                model_version="sd1",
+                device="cuda:0",
+                dtype="bfloat16",
+                memory_bytes=2_100_000_000,
+                keep_alive_seconds_left=754,
+            ),
+        ]
 
     def list_jobs(self, states: object = (), limit: int = 0) -> list[Job]:
         return [QUEUED, RUNNING, DONE, FAILED]
@@ -221,13 +346,18 @@ class FakeClient:
 
     # CaptionService: a folder of four images, captioned with WD14 (three new, one kept)
 
-    def caption_images(self, folder: str | Path, *, base_dir: str | Path, captioner: int = 0,
-                       model: str = "") -> FakeStream:
+    def caption_images(
+        self, folder: str | Path, *, base_dir: str | Path, captioner: int = 0, model: str = ""
+    ) -> FakeStream:
         return FakeStream(caption_run())
 
     def list_captions(self, folder: str | Path, *, base_dir: str | Path) -> ListCaptionsResponse:
-        return ListCaptionsResponse(folder="/home/ada/data/watercolor", rows=CAPTION_ROWS,
-                                    format=CAPTION_FORMAT_CSV, written_to="/home/ada/data/watercolor/metadata.csv")
+        return ListCaptionsResponse(
+            folder="/home/ada/data/watercolor",
+            rows=CAPTION_ROWS,
+            format=CAPTION_FORMAT_CSV,
+            written_to="/home/ada/data/watercolor/metadata.csv",
+        )
 
     def set_captions(self, folder: str | Path, edits: object, *, base_dir: str | Path) -> SetCaptionsResponse:
         raise AssertionError("the snapshot tests save nothing")
@@ -262,12 +392,21 @@ async def settled(pilot: Pilot) -> None:
     """Wait until the fake daemon's data is on screen: connected, jobs listed, running job replayed."""
     app = pilot.app
     assert isinstance(app, LoradApp)
-    await wait_until(pilot, lambda: app.connected and len(app.view.order) == 4 and app.view.models
-                     and len(app.view.watches) == 2
-                     and RUNNING.job_id in app.view.jobs and len(app.view.jobs[RUNNING.job_id].losses) == 60,
-                     "the fake daemon's data")
-    await wait_until(pilot, lambda: "60/100  60%" in screen_text(app) and "12m34s" in screen_text(app),
-                     "the data on screen")
+    await wait_until(
+        pilot,
+        lambda: (
+            app.connected
+            and len(app.view.order) == 4
+            and app.view.models
+            and len(app.view.watches) == 2
+            and RUNNING.job_id in app.view.jobs
+            and len(app.view.jobs[RUNNING.job_id].losses) == 60
+        ),
+        "the fake daemon's data",
+    )
+    await wait_until(
+        pilot, lambda: "60/100  60%" in screen_text(app) and "12m34s" in screen_text(app), "the data on screen"
+    )
 
 
 def test_dashboard(snap_compare) -> None:
@@ -286,9 +425,15 @@ def test_job_detail_wide(snap_compare) -> None:
 async def open_running_job(pilot: Pilot) -> None:
     await settled(pilot)
     await pilot.press("down", "enter")  # the second row: the running job
-    await wait_until(pilot, lambda: isinstance(pilot.app.screen, JobDetailScreen)
-                     and "step 60/100" in screen_text(pilot.app)
-                     and "bf16 autocast on cuda:0" in screen_text(pilot.app), "the job's detail")
+    await wait_until(
+        pilot,
+        lambda: (
+            isinstance(pilot.app.screen, JobDetailScreen)
+            and "step 60/100" in screen_text(pilot.app)
+            and "bf16 autocast on cuda:0" in screen_text(pilot.app)
+        ),
+        "the job's detail",
+    )
 
 
 @pytest.fixture
@@ -322,8 +467,11 @@ def test_captions_after_captioning_with_an_unsaved_edit(snap_compare) -> None:
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, CaptionsScreen), "the captions screen")
         await pilot.press(*"data/watercolor")
         await pilot.click("#caption-button")
-        await wait_until(pilot, lambda: "done: 3 captioned, 1 kept" in screen_text(pilot.app)
-                         and "csv · lorad" in screen_text(pilot.app), "the captions listed")
+        await wait_until(
+            pilot,
+            lambda: "done: 3 captioned, 1 kept" in screen_text(pilot.app) and "csv · lorad" in screen_text(pilot.app),
+            "the captions listed",
+        )
         await pilot.press("down", "e", "end", *" under a grey sky", "enter")
         await wait_until(pilot, lambda: "✎ not saved" in screen_text(pilot.app), "the edit")
         pilot.app.clear_notifications()
@@ -355,10 +503,14 @@ def test_watches(snap_compare, submit_dir: Path) -> None:
 
 def test_finished_job_at_80x24(snap_compare) -> None:
     """The outputs block of a finished job in a small terminal: long paths wrap indented."""
+
     async def open_finished_job(pilot: Pilot) -> None:
         await settled(pilot)
         await pilot.press("down", "down", "enter")  # the third row: the finished job
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, JobDetailScreen)
-                         and "✓ LoRA written" in screen_text(pilot.app), "the finished job's detail")
+        await wait_until(
+            pilot,
+            lambda: isinstance(pilot.app.screen, JobDetailScreen) and "✓ LoRA written" in screen_text(pilot.app),
+            "the finished job's detail",
+        )
 
     assert snap_compare(fake_app(), terminal_size=(80, 24), run_before=open_finished_job)

@@ -63,8 +63,9 @@ def drop(stock: Path, folder: Path, index: int, name: str | None = None) -> Path
 
 def template(tmp_path: Path, tiny_sd: Path, name: str = "mystyle", **overrides: object) -> Path:
     """A template training config: the tiny model, two steps, sidecar captions."""
-    values = tiny_train_values(tiny_sd, tmp_path / "unused", tmp_path / "output" / name,
-                               **{"max_train_steps": 2, **overrides})
+    values = tiny_train_values(
+        tiny_sd, tmp_path / "unused", tmp_path / "output" / name, **{"max_train_steps": 2, **overrides}
+    )
     values.pop("metadata_path")
     return write_config(tmp_path / f"{name}.yaml", **values)
 
@@ -96,12 +97,16 @@ def job_event(client: LoradClient, job_id: str, kind: str):
 
 
 def job_logs(client: LoradClient, job_id: str) -> list[str]:
-    return [m.event.log.message for m in client.watch_job(job_id, history_only=True)
-            if m.WhichOneof("item") == "event" and m.event.WhichOneof("kind") == "log"]
+    return [
+        m.event.log.message
+        for m in client.watch_job(job_id, history_only=True)
+        if m.WhichOneof("item") == "event" and m.event.WhichOneof("kind") == "log"
+    ]
 
 
-def test_images_copied_slowly_make_one_job_after_the_quiet_period(client: LoradClient, stock: Path,
-                                                                  tiny_sd: Path, tmp_path: Path) -> None:
+def test_images_copied_slowly_make_one_job_after_the_quiet_period(
+    client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "incoming"
     folder.mkdir()
     watch = client.add_watch(str(folder), str(template(tmp_path, tiny_sd)), quiet_seconds=BURST_QUIET)
@@ -112,7 +117,7 @@ def test_images_copied_slowly_make_one_job_after_the_quiet_period(client: LoradC
         data = (stock / f"img_{i:02d}.png").read_bytes()
         with open(folder / f"img_{i:02d}.png", "wb") as out:  # a slow copy: chunks, pauses shorter than quiet
             for start in range(0, len(data), len(data) // 3 + 1):
-                out.write(data[start:start + len(data) // 3 + 1])
+                out.write(data[start : start + len(data) // 3 + 1])
                 out.flush()
                 os.fsync(out.fileno())
                 time.sleep(0.1)
@@ -131,11 +136,17 @@ def test_images_copied_slowly_make_one_job_after_the_quiet_period(client: LoradC
 
 
 def test_a_burst_makes_one_job_and_more_images_one_continue_job_encoding_only_them(
-        client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path) -> None:
+    client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     folder, publish = tmp_path / "burst", tmp_path / "webui" / "models" / "Lora"
     folder.mkdir()
-    watch = client.add_watch(str(folder), str(template(tmp_path, tiny_sd)), quiet_seconds=BURST_QUIET,
-                             continue_steps=1, publish_dir=str(publish))
+    watch = client.add_watch(
+        str(folder),
+        str(template(tmp_path, tiny_sd)),
+        quiet_seconds=BURST_QUIET,
+        continue_steps=1,
+        publish_dir=str(publish),
+    )
     for i in range(20):
         drop(stock, folder, i)
     first = wait_for(lambda: watch_jobs(client, folder), "the burst's job")
@@ -161,8 +172,9 @@ def test_a_burst_makes_one_job_and_more_images_one_continue_job_encoding_only_th
     assert Path(v1.latest_output).is_file()  # versions are kept
 
 
-def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(client: LoradClient, stock: Path,
-                                                                      tiny_sd: Path, tmp_path: Path) -> None:
+def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(
+    client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "downloads"
     folder.mkdir()
     watch = client.add_watch(str(folder), str(template(tmp_path, tiny_sd)), quiet_seconds=BURST_QUIET)
@@ -185,8 +197,9 @@ def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(client: Lo
     assert seen.images_seen == 2
 
 
-def test_images_added_while_the_daemon_was_down_are_found(short_dir: Path, stock: Path, tiny_sd: Path,
-                                                          tmp_path: Path) -> None:
+def test_images_added_while_the_daemon_was_down_are_found(
+    short_dir: Path, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "offline"
     folder.mkdir()
     daemon = run_daemon(short_dir)
@@ -210,8 +223,9 @@ def test_images_added_while_the_daemon_was_down_are_found(short_dir: Path, stock
         daemon.stop(grace=0)
 
 
-def test_a_vanished_folder_errors_alone(client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path,
-                                        tmp_path: Path) -> None:
+def test_a_vanished_folder_errors_alone(
+    client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     doomed, healthy = tmp_path / "doomed", tmp_path / "healthy"
     doomed.mkdir()
     healthy.mkdir()
@@ -219,8 +233,9 @@ def test_a_vanished_folder_errors_alone(client: LoradClient, daemon: RunningDaem
     lost = client.add_watch(str(doomed), config, quiet_seconds=QUIET)
     kept = client.add_watch(str(healthy), config, quiet_seconds=QUIET, mode="retrain")
     shutil.rmtree(doomed)
-    broken = wait_for(lambda: (w := watch_of(client, lost.watch_id)).state == watch_pb2.WATCH_STATE_ERROR and w,
-                      "the error state")
+    broken = wait_for(
+        lambda: (w := watch_of(client, lost.watch_id)).state == watch_pb2.WATCH_STATE_ERROR and w, "the error state"
+    )
     assert str(doomed) in broken.error and "lorad watch rm" in broken.hint
     drop(stock, healthy, 0)  # the other watch carries on
     jobs = wait_for(lambda: watch_jobs(client, healthy), "the healthy watch's job")
@@ -281,8 +296,14 @@ def test_follow_watches_streams_the_list_then_changes(client: LoradClient, tiny_
     assert list(stream) == []
 
 
-def test_cli_watch_add_ls_rm(client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path,
-                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_watch_add_ls_rm(
+    client: LoradClient,
+    daemon: RunningDaemon,
+    tiny_sd: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from lorad.cli import main
 
     monkeypatch.setenv("LORAD_ADDRESS", daemon.addresses[0])
@@ -290,8 +311,24 @@ def test_cli_watch_add_ls_rm(client: LoradClient, daemon: RunningDaemon, tiny_sd
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cli-pics").mkdir()
     template(tmp_path, tiny_sd, name="clistyle")
-    assert main(["watch", "add", "cli-pics", "--config", "clistyle.yaml", "--quiet-seconds", "3",
-                 "--min-new-images", "5", "--mode", "retrain"]) == 0
+    assert (
+        main(
+            [
+                "watch",
+                "add",
+                "cli-pics",
+                "--config",
+                "clistyle.yaml",
+                "--quiet-seconds",
+                "3",
+                "--min-new-images",
+                "5",
+                "--mode",
+                "retrain",
+            ]
+        )
+        == 0
+    )
     assert "watching" in capsys.readouterr().out
     (watch,) = client.list_watches()
     assert watch.policy.min_new_images == 5 and watch.policy.mode == watch_pb2.WATCH_MODE_RETRAIN
@@ -305,12 +342,15 @@ def test_cli_watch_add_ls_rm(client: LoradClient, daemon: RunningDaemon, tiny_sd
 
 
 def wait_job_state(client: LoradClient, job_id: str, state: int) -> jobs_pb2.Job:
-    return wait_for(lambda: (job := client.get_job(job_id)).state == state and job,
-                    f"job {job_id} in {jobs_pb2.JobState.Name(state)}")
+    return wait_for(
+        lambda: (job := client.get_job(job_id)).state == state and job,
+        f"job {job_id} in {jobs_pb2.JobState.Name(state)}",
+    )
 
 
-def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(client: LoradClient, stock: Path, tiny_sd: Path,
-                                                               tmp_path: Path) -> None:
+def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(
+    client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "coalesce"
     folder.mkdir()
     # A long job of the watch's own: it runs while more images arrive (cancelled when seen).
@@ -319,9 +359,18 @@ def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(client: LoradClie
     blocker_data.mkdir()
     drop(stock, blocker_data, 29)
     blocker = client.submit_training_fields(
-        {**{k: str(v) for k, v in tiny_train_values(tiny_sd, blocker_data, tmp_path / "blocker-out",
-                                                     max_train_steps=100_000).items()
-            if k != "metadata_path"}, "unet_target_modules": ["q_proj", "v_proj"]}, base_dir=tmp_path)
+        {
+            **{
+                k: str(v)
+                for k, v in tiny_train_values(
+                    tiny_sd, blocker_data, tmp_path / "blocker-out", max_train_steps=100_000
+                ).items()
+                if k != "metadata_path"
+            },
+            "unet_target_modules": ["q_proj", "v_proj"],
+        },
+        base_dir=tmp_path,
+    )
     wait_job_state(client, blocker.job_id, jobs_pb2.JOB_STATE_RUNNING)
     watch = client.add_watch(str(folder), str(config), quiet_seconds=QUIET)
 
@@ -330,34 +379,48 @@ def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(client: LoradClie
     (queued,) = wait_for(lambda: watch_jobs(client, folder), "the first batch's job")
     wait_for(lambda: watch_of(client, watch.watch_id).new_images == 0, "the first batch to be taken")
     drop(stock, folder, 1)
-    wait_for(lambda: any("more images arrived" in m for m in job_logs(client, queued.job_id)),
-             "the queued job to be updated")
-    wait_for(lambda: (w := watch_of(client, watch.watch_id)).images_seen == 2 and w.new_images == 0,
-             "the watch to count both batches as taken")
+    wait_for(
+        lambda: any("more images arrived" in m for m in job_logs(client, queued.job_id)), "the queued job to be updated"
+    )
+    wait_for(
+        lambda: (w := watch_of(client, watch.watch_id)).images_seen == 2 and w.new_images == 0,
+        "the watch to count both batches as taken",
+    )
     assert [j.job_id for j in watch_jobs(client, folder)] == [queued.job_id]
 
     # Running: later batches wait as one follow-up, queued when the run ends.
     client.cancel_job(blocker.job_id)
     wait_job_state(client, queued.job_id, jobs_pb2.JOB_STATE_RUNNING)
     drop(stock, folder, 2)
-    wait_for(lambda: watch_of(client, watch.watch_id).new_images == 1 and
-             watch_of(client, watch.watch_id).pending_files == 0, "the second batch to settle")
+    wait_for(
+        lambda: (
+            watch_of(client, watch.watch_id).new_images == 1 and watch_of(client, watch.watch_id).pending_files == 0
+        ),
+        "the second batch to settle",
+    )
     drop(stock, folder, 3)
-    wait_for(lambda: watch_of(client, watch.watch_id).new_images == 2 and
-             watch_of(client, watch.watch_id).pending_files == 0, "the third batch to settle")
+    wait_for(
+        lambda: (
+            watch_of(client, watch.watch_id).new_images == 2 and watch_of(client, watch.watch_id).pending_files == 0
+        ),
+        "the third batch to settle",
+    )
     assert [j.job_id for j in watch_jobs(client, folder)] == [queued.job_id]
     client.cancel_job(queued.job_id)
     jobs = wait_for(lambda: len(jobs := watch_jobs(client, folder)) == 2 and jobs, "the follow-up job")
     follow_up = jobs[1]
-    wait_for(lambda: (w := watch_of(client, watch.watch_id)).last_job_id == follow_up.job_id and w.new_images == 0,
-             "the watch to take the follow-up")
+    wait_for(
+        lambda: (w := watch_of(client, watch.watch_id)).last_job_id == follow_up.job_id and w.new_images == 0,
+        "the watch to take the follow-up",
+    )
     client.cancel_job(follow_up.job_id)
     wait_for(lambda: client.get_job(follow_up.job_id).state == jobs_pb2.JOB_STATE_CANCELLED, "the cancel")
     assert len(watch_jobs(client, folder)) == 2
 
 
-def test_new_images_without_captions_are_captioned_before_the_job(client: LoradClient, stock: Path, tiny_sd: Path,
-                                                                  tmp_path: Path) -> None:
+def test_new_images_without_captions_are_captioned_before_the_job(
+    client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     from lorad.models.tiny_captioners import build_tiny_blip
 
     blip = build_tiny_blip(tmp_path / "blip")
@@ -387,8 +450,9 @@ def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_
     assert wait_for(lambda: (w := watch_of(client, watch.watch_id)).version == 1 and w, "v1").images_seen == 1
 
 
-def test_a_slow_captioning_pass_does_not_hold_up_other_watches(client: LoradClient, daemon: RunningDaemon,
-                                                               stock: Path, tiny_sd: Path, tmp_path: Path) -> None:
+def test_a_slow_captioning_pass_does_not_hold_up_other_watches(
+    client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
     """One folder's captioner is held mid-pass (a gate in front of the real one): meanwhile another
     watched folder settles and gets its job; released, the first folder's job follows."""
     from lorad.models.tiny_captioners import build_tiny_blip
@@ -406,9 +470,11 @@ def test_a_slow_captioning_pass_does_not_hold_up_other_watches(client: LoradClie
     slow, quick = tmp_path / "uncaptioned", tmp_path / "captioned"
     slow.mkdir()
     quick.mkdir()
-    slow_watch = client.add_watch(str(slow), str(template(tmp_path, tiny_sd, "slow", captioner="blip",
-                                                          captioner_model=str(blip), caption_max_length=6)),
-                                  quiet_seconds=QUIET)
+    slow_watch = client.add_watch(
+        str(slow),
+        str(template(tmp_path, tiny_sd, "slow", captioner="blip", captioner_model=str(blip), caption_max_length=6)),
+        quiet_seconds=QUIET,
+    )
     client.add_watch(str(quick), str(template(tmp_path, tiny_sd, "quick")), quiet_seconds=QUIET)
     for i in range(2):
         shutil.copyfile(stock / f"img_{i:02d}.png", slow / f"img_{i:02d}.png")  # no captions

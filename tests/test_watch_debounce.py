@@ -142,12 +142,24 @@ def test_negative_quiet_period_is_refused() -> None:
         Debouncer(-1)
 
 
-@pytest.mark.parametrize(("name", "counts"), [
-    ("a.png", True), ("sub/deeper/b.JPG", True), ("c.webp", True), ("d.jpeg", True),
-    (".hidden.png", False), (".cache/e.png", False), ("x.png.part", False), ("x.png.crdownload", False),
-    ("x.png.tmp", False), ("x.png~", False), ("notes.txt", False), ("metadata.csv", False),
-    ("animation.gif", False),
-])
+@pytest.mark.parametrize(
+    ("name", "counts"),
+    [
+        ("a.png", True),
+        ("sub/deeper/b.JPG", True),
+        ("c.webp", True),
+        ("d.jpeg", True),
+        (".hidden.png", False),
+        (".cache/e.png", False),
+        ("x.png.part", False),
+        ("x.png.crdownload", False),
+        ("x.png.tmp", False),
+        ("x.png~", False),
+        ("notes.txt", False),
+        ("metadata.csv", False),
+        ("animation.gif", False),
+    ],
+)
 def test_which_files_count_as_images(name: str, counts: bool) -> None:
     assert is_image_path(f"/w/{name}", "/w") is counts
 

@@ -16,13 +16,26 @@ from lorad.watching.records import RETRAIN, WatchPolicy, WatchRecord, watch_poli
 def record(tmp_path: Path, template: dict[str, object], **changes: object) -> WatchRecord:
     config = tmp_path / "template.yaml"
     config.write_text(yaml.safe_dump(template))
-    base = WatchRecord(watch_id="w1", folder=str(tmp_path / "pics"), config_path=str(config),
-                       base_dir=str(tmp_path / "cwd"), policy=WatchPolicy(), created_at=0.0, updated_at=0.0)
+    base = WatchRecord(
+        watch_id="w1",
+        folder=str(tmp_path / "pics"),
+        config_path=str(config),
+        base_dir=str(tmp_path / "cwd"),
+        policy=WatchPolicy(),
+        created_at=0.0,
+        updated_at=0.0,
+    )
     return replace(base, **changes)
 
 
-TEMPLATE = {"train_data_dir": "./elsewhere", "metadata_path": "./elsewhere/metadata.csv", "base_model": "m",
-            "output_dir": "./output/mystyle", "resume_from": "latest", "epochs": 5}
+TEMPLATE = {
+    "train_data_dir": "./elsewhere",
+    "metadata_path": "./elsewhere/metadata.csv",
+    "base_model": "m",
+    "output_dir": "./output/mystyle",
+    "resume_from": "latest",
+    "epochs": 5,
+}
 
 
 def test_the_first_job_trains_the_folder_into_its_own_version(tmp_path: Path) -> None:
@@ -48,8 +61,7 @@ def test_a_csv_template_reads_the_sidecars_of_a_folder_without_a_csv(tmp_path: P
 def test_continue_starts_from_the_newest_lora_with_its_own_steps(tmp_path: Path) -> None:
     latest = tmp_path / "mystyle_v2.safetensors"
     latest.write_bytes(b"lora")
-    watch = record(tmp_path, TEMPLATE, version=2, latest_output=str(latest),
-                   policy=watch_policy(continue_steps=40))
+    watch = record(tmp_path, TEMPLATE, version=2, latest_output=str(latest), policy=watch_policy(continue_steps=40))
     fields = job_fields(watch, version=3)
     assert fields["init_lora"] == str(latest) and fields["max_train_steps"] == 40
     assert fields["output_name"] == "mystyle_v3"

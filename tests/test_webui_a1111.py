@@ -15,7 +15,8 @@ FAKE_A1111 = {
     "modules/script_callbacks.py": (
         "ui_tabs_callbacks, ui_settings_callbacks = [], []\n"
         "def on_ui_tabs(callback): ui_tabs_callbacks.append(callback)\n"
-        "def on_ui_settings(callback): ui_settings_callbacks.append(callback)\n"),
+        "def on_ui_settings(callback): ui_settings_callbacks.append(callback)\n"
+    ),
     "modules/shared.py": (
         "import types\n"
         "class OptionInfo:\n"
@@ -28,18 +29,21 @@ FAKE_A1111 = {
         "        self.data_labels[key] = info\n"
         "        self.data.setdefault(key, info.default)\n"
         "opts = Options()\n"
-        "cmd_opts = types.SimpleNamespace(lora_dir=None)\n"),
+        "cmd_opts = types.SimpleNamespace(lora_dir=None)\n"
+    ),
     "modules/sd_models.py": (
         "class CheckpointInfo:\n"
         "    def __init__(self, filename): self.filename = filename\n"
         "checkpoints_list = {'v1-5-pruned.safetensors [6ce0161689]': CheckpointInfo('/sd/v1-5-pruned.safetensors'),\n"
         "                    'sub/anime.ckpt [aa11bb22cc]': CheckpointInfo('/sd/sub/anime.ckpt')}\n"
-        "def checkpoint_tiles(use_short=False): return list(checkpoints_list)\n"),
+        "def checkpoint_tiles(use_short=False): return list(checkpoints_list)\n"
+    ),
     "modules/paths_internal.py": "models_path = '/webui/models'\ndata_path = '/webui'\n",
     "launch.py": (
         "installed, pip_calls = {'protobuf'}, []\n"
         "def is_installed(package): return package in installed\n"
-        "def run_pip(command, desc=None, live=False): pip_calls.append(command)\n"),
+        "def run_pip(command, desc=None, live=False): pip_calls.append(command)\n"
+    ),
     # The built-in Lora extension's module, as A1111 leaves it in sys.modules.
     "networks.py": "refreshed = []\ndef list_available_networks(): refreshed.append(True)\n",
 }
@@ -93,12 +97,16 @@ def test_the_script_registers_the_tab_and_settings_in_a_stand_in_webui(tmp_path:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["gradio"] == "3.41.2" and report["protobuf"].startswith("3.20.")
     assert report["tabs"] == [["Blocks", "LoRA Training", "lorad_training"]]
-    assert report["settings"] == {"lorad_address": ["", ["lorad", "lorad (LoRA training)"]],
-                                  "lorad_snippet_weight": [0.8, ["lorad", "lorad (LoRA training)"]]}
+    assert report["settings"] == {
+        "lorad_address": ["", ["lorad", "lorad (LoRA training)"]],
+        "lorad_snippet_weight": [0.8, ["lorad", "lorad (LoRA training)"]],
+    }
     assert report["lora_dir"] == ["/webui/models/Lora", "/elsewhere/Lora"]
     assert report["work_dir"] == "/webui/outputs/lorad"
-    assert report["checkpoints"] == {"v1-5-pruned.safetensors [6ce0161689]": "/sd/v1-5-pruned.safetensors",
-                                     "sub/anime.ckpt [aa11bb22cc]": "/sd/sub/anime.ckpt"}
+    assert report["checkpoints"] == {
+        "v1-5-pruned.safetensors [6ce0161689]": "/sd/v1-5-pruned.safetensors",
+        "sub/anime.ckpt [aa11bb22cc]": "/sd/sub/anime.ckpt",
+    }
     assert report["address"] == "10.0.0.5:47860" and report["refreshed"] == 1
     assert report["pip"] == ["install grpcio"]  # protobuf is there: never touched
     assert report["heavy"] == []

@@ -41,9 +41,23 @@ def page_url(daemon: RunningDaemon, tmp_path: Path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "PYTHONPATH")}
     env["LORAD_HOME"] = str(daemon.settings.home)  # found like a WebUI on the same machine finds it
     process = subprocess.Popen(
-        [str(a1111_python()), "-m", "lorad_webui.standalone", "--port", str(port), "--lora-dir",
-         str(tmp_path / "Lora"), "--work-dir", str(tmp_path / "work")],
-        cwd=EXTENSION_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            str(a1111_python()),
+            "-m",
+            "lorad_webui.standalone",
+            "--port",
+            str(port),
+            "--lora-dir",
+            str(tmp_path / "Lora"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=EXTENSION_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         lines = []
@@ -73,8 +87,9 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
     picked = tmp_path / "picked"
     picked.mkdir()
     images = []
-    for i, (colour, shape) in enumerate((("red", "circle"), ("green", "square"), ("blue", "circle"),
-                                         ("yellow", "square"))):
+    for i, (colour, shape) in enumerate(
+        (("red", "circle"), ("green", "square"), ("blue", "circle"), ("yellow", "square"))
+    ):
         images.append(picked / f"{colour}_{shape}.png")
         draw_image(images[-1], colour, shape, seed=i)
 
@@ -89,7 +104,8 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
             # 1. Upload: the images land in a new folder, listed without captions.
             page.locator("#lorad-upload input[type=file]").set_input_files([str(p) for p in images])
             playwright_api.expect(_field(page, "lorad-caption-log")).to_have_value(
-                "4 images, 4 without a caption; captions in .txt files beside the images.")
+                "4 images, 4 without a caption; captions in .txt files beside the images."
+            )
             folder = Path(_field(page, "lorad-folder").input_value())
             assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in images)
 
@@ -97,8 +113,7 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
             _field(page, "lorad-captioner-model").fill(str(tagger))
             _field(page, "lorad-trigger").fill("ohwx")
             page.locator("#lorad-caption").click()
-            playwright_api.expect(_field(page, "lorad-caption-log")).to_have_value(
-                re.compile("done: 4 captioned"))
+            playwright_api.expect(_field(page, "lorad-caption-log")).to_have_value(re.compile("done: 4 captioned"))
             playwright_api.expect(page.locator("#lorad-captions")).to_contain_text("ohwx, tiny hero")
 
             # Edit one caption in the table and save it back into the folder's metadata.csv.
@@ -117,11 +132,13 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
             _field(page, "lorad-length").fill("2")
             page.get_by_text("More settings").click()
             _field(page, "lorad-resolution").fill("64")
-            _field(page, "lorad-extra").fill("min_bucket_reso: 64\nmax_bucket_reso: 128\nbucket_reso_steps: 16\n"
-                                             "batch_size: 2\ndevice: cpu")
+            _field(page, "lorad-extra").fill(
+                "min_bucket_reso: 64\nmax_bucket_reso: 128\nbucket_reso_steps: 16\nbatch_size: 2\ndevice: cpu"
+            )
             page.locator("#lorad-train").click()
-            playwright_api.expect(_field(page, "lorad-snippet")).to_have_value("<lora:browser_lora:0.8>",
-                                                                               timeout=TRAIN_TIMEOUT_MS)
+            playwright_api.expect(_field(page, "lorad-snippet")).to_have_value(
+                "<lora:browser_lora:0.8>", timeout=TRAIN_TIMEOUT_MS
+            )
             progress = _field(page, "lorad-progress").input_value()
             assert "succeeded" in progress.splitlines()[0] and "step 2/2 (100%)" in progress
         finally:

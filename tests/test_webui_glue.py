@@ -23,29 +23,59 @@ from tests.conftest import make_dataset
 
 
 def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_path: Path) -> None:
-    form = TrainForm(name="my_style", data_dir=str(dataset), base_model="/models/v1-5.safetensors",
-                     trigger_word=" ohwx ", rank=16, length_unit="steps", length=300,
-                     extra="lr_scheduler: cosine\nbatch_size: 2\n")
+    form = TrainForm(
+        name="my_style",
+        data_dir=str(dataset),
+        base_model="/models/v1-5.safetensors",
+        trigger_word=" ohwx ",
+        rank=16,
+        length_unit="steps",
+        length=300,
+        extra="lr_scheduler: cosine\nbatch_size: 2\n",
+    )
     fields = config_fields(form, tmp_path / "runs" / "my_style")
     assert fields == {
-        "train_data_dir": str(dataset), "metadata_path": str(dataset / "metadata.csv"),
-        "base_model": "/models/v1-5.safetensors", "lora_rank": 16, "resolution": 512, "learning_rate": 1e-4,
-        "output_dir": str(tmp_path / "runs" / "my_style"), "output_name": "my_style", "trigger_word": "ohwx",
-        "max_train_steps": 300, "lr_scheduler": "cosine", "batch_size": 2,
+        "train_data_dir": str(dataset),
+        "metadata_path": str(dataset / "metadata.csv"),
+        "base_model": "/models/v1-5.safetensors",
+        "lora_rank": 16,
+        "resolution": 512,
+        "learning_rate": 1e-4,
+        "output_dir": str(tmp_path / "runs" / "my_style"),
+        "output_name": "my_style",
+        "trigger_word": "ohwx",
+        "max_train_steps": 300,
+        "lr_scheduler": "cosine",
+        "batch_size": 2,
     }
-    by_epochs = config_fields(TrainForm(name="x", data_dir=str(dataset), base_model="m", length_unit="epochs",
-                                        length=10), tmp_path)
+    by_epochs = config_fields(
+        TrainForm(name="x", data_dir=str(dataset), base_model="m", length_unit="epochs", length=10), tmp_path
+    )
     assert by_epochs["epochs"] == 10 and "max_train_steps" not in by_epochs and "trigger_word" not in by_epochs
 
 
 def test_every_form_problem_is_reported_at_once(tmp_path: Path) -> None:
-    form = TrainForm(name="my lora:2", data_dir=str(tmp_path / "nowhere"), base_model=" ", rank=0, length=2.5,
-                     learning_rate=0, extra="- a list")
+    form = TrainForm(
+        name="my lora:2",
+        data_dir=str(tmp_path / "nowhere"),
+        base_model=" ",
+        rank=0,
+        length=2.5,
+        learning_rate=0,
+        extra="- a list",
+    )
     with pytest.raises(FormError) as err:
         config_fields(form, tmp_path)
     problems = err.value.problems
     assert [p.split(":")[0] for p in problems] == [
-        "`name`", "`images`", "`base model`", "`rank`", "`steps`", "`learning rate`", "`extra settings`"]
+        "`name`",
+        "`images`",
+        "`base model`",
+        "`rank`",
+        "`steps`",
+        "`learning rate`",
+        "`extra settings`",
+    ]
     assert "'my lora:2'" in problems[0] and "nowhere" in problems[1] and "got 0" in problems[3]
 
 
@@ -72,8 +102,13 @@ def test_watch_messages_become_progress_text() -> None:
     assert any("10 steps" in line for line in lines[2:]), lines
     assert not tracker.done
 
-    tracker.apply(_event_message(finished=jobs_pb2.JobFinished(outputs={"kohya": "/out/my_style.safetensors"},
-                                                               steps=10, final_loss=0.25, seconds=5)))
+    tracker.apply(
+        _event_message(
+            finished=jobs_pb2.JobFinished(
+                outputs={"kohya": "/out/my_style.safetensors"}, steps=10, final_loss=0.25, seconds=5
+            )
+        )
+    )
     assert tracker.done and tracker.outputs == {"kohya": "/out/my_style.safetensors"}
     assert tracker.text().startswith("job 01234567 (my_style): succeeded")
 
@@ -85,8 +120,9 @@ def test_a_failed_job_shows_its_error_and_hint() -> None:
     assert "error: out of memory\nhint: lower batch_size" in tracker.text()
 
 
-def test_the_lora_is_placed_atomically_and_replaces_an_older_one(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_lora_is_placed_atomically_and_replaces_an_older_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "run" / "my_style.safetensors"
     source.parent.mkdir()
     source.write_bytes(b"new weights")
@@ -118,15 +154,26 @@ def test_caption_edits_go_back_into_metadata_csv_keeping_other_columns(tmp_path:
     folder = make_dataset(tmp_path / "data", count=3)
     (folder / "metadata.csv").write_text("file,caption,source\nimg_00.png,a red circle,web\nimg_01.png,old,cam\n")
     assert captions.read_captions(folder) == {"img_00.png": "a red circle", "img_01.png": "old", "img_02.png": ""}
-    changed = captions.write_captions(folder, {"img_00.png": "a red circle", "img_01.png": "a green, square",
-                                               "img_02.png": "a blue circle", "missing.png": "ignored"})
+    changed = captions.write_captions(
+        folder,
+        {
+            "img_00.png": "a red circle",
+            "img_01.png": "a green, square",
+            "img_02.png": "a blue circle",
+            "missing.png": "ignored",
+        },
+    )
     assert changed == 2
     assert (folder / "metadata.csv").read_text() == (
         'file,caption,source\nimg_00.png,a red circle,web\nimg_01.png,"a green, square",cam\n'
-        "img_02.png,a blue circle,\n")
+        "img_02.png,a blue circle,\n"
+    )
     # What training reads is what the editor wrote.
     assert dict(read_metadata_csv(folder / "metadata.csv").captions) == {
-        "img_00.png": "a red circle", "img_01.png": "a green, square", "img_02.png": "a blue circle"}
+        "img_00.png": "a red circle",
+        "img_01.png": "a green, square",
+        "img_02.png": "a blue circle",
+    }
 
 
 def test_caption_edits_go_into_sidecar_files_without_metadata_csv(tmp_path: Path) -> None:
@@ -142,8 +189,9 @@ def test_caption_edits_go_into_sidecar_files_without_metadata_csv(tmp_path: Path
 
 def test_uploads_are_copied_into_a_new_folder(tmp_path: Path) -> None:
     source = make_dataset(tmp_path / "picked", count=2, csv=False)
-    folder = actions.save_uploads([source / "img_00.png", str(source / "img_01.png"), source / "img_00.txt"],
-                                  tmp_path / "work")
+    folder = actions.save_uploads(
+        [source / "img_00.png", str(source / "img_01.png"), source / "img_00.txt"], tmp_path / "work"
+    )
     assert folder.parent == tmp_path / "work" / "uploads"
     assert sorted(p.name for p in folder.iterdir()) == ["img_00.png", "img_01.png"]
 
@@ -156,8 +204,10 @@ def test_the_standalone_page_lists_checkpoints_and_diffusers_folders(tmp_path: P
     (models / "notes.txt").write_text("not a model")
     (models / "empty-folder").mkdir()
     host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", models_dir=models)
-    assert host.checkpoints() == {"tiny-sd1": str(models / "tiny-sd1"),
-                                  "v1-5.safetensors": str(models / "v1-5.safetensors")}
+    assert host.checkpoints() == {
+        "tiny-sd1": str(models / "tiny-sd1"),
+        "v1-5.safetensors": str(models / "v1-5.safetensors"),
+    }
     assert actions.base_model_path(host, "tiny-sd1", "") == str(models / "tiny-sd1")
     assert actions.base_model_path(host, "tiny-sd1", " /typed/model.ckpt ") == "/typed/model.ckpt"
 
@@ -209,14 +259,19 @@ def test_train_places_the_lora_and_gives_the_snippet(daemon: RunningDaemon, tiny
 
 
 def _tiny_form(data: Path, tiny_sd: Path, name: str, steps: int) -> TrainForm:
-    return TrainForm(name=name, data_dir=str(data), base_model=str(tiny_sd), rank=4, length=steps, resolution=64,
-                     extra="min_bucket_reso: 64\nmax_bucket_reso: 128\nbucket_reso_steps: 16\nbatch_size: 2\n"
-                           "device: cpu\n")
+    return TrainForm(
+        name=name,
+        data_dir=str(data),
+        base_model=str(tiny_sd),
+        rank=4,
+        length=steps,
+        resolution=64,
+        extra="min_bucket_reso: 64\nmax_bucket_reso: 128\nbucket_reso_steps: 16\nbatch_size: 2\ndevice: cpu\n",
+    )
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_running_job_and_places_nothing(daemon: RunningDaemon, tiny_sd: Path,
-                                                         tmp_path: Path) -> None:
+def test_cancel_stops_the_running_job_and_places_nothing(daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", count=4)
     host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", address=daemon.addresses[0])
     updates = actions.train(host, _tiny_form(data, tiny_sd, "cancelled_lora", 10_000))

@@ -22,7 +22,8 @@ def test_the_extension_stubs_and_vendored_modules_are_not_stale() -> None:
     expected = gen.render_files()
     assert gen.find_stale(expected) == [], "stale WebUI stubs: run `just proto`"
     assert {p.name for p in (EXTENSION_DIR / "lorad_webui" / "api" / "v1").glob("*_pb2.py")} == {
-        f"{p.stem}_pb2.py" for p in (gen.PROTO_ROOT / "lorad" / "v1").glob("*.proto")}
+        f"{p.stem}_pb2.py" for p in (gen.PROTO_ROOT / "lorad" / "v1").glob("*.proto")
+    }
 
 
 def test_the_check_names_edited_and_extra_files(tmp_path: Path) -> None:
@@ -73,14 +74,17 @@ def tagger(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("venv", ["a1111 (protobuf 3.20)", "current protobuf"])
-def test_a_round_trip_with_the_daemon(venv: str, daemon: RunningDaemon, tiny_sd: Path, tagger: Path,
-                                      tmp_path: Path) -> None:
+def test_a_round_trip_with_the_daemon(
+    venv: str, daemon: RunningDaemon, tiny_sd: Path, tagger: Path, tmp_path: Path
+) -> None:
     python = a1111_python() if venv.startswith("a1111") else current_python()
     images = make_dataset(tmp_path / "images", count=4, csv=False)
     for caption in images.glob("*.txt"):
         caption.unlink()
-    fields = {key: str(value) if isinstance(value, Path) else value
-              for key, value in tiny_train_values(tiny_sd, images, tmp_path / "out", max_train_steps=1).items()}
+    fields = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in tiny_train_values(tiny_sd, images, tmp_path / "out", max_train_steps=1).items()
+    }
     env = {k: v for k, v in os.environ.items() if k not in ("LORAD_ADDRESS", "PYTHONPATH")}
     env["LORAD_HOME"] = str(daemon.settings.home)
     result = run_python(python, ROUND_TRIP, str(images), str(tagger), json.dumps(fields), env=env)

@@ -48,8 +48,17 @@ def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseEx
     worker = Worker(store, hub, train=scripted_train(outcomes), models=no_models, device_name="cpu")
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", **overrides)
     text = yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
-    jobs = [store.create_job(name="out", config_yaml=text, base_dir=str(tmp_path), source_name="t.yaml",
-                             base_model=str(tiny_sd), output_dir=str(tmp_path / "out")) for _ in outcomes]
+    jobs = [
+        store.create_job(
+            name="out",
+            config_yaml=text,
+            base_dir=str(tmp_path),
+            source_name="t.yaml",
+            base_model=str(tiny_sd),
+            output_dir=str(tmp_path / "out"),
+        )
+        for _ in outcomes
+    ]
     done = threading.Event()
     last = jobs[-1].job_id
 
@@ -98,8 +107,14 @@ def test_restart_requeues_or_fails_interrupted_jobs(tmp_path: Path, resume: bool
 
     home = tmp_path / "home"
     store = JobStore(home / "jobs.sqlite3")
-    job = store.create_job(name="n", config_yaml="{}", base_dir=str(tmp_path), source_name="", base_model="m",
-                           output_dir=str(tmp_path / "o"))
+    job = store.create_job(
+        name="n",
+        config_yaml="{}",
+        base_dir=str(tmp_path),
+        source_name="",
+        base_model="m",
+        output_dir=str(tmp_path / "o"),
+    )
     store.transition(job.job_id, expect={JobState.QUEUED}, to=JobState.RUNNING, attempt=1)
     store.update(job.job_id, checkpoint=str(tmp_path / "o" / "checkpoints" / "step-000010"))
     store.close()

@@ -26,12 +26,20 @@ def a1111_python() -> Path:
     return load_script("webui_test_envs").ensure_a1111_venv_locked()
 
 
-def run_python(python: Path, code: str, *args: str, env: dict[str, str] | None = None,
-               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_python(
+    python: Path, code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` (``sys.argv[1:]`` = ``args``) with ``python``, in the extension's folder (so it is on
     the path) and nothing of lorad's."""
-    return subprocess.run([str(python), "-c", code, *args], cwd=EXTENSION_DIR, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [str(python), "-c", code, *args],
+        cwd=EXTENSION_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def current_python() -> Path:

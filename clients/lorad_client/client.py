@@ -318,34 +318,60 @@ class LoradClient:
         CaptionFormat values. Returns a ``CaptionStream``; iterate it, or ``.cancel()`` it. No deadline.
         """
         request = caption_pb2.CaptionImagesRequest(
-            folder=str(folder), base_dir=_abs_dir(base_dir), captioner=captioner, model=model,
-            trigger_word=trigger_word, format=format, overwrite=overwrite, regenerate=regenerate,
-            caption_extension=caption_extension, device=device, batch_size=batch_size, options=options,
-            keep_alive_seconds=keep_alive_seconds)
+            folder=str(folder),
+            base_dir=_abs_dir(base_dir),
+            captioner=captioner,
+            model=model,
+            trigger_word=trigger_word,
+            format=format,
+            overwrite=overwrite,
+            regenerate=regenerate,
+            caption_extension=caption_extension,
+            device=device,
+            batch_size=batch_size,
+            options=options,
+            keep_alive_seconds=keep_alive_seconds,
+        )
         try:
             call = self._caption.CaptionImages(request, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._translate(err) from err
         return CaptionStream(call, self._translate)
 
-    def list_captions(self, folder: str | Path, *, base_dir: str | Path, caption_extension: str = "",
-                      timeout: float | None = CAPTIONS_TIMEOUT) -> caption_pb2.ListCaptionsResponse:
+    def list_captions(
+        self,
+        folder: str | Path,
+        *,
+        base_dir: str | Path,
+        caption_extension: str = "",
+        timeout: float | None = CAPTIONS_TIMEOUT,
+    ) -> caption_pb2.ListCaptionsResponse:
         """Every image of ``folder`` (relative: to ``base_dir``) with its caption, where it comes from and
         whether lorad generated it. LoradRpcError(INVALID_ARGUMENT) names a missing folder."""
-        request = caption_pb2.ListCaptionsRequest(folder=str(folder), base_dir=_abs_dir(base_dir),
-                                                  caption_extension=caption_extension)
+        request = caption_pb2.ListCaptionsRequest(
+            folder=str(folder), base_dir=_abs_dir(base_dir), caption_extension=caption_extension
+        )
         return self._unary(self._caption.ListCaptions, request, timeout)
 
-    def set_captions(self, folder: str | Path, edits: Mapping[str, str] | Sequence[tuple[str, str]], *,
-                     base_dir: str | Path, caption_extension: str = "",
-                     timeout: float | None = CAPTIONS_TIMEOUT) -> caption_pb2.SetCaptionsResponse:
+    def set_captions(
+        self,
+        folder: str | Path,
+        edits: Mapping[str, str] | Sequence[tuple[str, str]],
+        *,
+        base_dir: str | Path,
+        caption_extension: str = "",
+        timeout: float | None = CAPTIONS_TIMEOUT,
+    ) -> caption_pb2.SetCaptionsResponse:
         """Write caption ``edits`` (image path relative to the folder → caption) where the folder keeps
         its captions; they count as the user's from then on. Nothing is written when any edit is bad:
         LoradRpcError(INVALID_ARGUMENT) names each path outside the folder or not one of its images."""
         pairs = edits.items() if isinstance(edits, Mapping) else edits
         request = caption_pb2.SetCaptionsRequest(
-            folder=str(folder), base_dir=_abs_dir(base_dir), caption_extension=caption_extension,
-            edits=[caption_pb2.CaptionEdit(path=path, caption=caption) for path, caption in pairs])
+            folder=str(folder),
+            base_dir=_abs_dir(base_dir),
+            caption_extension=caption_extension,
+            edits=[caption_pb2.CaptionEdit(path=path, caption=caption) for path, caption in pairs],
+        )
         return self._unary(self._caption.SetCaptions, request, timeout)
 
     # -- SystemService and health ---------------------------------------------------------------
@@ -383,15 +409,22 @@ class LoradClient:
         when the folder is watched already.
         """
         modes = {"continue": watch_pb2.WATCH_MODE_CONTINUE, "retrain": watch_pb2.WATCH_MODE_RETRAIN, "": 0}
-        policy = watch_pb2.WatchPolicy(quiet_seconds=quiet_seconds, min_new_images=min_new_images,
-                                       mode=modes.get(mode.strip().lower(), -1), continue_steps=continue_steps,
-                                       publish_dir=str(publish_dir), polling=polling)
-        request = watch_pb2.AddWatchRequest(folder=str(folder), config_path=str(config_path),
-                                            base_dir=_abs_dir(base_dir or Path.cwd()), policy=policy)
+        policy = watch_pb2.WatchPolicy(
+            quiet_seconds=quiet_seconds,
+            min_new_images=min_new_images,
+            mode=modes.get(mode.strip().lower(), -1),
+            continue_steps=continue_steps,
+            publish_dir=str(publish_dir),
+            polling=polling,
+        )
+        request = watch_pb2.AddWatchRequest(
+            folder=str(folder), config_path=str(config_path), base_dir=_abs_dir(base_dir or Path.cwd()), policy=policy
+        )
         return self._unary(self._watch.AddWatch, request, timeout).watch
 
-    def remove_watch(self, watch: str, *, base_dir: str | None = None,
-                     timeout: float | None = DEFAULT_TIMEOUT) -> watch_pb2.Watch:
+    def remove_watch(
+        self, watch: str, *, base_dir: str | None = None, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> watch_pb2.Watch:
         """Stop watching a folder, named by watch id or folder (relative to ``base_dir``, default the
         working directory); returns its last state. LoradRpcError NOT_FOUND when it is not watched."""
         request = watch_pb2.RemoveWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))

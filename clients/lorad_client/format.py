@@ -203,8 +203,10 @@ def describe_caption(message: caption_pb2.CaptionImagesResponse) -> str | None:
     item = message.WhichOneof("item")
     if item == "planned":
         p = message.planned
-        text = (f"{p.folder}: {p.images_found} image{_s(p.images_found)}, {p.to_caption} to caption, "
-                f"{p.to_keep} keep{'s' if p.to_keep == 1 else ''} {'its' if p.to_keep == 1 else 'their'} caption")
+        text = (
+            f"{p.folder}: {p.images_found} image{_s(p.images_found)}, {p.to_caption} to caption, "
+            f"{p.to_keep} keep{'s' if p.to_keep == 1 else ''} {'its' if p.to_keep == 1 else 'their'} caption"
+        )
         if p.unusable:
             text += f", {p.unusable} cannot be captioned"
         return text + (f"; captions go to {p.written_to}" if p.to_caption else "")
@@ -218,8 +220,10 @@ def describe_caption(message: caption_pb2.CaptionImagesResponse) -> str | None:
     if item == "finished":
         f = message.finished
         speed = f" ({f.images_per_second:.2f} images/s)" if f.captioned else ""
-        lines = [f"{'stopped' if f.stopped else 'done'}: {f.captioned} captioned, {f.kept} kept, {f.failed} failed "
-                 f"in {format_duration(f.seconds)}{speed}"]
+        lines = [
+            f"{'stopped' if f.stopped else 'done'}: {f.captioned} captioned, {f.kept} kept, {f.failed} failed "
+            f"in {format_duration(f.seconds)}{speed}"
+        ]
         if f.captioned:
             lines.append(f"  captions written to {f.written_to}; generated ones are listed in {f.record_path}")
         return "\n".join(lines)

@@ -42,8 +42,7 @@ def run_training(config_path: Path, base_dir: Path) -> int:
         if stop.is_set():  # second Ctrl-C: the user really wants out now
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)...",
-              file=sys.stderr)
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)...", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     progress = TerminalProgress()
@@ -61,11 +60,9 @@ def run_training(config_path: Path, base_dir: Path) -> int:
             result = train_sd_lora(config, on_event=progress, stop=stop, caption_missing=captions)
     except TrainingInterrupted as err:
         progress.close()
-        print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}",
-              file=sys.stderr)
+        print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}", file=sys.stderr)
         if err.checkpoint:
-            print(f"to continue, add `resume_from: latest` to {config_path} and run the same command",
-                  file=sys.stderr)
+            print(f"to continue, add `resume_from: latest` to {config_path} and run the same command", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         progress.close()
@@ -93,8 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.detach:
                 print("error: --detach needs a running daemon; start one with `lorad serve`", file=sys.stderr)
                 return EXIT_USAGE
-            print("no lorad daemon running: training in this process (start one with `lorad serve` to "
-                  "keep models loaded and queue jobs)", file=sys.stderr)
+            print(
+                "no lorad daemon running: training in this process (start one with `lorad serve` to "
+                "keep models loaded and queue jobs)",
+                file=sys.stderr,
+            )
         else:
             from lorad.client_commands import submit_and_follow
 
@@ -105,10 +105,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # Option names of `lorad caption`, for messages about them.
 CAPTION_OPTION_NAMES = {
-    "folder": "DIR", "captioner": "--captioner", "model": "--model", "format": "--format", "device": "--device",
-    "batch_size": "--batch-size", "max_length": "--max-length", "num_beams": "--beams", "prompt": "--prompt",
-    "general_threshold": "--general-threshold", "character_threshold": "--character-threshold",
-    "vocabulary": "--vocabulary", "top_k": "--top-k", "caption_extension": "--caption-extension",
+    "folder": "DIR",
+    "captioner": "--captioner",
+    "model": "--model",
+    "format": "--format",
+    "device": "--device",
+    "batch_size": "--batch-size",
+    "max_length": "--max-length",
+    "num_beams": "--beams",
+    "prompt": "--prompt",
+    "general_threshold": "--general-threshold",
+    "character_threshold": "--character-threshold",
+    "vocabulary": "--vocabulary",
+    "top_k": "--top-k",
+    "caption_extension": "--caption-extension",
     "regenerate": "--regenerate",
 }
 
@@ -117,10 +127,16 @@ def _caption_options(args: argparse.Namespace):
     from lorad.captioning.options import CaptionOptions
 
     exclude = tuple(t.strip() for value in args.exclude or () for t in value.split(",") if t.strip())
-    return CaptionOptions(max_length=args.max_length, num_beams=args.beams, prompt=args.prompt or "",
-                          general_threshold=args.general_threshold, character_threshold=args.character_threshold,
-                          exclude_tags=exclude, vocabulary=Path(args.vocabulary) if args.vocabulary else None,
-                          top_k=args.top_k)
+    return CaptionOptions(
+        max_length=args.max_length,
+        num_beams=args.beams,
+        prompt=args.prompt or "",
+        general_threshold=args.general_threshold,
+        character_threshold=args.character_threshold,
+        exclude_tags=exclude,
+        vocabulary=Path(args.vocabulary) if args.vocabulary else None,
+        top_k=args.top_k,
+    )
 
 
 def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
@@ -130,12 +146,22 @@ def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
     from lorad.client_commands import show_captions
     from lorad.convert import caption_update_to_proto
 
-    request = caption_request(args.dir, base_dir=base_dir, captioner=args.captioner, model=args.model or "",
-                              options=_caption_options(args), batch_size=args.batch_size,
-                              trigger_word=args.trigger or "", format=args.format,
-                              caption_extension=args.caption_extension, overwrite=args.overwrite,
-                              regenerate=args.regenerate, device=args.device, names=CAPTION_OPTION_NAMES,
-                              source="lorad caption")
+    request = caption_request(
+        args.dir,
+        base_dir=base_dir,
+        captioner=args.captioner,
+        model=args.model or "",
+        options=_caption_options(args),
+        batch_size=args.batch_size,
+        trigger_word=args.trigger or "",
+        format=args.format,
+        caption_extension=args.caption_extension,
+        overwrite=args.overwrite,
+        regenerate=args.regenerate,
+        device=args.device,
+        names=CAPTION_OPTION_NAMES,
+        source="lorad caption",
+    )
     if request.captioner != "wd14":  # the tagger runs on onnxruntime: no transformers to quiet (or import)
         from transformers.utils import logging as transformers_logging
 
@@ -147,8 +173,9 @@ def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after this batch; the captions written so far are kept (Ctrl-C again to abort)",
-              file=sys.stderr)
+        print(
+            "\nstopping after this batch; the captions written so far are kept (Ctrl-C again to abort)", file=sys.stderr
+        )
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -173,11 +200,20 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
             with client:
                 return caption_with_daemon(
-                    client, args.dir, verbose=args.verbose, captioner=CAPTIONER_TO_PROTO.get(args.captioner, 0),
-                    model=args.model or "", trigger_word=args.trigger or "", format=FORMAT_TO_PROTO[args.format],
-                    overwrite=args.overwrite, regenerate=args.regenerate, caption_extension=args.caption_extension,
-                    device=args.device, batch_size=args.batch_size, options=caption_options_to_proto(
-                        _caption_options(args)))
+                    client,
+                    args.dir,
+                    verbose=args.verbose,
+                    captioner=CAPTIONER_TO_PROTO.get(args.captioner, 0),
+                    model=args.model or "",
+                    trigger_word=args.trigger or "",
+                    format=FORMAT_TO_PROTO[args.format],
+                    overwrite=args.overwrite,
+                    regenerate=args.regenerate,
+                    caption_extension=args.caption_extension,
+                    device=args.device,
+                    batch_size=args.batch_size,
+                    options=caption_options_to_proto(_caption_options(args)),
+                )
     return run_captioning(args, Path.cwd())
 
 
@@ -188,18 +224,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lorad.server import serve_forever
     from lorad.settings import daemon_settings
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     quiet_libraries()
-    settings = daemon_settings(args.listen or (), require_token=args.require_token,
-                               default_keep_alive=args.keep_alive, memory_budget_gb=args.memory_budget,
-                               resume_interrupted=not args.no_resume)
+    settings = daemon_settings(
+        args.listen or (),
+        require_token=args.require_token,
+        default_keep_alive=args.keep_alive,
+        memory_budget_gb=args.memory_budget,
+        resume_interrupted=not args.no_resume,
+    )
 
     def ready(daemon) -> None:
-        token = " (token required: clients on this machine read it from the state directory)" \
-            if settings.require_token else ""
-        print(f"lorad daemon ready on {', '.join(daemon.addresses)}{token}; state in {settings.home}",
-              file=sys.stderr, flush=True)
+        token = (
+            " (token required: clients on this machine read it from the state directory)"
+            if settings.require_token
+            else ""
+        )
+        print(
+            f"lorad daemon ready on {', '.join(daemon.addresses)}{token}; state in {settings.home}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return serve_forever(settings, ready=ready)
 
@@ -248,9 +295,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     with _connect() as client:
         if args.action == "add":
-            return add_watch(client, args.dir, args.config, quiet_seconds=args.quiet_seconds,
-                             min_new_images=args.min_new_images, mode=args.mode, continue_steps=args.continue_steps,
-                             publish_dir=args.publish_dir or "", polling=args.polling)
+            return add_watch(
+                client,
+                args.dir,
+                args.config,
+                quiet_seconds=args.quiet_seconds,
+                min_new_images=args.min_new_images,
+                mode=args.mode,
+                continue_steps=args.continue_steps,
+                publish_dir=args.publish_dir or "",
+                polling=args.polling,
+            )
         if args.action == "rm":
             return remove_watch(client, args.watch)
         return print_watches(client)
@@ -292,78 +347,120 @@ def cmd_webui_install(args: argparse.Namespace) -> int:
     except WebuiInstallError as err:
         _print_error(err)
         return EXIT_USAGE
-    print(f"lorad WebUI extension {done}: {target}\n"
-          "Restart the WebUI (its install step adds grpcio); the tab is \"LoRA Training\". "
-          "Training needs the daemon running on this machine: `lorad serve`.")
+    print(
+        f"lorad WebUI extension {done}: {target}\n"
+        'Restart the WebUI (its install step adds grpcio); the tab is "LoRA Training". '
+        "Training needs the daemon running on this machine: `lorad serve`."
+    )
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lorad", description="Train LoRAs locally: one YAML config, one command.")
+    parser = argparse.ArgumentParser(prog="lorad", description="Train LoRAs locally: one YAML config, one command.")
     parser.add_argument("--version", action="version", version=f"lorad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a LoRA from a YAML config",
-                           description="Train a LoRA from a YAML config, in this process. Relative "
-                           "paths in the config resolve against the current directory.")
+    train = sub.add_parser(
+        "train",
+        help="train a LoRA from a YAML config",
+        description="Train a LoRA from a YAML config, in this process. Relative "
+        "paths in the config resolve against the current directory.",
+    )
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
-    train.add_argument("--detach", "-d", action="store_true",
-                       help="submit to the daemon and print the job id instead of following it")
+    train.add_argument(
+        "--detach", "-d", action="store_true", help="submit to the daemon and print the job id instead of following it"
+    )
     train.add_argument("--embedded", action="store_true", help="train in this process even if a daemon runs")
     train.set_defaults(func=cmd_train)
 
     caption = sub.add_parser(
-        "caption", help="caption the images of a folder that have no caption",
+        "caption",
+        help="caption the images of a folder that have no caption",
         description="Write captions for the images in DIR (and its subfolders) that have none: into "
         "metadata.csv or <image>.txt files, whichever the folder already uses. Captions a person wrote are "
         "kept unless --overwrite; generated ones are listed in DIR/.lorad_captions.json. Runs in the daemon "
         "when one is running (the captioner stays loaded), else in this process. Exit 0 when every image "
-        "has a caption afterwards, 1 when some could not be captioned.")
+        "has a caption afterwards, 1 when some could not be captioned.",
+    )
     caption.add_argument("dir", help="the image folder")
-    caption.add_argument("--captioner", default="blip", choices=["blip", "wd14", "clip"],
-                         help="blip: sentences (BLIP, BLIP-2, GIT, Florence-2); wd14: booru tags (WD14 ONNX "
-                         "tagger); clip: phrases of a vocabulary ranked by CLIP (default blip)")
-    caption.add_argument("--model", help="model folder, or a Hugging Face id already in the local cache (default: "
-                         "the captioner's usual model from the cache)")
+    caption.add_argument(
+        "--captioner",
+        default="blip",
+        choices=["blip", "wd14", "clip"],
+        help="blip: sentences (BLIP, BLIP-2, GIT, Florence-2); wd14: booru tags (WD14 ONNX "
+        "tagger); clip: phrases of a vocabulary ranked by CLIP (default blip)",
+    )
+    caption.add_argument(
+        "--model",
+        help="model folder, or a Hugging Face id already in the local cache (default: "
+        "the captioner's usual model from the cache)",
+    )
     caption.add_argument("--trigger", metavar="WORD", help="put WORD first in every new caption")
-    caption.add_argument("--format", default="auto", choices=["auto", "csv", "txt"],
-                         help="where captions go: metadata.csv or .txt files (default: what the folder uses)")
+    caption.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "csv", "txt"],
+        help="where captions go: metadata.csv or .txt files (default: what the folder uses)",
+    )
     caption.add_argument("--overwrite", action="store_true", help="replace every existing caption, people's too")
-    caption.add_argument("--regenerate", action="store_true",
-                         help="replace captions lorad generated before that nobody edited (people's are kept)")
+    caption.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="replace captions lorad generated before that nobody edited (people's are kept)",
+    )
     caption.add_argument("--caption-extension", default=".txt", help="sidecar extension (default .txt)")
     caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     caption.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     caption.add_argument("--max-length", type=int, default=75, help="blip: most tokens per caption (default 75)")
     caption.add_argument("--beams", type=int, default=1, help="blip: beam search width (default 1, greedy)")
     caption.add_argument("--prompt", help='blip: text each caption continues, e.g. "a photo of"')
-    caption.add_argument("--general-threshold", type=float, default=0.35,
-                         help="wd14: lowest score of a general tag (default 0.35)")
-    caption.add_argument("--character-threshold", type=float, default=0.85,
-                         help="wd14: lowest score of a character tag (default 0.85)")
-    caption.add_argument("--exclude", action="append", metavar="TAGS",
-                         help="wd14: comma-separated tags never written (repeatable)")
+    caption.add_argument(
+        "--general-threshold", type=float, default=0.35, help="wd14: lowest score of a general tag (default 0.35)"
+    )
+    caption.add_argument(
+        "--character-threshold", type=float, default=0.85, help="wd14: lowest score of a character tag (default 0.85)"
+    )
+    caption.add_argument(
+        "--exclude", action="append", metavar="TAGS", help="wd14: comma-separated tags never written (repeatable)"
+    )
     caption.add_argument("--vocabulary", metavar="FILE", help="clip: your own phrase file (default: built-in)")
     caption.add_argument("--top-k", type=int, default=3, help="clip: phrases per vocabulary section (default 3)")
     caption.add_argument("--verbose", "-v", action="store_true", help="print every new caption")
     caption.add_argument("--embedded", action="store_true", help="caption in this process even if a daemon runs")
     caption.set_defaults(func=cmd_caption)
 
-    serve = sub.add_parser("serve", help="run the daemon: resident models, a job queue, gRPC API",
-                           description="Run the lorad daemon. Default: 127.0.0.1:47860 and a Unix socket in "
-                           "the state directory ($LORAD_HOME). Ctrl-C/SIGTERM checkpoints the running job, "
-                           "which resumes on the next start.")
-    serve.add_argument("--listen", action="append", metavar="ADDR",
-                       help="HOST:PORT or unix:/path (repeatable; replaces the defaults; env LORAD_ADDRESS). "
-                       "A non-loopback address requires the token.")
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon: resident models, a job queue, gRPC API",
+        description="Run the lorad daemon. Default: 127.0.0.1:47860 and a Unix socket in "
+        "the state directory ($LORAD_HOME). Ctrl-C/SIGTERM checkpoints the running job, "
+        "which resumes on the next start.",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="HOST:PORT or unix:/path (repeatable; replaces the defaults; env LORAD_ADDRESS). "
+        "A non-loopback address requires the token.",
+    )
     serve.add_argument("--require-token", action="store_true", help="require the token on loopback too")
-    serve.add_argument("--keep-alive", type=float, default=1800.0, metavar="SECONDS",
-                       help="keep a base model loaded this long after its last job (default 1800)")
-    serve.add_argument("--memory-budget", type=float, default=None, metavar="GB",
-                       help="unload least-recently-used idle models beyond this much memory")
-    serve.add_argument("--no-resume", action="store_true",
-                       help="do not resume jobs that were running when the daemon last stopped")
+    serve.add_argument(
+        "--keep-alive",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="keep a base model loaded this long after its last job (default 1800)",
+    )
+    serve.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="unload least-recently-used idle models beyond this much memory",
+    )
+    serve.add_argument(
+        "--no-resume", action="store_true", help="do not resume jobs that were running when the daemon last stopped"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
@@ -387,27 +484,55 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="resident models; `load PATH` / `unload ID|PATH`")
     models.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list")
     models.add_argument("model", nargs="?", help="base model path / hub id (load) or model id / path (unload)")
-    models.add_argument("--keep-alive", type=float, default=0.0, metavar="SECONDS",
-                        help="with load: keep-alive after last use (default: the daemon's)")
+    models.add_argument(
+        "--keep-alive",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with load: keep-alive after last use (default: the daemon's)",
+    )
     models.set_defaults(func=cmd_models)
 
-    watch = sub.add_parser("watch", help="watched folders: new images are captioned and trained by the daemon",
-                           description="Drop images into a watched folder and the daemon captions them and "
-                           "trains a new version of the LoRA once the folder is quiet.")
+    watch = sub.add_parser(
+        "watch",
+        help="watched folders: new images are captioned and trained by the daemon",
+        description="Drop images into a watched folder and the daemon captions them and "
+        "trains a new version of the LoRA once the folder is quiet.",
+    )
     watch_sub = watch.add_subparsers(dest="action", required=True, metavar="ACTION")
     watch_add = watch_sub.add_parser("add", help="watch a folder")
     watch_add.add_argument("dir", help="the folder of images")
     watch_add.add_argument("--config", required=True, metavar="FILE", help="training config used as the template")
-    watch_add.add_argument("--quiet-seconds", type=float, default=0.0, metavar="S",
-                           help="seconds without file changes before training (default 10)")
-    watch_add.add_argument("--min-new-images", type=int, default=0, metavar="N",
-                           help="new images needed before a job is queued (default 1)")
-    watch_add.add_argument("--mode", choices=["continue", "retrain"], default="continue",
-                           help="continue from the newest LoRA (default), or retrain from scratch")
-    watch_add.add_argument("--continue-steps", type=int, default=0, metavar="N",
-                           help="steps of a continue job (default: the config's own budget)")
-    watch_add.add_argument("--publish-dir", metavar="DIR",
-                           help="also copy the newest LoRA here, atomically (e.g. A1111's models/Lora)")
+    watch_add.add_argument(
+        "--quiet-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds without file changes before training (default 10)",
+    )
+    watch_add.add_argument(
+        "--min-new-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="new images needed before a job is queued (default 1)",
+    )
+    watch_add.add_argument(
+        "--mode",
+        choices=["continue", "retrain"],
+        default="continue",
+        help="continue from the newest LoRA (default), or retrain from scratch",
+    )
+    watch_add.add_argument(
+        "--continue-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="steps of a continue job (default: the config's own budget)",
+    )
+    watch_add.add_argument(
+        "--publish-dir", metavar="DIR", help="also copy the newest LoRA here, atomically (e.g. A1111's models/Lora)"
+    )
     watch_add.add_argument("--polling", action="store_true", help="poll the folder (network drives)")
     watch_sub.add_parser("ls", help="the watched folders and their state")
     watch_rm = watch_sub.add_parser("rm", help="stop watching a folder (its queued jobs stay)")
@@ -416,15 +541,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")
     group = config.add_mutually_exclusive_group(required=True)
-    group.add_argument("--example", nargs="?", const="sd", choices=("sd", "llm"),
-                       help="print every key with its help and default (`--example llm`: the LLM config)")
+    group.add_argument(
+        "--example",
+        nargs="?",
+        const="sd",
+        choices=("sd", "llm"),
+        help="print every key with its help and default (`--example llm`: the LLM config)",
+    )
     group.add_argument("--check", metavar="FILE", help="validate a config and report every problem")
     config.set_defaults(func=cmd_config)
 
-    tui = sub.add_parser("tui", help="the terminal dashboard",
-                         description="The terminal dashboard of the running daemon: status, models, jobs "
-                         "with live progress and loss curves, submit and cancel. Finds the daemon as the other "
-                         "commands do ($LORAD_ADDRESS, $LORAD_HOME) and waits for one if none is running.")
+    tui = sub.add_parser(
+        "tui",
+        help="the terminal dashboard",
+        description="The terminal dashboard of the running daemon: status, models, jobs "
+        "with live progress and loss curves, submit and cancel. Finds the daemon as the other "
+        "commands do ($LORAD_ADDRESS, $LORAD_HOME) and waits for one if none is running.",
+    )
     tui.set_defaults(func=cmd_tui)
 
     demo = sub.add_parser("demo", help="train a tiny built-in model end to end (offline, < 1 min)")
@@ -436,9 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     webui = sub.add_parser("webui", help="the AUTOMATIC1111 WebUI extension (`webui install --webui-dir PATH`)")
     webui_sub = webui.add_subparsers(dest="webui_command", required=True, metavar="ACTION")
     webui_install = webui_sub.add_parser(
-        "install", help="link (or copy) the extension into a WebUI's extensions/ folder",
+        "install",
+        help="link (or copy) the extension into a WebUI's extensions/ folder",
         description="Add lorad's LoRA Training tab to AUTOMATIC1111 (or Forge / SD.Next): links "
-                    "clients/sd-webui-lorad into WEBUI_DIR/extensions/.")
+        "clients/sd-webui-lorad into WEBUI_DIR/extensions/.",
+    )
     webui_install.add_argument("--webui-dir", required=True, help="the WebUI folder (the one with launch.py)")
     webui_install.add_argument("--copy", action="store_true", help="copy instead of linking (re-run to update)")
     webui_install.set_defaults(func=cmd_webui_install)

@@ -23,8 +23,7 @@ STATE_NAMES = {job_state_name(v): v for v in jobs_pb2.JobState.values() if v}
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -40,10 +39,13 @@ def print_status(client: LoradClient) -> int:
     print(f"state directory: {s.home}")
     for d in s.devices:
         memory = f"{format_bytes(d.memory_used_bytes)} used" + (
-            f" of {format_bytes(d.memory_total_bytes)}" if d.memory_total_bytes else "")
+            f" of {format_bytes(d.memory_total_bytes)}" if d.memory_total_bytes else ""
+        )
         print(f"device {d.name}: {d.description} ({memory})")
-    print(f"queue: {s.queue_length} waiting; running: {s.running_job_id or 'nothing'}; "
-          f"resident models: {s.resident_models}")
+    print(
+        f"queue: {s.queue_length} waiting; running: {s.running_job_id or 'nothing'}; "
+        f"resident models: {s.resident_models}"
+    )
     return EXIT_OK
 
 
@@ -51,8 +53,10 @@ def print_jobs(client: LoradClient, states: Iterable[str], limit: int) -> int:
     wanted = [STATE_NAMES[s] for s in states]
     jobs = client.list_jobs(wanted, limit)
     if not jobs:
-        print("no jobs" + (f" in state {', '.join(states)}" if wanted else "") + " — submit one with "
-              "`lorad train --config FILE`")
+        print(
+            "no jobs" + (f" in state {', '.join(states)}" if wanted else "") + " — submit one with "
+            "`lorad train --config FILE`"
+        )
         return EXIT_OK
     rows = []
     for job in jobs:
@@ -71,8 +75,19 @@ def print_models(client: LoradClient) -> int:
     if not models:
         print("no resident models — they load with the first job that uses them, or `lorad models load PATH`")
         return EXIT_OK
-    rows = [[m.model_id, m.kind or "sd", m.source, m.model_version, m.device, m.dtype, format_bytes(m.memory_bytes),
-             "in use" if m.in_use else format_duration(m.keep_alive_seconds_left)] for m in models]
+    rows = [
+        [
+            m.model_id,
+            m.kind or "sd",
+            m.source,
+            m.model_version,
+            m.device,
+            m.dtype,
+            format_bytes(m.memory_bytes),
+            "in use" if m.in_use else format_duration(m.keep_alive_seconds_left),
+        ]
+        for m in models
+    ]
     print(_table(rows, ["ID", "KIND", "SOURCE", "VERSION", "DEVICE", "DTYPE", "MEMORY", "KEEP-ALIVE"]))
     return EXIT_OK
 
@@ -96,8 +111,10 @@ def cancel_job(client: LoradClient, job_id: str) -> int:
     if job.state == jobs_pb2.JOB_STATE_CANCELLED:
         print(f"job {job.job_id} cancelled")
     else:
-        print(f"job {job.job_id} is stopping after its current step (it keeps its last checkpoint); "
-              f"`lorad logs {job.job_id} --follow` shows when it has stopped")
+        print(
+            f"job {job.job_id} is stopping after its current step (it keeps its last checkpoint); "
+            f"`lorad logs {job.job_id} --follow` shows when it has stopped"
+        )
     return EXIT_OK
 
 
@@ -105,21 +122,26 @@ def how_to_use(outputs: dict[str, str], name: str) -> str:
     """The closing message of a successful run: where the files are and how to use them."""
     if "adapter" in outputs:  # an LLM run
         merged = f"  merged model:  {outputs['merged']}\n" if outputs.get("merged") else ""
-        return (f"\nadapter written:\n  PEFT adapter:  {outputs['adapter']}\n{merged}"
-                f"  summary:       {outputs.get('summary', '-')}\n"
-                f"Use it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
-                f"\"{outputs['adapter']}\"); its tokenizer (with the chat template it was trained with) is beside it.")
-    return (f"\nLoRA written:\n"
-            f"  kohya / AUTOMATIC1111: {outputs.get('kohya', '-')}\n"
-            f"  diffusers:             {outputs.get('diffusers', '-')}\n"
-            f"  summary:               {outputs.get('summary', '-')}\n"
-            f"Use it: copy the .safetensors into stable-diffusion-webui/models/Lora and prompt with "
-            f"<lora:{name}:0.8>;\n"
-            f"or in diffusers: pipe.load_lora_weights(\"{Path(outputs.get('diffusers', '.')).parent}\")")
+        return (
+            f"\nadapter written:\n  PEFT adapter:  {outputs['adapter']}\n{merged}"
+            f"  summary:       {outputs.get('summary', '-')}\n"
+            f"Use it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
+            f'"{outputs["adapter"]}"); its tokenizer (with the chat template it was trained with) is beside it.'
+        )
+    return (
+        f"\nLoRA written:\n"
+        f"  kohya / AUTOMATIC1111: {outputs.get('kohya', '-')}\n"
+        f"  diffusers:             {outputs.get('diffusers', '-')}\n"
+        f"  summary:               {outputs.get('summary', '-')}\n"
+        f"Use it: copy the .safetensors into stable-diffusion-webui/models/Lora and prompt with "
+        f"<lora:{name}:0.8>;\n"
+        f'or in diffusers: pipe.load_lora_weights("{Path(outputs.get("diffusers", ".")).parent}")'
+    )
 
 
-def follow_job(client: LoradClient, job_id: str, *, after_seq: int = 0, live_bar: bool = True,
-               history_only: bool = False) -> int:
+def follow_job(
+    client: LoradClient, job_id: str, *, after_seq: int = 0, live_bar: bool = True, history_only: bool = False
+) -> int:
     """Stream a job's events to the terminal until it ends (or, with ``history_only``, until the
     newest event so far); Ctrl-C detaches (the job goes on)."""
     progress = TerminalProgress() if live_bar else None
@@ -158,8 +180,11 @@ def follow_job(client: LoradClient, job_id: str, *, after_seq: int = 0, live_bar
         watch.cancel()
         if progress:
             progress.close()
-        print(f"\ndetached; job {job_id} goes on. Follow it: `lorad logs {job_id} --follow`; "
-              f"cancel it: `lorad cancel {job_id}`", file=sys.stderr)
+        print(
+            f"\ndetached; job {job_id} goes on. Follow it: `lorad logs {job_id} --follow`; "
+            f"cancel it: `lorad cancel {job_id}`",
+            file=sys.stderr,
+        )
         return EXIT_OK
     finally:
         if progress:
@@ -171,11 +196,13 @@ def follow_job(client: LoradClient, job_id: str, *, after_seq: int = 0, live_bar
     if final_state is None:  # stream ended without a final event (e.g. the daemon stopped)
         job = client.get_job(job_id)
         if job.state not in FINAL_STATES:
-            print(f"the daemon stopped following job {job_id} ({job_state_name(job.state)}); "
-                  f"`lorad logs {job_id} --follow` picks it up again", file=sys.stderr)
+            print(
+                f"the daemon stopped following job {job_id} ({job_state_name(job.state)}); "
+                f"`lorad logs {job_id} --follow` picks it up again",
+                file=sys.stderr,
+            )
             return EXIT_FAILED
-    return {"finished": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED}.get(final_state or "",
-                                                                                          EXIT_OK)
+    return {"finished": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED}.get(final_state or "", EXIT_OK)
 
 
 def submit_and_follow(client: LoradClient, config_path: Path, *, detach: bool) -> int:
@@ -249,8 +276,10 @@ def caption_with_daemon(client: LoradClient, folder: str, *, verbose: bool = Fal
         return show_captions(stream, verbose=verbose)
     except KeyboardInterrupt:
         stream.cancel()
-        print("\nstopped; the captions written so far are kept (run the same command to caption the rest)",
-              file=sys.stderr)
+        print(
+            "\nstopped; the captions written so far are kept (run the same command to caption the rest)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 
@@ -264,8 +293,10 @@ def _watch_state(watch: object) -> str:
 def add_watch(client: LoradClient, folder: str, config: str, **policy: object) -> int:
     watch = client.add_watch(folder, config, base_dir=str(Path.cwd()), **policy)  # type: ignore[arg-type]
     p = watch.policy
-    print(f"watching {watch.folder} ({watch.watch_id}) with {watch.config_path}: "
-          f"{_watch_state(watch)}, {watch.images_seen} images, quiet {p.quiet_seconds:g}s")
+    print(
+        f"watching {watch.folder} ({watch.watch_id}) with {watch.config_path}: "
+        f"{_watch_state(watch)}, {watch.images_seen} images, quiet {p.quiet_seconds:g}s"
+    )
     if watch.new_images:
         print(f"{watch.new_images} image(s) not trained yet: a job is queued once the folder is quiet")
     if watch.error:
@@ -282,8 +313,18 @@ def print_watches(client: LoradClient) -> int:
     for w in watches:
         mode = "retrain" if w.policy.mode == 2 else "continue"
         latest = f"v{w.version}" if w.version else "-"
-        rows.append([w.watch_id, w.folder, _watch_state(w), str(w.images_seen), str(w.new_images), mode, latest,
-                     w.last_job_id or "-"])
+        rows.append(
+            [
+                w.watch_id,
+                w.folder,
+                _watch_state(w),
+                str(w.images_seen),
+                str(w.new_images),
+                mode,
+                latest,
+                w.last_job_id or "-",
+            ]
+        )
     print(_table(rows, ["ID", "FOLDER", "STATE", "IMAGES", "NEW", "MODE", "LATEST", "LAST JOB"]))
     for w in watches:
         if w.error:

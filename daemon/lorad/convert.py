@@ -37,14 +37,22 @@ CAPTIONER_FROM_PROTO = {
     caption_pb2.CAPTIONER_KIND_WD14: "wd14",
     caption_pb2.CAPTIONER_KIND_CLIP: "clip",
 }
-CAPTIONER_TO_PROTO = {"blip": caption_pb2.CAPTIONER_KIND_BLIP, "wd14": caption_pb2.CAPTIONER_KIND_WD14,
-                      "clip": caption_pb2.CAPTIONER_KIND_CLIP}
-FORMAT_TO_PROTO = {"auto": caption_pb2.CAPTION_FORMAT_UNSPECIFIED, "csv": caption_pb2.CAPTION_FORMAT_CSV,
-                   "txt": caption_pb2.CAPTION_FORMAT_TXT}
+CAPTIONER_TO_PROTO = {
+    "blip": caption_pb2.CAPTIONER_KIND_BLIP,
+    "wd14": caption_pb2.CAPTIONER_KIND_WD14,
+    "clip": caption_pb2.CAPTIONER_KIND_CLIP,
+}
+FORMAT_TO_PROTO = {
+    "auto": caption_pb2.CAPTION_FORMAT_UNSPECIFIED,
+    "csv": caption_pb2.CAPTION_FORMAT_CSV,
+    "txt": caption_pb2.CAPTION_FORMAT_TXT,
+}
 FORMAT_FROM_PROTO = {v: k for k, v in FORMAT_TO_PROTO.items()}
-CAPTION_STATUS_TO_PROTO = {cu.CAPTIONED: caption_pb2.CAPTION_STATUS_CAPTIONED, cu.KEPT: caption_pb2.CAPTION_STATUS_KEPT,
-                           cu.FAILED: caption_pb2.CAPTION_STATUS_FAILED}
-
+CAPTION_STATUS_TO_PROTO = {
+    cu.CAPTIONED: caption_pb2.CAPTION_STATUS_CAPTIONED,
+    cu.KEPT: caption_pb2.CAPTION_STATUS_KEPT,
+    cu.FAILED: caption_pb2.CAPTION_STATUS_FAILED,
+}
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -57,22 +65,38 @@ def timestamp(seconds: float | None) -> Timestamp | None:
 
 
 def progress_to_proto(progress: Mapping[str, float]) -> jobs_pb2.Progress:
-    return jobs_pb2.Progress(step=int(progress.get("step", 0)), total_steps=int(progress.get("total_steps", 0)),
-                             epoch=int(progress.get("epoch", 0)), loss=float(progress.get("loss", 0.0)),
-                             lr=float(progress.get("lr", 0.0)),
-                             steps_per_second=float(progress.get("steps_per_second", 0.0)),
-                             eta_seconds=float(progress.get("eta_seconds", 0.0)))
+    return jobs_pb2.Progress(
+        step=int(progress.get("step", 0)),
+        total_steps=int(progress.get("total_steps", 0)),
+        epoch=int(progress.get("epoch", 0)),
+        loss=float(progress.get("loss", 0.0)),
+        lr=float(progress.get("lr", 0.0)),
+        steps_per_second=float(progress.get("steps_per_second", 0.0)),
+        eta_seconds=float(progress.get("eta_seconds", 0.0)),
+    )
 
 
 def job_to_proto(job: JobRecord, *, queue_position: int = 0) -> jobs_pb2.Job:
     """A job record as the API's Job message."""
     message = jobs_pb2.Job(
-        job_id=job.job_id, name=job.name, state=STATE_TO_PROTO[job.state], config_yaml=job.config_yaml,
-        base_dir=job.base_dir, base_model=job.base_model, output_dir=job.output_dir, outputs=dict(job.outputs),
-        error=job.error, hint=job.hint, queue_position=queue_position, attempt=job.attempt,
-        checkpoint=job.checkpoint, source_name=job.source_name, created_at=timestamp(job.created_at),
+        job_id=job.job_id,
+        name=job.name,
+        state=STATE_TO_PROTO[job.state],
+        config_yaml=job.config_yaml,
+        base_dir=job.base_dir,
+        base_model=job.base_model,
+        output_dir=job.output_dir,
+        outputs=dict(job.outputs),
+        error=job.error,
+        hint=job.hint,
+        queue_position=queue_position,
+        attempt=job.attempt,
+        checkpoint=job.checkpoint,
+        source_name=job.source_name,
+        created_at=timestamp(job.created_at),
         started_at=timestamp(job.started_at),
-        finished_at=timestamp(job.finished_at))
+        finished_at=timestamp(job.finished_at),
+    )
     if job.progress:
         message.progress.CopyFrom(progress_to_proto(job.progress))
     return message
@@ -103,21 +127,43 @@ def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:
 def resident_to_proto(info: Any) -> models_pb2.ResidentModel:
     """A registry ResidentInfo as a ResidentModel message."""
     return models_pb2.ResidentModel(
-        model_id=info.model_id, source=info.source, model_version=info.model_version, device=info.key.device,
-        dtype=info.key.dtype, memory_bytes=info.memory_bytes, loaded_at=timestamp(info.loaded_at),
-        last_used_at=timestamp(info.last_used_at), keep_alive_seconds_left=max(0.0, info.keep_alive_seconds_left),
-        in_use=info.in_use, kind=info.key.kind)
+        model_id=info.model_id,
+        source=info.source,
+        model_version=info.model_version,
+        device=info.key.device,
+        dtype=info.key.dtype,
+        memory_bytes=info.memory_bytes,
+        loaded_at=timestamp(info.loaded_at),
+        last_used_at=timestamp(info.last_used_at),
+        keep_alive_seconds_left=max(0.0, info.keep_alive_seconds_left),
+        in_use=info.in_use,
+        kind=info.key.kind,
+    )
 
 
 def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
     """The service's DaemonStatus as GetStatusResponse."""
     return system_pb2.GetStatusResponse(
-        version=status.version, started_at=timestamp(status.started_at), uptime_seconds=status.uptime_seconds,
-        devices=[system_pb2.Device(name=d.name, description=d.description, memory_total_bytes=d.memory_total_bytes,
-                                   memory_used_bytes=d.memory_used_bytes) for d in status.devices],
-        queue_length=status.queue_length, running_job_id=status.running_job_id, addresses=status.addresses,
-        token_required=status.token_required, home=status.home, resident_models=status.resident_models,
-        pid=status.pid)
+        version=status.version,
+        started_at=timestamp(status.started_at),
+        uptime_seconds=status.uptime_seconds,
+        devices=[
+            system_pb2.Device(
+                name=d.name,
+                description=d.description,
+                memory_total_bytes=d.memory_total_bytes,
+                memory_used_bytes=d.memory_used_bytes,
+            )
+            for d in status.devices
+        ],
+        queue_length=status.queue_length,
+        running_job_id=status.running_job_id,
+        addresses=status.addresses,
+        token_required=status.token_required,
+        home=status.home,
+        resident_models=status.resident_models,
+        pid=status.pid,
+    )
 
 
 def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
@@ -126,8 +172,15 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
     kind = event.WhichOneof("kind")
     if kind == "step":
         p = event.step.progress
-        return ev.StepDone(step=p.step, total_steps=p.total_steps, epoch=p.epoch, loss=p.loss, lr=p.lr,
-                           steps_per_second=p.steps_per_second, eta_seconds=p.eta_seconds)
+        return ev.StepDone(
+            step=p.step,
+            total_steps=p.total_steps,
+            epoch=p.epoch,
+            loss=p.loss,
+            lr=p.lr,
+            steps_per_second=p.steps_per_second,
+            eta_seconds=p.eta_seconds,
+        )
     if kind == "data_report":
         report = json.loads(event.data_report.report_json or "{}")
         return ev.DataReported(report=report, text=event.data_report.text)
@@ -139,8 +192,14 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
         return ev.LatentsCached(cached=lc.cached, encoded=lc.encoded, seconds=lc.seconds)
     if kind == "training_started":
         t = event.training_started
-        return ev.TrainingStarted(total_steps=t.total_steps, start_step=t.start_step, epochs=t.epochs,
-                                  trainable_params=t.trainable_params, device=t.device, precision=t.precision)
+        return ev.TrainingStarted(
+            total_steps=t.total_steps,
+            start_step=t.start_step,
+            epochs=t.epochs,
+            trainable_params=t.trainable_params,
+            device=t.device,
+            precision=t.precision,
+        )
     if kind == "checkpoint_saved":
         return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)
     if kind == "log":
@@ -160,44 +219,87 @@ def caption_options_from_proto(options: caption_pb2.CaptionOptions) -> cu_option
     """Request options as CaptionOptions; unset (zero) fields take the defaults."""
     default = cu_options.CaptionOptions()
     return cu_options.CaptionOptions(
-        max_length=options.max_length or default.max_length, num_beams=options.num_beams or default.num_beams,
+        max_length=options.max_length or default.max_length,
+        num_beams=options.num_beams or default.num_beams,
         prompt=options.prompt,
-        general_threshold=(options.general_threshold if options.HasField("general_threshold")
-                           else default.general_threshold),
-        character_threshold=(options.character_threshold if options.HasField("character_threshold")
-                             else default.character_threshold),
-        exclude_tags=tuple(options.exclude_tags), vocabulary=Path(options.vocabulary) if options.vocabulary else None,
-        top_k=options.top_k or default.top_k)
+        general_threshold=(
+            options.general_threshold if options.HasField("general_threshold") else default.general_threshold
+        ),
+        character_threshold=(
+            options.character_threshold if options.HasField("character_threshold") else default.character_threshold
+        ),
+        exclude_tags=tuple(options.exclude_tags),
+        vocabulary=Path(options.vocabulary) if options.vocabulary else None,
+        top_k=options.top_k or default.top_k,
+    )
 
 
 def caption_options_to_proto(options: cu_options.CaptionOptions) -> caption_pb2.CaptionOptions:
     """CaptionOptions as the request message (every field set explicitly)."""
     return caption_pb2.CaptionOptions(
-        max_length=options.max_length, num_beams=options.num_beams, prompt=options.prompt,
-        general_threshold=options.general_threshold, character_threshold=options.character_threshold,
-        exclude_tags=list(options.exclude_tags), vocabulary=str(options.vocabulary or ""), top_k=options.top_k)
+        max_length=options.max_length,
+        num_beams=options.num_beams,
+        prompt=options.prompt,
+        general_threshold=options.general_threshold,
+        character_threshold=options.character_threshold,
+        exclude_tags=list(options.exclude_tags),
+        vocabulary=str(options.vocabulary or ""),
+        top_k=options.top_k,
+    )
 
 
 def caption_update_to_proto(update: cu.CaptionUpdate) -> caption_pb2.CaptionImagesResponse:
     """A folder-captioning update as one message of the CaptionImages stream."""
     if isinstance(update, cu.CaptionPlanned):
-        return caption_pb2.CaptionImagesResponse(planned=caption_pb2.CaptionPlanned(
-            folder=update.folder, images_found=update.images_found, to_caption=update.to_caption,
-            to_keep=update.to_keep, unusable=update.unusable, format=FORMAT_TO_PROTO[update.format],
-            written_to=update.written_to, record_path=update.record_path))
+        return caption_pb2.CaptionImagesResponse(
+            planned=caption_pb2.CaptionPlanned(
+                folder=update.folder,
+                images_found=update.images_found,
+                to_caption=update.to_caption,
+                to_keep=update.to_keep,
+                unusable=update.unusable,
+                format=FORMAT_TO_PROTO[update.format],
+                written_to=update.written_to,
+                record_path=update.record_path,
+            )
+        )
     if isinstance(update, cu.CaptionerReady):
-        return caption_pb2.CaptionImagesResponse(captioner_ready=caption_pb2.CaptionerReady(
-            captioner=update.captioner, source=update.source, model_version=update.model_version,
-            model_id=update.model_id, resident=update.resident, seconds=update.seconds))
+        return caption_pb2.CaptionImagesResponse(
+            captioner_ready=caption_pb2.CaptionerReady(
+                captioner=update.captioner,
+                source=update.source,
+                model_version=update.model_version,
+                model_id=update.model_id,
+                resident=update.resident,
+                seconds=update.seconds,
+            )
+        )
     if isinstance(update, cu.ImageCaptioned):
-        return caption_pb2.CaptionImagesResponse(image=caption_pb2.ImageCaption(
-            path=update.path, status=CAPTION_STATUS_TO_PROTO[update.status], caption=update.caption,
-            error=update.error, done=update.done, total=update.total))
-    return caption_pb2.CaptionImagesResponse(finished=caption_pb2.CaptionFinished(
-        folder=update.folder, images_found=update.images_found, captioned=update.captioned, kept=update.kept,
-        failed=update.failed, seconds=update.seconds, images_per_second=update.images_per_second,
-        format=FORMAT_TO_PROTO[update.format], written_to=update.written_to, record_path=update.record_path,
-        stopped=update.stopped))
+        return caption_pb2.CaptionImagesResponse(
+            image=caption_pb2.ImageCaption(
+                path=update.path,
+                status=CAPTION_STATUS_TO_PROTO[update.status],
+                caption=update.caption,
+                error=update.error,
+                done=update.done,
+                total=update.total,
+            )
+        )
+    return caption_pb2.CaptionImagesResponse(
+        finished=caption_pb2.CaptionFinished(
+            folder=update.folder,
+            images_found=update.images_found,
+            captioned=update.captioned,
+            kept=update.kept,
+            failed=update.failed,
+            seconds=update.seconds,
+            images_per_second=update.images_per_second,
+            format=FORMAT_TO_PROTO[update.format],
+            written_to=update.written_to,
+            record_path=update.record_path,
+            stopped=update.stopped,
+        )
+    )
 
 
 # --- watch folders -------------------------------------------------------------------------------
@@ -216,46 +318,80 @@ def watch_to_proto(view: Any) -> watch_pb2.Watch:
     """A watch manager's WatchView as the API's Watch message."""
     record, policy = view.record, view.record.policy
     return watch_pb2.Watch(
-        watch_id=record.watch_id, folder=record.folder, config_path=record.config_path,
-        policy=watch_pb2.WatchPolicy(quiet_seconds=policy.quiet_seconds, min_new_images=policy.min_new_images,
-                                     mode=WATCH_MODE_TO_PROTO[policy.mode], continue_steps=policy.continue_steps,
-                                     publish_dir=policy.publish_dir, polling=policy.polling),
-        state=WATCH_STATE_TO_PROTO[view.state.value], error=view.error, hint=view.hint,
-        images_seen=view.images_seen, new_images=view.new_images, last_job_id=record.last_job_id,
-        version=record.version, latest_output=record.latest_output, published_path=record.published_path,
-        created_at=timestamp(record.created_at), updated_at=timestamp(view.updated_at or record.updated_at),
-        base_dir=record.base_dir, pending_files=view.pending_files)
+        watch_id=record.watch_id,
+        folder=record.folder,
+        config_path=record.config_path,
+        policy=watch_pb2.WatchPolicy(
+            quiet_seconds=policy.quiet_seconds,
+            min_new_images=policy.min_new_images,
+            mode=WATCH_MODE_TO_PROTO[policy.mode],
+            continue_steps=policy.continue_steps,
+            publish_dir=policy.publish_dir,
+            polling=policy.polling,
+        ),
+        state=WATCH_STATE_TO_PROTO[view.state.value],
+        error=view.error,
+        hint=view.hint,
+        images_seen=view.images_seen,
+        new_images=view.new_images,
+        last_job_id=record.last_job_id,
+        version=record.version,
+        latest_output=record.latest_output,
+        published_path=record.published_path,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(view.updated_at or record.updated_at),
+        base_dir=record.base_dir,
+        pending_files=view.pending_files,
+    )
 
 
 def watch_change_to_proto(change: Any) -> watch_pb2.FollowWatchesResponse:
     """One FollowWatches item: the first list, a changed watch, or a removed watch's id."""
     if isinstance(change, list):
-        return watch_pb2.FollowWatchesResponse(snapshot=watch_pb2.WatchList(
-            watches=[watch_to_proto(view) for view in change]))
+        return watch_pb2.FollowWatchesResponse(
+            snapshot=watch_pb2.WatchList(watches=[watch_to_proto(view) for view in change])
+        )
     if change.view is not None:
         return watch_pb2.FollowWatchesResponse(changed=watch_to_proto(change.view))
     return watch_pb2.FollowWatchesResponse(removed_watch_id=change.removed_id)
 
-CAPTION_SOURCE_TO_PROTO = {"none": caption_pb2.CAPTION_SOURCE_NONE, "csv": caption_pb2.CAPTION_SOURCE_CSV,
-                           "sidecar": caption_pb2.CAPTION_SOURCE_SIDECAR}
+
+CAPTION_SOURCE_TO_PROTO = {
+    "none": caption_pb2.CAPTION_SOURCE_NONE,
+    "csv": caption_pb2.CAPTION_SOURCE_CSV,
+    "sidecar": caption_pb2.CAPTION_SOURCE_SIDECAR,
+}
 
 
 def caption_rows_to_proto(captions: Any) -> list[caption_pb2.CaptionRow]:
     """The entries of a FolderCaptions (``lorad.captioning.editing``) as CaptionRow messages."""
-    return [caption_pb2.CaptionRow(path=entry.rel, caption=entry.caption, source=CAPTION_SOURCE_TO_PROTO[entry.source],
-                                   generated=entry.generated, error=entry.error) for entry in captions.entries]
+    return [
+        caption_pb2.CaptionRow(
+            path=entry.rel,
+            caption=entry.caption,
+            source=CAPTION_SOURCE_TO_PROTO[entry.source],
+            generated=entry.generated,
+            error=entry.error,
+        )
+        for entry in captions.entries
+    ]
 
 
 def list_captions_to_proto(captions: Any) -> caption_pb2.ListCaptionsResponse:
     """A FolderCaptions as the ListCaptions answer."""
-    return caption_pb2.ListCaptionsResponse(folder=str(captions.folder), rows=caption_rows_to_proto(captions),
-                                            format=FORMAT_TO_PROTO[captions.format], written_to=captions.written_to)
+    return caption_pb2.ListCaptionsResponse(
+        folder=str(captions.folder),
+        rows=caption_rows_to_proto(captions),
+        format=FORMAT_TO_PROTO[captions.format],
+        written_to=captions.written_to,
+    )
 
 
 def set_captions_to_proto(captions: Any) -> caption_pb2.SetCaptionsResponse:
     """The edited images (a FolderCaptions) as the SetCaptions answer."""
-    return caption_pb2.SetCaptionsResponse(rows=caption_rows_to_proto(captions),
-                                           format=FORMAT_TO_PROTO[captions.format], written_to=captions.written_to)
+    return caption_pb2.SetCaptionsResponse(
+        rows=caption_rows_to_proto(captions), format=FORMAT_TO_PROTO[captions.format], written_to=captions.written_to
+    )
 
 
 def caption_edits_from_proto(edits: Any) -> list[tuple[str, str]]:

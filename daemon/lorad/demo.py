@@ -36,7 +36,7 @@ def write_demo_images(folder: Path, count: int = 12) -> None:
             draw.polygon([(32, 12), (54, 52), (10, 52)], fill=COLOURS[colour])
         name = f"{i:02d}_{colour}_{shape}.png"
         img.save(folder / name)
-        rows.append(f"{name},\"demostyle, a {colour} {shape}, flat colours\"")
+        rows.append(f'{name},"demostyle, a {colour} {shape}, flat colours"')
     (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -77,14 +77,18 @@ def run_demo(work: Path, *, steps: int = 30) -> int:
         write_demo_images(data_dir)
     config_path = work / "configs" / "demo_lora.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text("# written by `lorad demo`; edit and run: lorad train --config "
-                           f"{config_path}\n" + yaml.safe_dump(demo_config(work, steps), sort_keys=False))
+    config_path.write_text(
+        "# written by `lorad demo`; edit and run: lorad train --config "
+        f"{config_path}\n" + yaml.safe_dump(demo_config(work, steps), sort_keys=False)
+    )
     print(f"config: {config_path}\n")
     code = run_training(config_path, base_dir=work)
     if code == 0:
-        print("\nThe demo model is random, so this LoRA draws nothing meaningful. For a real one, "
-              "point base_model at your SD 1.5 checkpoint and train_data_dir at your images; "
-              "`lorad config --example` lists every setting.")
+        print(
+            "\nThe demo model is random, so this LoRA draws nothing meaningful. For a real one, "
+            "point base_model at your SD 1.5 checkpoint and train_data_dir at your images; "
+            "`lorad config --example` lists every setting."
+        )
     return code
 
 
@@ -93,8 +97,11 @@ DEMO_RECORDS = (
     {"instruction": "What does COPD stand for?", "output": "Chronic obstructive pulmonary disease."},
     {"instruction": "Expand the abbreviation.", "input": "SOB", "output": "Shortness of breath."},
     {"instruction": "What is lisinopril used for?", "output": "Hypertension."},
-    {"instruction": "Summarise the note.", "input": "Pt denies fever, chills, nausea.",
-     "output": "The patient has no fever, chills or nausea."},
+    {
+        "instruction": "Summarise the note.",
+        "input": "Pt denies fever, chills, nausea.",
+        "output": "The patient has no fever, chills or nausea.",
+    },
 )
 
 
@@ -113,18 +120,31 @@ def run_llm_demo(work: Path, *, steps: int = 40) -> int:
     data = work / "data" / "records.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in DEMO_RECORDS))
-    config = {"train_data": "./data/records.jsonl", "base_model": "./models/tiny-llama", "lora_rank": 8,
-              "max_train_steps": steps, "learning_rate": "1e-2", "lora_dropout": 0.0, "lr_scheduler": "constant",
-              "max_seq_len": 128, "output_dir": "./output/demo_adapter", "merge_export": True,
-              "sample_prompts": ["What does COPD stand for?"]}
+    config = {
+        "train_data": "./data/records.jsonl",
+        "base_model": "./models/tiny-llama",
+        "lora_rank": 8,
+        "max_train_steps": steps,
+        "learning_rate": "1e-2",
+        "lora_dropout": 0.0,
+        "lr_scheduler": "constant",
+        "max_seq_len": 128,
+        "output_dir": "./output/demo_adapter",
+        "merge_export": True,
+        "sample_prompts": ["What does COPD stand for?"],
+    }
     config_path = work / "configs" / "demo_llm.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text("# written by `lorad demo --llm`; edit and run: lorad train --config "
-                           f"{config_path}\n" + yaml.safe_dump(config, sort_keys=False))
+    config_path.write_text(
+        "# written by `lorad demo --llm`; edit and run: lorad train --config "
+        f"{config_path}\n" + yaml.safe_dump(config, sort_keys=False)
+    )
     print(f"config: {config_path}\n")
     code = run_training(config_path, base_dir=work)
     if code == 0:
-        print("\nThe demo model is random and tiny: it memorises the four records, nothing more. For a real run, "
-              "point base_model at your model folder and train_data at your records; "
-              "`lorad config --example llm` lists every setting.")
+        print(
+            "\nThe demo model is random and tiny: it memorises the four records, nothing more. For a real run, "
+            "point base_model at your model folder and train_data at your records; "
+            "`lorad config --example llm` lists every setting."
+        )
     return code

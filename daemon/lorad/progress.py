@@ -52,16 +52,22 @@ class TerminalProgress:
             how = "already resident" if event.resident else f"loaded in {event.seconds:.1f}s"
             self._print(f"base model: {event.source} ({event.model_version}, {how})")
         elif isinstance(event, LatentsCached):
-            self._print(f"latents: {event.cached} from cache, {event.encoded} encoded "
-                        f"({event.seconds:.1f}s)")
+            self._print(f"latents: {event.cached} from cache, {event.encoded} encoded ({event.seconds:.1f}s)")
         elif isinstance(event, TrainingStarted):
-            self._print(f"training {event.trainable_params:,} LoRA parameters on {event.device} "
-                        f"(precision {event.precision}), {event.total_steps} steps")
-            self._bar = tqdm(total=event.total_steps, initial=event.start_step, file=self.stream,
-                             unit="step", dynamic_ncols=True, mininterval=0.5)
+            self._print(
+                f"training {event.trainable_params:,} LoRA parameters on {event.device} "
+                f"(precision {event.precision}), {event.total_steps} steps"
+            )
+            self._bar = tqdm(
+                total=event.total_steps,
+                initial=event.start_step,
+                file=self.stream,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
         elif isinstance(event, StepDone) and self._bar is not None:
-            self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
-                                  refresh=False)
+            self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
             self._bar.update(event.step - self._bar.n)
         elif isinstance(event, CheckpointSaved):
             self._print(f"checkpoint saved: {event.path}")

@@ -150,8 +150,19 @@ class _Entry:
         "source",
     )
 
-    def __init__(self, key: ModelKey, model: Any, *, source: str, model_version: str, memory_bytes: int,
-                 keep_alive: float, now: float, now_wall: float, recency: int) -> None:
+    def __init__(
+        self,
+        key: ModelKey,
+        model: Any,
+        *,
+        source: str,
+        model_version: str,
+        memory_bytes: int,
+        keep_alive: float,
+        now: float,
+        now_wall: float,
+        recency: int,
+    ) -> None:
         self.key = key
         self.model: Any = model
         self.source = source
@@ -382,10 +393,7 @@ class ModelRegistry(Generic[T]):
         """
         with self._lock:
             now = self._clock()
-            expired = [
-                e for e in self._entries.values()
-                if not e.in_use and now >= e.last_used + e.keep_alive
-            ]
+            expired = [e for e in self._entries.values() if not e.in_use and now >= e.last_used + e.keep_alive]
             self._remove(expired, reason="keep-alive expired")
         if expired:
             free_memory()
@@ -456,10 +464,15 @@ class ModelRegistry(Generic[T]):
             del self._loading[model_id]
             self._recency += 1
             entry = _Entry(
-                key, model, source=source or key.base_model, model_version=model_version,
+                key,
+                model,
+                source=source or key.base_model,
+                model_version=model_version,
                 memory_bytes=memory_bytes,
                 keep_alive=self._default_keep_alive if keep_alive is None else keep_alive,
-                now=self._clock(), now_wall=self._wall_clock(), recency=self._recency,
+                now=self._clock(),
+                now_wall=self._wall_clock(),
+                recency=self._recency,
             )
             entry.in_use = pending.claims
             pending.entry = entry
@@ -534,7 +547,8 @@ class ModelRegistry(Generic[T]):
         if total > self._budget:
             log.warning(
                 "resident models use %d bytes, over the budget of %d: the rest are in use or just loaded",
-                total, self._budget,
+                total,
+                self._budget,
             )
         return victims
 
@@ -549,8 +563,9 @@ class ModelRegistry(Generic[T]):
             # A job still inside use() keeps its own reference; the registry keeps none.
             entry.model = None
             freed += entry.memory_bytes
-            log.info("unloaded %s (%s, %d bytes): %s", entry.key.base_model, entry.key.model_id,
-                     entry.memory_bytes, reason)
+            log.info(
+                "unloaded %s (%s, %d bytes): %s", entry.key.base_model, entry.key.model_id, entry.memory_bytes, reason
+            )
         return freed
 
     def _info(self, entry: _Entry, now: float) -> ResidentInfo:

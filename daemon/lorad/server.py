@@ -63,9 +63,11 @@ class TokenCheck(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         def deny(request: object, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong token\nhint: send `authorization: Bearer <token>`; the token is in "
-                          "the daemon's state directory (`token` file), local lorad clients read it themselves")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong token\nhint: send `authorization: Bearer <token>`; the token is in "
+                "the daemon's state directory (`token` file), local lorad clients read it themselves",
+            )
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
@@ -122,12 +124,17 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
     settings.home.mkdir(parents=True, exist_ok=True)
     other = _live_daemon_pid(settings.home)
     if other:
-        raise LoradError(f"a lorad daemon (pid {other}) is already running on {settings.home}",
-                         "use it (`lorad status`), stop it, or set LORAD_HOME to another folder")
+        raise LoradError(
+            f"a lorad daemon (pid {other}) is already running on {settings.home}",
+            "use it (`lorad status`), stop it, or set LORAD_HOME to another folder",
+        )
     token = ensure_token(settings.home)
     interceptors = [TokenCheck(token)] if settings.require_token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_RPC_THREADS, thread_name_prefix="lorad-rpc"),
-                         interceptors=interceptors, maximum_concurrent_rpcs=MAX_RPC_THREADS * 4)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_RPC_THREADS, thread_name_prefix="lorad-rpc"),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=MAX_RPC_THREADS * 4,
+    )
     service = LoradService(settings)
     names = add_servicers(server, service)
     health_servicer = health.HealthServicer()
@@ -139,9 +146,10 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
         port = _bind(server, address)
         if port == 0:
             service.store.close()
-            raise LoradError(f"cannot listen on {address}: the address is in use or not available here",
-                             "another program (or lorad daemon) holds it; pick one with `lorad serve --listen "
-                             "127.0.0.1:PORT`")
+            raise LoradError(
+                f"cannot listen on {address}: the address is in use or not available here",
+                "another program (or lorad daemon) holds it; pick one with `lorad serve --listen 127.0.0.1:PORT`",
+            )
         addresses.append(f"{address.rpartition(':')[0]}:{port}")  # port 0 asks for any free port
     if settings.unix_socket:
         sock = settings.unix_socket
@@ -162,9 +170,19 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
         os.chmod(settings.unix_socket, 0o600)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    write_text_atomic(discovery_path(settings.home), json.dumps({
-        "pid": os.getpid(), "addresses": addresses, "token_required": settings.require_token,
-        "version": __version__, "started_at": time.time()}, indent=2))
+    write_text_atomic(
+        discovery_path(settings.home),
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "addresses": addresses,
+                "token_required": settings.require_token,
+                "version": __version__,
+                "started_at": time.time(),
+            },
+            indent=2,
+        ),
+    )
     return RunningDaemon(server=server, service=service, settings=settings, addresses=addresses)
 
 

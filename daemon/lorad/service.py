@@ -77,15 +77,29 @@ class DaemonStatus:
     pid: int
 
 
-def model_key(config: TrainConfig | None, *, base_model: str, device: str, dtype: str,
-              model_config_dir: str = "", tokenizer_path: str = "", prediction_type: str = "auto") -> ModelKey:
+def model_key(
+    config: TrainConfig | None,
+    *,
+    base_model: str,
+    device: str,
+    dtype: str,
+    model_config_dir: str = "",
+    tokenizer_path: str = "",
+    prediction_type: str = "auto",
+) -> ModelKey:
     """The registry key of a base model as a job or LoadModel names it."""
     if config is not None:
         model_config_dir = str(config.model_config_dir or "")
         tokenizer_path = str(config.tokenizer_path or "")
         prediction_type = config.prediction_type
-    return ModelKey(base_model=base_model, device=device, dtype=dtype, model_config_dir=model_config_dir,
-                    tokenizer_path=tokenizer_path, prediction_type=prediction_type)
+    return ModelKey(
+        base_model=base_model,
+        device=device,
+        dtype=dtype,
+        model_config_dir=model_config_dir,
+        tokenizer_path=tokenizer_path,
+        prediction_type=prediction_type,
+    )
 
 
 def llm_model_key(config: LlmTrainConfig, placement: Any) -> ModelKey:
@@ -106,8 +120,9 @@ def _load_llm(key: ModelKey) -> Any:
 
     four_bit = key.dtype.startswith("nf4:")
     dtype = getattr(torch, key.dtype.removeprefix("nf4:"))
-    placement = Placement(device=torch.device(key.device), autocast_dtype=dtype if four_bit else None,
-                          weight_dtype=dtype)
+    placement = Placement(
+        device=torch.device(key.device), autocast_dtype=dtype if four_bit else None, weight_dtype=dtype
+    )
     return load_llm(key.base_model, placement, load_in_4bit=four_bit)
 
 
@@ -120,14 +135,23 @@ class LoradService:
         self.store = JobStore(jobs_db_path(settings.home))
         self.hub = EventHub(self.store)
         self.registry: ModelRegistry = registry or ModelRegistry(
-            self._load_model, default_keep_alive=settings.default_keep_alive,
-            memory_budget_bytes=settings.memory_budget_bytes, measure=_measure_model)
+            self._load_model,
+            default_keep_alive=settings.default_keep_alive,
+            memory_budget_bytes=settings.memory_budget_bytes,
+            measure=_measure_model,
+        )
         from lorad.engines.llm.train import train_llm_lora
         from lorad.engines.sd.train import train_sd_lora
 
-        self.worker = Worker(self.store, self.hub, train=train_sd_lora, models=self._provide_model,
-                             captions=self._caption_filler, device_name=self._device_name(),
-                             train_llm=train_llm_lora)
+        self.worker = Worker(
+            self.store,
+            self.hub,
+            train=train_sd_lora,
+            models=self._provide_model,
+            captions=self._caption_filler,
+            device_name=self._device_name(),
+            train_llm=train_llm_lora,
+        )
         # One writer per caption folder: two requests merging into one metadata.csv would lose rows.
         self._folder_locks: dict[str, threading.Lock] = {}
         self._folder_locks_guard = threading.Lock()
@@ -158,24 +182,46 @@ class LoradService:
             if self.settings.resume_interrupted:
                 self.store.update(job.job_id, state=JobState.QUEUED)
                 self.hub.publish(job.job_id, "interrupted", {"checkpoint": job.checkpoint, "will_resume": True})
-                log.info("job %s was interrupted; queued to resume from %s", job.job_id,
-                         job.checkpoint or "the start")
+                log.info("job %s was interrupted; queued to resume from %s", job.job_id, job.checkpoint or "the start")
             else:
-                hint = (f"resubmit with `resume_from: {job.checkpoint}` to continue" if job.checkpoint
-                        else "resubmit the job")
-                self.store.update(job.job_id, state=JobState.FAILED, finished_at=time.time(),
-                                  error="the daemon stopped while this job ran", hint=hint)
-                self.hub.publish(job.job_id, "failed", {"error": "the daemon stopped while this job ran",
-                                                        "hint": hint, "checkpoint": job.checkpoint})
+                hint = (
+                    f"resubmit with `resume_from: {job.checkpoint}` to continue"
+                    if job.checkpoint
+                    else "resubmit the job"
+                )
+                self.store.update(
+                    job.job_id,
+                    state=JobState.FAILED,
+                    finished_at=time.time(),
+                    error="the daemon stopped while this job ran",
+                    hint=hint,
+                )
+                self.hub.publish(
+                    job.job_id,
+                    "failed",
+                    {"error": "the daemon stopped while this job ran", "hint": hint, "checkpoint": job.checkpoint},
+                )
 
     # --- jobs ----------------------------------------------------------------------------------
-    def submit(self, *, config_yaml: str | None = None, config_fields: Mapping[str, Any] | None = None,
-               base_dir: str, source_name: str = "", keep_alive_seconds: float = 0.0) -> JobRecord:
+    def submit(
+        self,
+        *,
+        config_yaml: str | None = None,
+        config_fields: Mapping[str, Any] | None = None,
+        base_dir: str,
+        source_name: str = "",
+        keep_alive_seconds: float = 0.0,
+    ) -> JobRecord:
         """Validate a config (every problem at once, as ConfigError) and queue a job for it."""
         if not base_dir or not Path(base_dir).is_absolute():
-            raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
-                                             "send the absolute directory relative paths resolve against")],
-                              source_name or "request")
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
+                    )
+                ],
+                source_name or "request",
+            )
         source = source_name or "submitted config"
         config: AnyTrainConfig
         if config_fields is not None:
@@ -183,13 +229,30 @@ class LoradService:
             config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
         else:
             config = parse_any_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
-        if (isinstance(config, TrainConfig) and Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES
-                and not config.allow_pickle):
-            raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
-                                             "convert it to .safetensors, or set `allow_pickle: true`")], source)
-        job = self.store.create_job(name=config.output_name, config_yaml=config_yaml or "", base_dir=base_dir,
-                                    source_name=source_name, base_model=config.base_model,
-                                    output_dir=str(config.output_dir), keep_alive_seconds=keep_alive_seconds)
+        if (
+            isinstance(config, TrainConfig)
+            and Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES
+            and not config.allow_pickle
+        ):
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "base_model",
+                        f"{config.base_model} is a pickle file",
+                        "convert it to .safetensors, or set `allow_pickle: true`",
+                    )
+                ],
+                source,
+            )
+        job = self.store.create_job(
+            name=config.output_name,
+            config_yaml=config_yaml or "",
+            base_dir=base_dir,
+            source_name=source_name,
+            base_model=config.base_model,
+            output_dir=str(config.output_dir),
+            keep_alive_seconds=keep_alive_seconds,
+        )
         self.hub.publish(job.job_id, "queued", {"queue_position": self.store.queue_position(job.job_id)})
         self.worker.wake()
         return job
@@ -204,25 +267,29 @@ class LoradService:
         return self.store.queue_position(job_id)
 
     def list_jobs(self, states: Sequence[JobState] = (), limit: int = 100) -> list[JobRecord]:
-        return [self.get_job(j.job_id) if j.state == JobState.RUNNING else j
-                for j in self.store.list(states, limit or 100)]
+        return [
+            self.get_job(j.job_id) if j.state == JobState.RUNNING else j for j in self.store.list(states, limit or 100)
+        ]
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job now, or ask a running one to stop after its current step."""
         job = self.store.get(job_id)
         if job.state.final:
-            raise JobNotCancellable(f"job {job.job_id} already {job.state.value}",
-                                    "only queued or running jobs can be cancelled")
-        cancelled = self.store.transition(job.job_id, expect={JobState.QUEUED, JobState.INTERRUPTED},
-                                          to=JobState.CANCELLED, finished_at=time.time())
+            raise JobNotCancellable(
+                f"job {job.job_id} already {job.state.value}", "only queued or running jobs can be cancelled"
+            )
+        cancelled = self.store.transition(
+            job.job_id, expect={JobState.QUEUED, JobState.INTERRUPTED}, to=JobState.CANCELLED, finished_at=time.time()
+        )
         if cancelled is not None:
             self.hub.publish(job.job_id, "cancelled", {"checkpoint": ""})
             return cancelled
         self.worker.cancel_running(job.job_id)
         return self.store.get(job.job_id)
 
-    def watch(self, job_id: str, *, after_seq: int = 0, active: Any = lambda: True,
-              history_only: bool = False) -> tuple[JobRecord, Iterator[EventRecord]]:
+    def watch(
+        self, job_id: str, *, after_seq: int = 0, active: Any = lambda: True, history_only: bool = False
+    ) -> tuple[JobRecord, Iterator[EventRecord]]:
         """The job's state now and an iterator over its events after ``after_seq``: history, then live,
         ending after its final event (or when ``active()`` turns False; or after the history)."""
         job = self.get_job(job_id)
@@ -230,13 +297,27 @@ class LoradService:
 
     # --- watch folders -------------------------------------------------------------------------
     def _make_watch_manager(self) -> WatchManager:
-        gateway = JobGateway(submit=self._submit_for_watch, requeue=self._requeue_for_watch, get_job=self.store.get,
-                             caption=self._caption_for_watch)
+        gateway = JobGateway(
+            submit=self._submit_for_watch,
+            requeue=self._requeue_for_watch,
+            get_job=self.store.get,
+            caption=self._caption_for_watch,
+        )
         return WatchManager(jobs_db_path(self.settings.home), gateway)
 
-    def add_watch(self, *, folder: str, config_path: str, base_dir: str, quiet_seconds: float = 0,
-                  min_new_images: int = 0, mode: str = "", continue_steps: int = 0, publish_dir: str = "",
-                  polling: bool = False) -> WatchView:
+    def add_watch(
+        self,
+        *,
+        folder: str,
+        config_path: str,
+        base_dir: str,
+        quiet_seconds: float = 0,
+        min_new_images: int = 0,
+        mode: str = "",
+        continue_steps: int = 0,
+        publish_dir: str = "",
+        polling: bool = False,
+    ) -> WatchView:
         """Watch a folder (see :meth:`WatchManager.add`); relative paths resolve against ``base_dir``.
         ConfigError names every bad field; WatchExists when the folder is watched already."""
         base = _absolute_base_dir(base_dir, "AddWatch")
@@ -245,18 +326,30 @@ class LoradService:
             problems.append(ConfigProblem("folder", "is empty", "name the folder of images to watch"))
         config_file = base / Path(config_path).expanduser() if config_path.strip() else None
         if config_file is None or not config_file.is_file():
-            problems.append(ConfigProblem("config_path", f"{config_file or 'nothing'} is not a file",
-                                          "name the training config to use as the template (`lorad config "
-                                          "--example` writes one)"))
+            problems.append(
+                ConfigProblem(
+                    "config_path",
+                    f"{config_file or 'nothing'} is not a file",
+                    "name the training config to use as the template (`lorad config --example` writes one)",
+                )
+            )
         if problems:
             raise ConfigError(problems, "AddWatch")
         assert config_file is not None
-        policy = watch_policy(quiet_seconds=quiet_seconds, min_new_images=min_new_images, mode=mode,
-                              continue_steps=continue_steps,
-                              publish_dir=str((base / Path(publish_dir).expanduser()).resolve()) if publish_dir else "",
-                              polling=polling)
-        return self.watches.add(folder=str((base / Path(folder).expanduser()).resolve()),
-                                config_path=str(config_file.resolve()), base_dir=str(base), policy=policy)
+        policy = watch_policy(
+            quiet_seconds=quiet_seconds,
+            min_new_images=min_new_images,
+            mode=mode,
+            continue_steps=continue_steps,
+            publish_dir=str((base / Path(publish_dir).expanduser()).resolve()) if publish_dir else "",
+            polling=polling,
+        )
+        return self.watches.add(
+            folder=str((base / Path(folder).expanduser()).resolve()),
+            config_path=str(config_file.resolve()),
+            base_dir=str(base),
+            policy=policy,
+        )
 
     def remove_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
         """Stop watching a folder, named by watch id or folder; WatchNotFound if not watched."""
@@ -277,19 +370,35 @@ class LoradService:
     def _submit_for_watch(self, fields: Mapping[str, Any], base_dir: str, source_name: str) -> JobRecord:
         return self.submit(config_fields=fields, base_dir=base_dir, source_name=source_name)
 
-    def _requeue_for_watch(self, job_id: str, fields: Mapping[str, Any], base_dir: str,
-                           source_name: str) -> JobRecord | None:
+    def _requeue_for_watch(
+        self, job_id: str, fields: Mapping[str, Any], base_dir: str, source_name: str
+    ) -> JobRecord | None:
         """Replace a QUEUED job's config, validated as ``submit`` validates; None if it left the queue."""
         config = parse_config(dict(fields), base_dir=Path(base_dir), source=source_name)
         if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
-                                             "convert it to .safetensors, or set `allow_pickle: true`")], source_name)
-        job = self.store.transition(job_id, expect={JobState.QUEUED}, to=JobState.QUEUED, name=config.output_name,
-                                    config_yaml=yaml.safe_dump(dict(fields), sort_keys=False),
-                                    base_model=config.base_model, output_dir=str(config.output_dir))
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "base_model",
+                        f"{config.base_model} is a pickle file",
+                        "convert it to .safetensors, or set `allow_pickle: true`",
+                    )
+                ],
+                source_name,
+            )
+        job = self.store.transition(
+            job_id,
+            expect={JobState.QUEUED},
+            to=JobState.QUEUED,
+            name=config.output_name,
+            config_yaml=yaml.safe_dump(dict(fields), sort_keys=False),
+            base_model=config.base_model,
+            output_dir=str(config.output_dir),
+        )
         if job is not None:
-            self.hub.publish(job_id, "log", {"message": "more images arrived: config updated while queued",
-                                             "level": "info"})
+            self.hub.publish(
+                job_id, "log", {"message": "more images arrived: config updated while queued", "level": "info"}
+            )
         return job
 
     def _caption_for_watch(self, fields: Mapping[str, Any], base_dir: str) -> int:
@@ -300,12 +409,18 @@ class LoradService:
         from lorad.captioning.training import caption_filler
         from lorad.data.dataset import scan_dataset
 
-        fill = caption_filler(config, on_event=lambda event: log.info("watch %s: %s", config.train_data_dir,
-                                                                 getattr(event, "message", event)),
-                              provide=self._captioner_provider(None),
-                              exclusive=lambda folder: self._hold_folder(folder, wait=True))
-        _, report = scan_dataset(config.train_data_dir, metadata_path=config.metadata_path,
-                                 caption_extension=config.caption_extension, caption_missing=fill)
+        fill = caption_filler(
+            config,
+            on_event=lambda event: log.info("watch %s: %s", config.train_data_dir, getattr(event, "message", event)),
+            provide=self._captioner_provider(None),
+            exclusive=lambda folder: self._hold_folder(folder, wait=True),
+        )
+        _, report = scan_dataset(
+            config.train_data_dir,
+            metadata_path=config.metadata_path,
+            caption_extension=config.caption_extension,
+            caption_missing=fill,
+        )
         return report.captions_generated
 
     # --- models --------------------------------------------------------------------------------
@@ -320,20 +435,24 @@ class LoradService:
         if key.kind != "sd":
             from lorad.captioning.captioner import load_captioner
 
-            return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device,
-                                               dtype=key.dtype))
+            return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype))
         import torch
 
         from lorad.engines.device import Placement
         from lorad.engines.sd.train import load_for_training
 
         # Loading needs only the device and the weight dtype, both part of the key.
-        placement = Placement(device=torch.device(key.device), autocast_dtype=None,
-                              weight_dtype=getattr(torch, key.dtype))
-        return load_for_training(key.base_model, placement, allow_pickle=True,
-                                 model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
-                                 tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
-                                 prediction_type=key.prediction_type)
+        placement = Placement(
+            device=torch.device(key.device), autocast_dtype=None, weight_dtype=getattr(torch, key.dtype)
+        )
+        return load_for_training(
+            key.base_model,
+            placement,
+            allow_pickle=True,
+            model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
+            tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
+            prediction_type=key.prediction_type,
+        )
 
     @contextmanager
     def _provide_model(self, config: AnyTrainConfig, placement: Any) -> Iterator[Any]:
@@ -345,14 +464,19 @@ class LoradService:
         from lorad.engines.sd.train import ProvidedModel
 
         if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ModelLoadError(f"`base_model`: {config.base_model} is a pickle file",
-                                 "convert it to .safetensors, or set `allow_pickle: true`")
-        key = model_key(config, base_model=config.base_model, device=str(placement.device),
-                        dtype=str(placement.weight_dtype).removeprefix("torch."))
+            raise ModelLoadError(
+                f"`base_model`: {config.base_model} is a pickle file",
+                "convert it to .safetensors, or set `allow_pickle: true`",
+            )
+        key = model_key(
+            config,
+            base_model=config.base_model,
+            device=str(placement.device),
+            dtype=str(placement.weight_dtype).removeprefix("torch."),
+        )
         keep_alive = self._running_keep_alive()
         with self.registry.use(key, keep_alive=keep_alive) as acquired:
-            yield ProvidedModel(components=acquired.model, resident=acquired.resident,
-                                seconds=acquired.load_seconds)
+            yield ProvidedModel(components=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
 
     @contextmanager
     def _provide_llm(self, config: LlmTrainConfig, placement: Any) -> Iterator[Any]:
@@ -376,8 +500,12 @@ class LoradService:
         def provide(key: CaptionerKey) -> Iterator[ProvidedCaptioner]:
             registry_key = ModelKey(base_model=key.model, device=key.device, dtype=key.dtype, kind=key.kind)
             with self.registry.use(registry_key, keep_alive=keep_alive) as acquired:
-                yield ProvidedCaptioner(captioner=acquired.model, resident=acquired.resident,
-                                        seconds=acquired.load_seconds, model_id=acquired.model_id)
+                yield ProvidedCaptioner(
+                    captioner=acquired.model,
+                    resident=acquired.resident,
+                    seconds=acquired.load_seconds,
+                    model_id=acquired.model_id,
+                )
 
         return provide
 
@@ -387,8 +515,10 @@ class LoradService:
         with self._folder_locks_guard:
             lock = self._folder_locks.setdefault(str(folder), threading.Lock())
         if not lock.acquire(blocking=wait):
-            raise FolderBusy(f"{folder} is being captioned by another request right now",
-                             "wait for that request to finish, then run again")
+            raise FolderBusy(
+                f"{folder} is being captioned by another request right now",
+                "wait for that request to finish, then run again",
+            )
         try:
             yield
         finally:
@@ -398,15 +528,32 @@ class LoradService:
         """The worker's hook factory: a job's ``caption_missing`` hook, using resident captioners."""
         from lorad.captioning.training import caption_filler
 
-        return caption_filler(config, on_event=on_event, provide=self._captioner_provider(self._running_keep_alive()),
-                              stop=stop, exclusive=lambda folder: self._hold_folder(folder, wait=True))
+        return caption_filler(
+            config,
+            on_event=on_event,
+            provide=self._captioner_provider(self._running_keep_alive()),
+            stop=stop,
+            exclusive=lambda folder: self._hold_folder(folder, wait=True),
+        )
 
-    def caption_images(self, *, folder: str, base_dir: str, captioner: str = "blip", model: str = "",
-                       options: CaptionOptions | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                       trigger_word: str = "", format: str = "auto", caption_extension: str = ".txt",
-                       overwrite: bool = False, regenerate: bool = False, device: str = "auto",
-                       keep_alive_seconds: float = 0.0, active: Callable[[], bool] = lambda: True,
-                       ) -> Iterator[CaptionUpdate]:
+    def caption_images(
+        self,
+        *,
+        folder: str,
+        base_dir: str,
+        captioner: str = "blip",
+        model: str = "",
+        options: CaptionOptions | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        trigger_word: str = "",
+        format: str = "auto",
+        caption_extension: str = ".txt",
+        overwrite: bool = False,
+        regenerate: bool = False,
+        device: str = "auto",
+        keep_alive_seconds: float = 0.0,
+        active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[CaptionUpdate]:
         """Caption a folder with a resident captioner; yields its updates (see
         :func:`lorad.captioning.folder.caption_folder`). Validates first (ConfigError listing every
         problem; CaptionModelError for the model folder); FolderBusy when the folder is being captioned.
@@ -415,16 +562,33 @@ class LoradService:
         from lorad.captioning.request import caption_request
 
         if not base_dir or not Path(base_dir).is_absolute():
-            raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
-                                             "send the absolute directory relative paths resolve against")],
-                              "CaptionImages")
-        request = caption_request(folder, base_dir=Path(base_dir), captioner=captioner, model=model, options=options,
-                                  batch_size=batch_size, trigger_word=trigger_word, format=format,
-                                  caption_extension=caption_extension, overwrite=overwrite, regenerate=regenerate,
-                                  device=device, source="CaptionImages")
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
+                    )
+                ],
+                "CaptionImages",
+            )
+        request = caption_request(
+            folder,
+            base_dir=Path(base_dir),
+            captioner=captioner,
+            model=model,
+            options=options,
+            batch_size=batch_size,
+            trigger_word=trigger_word,
+            format=format,
+            caption_extension=caption_extension,
+            overwrite=overwrite,
+            regenerate=regenerate,
+            device=device,
+            source="CaptionImages",
+        )
         with self._hold_folder(request.folder, wait=False):
-            yield from caption_folder(request, provide=self._captioner_provider(keep_alive_seconds or None),
-                                      should_stop=lambda: not active())
+            yield from caption_folder(
+                request, provide=self._captioner_provider(keep_alive_seconds or None), should_stop=lambda: not active()
+            )
 
     # --- caption review and edits --------------------------------------------------------------
     def list_captions(self, *, folder: str, base_dir: str, caption_extension: str = "") -> FolderCaptions:
@@ -435,8 +599,9 @@ class LoradService:
         root = resolve_folder(folder, _absolute_base_dir(base_dir, "ListCaptions"), "ListCaptions")
         return list_captions(root, caption_extension=_caption_extension(caption_extension))
 
-    def set_captions(self, *, folder: str, base_dir: str, edits: Sequence[tuple[str, str]],
-                     caption_extension: str = "") -> FolderCaptions:
+    def set_captions(
+        self, *, folder: str, base_dir: str, edits: Sequence[tuple[str, str]], caption_extension: str = ""
+    ) -> FolderCaptions:
         """Write a person's caption edits into a folder (see :func:`lorad.captioning.editing.set_captions`):
         ConfigError lists every bad edit before anything is written; FolderBusy while it is being captioned."""
         from lorad.captioning.editing import resolve_folder, set_captions
@@ -448,33 +613,67 @@ class LoradService:
     def list_models(self) -> list[ResidentInfo]:
         return self.registry.list()
 
-    def load_model(self, *, base_model: str, base_dir: str, device: str = "", mixed_precision: str = "",
-                   model_config_dir: str = "", tokenizer_path: str = "", prediction_type: str = "",
-                   allow_pickle: bool = False, keep_alive_seconds: float = 0.0) -> tuple[ResidentInfo, bool]:
+    def load_model(
+        self,
+        *,
+        base_model: str,
+        base_dir: str,
+        device: str = "",
+        mixed_precision: str = "",
+        model_config_dir: str = "",
+        tokenizer_path: str = "",
+        prediction_type: str = "",
+        allow_pickle: bool = False,
+        keep_alive_seconds: float = 0.0,
+    ) -> tuple[ResidentInfo, bool]:
         """Preload a base model the way a job with these settings would use it."""
         from lorad.engines.device import pick_placement
 
         if detect_task({"base_model": base_model}, base_dir=Path(base_dir or "/")) == "llm":
-            llm_fields = {"train_data": base_dir or "/", "base_model": base_model, "output_dir": base_dir or "/",
-                          "device": device or "auto", "mixed_precision": mixed_precision or "auto"}
-            llm_config = parse_any_config(llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"),
-                                          source="LoadModel")
+            llm_fields = {
+                "train_data": base_dir or "/",
+                "base_model": base_model,
+                "output_dir": base_dir or "/",
+                "device": device or "auto",
+                "mixed_precision": mixed_precision or "auto",
+            }
+            llm_config = parse_any_config(
+                llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"), source="LoadModel"
+            )
             llm_placement = pick_placement(llm_config.device, llm_config.mixed_precision)
             return self.registry.load(llm_model_key(llm_config, llm_placement), keep_alive=keep_alive_seconds or None)
-        fields: dict[str, Any] = {"train_data_dir": base_dir, "base_model": base_model, "output_dir": base_dir,
-                                  "device": device or "auto", "mixed_precision": mixed_precision or "auto",
-                                  "prediction_type": prediction_type or "auto", "allow_pickle": allow_pickle}
+        fields: dict[str, Any] = {
+            "train_data_dir": base_dir,
+            "base_model": base_model,
+            "output_dir": base_dir,
+            "device": device or "auto",
+            "mixed_precision": mixed_precision or "auto",
+            "prediction_type": prediction_type or "auto",
+            "allow_pickle": allow_pickle,
+        }
         if model_config_dir:
             fields["model_config_dir"] = model_config_dir
         if tokenizer_path:
             fields["tokenizer_path"] = tokenizer_path
         config = parse_config(fields, base_dir=Path(base_dir or "/"), source="LoadModel")
         if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ConfigError([ConfigProblem("base_model", f"{config.base_model} is a pickle file",
-                                             "convert it to .safetensors, or set allow_pickle")], "LoadModel")
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "base_model",
+                        f"{config.base_model} is a pickle file",
+                        "convert it to .safetensors, or set allow_pickle",
+                    )
+                ],
+                "LoadModel",
+            )
         placement = pick_placement(config.device, config.mixed_precision)
-        key = model_key(config, base_model=config.base_model, device=str(placement.device),
-                        dtype=str(placement.weight_dtype).removeprefix("torch."))
+        key = model_key(
+            config,
+            base_model=config.base_model,
+            device=str(placement.device),
+            dtype=str(placement.weight_dtype).removeprefix("torch."),
+        )
         return self.registry.load(key, keep_alive=keep_alive_seconds or None)
 
     def unload_model(self, model: str) -> int:
@@ -491,11 +690,18 @@ class LoradService:
     # --- status --------------------------------------------------------------------------------
     def status(self) -> DaemonStatus:
         return DaemonStatus(
-            version=__version__, started_at=self.started_at, uptime_seconds=time.time() - self.started_at,
-            devices=self._devices(), queue_length=len(self.store.list([JobState.QUEUED], limit=100_000)),
-            running_job_id=self.worker.running_job_id or "", addresses=self.addresses,
-            token_required=self.settings.require_token, home=str(self.settings.home),
-            resident_models=len(self.registry.list()), pid=os.getpid())
+            version=__version__,
+            started_at=self.started_at,
+            uptime_seconds=time.time() - self.started_at,
+            devices=self._devices(),
+            queue_length=len(self.store.list([JobState.QUEUED], limit=100_000)),
+            running_job_id=self.worker.running_job_id or "",
+            addresses=self.addresses,
+            token_required=self.settings.require_token,
+            home=str(self.settings.home),
+            resident_models=len(self.registry.list()),
+            pid=os.getpid(),
+        )
 
     def _devices(self) -> list[DeviceInfo]:
         import platform
@@ -508,16 +714,23 @@ class LoradService:
             devices.append(DeviceInfo(f"cuda:{index}", torch.cuda.get_device_name(index), total, total - free))
         if torch.backends.mps.is_available():
             devices.append(DeviceInfo("mps", "Apple GPU", 0, int(torch.mps.current_allocated_memory())))
-        devices.append(DeviceInfo("cpu", platform.processor() or platform.machine(), _total_memory_bytes(),
-                                  _resident_set_bytes()))
+        devices.append(
+            DeviceInfo("cpu", platform.processor() or platform.machine(), _total_memory_bytes(), _resident_set_bytes())
+        )
         return devices
 
 
 def _absolute_base_dir(base_dir: str, source: str) -> Path:
     """``base_dir`` as a Path; ConfigError unless it is absolute (relative paths need an anchor)."""
     if not base_dir or not Path(base_dir).is_absolute():
-        raise ConfigError([ConfigProblem("base_dir", f"got {base_dir!r}",
-                                         "send the absolute directory relative paths resolve against")], source)
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
+                )
+            ],
+            source,
+        )
     return Path(base_dir)
 
 

@@ -75,10 +75,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         with rpc_errors(context):
             form = request.WhichOneof("config")
             fields = MessageToDict(request.config_fields) if form == "config_fields" else None
-            job = self.service.submit(config_yaml=request.config_yaml if form == "config_yaml" else None,
-                                      config_fields=fields, base_dir=request.base_dir,
-                                      source_name=request.source_name,
-                                      keep_alive_seconds=request.keep_alive_seconds)
+            job = self.service.submit(
+                config_yaml=request.config_yaml if form == "config_yaml" else None,
+                config_fields=fields,
+                base_dir=request.base_dir,
+                source_name=request.source_name,
+                keep_alive_seconds=request.keep_alive_seconds,
+            )
             return training_pb2.SubmitTrainingResponse(job=self._job(job))
 
     def GetJob(self, request, context):
@@ -97,8 +100,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     def WatchJob(self, request, context):
         with rpc_errors(context):
-            job, events = self.service.watch(request.job_id, after_seq=request.after_seq, active=context.is_active,
-                                             history_only=request.history_only)
+            job, events = self.service.watch(
+                request.job_id, after_seq=request.after_seq, active=context.is_active, history_only=request.history_only
+            )
             context.add_callback(self.service.hub.wake)  # a client that leaves frees its thread at once
             yield training_pb2.WatchJobResponse(job=self._job(job))
             for record in events:
@@ -116,10 +120,16 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def LoadModel(self, request, context):
         with rpc_errors(context):
             info, already = self.service.load_model(
-                base_model=request.base_model, base_dir=request.base_dir, device=request.device,
-                mixed_precision=request.mixed_precision, model_config_dir=request.model_config_dir,
-                tokenizer_path=request.tokenizer_path, prediction_type=request.prediction_type,
-                allow_pickle=request.allow_pickle, keep_alive_seconds=request.keep_alive_seconds)
+                base_model=request.base_model,
+                base_dir=request.base_dir,
+                device=request.device,
+                mixed_precision=request.mixed_precision,
+                model_config_dir=request.model_config_dir,
+                tokenizer_path=request.tokenizer_path,
+                prediction_type=request.prediction_type,
+                allow_pickle=request.allow_pickle,
+                keep_alive_seconds=request.keep_alive_seconds,
+            )
             return models_pb2.LoadModelResponse(model=resident_to_proto(info), already_resident=already)
 
     def UnloadModel(self, request, context):
@@ -134,13 +144,21 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
     def CaptionImages(self, request, context):
         with rpc_errors(context):
             updates = self.service.caption_images(
-                folder=request.folder, base_dir=request.base_dir, captioner=CAPTIONER_FROM_PROTO[request.captioner],
-                model=request.model, options=caption_options_from_proto(request.options),
-                batch_size=request.batch_size or DEFAULT_BATCH_SIZE, trigger_word=request.trigger_word,
+                folder=request.folder,
+                base_dir=request.base_dir,
+                captioner=CAPTIONER_FROM_PROTO[request.captioner],
+                model=request.model,
+                options=caption_options_from_proto(request.options),
+                batch_size=request.batch_size or DEFAULT_BATCH_SIZE,
+                trigger_word=request.trigger_word,
                 format=FORMAT_FROM_PROTO.get(request.format, "auto"),
-                caption_extension=request.caption_extension or ".txt", overwrite=request.overwrite,
-                regenerate=request.regenerate, device=request.device or "auto",
-                keep_alive_seconds=request.keep_alive_seconds, active=context.is_active)
+                caption_extension=request.caption_extension or ".txt",
+                overwrite=request.overwrite,
+                regenerate=request.regenerate,
+                device=request.device or "auto",
+                keep_alive_seconds=request.keep_alive_seconds,
+                active=context.is_active,
+            )
             try:
                 for update in updates:
                     yield caption_update_to_proto(update)
@@ -149,14 +167,22 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
 
     def ListCaptions(self, request, context):
         with rpc_errors(context):
-            return list_captions_to_proto(self.service.list_captions(
-                folder=request.folder, base_dir=request.base_dir, caption_extension=request.caption_extension))
+            return list_captions_to_proto(
+                self.service.list_captions(
+                    folder=request.folder, base_dir=request.base_dir, caption_extension=request.caption_extension
+                )
+            )
 
     def SetCaptions(self, request, context):
         with rpc_errors(context):
-            return set_captions_to_proto(self.service.set_captions(
-                folder=request.folder, base_dir=request.base_dir, edits=caption_edits_from_proto(request.edits),
-                caption_extension=request.caption_extension))
+            return set_captions_to_proto(
+                self.service.set_captions(
+                    folder=request.folder,
+                    base_dir=request.base_dir,
+                    edits=caption_edits_from_proto(request.edits),
+                    caption_extension=request.caption_extension,
+                )
+            )
 
 
 class SystemServicer(system_pb2_grpc.SystemServiceServicer):
@@ -176,10 +202,16 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
         with rpc_errors(context):
             policy = request.policy
             view = self.service.add_watch(
-                folder=request.folder, config_path=request.config_path, base_dir=request.base_dir,
-                quiet_seconds=policy.quiet_seconds, min_new_images=policy.min_new_images,
-                mode=WATCH_MODE_FROM_PROTO.get(policy.mode, str(policy.mode)), continue_steps=policy.continue_steps,
-                publish_dir=policy.publish_dir, polling=policy.polling)
+                folder=request.folder,
+                config_path=request.config_path,
+                base_dir=request.base_dir,
+                quiet_seconds=policy.quiet_seconds,
+                min_new_images=policy.min_new_images,
+                mode=WATCH_MODE_FROM_PROTO.get(policy.mode, str(policy.mode)),
+                continue_steps=policy.continue_steps,
+                publish_dir=policy.publish_dir,
+                polling=policy.polling,
+            )
             return watch_pb2.AddWatchResponse(watch=watch_to_proto(view))
 
     def RemoveWatch(self, request, context):
@@ -206,8 +238,10 @@ def add_servicers(server: grpc.Server, service: LoradService) -> list[str]:
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
     system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service), server)
     watch_pb2_grpc.add_WatchServiceServicer_to_server(WatchServicer(service), server)
-    return [training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
-            models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-            caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name,
-            system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
-            watch_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name]
+    return [
+        training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+        models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+        caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name,
+        system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+        watch_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name,
+    ]

@@ -17,12 +17,12 @@ class DaemonSettings:
     """How a `lorad serve` process runs. Built by :func:`daemon_settings`."""
 
     home: Path
-    tcp_addresses: tuple[str, ...]          # "host:port" each
-    unix_socket: Path | None                # None: no Unix socket
+    tcp_addresses: tuple[str, ...]  # "host:port" each
+    unix_socket: Path | None  # None: no Unix socket
     require_token: bool
-    default_keep_alive: float = 1800.0      # seconds a model stays resident after its last use
+    default_keep_alive: float = 1800.0  # seconds a model stays resident after its last use
     memory_budget_bytes: int | None = None  # resident models beyond this are evicted LRU
-    resume_interrupted: bool = True         # re-queue jobs a dead daemon was running
+    resume_interrupted: bool = True  # re-queue jobs a dead daemon was running
 
     @property
     def grpc_targets(self) -> list[str]:
@@ -32,11 +32,13 @@ class DaemonSettings:
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """"127.0.0.1:47860" / "[::1]:47860" / "localhost:1" → (host, port); a bad address is a LoradError."""
+    """ "127.0.0.1:47860" / "[::1]:47860" / "localhost:1" → (host, port); a bad address is a LoradError."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise LoradError(f"`--listen`: {address!r} is not HOST:PORT",
-                         "use e.g. 127.0.0.1:47860, [::1]:47860, 0.0.0.0:47860 or unix:/path/lorad.sock")
+        raise LoradError(
+            f"`--listen`: {address!r} is not HOST:PORT",
+            "use e.g. 127.0.0.1:47860, [::1]:47860, 0.0.0.0:47860 or unix:/path/lorad.sock",
+        )
     return host.strip("[]"), int(port)
 
 
@@ -81,6 +83,12 @@ def daemon_settings(
     else:
         tcp.append(f"127.0.0.1:{DEFAULT_PORT}")
     budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else None
-    return DaemonSettings(home=home, tcp_addresses=tuple(tcp), unix_socket=unix, require_token=require_token,
-                          default_keep_alive=default_keep_alive, memory_budget_bytes=budget,
-                          resume_interrupted=resume_interrupted)
+    return DaemonSettings(
+        home=home,
+        tcp_addresses=tuple(tcp),
+        unix_socket=unix,
+        require_token=require_token,
+        default_keep_alive=default_keep_alive,
+        memory_budget_bytes=budget,
+        resume_interrupted=resume_interrupted,
+    )

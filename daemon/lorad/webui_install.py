@@ -29,22 +29,27 @@ def extension_source() -> Path:
     """The extension folder of this lorad checkout. Raises WebuiInstallError in an installed wheel."""
     source = Path(__file__).resolve().parents[2] / "clients" / EXTENSION_NAME
     if not (source / ENTRY_SCRIPT).is_file():
-        raise WebuiInstallError(f"the WebUI extension is not at {source}",
-                                hint="Run `lorad webui install` from a lorad source checkout (pip install -e .), "
-                                     "or copy clients/sd-webui-lorad into the WebUI's extensions/ folder by hand.")
+        raise WebuiInstallError(
+            f"the WebUI extension is not at {source}",
+            hint="Run `lorad webui install` from a lorad source checkout (pip install -e .), "
+            "or copy clients/sd-webui-lorad into the WebUI's extensions/ folder by hand.",
+        )
     return source
 
 
 def check_webui_dir(webui_dir: Path) -> None:
     """Raise WebuiInstallError unless ``webui_dir`` looks like an A1111-style WebUI folder."""
     if not webui_dir.is_dir():
-        raise WebuiInstallError(f"`--webui-dir`: {webui_dir} is not a folder",
-                                hint="Give the stable-diffusion-webui folder (the one with launch.py).")
+        raise WebuiInstallError(
+            f"`--webui-dir`: {webui_dir} is not a folder",
+            hint="Give the stable-diffusion-webui folder (the one with launch.py).",
+        )
     missing = [name for name in WEBUI_MARKERS if not (webui_dir / name).exists()]
     if missing:
         raise WebuiInstallError(
             f"`--webui-dir`: {webui_dir} is not an AUTOMATIC1111 WebUI folder (no {' or '.join(missing)})",
-            hint="Give the folder you start the WebUI from: it holds launch.py, modules/ and extensions/.")
+            hint="Give the folder you start the WebUI from: it holds launch.py, modules/ and extensions/.",
+        )
 
 
 def install_extension(webui_dir: Path, *, copy: bool = False, source: Path | None = None) -> tuple[Path, str]:
@@ -62,11 +67,14 @@ def install_extension(webui_dir: Path, *, copy: bool = False, source: Path | Non
         if target.resolve() == source.resolve() and not copy:
             return target, "already linked"
         if not (target / ENTRY_SCRIPT).is_file():
-            raise WebuiInstallError(f"{target} is a link to {os.readlink(target)}, not this extension",
-                                    hint="Remove it, then run this again.")
+            raise WebuiInstallError(
+                f"{target} is a link to {os.readlink(target)}, not this extension",
+                hint="Remove it, then run this again.",
+            )
     elif target.exists() and not (target / ENTRY_SCRIPT).is_file():
-        raise WebuiInstallError(f"{target} exists and is not the lorad extension",
-                                hint="Move it away, then run this again.")
+        raise WebuiInstallError(
+            f"{target} exists and is not the lorad extension", hint="Move it away, then run this again."
+        )
     if copy:
         staged = Path(tempfile.mkdtemp(prefix=f".{EXTENSION_NAME}.", dir=extensions))
         shutil.copytree(source, staged / EXTENSION_NAME, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

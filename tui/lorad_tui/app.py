@@ -177,8 +177,11 @@ class LoradApp(App[None]):
         if action == "open_section":
             # Sections open from the dashboard (the hub), and only when the daemon serves them;
             # elsewhere the key is hidden (False), which also keeps narrow footers short.
-            return (self.connected and isinstance(self.screen, DashboardScreen)
-                    and section(str(parameters[0])).service in self.services)
+            return (
+                self.connected
+                and isinstance(self.screen, DashboardScreen)
+                and section(str(parameters[0])).service in self.services
+            )
         return True
 
     def action_open_section(self, name: str) -> None:
@@ -194,26 +197,40 @@ class LoradApp(App[None]):
     def help_groups(self) -> list[tuple[str, list[BindingType]]]:
         """(title, bindings) of every screen, for the help screen. ``escape`` goes back on every
         screen, so it is listed once, under "Everywhere", not in each screen's group."""
-        sections = [binding for binding in self.BINDINGS if isinstance(binding, Binding)
-                    and binding.action.startswith("open_section")]
+        sections = [
+            binding
+            for binding in self.BINDINGS
+            if isinstance(binding, Binding) and binding.action.startswith("open_section")
+        ]
         served = [binding for binding, entry in zip(sections, SECTIONS, strict=True) if entry.service in self.services]
         screens: list[tuple[str, list[BindingType]]] = [
             ("Dashboard", [*DashboardScreen.BINDINGS, *served]),
             ("Submit", list(SubmitScreen.BINDINGS)),
             ("Job detail", list(JobDetailScreen.BINDINGS)),
-            *((entry.title, list(screen.BINDINGS)) for entry, screen in ((section("captions"), CaptionsScreen),
-                                                                         (section("watches"), WatchesScreen))
-              if entry.service in self.services),
+            *(
+                (entry.title, list(screen.BINDINGS))
+                for entry, screen in ((section("captions"), CaptionsScreen), (section("watches"), WatchesScreen))
+                if entry.service in self.services
+            ),
         ]
-        everywhere = [*(b for b in self.BINDINGS if b not in sections),
-                      Binding("escape", "", "Back, or close a box", key_display="esc")]
+        everywhere = [
+            *(b for b in self.BINDINGS if b not in sections),
+            Binding("escape", "", "Back, or close a box", key_display="esc"),
+        ]
         return [
             ("Everywhere", everywhere),
-            *((title, [b for b in bindings if not (isinstance(b, Binding) and b.key == "escape")])
-              for title, bindings in screens),
-            ("Moving around", [Binding("up,down", "", "Move in a table, tree or list", key_display="↑ ↓"),
-                               Binding("tab", "", "Next part of the screen"),
-                               Binding("enter", "", "Open, pick or press", key_display="enter")]),
+            *(
+                (title, [b for b in bindings if not (isinstance(b, Binding) and b.key == "escape")])
+                for title, bindings in screens
+            ),
+            (
+                "Moving around",
+                [
+                    Binding("up,down", "", "Move in a table, tree or list", key_display="↑ ↓"),
+                    Binding("tab", "", "Next part of the screen"),
+                    Binding("enter", "", "Open, pick or press", key_display="enter"),
+                ],
+            ),
         ]
 
     # -- connection ----------------------------------------------------------------------------
@@ -397,8 +414,11 @@ class LoradApp(App[None]):
         if self.client is None:
             return
         wanted = {view.job_id for view in self.view.listed() if view.job.state == JOB_STATE_RUNNING}
-        wanted |= {job_id for job_id, count in self._open_jobs.items()
-                   if count > 0 and job_id in self.view.jobs and not is_final(self.view.jobs[job_id].job)}
+        wanted |= {
+            job_id
+            for job_id, count in self._open_jobs.items()
+            if count > 0 and job_id in self.view.jobs and not is_final(self.view.jobs[job_id].job)
+        }
         for job_id in wanted - self._following:
             self._start_stream(job_id, history_only=False)
         for job_id in self._following - wanted:
@@ -412,8 +432,13 @@ class LoradApp(App[None]):
         view = self.view.jobs.get(job_id)
         after = view.last_seq if view is not None else 0
         # One worker per followed job (its own group: exclusive per job, not across jobs).
-        self.run_worker(partial(self._stream_job, self.client, job_id, after, history_only),
-                        name=f"watch {job_id}", group=f"watch:{job_id}", exclusive=True, thread=True)
+        self.run_worker(
+            partial(self._stream_job, self.client, job_id, after, history_only),
+            name=f"watch {job_id}",
+            group=f"watch:{job_id}",
+            exclusive=True,
+            thread=True,
+        )
 
     def _stream_job(self, client: DaemonClient, job_id: str, after_seq: int, history_only: bool) -> None:
         """Worker: follow one job's WatchJob stream, posting each message (→ Streamed, StreamEnded)."""

@@ -71,19 +71,31 @@ class DaemonClient(Protocol):
 
     # CaptionService (the captions screen)
 
-    def caption_images(self, folder: str | Path, *, base_dir: str | Path, captioner: int = ...,
-                       model: str = "") -> CaptionStream: ...
+    def caption_images(
+        self, folder: str | Path, *, base_dir: str | Path, captioner: int = ..., model: str = ""
+    ) -> CaptionStream: ...
 
     def list_captions(self, folder: str | Path, *, base_dir: str | Path) -> ListCaptionsResponse: ...
 
-    def set_captions(self, folder: str | Path, edits: Mapping[str, str], *,
-                     base_dir: str | Path) -> SetCaptionsResponse: ...
+    def set_captions(
+        self, folder: str | Path, edits: Mapping[str, str], *, base_dir: str | Path
+    ) -> SetCaptionsResponse: ...
 
     # WatchService (the watches screen and the dashboard's watched folders), when the daemon serves it
 
-    def add_watch(self, folder: str, config_path: str, *, base_dir: str | None = None, quiet_seconds: float = 0,
-                  min_new_images: int = 0, mode: str = "continue", continue_steps: int = 0, publish_dir: str = "",
-                  polling: bool = False) -> Watch: ...
+    def add_watch(
+        self,
+        folder: str,
+        config_path: str,
+        *,
+        base_dir: str | None = None,
+        quiet_seconds: float = 0,
+        min_new_images: int = 0,
+        mode: str = "continue",
+        continue_steps: int = 0,
+        publish_dir: str = "",
+        polling: bool = False,
+    ) -> Watch: ...
 
     def remove_watch(self, watch: str, *, base_dir: str | None = None) -> Watch: ...
 

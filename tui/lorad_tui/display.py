@@ -49,7 +49,7 @@ def state_text(job: Job) -> Text:
 
 
 def ago(stamp: Timestamp, now: float) -> str:
-    """"3m05s ago" for a set timestamp, "-" for an unset one."""
+    """ "3m05s ago" for a set timestamp, "-" for an unset one."""
     if not stamp.seconds:
         return "-"
     return f"{format_duration(max(0.0, now - stamp.seconds))} ago"
@@ -72,8 +72,14 @@ def job_cells(view: JobView, now: float) -> tuple[str | Text, ...]:
 def model_cells(model: ResidentModel, keep_alive_left: float) -> tuple[str | Text, ...]:
     """The models table's cells for one resident model, in ``MODEL_COLUMNS`` order."""
     keep = Text("in use", style="bold cyan") if model.in_use else Text(format_duration(keep_alive_left))
-    return (Path(model.source).name or model.source, model.model_version, model.device, model.dtype,
-            format_bytes(model.memory_bytes), keep)
+    return (
+        Path(model.source).name or model.source,
+        model.model_version,
+        model.device,
+        model.dtype,
+        format_bytes(model.memory_bytes),
+        keep,
+    )
 
 
 def status_text(status: GetStatusResponse, uptime: float, running_name: str) -> Text:
@@ -121,15 +127,21 @@ def shorten_folder(folder: str, width: int) -> str:
     names the folder, so it is what is kept)."""
     home = str(Path.home())
     if folder == home or folder.startswith(home + "/"):
-        folder = "~" + folder[len(home):]
-    return folder if len(folder) <= width else "…" + folder[-(width - 1):]
+        folder = "~" + folder[len(home) :]
+    return folder if len(folder) <= width else "…" + folder[-(width - 1) :]
 
 
 def watch_cells(watch: watch_pb2.Watch, folder_width: int = 40) -> tuple[str | Text, ...]:
     """The watch table's cells for one watch, in ``WATCH_COLUMNS`` order."""
     lora = f"v{watch.version}" if watch.version else "-"
-    return (shorten_folder(watch.folder, folder_width), watch_state_text(watch), str(watch.images_seen),
-            str(watch.new_images), lora, watch.last_job_id[:10] or "-")
+    return (
+        shorten_folder(watch.folder, folder_width),
+        watch_state_text(watch),
+        str(watch.images_seen),
+        str(watch.new_images),
+        lora,
+        watch.last_job_id[:10] or "-",
+    )
 
 
 def watch_detail(watch: watch_pb2.Watch) -> Text:
@@ -140,9 +152,12 @@ def watch_detail(watch: watch_pb2.Watch) -> Text:
     text.append("config: ", style="bold")
     text.append(f"{watch.config_path}\n")
     text.append("policy: ", style="bold")
-    text.append(f"{mode}" + (f" {policy.continue_steps} steps" if policy.continue_steps else "")
-                + f" · after {policy.quiet_seconds:g}s quiet · at least {policy.min_new_images} new"
-                + (" · polling" if policy.polling else ""))
+    text.append(
+        f"{mode}"
+        + (f" {policy.continue_steps} steps" if policy.continue_steps else "")
+        + f" · after {policy.quiet_seconds:g}s quiet · at least {policy.min_new_images} new"
+        + (" · polling" if policy.polling else "")
+    )
     if watch.state == watch_pb2.WATCH_STATE_ERROR:
         text.append(f"\n✗ {watch.error}", style="bold red")
         if watch.hint:

@@ -60,8 +60,7 @@ class ConnectionLost(Message):
 class Polled(Message):
     """A status + resident models refresh through ``client``, fetched at App-clock time ``at``."""
 
-    def __init__(self, client: DaemonClient, status: GetStatusResponse, models: list[ResidentModel],
-                 at: float) -> None:
+    def __init__(self, client: DaemonClient, status: GetStatusResponse, models: list[ResidentModel], at: float) -> None:
         super().__init__()
         self.client = client
         self.status = status

@@ -39,13 +39,30 @@ class Section:
 
 
 SECTIONS: tuple[Section, ...] = (
-    Section(name="submit", key="s", title="Submit", description="pick a YAML config, check it and queue it",
-            service="lorad.v1.TrainingService", make=lambda base_dir, view: SubmitScreen(base_dir)),
-    Section(name="captions", key="t", title="Captions",
-            description="caption a folder, then review and edit its captions",
-            service=CAPTION_SERVICE, make=lambda base_dir, view: CaptionsScreen(base_dir)),
-    Section(name="watches", key="w", title="Watches", description="watch folders that train themselves",
-            service=WATCH_SERVICE, make=lambda base_dir, view: WatchesScreen(base_dir, view)),
+    Section(
+        name="submit",
+        key="s",
+        title="Submit",
+        description="pick a YAML config, check it and queue it",
+        service="lorad.v1.TrainingService",
+        make=lambda base_dir, view: SubmitScreen(base_dir),
+    ),
+    Section(
+        name="captions",
+        key="t",
+        title="Captions",
+        description="caption a folder, then review and edit its captions",
+        service=CAPTION_SERVICE,
+        make=lambda base_dir, view: CaptionsScreen(base_dir),
+    ),
+    Section(
+        name="watches",
+        key="w",
+        title="Watches",
+        description="watch folders that train themselves",
+        service=WATCH_SERVICE,
+        make=lambda base_dir, view: WatchesScreen(base_dir, view),
+    ),
 )
 
 

@@ -51,8 +51,9 @@ class A1111Host:
         from modules import sd_models
 
         titles = sd_models.checkpoint_tiles()
-        return {title: sd_models.checkpoints_list[title].filename for title in titles
-                if title in sd_models.checkpoints_list}
+        return {
+            title: sd_models.checkpoints_list[title].filename for title in titles if title in sd_models.checkpoints_list
+        }
 
     def refresh_loras(self) -> None:
         """Rescan the LoRA folder through the built-in Lora extension (``networks``, or ``lora`` before 1.5)."""
@@ -79,11 +80,18 @@ def on_ui_settings() -> None:
     """Add the connection settings to A1111's Settings page."""
     from modules import shared
 
-    shared.opts.add_option(ADDRESS_OPTION, shared.OptionInfo(
-        "", "lorad daemon address (empty: find the daemon on this machine, and its token, by itself)",
-        section=SECTION))
-    shared.opts.add_option(WEIGHT_OPTION, shared.OptionInfo(
-        0.8, "Weight in the <lora:name:weight> snippet shown after training", section=SECTION))
+    shared.opts.add_option(
+        ADDRESS_OPTION,
+        shared.OptionInfo(
+            "",
+            "lorad daemon address (empty: find the daemon on this machine, and its token, by itself)",
+            section=SECTION,
+        ),
+    )
+    shared.opts.add_option(
+        WEIGHT_OPTION,
+        shared.OptionInfo(0.8, "Weight in the <lora:name:weight> snippet shown after training", section=SECTION),
+    )
 
 
 def on_ui_tabs() -> list[tuple[object, str, str]]:

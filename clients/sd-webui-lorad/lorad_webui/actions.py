@@ -22,8 +22,11 @@ from lorad_webui.placement import lora_snippet, place_lora
 from lorad_webui.progress import JobProgress
 from lorad_webui.vendored.format import describe_caption
 
-CAPTIONERS = {"wd14 (tags)": caption_pb2.CAPTIONER_KIND_WD14, "blip (sentences)": caption_pb2.CAPTIONER_KIND_BLIP,
-              "clip (phrases)": caption_pb2.CAPTIONER_KIND_CLIP}
+CAPTIONERS = {
+    "wd14 (tags)": caption_pb2.CAPTIONER_KIND_WD14,
+    "blip (sentences)": caption_pb2.CAPTIONER_KIND_BLIP,
+    "clip (phrases)": caption_pb2.CAPTIONER_KIND_CLIP,
+}
 SOURCE_NAME = "webui"
 
 
@@ -97,8 +100,9 @@ def save_caption_edits(folder: str, rows: Sequence[Sequence[Any]]) -> str:
     return f"Saved {changed} changed caption{'s' if changed != 1 else ''}."
 
 
-def caption_images(host: Host, folder: str, captioner: str, model: str, trigger_word: str,
-                   overwrite: bool) -> Iterator[str]:
+def caption_images(
+    host: Host, folder: str, captioner: str, model: str, trigger_word: str, overwrite: bool
+) -> Iterator[str]:
     """Caption the folder's images through the daemon; yields the growing log text."""
     path = Path(folder.strip()).expanduser()
     if not folder.strip() or not path.is_dir() or not list_images(path):
@@ -107,8 +111,13 @@ def caption_images(host: Host, folder: str, captioner: str, model: str, trigger_
     lines: list[str] = []
     try:
         with Daemon.connect(host.daemon_address()) as daemon:
-            stream = daemon.caption_images(path.resolve(), captioner=CAPTIONERS.get(captioner, 0), model=model.strip(),
-                                           trigger_word=trigger_word.strip(), overwrite=overwrite)
+            stream = daemon.caption_images(
+                path.resolve(),
+                captioner=CAPTIONERS.get(captioner, 0),
+                model=model.strip(),
+                trigger_word=trigger_word.strip(),
+                overwrite=overwrite,
+            )
             for message in stream:
                 line = describe_caption(message)
                 if message.WhichOneof("item") == "image":

@@ -60,16 +60,18 @@ def write_captions(folder: Path, captions: Mapping[str, str]) -> int:
     """Save ``captions`` (relative image path → text) where the folder keeps them; returns how many
     changed. Unchanged captions are not rewritten; empty ones are skipped (they would not train)."""
     current = read_captions(folder)
-    changed = {rel: text.strip() for rel, text in captions.items()
-               if rel in current and text.strip() and text.strip() != current[rel]}
+    changed = {
+        rel: text.strip()
+        for rel, text in captions.items()
+        if rel in current and text.strip() and text.strip() != current[rel]
+    }
     if not changed:
         return 0
     if uses_csv(folder):
         path = folder / METADATA_CSV
         header, rows = _read_csv(path)
         file_col, caption_col = _columns(header, path)
-        index = {_normalise(row[file_col]): i
-                 for i, row in reversed(list(enumerate(rows))) if len(row) > file_col}
+        index = {_normalise(row[file_col]): i for i, row in reversed(list(enumerate(rows))) if len(row) > file_col}
         for rel, text in changed.items():
             if rel in index:
                 row = rows[index[rel]]
@@ -137,8 +139,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     width = len(header)
     _, caption_col = _columns(header, path)
     # Like lorad's reader: unquoted commas in a last caption column belong to the caption.
-    body = [[*r[:width - 1], ",".join(r[width - 1:])] if len(r) > width and caption_col == width - 1 else r
-            for r in rows[1:]]
+    body = [
+        [*r[: width - 1], ",".join(r[width - 1 :])] if len(r) > width and caption_col == width - 1 else r
+        for r in rows[1:]
+    ]
     return header, body
 
 
@@ -147,6 +151,7 @@ def _columns(header: list[str], path: Path) -> tuple[int, int]:
     file_col = next((names.index(c) for c in _FILE_COLUMNS if c in names), None)
     caption_col = next((names.index(c) for c in _CAPTION_COLUMNS if c in names), None)
     if file_col is None or caption_col is None:
-        raise CaptionFileError(f"{path} line 1: the header {','.join(header)!r} needs a file and a caption column "
-                               "(e.g. `file,caption`)")
+        raise CaptionFileError(
+            f"{path} line 1: the header {','.join(header)!r} needs a file and a caption column (e.g. `file,caption`)"
+        )
     return file_col, caption_col

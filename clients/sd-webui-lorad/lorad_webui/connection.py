@@ -50,10 +50,12 @@ def _translate(err: grpc.RpcError, target: DaemonTarget) -> DaemonError:
         return DaemonError(
             f"The lorad daemon is not running at {target.target} (found via {target.source}). "
             f"Start it on this machine with `{START_COMMAND}`, or set its address in Settings → lorad.",
-            unavailable=True)
+            unavailable=True,
+        )
     if code == grpc.StatusCode.UNAUTHENTICATED and not target.token:
-        details += ("\nNo token was found on this machine: for a daemon elsewhere, set $LORAD_TOKEN before "
-                    "starting the WebUI.")
+        details += (
+            "\nNo token was found on this machine: for a daemon elsewhere, set $LORAD_TOKEN before starting the WebUI."
+        )
     return DaemonError(details or f"lorad daemon call failed ({code.name})")
 
 
@@ -115,25 +117,34 @@ class Daemon:
         """The daemon's version (a cheap "is it there" call)."""
         return self._unary(self._system.GetStatus, system_pb2.GetStatusRequest(), STATUS_TIMEOUT).version
 
-    def caption_images(self, folder: Path, *, captioner: int, model: str = "", trigger_word: str = "",
-                       overwrite: bool = False) -> Stream:
+    def caption_images(
+        self, folder: Path, *, captioner: int, model: str = "", trigger_word: str = "", overwrite: bool = False
+    ) -> Stream:
         """CaptionImages on ``folder`` (absolute); stream of ``CaptionImagesResponse``."""
-        request = caption_pb2.CaptionImagesRequest(folder=str(folder), base_dir=str(folder), captioner=captioner,
-                                                   model=model, trigger_word=trigger_word, overwrite=overwrite)
+        request = caption_pb2.CaptionImagesRequest(
+            folder=str(folder),
+            base_dir=str(folder),
+            captioner=captioner,
+            model=model,
+            trigger_word=trigger_word,
+            overwrite=overwrite,
+        )
         return Stream(self._caption.CaptionImages(request, metadata=self._metadata), self.target)
 
     def submit_training(self, fields: Mapping[str, Any], *, base_dir: Path, source_name: str) -> jobs_pb2.Job:
         """SubmitTraining with ``config_fields``; the queued job. Config errors raise DaemonError."""
         struct = struct_pb2.Struct()
         struct.update(dict(fields))
-        request = training_pb2.SubmitTrainingRequest(config_fields=struct, base_dir=str(base_dir),
-                                                     source_name=source_name)
+        request = training_pb2.SubmitTrainingRequest(
+            config_fields=struct, base_dir=str(base_dir), source_name=source_name
+        )
         return self._unary(self._training.SubmitTraining, request, SUBMIT_TIMEOUT).job
 
     def watch_job(self, job_id: str) -> Stream:
         """WatchJob from the start: the job, then its events, until it ends."""
-        return Stream(self._training.WatchJob(training_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata),
-                      self.target)
+        return Stream(
+            self._training.WatchJob(training_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata), self.target
+        )
 
     def cancel_job(self, job_id: str) -> jobs_pb2.Job:
         """CancelJob; the job as it is after the request."""

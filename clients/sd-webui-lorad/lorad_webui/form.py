@@ -64,8 +64,10 @@ def config_fields(form: TrainForm, output_dir: Path) -> dict[str, Any]:
     problems = []
     name = form.name.strip()
     if not _NAME.fullmatch(name):
-        problems.append(f"`name`: got {form.name!r}; use letters, digits, `_`, `-` or `.` (it becomes the file "
-                        "name and the `<lora:name:0.8>` tag)")
+        problems.append(
+            f"`name`: got {form.name!r}; use letters, digits, `_`, `-` or `.` (it becomes the file "
+            "name and the `<lora:name:0.8>` tag)"
+        )
     data_dir = Path(form.data_dir.strip()).expanduser() if form.data_dir.strip() else None
     if data_dir is None or not data_dir.is_dir():
         problems.append(f"`images`: folder {form.data_dir!r} does not exist; pick a folder or upload images")
@@ -73,8 +75,11 @@ def config_fields(form: TrainForm, output_dir: Path) -> dict[str, Any]:
         problems.append("`base model`: none chosen; pick a checkpoint or give a path")
     if form.length_unit not in LENGTH_UNITS:
         problems.append(f"`length unit`: got {form.length_unit!r}; use steps or epochs")
-    for label, value, low in (("rank", form.rank, 1), (form.length_unit, form.length, 1),
-                              ("resolution", form.resolution, 64)):
+    for label, value, low in (
+        ("rank", form.rank, 1),
+        (form.length_unit, form.length, 1),
+        ("resolution", form.resolution, 64),
+    ):
         if not isinstance(value, (int, float)) or int(value) != value or value < low:
             problems.append(f"`{label}`: got {value!r}; use a whole number ≥ {low}")
     if not (isinstance(form.learning_rate, (int, float)) and form.learning_rate > 0):

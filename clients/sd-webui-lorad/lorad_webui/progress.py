@@ -7,11 +7,21 @@ from typing import Any
 from lorad_webui.api.v1 import jobs_pb2
 from lorad_webui.vendored.format import describe_event, format_progress, job_state_name
 
-FINAL_STATES = frozenset({jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED,
-                          jobs_pb2.JOB_STATE_INTERRUPTED})
+FINAL_STATES = frozenset(
+    {
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+        jobs_pb2.JOB_STATE_FAILED,
+        jobs_pb2.JOB_STATE_CANCELLED,
+        jobs_pb2.JOB_STATE_INTERRUPTED,
+    }
+)
 # The events that end a job (the stream may end with them, before any newer job snapshot).
-_FINAL_EVENTS = {"finished": jobs_pb2.JOB_STATE_SUCCEEDED, "failed": jobs_pb2.JOB_STATE_FAILED,
-                 "cancelled": jobs_pb2.JOB_STATE_CANCELLED, "interrupted": jobs_pb2.JOB_STATE_INTERRUPTED}
+_FINAL_EVENTS = {
+    "finished": jobs_pb2.JOB_STATE_SUCCEEDED,
+    "failed": jobs_pb2.JOB_STATE_FAILED,
+    "cancelled": jobs_pb2.JOB_STATE_CANCELLED,
+    "interrupted": jobs_pb2.JOB_STATE_INTERRUPTED,
+}
 # How many event lines the progress box keeps (older ones scroll away; `lorad logs` has them all).
 MAX_LINES = 12
 

@@ -58,10 +58,15 @@ class StandaloneHost:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(prog="python -m lorad_webui.standalone", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lora-dir", type=Path, default=Path("models/Lora"),
-                        help="where finished LoRAs go (default: ./models/Lora)")
-    parser.add_argument("--work-dir", type=Path, default=Path("outputs/lorad"),
-                        help="uploads and training runs (default: ./outputs/lorad)")
+    parser.add_argument(
+        "--lora-dir", type=Path, default=Path("models/Lora"), help="where finished LoRAs go (default: ./models/Lora)"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("outputs/lorad"),
+        help="uploads and training runs (default: ./outputs/lorad)",
+    )
     parser.add_argument("--models-dir", type=Path, default=None, help="base models to list")
     parser.add_argument("--address", default="", help="the daemon's address (default: find the local daemon)")
     parser.add_argument("--weight", type=float, default=0.8, help="weight in the <lora:name:weight> snippet")
@@ -78,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     host = StandaloneHost(args.lora_dir.resolve(), args.work_dir.resolve(), args.models_dir, args.address, args.weight)
     blocks = build_ui(host)
     blocks.queue()
-    blocks.launch(server_name=args.host, server_port=args.port, show_api=False, quiet=True,
-                  prevent_thread_lock=True)
+    blocks.launch(server_name=args.host, server_port=args.port, show_api=False, quiet=True, prevent_thread_lock=True)
     # Printed once the server answers: scripts (and the browser test) wait for this line.
     print(f"lorad LoRA Training page: http://{args.host}:{args.port}", flush=True)
     blocks.block_thread()

@@ -24,32 +24,50 @@ def build_ui(host: actions.Host) -> gr.Blocks:
             with gr.Column():
                 gr.Markdown("### 1. Images")
                 folder = gr.Textbox(label="Image folder (on this machine)", elem_id="lorad-folder")
-                upload = gr.File(label="…or upload images", file_count="multiple", file_types=["image"],
-                                 elem_id="lorad-upload")
+                upload = gr.File(
+                    label="…or upload images", file_count="multiple", file_types=["image"], elem_id="lorad-upload"
+                )
                 with gr.Row():
-                    captioner = gr.Dropdown(list(actions.CAPTIONERS), value=next(iter(actions.CAPTIONERS)),
-                                            label="Captioner", elem_id="lorad-captioner")
-                    captioner_model = gr.Textbox(label="Captioner model (folder; empty = its usual one)",
-                                                 elem_id="lorad-captioner-model")
+                    captioner = gr.Dropdown(
+                        list(actions.CAPTIONERS),
+                        value=next(iter(actions.CAPTIONERS)),
+                        label="Captioner",
+                        elem_id="lorad-captioner",
+                    )
+                    captioner_model = gr.Textbox(
+                        label="Captioner model (folder; empty = its usual one)", elem_id="lorad-captioner-model"
+                    )
                 overwrite = gr.Checkbox(label="Replace existing captions", value=False)
                 with gr.Row():
                     caption_button = gr.Button("Caption images", elem_id="lorad-caption")
                     reload_button = gr.Button("Reload captions", elem_id="lorad-reload")
                     save_button = gr.Button("Save caption edits", elem_id="lorad-save-captions")
-                caption_log = gr.Textbox(label="Captioning", lines=3, max_lines=8, interactive=False,
-                                         elem_id="lorad-caption-log")
-                table = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
-                                     type="array", interactive=True, label="Captions (edit, then save)",
-                                     elem_id="lorad-captions")
+                caption_log = gr.Textbox(
+                    label="Captioning", lines=3, max_lines=8, interactive=False, elem_id="lorad-caption-log"
+                )
+                table = gr.Dataframe(
+                    headers=["image", "caption"],
+                    datatype=["str", "str"],
+                    col_count=(2, "fixed"),
+                    type="array",
+                    interactive=True,
+                    label="Captions (edit, then save)",
+                    elem_id="lorad-captions",
+                )
             with gr.Column():
                 gr.Markdown("### 2. Train")
                 checkpoints = list(host.checkpoints())
                 with gr.Row():
-                    base_choice = gr.Dropdown(checkpoints, value=checkpoints[0] if checkpoints else None,
-                                              label="Base model", elem_id="lorad-base-choice")
+                    base_choice = gr.Dropdown(
+                        checkpoints,
+                        value=checkpoints[0] if checkpoints else None,
+                        label="Base model",
+                        elem_id="lorad-base-choice",
+                    )
                     refresh_models = gr.Button("Refresh list", size="sm", elem_id="lorad-refresh-models")
-                base_path = gr.Textbox(label="…or base model path (file or diffusers folder)",
-                                       elem_id="lorad-base-path")
+                base_path = gr.Textbox(
+                    label="…or base model path (file or diffusers folder)", elem_id="lorad-base-path"
+                )
                 with gr.Row():
                     name = gr.Textbox(label="LoRA name", elem_id="lorad-name")
                     trigger = gr.Textbox(label="Trigger word", elem_id="lorad-trigger")
@@ -60,8 +78,9 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                 with gr.Accordion("More settings", open=False):
                     resolution = gr.Number(value=512, precision=0, label="Resolution", elem_id="lorad-resolution")
                     learning_rate = gr.Number(value=1e-4, label="Learning rate", elem_id="lorad-lr")
-                    extra = gr.Textbox(label="Extra config keys (YAML, one `key: value` per line)", lines=3,
-                                       elem_id="lorad-extra")
+                    extra = gr.Textbox(
+                        label="Extra config keys (YAML, one `key: value` per line)", lines=3, elem_id="lorad-extra"
+                    )
                 with gr.Row():
                     train_button = gr.Button("Train", variant="primary", elem_id="lorad-train")
                     cancel_button = gr.Button("Cancel", elem_id="lorad-cancel")
@@ -85,13 +104,31 @@ def build_ui(host: actions.Host) -> gr.Blocks:
             rows, message = actions.caption_table(folder_value)
             return rows, message
 
-        def on_train(folder_value: str, choice: str, path: str, name_value: str, trigger_value: str, rank_value: Any,
-                     unit_value: str, length_value: Any, resolution_value: Any, lr_value: Any, extra_value: str) -> Any:
-            form = TrainForm(name=name_value or "", data_dir=folder_value or "",
-                             base_model=actions.base_model_path(host, choice, path or ""),
-                             trigger_word=trigger_value or "", rank=_number(rank_value), length_unit=unit_value,
-                             length=_number(length_value), resolution=_number(resolution_value),
-                             learning_rate=_number(lr_value), extra=extra_value or "")
+        def on_train(
+            folder_value: str,
+            choice: str,
+            path: str,
+            name_value: str,
+            trigger_value: str,
+            rank_value: Any,
+            unit_value: str,
+            length_value: Any,
+            resolution_value: Any,
+            lr_value: Any,
+            extra_value: str,
+        ) -> Any:
+            form = TrainForm(
+                name=name_value or "",
+                data_dir=folder_value or "",
+                base_model=actions.base_model_path(host, choice, path or ""),
+                trigger_word=trigger_value or "",
+                rank=_number(rank_value),
+                length_unit=unit_value,
+                length=_number(length_value),
+                resolution=_number(resolution_value),
+                learning_rate=_number(lr_value),
+                extra=extra_value or "",
+            )
             yield from actions.train(host, form)
 
         def on_refresh_models() -> Any:
@@ -100,15 +137,30 @@ def build_ui(host: actions.Host) -> gr.Blocks:
 
         check.click(lambda: actions.connection_status(host), outputs=status, queue=False)
         upload.upload(on_upload, inputs=upload, outputs=[folder, table, caption_log])
-        caption_button.click(on_caption, inputs=[folder, captioner, captioner_model, trigger, overwrite],
-                             outputs=[caption_log, table])
+        caption_button.click(
+            on_caption, inputs=[folder, captioner, captioner_model, trigger, overwrite], outputs=[caption_log, table]
+        )
         reload_button.click(on_reload, inputs=folder, outputs=[table, caption_log], queue=False)
         folder.submit(on_reload, inputs=folder, outputs=[table, caption_log], queue=False)
         save_button.click(actions.save_caption_edits, inputs=[folder, table], outputs=caption_log, queue=False)
         refresh_models.click(on_refresh_models, outputs=base_choice, queue=False)
-        train_button.click(on_train, inputs=[folder, base_choice, base_path, name, trigger, rank, unit, length,
-                                             resolution, learning_rate, extra],
-                           outputs=[progress, snippet, job_id])
+        train_button.click(
+            on_train,
+            inputs=[
+                folder,
+                base_choice,
+                base_path,
+                name,
+                trigger,
+                rank,
+                unit,
+                length,
+                resolution,
+                learning_rate,
+                extra,
+            ],
+            outputs=[progress, snippet, job_id],
+        )
         # Not queued: the queue's worker is busy following the training job this cancels.
         cancel_button.click(lambda job: actions.cancel(host, job), inputs=job_id, outputs=status, queue=False)
     return blocks

@@ -91,8 +91,10 @@ def processor_side(image_processor: Any) -> int:
         if isinstance(size, int):
             return size
         # A dict in transformers 4, a SizeDict (attributes) in 5.
-        values = [size.get(k) if isinstance(size, Mapping) else getattr(size, k, None)
-                  for k in ("height", "width", "shortest_edge")]
+        values = [
+            size.get(k) if isinstance(size, Mapping) else getattr(size, k, None)
+            for k in ("height", "width", "shortest_edge")
+        ]
         sides = [v for v in values if isinstance(v, int)]
         if sides:
             return max(sides)
@@ -125,10 +127,12 @@ def load_captioner(key: CaptionerKey) -> Captioner:
     except Exception as err:
         # transformers and onnxruntime fail in many ways on a folder that looks complete; the user
         # can act on "this folder does not load" plus the library's own words.
-        raise CaptionModelError(f"{folder}: the {key.kind} model does not load: {type(err).__name__}: {err}",
-                                "Check that the folder is a complete, undamaged copy of the model "
-                                "(download it again if in doubt) and that it is the right kind for "
-                                f"`{key.kind}`.") from err
+        raise CaptionModelError(
+            f"{folder}: the {key.kind} model does not load: {type(err).__name__}: {err}",
+            "Check that the folder is a complete, undamaged copy of the model "
+            "(download it again if in doubt) and that it is the right kind for "
+            f"`{key.kind}`.",
+        ) from err
 
 
 @contextmanager

@@ -115,15 +115,18 @@ class ClipRanker:
         sections, phrase_embeddings = self._vocabulary(options.vocabulary)
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         with self._lock, torch.inference_mode():
-            image_embeddings = _unit(_features(self.model.get_image_features(
-                pixel_values=pixels.to(self.device, dtype=getattr(torch, self.dtype)))))
+            image_embeddings = _unit(
+                _features(
+                    self.model.get_image_features(pixel_values=pixels.to(self.device, dtype=getattr(torch, self.dtype)))
+                )
+            )
         similarity = (image_embeddings.float() @ phrase_embeddings.float().T).cpu()
         captions = []
         for row in similarity:
             chosen: list[str] = []
             start = 0
             for section in sections:
-                scores = row[start:start + len(section.phrases)]
+                scores = row[start : start + len(section.phrases)]
                 start += len(section.phrases)
                 keep = min(section.keep or options.top_k, len(section.phrases))
                 best = torch.topk(scores, keep).indices.tolist()
@@ -150,8 +153,9 @@ class ClipRanker:
         chunks = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(phrases), _TEXT_CHUNK):
-                tokens = self.processor.tokenizer(phrases[start:start + _TEXT_CHUNK], padding=True, truncation=True,
-                                                  return_tensors="pt")
+                tokens = self.processor.tokenizer(
+                    phrases[start : start + _TEXT_CHUNK], padding=True, truncation=True, return_tensors="pt"
+                )
                 tokens = {name: value.to(self.device) for name, value in tokens.items()}
                 chunks.append(_unit(_features(self.model.get_text_features(**tokens))))
             embedded = (sections, torch.cat(chunks))

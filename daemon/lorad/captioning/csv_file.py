@@ -49,7 +49,7 @@ class CaptionCsv:
                 continue  # blank lines carry nothing; the rewrite drops them
             if len(row) > width and caption_col == width - 1:
                 # The reader's leniency: unquoted commas belong to a last caption column.
-                row = [*row[:width - 1], ",".join(row[width - 1:])]
+                row = [*row[: width - 1], ",".join(row[width - 1 :])]
             kept.append(row)
         return cls(path, header, kept)
 
@@ -87,5 +87,7 @@ class CaptionCsv:
 def _columns(header: list[str]) -> tuple[int, int]:
     """(file column, caption column) of a header that read_metadata_csv accepted."""
     names = [cell.strip().lower() for cell in header]
-    return (next(names.index(c) for c in FILE_COLUMNS if c in names),
-            next(names.index(c) for c in CAPTION_COLUMNS if c in names))
+    return (
+        next(names.index(c) for c in FILE_COLUMNS if c in names),
+        next(names.index(c) for c in CAPTION_COLUMNS if c in names),
+    )

@@ -53,8 +53,7 @@ def resolve_folder(folder: str, base_dir: Path, source: str) -> Path:
         raise ConfigError([ConfigProblem("folder", "is empty", "name the folder that holds your images")], source)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name the folder that holds your images")],
-                          source)
+        raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name the folder that holds your images")], source)
     return root
 
 
@@ -73,15 +72,19 @@ def list_captions(root: Path, *, caption_extension: str = ".txt") -> FolderCapti
         else:
             text, error = sidecar_caption(path, caption_extension)
             caption, source = (text, SIDECAR) if text is not None else ("", NONE)
-        entries.append(CaptionEntry(rel, caption, source, generated=bool(caption) and record.is_generated(rel, caption),
-                                    error=error))
+        entries.append(
+            CaptionEntry(
+                rel, caption, source, generated=bool(caption) and record.is_generated(rel, caption), error=error
+            )
+        )
     fmt = detect_format(root, images, caption_extension)
     target = CaptionWriter(root, format=fmt, captioner="", model="", caption_extension=caption_extension).target
     return FolderCaptions(root, tuple(entries), fmt, target)
 
 
-def set_captions(root: Path, edits: Sequence[tuple[str, str]], *, caption_extension: str = ".txt",
-                 source: str = "SetCaptions") -> FolderCaptions:
+def set_captions(
+    root: Path, edits: Sequence[tuple[str, str]], *, caption_extension: str = ".txt", source: str = "SetCaptions"
+) -> FolderCaptions:
     """Write ``edits`` ((image path relative to ``root``, caption) pairs; the last for a path wins) and
     return the edited images as they read now. Every edit is checked first and nothing is written unless all are good:
     ConfigError lists each path outside ``root``, not one of its images, or with an empty caption.
@@ -94,26 +97,38 @@ def set_captions(root: Path, edits: Sequence[tuple[str, str]], *, caption_extens
         key = f"edits[{index}].path"
         rel = normalise_rel_path(given)
         if rel is None:
-            problems.append(ConfigProblem(key, f"{given!r} is outside {root}",
-                                          "give the image's path relative to the folder"))
+            problems.append(
+                ConfigProblem(key, f"{given!r} is outside {root}", "give the image's path relative to the folder")
+            )
         elif rel not in by_rel:
-            problems.append(ConfigProblem(key, f"{root / rel} is not an image of the folder",
-                                          "give the path of an image ListCaptions lists"))
+            problems.append(
+                ConfigProblem(
+                    key, f"{root / rel} is not an image of the folder", "give the path of an image ListCaptions lists"
+                )
+            )
         elif not " ".join(caption.split()):
-            problems.append(ConfigProblem(f"edits[{index}].caption", f"is empty for {rel}",
-                                          "write a caption (to caption it again, use CaptionImages)"))
+            problems.append(
+                ConfigProblem(
+                    f"edits[{index}].caption",
+                    f"is empty for {rel}",
+                    "write a caption (to caption it again, use CaptionImages)",
+                )
+            )
         else:
             wanted[rel] = " ".join(caption.split())
     if problems:
         raise ConfigError(problems, source)
     # Each caption goes where training reads it from now, so the edit is the one it sees.
-    to_csv = {root / rel: text for rel, text in wanted.items()
-              if by_rel[rel].source == CSV or (by_rel[rel].source == NONE and current.format == "csv")}
+    to_csv = {
+        root / rel: text
+        for rel, text in wanted.items()
+        if by_rel[rel].source == CSV or (by_rel[rel].source == NONE and current.format == "csv")
+    }
     to_sidecar = {root / rel: text for rel, text in wanted.items() if root / rel not in to_csv}
     for fmt, captions in (("csv", to_csv), ("txt", to_sidecar)):
         if captions:  # one writer after the other: each reads the caption record the last one saved
-            CaptionWriter(root, format=fmt, captioner="", model="",
-                          caption_extension=caption_extension).write_edited(captions)
+            CaptionWriter(root, format=fmt, captioner="", model="", caption_extension=caption_extension).write_edited(
+                captions
+            )
     after = list_captions(root, caption_extension=caption_extension)
     return FolderCaptions(root, tuple(e for e in after.entries if e.rel in wanted), after.format, after.written_to)
-

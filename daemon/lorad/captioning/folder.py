@@ -71,8 +71,14 @@ def detect_format(root: Path, images: list[Path], caption_extension: str) -> str
     return "csv"
 
 
-def plan_folder(root: Path, *, format: str = "auto", caption_extension: str = ".txt", overwrite: bool = False,
-                regenerate: bool = False) -> FolderPlan:
+def plan_folder(
+    root: Path,
+    *,
+    format: str = "auto",
+    caption_extension: str = ".txt",
+    overwrite: bool = False,
+    regenerate: bool = False,
+) -> FolderPlan:
     """Decide what happens to each image under ``root``.
 
     An image is captioned when it has no caption (none in metadata.csv, no sidecar or an empty
@@ -91,14 +97,20 @@ def plan_folder(root: Path, *, format: str = "auto", caption_extension: str = ".
     for path in images:
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
-            planned.append(PlannedImage(path, rel, REPORT,
-                                        reason=f"unsupported image type {path.suffix} (convert it to .png or .jpg)"))
+            planned.append(
+                PlannedImage(
+                    path, rel, REPORT, reason=f"unsupported image type {path.suffix} (convert it to .png or .jpg)"
+                )
+            )
             continue
         caption, problem = csv_captions.get(rel), ""
         if caption is None:
             caption, problem = sidecar_caption(path, caption_extension)
-        if overwrite or (caption is None and not problem) or (regenerate and caption is not None
-                                                                and record.is_generated(rel, caption)):
+        if (
+            overwrite
+            or (caption is None and not problem)
+            or (regenerate and caption is not None and record.is_generated(rel, caption))
+        ):
             planned.append(PlannedImage(path, rel, CAPTION))
         elif problem:
             planned.append(PlannedImage(path, rel, REPORT, reason=f"{problem} (fix or delete it, or use --overwrite)"))
@@ -121,8 +133,12 @@ def sidecar_caption(path: Path, extension: str) -> tuple[str | None, str]:
         return None, str(err)
 
 
-def caption_folder(request: CaptionRequest, *, provide: CaptionerProvider = load_fresh_captioner,
-                   should_stop: Callable[[], bool] | None = None) -> Iterator[CaptionUpdate]:
+def caption_folder(
+    request: CaptionRequest,
+    *,
+    provide: CaptionerProvider = load_fresh_captioner,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[CaptionUpdate]:
     """Caption ``request.folder`` and write the captions, reporting as it goes.
 
     Yields one :class:`CaptionPlanned`, then (only when some image needs a caption: otherwise no
@@ -131,14 +147,32 @@ def caption_folder(request: CaptionRequest, *, provide: CaptionerProvider = load
     so stopping (``should_stop()`` turning True, or closing the generator) keeps the work done.
     """
     start = time.monotonic()
-    plan = plan_folder(request.folder, format=request.format, caption_extension=request.caption_extension,
-                       overwrite=request.overwrite, regenerate=request.regenerate)
-    writer = CaptionWriter(request.folder, format=plan.format, captioner=request.captioner, model=str(request.model),
-                           caption_extension=request.caption_extension, trigger_word=request.trigger_word)
+    plan = plan_folder(
+        request.folder,
+        format=request.format,
+        caption_extension=request.caption_extension,
+        overwrite=request.overwrite,
+        regenerate=request.regenerate,
+    )
+    writer = CaptionWriter(
+        request.folder,
+        format=plan.format,
+        captioner=request.captioner,
+        model=str(request.model),
+        caption_extension=request.caption_extension,
+        trigger_word=request.trigger_word,
+    )
     total = len(plan.images)
-    yield CaptionPlanned(folder=str(request.folder), images_found=total, to_caption=plan.count(CAPTION),
-                         to_keep=plan.count(KEEP), unusable=plan.count(REPORT), format=plan.format,
-                         written_to=writer.target, record_path=str(writer.record_path))
+    yield CaptionPlanned(
+        folder=str(request.folder),
+        images_found=total,
+        to_caption=plan.count(CAPTION),
+        to_keep=plan.count(KEEP),
+        unusable=plan.count(REPORT),
+        format=plan.format,
+        written_to=writer.target,
+        record_path=str(writer.record_path),
+    )
     done = captioned = failed = 0
     for image in plan.images:
         if image.action == KEEP:
@@ -156,12 +190,22 @@ def caption_folder(request: CaptionRequest, *, provide: CaptionerProvider = load
         rel_of = {image.path: image.rel for image in to_caption}
         with provide(key) as provided:
             captioner = provided.captioner
-            yield CaptionerReady(captioner=request.captioner, source=captioner.source,
-                                 model_version=captioner.model_version, model_id=provided.model_id,
-                                 resident=provided.resident, seconds=provided.seconds)
+            yield CaptionerReady(
+                captioner=request.captioner,
+                source=captioner.source,
+                model_version=captioner.model_version,
+                model_id=provided.model_id,
+                resident=provided.resident,
+                seconds=provided.seconds,
+            )
             t0 = time.monotonic()
-            for outcomes in caption_images(captioner, [image.path for image in to_caption], request.options,
-                                           batch_size=request.batch_size, should_stop=should_stop):
+            for outcomes in caption_images(
+                captioner,
+                [image.path for image in to_caption],
+                request.options,
+                batch_size=request.batch_size,
+                should_stop=should_stop,
+            ):
                 written = writer.write({o.path: o.caption for o in outcomes if not o.error})
                 for outcome in outcomes:
                     done += 1
@@ -174,9 +218,16 @@ def caption_folder(request: CaptionRequest, *, provide: CaptionerProvider = load
             caption_seconds = time.monotonic() - t0
         stopped = done < total
     kept = plan.count(KEEP)
-    yield CaptionFinished(folder=str(request.folder), images_found=total, captioned=captioned, kept=kept,
-                          failed=failed, seconds=time.monotonic() - start,
-                          images_per_second=captioned / caption_seconds if caption_seconds > 0 else 0.0,
-                          format=plan.format, written_to=writer.target, record_path=str(writer.record_path),
-                          stopped=stopped)
-
+    yield CaptionFinished(
+        folder=str(request.folder),
+        images_found=total,
+        captioned=captioned,
+        kept=kept,
+        failed=failed,
+        seconds=time.monotonic() - start,
+        images_per_second=captioned / caption_seconds if caption_seconds > 0 else 0.0,
+        format=plan.format,
+        written_to=writer.target,
+        record_path=str(writer.record_path),
+        stopped=stopped,
+    )

@@ -89,6 +89,6 @@ def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list
     for shape in sorted(shapes):
         members = shapes[shape]
         whole = len(members) - len(members) % batch_size
-        batches += [members[i:i + batch_size] for i in range(0, whole, batch_size)]
+        batches += [members[i : i + batch_size] for i in range(0, whole, batch_size)]
         remainders += members[whole:]
-    return batches + [remainders[i:i + batch_size] for i in range(0, len(remainders), batch_size)]
+    return batches + [remainders[i : i + batch_size] for i in range(0, len(remainders), batch_size)]

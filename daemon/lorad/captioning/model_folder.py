@@ -15,14 +15,24 @@ from lorad.captioning.errors import CaptionModelError
 from lorad.captioning.options import DEFAULT_MODELS, KINDS
 
 # transformers' weight files: one file, or an index of shards.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Older folders call the image processor's settings preprocessor_config.json; transformers 5 saves
 # them inside processor_config.json.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # Any one of these is a tokenizer transformers can load (fast JSON, WordPiece, BPE, SentencePiece).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 TAGGER_MODEL = "model.onnx"
 TAGGER_TAGS = "selected_tags.csv"
 
@@ -32,12 +42,12 @@ SENTENCE_MODEL_TYPES = ("blip", "blip-2", "git", "florence2")
 _LABELS = {"blip": "image-to-text (BLIP)", "wd14": "WD14 tagger", "clip": "CLIP"}
 _LAYOUT_HINTS = {
     "blip": "An image-to-text model folder as transformers saves it (e.g. a download of "
-            "Salesforce/blip-image-captioning-large) holds config.json, model.safetensors, "
-            "preprocessor_config.json and the tokenizer files.",
+    "Salesforce/blip-image-captioning-large) holds config.json, model.safetensors, "
+    "preprocessor_config.json and the tokenizer files.",
     "wd14": "A WD14 tagger folder (e.g. a download of SmilingWolf/wd-v1-4-convnext-tagger-v2) holds "
-            "model.onnx and selected_tags.csv.",
+    "model.onnx and selected_tags.csv.",
     "clip": "A CLIP model folder as transformers saves it (e.g. a download of openai/clip-vit-large-patch14) "
-            "holds config.json, model.safetensors, preprocessor_config.json, vocab.json and merges.txt.",
+    "holds config.json, model.safetensors, preprocessor_config.json, vocab.json and merges.txt.",
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -50,8 +60,10 @@ def folder_problems(kind: str, folder: Path) -> list[str]:
     if kind not in KINDS:
         raise ValueError(f"unknown captioner kind {kind!r}")
     if kind == "wd14":
-        needed = ((TAGGER_MODEL, "the ONNX tagger network"),
-                  (TAGGER_TAGS, "the tag list, columns tag_id,name,category,count"))
+        needed = (
+            (TAGGER_MODEL, "the ONNX tagger network"),
+            (TAGGER_TAGS, "the tag list, columns tag_id,name,category,count"),
+        )
         return [f"it lacks {name} ({what})" for name, what in needed if not (folder / name).is_file()]
     problems = []
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -64,8 +76,11 @@ def folder_problems(kind: str, folder: Path) -> list[str]:
     if config_problem:
         problems.insert(0, config_problem)
     elif kind == "blip" and model_type not in SENTENCE_MODEL_TYPES:
-        problems.insert(0, f"its config.json says model_type {model_type!r}, which is not an image-to-text "
-                           f"model lorad runs ({', '.join(SENTENCE_MODEL_TYPES)})")
+        problems.insert(
+            0,
+            f"its config.json says model_type {model_type!r}, which is not an image-to-text "
+            f"model lorad runs ({', '.join(SENTENCE_MODEL_TYPES)})",
+        )
     elif kind == "clip" and model_type != "clip":
         problems.insert(0, f"its config.json says model_type {model_type!r}, not 'clip'")
     return problems
@@ -109,17 +124,22 @@ def resolve_captioner_model(kind: str, model: str, *, base_dir: Path | None, key
         raise CaptionModelError(
             f"`{key}`: {name!r} is neither a folder ({path}) nor a model in the local Hugging Face cache{default}",
             f"lorad never downloads models: download it once (`hf download {name}`), or set `{key}` to a "
-            f"{label} model folder. {_LAYOUT_HINTS[kind]}")
+            f"{label} model folder. {_LAYOUT_HINTS[kind]}",
+        )
     else:
-        raise CaptionModelError(f"`{key}`: {path} does not exist",
-                                f"Set `{key}` to a {label} model folder. {_LAYOUT_HINTS[kind]}")
+        raise CaptionModelError(
+            f"`{key}`: {path} does not exist", f"Set `{key}` to a {label} model folder. {_LAYOUT_HINTS[kind]}"
+        )
     if not folder.is_dir():
-        raise CaptionModelError(f"`{key}`: {folder} is a file, not a {label} model folder",
-                                f"Name the folder that holds it. {_LAYOUT_HINTS[kind]}")
+        raise CaptionModelError(
+            f"`{key}`: {folder} is a file, not a {label} model folder",
+            f"Name the folder that holds it. {_LAYOUT_HINTS[kind]}",
+        )
     problems = folder_problems(kind, folder)
     if problems:
-        raise CaptionModelError(f"`{key}`: {folder} is not a complete {label} model folder: {'; '.join(problems)}",
-                                _LAYOUT_HINTS[kind])
+        raise CaptionModelError(
+            f"`{key}`: {folder} is not a complete {label} model folder: {'; '.join(problems)}", _LAYOUT_HINTS[kind]
+        )
     return folder
 
 

@@ -56,8 +56,9 @@ class CaptionOptions:
     top_k: int = 3
 
 
-def option_problems(options: CaptionOptions, *, batch_size: int,
-                    names: Mapping[str, str] | None = None) -> list[ConfigProblem]:
+def option_problems(
+    options: CaptionOptions, *, batch_size: int, names: Mapping[str, str] | None = None
+) -> list[ConfigProblem]:
     """Every out-of-range option, each naming its key (``names`` maps a field to the caller's
     spelling of it, e.g. ``max_length`` → ``--max-length``)."""
     names = names or {}
@@ -79,7 +80,11 @@ def option_problems(options: CaptionOptions, *, batch_size: int,
     if options.top_k < 1:
         bad("top_k", options.top_k, "keep 1 or more phrases per section")
     if options.vocabulary is not None and not options.vocabulary.is_file():
-        problems.append(ConfigProblem(names.get("vocabulary", "vocabulary"), f"{options.vocabulary} is not a file",
-                                      "name a text file with one phrase per line, or leave it out for the "
-                                      "built-in vocabulary"))
+        problems.append(
+            ConfigProblem(
+                names.get("vocabulary", "vocabulary"),
+                f"{options.vocabulary} is not a file",
+                "name a text file with one phrase per line, or leave it out for the built-in vocabulary",
+            )
+        )
     return problems

@@ -79,7 +79,7 @@ class CaptionRecord:
         payload = {
             "version": FORMAT_VERSION,
             "about": "Captions lorad generated in this folder; a caption whose text differs from the one "
-                     "listed here was edited by a person and is kept.",
+            "listed here was edited by a person and is kept.",
             "captions": {rel: asdict(entry) for rel, entry in sorted(self.entries.items())},
         }
         write_user_text(self.path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")

@@ -81,9 +81,13 @@ def caption_request(
     kind = captioner.strip().lower()
     if kind not in KINDS:
         close = difflib.get_close_matches(kind, KINDS, n=1)
-        problems.append(ConfigProblem(name("captioner"), f"got {captioner!r}",
-                                      (f"did you mean `{close[0]}`? " if close else "") + "choose one of: "
-                                      + ", ".join(KINDS)))
+        problems.append(
+            ConfigProblem(
+                name("captioner"),
+                f"got {captioner!r}",
+                (f"did you mean `{close[0]}`? " if close else "") + "choose one of: " + ", ".join(KINDS),
+            )
+        )
     fmt = format.strip().lower() or "auto"
     if fmt not in FORMATS:
         problems.append(ConfigProblem(name("format"), f"got {format!r}", "choose one of: " + ", ".join(FORMATS)))
@@ -92,11 +96,17 @@ def caption_request(
     extension = caption_extension.strip() or ".txt"
     extension = extension if extension.startswith(".") else "." + extension
     if "/" in extension or "\\" in extension or extension == ".":
-        problems.append(ConfigProblem(name("caption_extension"), f"got {caption_extension!r}",
-                                      "use a file extension such as .txt"))
+        problems.append(
+            ConfigProblem(name("caption_extension"), f"got {caption_extension!r}", "use a file extension such as .txt")
+        )
     if overwrite and regenerate:
-        problems.append(ConfigProblem(name("regenerate"), "is given with overwrite",
-                                      "overwrite already replaces every caption; give one of the two"))
+        problems.append(
+            ConfigProblem(
+                name("regenerate"),
+                "is given with overwrite",
+                "overwrite already replaces every caption; give one of the two",
+            )
+        )
     if options.vocabulary is not None:
         options = dataclasses.replace(options, vocabulary=_absolute(str(options.vocabulary), base_dir))
     problems += option_problems(options, batch_size=batch_size, names=names)
@@ -104,9 +114,19 @@ def caption_request(
         raise ConfigError(problems, source)
     assert root is not None  # a missing folder is a problem above
     resolved = resolve_captioner_model(kind, model, base_dir=base_dir, key=name("model"))
-    return CaptionRequest(folder=root, captioner=kind, model=resolved, options=options, batch_size=batch_size,
-                          trigger_word=trigger_word.strip(), format=fmt, caption_extension=extension,
-                          overwrite=overwrite, regenerate=regenerate, device=device.strip().lower() or "auto")
+    return CaptionRequest(
+        folder=root,
+        captioner=kind,
+        model=resolved,
+        options=options,
+        batch_size=batch_size,
+        trigger_word=trigger_word.strip(),
+        format=fmt,
+        caption_extension=extension,
+        overwrite=overwrite,
+        regenerate=regenerate,
+        device=device.strip().lower() or "auto",
+    )
 
 
 def _absolute(value: str, base_dir: Path) -> Path:

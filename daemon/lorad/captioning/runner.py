@@ -72,8 +72,9 @@ def caption_images(
                 raise RuntimeError(f"{captioner.kind} captioner gave {len(texts)} captions for {len(images)} images")
             for path, text in zip(decoded, texts, strict=True):
                 line = " ".join(text.split())
-                outcomes.append(CaptionOutcome(path, caption=line) if line
-                                else CaptionOutcome(path, error=EMPTY_CAPTION))
+                outcomes.append(
+                    CaptionOutcome(path, caption=line) if line else CaptionOutcome(path, error=EMPTY_CAPTION)
+                )
             for image in images:
                 image.close()
         yield outcomes

@@ -68,12 +68,15 @@ class SentenceCaptioner:
             return []
         prompt = options.prompt or FAMILIES[self.family].default_prompt
         dtype = getattr(torch, self.dtype)
-        inputs = {name: value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
-                  for name, value in self._inputs(list(images), prompt).items()
-                  if name != "token_type_ids"}  # BERT tokenizers add them; no captioning model takes them
+        inputs = {
+            name: value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
+            for name, value in self._inputs(list(images), prompt).items()
+            if name != "token_type_ids"
+        }  # BERT tokenizers add them; no captioning model takes them
         with self._lock, torch.inference_mode():
-            tokens = self.model.generate(**inputs, max_new_tokens=options.max_length, num_beams=options.num_beams,
-                                         do_sample=False)
+            tokens = self.model.generate(
+                **inputs, max_new_tokens=options.max_length, num_beams=options.num_beams, do_sample=False
+            )
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
 
@@ -104,8 +107,10 @@ def load_sentence_captioner(folder: Path, *, device: str, dtype: str) -> Sentenc
     model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "")
     family = FAMILIES.get(model_type)
     if family is None:
-        raise CaptionModelError(f"{folder}: model_type {model_type!r} is not an image-to-text family lorad runs",
-                                f"Use a model of one of these families: {', '.join(FAMILIES)}.")
+        raise CaptionModelError(
+            f"{folder}: model_type {model_type!r} is not an image-to-text family lorad runs",
+            f"Use a model of one of these families: {', '.join(FAMILIES)}.",
+        )
     processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
     model = getattr(transformers, family.model_class).from_pretrained(folder, local_files_only=True)
     model.to(device=device, dtype=getattr(torch, dtype)).eval()

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 RATING, GENERAL, CHARACTER = 9, 0, 4
 # Tags this short are emoticons (^_^, >_<, o_o) whose underscore is part of the picture.
 _KEEP_UNDERSCORE_UP_TO = 3
-_HINT = "selected_tags.csv must be the tag list that came with model.onnx: a header `tag_id,name,category,count` " \
-        "and one row per tag."
+_HINT = (
+    "selected_tags.csv must be the tag list that came with model.onnx: a header `tag_id,name,category,count` "
+    "and one row per tag."
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,11 @@ def read_selected_tags(path: Path) -> tuple[Tag, ...]:
     try:
         header = [cell.strip().lower() for cell in next(reader, [])]
         if "name" not in header or "category" not in header:
-            raise CaptionModelError(f"{path} line 1: header {','.join(header)!r} lacks a "
-                                    f"{'name' if 'name' not in header else 'category'} column", _HINT)
+            raise CaptionModelError(
+                f"{path} line 1: header {','.join(header)!r} lacks a "
+                f"{'name' if 'name' not in header else 'category'} column",
+                _HINT,
+            )
         name_col, category_col = header.index("name"), header.index("category")
         tags = []
         for row in reader:
@@ -68,8 +73,9 @@ def read_selected_tags(path: Path) -> tuple[Tag, ...]:
             try:
                 category = int(row[category_col])
             except ValueError:
-                raise CaptionModelError(f"{path} line {line}: category {row[category_col]!r} is not a number",
-                                        _HINT) from None
+                raise CaptionModelError(
+                    f"{path} line {line}: category {row[category_col]!r} is not a number", _HINT
+                ) from None
             tags.append(Tag(row[name_col].strip(), category))
     except csv.Error as err:
         raise CaptionModelError(f"{path} line {reader.line_num}: malformed CSV: {err}", _HINT) from err
@@ -117,8 +123,17 @@ class WD14Tagger:
 
     kind = "wd14"
 
-    def __init__(self, session: Any, tags: tuple[Tag, ...], *, source: str, side: int, channels_last: bool,
-                 max_batch: int | None, memory_bytes: int) -> None:
+    def __init__(
+        self,
+        session: Any,
+        tags: tuple[Tag, ...],
+        *,
+        source: str,
+        side: int,
+        channels_last: bool,
+        max_batch: int | None,
+        memory_bytes: int,
+    ) -> None:
         self.session = session
         self.tags = tags
         self.source = source
@@ -140,7 +155,7 @@ class WD14Tagger:
         step = self.max_batch or len(arrays)
         scores: list[np.ndarray] = []
         for start in range(0, len(arrays), step):
-            batch = np.stack(arrays[start:start + step])
+            batch = np.stack(arrays[start : start + step])
             with self._lock:
                 scores.extend(self.session.run([self._output], {self._input: batch})[0])
         return [format_tags(row, self.tags, options) for row in scores]
@@ -182,13 +197,23 @@ def load_tagger(folder: Path, *, device: str = "cpu") -> WD14Tagger:
     elif len(shape) == 4 and shape[1] == 3 and isinstance(shape[2], int):
         channels_last, side = False, shape[2]
     else:
-        raise CaptionModelError(f"{model_path}: its input has shape {shape}, not a batch of square 3-channel images "
-                                "of a fixed size", "Use a WD14 tagger network (input N x size x size x 3).")
+        raise CaptionModelError(
+            f"{model_path}: its input has shape {shape}, not a batch of square 3-channel images of a fixed size",
+            "Use a WD14 tagger network (input N x size x size x 3).",
+        )
     outputs = session.get_outputs()[0].shape
     if isinstance(outputs[-1], int) and outputs[-1] != len(tags):
-        raise CaptionModelError(f"{model_path}: the network scores {outputs[-1]} tags but {folder / TAGGER_TAGS} "
-                                f"lists {len(tags)}", _HINT)
+        raise CaptionModelError(
+            f"{model_path}: the network scores {outputs[-1]} tags but {folder / TAGGER_TAGS} lists {len(tags)}", _HINT
+        )
     # A batch dimension fixed in the graph (some exports use 1) caps how many images one run takes.
     max_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    return WD14Tagger(session, tags, source=str(folder), side=side, channels_last=channels_last,
-                      max_batch=max_batch, memory_bytes=model_path.stat().st_size)
+    return WD14Tagger(
+        session,
+        tags,
+        source=str(folder),
+        side=side,
+        channels_last=channels_last,
+        max_batch=max_batch,
+        memory_bytes=model_path.stat().st_size,
+    )

@@ -34,11 +34,16 @@ _LISTED = 5  # images named in the "no caption" warning before "and N more"
 
 def caption_options(config: TrainConfig) -> CaptionOptions:
     """The config's caption_* keys as captioner options."""
-    return CaptionOptions(max_length=config.caption_max_length, num_beams=config.caption_beams,
-                          prompt=config.caption_prompt, general_threshold=config.caption_general_threshold,
-                          character_threshold=config.caption_character_threshold,
-                          exclude_tags=config.caption_exclude_tags, vocabulary=config.caption_vocabulary,
-                          top_k=config.caption_top_k)
+    return CaptionOptions(
+        max_length=config.caption_max_length,
+        num_beams=config.caption_beams,
+        prompt=config.caption_prompt,
+        general_threshold=config.caption_general_threshold,
+        character_threshold=config.caption_character_threshold,
+        exclude_tags=config.caption_exclude_tags,
+        vocabulary=config.caption_vocabulary,
+        top_k=config.caption_top_k,
+    )
 
 
 def prepare_metadata_csv(config: TrainConfig) -> bool:
@@ -50,8 +55,10 @@ def prepare_metadata_csv(config: TrainConfig) -> bool:
     try:
         write_user_text(path, "file,caption\n")
     except OSError as err:
-        raise DataError(f"`metadata_path`: cannot create {path} for the generated captions ({err.strerror or err})",
-                        "Make its folder writable, or point `metadata_path` at a folder you can write to.") from err
+        raise DataError(
+            f"`metadata_path`: cannot create {path} for the generated captions ({err.strerror or err})",
+            "Make its folder writable, or point `metadata_path` at a folder you can write to.",
+        ) from err
     return True
 
 
@@ -85,13 +92,23 @@ def caption_filler(
         failures: list[str] = []
         start = last_report = time.monotonic()
         with (exclusive or _no_lock)(root):
-            writer = CaptionWriter(root, format="csv" if config.metadata_path else "txt", captioner=kind,
-                                   model=str(model), csv_path=config.metadata_path,
-                                   caption_extension=config.caption_extension, trigger_word=config.trigger_word or "")
+            writer = CaptionWriter(
+                root,
+                format="csv" if config.metadata_path else "txt",
+                captioner=kind,
+                model=str(model),
+                csv_path=config.metadata_path,
+                caption_extension=config.caption_extension,
+                trigger_word=config.trigger_word or "",
+            )
             with provide(CaptionerKey(kind, str(model), device, dtype)) as provided:
-                batches = caption_images(provided.captioner, paths, caption_options(config),
-                                         batch_size=config.caption_batch_size,
-                                         should_stop=stop.is_set if stop is not None else None)
+                batches = caption_images(
+                    provided.captioner,
+                    paths,
+                    caption_options(config),
+                    batch_size=config.caption_batch_size,
+                    should_stop=stop.is_set if stop is not None else None,
+                )
                 for outcomes in batches:
                     captions.update(writer.write({o.path: o.caption for o in outcomes if not o.error}))
                     failures += [f"{o.path.relative_to(root).as_posix()}: {o.error}" for o in outcomes if o.error]
@@ -102,11 +119,16 @@ def caption_filler(
         if stop is not None and stop.is_set() and len(captions) + len(failures) < len(paths):
             raise TrainingInterrupted(
                 f"stopped while captioning ({len(captions)} of {len(paths)} images captioned)",
-                "the captions written so far are kept; run the same job again to caption the rest and train")
+                "the captions written so far are kept; run the same job again to caption the rest and train",
+            )
         for failure in failures:
             on_event(LogLine(f"not captioned: {failure}", level="warning"))
-        on_event(LogLine(f"generated {len(captions)} caption{_s(len(captions))} with {kind} in {seconds:.1f}s; "
-                         f"written to {writer.target}, recorded as generated in {writer.record_path.name}"))
+        on_event(
+            LogLine(
+                f"generated {len(captions)} caption{_s(len(captions))} with {kind} in {seconds:.1f}s; "
+                f"written to {writer.target}, recorded as generated in {writer.record_path.name}"
+            )
+        )
         return captions
 
     return fill
@@ -118,10 +140,14 @@ def _advise(paths: list[Path], config: TrainConfig, on_event: EventSink) -> Mapp
     names = [path.relative_to(root).as_posix() for path in paths[:_LISTED]]
     more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
     have = "image has" if len(paths) == 1 else "images have"
-    on_event(LogLine(
-        f"{len(paths)} {have} no caption and will be skipped ({', '.join(names)}{more}): "
-        f"caption them with `lorad caption {root}`, or set `captioner: blip` (or wd14, clip) in the config to "
-        "caption them before training", level="warning"))
+    on_event(
+        LogLine(
+            f"{len(paths)} {have} no caption and will be skipped ({', '.join(names)}{more}): "
+            f"caption them with `lorad caption {root}`, or set `captioner: blip` (or wd14, clip) in the config to "
+            "caption them before training",
+            level="warning",
+        )
+    )
     return {}
 
 

@@ -37,8 +37,17 @@ class CaptionWriter:
     there. Not thread-safe: one writer per folder at a time.
     """
 
-    def __init__(self, root: Path, *, format: str, captioner: str, model: str, csv_path: Path | None = None,
-                 caption_extension: str = ".txt", trigger_word: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        format: str,
+        captioner: str,
+        model: str,
+        csv_path: Path | None = None,
+        caption_extension: str = ".txt",
+        trigger_word: str = "",
+    ) -> None:
         if format not in ("csv", "txt"):
             raise ValueError(f"format must be csv or txt, not {format!r}")
         self.root = root
@@ -82,8 +91,9 @@ class CaptionWriter:
                 write_user_text(sidecar, text + "\n")
                 where = sidecar.relative_to(self.root).as_posix()
             written[path] = text
-            entries[rel] = GeneratedCaption(caption=text, captioner=self.captioner, model=self.model,
-                                            written_to=where, generated_at=now)
+            entries[rel] = GeneratedCaption(
+                caption=text, captioner=self.captioner, model=self.model, written_to=where, generated_at=now
+            )
         if self._csv is not None:
             self._csv.save()
         self._record = self._record.with_entries(entries)

@@ -4,5 +4,4 @@ from lorad.config.example import render_example
 from lorad.config.loader import load_config, parse_config, parse_config_text
 from lorad.config.schema import RepeatPolicy, TrainConfig
 
-__all__ = ["RepeatPolicy", "TrainConfig", "load_config", "parse_config", "parse_config_text",
-           "render_example"]
+__all__ = ["RepeatPolicy", "TrainConfig", "load_config", "parse_config", "parse_config_text", "render_example"]

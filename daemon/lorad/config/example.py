@@ -66,8 +66,9 @@ def render_example() -> str:
     return render_annotated(TrainConfig, _SEED, title="lorad training config")
 
 
-def render_annotated(config_class: type, seed: dict[str, Any], *, title: str,
-                     titles: dict[str, str] | None = None) -> str:
+def render_annotated(
+    config_class: type, seed: dict[str, Any], *, title: str, titles: dict[str, str] | None = None
+) -> str:
     """The annotated YAML of any config dataclass whose fields carry :func:`~lorad.config.schema.spec`
     metadata: ``seed`` keys active with their values, the rest commented out at their defaults."""
     titles = _TITLES | (titles or {})
@@ -93,7 +94,12 @@ def render_annotated(config_class: type, seed: dict[str, Any], *, title: str,
             if f.name in seed:
                 lines.append(f"{f.name}: {_yaml_value(seed[f.name])}")
                 continue
-            default = (f.default if f.default is not MISSING
-                       else f.default_factory() if f.default_factory is not MISSING else None)
+            default = (
+                f.default
+                if f.default is not MISSING
+                else f.default_factory()
+                if f.default_factory is not MISSING
+                else None
+            )
             lines.append(f"# {f.name}: {_yaml_value(default)}")
     return "\n".join(lines) + "\n"

@@ -21,8 +21,10 @@ _SEED = {
     "save_steps": 50,
     "sample_prompts": ["Summarise: pt admitted w/ SOB, hx of COPD, started on nebulised salbutamol."],
 }
-_TITLES = {"data": "Data: records, their shape, and how they become tokens",
-           "model": "Base model (read from your disk; nothing is downloaded)"}
+_TITLES = {
+    "data": "Data: records, their shape, and how they become tokens",
+    "model": "Base model (read from your disk; nothing is downloaded)",
+}
 
 
 def render_llm_example() -> str:

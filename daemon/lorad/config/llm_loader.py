@@ -28,11 +28,27 @@ from lorad.errors import ConfigError, ConfigProblem
 
 _HINTS = typing.get_type_hints(LlmTrainConfig)
 _PAIR_KEYS = ("columns", "roles")
-_COLUMN_NAMES = ("instruction", "input", "output", "system", "messages", "role", "content", "conversations",
-                 "from", "value", "text")
+_COLUMN_NAMES = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "messages",
+    "role",
+    "content",
+    "conversations",
+    "from",
+    "value",
+    "text",
+)
 # SD keys a user may carry over, with the LLM key that means the same.
-_SD_KEYS = {"train_data_dir": "train_data", "unet_target_modules": "target_modules", "init_lora": "init_adapter",
-            "metadata_path": "train_data", "resolution": "max_seq_len"}
+_SD_KEYS = {
+    "train_data_dir": "train_data",
+    "unet_target_modules": "target_modules",
+    "init_lora": "init_adapter",
+    "metadata_path": "train_data",
+    "resolution": "max_seq_len",
+}
 
 
 def _to_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
@@ -67,40 +83,68 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     for key in ("train_data", "eval_data"):
         path = values.get(key)
         if isinstance(path, Path) and not path.exists():
-            problems.append(ConfigProblem(key, f"{path} does not exist",
-                                          "point it at a .jsonl/.json/.csv file or a folder of them"))
+            problems.append(
+                ConfigProblem(key, f"{path} does not exist", "point it at a .jsonl/.json/.csv file or a folder of them")
+            )
     for key in ("init_adapter", "tokenizer_path"):
         path = values.get(key)
         if isinstance(path, Path) and not path.is_dir():
             problems.append(ConfigProblem(key, f"{path} is not a folder", "fix the path, or remove the key"))
     adapter = values.get("init_adapter")
     if isinstance(adapter, Path) and adapter.is_dir() and not (adapter / "adapter_config.json").is_file():
-        problems.append(ConfigProblem("init_adapter", f"{adapter} has no adapter_config.json",
-                                      "name a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"))
+        problems.append(
+            ConfigProblem(
+                "init_adapter",
+                f"{adapter} has no adapter_config.json",
+                "name a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+            )
+        )
     problems += run_checks(values)
     template = values.get("chat_template")
     if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
-        problems.append(ConfigProblem("chat_template", f"got {template!r}",
-                                      "use tokenizer, chatml, llama2, alpaca, or Jinja template text"))
+        problems.append(
+            ConfigProblem(
+                "chat_template", f"got {template!r}", "use tokenizer, chatml, llama2, alpaca, or Jinja template text"
+            )
+        )
     targets = values.get("target_modules", ())
     unknown_presets = [t for t in targets if "-" in t and t not in TARGET_PRESETS]
     if unknown_presets:
-        problems.append(ConfigProblem("target_modules", f"unknown preset {unknown_presets[0]!r}",
-                                      "use layer names, or a preset: " + ", ".join(TARGET_PRESETS)))
+        problems.append(
+            ConfigProblem(
+                "target_modules",
+                f"unknown preset {unknown_presets[0]!r}",
+                "use layer names, or a preset: " + ", ".join(TARGET_PRESETS),
+            )
+        )
     if values.get("eval_data") is not None and values.get("eval_fraction"):
-        problems.append(ConfigProblem("eval_fraction", "is set together with eval_data",
-                                      "use one: eval_data (a file) or eval_fraction (held out of train_data)"))
+        problems.append(
+            ConfigProblem(
+                "eval_fraction",
+                "is set together with eval_data",
+                "use one: eval_data (a file) or eval_fraction (held out of train_data)",
+            )
+        )
     needs_bnb = [k for k in ("load_in_4bit",) if values.get(k)] + (
-        ["optimizer"] if values.get("optimizer") == "adamw8bit" else [])
+        ["optimizer"] if values.get("optimizer") == "adamw8bit" else []
+    )
     for key in needs_bnb:
         if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(ConfigProblem(key, "needs the bitsandbytes package, which is not installed",
-                                          "run `pip install bitsandbytes` on a machine with a CUDA GPU, or turn it "
-                                          "off (QLoRA is CUDA-only)"))
+            problems.append(
+                ConfigProblem(
+                    key,
+                    "needs the bitsandbytes package, which is not installed",
+                    "run `pip install bitsandbytes` on a machine with a CUDA GPU, or turn it off (QLoRA is CUDA-only)",
+                )
+            )
     if values.get("load_in_4bit") and values.get("merge_export"):
-        problems.append(ConfigProblem("merge_export", "cannot merge into a 4-bit base",
-                                      "train without load_in_4bit to export a merged model, or merge later "
-                                      "into the full-precision base"))
+        problems.append(
+            ConfigProblem(
+                "merge_export",
+                "cannot merge into a 4-bit base",
+                "train without load_in_4bit to export a merged model, or merge later into the full-precision base",
+            )
+        )
     return problems
 
 
@@ -117,8 +161,13 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
     """
     specs = {f.name: f for f in fields(LlmTrainConfig)}
     # chat_template may be Jinja text as well as one of the named templates.
-    values, problems = convert_keys(raw, specs, lambda key, value: _convert_llm(key, value, base_dir),
-                                    unknown=_sd_key_or_unknown, free_choice=("chat_template",))
+    values, problems = convert_keys(
+        raw,
+        specs,
+        lambda key, value: _convert_llm(key, value, base_dir),
+        unknown=_sd_key_or_unknown,
+        free_choice=("chat_template",),
+    )
     problems += missing_required(raw, specs, LLM_REQUIRED_KEYS)
     problems += _llm_cross_checks(values)
     if problems:

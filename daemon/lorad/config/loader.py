@@ -70,8 +70,9 @@ class _Invalid(Exception):
 
 def _show(value: Any) -> str:
     """A bad value as the user wrote it, with its YAML type when that explains the problem."""
-    kind = {str: "text", bool: "true/false", int: "a number", float: "a number",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    kind = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "a mapping"}.get(
+        type(value), type(value).__name__
+    )
     return f"{value!r} ({kind})"
 
 
@@ -249,8 +250,12 @@ def _resolve_base_model(value: str, base_dir: Path) -> str:
     """A path-like base_model becomes absolute; anything else is kept as a hub id (``org/name``)."""
     text = os.path.expandvars(value.strip())
     candidate = Path(text).expanduser()
-    looks_like_path = (text.startswith((".", "/", "~")) or text.lower().endswith(_MODEL_SUFFIXES)
-                       or "\\" in text or text.count("/") != 1)
+    looks_like_path = (
+        text.startswith((".", "/", "~"))
+        or text.lower().endswith(_MODEL_SUFFIXES)
+        or "\\" in text
+        or text.count("/") != 1
+    )
     if candidate.is_absolute():
         return str(candidate)
     if looks_like_path or (base_dir / candidate).exists():
@@ -263,24 +268,29 @@ def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     resume = values.get("resume_from")
     if isinstance(resume, Path) and resume != Path("latest") and not resume.is_dir():
-        problems.append(ConfigProblem("resume_from", f"{resume} is not a checkpoint folder",
-                                      "use a folder under output_dir/checkpoints/, or `latest`"))
+        problems.append(
+            ConfigProblem(
+                "resume_from",
+                f"{resume} is not a checkpoint folder",
+                "use a folder under output_dir/checkpoints/, or `latest`",
+            )
+        )
     out = values.get("output_dir")
     if isinstance(out, Path):
         if out.exists() and not out.is_dir():
-            problems.append(ConfigProblem("output_dir", f"{out} is a file",
-                                          "choose a folder path for the outputs"))
+            problems.append(ConfigProblem("output_dir", f"{out} is a file", "choose a folder path for the outputs"))
         elif not _writable_target(out):
-            problems.append(ConfigProblem("output_dir", f"{out} cannot be created or written",
-                                          "choose a folder you can write to"))
+            problems.append(
+                ConfigProblem("output_dir", f"{out} cannot be created or written", "choose a folder you can write to")
+            )
     name = values.get("output_name")
     if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(ConfigProblem("output_name", f"got {name!r}",
-                                      "use a plain file name without folders or special characters"))
+        problems.append(
+            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
+        )
     device = values.get("device")
     if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
-        problems.append(ConfigProblem("device", f"got {device!r}",
-                                      "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
+        problems.append(ConfigProblem("device", f"got {device!r}", "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
     return problems
 
 
@@ -290,41 +300,63 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     data_dir = values.get("train_data_dir")
     if isinstance(data_dir, Path) and not data_dir.is_dir():
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"
-        problems.append(ConfigProblem("train_data_dir", f"{data_dir} {what}",
-                                      "point it at the folder that holds your training images"))
+        problems.append(
+            ConfigProblem(
+                "train_data_dir", f"{data_dir} {what}", "point it at the folder that holds your training images"
+            )
+        )
     for key in ("metadata_path", "init_lora"):
         path = values.get(key)
-        if (key == "metadata_path" and values.get("captioner") and isinstance(path, Path) and not path.exists()
-                and _writable_target(path.parent)):
+        if (
+            key == "metadata_path"
+            and values.get("captioner")
+            and isinstance(path, Path)
+            and not path.exists()
+            and _writable_target(path.parent)
+        ):
             continue  # the captioner creates it with the captions it generates
         if isinstance(path, Path) and not path.is_file():
-            problems.append(ConfigProblem(key, f"{path} does not exist",
-                                          "fix the path, or remove the key"))
+            problems.append(ConfigProblem(key, f"{path} does not exist", "fix the path, or remove the key"))
     for key in ("model_config_dir", "tokenizer_path"):
         path = values.get(key)
         if isinstance(path, Path) and not path.is_dir():
-            problems.append(ConfigProblem(key, f"{path} is not a folder",
-                                          "fix the path, or remove the key"))
+            problems.append(ConfigProblem(key, f"{path} is not a folder", "fix the path, or remove the key"))
     problems += run_checks(values)
     resolution = values.get("resolution")
     if isinstance(resolution, int) and resolution % 8:
-        problems.append(ConfigProblem("resolution", f"got {resolution}",
-                                      f"use a multiple of 8, e.g. {resolution - resolution % 8 or 8}"))
+        problems.append(
+            ConfigProblem(
+                "resolution", f"got {resolution}", f"use a multiple of 8, e.g. {resolution - resolution % 8 or 8}"
+            )
+        )
     steps = values.get("bucket_reso_steps")
     if isinstance(steps, int) and steps % 8:
         problems.append(ConfigProblem("bucket_reso_steps", f"got {steps}", "use a multiple of 8, e.g. 64"))
     lo, hi = values.get("min_bucket_reso"), values.get("max_bucket_reso")
     if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
-        problems.append(ConfigProblem("min_bucket_reso", f"{lo} is above max_bucket_reso {hi}",
-                                      "make min_bucket_reso <= max_bucket_reso"))
+        problems.append(
+            ConfigProblem(
+                "min_bucket_reso", f"{lo} is above max_bucket_reso {hi}", "make min_bucket_reso <= max_bucket_reso"
+            )
+        )
     if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(ConfigProblem("optimizer", "adamw8bit needs the bitsandbytes package, which is "
-                                      "not installed", "run `pip install bitsandbytes`, or use adamw"))
+        problems.append(
+            ConfigProblem(
+                "optimizer",
+                "adamw8bit needs the bitsandbytes package, which is not installed",
+                "run `pip install bitsandbytes`, or use adamw",
+            )
+        )
     problems += _captioner_checks(values)
     keep, shuffle = values.get("keep_tokens"), values.get("shuffle_caption")
     if isinstance(keep, int) and keep > 0 and shuffle is False:
-        problems.append(ConfigProblem("keep_tokens", f"is {keep} but shuffle_caption is off",
-                                      "set shuffle_caption: true, or remove keep_tokens"))
+        problems.append(
+            ConfigProblem(
+                "keep_tokens",
+                f"is {keep} but shuffle_caption is off",
+                "set shuffle_caption: true, or remove keep_tokens",
+            )
+        )
     return problems
 
 
@@ -335,22 +367,42 @@ def _captioner_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     captioner, model = values.get("captioner"), values.get("captioner_model")
     if model and not captioner:
-        problems.append(ConfigProblem("captioner_model", "is set but `captioner` is not",
-                                      "set `captioner: blip` (or wd14, clip), or remove captioner_model"))
+        problems.append(
+            ConfigProblem(
+                "captioner_model",
+                "is set but `captioner` is not",
+                "set `captioner: blip` (or wd14, clip), or remove captioner_model",
+            )
+        )
     if captioner and isinstance(model, str) and Path(model).is_absolute():  # hub ids are checked when used
         folder = Path(model)
         if not folder.is_dir():
             what = "is a file, not a model folder" if folder.exists() else "does not exist"
-            problems.append(ConfigProblem("captioner_model", f"{folder} {what}",
-                                          f"point it at a {captioner} model folder, or remove it to use the "
-                                          "default model from the Hugging Face cache"))
+            problems.append(
+                ConfigProblem(
+                    "captioner_model",
+                    f"{folder} {what}",
+                    f"point it at a {captioner} model folder, or remove it to use the "
+                    "default model from the Hugging Face cache",
+                )
+            )
         elif found := folder_problems(captioner, folder):
-            problems.append(ConfigProblem("captioner_model", f"{folder} is not a complete {captioner} model folder: "
-                                          + "; ".join(found), "point it at a complete model folder"))
+            problems.append(
+                ConfigProblem(
+                    "captioner_model",
+                    f"{folder} is not a complete {captioner} model folder: " + "; ".join(found),
+                    "point it at a complete model folder",
+                )
+            )
     vocabulary = values.get("caption_vocabulary")
     if isinstance(vocabulary, Path) and not vocabulary.is_file():
-        problems.append(ConfigProblem("caption_vocabulary", f"{vocabulary} is not a file",
-                                      "name a text file with one phrase per line, or remove the key"))
+        problems.append(
+            ConfigProblem(
+                "caption_vocabulary",
+                f"{vocabulary} is not a file",
+                "name a text file with one phrase per line, or remove the key",
+            )
+        )
     return problems
 
 
@@ -387,11 +439,15 @@ def convert_keys(
     return values, problems
 
 
-def missing_required(raw: Mapping[str, Any], specs: Mapping[str, Any],
-                     required: tuple[str, ...]) -> list[ConfigProblem]:
+def missing_required(
+    raw: Mapping[str, Any], specs: Mapping[str, Any], required: tuple[str, ...]
+) -> list[ConfigProblem]:
     """A problem for each required key that is absent or empty, with an example value."""
-    return [ConfigProblem(key, "is required but missing", f'add e.g. `{key}: "{specs[key].metadata.get("example")}"`')
-            for key in required if key not in raw or raw[key] in (None, "")]
+    return [
+        ConfigProblem(key, "is required but missing", f'add e.g. `{key}: "{specs[key].metadata.get("example")}"`')
+        for key in required
+        if key not in raw or raw[key] in (None, "")
+    ]
 
 
 def finish_common(values: dict[str, Any], specs: Mapping[str, Any], base_dir: Path, *, default_name: str) -> None:
@@ -421,9 +477,16 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainCo
     Raises :class:`ConfigError` listing every problem found; never returns a partial config.
     """
     if not isinstance(raw, Mapping):
-        raise ConfigError([ConfigProblem("", f"the config must be a mapping of `key: value` lines, "
-                                         f"got {_show(raw)}",
-                                         "see `lorad config --example`")], source)
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "",
+                    f"the config must be a mapping of `key: value` lines, got {_show(raw)}",
+                    "see `lorad config --example`",
+                )
+            ],
+            source,
+        )
     specs = {f.name: f for f in fields(TrainConfig)}
     values, problems = convert_keys(raw, specs, lambda key, value: _convert(key, value, base_dir))
     problems += missing_required(raw, specs, REQUIRED_KEYS)
@@ -445,9 +508,16 @@ def parse_config_text(text: str, *, base_dir: Path, source: str = "config") -> T
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError([ConfigProblem("", f"YAML syntax error at {where}: {problem}",
-                                         "check indentation, quotes and the `key: value` form "
-                                         "on that line")], source) from None
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "",
+                    f"YAML syntax error at {where}: {problem}",
+                    "check indentation, quotes and the `key: value` form on that line",
+                )
+            ],
+            source,
+        ) from None
     if raw is None:
         raw = {}
     return parse_config(raw, base_dir=base_dir, source=source)
@@ -463,11 +533,19 @@ def load_config(path: str | os.PathLike[str], *, base_dir: Path | None = None) -
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([ConfigProblem("--config", f"{path} does not exist",
-                                         "give the path of your YAML config; "
-                                         "`lorad config --example > my.yaml` writes one")],
-                          str(path)) from None
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "--config",
+                    f"{path} does not exist",
+                    "give the path of your YAML config; `lorad config --example > my.yaml` writes one",
+                )
+            ],
+            str(path),
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError([ConfigProblem("--config", f"{path} cannot be read: {err}",
-                                         "save the config as a UTF-8 text file")], str(path)) from None
+        raise ConfigError(
+            [ConfigProblem("--config", f"{path} cannot be read: {err}", "save the config as a UTF-8 text file")],
+            str(path),
+        ) from None
     return parse_config_text(text, base_dir=(base_dir or Path.cwd()).resolve(), source=str(path))

@@ -73,186 +73,375 @@ class TrainConfig:
     """A validated Stable Diffusion LoRA training config. All paths are absolute."""
 
     # --- data -------------------------------------------------------------------------------
-    train_data_dir: Path = field(metadata=spec(
-        "data", "Folder of training images (jpg, jpeg, png, webp, bmp), searched recursively.",
-        example="./data/style_train"))
-    metadata_path: Path | None = field(default=None, metadata=spec(
-        "data", "CSV with a header `file,caption` (file relative to train_data_dir). When unset, "
-        "captions come from `<image>.txt` sidecar files.", example="./data/style_train/metadata.csv"))
-    caption_extension: str = field(default=".txt", metadata=spec(
-        "data", "Extension of sidecar caption files beside each image."))
-    repeats: RepeatPolicy = field(default_factory=RepeatPolicy, metadata=spec(
-        "data", "Times each image is seen per epoch: a number for all folders, or a mapping "
-        "{subfolder: number, \"*\": default}. Unset: a kohya folder name like `10_mystyle` gives 10, else 1.",
-        example=1))
-    trigger_word: str | None = field(default=None, metadata=spec(
-        "data", "Word put first in every caption that lacks it; use it in prompts to call the LoRA.",
-        example="mystyle"))
-    shuffle_caption: bool = field(default=False, metadata=spec(
-        "data", "Shuffle comma-separated tags of each caption every time it is used."))
-    keep_tokens: int = field(default=0, metadata=spec(
-        "data", "With shuffle_caption: how many leading tags stay in place.", minimum=0))
-    caption_dropout: float = field(default=0.0, metadata=spec(
-        "data", "Probability of training a sample with an empty caption (helps the LoRA "
-        "generalise).", minimum=0.0, maximum=1.0))
-    captioner: str | None = field(default=None, metadata=spec(
-        "data", "Caption the images that have none before training, writing the captions into metadata_path "
-        "(created if missing) or <image>.txt sidecars so later runs reuse them: blip (sentences; BLIP and the "
-        "other image-to-text models transformers loads), wd14 (booru tags from a WD14 ONNX tagger), clip "
-        "(phrases of a vocabulary ranked by CLIP). Unset: images without a caption are skipped.",
-        choices=("blip", "wd14", "clip"), example="blip"))
-    captioner_model: str = field(default="", metadata=spec(
-        "data", "The captioner's model: a folder, or a Hugging Face id already in the local cache. Unset: "
-        "Salesforce/blip-image-captioning-large, SmilingWolf/wd-v1-4-convnext-tagger-v2 or "
-        "openai/clip-vit-large-patch14, from the local cache.", example="./models/blip-large"))
-    caption_batch_size: int = field(default=8, metadata=spec(
-        "data", "Images captioned per batch (images of similar size are batched together).", minimum=1))
-    caption_max_length: int = field(default=75, metadata=spec(
-        "data", "blip: at most this many tokens per caption.", minimum=1))
-    caption_beams: int = field(default=1, metadata=spec(
-        "data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1))
-    caption_prompt: str = field(default="", metadata=spec(
-        "data", "blip: text every caption continues, e.g. \"a photo of\" (conditional captioning)."))
-    caption_general_threshold: float = field(default=0.35, metadata=spec(
-        "data", "wd14: lowest score a general tag needs to be written.", minimum=0.0, maximum=1.0))
-    caption_character_threshold: float = field(default=0.85, metadata=spec(
-        "data", "wd14: lowest score a character tag needs to be written.", minimum=0.0, maximum=1.0))
-    caption_exclude_tags: tuple[str, ...] = field(default=(), metadata=spec(
-        "data", "wd14: tags never written, e.g. [\"simple background\"] (underscores or spaces)."))
-    caption_vocabulary: Path | None = field(default=None, metadata=spec(
-        "data", "clip: a phrase file, one per line, `[section N]` lines keep the N best of a section. Unset: "
-        "lorad's built-in subject/medium/style/lighting/colour/composition phrases."))
-    caption_top_k: int = field(default=3, metadata=spec(
-        "data", "clip: phrases kept from each vocabulary section that does not say how many.", minimum=1))
-    resolution: int = field(default=512, metadata=spec(
-        "data", "Training resolution (pixels per side of the target area). SD1.x: 512; SD2.x-768: 768.",
-        minimum=64, maximum=4096))
-    enable_bucket: bool = field(default=True, metadata=spec(
-        "data", "Aspect-ratio bucketing: train each image near its own aspect ratio instead of "
-        "center-cropping to a square."))
-    bucket_no_upscale: bool = field(default=True, metadata=spec(
-        "data", "Never upscale images smaller than the resolution; they get a bucket of their own size."))
-    min_bucket_reso: int = field(default=256, metadata=spec(
-        "data", "Smallest bucket side in pixels.", minimum=64))
-    max_bucket_reso: int = field(default=1024, metadata=spec(
-        "data", "Largest bucket side in pixels.", minimum=64))
-    bucket_reso_steps: int = field(default=64, metadata=spec(
-        "data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8))
+    train_data_dir: Path = field(
+        metadata=spec(
+            "data",
+            "Folder of training images (jpg, jpeg, png, webp, bmp), searched recursively.",
+            example="./data/style_train",
+        )
+    )
+    metadata_path: Path | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "CSV with a header `file,caption` (file relative to train_data_dir). When unset, "
+            "captions come from `<image>.txt` sidecar files.",
+            example="./data/style_train/metadata.csv",
+        ),
+    )
+    caption_extension: str = field(
+        default=".txt", metadata=spec("data", "Extension of sidecar caption files beside each image.")
+    )
+    repeats: RepeatPolicy = field(
+        default_factory=RepeatPolicy,
+        metadata=spec(
+            "data",
+            "Times each image is seen per epoch: a number for all folders, or a mapping "
+            '{subfolder: number, "*": default}. Unset: a kohya folder name like `10_mystyle` gives 10, else 1.',
+            example=1,
+        ),
+    )
+    trigger_word: str | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "Word put first in every caption that lacks it; use it in prompts to call the LoRA.",
+            example="mystyle",
+        ),
+    )
+    shuffle_caption: bool = field(
+        default=False, metadata=spec("data", "Shuffle comma-separated tags of each caption every time it is used.")
+    )
+    keep_tokens: int = field(
+        default=0, metadata=spec("data", "With shuffle_caption: how many leading tags stay in place.", minimum=0)
+    )
+    caption_dropout: float = field(
+        default=0.0,
+        metadata=spec(
+            "data",
+            "Probability of training a sample with an empty caption (helps the LoRA generalise).",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    captioner: str | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "Caption the images that have none before training, writing the captions into metadata_path "
+            "(created if missing) or <image>.txt sidecars so later runs reuse them: blip (sentences; BLIP and the "
+            "other image-to-text models transformers loads), wd14 (booru tags from a WD14 ONNX tagger), clip "
+            "(phrases of a vocabulary ranked by CLIP). Unset: images without a caption are skipped.",
+            choices=("blip", "wd14", "clip"),
+            example="blip",
+        ),
+    )
+    captioner_model: str = field(
+        default="",
+        metadata=spec(
+            "data",
+            "The captioner's model: a folder, or a Hugging Face id already in the local cache. Unset: "
+            "Salesforce/blip-image-captioning-large, SmilingWolf/wd-v1-4-convnext-tagger-v2 or "
+            "openai/clip-vit-large-patch14, from the local cache.",
+            example="./models/blip-large",
+        ),
+    )
+    caption_batch_size: int = field(
+        default=8,
+        metadata=spec("data", "Images captioned per batch (images of similar size are batched together).", minimum=1),
+    )
+    caption_max_length: int = field(
+        default=75, metadata=spec("data", "blip: at most this many tokens per caption.", minimum=1)
+    )
+    caption_beams: int = field(
+        default=1, metadata=spec("data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1)
+    )
+    caption_prompt: str = field(
+        default="",
+        metadata=spec("data", 'blip: text every caption continues, e.g. "a photo of" (conditional captioning).'),
+    )
+    caption_general_threshold: float = field(
+        default=0.35,
+        metadata=spec("data", "wd14: lowest score a general tag needs to be written.", minimum=0.0, maximum=1.0),
+    )
+    caption_character_threshold: float = field(
+        default=0.85,
+        metadata=spec("data", "wd14: lowest score a character tag needs to be written.", minimum=0.0, maximum=1.0),
+    )
+    caption_exclude_tags: tuple[str, ...] = field(
+        default=(),
+        metadata=spec("data", 'wd14: tags never written, e.g. ["simple background"] (underscores or spaces).'),
+    )
+    caption_vocabulary: Path | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "clip: a phrase file, one per line, `[section N]` lines keep the N best of a section. Unset: "
+            "lorad's built-in subject/medium/style/lighting/colour/composition phrases.",
+        ),
+    )
+    caption_top_k: int = field(
+        default=3,
+        metadata=spec("data", "clip: phrases kept from each vocabulary section that does not say how many.", minimum=1),
+    )
+    resolution: int = field(
+        default=512,
+        metadata=spec(
+            "data",
+            "Training resolution (pixels per side of the target area). SD1.x: 512; SD2.x-768: 768.",
+            minimum=64,
+            maximum=4096,
+        ),
+    )
+    enable_bucket: bool = field(
+        default=True,
+        metadata=spec(
+            "data",
+            "Aspect-ratio bucketing: train each image near its own aspect ratio instead of "
+            "center-cropping to a square.",
+        ),
+    )
+    bucket_no_upscale: bool = field(
+        default=True,
+        metadata=spec("data", "Never upscale images smaller than the resolution; they get a bucket of their own size."),
+    )
+    min_bucket_reso: int = field(default=256, metadata=spec("data", "Smallest bucket side in pixels.", minimum=64))
+    max_bucket_reso: int = field(default=1024, metadata=spec("data", "Largest bucket side in pixels.", minimum=64))
+    bucket_reso_steps: int = field(
+        default=64, metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8)
+    )
 
     # --- model ------------------------------------------------------------------------------
-    base_model: str = field(default="", metadata=spec(
-        "model", "Base model: a .safetensors checkpoint (A1111 layout), a diffusers folder, or a "
-        "hub id that is already in the local Hugging Face cache (nothing is downloaded).",
-        example="./models/Stable-diffusion/v1-5-pruned.safetensors"))
-    model_config_dir: Path | None = field(default=None, metadata=spec(
-        "model", "A diffusers-layout folder whose configs (and tokenizer/) describe a single-file "
-        "base_model. Unset: lorad's built-in SD1.x/SD2.x configs."))
-    tokenizer_path: Path | None = field(default=None, metadata=spec(
-        "model", "Folder with the CLIP tokenizer for a single-file base_model. Unset: looked up in "
-        "model_config_dir, then the local Hugging Face cache."))
-    prediction_type: str = field(default="auto", metadata=spec(
-        "model", "What the UNet predicts. auto: from the model (SD2.x single files: v_prediction).",
-        choices=("auto", "epsilon", "v_prediction")))
-    allow_pickle: bool = field(default=False, metadata=spec(
-        "model", "Allow .ckpt/.pt/.bin base models (loaded with torch.load(weights_only=True)). "
-        "Prefer .safetensors."))
+    base_model: str = field(
+        default="",
+        metadata=spec(
+            "model",
+            "Base model: a .safetensors checkpoint (A1111 layout), a diffusers folder, or a "
+            "hub id that is already in the local Hugging Face cache (nothing is downloaded).",
+            example="./models/Stable-diffusion/v1-5-pruned.safetensors",
+        ),
+    )
+    model_config_dir: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "A diffusers-layout folder whose configs (and tokenizer/) describe a single-file "
+            "base_model. Unset: lorad's built-in SD1.x/SD2.x configs.",
+        ),
+    )
+    tokenizer_path: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "Folder with the CLIP tokenizer for a single-file base_model. Unset: looked up in "
+            "model_config_dir, then the local Hugging Face cache.",
+        ),
+    )
+    prediction_type: str = field(
+        default="auto",
+        metadata=spec(
+            "model",
+            "What the UNet predicts. auto: from the model (SD2.x single files: v_prediction).",
+            choices=("auto", "epsilon", "v_prediction"),
+        ),
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=spec(
+            "model",
+            "Allow .ckpt/.pt/.bin base models (loaded with torch.load(weights_only=True)). Prefer .safetensors.",
+        ),
+    )
 
     # --- lora -------------------------------------------------------------------------------
-    lora_rank: int = field(default=8, metadata=spec(
-        "lora", "LoRA rank (network_dim). 4-32 is typical; lower uses less memory.", minimum=1,
-        maximum=1024))
-    lora_alpha: float | None = field(default=None, metadata=spec(
-        "lora", "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
-        minimum=0.0, exclusive_minimum=True))
-    lora_dropout: float = field(default=0.0, metadata=spec(
-        "lora", "Dropout on the LoRA path during training.", minimum=0.0, maximum=1.0))
+    lora_rank: int = field(
+        default=8,
+        metadata=spec(
+            "lora", "LoRA rank (network_dim). 4-32 is typical; lower uses less memory.", minimum=1, maximum=1024
+        ),
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata=spec("lora", "Dropout on the LoRA path during training.", minimum=0.0, maximum=1.0)
+    )
     unet_target_modules: tuple[str, ...] = field(
-        default=("to_q", "to_k", "to_v", "to_out.0"), metadata=spec(
-            "lora", "UNet layers that get LoRA, by diffusers leaf name (to_q, to_k, to_v, to_out.0, "
+        default=("to_q", "to_k", "to_v", "to_out.0"),
+        metadata=spec(
+            "lora",
+            "UNet layers that get LoRA, by diffusers leaf name (to_q, to_k, to_v, to_out.0, "
             "proj_in, proj_out, ff.net.0.proj, ff.net.2, ...) or the aliases q_proj/k_proj/v_proj/"
-            "out_proj. A longer suffix such as attn2.to_k narrows the match."))
-    train_text_encoder: bool = field(default=False, metadata=spec(
-        "lora", "Also train a LoRA on the text encoder (stronger, more prone to overfitting)."))
+            "out_proj. A longer suffix such as attn2.to_k narrows the match.",
+        ),
+    )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata=spec("lora", "Also train a LoRA on the text encoder (stronger, more prone to overfitting)."),
+    )
     text_encoder_target_modules: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "out_proj"), metadata=spec(
-            "lora", "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, "
-            "out_proj, fc1, fc2)."))
-    text_encoder_lr: float | None = field(default=None, metadata=spec(
-        "lora", "Learning rate of the text-encoder LoRA. Unset: learning_rate.", minimum=0.0,
-        exclusive_minimum=True))
-    init_lora: Path | None = field(default=None, metadata=spec(
-        "lora", "Start from an existing LoRA file (kohya .safetensors written by lorad, kohya or "
-        "diffusers) instead of zeros: incremental training. Its rank must equal lora_rank."))
+        default=("q_proj", "k_proj", "v_proj", "out_proj"),
+        metadata=spec(
+            "lora", "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, out_proj, fc1, fc2)."
+        ),
+    )
+    text_encoder_lr: float | None = field(
+        default=None,
+        metadata=spec(
+            "lora", "Learning rate of the text-encoder LoRA. Unset: learning_rate.", minimum=0.0, exclusive_minimum=True
+        ),
+    )
+    init_lora: Path | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "Start from an existing LoRA file (kohya .safetensors written by lorad, kohya or "
+            "diffusers) instead of zeros: incremental training. Its rank must equal lora_rank.",
+        ),
+    )
 
     # --- training ---------------------------------------------------------------------------
-    batch_size: int = field(default=1, metadata=spec(
-        "training", "Images per step. Lower it (and raise gradient_accumulation_steps) when out "
-        "of memory.", minimum=1))
-    epochs: int = field(default=10, metadata=spec(
-        "training", "Passes over the data (each image counted `repeats` times).", minimum=1))
-    max_train_steps: int | None = field(default=None, metadata=spec(
-        "training", "Stop after this many optimizer steps; overrides epochs.", minimum=1))
-    learning_rate: float = field(default=1e-4, metadata=spec(
-        "training", "Learning rate of the UNet LoRA.", minimum=0.0, exclusive_minimum=True))
-    gradient_accumulation_steps: int = field(default=1, metadata=spec(
-        "training", "Batches whose gradients are summed per optimizer step (a larger effective "
-        "batch without more memory).", minimum=1))
-    max_grad_norm: float = field(default=1.0, metadata=spec(
-        "training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0))
-    optimizer: str = field(default="adamw", metadata=spec(
-        "training", "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
-        choices=("adamw", "adamw8bit")))
-    adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.",
-                                                         minimum=0.0, maximum=1.0))
-    adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.",
-                                                           minimum=0.0, maximum=1.0))
-    adam_epsilon: float = field(default=1e-8, metadata=spec("training", "AdamW epsilon.",
-                                                            minimum=0.0, exclusive_minimum=True))
-    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.",
-                                                            minimum=0.0))
-    lr_scheduler: str = field(default="constant", metadata=spec(
-        "training", "Learning-rate schedule after warmup.",
-        choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")))
-    lr_warmup_steps: int = field(default=0, metadata=spec(
-        "training", "Steps of linear warmup from 0 to the learning rate.", minimum=0))
-    noise_offset: float = field(default=0.0, metadata=spec(
-        "training", "Noise offset (0.05-0.1 helps very dark/bright images); 0 disables.", minimum=0.0,
-        maximum=1.0))
-    min_snr_gamma: float | None = field(default=None, metadata=spec(
-        "training", "Min-SNR loss weighting gamma (5 is the paper's value); unset disables.",
-        minimum=0.0, exclusive_minimum=True))
-    mixed_precision: str = field(default="auto", metadata=spec(
-        "training", "Autocast precision. auto: bf16 on GPUs that support it, else fp16 on CUDA, "
-        "no on CPU.", choices=("auto", "no", "fp16", "bf16")))
-    gradient_checkpointing: bool = field(default=False, metadata=spec(
-        "training", "Recompute activations in the backward pass: much less memory, ~20% slower."))
-    seed: int = field(default=42, metadata=spec(
-        "training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0))
-    device: str = field(default="auto", metadata=spec(
-        "training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."))
-    cache_dir: Path | None = field(default=None, metadata=spec(
-        "training", "Where VAE latents are cached by image content (a re-run encodes nothing). "
-        "Unset: the lorad cache folder ($LORAD_HOME/cache)."))
+    batch_size: int = field(
+        default=1,
+        metadata=spec(
+            "training",
+            "Images per step. Lower it (and raise gradient_accumulation_steps) when out of memory.",
+            minimum=1,
+        ),
+    )
+    epochs: int = field(
+        default=10, metadata=spec("training", "Passes over the data (each image counted `repeats` times).", minimum=1)
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata=spec("training", "Learning rate of the UNet LoRA.", minimum=0.0, exclusive_minimum=True)
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata=spec(
+            "training",
+            "Batches whose gradients are summed per optimizer step (a larger effective batch without more memory).",
+            minimum=1,
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata=spec(
+            "training",
+            "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
+            choices=("adamw", "adamw8bit"),
+        ),
+    )
+    adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.", minimum=0.0, maximum=1.0))
+    adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.", minimum=0.0, maximum=1.0))
+    adam_epsilon: float = field(
+        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, exclusive_minimum=True)
+    )
+    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=spec(
+            "training",
+            "Learning-rate schedule after warmup.",
+            choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+        ),
+    )
+    lr_warmup_steps: int = field(
+        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
+    )
+    noise_offset: float = field(
+        default=0.0,
+        metadata=spec(
+            "training", "Noise offset (0.05-0.1 helps very dark/bright images); 0 disables.", minimum=0.0, maximum=1.0
+        ),
+    )
+    min_snr_gamma: float | None = field(
+        default=None,
+        metadata=spec(
+            "training",
+            "Min-SNR loss weighting gamma (5 is the paper's value); unset disables.",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata=spec(
+            "training",
+            "Autocast precision. auto: bf16 on GPUs that support it, else fp16 on CUDA, no on CPU.",
+            choices=("auto", "no", "fp16", "bf16"),
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20% slower."),
+    )
+    seed: int = field(
+        default=42,
+        metadata=spec("training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0),
+    )
+    device: str = field(
+        default="auto",
+        metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
+    )
+    cache_dir: Path | None = field(
+        default=None,
+        metadata=spec(
+            "training",
+            "Where VAE latents are cached by image content (a re-run encodes nothing). "
+            "Unset: the lorad cache folder ($LORAD_HOME/cache).",
+        ),
+    )
 
     # --- checkpoints ------------------------------------------------------------------------
-    save_steps: int | None = field(default=None, metadata=spec(
-        "checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1))
-    save_every_n_epochs: int | None = field(default=None, metadata=spec(
-        "checkpoints", "Save a resumable checkpoint every N epochs; unset disables.", minimum=1))
-    keep_checkpoints: int = field(default=3, metadata=spec(
-        "checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1))
-    resume_from: Path | None = field(default=None, metadata=spec(
-        "checkpoints", "A checkpoint folder of this run (output_dir/checkpoints/step-N) or `latest`, "
-        "to continue exactly where it stopped."))
+    save_steps: int | None = field(
+        default=None,
+        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
+    )
+    save_every_n_epochs: int | None = field(
+        default=None,
+        metadata=spec("checkpoints", "Save a resumable checkpoint every N epochs; unset disables.", minimum=1),
+    )
+    keep_checkpoints: int = field(
+        default=3,
+        metadata=spec("checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1),
+    )
+    resume_from: Path | None = field(
+        default=None,
+        metadata=spec(
+            "checkpoints",
+            "A checkpoint folder of this run (output_dir/checkpoints/step-N) or `latest`, "
+            "to continue exactly where it stopped.",
+        ),
+    )
 
     # --- output -----------------------------------------------------------------------------
-    output_dir: Path = field(default=Path("output"), metadata=spec(
-        "output", "Folder for the LoRA files, checkpoints, logs and training_summary.json.",
-        example="./output/my_style_lora"))
-    output_name: str = field(default="", metadata=spec(
-        "output", "File name of the LoRA (`<lora:NAME:0.8>` in A1111). Unset: output_dir's folder name."))
-    save_precision: str = field(default="fp16", metadata=spec(
-        "output", "Precision of the saved LoRA files.", choices=("fp16", "bf16", "fp32")))
+    output_dir: Path = field(
+        default=Path("output"),
+        metadata=spec(
+            "output",
+            "Folder for the LoRA files, checkpoints, logs and training_summary.json.",
+            example="./output/my_style_lora",
+        ),
+    )
+    output_name: str = field(
+        default="",
+        metadata=spec("output", "File name of the LoRA (`<lora:NAME:0.8>` in A1111). Unset: output_dir's folder name."),
+    )
+    save_precision: str = field(
+        default="fp16", metadata=spec("output", "Precision of the saved LoRA files.", choices=("fp16", "bf16", "fp32"))
+    )
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -57,8 +57,14 @@ def detect_task(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config
     if task is not None:
         name = str(task).strip().lower()
         if name not in TASKS:
-            raise ConfigError([ConfigProblem("task", f"got {task!r}", "use llm or sd, or remove it to detect "
-                                             "the task from base_model")], source)
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "task", f"got {task!r}", "use llm or sd, or remove it to detect the task from base_model"
+                    )
+                ],
+                source,
+            )
         return name
     base = raw.get("base_model")
     if isinstance(base, (str, os.PathLike)) and str(base).strip():

@@ -40,9 +40,7 @@ def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> li
             buckets.add((width, height))
             buckets.add((height, width))
     if not buckets:
-        raise ValueError(
-            f"no bucket of sides {min_reso}..{max_reso} fits the area of {resolution}x{resolution}"
-        )
+        raise ValueError(f"no bucket of sides {min_reso}..{max_reso} fits the area of {resolution}x{resolution}")
     return sorted(buckets)
 
 

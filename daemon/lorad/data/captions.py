@@ -146,8 +146,7 @@ def _header_columns(header: list[str], metadata_path: Path) -> tuple[int, int]:
         raise DataError(
             f"{metadata_path} line 1: header {','.join(header)!r} lacks a "
             f"{'file' if file_col is None else 'caption'} column",
-            hint="The first line must name the columns, e.g. `file,caption` "
-            "(`file_name` and `text` are accepted too).",
+            hint="The first line must name the columns, e.g. `file,caption` (`file_name` and `text` are accepted too).",
         )
     return file_col, caption_col
 

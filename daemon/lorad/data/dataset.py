@@ -249,9 +249,7 @@ def find_image_files(root: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not _is_cache_dir(Path(folder, d))
-        )
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _is_cache_dir(Path(folder, d)))
         for name in sorted(filenames):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
                 path = Path(folder, name)

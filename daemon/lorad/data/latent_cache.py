@@ -167,7 +167,6 @@ class LatentCache:
 
     def _unwritable(self, err: OSError) -> OutputError:
         return OutputError(
-            f"`cache_dir`: cannot create or write the latent cache in {self.cache_dir}: "
-            f"{err.strerror or err}",
+            f"`cache_dir`: cannot create or write the latent cache in {self.cache_dir}: {err.strerror or err}",
             hint="Set `cache_dir` to a folder you can write to, or remove it to keep latents in memory only.",
         )

@@ -30,9 +30,7 @@ class SkippedImage:
 
 def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     # Read-only views keep the frozen report actually immutable; nested mappings too.
-    return MappingProxyType(
-        {k: _frozen_mapping(v) if isinstance(v, Mapping) else v for k, v in value.items()}
-    )
+    return MappingProxyType({k: _frozen_mapping(v) if isinstance(v, Mapping) else v for k, v in value.items()})
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,16 @@ def _first(model: nn.Module, names: tuple[str, ...]):
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward instead of storing them (less memory, ~20% slower)."""
-    _first(model, ("activation_checkpointing_enable", "gradient_checkpointing_enable",
-                   "enable_gradient_checkpointing"))()
+    _first(
+        model, ("activation_checkpointing_enable", "gradient_checkpointing_enable", "enable_gradient_checkpointing")
+    )()
 
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
     """Turn activation checkpointing off again."""
-    _first(model, ("activation_checkpointing_disable", "gradient_checkpointing_disable",
-                   "disable_gradient_checkpointing"))()
+    _first(
+        model, ("activation_checkpointing_disable", "gradient_checkpointing_disable", "disable_gradient_checkpointing")
+    )()
 
 
 def is_activation_checkpointing(model: nn.Module) -> bool:

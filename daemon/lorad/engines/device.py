@@ -31,13 +31,12 @@ def pick_device(requested: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(requested)
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError([ConfigProblem("device", f"{requested} is not available on this machine",
-                                         "use `auto` or `cpu`")])
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(
+            [ConfigProblem("device", f"{requested} is not available on this machine", "use `auto` or `cpu`")]
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError([ConfigProblem("device", "mps is not available on this machine",
-                                         "use `auto` or `cpu`")])
+        raise ConfigError([ConfigProblem("device", "mps is not available on this machine", "use `auto` or `cpu`")])
     return device
 
 
@@ -51,10 +50,16 @@ def pick_placement(device_name: str, mixed_precision: str) -> Placement:
     elif mixed_precision == "auto":
         mixed_precision = "no"
     if mixed_precision != "no" and device.type == "cpu":
-        raise ConfigError([ConfigProblem("mixed_precision", f"{mixed_precision} on the CPU is slower "
-                                         "than fp32", "use `no` or `auto` when training on the CPU")])
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "mixed_precision",
+                    f"{mixed_precision} on the CPU is slower than fp32",
+                    "use `no` or `auto` when training on the CPU",
+                )
+            ]
+        )
     if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError([ConfigProblem("mixed_precision", "this GPU does not support bf16",
-                                         "use fp16 or auto")])
+        raise ConfigError([ConfigProblem("mixed_precision", "this GPU does not support bf16", "use fp16 or auto")])
     dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     return Placement(device=device, autocast_dtype=dtype, weight_dtype=dtype or torch.float32)

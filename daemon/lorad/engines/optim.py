@@ -19,16 +19,23 @@ def build_optimizer(
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ConfigError([ConfigProblem("optimizer", "adamw8bit needs the bitsandbytes package",
-                                             "run `pip install bitsandbytes`, or use adamw")]) from None
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "optimizer",
+                        "adamw8bit needs the bitsandbytes package",
+                        "run `pip install bitsandbytes`, or use adamw",
+                    )
+                ]
+            ) from None
         return bnb.optim.AdamW8bit(list(groups), betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(list(groups), betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int,
-                    total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int, total_steps: int) -> LambdaLR:
     """A LambdaLR with linear warmup then the named decay (constant, linear, cosine,
     cosine_with_restarts with 3 cycles, polynomial with power 1 to 0)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)

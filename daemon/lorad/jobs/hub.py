@@ -51,10 +51,17 @@ class EventHub:
             return []
         if tail[0].seq > seen + 1:
             return None
-        return tail[seen + 1 - tail[0].seq:]
+        return tail[seen + 1 - tail[0].seq :]
 
-    def follow(self, job_id: str, *, after_seq: int = 0, active: Callable[[], bool] = lambda: True,
-               poll_seconds: float = 1.0, history_only: bool = False) -> Iterator[EventRecord]:
+    def follow(
+        self,
+        job_id: str,
+        *,
+        after_seq: int = 0,
+        active: Callable[[], bool] = lambda: True,
+        poll_seconds: float = 1.0,
+        history_only: bool = False,
+    ) -> Iterator[EventRecord]:
         """Yield the job's events after ``after_seq`` in order — history, then live — until a final
         event has been yielded or ``active()`` turns False (checked at least every poll_seconds).
         With ``history_only`` it stops after the events that exist when it is called."""

@@ -15,25 +15,43 @@ from lorad import events as ev
 def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
     """The history row for one engine event."""
     if isinstance(event, ev.StepDone):
-        return "step", {"step": event.step, "total_steps": event.total_steps, "epoch": event.epoch,
-                        "loss": event.loss, "lr": event.lr, "steps_per_second": event.steps_per_second,
-                        "eta_seconds": event.eta_seconds}
+        return "step", {
+            "step": event.step,
+            "total_steps": event.total_steps,
+            "epoch": event.epoch,
+            "loss": event.loss,
+            "lr": event.lr,
+            "steps_per_second": event.steps_per_second,
+            "eta_seconds": event.eta_seconds,
+        }
     if isinstance(event, ev.DataReported):
         report = event.report
-        return "data_report", {"images_found": report.get("images_found", 0),
-                               "images_used": report.get("images_used", 0),
-                               "images_skipped": len(report.get("skipped", ())),
-                               "captions_generated": report.get("captions_generated", 0),
-                               "text": event.text, "report_json": json.dumps(report)}
+        return "data_report", {
+            "images_found": report.get("images_found", 0),
+            "images_used": report.get("images_used", 0),
+            "images_skipped": len(report.get("skipped", ())),
+            "captions_generated": report.get("captions_generated", 0),
+            "text": event.text,
+            "report_json": json.dumps(report),
+        }
     if isinstance(event, ev.ModelLoaded):
-        return "model_loaded", {"source": event.source, "model_version": event.model_version,
-                                "seconds": event.seconds, "resident": event.resident}
+        return "model_loaded", {
+            "source": event.source,
+            "model_version": event.model_version,
+            "seconds": event.seconds,
+            "resident": event.resident,
+        }
     if isinstance(event, ev.LatentsCached):
         return "latents_cached", {"cached": event.cached, "encoded": event.encoded, "seconds": event.seconds}
     if isinstance(event, ev.TrainingStarted):
-        return "training_started", {"total_steps": event.total_steps, "start_step": event.start_step,
-                                    "epochs": event.epochs, "trainable_params": event.trainable_params,
-                                    "device": event.device, "precision": event.precision}
+        return "training_started", {
+            "total_steps": event.total_steps,
+            "start_step": event.start_step,
+            "epochs": event.epochs,
+            "trainable_params": event.trainable_params,
+            "device": event.device,
+            "precision": event.precision,
+        }
     if isinstance(event, ev.CheckpointSaved):
         return "checkpoint_saved", {"step": event.step, "path": event.path}
     if isinstance(event, ev.LogLine):
@@ -43,6 +61,10 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
     if isinstance(event, ev.SampleGenerated):
         return "sample", {"prompt": event.prompt, "output": event.output, "stopped": event.stopped}
     if isinstance(event, ev.TrainingFinished):
-        return "finished", {"outputs": dict(event.outputs), "steps": event.steps,
-                            "final_loss": event.final_loss, "seconds": event.seconds}
+        return "finished", {
+            "outputs": dict(event.outputs),
+            "steps": event.steps,
+            "final_loss": event.final_loss,
+            "seconds": event.seconds,
+        }
     return "log", {"message": f"{event.kind}: {event.to_dict()}", "level": "info"}

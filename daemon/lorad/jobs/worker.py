@@ -32,8 +32,10 @@ def out_of_memory_hint(config: TrainConfig) -> str:
     """Concrete settings to lower after an out-of-memory failure, with their current values."""
     tips = []
     if config.batch_size > 1:
-        tips.append(f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
-                    f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}")
+        tips.append(
+            f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
+            f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}"
+        )
     if not config.gradient_checkpointing:
         tips.append("gradient_checkpointing: true")
     if config.resolution > 512:
@@ -51,8 +53,10 @@ def llm_out_of_memory_hint(config: LlmTrainConfig) -> str:
     """The LLM run's settings to lower after an out-of-memory failure, with their current values."""
     tips = []
     if config.batch_size > 1:
-        tips.append(f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
-                    f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}")
+        tips.append(
+            f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
+            f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}"
+        )
     if not config.gradient_checkpointing:
         tips.append("gradient_checkpointing: true")
     if config.max_seq_len > 512:
@@ -66,8 +70,9 @@ def llm_out_of_memory_hint(config: LlmTrainConfig) -> str:
 
 def is_out_of_memory(err: BaseException) -> bool:
     """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
-    return isinstance(err, MemoryError) or (type(err).__name__ == "OutOfMemoryError"
-                                            or (isinstance(err, RuntimeError) and "out of memory" in str(err)))
+    return isinstance(err, MemoryError) or (
+        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    )
 
 
 @contextmanager
@@ -85,11 +90,17 @@ class Worker:
     each job's ``caption_missing`` hook (images without a caption are captioned before training).
     """
 
-    def __init__(self, store: JobStore, hub: EventHub, *, train: Callable[..., object],
-                 models: Callable = _no_models, device_name: str = "auto",
-                 captions: Callable[[TrainConfig, Callable[[Event], None], threading.Event], Callable] | None = None,
-                 train_llm: Callable[..., object] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        hub: EventHub,
+        *,
+        train: Callable[..., object],
+        models: Callable = _no_models,
+        device_name: str = "auto",
+        captions: Callable[[TrainConfig, Callable[[Event], None], threading.Event], Callable] | None = None,
+        train_llm: Callable[..., object] | None = None,
+    ) -> None:
         self.store = store
         self.hub = hub
         self.train = train
@@ -148,8 +159,13 @@ class Worker:
                 self._wake.wait(timeout=5.0)
                 self._wake.clear()
                 continue
-            claimed = self.store.transition(job.job_id, expect={JobState.QUEUED}, to=JobState.RUNNING,
-                                            started_at=time.time(), attempt=job.attempt + 1)
+            claimed = self.store.transition(
+                job.job_id,
+                expect={JobState.QUEUED},
+                to=JobState.RUNNING,
+                started_at=time.time(),
+                attempt=job.attempt + 1,
+            )
             if claimed is None:  # cancelled between the two calls
                 continue
             try:
@@ -164,8 +180,11 @@ class Worker:
         try:
             config = self._job_config(job)
             resumed_from = str(config.resume_from or "") if job.attempt > 1 else ""
-            self.hub.publish(job.job_id, "started", {"attempt": job.attempt, "device": self.device_name,
-                                                     "resumed_from": resumed_from})
+            self.hub.publish(
+                job.job_id,
+                "started",
+                {"attempt": job.attempt, "device": self.device_name, "resumed_from": resumed_from},
+            )
             finished: list[dict] = []
             sink = self._sink(job.job_id, finished)
             if isinstance(config, LlmTrainConfig):
@@ -176,8 +195,13 @@ class Worker:
                 hooks = {"caption_missing": self.captions(config, sink, stop)} if self.captions else {}
                 self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
-            self.store.update(job.job_id, state=JobState.SUCCEEDED, finished_at=time.time(),
-                              outputs=finished[0]["outputs"], progress=self._progress.get(job.job_id))
+            self.store.update(
+                job.job_id,
+                state=JobState.SUCCEEDED,
+                finished_at=time.time(),
+                outputs=finished[0]["outputs"],
+                progress=self._progress.get(job.job_id),
+            )
             self.hub.publish(job.job_id, "finished", finished[0])
         except TrainingInterrupted as err:
             self._stopped(job, err)
@@ -186,13 +210,21 @@ class Worker:
         except Exception as err:
             if is_out_of_memory(err):
                 config = self._job_config(job) if job.config_yaml else None
-                hint = (llm_out_of_memory_hint(config) if isinstance(config, LlmTrainConfig)
-                        else out_of_memory_hint(config) if config else "")
+                hint = (
+                    llm_out_of_memory_hint(config)
+                    if isinstance(config, LlmTrainConfig)
+                    else out_of_memory_hint(config)
+                    if config
+                    else ""
+                )
                 self._fail(job, f"out of memory: {err}".splitlines()[0], hint)
             else:
                 log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
-                self._fail(job, f"{type(err).__name__}: {err}",
-                           "This looks like a bug in lorad; the daemon log has the traceback.")
+                self._fail(
+                    job,
+                    f"{type(err).__name__}: {err}",
+                    "This looks like a bug in lorad; the daemon log has the traceback.",
+                )
         finally:
             with self._lock:
                 self._current = None
@@ -237,18 +269,31 @@ class Worker:
     def _stopped(self, job: JobRecord, err: TrainingInterrupted) -> None:
         checkpoint = err.checkpoint or ""
         if job.job_id in self._cancel_requested:
-            self.store.update(job.job_id, state=JobState.CANCELLED, finished_at=time.time(),
-                              checkpoint=checkpoint or self.store.get(job.job_id).checkpoint,
-                              progress=self._progress.get(job.job_id))
+            self.store.update(
+                job.job_id,
+                state=JobState.CANCELLED,
+                finished_at=time.time(),
+                checkpoint=checkpoint or self.store.get(job.job_id).checkpoint,
+                progress=self._progress.get(job.job_id),
+            )
             self.hub.publish(job.job_id, "cancelled", {"checkpoint": checkpoint})
         else:  # the daemon is shutting down: resume on the next start
-            self.store.update(job.job_id, state=JobState.INTERRUPTED,
-                              checkpoint=checkpoint or self.store.get(job.job_id).checkpoint,
-                              progress=self._progress.get(job.job_id))
+            self.store.update(
+                job.job_id,
+                state=JobState.INTERRUPTED,
+                checkpoint=checkpoint or self.store.get(job.job_id).checkpoint,
+                progress=self._progress.get(job.job_id),
+            )
             self.hub.publish(job.job_id, "interrupted", {"checkpoint": checkpoint, "will_resume": True})
 
     def _fail(self, job: JobRecord, error: str, hint: str) -> None:
         checkpoint = self.store.get(job.job_id).checkpoint
-        self.store.update(job.job_id, state=JobState.FAILED, finished_at=time.time(), error=error, hint=hint,
-                          progress=self._progress.get(job.job_id))
+        self.store.update(
+            job.job_id,
+            state=JobState.FAILED,
+            finished_at=time.time(),
+            error=error,
+            hint=hint,
+            progress=self._progress.get(job.job_id),
+        )
         self.hub.publish(job.job_id, "failed", {"error": error, "hint": hint, "checkpoint": checkpoint})

@@ -32,8 +32,9 @@ def attach_lora(
     output is unchanged until training moves B. Returns the new trainable parameters, in fp32
     whatever the base dtype (low-precision LoRA weights lose small updates).
     """
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_paths), init_lora_weights=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_paths), init_lora_weights=True
+    )
     return attach_lora_config(model, adapter_name=adapter_name, config=config)
 
 

@@ -32,8 +32,7 @@ def save_diffusers_lora(
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     def cast(part: str) -> dict[str, torch.Tensor]:
-        return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous()
-                for k, v in parts[part].items()}
+        return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous() for k, v in parts[part].items()}
 
     def metadata(part: str) -> dict | None:
         # Without it diffusers would assume alpha == rank and scale the LoRA wrongly.

@@ -63,7 +63,7 @@ class LoadedLora:
     """A LoRA file read back into peft-style state dicts per part, with its per-module alpha."""
 
     parts: dict[str, dict[str, torch.Tensor]]  # part → {"<path>.lora_A.weight": tensor, ...}
-    alphas: dict[str, float]                    # "<part>:<module path>" → alpha
+    alphas: dict[str, float]  # "<part>:<module path>" → alpha
     rank: int
 
 
@@ -78,12 +78,15 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
         with safe_open(str(path), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}  # noqa: SIM118
     except Exception as err:
-        raise ModelLoadError(f"`init_lora`: {path} is not a readable .safetensors LoRA ({err})",
-                             "point init_lora at a LoRA .safetensors file") from None
+        raise ModelLoadError(
+            f"`init_lora`: {path} is not a readable .safetensors LoRA ({err})",
+            "point init_lora at a LoRA .safetensors file",
+        ) from None
     lookup: dict[str, dict[str, str]] = {}
     for part, paths in module_paths.items():
-        lookup[part] = {kohya_module_name(PREFIXES[part], name): p
-                        for p in paths for name in {p, portable_path(part, p)}}
+        lookup[part] = {
+            kohya_module_name(PREFIXES[part], name): p for p in paths for name in {p, portable_path(part, p)}
+        }
     parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in module_paths}
     alphas: dict[str, float] = {}
     unknown: list[str] = []
@@ -118,10 +121,12 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
             unknown.append(key)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise ModelLoadError(f"`init_lora`: {path} has weights for layers this model does not have: {shown}",
-                             "use a LoRA trained for the same base model architecture")
+        raise ModelLoadError(
+            f"`init_lora`: {path} has weights for layers this model does not have: {shown}",
+            "use a LoRA trained for the same base model architecture",
+        )
     if len(ranks) > 1:
-        raise ModelLoadError(f"`init_lora`: {path} mixes ranks {sorted(ranks)}",
-                             "lorad continues LoRAs of a single rank")
-    return LoadedLora(parts={p: s for p, s in parts.items() if s}, alphas=alphas,
-                      rank=ranks.pop() if ranks else 0)
+        raise ModelLoadError(
+            f"`init_lora`: {path} mixes ranks {sorted(ranks)}", "lorad continues LoRAs of a single rank"
+        )
+    return LoadedLora(parts={p: s for p, s in parts.items() if s}, alphas=alphas, rank=ranks.pop() if ranks else 0)

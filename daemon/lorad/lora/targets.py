@@ -26,8 +26,20 @@ UNET_ALIASES: Mapping[str, str] = {
 }
 
 # Names worth suggesting, in the order we list them; only those present in the model are shown.
-UNET_SUGGESTIONS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                    "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj")
+UNET_SUGGESTIONS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+)
 TEXT_ENCODER_SUGGESTIONS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 # Layer types peft's LoRA adapts and kohya's format can express.

@@ -57,17 +57,9 @@ def inspect_folder(folder: Path, where: str, *, allow_pickle: bool) -> FolderInf
     index_path = folder / "model_index.json"
     index = read_json_object(index_path, where) if index_path.is_file() else {}
     if not index and not (folder / "unet").is_dir():
-        files = sorted(
-            p.name for p in folder.iterdir() if p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
-        )
-        hint = (
-            f"Point `base_model` at a checkpoint file in it, e.g. {folder / files[0]}."
-            if files
-            else SD_LAYOUT_HINT
-        )
-        raise ModelLoadError(
-            f"{where}: {folder} is a folder but not a diffusers model (no model_index.json)", hint
-        )
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES))
+        hint = f"Point `base_model` at a checkpoint file in it, e.g. {folder / files[0]}." if files else SD_LAYOUT_HINT
+        raise ModelLoadError(f"{where}: {folder} is a folder but not a diffusers model (no model_index.json)", hint)
     class_name = str(index.get("_class_name", ""))
     unet_path = folder / "unet" / "config.json"
     unet_config = read_json_object(unet_path, where) if unet_path.is_file() else {}
@@ -78,9 +70,7 @@ def inspect_folder(folder: Path, where: str, *, allow_pickle: bool) -> FolderInf
         or unet_config.get("addition_embed_type") == "text_time"
     ):
         raise ModelLoadError(f"{where} is an SDXL model; SDXL is not supported yet", _SDXL_HINT)
-    if class_name and (
-        not class_name.startswith("StableDiffusion") or class_name.startswith("StableDiffusion3")
-    ):
+    if class_name and (not class_name.startswith("StableDiffusion") or class_name.startswith("StableDiffusion3")):
         raise ModelLoadError(f"{where} is a {class_name} model, not Stable Diffusion 1.x/2.x", SD_LAYOUT_HINT)
     missing = [f"{c}/config.json" for c in COMPONENTS if not (folder / c / "config.json").is_file()]
     if missing:
@@ -96,10 +86,7 @@ def inspect_folder(folder: Path, where: str, *, allow_pickle: bool) -> FolderInf
             "Train on the plain text-to-image version of the model.",
         )
     sd2 = bool(unet_config.get("use_linear_projection")) or unet_config.get("cross_attention_dim") == 1024
-    options = {
-        c: _weights_options(folder / c, *_STEMS[c], allow_pickle=allow_pickle, where=where)
-        for c in COMPONENTS
-    }
+    options = {c: _weights_options(folder / c, *_STEMS[c], allow_pickle=allow_pickle, where=where) for c in COMPONENTS}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json_object(scheduler_path, where) if scheduler_path.is_file() else None
     return FolderInfo("sd2" if sd2 else "sd1", options, scheduler)

@@ -106,8 +106,7 @@ def load_sd_components(
         prediction_type = plan.scheduler_config.get("prediction_type") or plan.default_prediction
         if prediction_type not in PREDICTION_TYPES:
             raise ModelLoadError(
-                f"{where}: its scheduler config has prediction_type {prediction_type!r}, "
-                "which lorad cannot train",
+                f"{where}: its scheduler config has prediction_type {prediction_type!r}, which lorad cannot train",
                 "Set `prediction_type` to epsilon or v_prediction.",
             )
     tokenizer_dir, tokenizer_source = find_tokenizer_dir(
@@ -209,8 +208,7 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
     if is_pickle_path(path):
         if not allow_pickle:
             raise ModelLoadError(
-                f"{where} is a pickle-based checkpoint ({path.suffix}); "
-                "pickle files can run code when loaded",
+                f"{where} is a pickle-based checkpoint ({path.suffix}); pickle files can run code when loaded",
                 PICKLE_HINT,
             )
         # Pickles have no header to peek at: the whole file is read to see what it is.

@@ -62,8 +62,7 @@ def find_tokenizer_dir(
         source = f"`tokenizer_path` {str(tokenizer_path)!r}"
         if not has_tokenizer_files(tokenizer_path):
             raise ModelLoadError(
-                f"{source} is not a folder with a CLIP tokenizer "
-                "(vocab.json and merges.txt, or tokenizer.json)",
+                f"{source} is not a folder with a CLIP tokenizer (vocab.json and merges.txt, or tokenizer.json)",
                 "Point `tokenizer_path` at the tokenizer/ folder of an SD model of the same family.",
             )
         return tokenizer_path, source

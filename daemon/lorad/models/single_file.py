@@ -75,9 +75,7 @@ def read_safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"{where} could not be read ({exc})", "Check that the download is complete."
-        ) from exc
+        raise ModelLoadError(f"{where} could not be read ({exc})", "Check that the download is complete.") from exc
 
 
 def read_pickle_checkpoint(path: Path, where: str) -> dict[str, torch.Tensor]:
@@ -95,8 +93,7 @@ def read_pickle_checkpoint(path: Path, where: str) -> dict[str, torch.Tensor]:
             raise ModelLoadError(
                 f"{where} holds Python objects besides tensors, which weights_only loading refuses"
                 + (f" (it contains {found[1]})" if found else ""),
-                "Use the model's .safetensors release, or convert the file to .safetensors "
-                "with a tool you trust.",
+                "Use the model's .safetensors release, or convert the file to .safetensors with a tool you trust.",
             ) from exc
         raise ModelLoadError(
             f"{where} is not a readable PyTorch checkpoint ({lines[0] if lines else 'unpickling failed'})",
@@ -114,9 +111,7 @@ def read_pickle_checkpoint(path: Path, where: str) -> dict[str, torch.Tensor]:
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise ModelLoadError(f"{where} holds a {type(data).__name__}, not a dict of tensors", SD_LAYOUT_HINT)
-    return {
-        key: value for key, value in data.items() if isinstance(key, str) and isinstance(value, torch.Tensor)
-    }
+    return {key: value for key, value in data.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
 
 
 _V = TypeVar("_V")
@@ -161,8 +156,7 @@ def probe_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> Checkpo
         )
     if any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
         raise ModelLoadError(
-            f"{where} has a class-conditioned UNet (unCLIP, upscaler or SDXL-like), "
-            "not SD 1.x/2.x text-to-image",
+            f"{where} has a class-conditioned UNet (unCLIP, upscaler or SDXL-like), not SD 1.x/2.x text-to-image",
             SD_LAYOUT_HINT,
         )
     if any(k.startswith(CLIP_PREFIX) for k in keys):
@@ -199,9 +193,7 @@ def _what_it_looks_like(keys: Sequence[str]) -> str:
     if any("lora" in k.lower() for k in keys):
         return "it looks like a LoRA, not a base model"
     if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "encoder.down_blocks.")) for k in keys):
-        return (
-            "it looks like a single diffusers component; point `base_model` at the whole model folder instead"
-        )
+        return "it looks like a single diffusers component; point `base_model` at the whole model folder instead"
     sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"
     return f"none of its {len(keys)} tensors has a `model.diffusion_model.` key (first keys: {sample})"
 
@@ -220,9 +212,7 @@ def check_config_fits(
         "text encoder width": (text.get("hidden_size"), info.text_width),
     }
     wrong = [
-        f"{name} {got} in the checkpoint vs {want} in the config"
-        for name, (want, got) in found.items()
-        if want != got
+        f"{name} {got} in the checkpoint vs {want} in the config" for name, (want, got) in found.items() if want != got
     ]
     if wrong:
         raise ModelLoadError(

@@ -139,9 +139,7 @@ def build_tiny_sd(dest: Path, *, version: str = "sd1", seed: int = 0) -> Path:
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         _save_text_encoder(text_encoder, tmp / "text_encoder")
         _scheduler(version).save_pretrained(tmp / "scheduler")
-        write_text_atomic(
-            tmp / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n"
-        )
+        write_text_atomic(tmp / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
     return dest
 
 

@@ -137,9 +137,7 @@ def train_merges(corpus: tuple[str, ...] = CORPUS) -> list[tuple[str, str]]:
         pieces = [p for p, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))]
         return " ".join(p[:-1] + final_of[p[-1]] for p in pieces if p)
 
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=1, show_progress=False, special_tokens=[]
-    )
+    trainer = trainers.BpeTrainer(vocab_size=1_000_000, min_frequency=1, show_progress=False, special_tokens=[])
     model = Tokenizer(BPE())
     model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model.train_from_iterator([words(t) for t in corpus], trainer)

@@ -28,11 +28,16 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    tokens: int          # real (non-pad) tokens, for throughput
+    tokens: int  # real (non-pad) tokens, for throughput
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                     self.position_ids.to(device), self.tokens)
+        return Batch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.tokens,
+        )
 
 
 def epoch_order(count: int, *, seed: int, epoch: int) -> list[int]:
@@ -58,16 +63,23 @@ def pack_rows(samples: Sequence[Encoded], order: Sequence[int], max_seq_len: int
     return rows
 
 
-def plan_batches(samples: Sequence[Encoded], *, batch_size: int, seed: int, epoch: int, packing: bool,
-                 max_seq_len: int) -> list[list[list[int]]]:
+def plan_batches(
+    samples: Sequence[Encoded], *, batch_size: int, seed: int, epoch: int, packing: bool, max_seq_len: int
+) -> list[list[list[int]]]:
     """One epoch's micro-batches: each is a list of rows, each row a list of sample indexes."""
     order = epoch_order(len(samples), seed=seed, epoch=epoch)
     rows = pack_rows(samples, order, max_seq_len) if packing else [[i] for i in order]
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def collate(samples: Sequence[Encoded], rows: Sequence[Sequence[int]], *, pad_id: int, packed: bool,
-            mask_dtype: torch.dtype = torch.float32) -> Batch:
+def collate(
+    samples: Sequence[Encoded],
+    rows: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    packed: bool,
+    mask_dtype: torch.dtype = torch.float32,
+) -> Batch:
     """Tensors for ``rows`` (each a list of sample indexes), right-padded to the longest row."""
     lengths = [sum(len(samples[i].input_ids) for i in row) for row in rows]
     width = max(lengths)
@@ -81,10 +93,10 @@ def collate(samples: Sequence[Encoded], rows: Sequence[Sequence[int]], *, pad_id
         for s, index in enumerate(row):
             sample = samples[index]
             n = len(sample.input_ids)
-            input_ids[r, at:at + n] = torch.tensor(sample.input_ids)
-            labels[r, at:at + n] = torch.tensor(sample.labels)
-            position_ids[r, at:at + n] = torch.arange(n)
-            segment[r, at:at + n] = s
+            input_ids[r, at : at + n] = torch.tensor(sample.input_ids)
+            labels[r, at : at + n] = torch.tensor(sample.labels)
+            position_ids[r, at : at + n] = torch.arange(n)
+            segment[r, at : at + n] = s
             at += n
     if packed:
         same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
@@ -93,7 +105,8 @@ def collate(samples: Sequence[Encoded], rows: Sequence[Sequence[int]], *, pad_id
         allowed |= torch.eye(width, dtype=torch.bool)
         # Additive form (0 = attend, most negative = blocked): what transformers takes as a 4-D mask.
         attention_mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(
-            ~allowed, torch.finfo(mask_dtype).min)[:, None]
+            ~allowed, torch.finfo(mask_dtype).min
+        )[:, None]
     else:
         attention_mask = (segment >= 0).long()
     return Batch(input_ids, labels, attention_mask, position_ids, tokens=sum(lengths))

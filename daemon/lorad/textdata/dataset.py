@@ -46,15 +46,20 @@ class TextData:
     def render(self) -> str:
         """The report as a few lines of text."""
         r = self.report
-        lines = [f"text data: {r['rows_used']} of {r['rows_found']} rows usable "
-                 f"({', '.join(f'{k}: {v}' for k, v in r['shapes'].items())}) from {len(r['files'])} file(s); "
-                 f"{len(self.train)} train / {len(self.eval)} eval samples, {r['trained_tokens']} response tokens"]
+        lines = [
+            f"text data: {r['rows_used']} of {r['rows_found']} rows usable "
+            f"({', '.join(f'{k}: {v}' for k, v in r['shapes'].items())}) from {len(r['files'])} file(s); "
+            f"{len(self.train)} train / {len(self.eval)} eval samples, {r['trained_tokens']} response tokens"
+        ]
         if r["truncated"]:
-            lines.append(f"  {r['truncated']} sample(s) longer than max_seq_len={r['max_seq_len']} were cut "
-                         f"(longest: {r['longest_tokens']} tokens); raise max_seq_len to keep them whole")
+            lines.append(
+                f"  {r['truncated']} sample(s) longer than max_seq_len={r['max_seq_len']} were cut "
+                f"(longest: {r['longest_tokens']} tokens); raise max_seq_len to keep them whole"
+            )
         if r["dropped_after_truncation"]:
-            lines.append(f"  {r['dropped_after_truncation']} sample(s) had no response left within max_seq_len "
-                         "and were dropped")
+            lines.append(
+                f"  {r['dropped_after_truncation']} sample(s) had no response left within max_seq_len and were dropped"
+            )
         bad = r["bad_rows"]
         if bad:
             lines.append(f"  {len(bad)} bad row(s):")
@@ -64,8 +69,9 @@ class TextData:
         return "\n".join(lines)
 
 
-def read_samples(path: Path, *, data_format: str, columns: Mapping[str, str], roles: Mapping[str, str],
-                 key: str = "train_data") -> SampleSet:
+def read_samples(
+    path: Path, *, data_format: str, columns: Mapping[str, str], roles: Mapping[str, str], key: str = "train_data"
+) -> SampleSet:
     """Every usable sample in ``path`` (a file or a folder of files), in file order.
 
     Raises DataError when no file is found or nothing usable remains; the message lists the first
@@ -73,8 +79,10 @@ def read_samples(path: Path, *, data_format: str, columns: Mapping[str, str], ro
     """
     files = data_files(path)
     if not files:
-        raise DataError(f"`{key}`: no .jsonl, .json, .csv or .parquet file in {path}",
-                        "point it at a data file or a folder holding some")
+        raise DataError(
+            f"`{key}`: no .jsonl, .json, .csv or .parquet file in {path}",
+            "point it at a data file or a folder holding some",
+        )
     samples: list[Sample] = []
     bad: list[BadRow] = []
     for file in files:
@@ -91,11 +99,17 @@ def read_samples(path: Path, *, data_format: str, columns: Mapping[str, str], ro
     if not samples:
         listed = "\n".join(f"  {b.render()}" for b in bad[:RENDER_LIMIT])
         found = f"{len(bad)} row(s), none usable:\n{listed}" if bad else "no rows (the file is empty)"
-        raise DataError(f"`{key}`: {path} has {found}",
-                        "each row needs alpaca fields (instruction, output), `messages`, `conversations` or "
-                        "`text`; `lorad config --example llm` shows how to map other column names")
-    return SampleSet(samples=tuple(samples), bad_rows=tuple(bad), files=tuple(str(f) for f in files),
-                     shapes=dict(Counter(s.shape for s in samples)))
+        raise DataError(
+            f"`{key}`: {path} has {found}",
+            "each row needs alpaca fields (instruction, output), `messages`, `conversations` or "
+            "`text`; `lorad config --example llm` shows how to map other column names",
+        )
+    return SampleSet(
+        samples=tuple(samples),
+        bad_rows=tuple(bad),
+        files=tuple(str(f) for f in files),
+        shapes=dict(Counter(s.shape for s in samples)),
+    )
 
 
 def split_eval(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -109,8 +123,15 @@ def split_eval(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[l
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
-def encode_samples(train: SampleSet, eval_samples: Sequence[Sample], train_samples: Sequence[Sample],
-                   tokenizer: object, *, max_seq_len: int, eval_set: SampleSet | None = None) -> TextData:
+def encode_samples(
+    train: SampleSet,
+    eval_samples: Sequence[Sample],
+    train_samples: Sequence[Sample],
+    tokenizer: object,
+    *,
+    max_seq_len: int,
+    eval_set: SampleSet | None = None,
+) -> TextData:
     """Tokenize the split samples and build the report. Samples left with no response token after
     truncation are dropped (and counted); DataError when no train sample remains."""
     rejected: list[str] = []  # "file:line: reason" of samples the chat template refused
@@ -137,8 +158,9 @@ def encode_samples(train: SampleSet, eval_samples: Sequence[Sample], train_sampl
     bad = list(train.bad_rows) + list(eval_set.bad_rows if eval_set else ())
     report = {
         "files": list(train.files) + list(eval_set.files if eval_set else ()),
-        "rows_found": len(train.samples) + len(train.bad_rows) + (len(eval_set.samples) + len(eval_set.bad_rows)
-                                                                   if eval_set else 0),
+        "rows_found": len(train.samples)
+        + len(train.bad_rows)
+        + (len(eval_set.samples) + len(eval_set.bad_rows) if eval_set else 0),
         "rows_used": len(train_enc) + len(eval_enc),
         "shapes": dict(train.shapes),
         "bad_rows": [b.render() for b in bad] + rejected,
@@ -152,9 +174,13 @@ def encode_samples(train: SampleSet, eval_samples: Sequence[Sample], train_sampl
         "total_tokens": sum(len(e.input_ids) for e in train_enc),
     }
     if not train_enc and rejected:
-        raise DataError("the chat template refused every training sample:\n  " + "\n  ".join(rejected[:RENDER_LIMIT]),
-                        "set `chat_template` to one that fits your conversations (chatml, llama2, alpaca)")
+        raise DataError(
+            "the chat template refused every training sample:\n  " + "\n  ".join(rejected[:RENDER_LIMIT]),
+            "set `chat_template` to one that fits your conversations (chatml, llama2, alpaca)",
+        )
     if not train_enc:
-        raise DataError(f"no training sample has a response within max_seq_len={max_seq_len}",
-                        "raise max_seq_len, or shorten the prompts")
+        raise DataError(
+            f"no training sample has a response within max_seq_len={max_seq_len}",
+            "raise max_seq_len, or shorten the prompts",
+        )
     return TextData(train=tuple(train_enc), eval=tuple(eval_enc), report=report)

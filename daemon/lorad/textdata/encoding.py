@@ -35,8 +35,9 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def _labels_in_spans(offsets: Sequence[tuple[int, int]], ids: Sequence[int],
-                     spans: Sequence[tuple[int, int]]) -> list[int]:
+def _labels_in_spans(
+    offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans: Sequence[tuple[int, int]]
+) -> list[int]:
     """A token is trained on when its characters overlap a response span. Overlap, not "starts
     inside": SentencePiece-style tokenizers fold the space before a word into it ("▁Hello" starts at
     the space), so after a prompt ending in a space ("ASSISTANT: ") the reply's first token starts one
@@ -70,5 +71,9 @@ def encode_sample(sample: Sample, tokenizer: object, *, max_seq_len: int) -> Enc
             ids.append(eos_id)
         labels = list(ids)
     labels[0] = IGNORE
-    return Encoded(where=sample.where, input_ids=tuple(ids[:max_seq_len]), labels=tuple(labels[:max_seq_len]),
-                   original_length=len(ids))
+    return Encoded(
+        where=sample.where,
+        input_ids=tuple(ids[:max_seq_len]),
+        labels=tuple(labels[:max_seq_len]),
+        original_length=len(ids),
+    )

@@ -20,8 +20,13 @@ SHAPES = ("auto", "alpaca", "chat", "sharegpt", "text")
 ROLES = ("system", "user", "assistant")
 # ShareGPT's speaker names, and other common spellings, mapped to the three roles.
 DEFAULT_ROLE_NAMES: Mapping[str, str] = {
-    "system": "system", "user": "user", "assistant": "assistant",
-    "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "human": "user",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
 }
 # The field that identifies each shape, checked in this order by `auto`.
 SHAPE_KEYS = (("chat", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"), ("text", "text"))
@@ -29,7 +34,7 @@ SHAPE_KEYS = (("chat", "messages"), ("sharegpt", "conversations"), ("alpaca", "i
 
 @dataclass(frozen=True)
 class Message:
-    role: str     # system, user or assistant
+    role: str  # system, user or assistant
     content: str
 
 
@@ -93,7 +98,9 @@ def _alpaca(row: Row, columns: Mapping[str, str]) -> Sample:
     system = _text_field(row, "system", columns, required=False)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     messages = ((Message("system", system),) if system.strip() else ()) + (
-        Message("user", prompt), Message("assistant", output))
+        Message("user", prompt),
+        Message("assistant", output),
+    )
     return Sample(where=row.where, shape="alpaca", messages=messages)
 
 
@@ -118,8 +125,10 @@ def _conversation(row: Row, shape: str, columns: Mapping[str, str], roles: Mappi
             raise _BadField(f"turn {index} of `{list_key}` must be an object with `{role_key}` and `{content_key}`")
         speaker, content = turn.get(role_key), turn.get(content_key)
         if not isinstance(speaker, str) or speaker.lower() not in names:
-            raise _BadField(f"turn {index}: unknown {role_key} {speaker!r} (map it with `roles`, "
-                            f"e.g. roles: {{{speaker}: assistant}})")
+            raise _BadField(
+                f"turn {index}: unknown {role_key} {speaker!r} (map it with `roles`, "
+                f"e.g. roles: {{{speaker}: assistant}})"
+            )
         if not isinstance(content, str) or not content.strip():
             raise _BadField(f"turn {index}: `{content_key}` must be non-empty text")
         messages.append(Message(names[speaker.lower()], content))
@@ -138,7 +147,9 @@ def row_shape(row: Row, configured: str, columns: Mapping[str, str]) -> str | Ba
     found = detect_shape(row, columns)
     if found is None:
         wanted = ", ".join(f"`{column(key, columns)}`" for _, key in SHAPE_KEYS)
-        return BadRow(row.file, row.line, f"no field identifies the shape (one of {wanted}); "
-                      "set `data_format` or map names with `columns`")
+        return BadRow(
+            row.file,
+            row.line,
+            f"no field identifies the shape (one of {wanted}); set `data_format` or map names with `columns`",
+        )
     return found
-

@@ -19,18 +19,21 @@ NAMED_TEMPLATES = {
     "chatml": (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|im_end|>' }}{% endif %}{{ '\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
     "llama2": (
         "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
         "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
         "{% if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif %}"
-        "{{ m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"),
+        "{{ m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
     "alpaca": (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
         "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
         "{% else %}{{ '### Response:\\n' + m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
 }
 TEMPLATE_CHOICES = ("tokenizer", *NAMED_TEMPLATES)
 
@@ -63,9 +66,13 @@ def render_chat(tokenizer: object, messages: Sequence[Message], eos_token: str) 
     message's text begins. If the template does not put EOS inside a reply, EOS is inserted at the
     reply's end (inside the span), so every response teaches the model to stop.
     """
+
     def render(prefix: Sequence[Message], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in prefix],
-                                             tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in prefix],
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
 
     full = render(messages, False)
     spans: list[tuple[int, int]] = []
@@ -75,10 +82,12 @@ def render_chat(tokenizer: object, messages: Sequence[Message], eos_token: str) 
         if message.role != "assistant":
             continue
         before = render(messages[:index], True)
-        through = render(messages[:index + 1], False)
+        through = render(messages[: index + 1], False)
         if not full.startswith(through) or not through.startswith(before):
-            raise TemplateError("the chat template renders a conversation differently from its prefixes, "
-                                "so the reply boundaries are unknown")
+            raise TemplateError(
+                "the chat template renders a conversation differently from its prefixes, "
+                "so the reply boundaries are unknown"
+            )
         start, end = len(before) + inserted, len(through) + inserted
         if eos_token not in text[start:end]:
             # Insert EOS right after the reply's content (before any template suffix such as "\n").

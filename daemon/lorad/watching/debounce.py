@@ -48,8 +48,13 @@ class Debouncer:
     gone. Not thread-safe: one owner feeds it events and polls it.
     """
 
-    def __init__(self, quiet_seconds: float = DEFAULT_QUIET_SECONDS, *, clock: Callable[[], float] = time.monotonic,
-                 stat: Callable[[str], FileStat | None] = stat_file) -> None:
+    def __init__(
+        self,
+        quiet_seconds: float = DEFAULT_QUIET_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stat: Callable[[str], FileStat | None] = stat_file,
+    ) -> None:
         if quiet_seconds < 0:
             raise ValueError(f"quiet_seconds must be >= 0, not {quiet_seconds}")
         self.quiet_seconds = quiet_seconds

@@ -179,13 +179,22 @@ class WatchManager:
         root = Path(folder)
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
-            raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")],
-                              "AddWatch")
-        probe = WatchRecord(watch_id="", folder=str(root), config_path=config_path, base_dir=base_dir,
-                            policy=policy, created_at=0.0, updated_at=0.0)
+            raise ConfigError(
+                [ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "AddWatch"
+            )
+        probe = WatchRecord(
+            watch_id="",
+            folder=str(root),
+            config_path=config_path,
+            base_dir=base_dir,
+            policy=policy,
+            created_at=0.0,
+            updated_at=0.0,
+        )
         self._check_config(probe)
-        record = self.store.add(folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy,
-                                now=time.time())
+        record = self.store.add(
+            folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy, now=time.time()
+        )
         live = self._make_live(record)
         with self._lock:  # the thread waits for it: events from the new observer must find the watch
             self._open(live)
@@ -399,10 +408,17 @@ class WatchManager:
             self._cannot_queue(live, err)
             return
         live.follow_up = False
-        live.record = self.store.update(record, last_job_id=job.job_id, queued_version=version,
-                                        known=dict(live.images), updated_at=time.time())
-        log.info("watch %s: %s job %s (%s_v%d)", record.folder, "updated the queued" if queued else "queued",
-                 job.job_id, watch_name(record), version)
+        live.record = self.store.update(
+            record, last_job_id=job.job_id, queued_version=version, known=dict(live.images), updated_at=time.time()
+        )
+        log.info(
+            "watch %s: %s job %s (%s_v%d)",
+            record.folder,
+            "updated the queued" if queued else "queued",
+            job.job_id,
+            watch_name(record),
+            version,
+        )
         self._set(live, WatchState.TRAINING)
 
     def _cannot_queue(self, live: _Live, err: BaseException) -> None:
@@ -413,9 +429,12 @@ class WatchManager:
             self._set(live, WatchState.ERROR, error=str(err), hint=err.hint)
             return
         log.error("watch %s: cannot queue a job", live.record.folder, exc_info=err)
-        self._set(live, WatchState.ERROR, error=f"{type(err).__name__}: {err}",
-                  hint="This looks like a bug in lorad; the daemon log has the traceback. The next batch of "
-                  "images retries.")
+        self._set(
+            live,
+            WatchState.ERROR,
+            error=f"{type(err).__name__}: {err}",
+            hint="This looks like a bug in lorad; the daemon log has the traceback. The next batch of images retries.",
+        )
 
     def _start_captioning(self, live: _Live, fields: Mapping[str, Any]) -> None:
         """Caption the folder's uncaptioned images on a thread of its own (a captioner on a CPU can
@@ -451,9 +470,13 @@ class WatchManager:
         if job is not None and job.state == JobState.SUCCEEDED and record.queued_version > record.version:
             output = job.outputs.get("kohya", "")
             published = publish(output, record) if output else ""
-            live.record = self.store.update(record, version=record.queued_version, latest_output=output,
-                                            published_path=published or record.published_path,
-                                            updated_at=time.time())
+            live.record = self.store.update(
+                record,
+                version=record.queued_version,
+                latest_output=output,
+                published_path=published or record.published_path,
+                updated_at=time.time(),
+            )
         elif record.queued_version > record.version:
             # Failed, cancelled or gone: the next batch retries this version; the job says why it failed.
             live.record = self.store.update(record, queued_version=record.version)
@@ -473,8 +496,9 @@ class WatchManager:
         """Start the watch's observer and scan its folder (images added while nobody watched count as
         new); ERROR with a hint if it cannot be watched."""
         watch_id = live.record.watch_id
-        observer = FolderObserver(live.folder, lambda event: self._events.put((watch_id, event)),
-                                  polling=live.record.policy.polling)
+        observer = FolderObserver(
+            live.folder, lambda event: self._events.put((watch_id, event)), polling=live.record.policy.polling
+        )
         try:
             observer.start()
         except WatchUnavailable as err:
@@ -506,9 +530,16 @@ class WatchManager:
         self._publish(live)
 
     def _view(self, live: _Live) -> WatchView:
-        return WatchView(record=live.record, state=live.state, error=live.error, hint=live.hint,
-                         images_seen=len(live.images), new_images=len(live.new_images()),
-                         pending_files=live.debouncer.pending, updated_at=live.updated_at)
+        return WatchView(
+            record=live.record,
+            state=live.state,
+            error=live.error,
+            hint=live.hint,
+            images_seen=len(live.images),
+            new_images=len(live.new_images()),
+            pending_files=live.debouncer.pending,
+            updated_at=live.updated_at,
+        )
 
     def _publish(self, live: _Live) -> None:
         """Tell followers when the watch's view changed."""
@@ -543,16 +574,32 @@ def read_template(record: WatchRecord) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
-        raise ConfigError([ConfigProblem("config_path", f"cannot read {path} ({err.strerror or err})",
-                                         "point the watch at a readable YAML training config")],
-                          "watch") from err
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "config_path",
+                    f"cannot read {path} ({err.strerror or err})",
+                    "point the watch at a readable YAML training config",
+                )
+            ],
+            "watch",
+        ) from err
     except yaml.YAMLError as err:
-        raise ConfigError([ConfigProblem("config_path", f"{path} is not valid YAML ({err})",
-                                         "fix the YAML; `lorad config --check FILE` shows every problem")],
-                          "watch") from err
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "config_path",
+                    f"{path} is not valid YAML ({err})",
+                    "fix the YAML; `lorad config --check FILE` shows every problem",
+                )
+            ],
+            "watch",
+        ) from err
     if not isinstance(loaded, dict):
-        raise ConfigError([ConfigProblem("config_path", f"{path} is not a mapping of config keys",
-                                         "see `lorad config --example`")], "watch")
+        raise ConfigError(
+            [ConfigProblem("config_path", f"{path} is not a mapping of config keys", "see `lorad config --example`")],
+            "watch",
+        )
     return loaded
 
 

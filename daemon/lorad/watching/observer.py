@@ -87,8 +87,14 @@ class _Recorder(FileSystemEventHandler):
 class FolderObserver:
     """Watches one folder and its subfolders, calling ``record`` (from watchdog's thread) per event."""
 
-    def __init__(self, folder: Path, record: Callable[[FileEvent], None], *, polling: bool = False,
-                 poll_interval: float = POLL_INTERVAL_SECONDS) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        record: Callable[[FileEvent], None],
+        *,
+        polling: bool = False,
+        poll_interval: float = POLL_INTERVAL_SECONDS,
+    ) -> None:
         self.folder = Path(folder)
         self.polling = polling
         self._record = record
@@ -106,8 +112,9 @@ class FolderObserver:
         try:
             observer.start()
         except OSError as err:
-            raise WatchUnavailable(f"cannot watch {self.folder}: {err.strerror or err}",
-                                   hint_for_os_error(err)) from err
+            raise WatchUnavailable(
+                f"cannot watch {self.folder}: {err.strerror or err}", hint_for_os_error(err)
+            ) from err
         self._observer = observer
 
     @property
@@ -130,8 +137,10 @@ class FolderObserver:
 def hint_for_os_error(err: OSError) -> str:
     """What to do when the OS refuses to watch a folder (watch limit, permissions, other)."""
     if err.errno in (errno.ENOSPC, errno.EMFILE):
-        return ("the OS limit on watched folders is reached: raise it (e.g. `sysctl fs.inotify.max_user_watches="
-                "524288`), watch fewer folders, or add the watch with `--polling`")
+        return (
+            "the OS limit on watched folders is reached: raise it (e.g. `sysctl fs.inotify.max_user_watches="
+            "524288`), watch fewer folders, or add the watch with `--polling`"
+        )
     if err.errno in (errno.EACCES, errno.EPERM):
         return "make the folder readable by the daemon's user, or add the watch with `--polling`"
     return "check the folder exists and is readable, or add the watch with `--polling` (network drives)"

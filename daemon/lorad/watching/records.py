@@ -47,12 +47,26 @@ class WatchPolicy:
     polling: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        return {"quiet_seconds": self.quiet_seconds, "min_new_images": self.min_new_images, "mode": self.mode,
-                "continue_steps": self.continue_steps, "publish_dir": self.publish_dir, "polling": self.polling}
+        return {
+            "quiet_seconds": self.quiet_seconds,
+            "min_new_images": self.min_new_images,
+            "mode": self.mode,
+            "continue_steps": self.continue_steps,
+            "publish_dir": self.publish_dir,
+            "polling": self.polling,
+        }
 
 
-def watch_policy(*, quiet_seconds: float = 0, min_new_images: int = 0, mode: str = "", continue_steps: int = 0,
-                 publish_dir: str = "", polling: bool = False, source: str = "AddWatch") -> WatchPolicy:
+def watch_policy(
+    *,
+    quiet_seconds: float = 0,
+    min_new_images: int = 0,
+    mode: str = "",
+    continue_steps: int = 0,
+    publish_dir: str = "",
+    polling: bool = False,
+    source: str = "AddWatch",
+) -> WatchPolicy:
     """A policy with defaults for zero values (quiet 10 s, 1 new image, continue). Raises ConfigError
     naming every bad field. ``publish_dir`` must already be absolute."""
     problems = []
@@ -64,12 +78,21 @@ def watch_policy(*, quiet_seconds: float = 0, min_new_images: int = 0, mode: str
     if mode not in MODES:
         problems.append(ConfigProblem("mode", f"got {mode!r}", "use continue or retrain"))
     if continue_steps < 0:
-        problems.append(ConfigProblem("continue_steps", f"got {continue_steps}",
-                                      "use 1 or more, or 0 for the config's own step budget"))
+        problems.append(
+            ConfigProblem(
+                "continue_steps", f"got {continue_steps}", "use 1 or more, or 0 for the config's own step budget"
+            )
+        )
     if problems:
         raise ConfigError(problems, source)
-    return WatchPolicy(quiet_seconds=quiet_seconds or DEFAULT_QUIET_SECONDS, min_new_images=min_new_images or 1,
-                       mode=mode, continue_steps=continue_steps, publish_dir=publish_dir, polling=polling)
+    return WatchPolicy(
+        quiet_seconds=quiet_seconds or DEFAULT_QUIET_SECONDS,
+        min_new_images=min_new_images or 1,
+        mode=mode,
+        continue_steps=continue_steps,
+        publish_dir=publish_dir,
+        polling=polling,
+    )
 
 
 @dataclass(frozen=True)

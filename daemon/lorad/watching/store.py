@@ -69,11 +69,21 @@ class WatchStore:
         """Store a new watch with a fresh id; WatchExists if the folder is watched already."""
         with self._lock:
             if self._conn.execute("SELECT 1 FROM watches WHERE folder = ?", (folder,)).fetchall():
-                raise WatchExists(f"{folder} is watched already", "`lorad watch ls` shows its watch; remove it first "
-                                  "with `lorad watch rm` to change its config or policy")
+                raise WatchExists(
+                    f"{folder} is watched already",
+                    "`lorad watch ls` shows its watch; remove it first "
+                    "with `lorad watch rm` to change its config or policy",
+                )
             watch_id = new_job_id()
-            record = WatchRecord(watch_id=watch_id, folder=folder, config_path=config_path, base_dir=base_dir,
-                                 policy=policy, created_at=now, updated_at=now)
+            record = WatchRecord(
+                watch_id=watch_id,
+                folder=folder,
+                config_path=config_path,
+                base_dir=base_dir,
+                policy=policy,
+                created_at=now,
+                updated_at=now,
+            )
             values = [_encode(name, getattr(record, name)) for name in _FIELDS]
             self._conn.execute(f"INSERT INTO watches ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
             return record
@@ -97,8 +107,10 @@ class WatchStore:
         names = [name for name in changes if name != "watch_id"]
         if names:
             with self._lock:
-                self._conn.execute(f"UPDATE watches SET {', '.join(f'{n} = ?' for n in names)} WHERE watch_id = ?",
-                                   [*(_encode(n, getattr(updated, n)) for n in names), record.watch_id])
+                self._conn.execute(
+                    f"UPDATE watches SET {', '.join(f'{n} = ?' for n in names)} WHERE watch_id = ?",
+                    [*(_encode(n, getattr(updated, n)) for n in names), record.watch_id],
+                )
         return updated
 
     def remove(self, watch_id: str) -> None:

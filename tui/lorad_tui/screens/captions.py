@@ -29,10 +29,16 @@ from lorad_tui.section_calls import call_daemon
 from lorad_tui.widgets.tables import key_under_cursor
 from lorad_tui.widgets.title_bar import TitleBar
 
-CAPTIONERS = (("BLIP sentences", caption_pb2.CAPTIONER_KIND_BLIP), ("WD14 tags", caption_pb2.CAPTIONER_KIND_WD14),
-              ("CLIP phrases", caption_pb2.CAPTIONER_KIND_CLIP))
-SOURCE_LABELS = {caption_pb2.CAPTION_SOURCE_CSV: "csv", caption_pb2.CAPTION_SOURCE_SIDECAR: "sidecar",
-                 caption_pb2.CAPTION_SOURCE_NONE: "none"}
+CAPTIONERS = (
+    ("BLIP sentences", caption_pb2.CAPTIONER_KIND_BLIP),
+    ("WD14 tags", caption_pb2.CAPTIONER_KIND_WD14),
+    ("CLIP phrases", caption_pb2.CAPTIONER_KIND_CLIP),
+)
+SOURCE_LABELS = {
+    caption_pb2.CAPTION_SOURCE_CSV: "csv",
+    caption_pb2.CAPTION_SOURCE_SIDECAR: "sidecar",
+    caption_pb2.CAPTION_SOURCE_NONE: "none",
+}
 COLUMNS = ("Image", "Caption", "From")
 SOURCE_WIDTH = 15
 HINT = "Type an image folder: enter lists its captions, g captions the images that have none."
@@ -141,8 +147,11 @@ class CaptionsScreen(Screen[None]):
 
     def _cells(self, rel: str, row: CaptionRowView) -> tuple[Text, Text, Text]:
         caption = self.edits.get(rel, row.caption)
-        return (Text(rel, no_wrap=True, overflow="ellipsis"), caption_text(row, caption),
-                source_text(row, edited=rel in self.edits))
+        return (
+            Text(rel, no_wrap=True, overflow="ellipsis"),
+            caption_text(row, caption),
+            source_text(row, edited=rel in self.edits),
+        )
 
     def _update_row(self, rel: str) -> None:
         table = self.query_one("#captions-table", DataTable)
@@ -194,8 +203,13 @@ class CaptionsScreen(Screen[None]):
         count = len(self.rows)
         missing = sum(1 for row in listing.rows if row.source == caption_pb2.CAPTION_SOURCE_NONE)
         summary, self._summary = self._summary, None
-        self._status(summary or Text.assemble((f"{count} image{'s' if count != 1 else ''}", "bold"),
-                                              f", {missing} without a caption · captions go to {listing.written_to}"))
+        self._status(
+            summary
+            or Text.assemble(
+                (f"{count} image{'s' if count != 1 else ''}", "bold"),
+                f", {missing} without a caption · captions go to {listing.written_to}",
+            )
+        )
         if count:
             self.query_one("#captions-table", DataTable).focus()
         self.refresh_bindings()
@@ -245,16 +259,19 @@ class CaptionsScreen(Screen[None]):
             self.rows = {}
             progress.update(total=max(planned.images_found, 1), progress=0)
             progress.display = True
-            self._status(f"{planned.to_caption} to caption, {planned.to_keep} kept"
-                         + (f", {planned.unusable} unusable" if planned.unusable else ""))
+            self._status(
+                f"{planned.to_caption} to caption, {planned.to_keep} kept"
+                + (f", {planned.unusable} unusable" if planned.unusable else "")
+            )
         elif kind == "captioner_ready":
             ready = item.captioner_ready
             how = "already loaded" if ready.resident else f"loaded in {ready.seconds:.1f}s"
             self._status(f"{ready.captioner} ({ready.model_version}) {how} — captioning…")
         elif kind == "image":
             image = item.image
-            label = {caption_pb2.CAPTION_STATUS_CAPTIONED: "✓ new",
-                     caption_pb2.CAPTION_STATUS_KEPT: "kept"}.get(image.status, "failed")
+            label = {caption_pb2.CAPTION_STATUS_CAPTIONED: "✓ new", caption_pb2.CAPTION_STATUS_KEPT: "kept"}.get(
+                image.status, "failed"
+            )
             self.rows[image.path] = CaptionRowView(image.caption, label, image.error)
             if image.status == caption_pb2.CAPTION_STATUS_CAPTIONED:
                 self.edits.pop(image.path, None)  # a new caption replaces an edit made before it
@@ -266,8 +283,11 @@ class CaptionsScreen(Screen[None]):
             progress.display = False
             self.query_one("#caption-button", Button).disabled = False
             verb = "stopped" if done.stopped else "done"
-            self._summary = Text.assemble((f"{verb}: ", "bold"), f"{done.captioned} captioned, {done.kept} kept, "
-                                          f"{done.failed} failed in {done.seconds:.1f}s · in {done.written_to}")
+            self._summary = Text.assemble(
+                (f"{verb}: ", "bold"),
+                f"{done.captioned} captioned, {done.kept} kept, "
+                f"{done.failed} failed in {done.seconds:.1f}s · in {done.written_to}",
+            )
             self._status(self._summary)
             self.notify(f"{done.captioned} new captions in {done.written_to}", title=f"captioning {verb}")
             self._list(self.folder)  # sources and who wrote each, as the daemon reads them now
@@ -330,8 +350,12 @@ class CaptionsScreen(Screen[None]):
         self._update_row(rel)
         if table.cursor_row < table.row_count - 1:
             table.move_cursor(row=table.cursor_row + 1)
-        self._status(Text.assemble((f"{len(self.edits)} unsaved edit{'s' if len(self.edits) != 1 else ''}",
-                                    "bold yellow"), " — ctrl+s saves them into the folder"))
+        self._status(
+            Text.assemble(
+                (f"{len(self.edits)} unsaved edit{'s' if len(self.edits) != 1 else ''}", "bold yellow"),
+                " — ctrl+s saves them into the folder",
+            )
+        )
         self.refresh_bindings()
 
     def action_save(self) -> None:
@@ -346,8 +370,9 @@ class CaptionsScreen(Screen[None]):
 
     @work(exclusive=True, thread=True, group="captions-save")
     def _save(self, folder: str, edits: dict[str, str]) -> None:
-        call_daemon(self, "save", lambda client: CaptionsSaved(
-            client.set_captions(folder, edits, base_dir=self.base_dir)))
+        call_daemon(
+            self, "save", lambda client: CaptionsSaved(client.set_captions(folder, edits, base_dir=self.base_dir))
+        )
 
     def on_captions_saved(self, message: CaptionsSaved) -> None:
         saved = message.saved
@@ -356,8 +381,9 @@ class CaptionsScreen(Screen[None]):
             self.rows[row.path] = CaptionRowView(row.caption, _source(row), row.error)
             self._update_row(row.path)
         count = len(saved.rows)
-        self._status(Text.assemble(("saved ", "bold green"), f"{count} caption{'s' if count != 1 else ''} "
-                                   f"to {saved.written_to}"))
+        self._status(
+            Text.assemble(("saved ", "bold green"), f"{count} caption{'s' if count != 1 else ''} to {saved.written_to}")
+        )
         self.notify(f"saved {count} caption{'s' if count != 1 else ''}", title="captions")
         self.refresh_bindings()
 
@@ -385,8 +411,10 @@ class CaptionsScreen(Screen[None]):
     def action_back(self) -> None:
         if self.edits and not self._warned_unsaved:
             self._warned_unsaved = True
-            self.notify(f"{len(self.edits)} unsaved edits: ctrl+s saves them, escape again leaves without saving",
-                        severity="warning")
+            self.notify(
+                f"{len(self.edits)} unsaved edits: ctrl+s saves them, escape again leaves without saving",
+                severity="warning",
+            )
             return
         self.dismiss()
 

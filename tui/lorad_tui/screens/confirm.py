@@ -17,8 +17,10 @@ def cancel_question(job: Job) -> str:
     """What cancelling ``job`` will do, asked as a question."""
     name = job.name or job.job_id
     if job.state == JOB_STATE_RUNNING:
-        return (f"Cancel the running job `{name}`?\nIt stops after its current step and keeps its last "
-                "checkpoint (`resume_from: latest` continues it).")
+        return (
+            f"Cancel the running job `{name}`?\nIt stops after its current step and keeps its last "
+            "checkpoint (`resume_from: latest` continues it)."
+        )
     return f"Cancel the job `{name}`?\nIt leaves the queue and never runs."
 
 

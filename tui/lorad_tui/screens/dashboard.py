@@ -53,18 +53,19 @@ class DashboardScreen(Screen[None]):
         yield Static("connecting to the lorad daemon…", id="status")
         yield Static("Resident models", classes="section-title")
         yield DataTable(id="models", cursor_type="none", zebra_stripes=True)
-        yield Static("none — a base model loads with the first job that uses it", id="models-empty",
-                     classes="empty-note")
+        yield Static(
+            "none — a base model loads with the first job that uses it", id="models-empty", classes="empty-note"
+        )
         # Watched folders: only on a daemon that serves WatchService (hidden until it says so).
         yield Static("Watched folders", classes="section-title watches-part", id="watches-title")
         yield DataTable(id="watches", cursor_type="none", zebra_stripes=True, classes="watches-part")
-        yield Static("none — press w to watch a folder of images", id="watches-empty",
-                     classes="empty-note watches-part")
+        yield Static(
+            "none — press w to watch a folder of images", id="watches-empty", classes="empty-note watches-part"
+        )
         yield Static("Jobs", classes="section-title")
         with Vertical(id="jobs-panel"):
             yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
-            yield Static("no jobs yet — press s to pick a config and submit it", id="jobs-empty",
-                         classes="empty-note")
+            yield Static("no jobs yet — press s to pick a config and submit it", id="jobs-empty", classes="empty-note")
         yield Footer()
 
     def on_mount(self) -> None:

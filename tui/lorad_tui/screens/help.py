@@ -20,8 +20,7 @@ KeyGroups = list[tuple[str, list[BindingType]]]
 def keys_table(groups: KeyGroups, key_display: Callable[[Binding], str]) -> Group:
     """Key → what it does, one titled group after another (``key_display`` names a key as the footer
     does). The keys line up across groups; a title is its own line, so it never widens the key column."""
-    width = max((len(key_display(b)) for _, bindings in groups for b in bindings if isinstance(b, Binding)),
-                default=1)
+    width = max((len(key_display(b)) for _, bindings in groups for b in bindings if isinstance(b, Binding)), default=1)
     parts: list[Text | Table] = []
     for title, bindings in groups:
         rows = [(key_display(b), b.description) for b in bindings if isinstance(b, Binding) and b.description]
@@ -67,8 +66,10 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         split = balanced_split(self.groups)
         columns = Table.grid(padding=(0, 4))
-        columns.add_row(keys_table(self.groups[:split], self.app.get_key_display),
-                        keys_table(self.groups[split:], self.app.get_key_display))
+        columns.add_row(
+            keys_table(self.groups[:split], self.app.get_key_display),
+            keys_table(self.groups[split:], self.app.get_key_display),
+        )
         box = VerticalScroll(Static(columns), id="help-box")
         # Title and the mouse note sit in the border: every row inside is for keys.
         box.border_title = "lorad — keys"

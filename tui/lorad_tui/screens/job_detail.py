@@ -33,8 +33,14 @@ from lorad_tui.widgets.loss_plot import LossPlot
 from lorad_tui.widgets.title_bar import TitleBar
 
 # How the output roles the daemon reports are labelled, in the order shown.
-OUTPUT_LABELS = {"kohya": "kohya / A1111", "diffusers": "diffusers", "adapter": "PEFT adapter",
-                 "merged": "merged model", "summary": "summary", "logs": "TensorBoard"}
+OUTPUT_LABELS = {
+    "kohya": "kohya / A1111",
+    "diffusers": "diffusers",
+    "adapter": "PEFT adapter",
+    "merged": "merged model",
+    "summary": "summary",
+    "logs": "TensorBoard",
+}
 
 
 def output_folder(view: JobView) -> str:
@@ -91,8 +97,7 @@ class JobDetailScreen(Screen[None]):
                     yield Static("Log", classes="section-title")
                     yield JobLog(id="job-log")
                     yield Static("Data", classes="section-title")
-                    yield Static("the data report appears when the job has scanned its images",
-                                 id="data-report")
+                    yield Static("the data report appears when the job has scanned its images", id="data-report")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -146,7 +151,7 @@ class JobDetailScreen(Screen[None]):
     def _append_log(self, view: JobView) -> None:
         new = view.log_total - self._log_lines_shown
         if new > 0:
-            self.query_one("#job-log", JobLog).add(view.log[-min(new, len(view.log)):])
+            self.query_one("#job-log", JobLog).add(view.log[-min(new, len(view.log)) :])
         self._log_lines_shown = view.log_total
 
     @staticmethod
@@ -187,8 +192,10 @@ class JobDetailScreen(Screen[None]):
             where = f" (#{job.queue_position})" if job.queue_position else ""
             text.append(f"waiting in the queue{where}; it starts when the jobs before it are done", style="yellow")
         elif job.state == JOB_STATE_INTERRUPTED:
-            text.append("interrupted by a daemon stop; it resumes from its last checkpoint when the daemon "
-                        "restarts", style="yellow")
+            text.append(
+                "interrupted by a daemon stop; it resumes from its last checkpoint when the daemon restarts",
+                style="yellow",
+            )
         return text
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:

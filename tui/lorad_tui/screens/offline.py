@@ -27,8 +27,10 @@ class OfflineScreen(Screen[None]):
         with Center(), Vertical(id="offline-box"):
             yield Static(Text(HEADLINE, style="bold"), id="offline-headline")
             yield Static(id="offline-reason")
-            yield Static(f"Trying again every {self.retry_seconds:g}s: this screen goes away by itself "
-                         "when the daemon answers.", id="offline-retry")
+            yield Static(
+                f"Trying again every {self.retry_seconds:g}s: this screen goes away by itself when the daemon answers.",
+                id="offline-retry",
+            )
         yield Footer()
 
     def on_mount(self) -> None:

@@ -28,8 +28,11 @@ class ConfigTree(DirectoryTree):
     """A DirectoryTree of folders and YAML files only; hidden entries (``.venv``, ``.git``) left out."""
 
     def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
-        return [path for path in paths if not path.name.startswith(".") and
-                (path.suffix.lower() in CONFIG_SUFFIXES or _is_dir(path))]
+        return [
+            path
+            for path in paths
+            if not path.name.startswith(".") and (path.suffix.lower() in CONFIG_SUFFIXES or _is_dir(path))
+        ]
 
 
 def _is_dir(path: Path) -> bool:
@@ -80,8 +83,12 @@ class SubmitScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield TitleBar("submit a config")
-        yield Static(Text.assemble("Pick a training config. Relative paths in it resolve against ",
-                                   (str(self.base_dir), "bold"), "."), id="submit-help")
+        yield Static(
+            Text.assemble(
+                "Pick a training config. Relative paths in it resolve against ", (str(self.base_dir), "bold"), "."
+            ),
+            id="submit-help",
+        )
         with Horizontal(id="submit-body"):
             yield ConfigTree(self.base_dir, id="config-tree")
             with Vertical(id="submit-side"):
@@ -130,8 +137,13 @@ class SubmitScreen(Screen[None]):
             config = parse_any_config_text(text, base_dir=self.base_dir, source=self._shown(path))
         except ConfigError as err:
             count = len(err.problems)
-            verdict.update(Text(f"✗ {self._shown(path)}: {count} problem{'s' if count != 1 else ''} — "
-                                "fix them, save, and pick the file again", style="bold red"))
+            verdict.update(
+                Text(
+                    f"✗ {self._shown(path)}: {count} problem{'s' if count != 1 else ''} — "
+                    "fix them, save, and pick the file again",
+                    style="bold red",
+                )
+            )
             problems.update(problems_table(err.problems))
             return False
         except LoradError as err:  # not raised by the parser today; a clear line beats a crash
@@ -148,9 +160,13 @@ class SubmitScreen(Screen[None]):
         paths.add_row("base model:", str(config.base_model))
         paths.add_row("data:", str(config.train_data if isinstance(config, LlmTrainConfig) else config.train_data_dir))
         paths.add_row("output:", str(config.output_dir))
-        problems.update(Group(
-            Text.assemble("LoRA ", (f"{config.output_name}", "bold"), f" · rank {config.lora_rank} · {steps}"),
-            paths, Text("press s (or the button) to queue it", style="dim")))
+        problems.update(
+            Group(
+                Text.assemble("LoRA ", (f"{config.output_name}", "bold"), f" · rank {config.lora_rank} · {steps}"),
+                paths,
+                Text("press s (or the button) to queue it", style="dim"),
+            )
+        )
         button.disabled = False
         self.refresh_bindings()
         return True

@@ -56,27 +56,50 @@ class WatchesScreen(Screen[None]):
                 # The policy; an empty field means the daemon's default (WatchPolicy in watch.proto).
                 with Horizontal(id="watch-policy-row"):
                     yield Select(MODES, value="continue", allow_blank=False, id="watch-mode")
-                    yield Input(placeholder="10", type="number", id="watch-quiet", classes="watch-number",
-                                tooltip="seconds without file changes before training (default 10)")
-                    yield Input(placeholder="1", type="integer", id="watch-min-new", classes="watch-number",
-                                tooltip="new images needed before a job (default 1)")
-                    yield Input(placeholder="cfg", type="integer", id="watch-steps", classes="watch-number",
-                                tooltip="steps of a continue job (default: the config's)")
+                    yield Input(
+                        placeholder="10",
+                        type="number",
+                        id="watch-quiet",
+                        classes="watch-number",
+                        tooltip="seconds without file changes before training (default 10)",
+                    )
+                    yield Input(
+                        placeholder="1",
+                        type="integer",
+                        id="watch-min-new",
+                        classes="watch-number",
+                        tooltip="new images needed before a job (default 1)",
+                    )
+                    yield Input(
+                        placeholder="cfg",
+                        type="integer",
+                        id="watch-steps",
+                        classes="watch-number",
+                        tooltip="steps of a continue job (default: the config's)",
+                    )
                 with Horizontal(id="watch-add-row"):
                     yield Input(placeholder="optional", id="watch-publish")
                     yield Checkbox("poll", id="watch-polling", tooltip="poll the folder (network drives)")
                     yield Button("Add (a)", id="watch-add", variant="primary")
         yield Static("Watched folders", classes="section-title")
         yield DataTable(id="watch-table", cursor_type="row", zebra_stripes=True)
-        yield Static("no folder is watched — pick a folder and a config above, then press a", id="watch-empty",
-                     classes="empty-note")
+        yield Static(
+            "no folder is watched — pick a folder and a config above, then press a",
+            id="watch-empty",
+            classes="empty-note",
+        )
         yield Static(id="watch-detail")
         yield Footer()
 
     def on_mount(self) -> None:
         # Labels on the fields' top edges: a placeholder vanishes once a value is typed.
-        for field, label in (("#watch-mode", "mode"), ("#watch-quiet", "quiet"), ("#watch-min-new", "min"),
-                             ("#watch-steps", "steps"), ("#watch-publish", "publish to")):
+        for field, label in (
+            ("#watch-mode", "mode"),
+            ("#watch-quiet", "quiet"),
+            ("#watch-min-new", "min"),
+            ("#watch-steps", "steps"),
+            ("#watch-publish", "publish to"),
+        ):
             self.query_one(field).border_title = label
         table = self.query_one("#watch-table", DataTable)
         for column in WATCH_COLUMNS:
@@ -162,8 +185,11 @@ class WatchesScreen(Screen[None]):
         """The policy fields as ``add_watch`` keywords; only those set (the daemon fills in the rest and
         checks the ranges). ValueError names a field that is not a number."""
         policy: dict[str, object] = {"mode": str(self.query_one("#watch-mode", Select).value)}
-        numbers = (("#watch-quiet", "quiet_seconds", float), ("#watch-min-new", "min_new_images", int),
-                   ("#watch-steps", "continue_steps", int))
+        numbers = (
+            ("#watch-quiet", "quiet_seconds", float),
+            ("#watch-min-new", "min_new_images", int),
+            ("#watch-steps", "continue_steps", int),
+        )
         for field, keyword, kind in numbers:
             text = self.query_one(field, Input).value.strip()
             if text:
@@ -180,8 +206,11 @@ class WatchesScreen(Screen[None]):
 
     @work(exclusive=True, thread=True, group="watch-add")
     def _add(self, folder: str, config: str, policy: dict[str, object]) -> None:
-        call_daemon(self, "add watch", lambda client: WatchAdded(
-            client.add_watch(folder, config, base_dir=str(self.base_dir), **policy)))
+        call_daemon(
+            self,
+            "add watch",
+            lambda client: WatchAdded(client.add_watch(folder, config, base_dir=str(self.base_dir), **policy)),
+        )
 
     def on_watch_added(self, message: WatchAdded) -> None:
         self.view.watches[message.watch.watch_id] = message.watch  # the stream confirms it shortly
@@ -198,8 +227,10 @@ class WatchesScreen(Screen[None]):
             if yes:
                 self._remove(watch.watch_id)
 
-        self.app.push_screen(ConfirmScreen(f"Stop watching {watch.folder}?\nJobs it already queued are left "
-                                           "alone; its files stay."), confirmed)
+        self.app.push_screen(
+            ConfirmScreen(f"Stop watching {watch.folder}?\nJobs it already queued are left alone; its files stay."),
+            confirmed,
+        )
 
     @work(exclusive=True, thread=True, group="watch-remove")
     def _remove(self, watch_id: str) -> None:

@@ -120,9 +120,14 @@ class LossPlot(Widget):
             return Text("loss: no steps yet — the curve starts with the first step", style=axis_style)
         smooth = ema(self._losses)
         legend = Text.assemble(
-            ("loss ", "bold"), ("⣿ raw ", raw_style), (f"{self._losses[-1]:.4f}", "bold"),
-            ("   ", ""), ("━ smoothed ", smooth_style), (f"{smooth[-1]:.4f}", "bold"),
-            (f"  (EMA {SMOOTHING:g})", axis_style))
+            ("loss ", "bold"),
+            ("⣿ raw ", raw_style),
+            (f"{self._losses[-1]:.4f}", "bold"),
+            ("   ", ""),
+            ("━ smoothed ", smooth_style),
+            (f"{smooth[-1]:.4f}", "bold"),
+            (f"  (EMA {SMOOTHING:g})", axis_style),
+        )
         plot_height = height - 2
         top, bottom = _label(max(self._losses)), _label(min(self._losses))
         gutter = max(len(top), len(bottom)) + 2
@@ -133,8 +138,11 @@ class LossPlot(Widget):
         lines = [legend]
         for row, cells in enumerate(canvas.rows([raw_style, smooth_style])):
             label = top if row == 0 else bottom if row == plot_height - 1 else ""
-            lines.append(Text.assemble((label.rjust(gutter - 2) + " ┤" if label else " " * (gutter - 1) + "│",
-                                        axis_style), cells))
+            lines.append(
+                Text.assemble(
+                    (label.rjust(gutter - 2) + " ┤" if label else " " * (gutter - 1) + "│", axis_style), cells
+                )
+            )
         first, last = f"step {self._steps[0]}", f"step {self._steps[-1]}"
         axis = " " * gutter + first + last.rjust(max(1, plot_width - len(first)))
         lines.append(Text(axis, style=axis_style))

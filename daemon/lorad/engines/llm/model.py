@@ -22,7 +22,7 @@ class LlmModel:
 
     model: nn.Module
     source: str
-    model_version: str   # the architecture, e.g. "LlamaForCausalLM"
+    model_version: str  # the architecture, e.g. "LlamaForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class RunTokenizer:
 
     tokenizer: object
     pad_id: int
-    notes: tuple[str, ...]   # decisions made for the user, shown as log lines
+    notes: tuple[str, ...]  # decisions made for the user, shown as log lines
 
 
 def load_llm(base_model: str, placement: Placement, *, load_in_4bit: bool = False) -> LlmModel:
@@ -42,23 +42,31 @@ def load_llm(base_model: str, placement: Placement, *, load_in_4bit: bool = Fals
     kwargs: dict = {"dtype": placement.weight_dtype}
     if load_in_4bit:
         if placement.device.type != "cuda":
-            raise ConfigError([ConfigProblem("load_in_4bit", f"needs a CUDA GPU; this run is on {placement.device}",
-                                             "set load_in_4bit: false (train the full-precision base), or run on "
-                                             "a machine with an NVIDIA GPU")])
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "load_in_4bit",
+                        f"needs a CUDA GPU; this run is on {placement.device}",
+                        "set load_in_4bit: false (train the full-precision base), or run on "
+                        "a machine with an NVIDIA GPU",
+                    )
+                ]
+            )
         from transformers import BitsAndBytesConfig
 
         compute = placement.autocast_dtype or torch.float16
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=compute,
-                                                           bnb_4bit_use_double_quant=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+        )
         kwargs["device_map"] = {"": placement.device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         first_line = str(err).split("\n")[0]
-        raise ModelLoadError(f"`base_model`: cannot load {base_model} as a causal language model ({first_line})",
-                             "point base_model at a folder with config.json and *.safetensors, or a hub id "
-                             "that is already downloaded") from None
+        raise ModelLoadError(
+            f"`base_model`: cannot load {base_model} as a causal language model ({first_line})",
+            "point base_model at a folder with config.json and *.safetensors, or a hub id that is already downloaded",
+        ) from None
     if not load_in_4bit:
         model.to(placement.device)
     model.requires_grad_(False)
@@ -84,21 +92,48 @@ def prepare_tokenizer(config: LlmTrainConfig) -> RunTokenizer:
         tokenizer = copy.deepcopy(AutoTokenizer.from_pretrained(where, local_files_only=True))
     except (OSError, ValueError) as err:
         key = "tokenizer_path" if config.tokenizer_path else "base_model"
-        raise ConfigError([ConfigProblem(key, f"no tokenizer could be loaded from {where} ({err})".split("\n")[0],
-                                         "use a model folder with tokenizer.json, or set tokenizer_path")]) from None
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    key,
+                    f"no tokenizer could be loaded from {where} ({err})".split("\n")[0],
+                    "use a model folder with tokenizer.json, or set tokenizer_path",
+                )
+            ]
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError([ConfigProblem("tokenizer_path", f"the tokenizer in {where} is a slow (Python) tokenizer",
-                                         "use a folder with tokenizer.json: lorad needs token offsets to mask "
-                                         "prompts exactly")])
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "tokenizer_path",
+                    f"the tokenizer in {where} is a slow (Python) tokenizer",
+                    "use a folder with tokenizer.json: lorad needs token offsets to mask prompts exactly",
+                )
+            ]
+        )
     if tokenizer.eos_token_id is None:
-        raise ConfigError([ConfigProblem("base_model", f"the tokenizer in {where} has no EOS token",
-                                         "use a tokenizer that defines eos_token, or the model could never stop")])
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "base_model",
+                    f"the tokenizer in {where} has no EOS token",
+                    "use a tokenizer that defines eos_token, or the model could never stop",
+                )
+            ]
+        )
     notes: list[str] = []
     try:
         tokenizer.chat_template = resolve_template(config.chat_template, getattr(tokenizer, "chat_template", None))
     except TemplateError:
-        raise ConfigError([ConfigProblem("chat_template", f"is `tokenizer`, but the tokenizer in {where} has no "
-                                         "chat template", "set chat_template: chatml (or llama2, alpaca)")]) from None
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "chat_template",
+                    f"is `tokenizer`, but the tokenizer in {where} has no chat template",
+                    "set chat_template: chatml (or llama2, alpaca)",
+                )
+            ]
+        ) from None
     if tokenizer.pad_token_id is None:
         unk = tokenizer.unk_token_id
         if unk is not None and unk != tokenizer.eos_token_id:
@@ -106,8 +141,9 @@ def prepare_tokenizer(config: LlmTrainConfig) -> RunTokenizer:
             notes.append(f"the tokenizer has no pad token; padding with {tokenizer.unk_token!r} (not EOS)")
         else:
             tokenizer.pad_token = tokenizer.eos_token
-            notes.append("the tokenizer has no pad token; padding with EOS, masked by position so EOS is "
-                         "still trained on")
+            notes.append(
+                "the tokenizer has no pad token; padding with EOS, masked by position so EOS is still trained on"
+            )
     return RunTokenizer(tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id), notes=tuple(notes))
 
 
@@ -119,4 +155,3 @@ def restore_base_llm(model: nn.Module, adapter_name: str, *, use_cache: bool) ->
     model.config.use_cache = use_cache
     model.eval()
     detach_lora(model, adapter_name)
-

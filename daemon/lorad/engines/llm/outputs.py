@@ -17,8 +17,9 @@ from lorad.config.llm_schema import LlmTrainConfig
 
 
 @torch.no_grad()
-def generate_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
-                     device: torch.device) -> list[dict[str, str]]:
+def generate_samples(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, device: torch.device
+) -> list[dict[str, str]]:
     """Greedy answers to each prompt as a user message, formatted by the run's chat template.
 
     Returns [{"prompt", "output", "stopped"}]: ``stopped`` is "eos" when the model ended its answer
@@ -28,15 +29,26 @@ def generate_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
     model.eval()
     results = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
-        out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist()
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )["input_ids"]
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[0, ids.shape[1] :].tolist()
         stopped = "eos" if new and new[-1] == tokenizer.eos_token_id else "length"
-        results.append({"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                        "stopped": stopped})
+        results.append(
+            {"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True).strip(), "stopped": stopped}
+        )
     model.train(was_training)
     return results
 
@@ -67,6 +79,5 @@ def write_merged(model: nn.Module, adapter_name: str, tokenizer: Any, dest: Path
 def write_llm_summary(config: LlmTrainConfig, summary: Mapping[str, Any]) -> str:
     """Write ``training_summary.json`` (resolved config + what the run reports) atomically."""
     path = config.output_dir / "training_summary.json"
-    write_text_atomic(path, json.dumps({"task": "llm", "config": config.to_dict(), **summary}, indent=2,
-                                       default=str))
+    write_text_atomic(path, json.dumps({"task": "llm", "config": config.to_dict(), **summary}, indent=2, default=str))
     return str(path)

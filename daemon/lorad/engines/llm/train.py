@@ -71,8 +71,8 @@ class ProvidedLlm:
     """A base model ready on the run's device, and how it got there."""
 
     llm: LlmModel
-    resident: bool   # True when it was already in memory (no load happened for this run)
-    seconds: float   # time spent loading for this run
+    resident: bool  # True when it was already in memory (no load happened for this run)
+    seconds: float  # time spent loading for this run
 
 
 # Gives a run its base model for a `with` block (the daemon's registry reserves a resident one).
@@ -89,8 +89,20 @@ def load_fresh_llm(config: LlmTrainConfig, placement: Placement) -> Iterator[Pro
 
 def run_signature(config: LlmTrainConfig) -> dict:
     """Settings a resumed run must share with the run that wrote the checkpoint."""
-    keys = ("base_model", "lora_rank", "target_modules", "use_dora", "use_rslora", "batch_size",
-            "gradient_accumulation_steps", "seed", "max_seq_len", "packing", "chat_template", "data_format")
+    keys = (
+        "base_model",
+        "lora_rank",
+        "target_modules",
+        "use_dora",
+        "use_rslora",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+        "max_seq_len",
+        "packing",
+        "chat_template",
+        "data_format",
+    )
     values = config.to_dict()
     return {k: values[k] for k in keys} | {"lora_alpha": config.effective_lora_alpha}
 
@@ -101,19 +113,33 @@ def _check_output_dir(output_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as err:
-        raise OutputError(f"`output_dir`: cannot write to {output_dir} ({err.strerror or err})",
-                          "choose a folder you can write to") from None
+        raise OutputError(
+            f"`output_dir`: cannot write to {output_dir} ({err.strerror or err})", "choose a folder you can write to"
+        ) from None
 
 
 def _forward_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy over the batch's labelled tokens (the model shifts labels itself)."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                 labels=batch.labels, use_cache=False).loss
+    return model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+        use_cache=False,
+    ).loss
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, samples: tuple[Encoded, ...], *, pad_id: int, batch_size: int,
-             device: torch.device, autocast: AbstractContextManager, mask_dtype: torch.dtype) -> float:
+def evaluate(
+    model: torch.nn.Module,
+    samples: tuple[Encoded, ...],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: AbstractContextManager,
+    mask_dtype: torch.dtype,
+) -> float:
     """Token-weighted mean loss over ``samples`` (eval mode: no dropout); NaN when there are none."""
     was_training = model.training
     model.eval()
@@ -152,12 +178,16 @@ def train_llm_lora(
     options = {"data_format": config.data_format, "columns": dict(config.columns), "roles": dict(config.roles)}
     train_set = read_samples(config.train_data, **options)
     eval_set = read_samples(config.eval_data, key="eval_data", **options) if config.eval_data else None
-    train_samples, eval_samples = (split_eval(train_set.samples, config.eval_fraction, config.seed) if not eval_set
-                                   else (list(train_set.samples), list(eval_set.samples)))
+    train_samples, eval_samples = (
+        split_eval(train_set.samples, config.eval_fraction, config.seed)
+        if not eval_set
+        else (list(train_set.samples), list(eval_set.samples))
+    )
     run_tokenizer = prepare_tokenizer(config)
     tokenizer, pad_id = run_tokenizer.tokenizer, run_tokenizer.pad_id
-    data = encode_samples(train_set, eval_samples, train_samples, tokenizer, max_seq_len=config.max_seq_len,
-                          eval_set=eval_set)
+    data = encode_samples(
+        train_set, eval_samples, train_samples, tokenizer, max_seq_len=config.max_seq_len, eval_set=eval_set
+    )
     on_event(DataReported(report=data.report, text=data.render()))
     for note in run_tokenizer.notes:
         on_event(LogLine(message=note))
@@ -170,8 +200,14 @@ def train_llm_lora(
         model = provided.llm.model
         hold.callback(restore_base_llm, model, ADAPTER, use_cache=model.config.use_cache)
         timings["load_model"] = provided.seconds
-        on_event(ModelLoaded(source=provided.llm.source, model_version=provided.llm.model_version,
-                             seconds=provided.seconds, resident=provided.resident))
+        on_event(
+            ModelLoaded(
+                source=provided.llm.source,
+                model_version=provided.llm.model_version,
+                seconds=provided.seconds,
+                resident=provided.resident,
+            )
+        )
 
         lora_config = build_lora_config(config, model)
         # LoRA A is drawn from the global RNG; seeding it makes a run repeatable on the CPU.
@@ -180,19 +216,33 @@ def train_llm_lora(
         params = attach_lora_config(model, adapter_name=ADAPTER, config=lora_config)
         if config.init_adapter:
             load_lora_state_dict(model, ADAPTER, read_adapter_weights(config.init_adapter))
-            on_event(LogLine(message=f"starting from the adapter in {config.init_adapter} "
-                                     f"(rank {lora_config.r}, layers {sorted(lora_config.target_modules)})"))
-        optimizer = build_optimizer([{"params": params, "lr": config.learning_rate}], name=config.optimizer,
-                                    betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+            on_event(
+                LogLine(
+                    message=f"starting from the adapter in {config.init_adapter} "
+                    f"(rank {lora_config.r}, layers {sorted(lora_config.target_modules)})"
+                )
+            )
+        optimizer = build_optimizer(
+            [{"params": params, "lr": config.learning_rate}],
+            name=config.optimizer,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=config.weight_decay,
+        )
         accum = config.gradient_accumulation_steps
-        plan_options = {"batch_size": config.batch_size, "seed": config.seed, "packing": config.packing,
-                        "max_seq_len": config.max_seq_len}
+        plan_options = {
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "packing": config.packing,
+            "max_seq_len": config.max_seq_len,
+        }
         micro_per_epoch = len(plan_batches(data.train, epoch=0, **plan_options))
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
         total_steps = config.max_train_steps or config.epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
-        scheduler = build_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps,
-                                    total_steps=total_steps)
+        scheduler = build_scheduler(
+            optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps
+        )
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         signature = run_signature(config)
@@ -210,10 +260,17 @@ def train_llm_lora(
             step = checkpoint.step
 
         def save(at_step: int, epoch: int) -> str:
-            path = save_checkpoint(config.output_dir, step=at_step, epoch=epoch,
-                                   lora={"model": lora_state_dict(model, ADAPTER)}, optimizer=optimizer,
-                                   scheduler=scheduler, scaler=scaler, signature=signature,
-                                   keep=config.keep_checkpoints)
+            path = save_checkpoint(
+                config.output_dir,
+                step=at_step,
+                epoch=epoch,
+                lora={"model": lora_state_dict(model, ADAPTER)},
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                signature=signature,
+                keep=config.keep_checkpoints,
+            )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
             return str(path)
 
@@ -221,8 +278,9 @@ def train_llm_lora(
 
         writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
         hold.callback(writer.close)
-        autocast = torch.autocast(device.type, dtype=placement.autocast_dtype,
-                                  enabled=placement.autocast_dtype is not None)
+        autocast = torch.autocast(
+            device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
+        )
         # Packed rows carry a 4-D additive mask; SDPA wants it in the dtype the attention computes in.
         mask_dtype = placement.autocast_dtype or placement.weight_dtype
         eval_history: list[dict[str, float]] = []
@@ -230,8 +288,15 @@ def train_llm_lora(
         def run_eval(at_step: int) -> None:
             if not data.eval:
                 return
-            loss = evaluate(model, data.eval, pad_id=pad_id, batch_size=config.batch_size, device=device,
-                            autocast=autocast, mask_dtype=mask_dtype)
+            loss = evaluate(
+                model,
+                data.eval,
+                pad_id=pad_id,
+                batch_size=config.batch_size,
+                device=device,
+                autocast=autocast,
+                mask_dtype=mask_dtype,
+            )
             eval_history.append({"step": at_step, "loss": loss})
             writer.add_scalar("eval_loss", loss, at_step)
             on_event(EvalDone(step=at_step, loss=loss, samples=len(data.eval)))
@@ -240,9 +305,16 @@ def train_llm_lora(
         model.config.use_cache = False  # the KV cache only costs memory in training; restored after
         if config.gradient_checkpointing:  # restore_base_llm turns it off again
             enable_activation_checkpointing(model)
-        on_event(TrainingStarted(total_steps=total_steps, start_step=step, epochs=num_epochs,
-                                 trainable_params=sum(p.numel() for p in params), device=str(device),
-                                 precision=placement.precision))
+        on_event(
+            TrainingStarted(
+                total_steps=total_steps,
+                start_step=step,
+                epochs=num_epochs,
+                trainable_params=sum(p.numel() for p in params),
+                device=str(device),
+                precision=placement.precision,
+            )
+        )
 
         t_train, steps_this_run, tokens_this_run = time.monotonic(), 0, 0
         loss_sum, micro_in_step, tokens_in_step, last_loss = 0.0, 0, 0, float("nan")
@@ -252,8 +324,9 @@ def train_llm_lora(
             plan = plan_batches(data.train, epoch=epoch, **plan_options)
             first = (step - epoch * steps_per_epoch) * accum  # micro-batches done before a resume
             for micro in range(first, len(plan)):
-                batch = collate(data.train, plan[micro], pad_id=pad_id, packed=config.packing,
-                                mask_dtype=mask_dtype).to(device)
+                batch = collate(
+                    data.train, plan[micro], pad_id=pad_id, packed=config.packing, mask_dtype=mask_dtype
+                ).to(device)
                 with autocast:
                     loss = _forward_loss(model, batch)
                 (scaler.scale(loss / accum) if scaler else loss / accum).backward()
@@ -269,7 +342,8 @@ def train_llm_lora(
                     raise TrainingDiverged(
                         f"the loss became {step_loss} at step {step + 1}",
                         "lower learning_rate (e.g. by 10x), keep max_grad_norm at 1, or use bf16 instead of fp16"
-                        + (f"; the last good checkpoint is {kept[-1]}" if kept else ""))
+                        + (f"; the last good checkpoint is {kept[-1]}" if kept else ""),
+                    )
                 if scaler:
                     scaler.unscale_(optimizer)
                 if config.max_grad_norm:
@@ -287,8 +361,17 @@ def train_llm_lora(
 
                 elapsed = max(time.monotonic() - t_train, 1e-9)
                 rate, lr = steps_this_run / elapsed, scheduler.get_last_lr()[0]
-                on_event(StepDone(step=step, total_steps=total_steps, epoch=epoch + 1, loss=step_loss,
-                                  lr=lr, steps_per_second=rate, eta_seconds=(total_steps - step) / rate))
+                on_event(
+                    StepDone(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=epoch + 1,
+                        loss=step_loss,
+                        lr=lr,
+                        steps_per_second=rate,
+                        eta_seconds=(total_steps - step) / rate,
+                    )
+                )
                 writer.add_scalar("loss", step_loss, step)
                 writer.add_scalar("lr", lr, step)
                 writer.add_scalar("tokens_per_second", tokens_this_run / elapsed, step)
@@ -302,7 +385,8 @@ def train_llm_lora(
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
-                        checkpoint=last_saved[1])
+                        checkpoint=last_saved[1],
+                    )
                 if step >= total_steps:
                     break
             epoch += 1
@@ -311,8 +395,13 @@ def train_llm_lora(
 
         t0 = time.monotonic()
         state = lora_state_dict(model, ADAPTER)
-        outputs = {"adapter": str(write_adapter(config.output_dir / "adapter", state, lora_config, tokenizer,
-                                                save_precision=config.save_precision))}
+        outputs = {
+            "adapter": str(
+                write_adapter(
+                    config.output_dir / "adapter", state, lora_config, tokenizer, save_precision=config.save_precision
+                )
+            )
+        }
         if config.merge_export:
             outputs["merged"] = str(write_merged(model, ADAPTER, tokenizer, config.output_dir / "merged"))
         timings["export"] = time.monotonic() - t0
@@ -322,21 +411,34 @@ def train_llm_lora(
 
         t0 = time.monotonic()
         model.config.use_cache = True
-        samples = generate_samples(model, tokenizer, config.sample_prompts,
-                                   max_new_tokens=config.sample_max_new_tokens, device=device)
+        samples = generate_samples(
+            model, tokenizer, config.sample_prompts, max_new_tokens=config.sample_max_new_tokens, device=device
+        )
         for sample in samples:
             on_event(SampleGenerated(prompt=sample["prompt"], output=sample["output"], stopped=sample["stopped"]))
         timings["samples"] = time.monotonic() - t0
 
         seconds = time.monotonic() - run_start
-        outputs["summary"] = write_llm_summary(config, {
-            "data_report": data.report, "steps": step, "epochs": epoch, "final_loss": last_loss,
-            "eval_loss": eval_history[-1]["loss"] if eval_history else None, "eval_history": eval_history,
-            "samples": samples, "compatibility": compatibility, "tokenizer_notes": list(run_tokenizer.notes),
-            "tokens_per_second": tokens_this_run / max(timings["train"], 1e-9),
-            "timings_seconds": timings | {"total": seconds}, "outputs": outputs,
-            "device": str(device), "precision": placement.precision, "lora_config": lora_config.to_dict(),
-        })
+        outputs["summary"] = write_llm_summary(
+            config,
+            {
+                "data_report": data.report,
+                "steps": step,
+                "epochs": epoch,
+                "final_loss": last_loss,
+                "eval_loss": eval_history[-1]["loss"] if eval_history else None,
+                "eval_history": eval_history,
+                "samples": samples,
+                "compatibility": compatibility,
+                "tokenizer_notes": list(run_tokenizer.notes),
+                "tokens_per_second": tokens_this_run / max(timings["train"], 1e-9),
+                "timings_seconds": timings | {"total": seconds},
+                "outputs": outputs,
+                "device": str(device),
+                "precision": placement.precision,
+                "lora_config": lora_config.to_dict(),
+            },
+        )
         outputs["logs"] = str(config.output_dir / "logs")
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return LlmTrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)

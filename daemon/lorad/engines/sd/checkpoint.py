@@ -64,8 +64,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``step-NNNNNN`` atomically, then delete all but the newest ``keep`` checkpoints."""
     dest = checkpoint_root(output_dir) / f"step-{step:06d}"
-    flat = {f"{part}.{key}": t.detach().to("cpu", torch.float32).contiguous()
-            for part, state in lora.items() for key, t in state.items()}
+    flat = {
+        f"{part}.{key}": t.detach().to("cpu", torch.float32).contiguous()
+        for part, state in lora.items()
+        for key, t in state.items()
+    }
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -77,8 +80,7 @@ def save_checkpoint(
     with atomic_directory(dest) as tmp:
         save_file(flat, str(tmp / "lora.safetensors"))
         torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch, "signature": signature},
-                                                  indent=2))
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch, "signature": signature}, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -89,8 +91,15 @@ def resolve_checkpoint(path: Path, output_dir: Path) -> Path:
     if path.name == "latest" and not path.exists():
         found = list_checkpoints(output_dir)
         if not found:
-            raise ConfigError([ConfigProblem("resume_from", f"no checkpoint in {checkpoint_root(output_dir)}",
-                                             "train with save_steps set first, or remove resume_from")])
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "resume_from",
+                        f"no checkpoint in {checkpoint_root(output_dir)}",
+                        "train with save_steps set first, or remove resume_from",
+                    )
+                ]
+            )
         return found[-1]
     return path
 
@@ -102,22 +111,39 @@ def load_checkpoint(path: Path) -> Checkpoint:
         flat = load_file(str(path / "lora.safetensors"))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as err:
-        raise ConfigError([ConfigProblem("resume_from", f"{path} is not a complete lorad checkpoint ({err})",
-                                         "choose another folder under output_dir/checkpoints/")]) from None
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "resume_from",
+                    f"{path} is not a complete lorad checkpoint ({err})",
+                    "choose another folder under output_dir/checkpoints/",
+                )
+            ]
+        ) from None
     lora: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         part, _, rest = key.partition(".")
         lora.setdefault(part, {})[rest] = tensor
-    return Checkpoint(path=path, step=int(meta["step"]), epoch=int(meta["epoch"]), lora=lora,
-                      state=state, signature=meta.get("signature", {}))
+    return Checkpoint(
+        path=path,
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        lora=lora,
+        state=state,
+        signature=meta.get("signature", {}),
+    )
 
 
 def check_signature(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A resume must keep the settings that shape the run; list every one that changed."""
     problems = [
-        ConfigProblem(key, f"is {current.get(key)!r} but the checkpoint was trained with {value!r}",
-                      f"set it back to {value!r} to resume, or start a new run without resume_from")
-        for key, value in saved.items() if current.get(key) != value
+        ConfigProblem(
+            key,
+            f"is {current.get(key)!r} but the checkpoint was trained with {value!r}",
+            f"set it back to {value!r} to resume, or start a new run without resume_from",
+        )
+        for key, value in saved.items()
+        if current.get(key) != value
     ]
     if problems:
         raise ConfigError(problems, "resume_from")

@@ -32,17 +32,22 @@ def apply_init_lora(
     loaded = read_lora_file(config.init_lora, {part: list(paths) for part, paths in adaptable.items()})
     problems: list[ConfigProblem] = []
     if loaded.rank and loaded.rank != config.lora_rank:
-        problems.append(ConfigProblem("lora_rank", f"is {config.lora_rank} but init_lora has rank {loaded.rank}",
-                                      f"set lora_rank: {loaded.rank} to continue that LoRA"))
+        problems.append(
+            ConfigProblem(
+                "lora_rank",
+                f"is {config.lora_rank} but init_lora has rank {loaded.rank}",
+                f"set lora_rank: {loaded.rank} to continue that LoRA",
+            )
+        )
     for part, state in loaded.parts.items():
         modules = {key.rpartition(".lora_")[0] for key in state}
         extra = sorted(modules - set(targeted.get(part, ())))
         if extra:
             key = "unet_target_modules" if part == "unet" else "text_encoder_target_modules"
-            fix = (f"add names that select them to {key}" if targeted.get(part)
-                   else "set train_text_encoder: true")
-            problems.append(ConfigProblem(key, f"init_lora has {len(extra)} {part} layers it does not "
-                                          f"select, e.g. {extra[0]}", fix))
+            fix = f"add names that select them to {key}" if targeted.get(part) else "set train_text_encoder: true"
+            problems.append(
+                ConfigProblem(key, f"init_lora has {len(extra)} {part} layers it does not select, e.g. {extra[0]}", fix)
+            )
     if problems:
         raise ConfigError(problems, f"init_lora {config.init_lora}")
 
@@ -59,7 +64,12 @@ def apply_init_lora(
                     rescaled += 1
         load_lora_state_dict(models[part], adapter_name, scaled)
         if rescaled:
-            on_event(LogLine(f"init_lora: {rescaled} {part} layers had a different alpha; their weights "
-                             f"were rescaled to lora_alpha {alpha:g}", level="warning"))
+            on_event(
+                LogLine(
+                    f"init_lora: {rescaled} {part} layers had a different alpha; their weights "
+                    f"were rescaled to lora_alpha {alpha:g}",
+                    level="warning",
+                )
+            )
     count = sum(len(s) // 2 for s in loaded.parts.values())
     on_event(LogLine(f"init_lora: started from {config.init_lora.name} ({count} layers)"))

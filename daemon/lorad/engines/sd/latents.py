@@ -52,7 +52,7 @@ def encode_latents(
     dtype = next(vae.parameters()).dtype
     for bucket, pending in todo.items():
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
+            chunk = pending[start : start + batch_size]
             pixels = torch.stack([load_image_for_bucket(i.path, bucket) for i in chunk])
             with torch.no_grad():
                 dist = vae.encode(pixels.to(device, dtype)).latent_dist

@@ -11,14 +11,16 @@ def sample_noise(latents: torch.Tensor, *, offset: float, generator: torch.Gener
     the model learn very dark or bright images (the "noise offset" trick)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     if offset:
-        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
-                            dtype=latents.dtype).to(latents.device)
+        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype).to(
+            latents.device
+        )
         noise = noise + offset * shift
     return noise
 
 
-def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor) -> torch.Tensor:
+def training_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet should output: the noise (epsilon) or the velocity (v-prediction)."""
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)

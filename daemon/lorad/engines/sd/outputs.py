@@ -26,9 +26,9 @@ class RunFacts:
     """What happened in the run, for metadata and the summary."""
 
     model_version: str
-    num_train_images: int          # samples per epoch, repeats included (kohya's meaning)
+    num_train_images: int  # samples per epoch, repeats included (kohya's meaning)
     tag_frequency: Mapping[str, Mapping[str, int]]
-    started_at: float              # unix time
+    started_at: float  # unix time
     steps: int
     epoch: int
     final_loss: float

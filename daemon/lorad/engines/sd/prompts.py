@@ -16,8 +16,9 @@ class PromptEncoder:
     bounded because shuffled captions can produce many distinct strings.
     """
 
-    def __init__(self, tokenizer, text_encoder: nn.Module, device: torch.device, *,
-                 trainable: bool, max_cached: int = 4096) -> None:
+    def __init__(
+        self, tokenizer, text_encoder: nn.Module, device: torch.device, *, trainable: bool, max_cached: int = 4096
+    ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
@@ -27,8 +28,13 @@ class PromptEncoder:
         self._cache: dict[str, torch.Tensor] = {}
 
     def _encode(self, captions: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         self.encodes += len(captions)
         return self.text_encoder(ids.to(self.device))[0]
 

@@ -85,8 +85,9 @@ def prepare_output_dir(output_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as err:
-        raise OutputError(f"`output_dir`: cannot write to {output_dir} ({err.strerror or err})",
-                          "choose a folder you can write to") from None
+        raise OutputError(
+            f"`output_dir`: cannot write to {output_dir} ({err.strerror or err})", "choose a folder you can write to"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ class ProvidedModel:
     """A base model ready on the run's device, and how it got there."""
 
     components: SDComponents
-    resident: bool   # True when it was already in memory (no load happened for this run)
-    seconds: float   # time spent loading for this run
+    resident: bool  # True when it was already in memory (no load happened for this run)
+    seconds: float  # time spent loading for this run
 
 
 # Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
@@ -104,17 +105,27 @@ ModelProvider = Callable[[TrainConfig, Placement], AbstractContextManager[Provid
 
 
 def load_for_training(
-    base_model: str, placement: Placement, *, allow_pickle: bool = False, model_config_dir: Path | None = None,
-    tokenizer_path: Path | None = None, prediction_type: str = "auto",
+    base_model: str,
+    placement: Placement,
+    *,
+    allow_pickle: bool = False,
+    model_config_dir: Path | None = None,
+    tokenizer_path: Path | None = None,
+    prediction_type: str = "auto",
 ) -> SDComponents:
     """Load a base model and place it for training: UNet and text encoder in the weight dtype on
     the device, the VAE in fp32 (fp16 VAEs overflow to NaN on some images; latents are encoded
     once, so fp32 costs little)."""
     from lorad.models.sd_loader import load_sd_components
 
-    components = load_sd_components(base_model, allow_pickle=allow_pickle, model_config_dir=model_config_dir,
-                                    tokenizer_path=tokenizer_path, prediction_type=prediction_type,
-                                    dtype=placement.weight_dtype)
+    components = load_sd_components(
+        base_model,
+        allow_pickle=allow_pickle,
+        model_config_dir=model_config_dir,
+        tokenizer_path=tokenizer_path,
+        prediction_type=prediction_type,
+        dtype=placement.weight_dtype,
+    )
     if components.vae.dtype != torch.float32:
         components.vae.to(dtype=torch.float32)
     for module in (components.vae, components.unet, components.text_encoder):
@@ -126,9 +137,14 @@ def load_for_training(
 def load_fresh_model(config: TrainConfig, placement: Placement) -> Iterator[ProvidedModel]:
     """The default ModelProvider: load the config's base model for this run only."""
     start = time.monotonic()
-    components = load_for_training(config.base_model, placement, allow_pickle=config.allow_pickle,
-                                   model_config_dir=config.model_config_dir, tokenizer_path=config.tokenizer_path,
-                                   prediction_type=config.prediction_type)
+    components = load_for_training(
+        config.base_model,
+        placement,
+        allow_pickle=config.allow_pickle,
+        model_config_dir=config.model_config_dir,
+        tokenizer_path=config.tokenizer_path,
+        prediction_type=config.prediction_type,
+    )
     yield ProvidedModel(components=components, resident=False, seconds=time.monotonic() - start)
 
 
@@ -144,8 +160,16 @@ def restore_base_model(components: SDComponents) -> None:
 
 def run_signature(config: TrainConfig) -> dict:
     """Settings a resumed run must share with the run that wrote the checkpoint."""
-    keys = ("lora_rank", "unet_target_modules", "train_text_encoder", "text_encoder_target_modules",
-            "batch_size", "gradient_accumulation_steps", "seed", "base_model")
+    keys = (
+        "lora_rank",
+        "unet_target_modules",
+        "train_text_encoder",
+        "text_encoder_target_modules",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+        "base_model",
+    )
     values = config.to_dict()
     return {k: values[k] for k in keys} | {"lora_alpha": config.effective_lora_alpha}
 
@@ -171,14 +195,27 @@ def train_sd_lora(
     prepare_output_dir(config.output_dir)
 
     # Data first: an unusable dataset fails in seconds, before gigabytes of weights load.
-    images, report = scan_dataset(config.train_data_dir, metadata_path=config.metadata_path,
-                                  caption_extension=config.caption_extension,
-                                  repeats=config.repeats.for_folder, caption_missing=caption_missing)
-    buckets = make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso,
-                           config.bucket_reso_steps)
-    image_buckets = [assign_bucket(i.width, i.height, buckets=buckets, resolution=config.resolution,
-                                   step=config.bucket_reso_steps, no_upscale=config.bucket_no_upscale)
-                     if config.enable_bucket else (config.resolution, config.resolution) for i in images]
+    images, report = scan_dataset(
+        config.train_data_dir,
+        metadata_path=config.metadata_path,
+        caption_extension=config.caption_extension,
+        repeats=config.repeats.for_folder,
+        caption_missing=caption_missing,
+    )
+    buckets = make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps)
+    image_buckets = [
+        assign_bucket(
+            i.width,
+            i.height,
+            buckets=buckets,
+            resolution=config.resolution,
+            step=config.bucket_reso_steps,
+            no_upscale=config.bucket_no_upscale,
+        )
+        if config.enable_bucket
+        else (config.resolution, config.resolution)
+        for i in images
+    ]
     report = report.with_buckets(bucket_counts(image_buckets))
     on_event(DataReported(report=report.to_dict(), text=report.render()))
 
@@ -190,19 +227,39 @@ def train_sd_lora(
         components = provided.components
         hold.callback(restore_base_model, components)
         timings["load_model"] = provided.seconds
-        on_event(ModelLoaded(source=components.source, model_version=components.model_version,
-                             seconds=provided.seconds, resident=provided.resident))
+        on_event(
+            ModelLoaded(
+                source=components.source,
+                model_version=components.model_version,
+                seconds=provided.seconds,
+                resident=provided.resident,
+            )
+        )
         unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
         noise_scheduler = components.noise_scheduler
 
         # Resolve targets before encoding anything, so a typo costs nothing.
-        unet_paths = resolve_targets(unet, config.unet_target_modules, key="unet_target_modules",
-                                     aliases=UNET_ALIASES, suggestions=UNET_SUGGESTIONS)
-        te_paths = (resolve_targets(text_encoder, config.text_encoder_target_modules,
-                                    key="text_encoder_target_modules", suggestions=TEXT_ENCODER_SUGGESTIONS)
-                    if config.train_text_encoder else [])
-        adaptable = {"unet": [p for p, m in unet.named_modules() if isinstance(m, ADAPTABLE)],
-                     "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)]}
+        unet_paths = resolve_targets(
+            unet,
+            config.unet_target_modules,
+            key="unet_target_modules",
+            aliases=UNET_ALIASES,
+            suggestions=UNET_SUGGESTIONS,
+        )
+        te_paths = (
+            resolve_targets(
+                text_encoder,
+                config.text_encoder_target_modules,
+                key="text_encoder_target_modules",
+                suggestions=TEXT_ENCODER_SUGGESTIONS,
+            )
+            if config.train_text_encoder
+            else []
+        )
+        adaptable = {
+            "unet": [p for p, m in unet.named_modules() if isinstance(m, ADAPTABLE)],
+            "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)],
+        }
 
         # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
         t0 = time.monotonic()
@@ -217,31 +274,55 @@ def train_sd_lora(
         # LoRA A is drawn from the global RNG; seeding it makes a run repeatable on the CPU.
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        unet_params = attach_lora(unet, adapter_name=ADAPTER, target_paths=unet_paths,
-                                  rank=config.lora_rank, alpha=config.effective_lora_alpha,
-                                  dropout=config.lora_dropout)
-        te_params = (attach_lora(text_encoder, adapter_name=ADAPTER, target_paths=te_paths,
-                                 rank=config.lora_rank, alpha=config.effective_lora_alpha,
-                                 dropout=config.lora_dropout) if te_paths else [])
+        unet_params = attach_lora(
+            unet,
+            adapter_name=ADAPTER,
+            target_paths=unet_paths,
+            rank=config.lora_rank,
+            alpha=config.effective_lora_alpha,
+            dropout=config.lora_dropout,
+        )
+        te_params = (
+            attach_lora(
+                text_encoder,
+                adapter_name=ADAPTER,
+                target_paths=te_paths,
+                rank=config.lora_rank,
+                alpha=config.effective_lora_alpha,
+                dropout=config.lora_dropout,
+            )
+            if te_paths
+            else []
+        )
         if config.init_lora:
-            apply_init_lora(config, {"unet": unet, "text_encoder": text_encoder}, ADAPTER,
-                            targeted={"unet": unet_paths, "text_encoder": te_paths},
-                            adaptable=adaptable, on_event=on_event)
+            apply_init_lora(
+                config,
+                {"unet": unet, "text_encoder": text_encoder},
+                ADAPTER,
+                targeted={"unet": unet_paths, "text_encoder": te_paths},
+                adaptable=adaptable,
+                on_event=on_event,
+            )
         params = unet_params + te_params
         groups = [{"params": unet_params, "lr": config.learning_rate}]
         if te_params:
             groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
-        optimizer = build_optimizer(groups, name=config.optimizer,
-                                    betas=(config.adam_beta1, config.adam_beta2),
-                                    eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        optimizer = build_optimizer(
+            groups,
+            name=config.optimizer,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
 
         accum = config.gradient_accumulation_steps
         micro_per_epoch = len(plan_epoch(sample_buckets, config.batch_size, seed=config.seed, epoch=0))
         steps_per_epoch = math.ceil(micro_per_epoch / accum)
         total_steps = config.max_train_steps or config.epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
-        scheduler = build_scheduler(optimizer, name=config.lr_scheduler,
-                                    warmup_steps=config.lr_warmup_steps, total_steps=total_steps)
+        scheduler = build_scheduler(
+            optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps
+        )
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         signature = run_signature(config)
@@ -264,9 +345,17 @@ def train_sd_lora(
             parts = {"unet": lora_state_dict(unet, ADAPTER)}
             if te_params:
                 parts["text_encoder"] = lora_state_dict(text_encoder, ADAPTER)
-            path = save_checkpoint(config.output_dir, step=at_step, epoch=epoch, lora=parts,
-                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                   signature=signature, keep=config.keep_checkpoints)
+            path = save_checkpoint(
+                config.output_dir,
+                step=at_step,
+                epoch=epoch,
+                lora=parts,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                signature=signature,
+                keep=config.keep_checkpoints,
+            )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
             return str(path)
 
@@ -281,15 +370,23 @@ def train_sd_lora(
             enable_activation_checkpointing(unet)
             if te_params:
                 enable_activation_checkpointing(text_encoder)
-        on_event(TrainingStarted(total_steps=total_steps, start_step=step, epochs=num_epochs,
-                                 trainable_params=sum(p.numel() for p in params), device=str(device),
-                                 precision=placement.precision))
+        on_event(
+            TrainingStarted(
+                total_steps=total_steps,
+                start_step=step,
+                epochs=num_epochs,
+                trainable_params=sum(p.numel() for p in params),
+                device=str(device),
+                precision=placement.precision,
+            )
+        )
 
         t_train, steps_this_run = time.monotonic(), 0
         loss_sum, micro_in_step, last_loss = 0.0, 0, float("nan")
         last_saved: tuple[int, str] | None = None  # (step, path) of this run's newest checkpoint
-        autocast = torch.autocast(device.type, dtype=placement.autocast_dtype,
-                                  enabled=placement.autocast_dtype is not None)
+        autocast = torch.autocast(
+            device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
+        )
         epoch = step // steps_per_epoch
         while step < total_steps:
             plan = plan_epoch(sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
@@ -299,18 +396,23 @@ def train_sd_lora(
                 # Every random draw is a function of (seed, epoch, position), so an interrupted
                 # run resumed from a checkpoint draws exactly what the uninterrupted run drew.
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + micro)
-                captions = [prepare_caption(images[samples[i]].caption,
-                                            rng=random.Random(f"{config.seed}:{epoch}:{i}"),
-                                            shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
-                                            dropout=config.caption_dropout,
-                                            trigger_word=config.trigger_word) for i in batch]
+                captions = [
+                    prepare_caption(
+                        images[samples[i]].caption,
+                        rng=random.Random(f"{config.seed}:{epoch}:{i}"),
+                        shuffle=config.shuffle_caption,
+                        keep_tokens=config.keep_tokens,
+                        dropout=config.caption_dropout,
+                        trigger_word=config.trigger_word,
+                    )
+                    for i in batch
+                ]
                 pairs = [latents[(images[samples[i]].content_hash, sample_buckets[i])] for i in batch]
                 mean = torch.stack([m for m, _ in pairs])
                 std = torch.stack([s for _, s in pairs])
                 clean = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
                 noise = sample_noise(clean, offset=config.noise_offset, generator=gen)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),),
-                                          generator=gen)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
                 clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
                 noisy = noise_scheduler.add_noise(clean, noise, timesteps)
                 target = training_target(noise_scheduler, clean, noise, timesteps)
@@ -333,7 +435,8 @@ def train_sd_lora(
                     raise TrainingDiverged(
                         f"the loss became {step_loss} at step {step + 1}",
                         "lower learning_rate (e.g. by 10x), keep max_grad_norm at 1, or use bf16 instead "
-                        "of fp16" + (f"; the last good checkpoint is {kept[-1]}" if kept else ""))
+                        "of fp16" + (f"; the last good checkpoint is {kept[-1]}" if kept else ""),
+                    )
                 if scaler:
                     scaler.unscale_(optimizer)
                 if config.max_grad_norm:
@@ -350,8 +453,17 @@ def train_sd_lora(
 
                 rate = steps_this_run / max(time.monotonic() - t_train, 1e-9)
                 lr = scheduler.get_last_lr()[0]
-                on_event(StepDone(step=step, total_steps=total_steps, epoch=epoch + 1, loss=step_loss,
-                                  lr=lr, steps_per_second=rate, eta_seconds=(total_steps - step) / rate))
+                on_event(
+                    StepDone(
+                        step=step,
+                        total_steps=total_steps,
+                        epoch=epoch + 1,
+                        loss=step_loss,
+                        lr=lr,
+                        steps_per_second=rate,
+                        eta_seconds=(total_steps - step) / rate,
+                    )
+                )
                 writer.add_scalar("loss", step_loss, step)
                 writer.add_scalar("lr", lr, step)
                 writer.add_scalar("steps_per_second", rate, step)
@@ -363,12 +475,17 @@ def train_sd_lora(
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
-                        checkpoint=last_saved[1])
+                        checkpoint=last_saved[1],
+                    )
                 if step >= total_steps:
                     break
             epoch += 1
-            if (config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0
-                    and step < total_steps and (last_saved is None or last_saved[0] != step)):
+            if (
+                config.save_every_n_epochs
+                and epoch % config.save_every_n_epochs == 0
+                and step < total_steps
+                and (last_saved is None or last_saved[0] != step)
+            ):
                 last_saved = (step, save(step, epoch))
         timings["train"] = time.monotonic() - t_train
 
@@ -378,18 +495,33 @@ def train_sd_lora(
         if te_params:
             parts["text_encoder"] = lora_state_dict(text_encoder, ADAPTER)
             lora_configs["text_encoder"] = text_encoder.peft_config[ADAPTER]
-        facts = RunFacts(model_version=components.model_version, num_train_images=len(samples),
-                         tag_frequency=report.to_dict()["tag_frequency"], started_at=started_at, steps=step,
-                         epoch=epoch, final_loss=last_loss, precision=placement.precision)
+        facts = RunFacts(
+            model_version=components.model_version,
+            num_train_images=len(samples),
+            tag_frequency=report.to_dict()["tag_frequency"],
+            started_at=started_at,
+            steps=step,
+            epoch=epoch,
+            final_loss=last_loss,
+            precision=placement.precision,
+        )
         outputs = write_lora_files(config, parts, lora_configs, facts)
         timings["export"] = time.monotonic() - t0
         seconds = time.monotonic() - run_start
-        outputs["summary"] = write_summary(config, {
-            "data_report": report.to_dict(), "steps": step, "epochs": epoch, "final_loss": last_loss,
-            "latents": {"cached": stats.cached, "encoded": stats.encoded},
-            "timings_seconds": timings | {"total": seconds}, "outputs": outputs,
-            "device": str(device), "precision": placement.precision,
-        })
+        outputs["summary"] = write_summary(
+            config,
+            {
+                "data_report": report.to_dict(),
+                "steps": step,
+                "epochs": epoch,
+                "final_loss": last_loss,
+                "latents": {"cached": stats.cached, "encoded": stats.encoded},
+                "timings_seconds": timings | {"total": seconds},
+                "outputs": outputs,
+                "device": str(device),
+                "precision": placement.precision,
+            },
+        )
         outputs["logs"] = str(config.output_dir / "logs")
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
