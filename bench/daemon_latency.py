@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     # Annotations only: lorad's daemon modules import torch/diffusers, which must come after the
     # offline environment variables are set in main().
-    from lorad.server import RunningDaemon
+    from lorad.server.daemon import RunningDaemon
     from lorad_client import LoradClient
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -273,8 +273,8 @@ def job_yaml(*, model: Path, data: Path, out: Path, cache: Path, steps: int) -> 
 
 def start_daemon_in_process(home: Path) -> RunningDaemon:
     """A real daemon on loopback TCP (any free port) and a Unix socket in ``home``."""
-    from lorad.server import start_daemon
-    from lorad.settings import daemon_settings
+    from lorad.server.daemon import start_daemon
+    from lorad.server.settings import daemon_settings
 
     # The socket path must stay under ~100 bytes, hence a short temporary ``home``.
     return start_daemon(daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home))
@@ -890,8 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     import torch
 
+    from lorad.cli.progress import quiet_libraries
     from lorad.models.tiny import build_tiny_sd
-    from lorad.progress import quiet_libraries
     from lorad_client import LoradClient
 
     quiet_libraries()  # as `lorad serve` does: no library progress bars in the output

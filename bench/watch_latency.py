@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from lorad.models.tiny import build_tiny_sd
-    from lorad.server import start_daemon
-    from lorad.settings import daemon_settings
+    from lorad.server.daemon import start_daemon
+    from lorad.server.settings import daemon_settings
     from lorad_client import LoradClient
 
     work = Path(tempfile.mkdtemp(prefix="lorad-watchbench-"))

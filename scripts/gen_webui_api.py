@@ -11,8 +11,8 @@ Written under ``clients/sd-webui-lorad/lorad_webui``:
 
 * ``api/v1/<name>_pb2.py`` and ``<name>_pb2_grpc.py`` for every ``proto/lorad/v1/*.proto``, imports
   rewritten from ``lorad.v1`` to ``lorad_webui.api.v1``;
-* ``vendored/discovery.py`` and ``vendored/format.py``: ``lorad_client``'s daemon discovery and text
-  helpers with their imports pointed at the extension's stubs and ``lorad_webui.paths`` (one source,
+* ``vendored/discovery.py``, ``vendored/format.py`` and ``vendored/paths.py``: ``lorad_client``'s daemon
+  discovery, text helpers and state paths, with their imports pointed at the extension's stubs (one source,
   no hand-kept copy; the extension cannot import ``lorad_client``, which needs the new stubs).
 
 ``--check`` writes nothing and exits 1 naming every stale, missing or extra file. The same inputs
@@ -43,12 +43,13 @@ GENERATED_DIRS = (f"{PACKAGE}/api", f"{PACKAGE}/vendored")
 VENDORED = {
     "discovery.py": REPO_ROOT / "clients/lorad_client/discovery.py",
     "format.py": REPO_ROOT / "clients/lorad_client/format.py",
+    "paths.py": REPO_ROOT / "clients/lorad_client/paths.py",
 }
 _REWRITES = (
     (re.compile(r"^from lorad\.v1 import ", re.MULTILINE), f"from {PACKAGE}.api.v1 import "),
     (re.compile(r"'lorad\.v1\.(\w+_pb2)'"), rf"'{PACKAGE}.api.v1.\1'"),
     (re.compile(r"^from lorad_api\.v1", re.MULTILINE), f"from {PACKAGE}.api.v1"),
-    (re.compile(r"^from lorad\.paths import ", re.MULTILINE), f"from {PACKAGE}.paths import "),
+    (re.compile(r"^from lorad_client\.paths import ", re.MULTILINE), f"from {PACKAGE}.vendored.paths import "),
 )
 # Anything still naming a lorad / lorad_api / lorad_client module would fail inside the WebUI.
 _LEFTOVER = re.compile(r"^\s*(from|import) (lorad|lorad_api|lorad_client)[. ]|'lorad\.v1\.\w+_pb2'", re.MULTILINE)

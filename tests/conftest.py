@@ -23,7 +23,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
-    from lorad.server import RunningDaemon
+    from lorad.server.daemon import RunningDaemon
     from lorad_client import LoradClient
 
 # The config from the lora-scripts article, verbatim but for base_model.
@@ -144,8 +144,8 @@ def short_dir() -> Iterator[Path]:
 
 def run_daemon(home: Path, *, require_token: bool = False) -> RunningDaemon:
     """A real daemon in this process on a free port and a Unix socket in ``home``."""
-    from lorad.server import start_daemon
-    from lorad.settings import daemon_settings
+    from lorad.server.daemon import start_daemon
+    from lorad.server.settings import daemon_settings
 
     settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home, require_token=require_token)
     return start_daemon(settings)

@@ -13,7 +13,7 @@ from PIL import Image
 from lorad.cli import main
 from lorad.data.captions import read_metadata_csv
 from lorad.models.tiny_captioners import build_tiny_wd14
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
 from tests.conftest import make_dataset, tiny_train_values

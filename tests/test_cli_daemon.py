@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorad.cli import main
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from tests.conftest import tiny_train_values, write_config
 
 
@@ -101,7 +101,7 @@ def test_without_a_daemon(tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: 
 
 def test_client_commands_import_no_torch() -> None:
     probe = (
-        "import sys, lorad.cli, lorad.client_commands, lorad_client; "
+        "import sys, lorad.cli, lorad.cli.daemon_commands, lorad_client; "
         "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import yaml
 
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
 from tests.conftest import run_daemon, tiny_train_values

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
 from tests.conftest import tiny_llm_values, write_jsonl

@@ -295,7 +295,7 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
 def test_lorad_train_runs_an_llm_config_in_process(
     tiny_llm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lorad.cli import run_training
+    from lorad.cli.local_training import run_training
     from tests.conftest import write_config
 
     values = tiny_llm_values(tiny_llm, write_shape(tmp_path, "alpaca"), tmp_path / "out", max_train_steps=3)

@@ -1,4 +1,4 @@
-"""The resident model registry (lorad.registry): reuse, keep-alive, budget eviction, threading."""
+"""The resident model registry (lorad.models.registry): reuse, keep-alive, budget eviction, threading."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lorad.errors import LoradError
-from lorad.registry import (
+from lorad.models.registry import (
     ModelInUse,
     ModelKey,
     ModelNotResident,
@@ -461,9 +461,9 @@ def test_default_measure_counts_modules_and_tensors_sharing_storage_once() -> No
 
 
 def test_importing_the_registry_does_not_import_torch() -> None:
-    code = "import sys, lorad.registry; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, lorad.models.registry; sys.exit(1 if 'torch' in sys.modules else 0)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr or "lorad.registry imported torch"
+    assert result.returncode == 0, result.stderr or "lorad.models.registry imported torch"
 
 
 def _tensor_bytes(*modules: torch.nn.Module) -> int:

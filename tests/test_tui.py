@@ -19,7 +19,7 @@ from textual.widgets import Input, Select
 from lorad.config import parse_config_text
 from lorad.errors import ConfigError
 from lorad.models.tiny_captioners import build_tiny_wd14
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import caption_pb2
 from lorad_api.v1.jobs_pb2 import JobInterrupted, Step, TrainingStarted
 from lorad_api.v1.watch_pb2 import WATCH_STATE_IDLE, FollowWatchesResponse, Watch, WatchList
@@ -201,7 +201,7 @@ try:
 except ConfigError:
     pass
 lorad_tui.LoradApp()
-heavy = ("torch", "diffusers", "transformers", "peft", "lorad.engines", "lorad.models", "lorad.service")
+heavy = ("torch", "diffusers", "transformers", "peft", "lorad.engines", "lorad.models", "lorad.server.service")
 print(sorted(m for m in sys.modules if m.startswith(heavy)))
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)

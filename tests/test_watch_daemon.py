@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import pytest
 
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2, watch_pb2
 from lorad_client import LoradClient, LoradRpcError
 from tests.conftest import COLOURS, SHAPES, draw_image, run_daemon, tiny_train_values, write_config

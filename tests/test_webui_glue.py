@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 
 from lorad.data.captions import read_metadata_csv
-from lorad.server import RunningDaemon
-from lorad_webui import actions, captions, paths
+from lorad.server.daemon import RunningDaemon
+from lorad_webui import actions, captions
 from lorad_webui.api.v1 import jobs_pb2, training_pb2
 from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
 from lorad_webui.placement import lora_snippet, place_lora
 from lorad_webui.progress import JobProgress
 from lorad_webui.standalone import StandaloneHost
+from lorad_webui.vendored import paths
 from tests.conftest import make_dataset
 
 
@@ -212,7 +213,7 @@ def test_the_standalone_page_lists_checkpoints_and_diffusers_folders(tmp_path: P
     assert actions.base_model_path(host, "tiny-sd1", " /typed/model.ckpt ") == "/typed/model.ckpt"
 
 
-def test_the_home_and_port_match_the_daemons(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_vendored_home_and_port_match_the_daemons(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorad import paths as daemon_paths
 
     assert paths.DEFAULT_PORT == daemon_paths.DEFAULT_PORT

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lorad.models.tiny_captioners import build_tiny_wd14
-from lorad.server import RunningDaemon
+from lorad.server.daemon import RunningDaemon
 from lorad_webui.captions import read_captions
 from tests.conftest import make_dataset, tiny_train_values
 from tests.webui_env import EXTENSION_DIR, a1111_python, current_python, load_script, run_python

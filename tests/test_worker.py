@@ -102,8 +102,8 @@ def test_state_is_stored_before_the_final_event(tmp_path: Path, dataset: Path, t
 
 @pytest.mark.parametrize("resume", [True, False])
 def test_restart_requeues_or_fails_interrupted_jobs(tmp_path: Path, resume: bool) -> None:
-    from lorad.service import LoradService
-    from lorad.settings import daemon_settings
+    from lorad.server.service import LoradService
+    from lorad.server.settings import daemon_settings
 
     home = tmp_path / "home"
     store = JobStore(home / "jobs.sqlite3")

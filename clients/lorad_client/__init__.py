@@ -1,7 +1,7 @@
 """lorad_client: the typed Python client of the lorad daemon (gRPC).
 
 Importing it is cheap: it needs only grpc, protobuf, the generated ``lorad_api`` stubs and
-``lorad.paths``; it never imports torch, diffusers or transformers (a test checks this).
+its own ``paths``; it never imports the daemon package, torch, diffusers or transformers (a test checks this).
 
     from lorad_client import LoradClient, JOB_STATE_RUNNING
 

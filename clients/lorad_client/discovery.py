@@ -4,13 +4,13 @@ Address, first match wins:
 
 1. the ``address`` argument;
 2. ``$LORAD_ADDRESS``;
-3. the running daemon's discovery file (``lorad.paths.discovery_path(home)``, JSON with ``pid`` and
+3. the running daemon's discovery file (``lorad_client.paths.discovery_path(home)``, JSON with ``pid`` and
    ``addresses``), ignored when its pid is not alive; a ``unix:`` address whose socket exists is
    preferred over TCP;
 4. ``127.0.0.1:<lorad.paths.DEFAULT_PORT>``.
 
-Token: ``$LORAD_TOKEN``, else the token file (``lorad.paths.token_path(home)``) if readable, else None.
-Home: the ``home`` argument, else ``$LORAD_HOME``, else the platform default (``lorad.paths.lorad_home``).
+Token: ``$LORAD_TOKEN``, else the token file (``lorad_client.paths.token_path(home)``) if readable, else None.
+Home: the ``home`` argument, else ``$LORAD_HOME``, else the platform default (``lorad_client.paths.lorad_home``).
 
 Addresses are gRPC target strings. For convenience a bare absolute path is taken as a Unix socket
 (``/x/lorad.sock`` → ``unix:///x/lorad.sock``) and a bare port number as ``127.0.0.1:<port>``.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorad.paths import DEFAULT_PORT, discovery_path, lorad_home, token_path
+from lorad_client.paths import DEFAULT_PORT, discovery_path, lorad_home, token_path
 
 ADDRESS_ENV = "LORAD_ADDRESS"
 TOKEN_ENV = "LORAD_TOKEN"

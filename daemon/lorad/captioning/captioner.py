@@ -140,7 +140,7 @@ def load_fresh_captioner(key: CaptionerKey) -> Iterator[ProvidedCaptioner]:
     """The default CaptionerProvider: load the captioner for this block only, then free it."""
     import time
 
-    from lorad.registry import free_memory
+    from lorad.models.registry import free_memory
 
     start = time.monotonic()
     captioner = load_captioner(key)

@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 
 from lorad import __version__
-from lorad.errors import LoradError, TrainingInterrupted
+from lorad.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from lorad.errors import LoradError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATE_CHOICES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 
 
@@ -24,53 +24,6 @@ def _print_error(err: LoradError) -> None:
     print(f"error: {err}", file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)
-
-
-def run_training(config_path: Path, base_dir: Path) -> int:
-    """Train in this process, drawing progress; Ctrl-C saves a checkpoint and exits cleanly."""
-    from lorad.config.llm_schema import LlmTrainConfig
-    from lorad.config.task import load_any_config
-
-    config = load_any_config(config_path, base_dir=base_dir)
-    from lorad.progress import TerminalProgress, quiet_libraries
-
-    quiet_libraries()
-
-    stop = threading.Event()
-
-    def on_sigint(signum: int, frame: object) -> None:
-        if stop.is_set():  # second Ctrl-C: the user really wants out now
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    progress = TerminalProgress()
-    try:
-        if isinstance(config, LlmTrainConfig):
-            from lorad.engines.llm.train import train_llm_lora
-
-            result = train_llm_lora(config, on_event=progress, stop=stop)
-        else:
-            from lorad.captioning.training import caption_filler
-            from lorad.engines.sd.train import train_sd_lora
-
-            # Images without a caption: captioned first when the config names a captioner, else named in a warning.
-            captions = caption_filler(config, on_event=progress, stop=stop)
-            result = train_sd_lora(config, on_event=progress, stop=stop, caption_missing=captions)
-    except TrainingInterrupted as err:
-        progress.close()
-        print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}", file=sys.stderr)
-        if err.checkpoint:
-            print(f"to continue, add `resume_from: latest` to {config_path} and run the same command", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        progress.close()
-        signal.signal(signal.SIGINT, previous)
-    from lorad.client_commands import how_to_use
-
-    print(how_to_use(result.outputs, config.output_name))
-    return EXIT_OK
 
 
 def _connect(timeout: float = 3.0):
@@ -96,10 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         else:
-            from lorad.client_commands import submit_and_follow
+            from lorad.cli.daemon_commands import submit_and_follow
 
             with client:
                 return submit_and_follow(client, Path(args.config), detach=args.detach)
+    from lorad.cli.local_training import run_training
+
     return run_training(Path(args.config), Path.cwd())
 
 
@@ -143,8 +98,8 @@ def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
     """Caption a folder in this process, drawing progress; Ctrl-C stops after the current batch."""
     from lorad.captioning.folder import caption_folder
     from lorad.captioning.request import caption_request
-    from lorad.client_commands import show_captions
-    from lorad.convert import caption_update_to_proto
+    from lorad.cli.daemon_commands import show_captions
+    from lorad.server.proto_convert import caption_update_to_proto
 
     request = caption_request(
         args.dir,
@@ -195,8 +150,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         except DaemonUnavailable:
             print("no lorad daemon running: captioning in this process", file=sys.stderr)
         else:
-            from lorad.client_commands import caption_with_daemon
-            from lorad.convert import CAPTIONER_TO_PROTO, FORMAT_TO_PROTO, caption_options_to_proto
+            from lorad.cli.daemon_commands import caption_with_daemon
+            from lorad.server.proto_convert import CAPTIONER_TO_PROTO, FORMAT_TO_PROTO, caption_options_to_proto
 
             with client:
                 return caption_with_daemon(
@@ -220,9 +175,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from lorad.progress import quiet_libraries
-    from lorad.server import serve_forever
-    from lorad.settings import daemon_settings
+    from lorad.cli.progress import quiet_libraries
+    from lorad.server.daemon import serve_forever
+    from lorad.server.settings import daemon_settings
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -252,35 +207,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lorad.client_commands import print_status
+    from lorad.cli.daemon_commands import print_status
 
     with _connect() as client:
         return print_status(client)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from lorad.client_commands import print_jobs
+    from lorad.cli.daemon_commands import print_jobs
 
     with _connect() as client:
         return print_jobs(client, args.state or (), args.limit)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from lorad.client_commands import follow_job
+    from lorad.cli.daemon_commands import follow_job
 
     with _connect() as client:
         return follow_job(client, args.job, live_bar=args.follow, history_only=not args.follow)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from lorad.client_commands import cancel_job
+    from lorad.cli.daemon_commands import cancel_job
 
     with _connect() as client:
         return cancel_job(client, args.job)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from lorad.client_commands import load_model, print_models, unload_model
+    from lorad.cli.daemon_commands import load_model, print_models, unload_model
 
     with _connect() as client:
         if args.action == "load":
@@ -291,7 +246,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from lorad.client_commands import add_watch, print_watches, remove_watch
+    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch
 
     with _connect() as client:
         if args.action == "add":
@@ -332,7 +287,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lorad.demo import run_demo, run_llm_demo
+    from lorad.cli.demo import run_demo, run_llm_demo
 
     if args.llm:
         return run_llm_demo(Path(args.dir).resolve(), steps=args.steps or 40)
@@ -340,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_webui_install(args: argparse.Namespace) -> int:
-    from lorad.webui_install import WebuiInstallError, install_extension
+    from lorad.cli.webui_install import WebuiInstallError, install_extension
 
     try:
         target, done = install_extension(Path(args.webui_dir).expanduser().resolve(), copy=args.copy)
@@ -608,7 +563,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         code = getattr(err, "code", None)
         return EXIT_USAGE if getattr(code, "name", "") == "INVALID_ARGUMENT" else EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

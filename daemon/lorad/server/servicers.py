@@ -1,7 +1,7 @@
 """gRPC servicers: convert the request, make one call into the service, convert the answer back.
 
 Errors never get handled here one by one: :func:`rpc_errors` maps every lorad error through
-``lorad.status_codes`` and turns anything unexpected into INTERNAL without killing the daemon.
+``lorad.server.status_codes`` and turns anything unexpected into INTERNAL without killing the daemon.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from lorad.captioning.options import DEFAULT_BATCH_SIZE
-from lorad.convert import (
+from lorad.errors import LoradError
+from lorad.server.proto_convert import (
     CAPTIONER_FROM_PROTO,
     FORMAT_FROM_PROTO,
     STATE_FROM_PROTO,
@@ -31,9 +32,8 @@ from lorad.convert import (
     watch_change_to_proto,
     watch_to_proto,
 )
-from lorad.errors import LoradError
-from lorad.service import LoradService
-from lorad.status_codes import message_for, status_for
+from lorad.server.service import LoradService
+from lorad.server.status_codes import message_for, status_for
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
@@ -47,7 +47,7 @@ from lorad_api.v1 import (
     watch_pb2_grpc,
 )
 
-log = logging.getLogger("lorad.servicer")
+log = logging.getLogger("lorad.server.servicers")
 
 
 @contextlib.contextmanager

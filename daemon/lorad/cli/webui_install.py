@@ -27,7 +27,7 @@ class WebuiInstallError(LoradError):
 
 def extension_source() -> Path:
     """The extension folder of this lorad checkout. Raises WebuiInstallError in an installed wheel."""
-    source = Path(__file__).resolve().parents[2] / "clients" / EXTENSION_NAME
+    source = Path(__file__).resolve().parents[3] / "clients" / EXTENSION_NAME
     if not (source / ENTRY_SCRIPT).is_file():
         raise WebuiInstallError(
             f"the WebUI extension is not at {source}",

@@ -64,7 +64,7 @@ def demo_config(work: Path, steps: int) -> dict[str, object]:
 
 def run_demo(work: Path, *, steps: int = 30) -> int:
     """Prepare ``work`` (model, data, config) and train through the CLI's code path."""
-    from lorad.cli import run_training
+    from lorad.cli.local_training import run_training
     from lorad.models.tiny import build_tiny_sd
 
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def run_llm_demo(work: Path, *, steps: int = 40) -> int:
     """`lorad demo --llm`: a tiny random Llama, a few alpaca records, a config, and a run."""
     import json
 
-    from lorad.cli import run_training
+    from lorad.cli.local_training import run_training
     from lorad.models.tiny_llm import build_tiny_llm
 
     work.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,11 @@ from lorad import __version__
 from lorad.atomic import write_text_atomic
 from lorad.errors import LoradError
 from lorad.paths import discovery_path, token_path
-from lorad.service import LoradService
-from lorad.servicer import add_servicers
-from lorad.settings import DaemonSettings
+from lorad.server.service import LoradService
+from lorad.server.servicers import add_servicers
+from lorad.server.settings import DaemonSettings
 
-log = logging.getLogger("lorad.server")
+log = logging.getLogger("lorad.server.daemon")
 
 # RPCs that answer without the token: liveness probes must work for monitoring tools.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})

@@ -19,8 +19,8 @@ from lorad.errors import (
     TrainingInterrupted,
 )
 from lorad.jobs.records import JobNotFound
-from lorad.registry import ModelInUse, ModelNotResident
-from lorad.service import JobNotCancellable
+from lorad.models.registry import ModelInUse, ModelNotResident
+from lorad.server.service import JobNotCancellable
 from lorad.watching.observer import WatchUnavailable
 from lorad.watching.records import WatchExists, WatchNotFound
 

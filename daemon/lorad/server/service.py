@@ -3,7 +3,7 @@
 It owns the job store, the event hub, the resident-model registry and the worker, and wires the
 training engine to them. The registry holds captioners too: caption requests and training jobs
 that caption their images share them. Methods raise lorad's own errors (ConfigError, JobNotFound,
-...); the servicer maps those to status codes in one place (``lorad.status_codes``).
+...); the servicer maps those to status codes in one place (``lorad.server.status_codes``).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from lorad.jobs.hub import EventHub
 from lorad.jobs.records import EventRecord, JobRecord, JobState
 from lorad.jobs.store import JobStore
 from lorad.jobs.worker import Worker
+from lorad.models.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
 from lorad.paths import jobs_db_path
-from lorad.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
-from lorad.settings import DaemonSettings
+from lorad.server.settings import DaemonSettings
 from lorad.watching.manager import JobGateway, WatchChange, WatchManager
 from lorad.watching.records import WatchNotFound, WatchView, watch_policy
 
-log = logging.getLogger("lorad.service")
+log = logging.getLogger("lorad.server.service")
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

@@ -10,13 +10,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from lorad.convert import engine_event_from_proto
-from lorad.progress import TerminalProgress
+from lorad.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from lorad.cli.progress import TerminalProgress
+from lorad.server.proto_convert import engine_event_from_proto
 from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import FINAL_STATES, LoradClient
 from lorad_client.format import describe_caption, describe_event, format_bytes, format_duration, job_state_name
-
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 STATE_NAMES = {job_state_name(v): v for v in jobs_pb2.JobState.values() if v}
 

@@ -1,0 +1,7 @@
+"""``python -m lorad.cli``: the same as the ``lorad`` command."""
+
+import sys
+
+from lorad.cli.main import main
+
+sys.exit(main())
