@@ -137,13 +137,13 @@ def build_tiny_sd(dest: Path, *, version: str = "sd1", seed: int = 0) -> Path:
             text_encoder = _text_encoder(version, vocab)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        _save_text_encoder(text_encoder, tmp / "text_encoder")
+        save_clip_text_encoder(text_encoder, tmp / "text_encoder")
         _scheduler(version).save_pretrained(tmp / "scheduler")
         write_text_atomic(tmp / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
     return dest
 
 
-def _save_text_encoder(model: CLIPTextModel, folder: Path) -> None:
+def save_clip_text_encoder(model: CLIPTextModel, folder: Path) -> None:
     """Save with the classic ``text_model.``-prefixed keys that SD repos on the Hub have.
 
     transformers >= 5.6 would save unprefixed keys, which older transformers cannot read; the
