@@ -1,0 +1,210 @@
+"""FLUX.1 LoRA files in the three layouts other tools load.
+
+lorad trains LoRA on diffusers' ``FluxTransformer2DModel`` (separate ``to_q``/``to_k``/``to_v``),
+and writes, as ``output_format`` asks:
+
+- ``kohya`` (sd-scripts ``networks/lora_flux.py``; what ComfyUI, Forge and kohya load): BFL module
+  names, ``lora_unet_double_blocks_0_img_attn_qkv.{lora_down.weight, lora_up.weight, alpha}``,
+  ``lora_te1_text_model_encoder_layers_0_self_attn_q_proj...`` for CLIP-L;
+- ``comfyui``: the same BFL modules under ComfyUI's ``diffusion_model.`` prefix with
+  ``lora_A``/``lora_B``/``alpha`` (``text_encoder.text_model...`` for CLIP-L);
+- ``diffusers``: ``pytorch_lora_weights.safetensors`` written by diffusers' own Flux serializer
+  (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``), which ``FluxPipeline.load_lora_weights``
+  reads.
+
+Where BFL fuses layers that were trained apart (``img_attn.qkv`` = q, k, v; ``linear1`` = q, k, v
+and the MLP input), the fused LoRA is exact: ``lora_down`` stacks the parts' downs and ``lora_up``
+is block-diagonal, so ``up @ down`` is the parts' deltas stacked by rows. The fused rank is the sum
+of the parts' ranks, and alpha is scaled with it so that alpha / rank, the scale every loader
+applies, is the parts' scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorad.families.flux.key_map import FluxShape, LinearModule, linear_modules, part_sizes, swap_halves
+from lorad.lora.kohya_format import kohya_module_name, portable_path, save_kohya
+
+FLUX_OUTPUT_FORMATS = ("kohya", "diffusers", "comfyui")
+KOHYA_TRANSFORMER_PREFIX = "lora_unet_"  # kohya: LORA_PREFIX_FLUX = "lora_unet" ("make ComfyUI compatible")
+KOHYA_CLIP_PREFIX = "lora_te1_"
+COMFY_LORA_PREFIX = "diffusion_model."
+COMFY_CLIP_PREFIX = "text_encoder."
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# sai_model_spec / flux_utils names in kohya's sd-scripts.
+MODELSPEC_ARCHITECTURE = {"dev": "flux-1-dev", "schnell": "flux-1-schnell"}
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    """One module's LoRA: delta W = (alpha / rank) · up @ down, rank = down.shape[0]."""
+
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this LoRA makes, in float32."""
+        return (self.alpha / self.rank) * (self.up.float() @ self.down.float())
+
+
+def _part_lora(state: Mapping[str, torch.Tensor], path: str, alphas: Mapping[str, float], alpha: float) -> ModuleLora:
+    return ModuleLora(state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"], alphas.get(path, alpha))
+
+
+def _fuse(module: LinearModule, loras: dict[str, ModuleLora], shape: FluxShape) -> ModuleLora:
+    """One BFL module's LoRA from its trained diffusers parts (untrained parts get zero rows)."""
+    trained = [p for p in module.parts if p in loras]
+    if not module.fused:
+        lora = loras[trained[0]]
+        return ModuleLora(lora.down, swap_halves(lora.up), lora.alpha) if module.swap_halves else lora
+    first = loras[trained[0]]
+    scale = first.alpha / first.rank
+    rank = sum(loras[p].rank for p in trained)
+    sizes = part_sizes(module, shape)
+    up = first.up.new_zeros(sum(sizes), rank)
+    row = col = 0
+    for part, size in zip(module.parts, sizes, strict=True):
+        if part in loras:
+            lora = loras[part]
+            block = lora.up
+            if lora.alpha / lora.rank != scale:  # parts with other scales keep their delta exactly
+                block = block * ((lora.alpha / lora.rank) / scale)
+            up[row : row + size, col : col + lora.rank] = block
+            col += lora.rank
+        row += size
+    down = torch.cat([loras[p].down for p in trained], dim=0)
+    return ModuleLora(down, up, scale * rank)
+
+
+def bfl_loras(
+    transformer_lora: Mapping[str, torch.Tensor],
+    shape: FluxShape,
+    alpha: float,
+    alphas: Mapping[str, float] | None = None,
+) -> dict[str, ModuleLora]:
+    """BFL module name -> its LoRA, from a peft state dict of the diffusers transformer.
+
+    ``transformer_lora`` has keys ``<diffusers module path>.lora_A.weight`` / ``.lora_B.weight``;
+    ``alpha`` is the trained lora_alpha, ``alphas`` overrides it per module path. Raises ValueError
+    for a LoRA on a module that has no BFL counterpart.
+    """
+    paths = {key.rpartition(".lora_")[0] for key in transformer_lora}
+    loras = {path: _part_lora(transformer_lora, path, alphas or {}, alpha) for path in paths}
+    out: dict[str, ModuleLora] = {}
+    placed: set[str] = set()
+    for module in linear_modules(shape):
+        if any(part in loras for part in module.parts):
+            out[module.bfl] = _fuse(module, loras, shape)
+            placed.update(p for p in module.parts if p in loras)
+    unplaced = sorted(paths - placed)
+    if unplaced:
+        raise ValueError(f"LoRA on {unplaced[0]!r}, which has no place in FLUX.1's BFL layout")
+    return out
+
+
+def kohya_tensors(
+    transformer: Mapping[str, ModuleLora], clip_l: Mapping[str, ModuleLora], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """kohya/sd-scripts keys: ``lora_unet_<bfl module>`` and ``lora_te1_<CLIP module>``."""
+    out: dict[str, torch.Tensor] = {}
+    named = [(kohya_module_name(KOHYA_TRANSFORMER_PREFIX, bfl), lora) for bfl, lora in transformer.items()]
+    named += [
+        (kohya_module_name(KOHYA_CLIP_PREFIX, portable_path("text_encoder", p)), lora) for p, lora in clip_l.items()
+    ]
+    for name, lora in named:
+        out[f"{name}.lora_down.weight"] = lora.down.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = lora.up.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(lora.alpha), dtype=dtype)
+    return out
+
+
+def comfyui_tensors(
+    transformer: Mapping[str, ModuleLora], clip_l: Mapping[str, ModuleLora], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """ComfyUI's layout: ``diffusion_model.<bfl module>.lora_A/lora_B.weight`` plus ``.alpha``."""
+    out: dict[str, torch.Tensor] = {}
+    named = [(COMFY_LORA_PREFIX + bfl, lora) for bfl, lora in transformer.items()]
+    named += [(COMFY_CLIP_PREFIX + portable_path("text_encoder", p), lora) for p, lora in clip_l.items()]
+    for name, lora in named:
+        out[f"{name}.lora_A.weight"] = lora.down.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.lora_B.weight"] = lora.up.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(lora.alpha), dtype=dtype)
+    return out
+
+
+def clip_loras(clip_lora: Mapping[str, torch.Tensor], alpha: float) -> dict[str, ModuleLora]:
+    """CLIP-L module path -> its LoRA, from a peft state dict of the text encoder."""
+    paths = {key.rpartition(".lora_")[0] for key in clip_lora}
+    return {path: _part_lora(clip_lora, path, {}, alpha) for path in sorted(paths)}
+
+
+def flux_metadata(variant: str, *, rank: int, alpha: float, extra: Mapping[str, object] = ()) -> dict[str, str]:
+    """kohya's ``ss_*`` and SAI ``modelspec.*`` keys naming FLUX.1 as the base (``ss_base_model_version: flux1``)."""
+    meta: dict[str, object] = {
+        "ss_base_model_version": "flux1",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": rank,
+        "ss_network_alpha": alpha,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE.get(variant, 'flux-1')}/lora",
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        **dict(extra),
+    }
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def save_flux_kohya(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write a kohya- or ComfyUI-layout file atomically; returns ``path``."""
+    save_kohya(path, tensors, metadata)
+    return path
+
+
+def save_flux_diffusers(
+    output_dir: Path,
+    transformer_lora: Mapping[str, torch.Tensor],
+    clip_lora: Mapping[str, torch.Tensor],
+    *,
+    transformer_config: Mapping[str, object],
+    clip_config: Mapping[str, object] | None,
+    dtype: torch.dtype,
+) -> Path:
+    """``output_dir/pytorch_lora_weights.safetensors`` through diffusers' Flux serializer (atomic rename).
+
+    The configs are peft ``LoraConfig.to_dict()`` results: diffusers stores them in the file so its
+    loader scales by the trained lora_alpha instead of assuming alpha == rank.
+    """
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    def cast(state: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+        return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
+    try:
+        FluxLoraLoaderMixin.save_lora_weights(
+            tmp,
+            transformer_lora_layers=cast(transformer_lora, "transformer"),
+            text_encoder_lora_layers=cast(clip_lora, "text_encoder") if clip_lora else None,
+            transformer_lora_adapter_metadata=dict(transformer_config),
+            text_encoder_lora_adapter_metadata=dict(clip_config) if clip_lora and clip_config else None,
+            weight_name=DIFFUSERS_WEIGHT_NAME,
+        )
+        dest = output_dir / DIFFUSERS_WEIGHT_NAME
+        os.replace(tmp / DIFFUSERS_WEIGHT_NAME, dest)
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
