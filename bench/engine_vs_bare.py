@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from PIL import Image
     from torch import nn
 
-    from lorad.engines.device import Placement
     from lorad.models.sd_components import SDComponents
+    from lorad.training.placement import Placement
 
 CASES = ("tiny", "sd15")
 TARGET_RATIO = 1.10
@@ -296,7 +296,7 @@ def resident_model_kwargs(components: SDComponents, placement: Placement) -> dic
     ``components=`` (the model itself) or ``models=`` (a provider yielding it for the run)."""
     import inspect
 
-    from lorad.engines.sd import train
+    from lorad.families.sd import family as train
 
     if "components" in inspect.signature(train.train_sd_lora).parameters:
         return {"components": components}
@@ -322,8 +322,8 @@ def run_engine(
 ) -> LoopRun:
     """One full ``train_sd_lora`` call on the resident model; times steps warmup+1..end from its events."""
     from lorad.config import parse_config
-    from lorad.engines.sd.train import train_sd_lora
     from lorad.events import Event, StepDone, TrainingStarted
+    from lorad.families.sd.family import train_sd_lora
 
     device = placement.device
     total = settings.warmup_steps + settings.steps
@@ -759,8 +759,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from lorad.engines.device import pick_placement
     from lorad.models.tiny import build_tiny_sd
+    from lorad.training.placement import pick_placement
 
     # Weight-loading progress bars and dtype-cast notices would bury the per-run lines.
     for library_logging in (diffusers_logging, transformers_logging):

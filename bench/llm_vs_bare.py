@@ -98,9 +98,9 @@ def run_engine(
 ) -> tuple[float, float]:
     """(wall, process CPU) seconds for ``args.steps`` engine steps after the warmup."""
     from lorad.config.llm_loader import parse_llm_config
-    from lorad.engines.llm.model import LlmModel
-    from lorad.engines.llm.train import ProvidedLlm, train_llm_lora
     from lorad.events import Event, StepDone
+    from lorad.families.llm.family import ProvidedLlm, train_llm_lora
+    from lorad.families.llm.model import LlmModel
 
     config = parse_llm_config(
         {

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lorad.config import parse_config
-from lorad.engines.sd.train import train_sd_lora
+from lorad.families.sd.family import train_sd_lora
 from lorad.models.tiny import write_original_checkpoint
 from tests.conftest import tiny_train_values
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from lorad.config.llm_loader import parse_llm_config
-from lorad.engines.llm.train import LlmTrainResult, train_llm_lora
 from lorad.errors import DataError, TrainingInterrupted
 from lorad.events import EvalDone, Event, SampleGenerated, StepDone
+from lorad.families.llm.family import LlmTrainResult, train_llm_lora
 from tests.conftest import tiny_llm_values, write_jsonl
 
 # A tiny memorisable set: four short answers the model can learn in a few dozen steps.
@@ -94,8 +94,8 @@ def adapter_model(tiny_llm: Path, adapter: Path):
 def test_the_saved_adapter_reloads_to_the_end_of_training_logits(tiny_llm: Path, trained) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lorad.engines.llm.model import LlmModel
-    from lorad.engines.llm.train import ProvidedLlm
+    from lorad.families.llm.family import ProvidedLlm
+    from lorad.families.llm.model import LlmModel
 
     folder, result, _ = trained
     adapter = Path(result.outputs["adapter"])
@@ -264,8 +264,8 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lorad.engines.llm.model import LlmModel
-    from lorad.engines.llm.train import ProvidedLlm
+    from lorad.families.llm.family import ProvidedLlm
+    from lorad.families.llm.model import LlmModel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
 

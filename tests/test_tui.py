@@ -201,7 +201,7 @@ try:
 except ConfigError:
     pass
 lorad_tui.LoradApp()
-heavy = ("torch", "diffusers", "transformers", "peft", "lorad.engines", "lorad.models", "lorad.server.service")
+heavy = ("torch", "diffusers", "transformers", "peft", "lorad.training", "lorad.families", "lorad.models", "lorad.server.service")
 print(sorted(m for m in sys.modules if m.startswith(heavy)))
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)

@@ -34,12 +34,12 @@ def run_training(config_path: Path, base_dir: Path) -> int:
     progress = TerminalProgress()
     try:
         if isinstance(config, LlmTrainConfig):
-            from lorad.engines.llm.train import train_llm_lora
+            from lorad.families.llm.family import train_llm_lora
 
             result = train_llm_lora(config, on_event=progress, stop=stop)
         else:
             from lorad.captioning.training import caption_filler
-            from lorad.engines.sd.train import train_sd_lora
+            from lorad.families.sd.family import train_sd_lora
 
             # Images without a caption: captioned first when the config names a captioner, else named in a warning.
             captions = caption_filler(config, on_event=progress, stop=stop)

@@ -84,7 +84,7 @@ def _no_models(config: TrainConfig, placement: object) -> Iterator[object]:
 class Worker:
     """One thread that takes QUEUED jobs in order and trains them.
 
-    ``train`` is the engine entry point (``lorad.engines.sd.train.train_sd_lora``) and ``models``
+    ``train`` is the engine entry point (``lorad.families.sd.family.train_sd_lora``) and ``models``
     the model provider handed to it; both are injected so the daemon wires the real ones and the
     module stays importable without torch. ``captions(config, on_event, stop)``, when given, makes
     each job's ``caption_missing`` hook (images without a caption are captioned before training).

@@ -115,8 +115,8 @@ def _load_llm(key: ModelKey) -> Any:
     """The registry's loader for kind "llm" keys."""
     import torch
 
-    from lorad.engines.device import Placement
-    from lorad.engines.llm.model import load_llm
+    from lorad.families.llm.model import load_llm
+    from lorad.training.placement import Placement
 
     four_bit = key.dtype.startswith("nf4:")
     dtype = getattr(torch, key.dtype.removeprefix("nf4:"))
@@ -140,8 +140,8 @@ class LoradService:
             memory_budget_bytes=settings.memory_budget_bytes,
             measure=_measure_model,
         )
-        from lorad.engines.llm.train import train_llm_lora
-        from lorad.engines.sd.train import train_sd_lora
+        from lorad.families.llm.family import train_llm_lora
+        from lorad.families.sd.family import train_sd_lora
 
         self.worker = Worker(
             self.store,
@@ -425,7 +425,7 @@ class LoradService:
 
     # --- models --------------------------------------------------------------------------------
     def _device_name(self) -> str:
-        from lorad.engines.device import pick_device
+        from lorad.training.placement import pick_device
 
         return str(pick_device("auto"))
 
@@ -438,8 +438,8 @@ class LoradService:
             return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype))
         import torch
 
-        from lorad.engines.device import Placement
-        from lorad.engines.sd.train import load_for_training
+        from lorad.families.sd.family import load_for_training
+        from lorad.training.placement import Placement
 
         # Loading needs only the device and the weight dtype, both part of the key.
         placement = Placement(
@@ -461,7 +461,7 @@ class LoradService:
             with self._provide_llm(config, placement) as provided:
                 yield provided
             return
-        from lorad.engines.sd.train import ProvidedModel
+        from lorad.families.sd.family import ProvidedModel
 
         if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
             raise ModelLoadError(
@@ -481,7 +481,7 @@ class LoradService:
     @contextmanager
     def _provide_llm(self, config: LlmTrainConfig, placement: Any) -> Iterator[Any]:
         """Reserve the LLM job's base model in the registry (kind "llm"; loaded once, then resident)."""
-        from lorad.engines.llm.train import ProvidedLlm
+        from lorad.families.llm.family import ProvidedLlm
 
         with self.registry.use(llm_model_key(config, placement), keep_alive=self._running_keep_alive()) as acquired:
             yield ProvidedLlm(llm=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
@@ -627,7 +627,7 @@ class LoradService:
         keep_alive_seconds: float = 0.0,
     ) -> tuple[ResidentInfo, bool]:
         """Preload a base model the way a job with these settings would use it."""
-        from lorad.engines.device import pick_placement
+        from lorad.training.placement import pick_placement
 
         if detect_task({"base_model": base_model}, base_dir=Path(base_dir or "/")) == "llm":
             llm_fields = {

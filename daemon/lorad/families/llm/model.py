@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from lorad.config.llm_schema import LlmTrainConfig
-from lorad.engines.activation_checkpointing import disable_activation_checkpointing, is_activation_checkpointing
-from lorad.engines.device import Placement
 from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
 from lorad.lora.adapters import detach_lora
 from lorad.textdata.templates import TemplateError, resolve_template
+from lorad.training.activation_checkpointing import disable_activation_checkpointing, is_activation_checkpointing
+from lorad.training.placement import Placement
 
 
 @dataclass

@@ -20,25 +20,8 @@ from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_
 from lorad.data.captions import prepare_caption
 from lorad.data.dataset import scan_dataset
 from lorad.data.latent_cache import LatentCache
-from lorad.engines.activation_checkpointing import (
-    disable_activation_checkpointing,
-    enable_activation_checkpointing,
-    is_activation_checkpointing,
-)
-from lorad.engines.device import Placement, pick_placement
-from lorad.engines.optim import build_optimizer, build_scheduler
-from lorad.engines.sd.checkpoint import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from lorad.engines.sd.init_lora import apply_init_lora
-from lorad.engines.sd.latents import encode_latents
-from lorad.engines.sd.loss import sample_noise, snr_weights, training_target
-from lorad.engines.sd.outputs import RunFacts, write_lora_files, write_summary
-from lorad.engines.sd.prompts import PromptEncoder
+from lorad.diffusion.ddpm import sample_noise, snr_weights, training_target
+from lorad.diffusion.latents import encode_latents
 from lorad.errors import OutputError, TrainingDiverged, TrainingInterrupted
 from lorad.events import (
     CheckpointSaved,
@@ -51,6 +34,9 @@ from lorad.events import (
     TrainingStarted,
     ignore_events,
 )
+from lorad.families.sd.init_lora import apply_init_lora
+from lorad.families.sd.outputs import RunFacts, write_lora_files, write_summary
+from lorad.families.sd.prompts import PromptEncoder
 from lorad.lora.adapters import attach_lora, detach_lora, load_lora_state_dict, lora_state_dict
 from lorad.lora.targets import (
     ADAPTABLE,
@@ -61,6 +47,20 @@ from lorad.lora.targets import (
 )
 from lorad.models.sd_components import SDComponents
 from lorad.paths import default_cache_dir
+from lorad.training.activation_checkpointing import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    is_activation_checkpointing,
+)
+from lorad.training.checkpoints import (
+    check_signature,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from lorad.training.optimizers import build_optimizer, build_scheduler
+from lorad.training.placement import Placement, pick_placement
 
 # One adapter name per run; a resident base model never carries two runs' adapters at once.
 ADAPTER = "lorad_run"

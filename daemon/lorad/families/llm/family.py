@@ -15,24 +15,6 @@ from pathlib import Path
 import torch
 
 from lorad.config.llm_schema import LlmTrainConfig
-from lorad.engines.activation_checkpointing import enable_activation_checkpointing
-from lorad.engines.device import Placement, pick_placement
-from lorad.engines.llm.adapter import (
-    build_lora_config,
-    compatibility_report,
-    read_adapter_weights,
-    write_adapter,
-)
-from lorad.engines.llm.model import LlmModel, load_llm, prepare_tokenizer, restore_base_llm
-from lorad.engines.llm.outputs import generate_samples, write_llm_summary, write_merged
-from lorad.engines.optim import build_optimizer, build_scheduler
-from lorad.engines.sd.checkpoint import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
 from lorad.errors import OutputError, TrainingDiverged, TrainingInterrupted
 from lorad.events import (
     CheckpointSaved,
@@ -47,10 +29,28 @@ from lorad.events import (
     TrainingStarted,
     ignore_events,
 )
+from lorad.families.llm.adapter import (
+    build_lora_config,
+    compatibility_report,
+    read_adapter_weights,
+    write_adapter,
+)
+from lorad.families.llm.model import LlmModel, load_llm, prepare_tokenizer, restore_base_llm
+from lorad.families.llm.outputs import generate_samples, write_llm_summary, write_merged
 from lorad.lora.adapters import attach_lora_config, load_lora_state_dict, lora_state_dict
 from lorad.textdata.batches import Batch, collate, plan_batches
 from lorad.textdata.dataset import encode_samples, read_samples, split_eval
 from lorad.textdata.encoding import Encoded
+from lorad.training.activation_checkpointing import enable_activation_checkpointing
+from lorad.training.checkpoints import (
+    check_signature,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from lorad.training.optimizers import build_optimizer, build_scheduler
+from lorad.training.placement import Placement, pick_placement
 
 # One adapter name per run; a resident base model never carries two runs' adapters at once.
 ADAPTER = "lorad_run"
