@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lorad.errors import ConfigError, ConfigProblem
 
+if TYPE_CHECKING:
+    from lorad.config.schema import TrainingKeys
 
-def build_optimizer(
-    groups: Sequence[dict], *, name: str, betas: tuple[float, float], eps: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """AdamW over parameter groups (each a dict with "params" and "lr"), or bitsandbytes' 8-bit AdamW."""
-    if name == "adamw8bit":
+
+def build_optimizer(groups: Sequence[dict], config: TrainingKeys) -> torch.optim.Optimizer:
+    """The config's optimizer over parameter groups (each a dict with "params" and "lr"): AdamW, or
+    bitsandbytes' 8-bit AdamW, with the config's betas, epsilon and weight decay."""
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -28,27 +31,34 @@ def build_optimizer(
                     )
                 ]
             ) from None
-        return bnb.optim.AdamW8bit(list(groups), betas=betas, eps=eps, weight_decay=weight_decay)
-    return torch.optim.AdamW(list(groups), betas=betas, eps=eps, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(list(groups), betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(list(groups), betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """A LambdaLR with linear warmup then the named decay (constant, linear, cosine,
-    cosine_with_restarts with 3 cycles, polynomial with power 1 to 0)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingKeys, *, total_steps: int) -> LambdaLR:
+    """The config's learning-rate schedule over ``total_steps`` optimizer steps, with diffusers' (and
+    transformers') semantics: ``lr_warmup_steps`` of linear warmup from 0, then constant, linear,
+    cosine, cosine_with_restarts (``lr_scheduler_num_cycles``) or polynomial (``lr_scheduler_power``,
+    decaying to ``lr_scheduler_min_lr_ratio`` x the learning rate). Every parameter group follows the
+    same factor of its own learning rate."""
+    from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        if name == "constant":
-            return 1.0
-        if name in ("linear", "polynomial"):
-            return max(0.0, 1.0 - progress)
-        if name == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if name == "cosine_with_restarts":
-            return 0.5 * (1.0 + math.cos(math.pi * ((3 * progress) % 1.0))) if progress < 1 else 0.0
-        raise AssertionError(name)  # the config loader only admits the names above
-
-    return LambdaLR(optimizer, factor)
+    warmup = min(config.lr_warmup_steps, total_steps)
+    if config.lr_scheduler == "polynomial":
+        # The schedule is a factor of each group's lr; diffusers computes it from the optimizer's default lr.
+        lr_init = optimizer.defaults["lr"]
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total_steps,
+            lr_end=config.lr_scheduler_min_lr_ratio * lr_init,
+            power=config.lr_scheduler_power,
+        )
+    name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+        num_cycles=config.lr_scheduler_num_cycles,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ class LlmModel:
     model: nn.Module
     source: str
     model_version: str  # the architecture, e.g. "LlamaForCausalLM"
+    use_cache: bool = field(init=False)  # the model's own KV-cache setting, put back after each run
+
+    def __post_init__(self) -> None:
+        self.use_cache = bool(getattr(self.model.config, "use_cache", True))
 
 
 @dataclass(frozen=True)

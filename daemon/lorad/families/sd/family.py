@@ -1,107 +1,66 @@
-"""Stable Diffusion LoRA training: the whole run, top to bottom, in :func:`train_sd_lora`."""
+"""Stable Diffusion 1.x/2.x on the one training loop: LoRA on the UNet and optionally the CLIP text encoder.
+
+The scan reads images and captions and assigns buckets; the run encodes each (image, bucket) once
+through the VAE (cached on disk by content), attaches the LoRA, and computes the DDPM loss of one
+micro-batch (epsilon or v-prediction, noise offset, min-SNR); the export writes kohya's file
+(A1111, Forge, ComfyUI) and diffusers' file.
+"""
 
 from __future__ import annotations
 
-import math
 import random
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lorad.config import TrainConfig
 from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_epoch
 from lorad.data.captions import prepare_caption
-from lorad.data.dataset import scan_dataset
+from lorad.data.dataset import TrainImage, scan_dataset
 from lorad.data.latent_cache import LatentCache
+from lorad.data.report import DataReport
 from lorad.diffusion.ddpm import sample_noise, snr_weights, training_target
 from lorad.diffusion.latents import encode_latents
-from lorad.errors import OutputError, TrainingDiverged, TrainingInterrupted
-from lorad.events import (
-    CheckpointSaved,
-    DataReported,
-    EventSink,
-    LatentsCached,
-    ModelLoaded,
-    StepDone,
-    TrainingFinished,
-    TrainingStarted,
-    ignore_events,
-)
+from lorad.events import EventSink, LatentsCached
 from lorad.families.sd.init_lora import apply_init_lora
-from lorad.families.sd.outputs import RunFacts, write_lora_files, write_summary
+from lorad.families.sd.outputs import SdRunFacts, write_lora_files
 from lorad.families.sd.prompts import PromptEncoder
-from lorad.lora.adapters import attach_lora, detach_lora, load_lora_state_dict, lora_state_dict
-from lorad.lora.targets import (
-    ADAPTABLE,
-    TEXT_ENCODER_SUGGESTIONS,
-    UNET_ALIASES,
-    UNET_SUGGESTIONS,
-    resolve_targets,
-)
+from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
+from lorad.lora.targets import ADAPTABLE, TEXT_ENCODER_SUGGESTIONS, UNET_ALIASES, UNET_SUGGESTIONS, resolve_targets
+from lorad.models.registry import ModelKey
 from lorad.models.sd_components import SDComponents
+from lorad.models.single_file import is_pickle_path
 from lorad.paths import default_cache_dir
 from lorad.training.activation_checkpointing import (
     disable_activation_checkpointing,
     enable_activation_checkpointing,
     is_activation_checkpointing,
 )
-from lorad.training.checkpoints import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from lorad.training.optimizers import build_optimizer, build_scheduler
-from lorad.training.placement import Placement, pick_placement
-
-# One adapter name per run; a resident base model never carries two runs' adapters at once.
-ADAPTER = "lorad_run"
-
-CaptionFiller = Callable[[list[Path]], Mapping[Path, str]]
+from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
+from lorad.training.placement import Placement
 
 
 @dataclass(frozen=True)
-class TrainResult:
-    """What a finished run produced."""
+class SdData:
+    """The scan's result: the usable images, each one's bucket, and the report."""
 
-    outputs: dict[str, str]
-    steps: int
-    final_loss: float
-    seconds: float
-
-
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create ``output_dir`` and prove it is writable before any expensive work starts."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as err:
-        raise OutputError(
-            f"`output_dir`: cannot write to {output_dir} ({err.strerror or err})", "choose a folder you can write to"
-        ) from None
+    images: list[TrainImage]
+    buckets: list[tuple[int, int]]
+    report: DataReport
 
 
 @dataclass(frozen=True)
-class ProvidedModel:
-    """A base model ready on the run's device, and how it got there."""
+class MicroBatch:
+    """One micro-batch of an epoch's plan: positions in the epoch's sample list."""
 
-    components: SDComponents
-    resident: bool  # True when it was already in memory (no load happened for this run)
-    seconds: float  # time spent loading for this run
-
-
-# Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
-# resident model this way; the default loads a private copy).
-ModelProvider = Callable[[TrainConfig, Placement], AbstractContextManager[ProvidedModel]]
+    epoch: int
+    samples: tuple[int, ...]
 
 
 def load_for_training(
@@ -133,110 +92,16 @@ def load_for_training(
     return components
 
 
-@contextmanager
-def load_fresh_model(config: TrainConfig, placement: Placement) -> Iterator[ProvidedModel]:
-    """The default ModelProvider: load the config's base model for this run only."""
-    start = time.monotonic()
-    components = load_for_training(
-        config.base_model,
-        placement,
-        allow_pickle=config.allow_pickle,
-        model_config_dir=config.model_config_dir,
-        tokenizer_path=config.tokenizer_path,
-        prediction_type=config.prediction_type,
-    )
-    yield ProvidedModel(components=components, resident=False, seconds=time.monotonic() - start)
+class SdRun:
+    """A run on one SD model: see :class:`lorad.training.family.FamilyRun` for the contract."""
 
-
-def restore_base_model(components: SDComponents) -> None:
-    """Leave a (possibly resident, shared) base model exactly as the run found it: adapters
-    removed, gradient checkpointing off, eval mode. Safe to call when nothing was changed."""
-    for model in (components.unet, components.text_encoder):
-        if is_activation_checkpointing(model):
-            disable_activation_checkpointing(model)
-        model.eval()
-        detach_lora(model, ADAPTER)
-
-
-def run_signature(config: TrainConfig) -> dict:
-    """Settings a resumed run must share with the run that wrote the checkpoint."""
-    keys = (
-        "lora_rank",
-        "unet_target_modules",
-        "train_text_encoder",
-        "text_encoder_target_modules",
-        "batch_size",
-        "gradient_accumulation_steps",
-        "seed",
-        "base_model",
-    )
-    values = config.to_dict()
-    return {k: values[k] for k in keys} | {"lora_alpha": config.effective_lora_alpha}
-
-
-def train_sd_lora(
-    config: TrainConfig,
-    *,
-    on_event: EventSink = ignore_events,
-    stop: threading.Event | None = None,
-    models: ModelProvider | None = None,
-    caption_missing: CaptionFiller | None = None,
-) -> TrainResult:
-    """Train a LoRA as ``config`` says and write its outputs into ``config.output_dir``.
-
-    ``models`` provides the base model (the daemon passes its resident-model registry; the model is
-    left bit-identical: the adapter is removed afterwards); by default it is loaded for this run. Setting
-    ``stop`` makes the run save a checkpoint after the current step and raise TrainingInterrupted.
-    Raises DataError before any model is loaded when no image is usable; TrainingDiverged on a
-    NaN/inf loss (earlier checkpoints are kept); ConfigError for settings only the model can check.
-    """
-    run_start, started_at = time.monotonic(), time.time()
-    timings: dict[str, float] = {}
-    prepare_output_dir(config.output_dir)
-
-    # Data first: an unusable dataset fails in seconds, before gigabytes of weights load.
-    images, report = scan_dataset(
-        config.train_data_dir,
-        metadata_path=config.metadata_path,
-        caption_extension=config.caption_extension,
-        repeats=config.repeats.for_folder,
-        caption_missing=caption_missing,
-    )
-    buckets = make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps)
-    image_buckets = [
-        assign_bucket(
-            i.width,
-            i.height,
-            buckets=buckets,
-            resolution=config.resolution,
-            step=config.bucket_reso_steps,
-            no_upscale=config.bucket_no_upscale,
-        )
-        if config.enable_bucket
-        else (config.resolution, config.resolution)
-        for i in images
-    ]
-    report = report.with_buckets(bucket_counts(image_buckets))
-    on_event(DataReported(report=report.to_dict(), text=report.render()))
-
-    placement = pick_placement(config.device, config.mixed_precision)
-    device = placement.device
-    hold = ExitStack()  # releases, in reverse order, everything this run reserved or changed
-    try:
-        provided = hold.enter_context((models or load_fresh_model)(config, placement))
-        components = provided.components
-        hold.callback(restore_base_model, components)
-        timings["load_model"] = provided.seconds
-        on_event(
-            ModelLoaded(
-                source=components.source,
-                model_version=components.model_version,
-                seconds=provided.seconds,
-                resident=provided.resident,
-            )
-        )
-        unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-        noise_scheduler = components.noise_scheduler
+    def __init__(
+        self, config: TrainConfig, components: SDComponents, data: SdData, placement: Placement, on_event: EventSink
+    ) -> None:
+        self.config, self.components, self.data = config, components, data
+        self.device = placement.device
+        self.scalars = Scalars()
+        unet, text_encoder = components.unet, components.text_encoder
 
         # Resolve targets before encoding anything, so a typo costs nothing.
         unet_paths = resolve_targets(
@@ -256,6 +121,8 @@ def train_sd_lora(
             if config.train_text_encoder
             else []
         )
+
+        # Layer paths an init_lora file may name, read before the adapter wraps them.
         adaptable = {
             "unet": [p for p, m in unet.named_modules() if isinstance(m, ADAPTABLE)],
             "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)],
@@ -264,16 +131,16 @@ def train_sd_lora(
         # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
         t0 = time.monotonic()
         cache = LatentCache(config.cache_dir or default_cache_dir() / "latents", components.vae_identity())
-        latents, stats = encode_latents(images, image_buckets, vae=vae, cache=cache, device=device)
-        timings["latents"] = time.monotonic() - t0
-        on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=timings["latents"]))
-        samples = [i for i, image in enumerate(images) for _ in range(image.repeats)]
-        sample_buckets = [image_buckets[i] for i in samples]
-        scaling = vae.config.scaling_factor
+        self.latents, stats = encode_latents(
+            data.images, data.buckets, vae=components.vae, cache=cache, device=self.device
+        )
+        seconds = time.monotonic() - t0
+        on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=seconds))
+        self.scalars.summary["latents"] = {"cached": stats.cached, "encoded": stats.encoded, "seconds": seconds}
+        # Each image appears `repeats` times per epoch.
+        self.samples = [i for i, image in enumerate(data.images) for _ in range(image.repeats)]
+        self.sample_buckets = [data.buckets[i] for i in self.samples]
 
-        # LoRA A is drawn from the global RNG; seeding it makes a run repeatable on the CPU.
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
         unet_params = attach_lora(
             unet,
             adapter_name=ADAPTER,
@@ -303,227 +170,179 @@ def train_sd_lora(
                 adaptable=adaptable,
                 on_event=on_event,
             )
-        params = unet_params + te_params
-        groups = [{"params": unet_params, "lr": config.learning_rate}]
+        self.parts: dict[str, nn.Module] = {"unet": unet} | ({"text_encoder": text_encoder} if te_params else {})
+        self.param_groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
         if te_params:
-            groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
-        optimizer = build_optimizer(
-            groups,
-            name=config.optimizer,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-        )
+            self.param_groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
+        self.prompts = PromptEncoder(components.tokenizer, text_encoder, self.device, trainable=bool(te_params))
 
-        accum = config.gradient_accumulation_steps
-        micro_per_epoch = len(plan_epoch(sample_buckets, config.batch_size, seed=config.seed, epoch=0))
-        steps_per_epoch = math.ceil(micro_per_epoch / accum)
-        total_steps = config.max_train_steps or config.epochs * steps_per_epoch
-        num_epochs = math.ceil(total_steps / steps_per_epoch)
-        scheduler = build_scheduler(
-            optimizer, name=config.lr_scheduler, warmup_steps=config.lr_warmup_steps, total_steps=total_steps
-        )
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
-        signature = run_signature(config)
+    def plan(self, epoch: int) -> Sequence[MicroBatch]:
+        config = self.config
+        return [
+            MicroBatch(epoch, tuple(batch))
+            for batch in plan_epoch(self.sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
+        ]
 
-        step = 0
-        if config.resume_from:
-            checkpoint = load_checkpoint(resolve_checkpoint(config.resume_from, config.output_dir))
-            check_signature(checkpoint.signature, signature)
-            load_lora_state_dict(unet, ADAPTER, checkpoint.lora["unet"])
-            if te_params:
-                load_lora_state_dict(text_encoder, ADAPTER, checkpoint.lora["text_encoder"])
-            optimizer.load_state_dict(checkpoint.state["optimizer"])
-            scheduler.load_state_dict(checkpoint.state["scheduler"])
-            if scaler is not None and checkpoint.state.get("scaler"):
-                scaler.load_state_dict(checkpoint.state["scaler"])
-            restore_rng(checkpoint.state)
-            step = checkpoint.step
-
-        def save(at_step: int, epoch: int) -> str:
-            parts = {"unet": lora_state_dict(unet, ADAPTER)}
-            if te_params:
-                parts["text_encoder"] = lora_state_dict(text_encoder, ADAPTER)
-            path = save_checkpoint(
-                config.output_dir,
-                step=at_step,
-                epoch=epoch,
-                lora=parts,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                signature=signature,
-                keep=config.keep_checkpoints,
+    def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
+        config, images, scheduler = self.config, self.data.images, self.components.noise_scheduler
+        batch = micro_batch.samples
+        captions = [
+            prepare_caption(
+                images[self.samples[i]].caption,
+                rng=random.Random(f"{config.seed}:{micro_batch.epoch}:{i}"),
+                shuffle=config.shuffle_caption,
+                keep_tokens=config.keep_tokens,
+                dropout=config.caption_dropout,
+                trigger_word=config.trigger_word,
             )
-            on_event(CheckpointSaved(step=at_step, path=str(path)))
-            return str(path)
+            for i in batch
+        ]
+        pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
+        mean = torch.stack([m for m, _ in pairs])
+        std = torch.stack([s for _, s in pairs])
+        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * self.components.vae.config.scaling_factor
+        noise = sample_noise(clean, offset=config.noise_offset, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+        clean, noise, timesteps = clean.to(self.device), noise.to(self.device), timesteps.to(self.device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        target = training_target(scheduler, clean, noise, timesteps)
+        unet = self.components.unet
+        pred = unet(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            loss = loss * snr_weights(scheduler, timesteps, config.min_snr_gamma)
+        return loss.mean()
 
-        prompts = PromptEncoder(components.tokenizer, text_encoder, device, trainable=bool(te_params))
-        from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
+    def train_mode(self, gradient_checkpointing: bool) -> None:
+        for part in self.parts.values():
+            part.train()
+            if gradient_checkpointing:
+                enable_activation_checkpointing(part)
 
-        writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
-        hold.callback(writer.close)
-        unet.train()
-        text_encoder.train(bool(te_params))
-        if config.gradient_checkpointing:  # restore_base_model turns it off again
-            enable_activation_checkpointing(unet)
-            if te_params:
-                enable_activation_checkpointing(text_encoder)
-        on_event(
-            TrainingStarted(
-                total_steps=total_steps,
-                start_step=step,
-                epochs=num_epochs,
-                trainable_params=sum(p.numel() for p in params),
-                device=str(device),
-                precision=placement.precision,
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def finish(self, step: int) -> None:
+        pass
+
+    def export(self, facts: RunFacts) -> dict[str, str]:
+        parts = {name: lora_state_dict(module, ADAPTER) for name, module in self.parts.items()}
+        lora_configs = {name: module.peft_config[ADAPTER] for name, module in self.parts.items()}
+        report = self.data.report.to_dict()
+        sd_facts = SdRunFacts(
+            model_version=self.components.model_version,
+            num_train_images=len(self.samples),
+            tag_frequency=report["tag_frequency"],
+            run=facts,
+        )
+        return write_lora_files(self.config, parts, lora_configs, sd_facts)
+
+
+class SdFamily:
+    """Stable Diffusion 1.x/2.x: see :class:`lorad.training.family.ModelFamily` for the contract."""
+
+    name = "sd"
+
+    def scan(self, config: TrainConfig, *, on_event: EventSink, hooks: RunHooks) -> ScannedData:
+        images, report = scan_dataset(
+            config.train_data_dir,
+            metadata_path=config.metadata_path,
+            caption_extension=config.caption_extension,
+            repeats=config.repeats.for_folder,
+            caption_missing=hooks.caption_missing,
+        )
+        bucket_list = make_buckets(
+            config.resolution, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps
+        )
+        buckets = [
+            assign_bucket(
+                image.width,
+                image.height,
+                buckets=bucket_list,
+                resolution=config.resolution,
+                step=config.bucket_reso_steps,
+                no_upscale=config.bucket_no_upscale,
             )
+            if config.enable_bucket
+            else (config.resolution, config.resolution)
+            for image in images
+        ]
+        report = report.with_buckets(bucket_counts(buckets))
+        return ScannedData(report=report.to_dict(), text=report.render(), payload=SdData(images, buckets, report))
+
+    def model_key(self, config: TrainConfig, placement: Placement) -> ModelKey:
+        return sd_model_key(
+            base_model=config.base_model,
+            placement=placement,
+            model_config_dir=config.model_config_dir,
+            tokenizer_path=config.tokenizer_path,
+            prediction_type=config.prediction_type,
+            allow_pickle=config.allow_pickle,
         )
 
-        t_train, steps_this_run = time.monotonic(), 0
-        loss_sum, micro_in_step, last_loss = 0.0, 0, float("nan")
-        last_saved: tuple[int, str] | None = None  # (step, path) of this run's newest checkpoint
-        autocast = torch.autocast(
-            device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
+    def load(self, key: ModelKey) -> SDComponents:
+        # Loading needs only the device and the weight dtype, both part of the key.
+        placement = Placement(
+            device=torch.device(key.device), autocast_dtype=None, weight_dtype=getattr(torch, key.dtype)
         )
-        epoch = step // steps_per_epoch
-        while step < total_steps:
-            plan = plan_epoch(sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
-            first = (step - epoch * steps_per_epoch) * accum  # micro-batches done before a resume
-            for micro in range(first, len(plan)):
-                batch = plan[micro]
-                # Every random draw is a function of (seed, epoch, position), so an interrupted
-                # run resumed from a checkpoint draws exactly what the uninterrupted run drew.
-                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + micro)
-                captions = [
-                    prepare_caption(
-                        images[samples[i]].caption,
-                        rng=random.Random(f"{config.seed}:{epoch}:{i}"),
-                        shuffle=config.shuffle_caption,
-                        keep_tokens=config.keep_tokens,
-                        dropout=config.caption_dropout,
-                        trigger_word=config.trigger_word,
-                    )
-                    for i in batch
-                ]
-                pairs = [latents[(images[samples[i]].content_hash, sample_buckets[i])] for i in batch]
-                mean = torch.stack([m for m, _ in pairs])
-                std = torch.stack([s for _, s in pairs])
-                clean = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
-                noise = sample_noise(clean, offset=config.noise_offset, generator=gen)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=gen)
-                clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
-                noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-                target = training_target(noise_scheduler, clean, noise, timesteps)
-                with autocast:
-                    hidden = prompts(captions)
-                    pred = unet(noisy.to(unet.dtype), timesteps, hidden).sample
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if config.min_snr_gamma:
-                    loss = loss * snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)
-                loss = loss.mean()
-                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-                loss_sum, micro_in_step = loss_sum + loss.detach(), micro_in_step + 1
-                if (micro + 1) % accum and micro + 1 < len(plan):
-                    continue
-
-                # One optimizer step. The .item() is the only host sync per step.
-                step_loss = float(loss_sum) / micro_in_step
-                if not math.isfinite(step_loss):
-                    kept = sorted(config.output_dir.glob("checkpoints/step-*"))
-                    raise TrainingDiverged(
-                        f"the loss became {step_loss} at step {step + 1}",
-                        "lower learning_rate (e.g. by 10x), keep max_grad_norm at 1, or use bf16 instead "
-                        "of fp16" + (f"; the last good checkpoint is {kept[-1]}" if kept else ""),
-                    )
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, steps_this_run, last_loss = step + 1, steps_this_run + 1, step_loss
-                loss_sum, micro_in_step = 0.0, 0
-
-                rate = steps_this_run / max(time.monotonic() - t_train, 1e-9)
-                lr = scheduler.get_last_lr()[0]
-                on_event(
-                    StepDone(
-                        step=step,
-                        total_steps=total_steps,
-                        epoch=epoch + 1,
-                        loss=step_loss,
-                        lr=lr,
-                        steps_per_second=rate,
-                        eta_seconds=(total_steps - step) / rate,
-                    )
-                )
-                writer.add_scalar("loss", step_loss, step)
-                writer.add_scalar("lr", lr, step)
-                writer.add_scalar("steps_per_second", rate, step)
-                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                    last_saved = (step, save(step, epoch))
-                if stop is not None and stop.is_set():
-                    if last_saved is None or last_saved[0] != step:
-                        last_saved = (step, save(step, epoch))
-                    raise TrainingInterrupted(
-                        f"training stopped at step {step}/{total_steps}",
-                        "resume with `resume_from: latest` in the config and the same command",
-                        checkpoint=last_saved[1],
-                    )
-                if step >= total_steps:
-                    break
-            epoch += 1
-            if (
-                config.save_every_n_epochs
-                and epoch % config.save_every_n_epochs == 0
-                and step < total_steps
-                and (last_saved is None or last_saved[0] != step)
-            ):
-                last_saved = (step, save(step, epoch))
-        timings["train"] = time.monotonic() - t_train
-
-        t0 = time.monotonic()
-        parts = {"unet": lora_state_dict(unet, ADAPTER)}
-        lora_configs = {"unet": unet.peft_config[ADAPTER]}
-        if te_params:
-            parts["text_encoder"] = lora_state_dict(text_encoder, ADAPTER)
-            lora_configs["text_encoder"] = text_encoder.peft_config[ADAPTER]
-        facts = RunFacts(
-            model_version=components.model_version,
-            num_train_images=len(samples),
-            tag_frequency=report.to_dict()["tag_frequency"],
-            started_at=started_at,
-            steps=step,
-            epoch=epoch,
-            final_loss=last_loss,
-            precision=placement.precision,
+        return load_for_training(
+            key.base_model,
+            placement,
+            allow_pickle=key.option("allow_pickle") == "true",
+            model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
+            tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
+            prediction_type=key.prediction_type,
         )
-        outputs = write_lora_files(config, parts, lora_configs, facts)
-        timings["export"] = time.monotonic() - t0
-        seconds = time.monotonic() - run_start
-        outputs["summary"] = write_summary(
-            config,
-            {
-                "data_report": report.to_dict(),
-                "steps": step,
-                "epochs": epoch,
-                "final_loss": last_loss,
-                "latents": {"cached": stats.cached, "encoded": stats.encoded},
-                "timings_seconds": timings | {"total": seconds},
-                "outputs": outputs,
-                "device": str(device),
-                "precision": placement.precision,
-            },
+
+    def start(
+        self, config: TrainConfig, model: SDComponents, data: ScannedData, placement: Placement, on_event: EventSink
+    ) -> SdRun:
+        return SdRun(config, model, data.payload, placement, on_event)
+
+    def restore(self, model: SDComponents) -> None:
+        for module in (model.unet, model.text_encoder):
+            if is_activation_checkpointing(module):
+                disable_activation_checkpointing(module)
+            module.eval()
+            detach_lora(module, ADAPTER)
+
+    def signature(self, config: TrainConfig) -> dict[str, Any]:
+        keys = (
+            "lora_rank",
+            "unet_target_modules",
+            "train_text_encoder",
+            "text_encoder_target_modules",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "seed",
+            "base_model",
         )
-        outputs["logs"] = str(config.output_dir / "logs")
-        on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
-        return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
-    finally:
-        hold.close()
+        values = config.to_dict()
+        return {k: values[k] for k in keys} | {"lora_alpha": config.effective_lora_alpha}
+
+
+def sd_model_key(
+    *,
+    base_model: str,
+    placement: Placement,
+    model_config_dir: Path | None = None,
+    tokenizer_path: Path | None = None,
+    prediction_type: str = "auto",
+    allow_pickle: bool = False,
+    kind: str = "sd",
+) -> ModelKey:
+    """The registry key of an SD-style base model loaded on ``placement``'s device in its weight dtype."""
+    return ModelKey(
+        base_model=base_model,
+        device=str(placement.device),
+        dtype=str(placement.weight_dtype).removeprefix("torch."),
+        model_config_dir=str(model_config_dir or ""),
+        tokenizer_path=str(tokenizer_path or ""),
+        prediction_type=prediction_type,
+        kind=kind,
+        # Only a pickle file's key depends on the opt-in: a .safetensors model is one resident model either way.
+        options=(("allow_pickle", "true"),) if allow_pickle and is_pickle_path(Path(base_model)) else (),
+    )
+
+
+FAMILY = SdFamily()
