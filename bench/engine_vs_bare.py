@@ -314,7 +314,7 @@ def run_engine(
     precision_flag: str,
     repeat: int,
 ) -> LoopRun:
-    """One full ``train_sd_lora`` call on the resident model; times steps warmup+1..end from its events."""
+    """One full ``train`` call on the resident model; times steps warmup+1..end from its events."""
     from lorad.config import parse_config
     from lorad.events import Event, StepDone, TrainingStarted
     from lorad.training.loop import train
