@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ def encode_latents(
     images: Sequence[TrainImage],
     buckets: Sequence[tuple[int, int]],
     *,
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | Callable[[], AutoencoderKL],
     cache: LatentCache,
     device: torch.device,
     batch_size: int = 4,
@@ -33,7 +33,9 @@ def encode_latents(
 
     Mean and std are kept (not a single sample) so each step can draw a fresh latent sample, as
     training on the uncached VAE would. Only images missing from ``cache`` go through the VAE;
-    they are encoded in batches of one bucket size and written to the cache.
+    they are encoded in batches of one bucket size and written to the cache. ``vae`` may be a
+    function returning the VAE: it is then called only if some image is missing (a warm cache
+    never loads a VAE).
     """
     result: dict[tuple[str, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {}
     todo: dict[tuple[int, int], list[TrainImage]] = {}
@@ -49,13 +51,14 @@ def encode_latents(
         elif image not in todo.setdefault(bucket, []):
             todo[bucket].append(image)
     encoded = 0
-    dtype = next(vae.parameters()).dtype
+    if any(todo.values()) and not isinstance(vae, torch.nn.Module):
+        vae = vae()
     for bucket, pending in todo.items():
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             pixels = torch.stack([load_image_for_bucket(i.path, bucket) for i in chunk])
             with torch.no_grad():
-                dist = vae.encode(pixels.to(device, dtype)).latent_dist
+                dist = vae.encode(pixels.to(device, next(vae.parameters()).dtype)).latent_dist
             for i, image in enumerate(chunk):
                 mean, std = dist.mean[i].float().cpu(), dist.std[i].float().cpu()
                 cache.put(image.content_hash, bucket, {"mean": mean, "std": std})

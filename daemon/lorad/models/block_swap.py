@@ -134,6 +134,26 @@ class BlockSwap:
         for index in list(self._active):
             self._rest(index)
 
+    def place(self, root: nn.Module, device: torch.device | str) -> None:
+        """Move ``root`` (the model holding the blocks) to ``device``, except the swapped blocks,
+        whose weights stay at rest in CPU memory (``root.to()`` would move those too)."""
+        swapped = {id(self.blocks[i]) for i in self.swapped}
+
+        def move(module: nn.Module) -> None:
+            for child in module.children():
+                if id(child) in swapped:
+                    continue
+                if any(id(m) in swapped for m in child.modules()):
+                    move(child)
+                else:
+                    child.to(device)
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(device)
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = buffer.to(device)
+
+        move(root)
+
     def remove(self) -> None:
         """Put every swapped block back on the device (same values) and drop the hooks."""
         for handle in self._handles:

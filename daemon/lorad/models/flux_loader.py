@@ -22,6 +22,7 @@ then load the transformer (T5-XXL and the transformer need never be resident tog
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -96,6 +97,61 @@ class FluxSources:
         return str(self.transformer.path)
 
 
+@dataclass(frozen=True)
+class TransformerSource:
+    """The transformer part of a FLUX.1 model, found and checked without reading weights.
+
+    ``folder`` is the diffusers folder (None for a single file); ``bundled`` maps "ae"/"clip_l"/
+    "t5xxl" to their key prefix when a single file carries them too; ``config_dir`` is
+    ``model_config_dir`` made absolute.
+    """
+
+    variant: str
+    transformer: Component
+    shape: FluxShape
+    base: Path
+    folder: Path | None
+    bundled: dict[str, str]
+    config_dir: Path | None
+
+    @property
+    def source(self) -> str:
+        return str(self.transformer.path)
+
+
+def _absolute(path: Path | None, base_dir: Path | None) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return (path if path.is_absolute() else (Path(base_dir) if base_dir else Path.cwd()) / path).resolve()
+
+
+def resolve_flux_transformer(
+    base_model: str, *, model_config_dir: Path | None = None, base_dir: Path | None = None
+) -> TransformerSource:
+    """Find and check ``base_model``'s transformer (all a resident model needs) without reading weights.
+
+    Raises ModelLoadError naming ``base_model`` or ``model_config_dir`` and the fix.
+    """
+    config_dir = _absolute(model_config_dir, base_dir)
+    if config_dir is not None and not config_dir.is_dir():
+        raise ModelLoadError(
+            f"`model_config_dir` {str(config_dir)!r} is not a folder",
+            "Set it to a FLUX.1 diffusers folder (its transformer/, vae/, text_encoder/, text_encoder_2/ configs).",
+        )
+    base = resolve_base_model(base_model, base_dir=base_dir)
+    where = f"`base_model` {base_model!r}"
+    if base.is_dir():
+        transformer, variant = _folder_transformer(base, where)
+        return TransformerSource(
+            variant, transformer, FluxShape.from_config(transformer.config), base, base, {}, config_dir
+        )
+    transformer, variant, bundled = _file_transformer(base, where, config_dir)
+    return TransformerSource(
+        variant, transformer, FluxShape.from_config(transformer.config), base, None, bundled, config_dir
+    )
+
+
 def resolve_flux_model(
     base_model: str,
     *,
@@ -107,39 +163,30 @@ def resolve_flux_model(
     model_config_dir: Path | None = None,
     t5xxl_max_token_length: int | None = None,
     base_dir: Path | None = None,
+    transformer_source: TransformerSource | None = None,
 ) -> FluxSources:
     """Find and check every part of a FLUX.1 model without reading its weights.
 
     Relative paths are resolved against ``base_dir`` (default: the current folder).
     ``t5xxl_max_token_length`` defaults to 512 for dev and 256 for schnell (kohya's defaults).
+    ``transformer_source`` skips finding the transformer again (a resident model's).
     Raises ModelLoadError whose message names the config key and value at fault and whose hint
     says the fix: a missing or unreadable file, a file that is not what its key says (an SD
     checkpoint as ``base_model``, an SDXL VAE as ``ae``), configs that do not fit, a missing tokenizer.
     """
-
-    def absolute(path: Path | None) -> Path | None:
-        if path is None:
-            return None
-        path = Path(path).expanduser()
-        return (path if path.is_absolute() else (Path(base_dir) if base_dir else Path.cwd()) / path).resolve()
-
-    clip_l, t5xxl, ae = absolute(clip_l), absolute(t5xxl), absolute(ae)
-    config_dir = absolute(model_config_dir)
-    if config_dir is not None and not config_dir.is_dir():
-        raise ModelLoadError(
-            f"`model_config_dir` {str(config_dir)!r} is not a folder",
-            "Set it to a FLUX.1 diffusers folder (its transformer/, vae/, text_encoder/, text_encoder_2/ configs).",
-        )
-    base = resolve_base_model(base_model, base_dir=base_dir)
-    where = f"`base_model` {base_model!r}"
-    bundled: dict[str, str] = {}
-    if base.is_dir():
-        transformer, variant = _folder_transformer(base, where)
-        folder: Path | None = base
-    else:
-        transformer, variant, bundled = _file_transformer(base, where, config_dir)
-        folder = None
-    shape = FluxShape.from_config(transformer.config)
+    found = transformer_source or resolve_flux_transformer(
+        base_model, model_config_dir=model_config_dir, base_dir=base_dir
+    )
+    clip_l, t5xxl, ae = (_absolute(p, base_dir) for p in (clip_l, t5xxl, ae))
+    variant, transformer, base, folder, bundled, config_dir = (
+        found.variant,
+        found.transformer,
+        found.base,
+        found.folder,
+        found.bundled,
+        found.config_dir,
+    )
+    shape = found.shape
 
     def configs_of(part: str) -> tuple[Path, str]:
         """The folder holding ``part``'s config, and how to name it in messages."""
@@ -160,10 +207,10 @@ def resolve_flux_model(
     if config_dir is not None:
         local.append(config_dir)
     clip_tokenizer = find_tokenizer(
-        CLIP_L, explicit=absolute(clip_l_tokenizer), local_dirs=[d / CLIP_L.subfolder for d in local]
+        CLIP_L, explicit=_absolute(clip_l_tokenizer, base_dir), local_dirs=[d / CLIP_L.subfolder for d in local]
     )
     t5_tokenizer = find_tokenizer(
-        T5XXL, explicit=absolute(t5xxl_tokenizer), local_dirs=[d / T5XXL.subfolder for d in local]
+        T5XXL, explicit=_absolute(t5xxl_tokenizer, base_dir), local_dirs=[d / T5XXL.subfolder for d in local]
     )
     scheduler_path = next(
         (
@@ -448,7 +495,7 @@ def convert_bfl_transformer(state: dict[str, torch.Tensor], shape: FluxShape) ->
     return bfl_to_diffusers(state, shape)
 
 
-def load_transformer(sources: FluxSources, dtype: torch.dtype) -> FluxTransformer2DModel:
+def load_transformer(sources: FluxSources | TransformerSource, dtype: torch.dtype) -> FluxTransformer2DModel:
     """The FLUX.1 transformer in ``dtype`` (eval mode, frozen)."""
     part = sources.transformer
     if part.is_folder:
@@ -534,3 +581,19 @@ def open_tokenizers(sources: FluxSources) -> tuple[PreTrainedTokenizerBase, PreT
     clip = open_clip_tokenizer(sources.clip_tokenizer, int(sources.clip_l.config["vocab_size"]))
     t5 = open_t5_tokenizer(sources.t5_tokenizer, int(sources.t5xxl.config["vocab_size"]), sources.t5_max_length)
     return clip, t5
+
+
+def component_fingerprint(part: Component) -> str:
+    """Hex SHA-256 of where a component's weights come from: each weight file's path, size and
+    modification time, plus the key prefix and config.
+
+    It names a component for caches of its outputs (latents, text-encoder outputs) without reading
+    its weights, so a re-run whose caches are warm loads neither the VAE nor the text encoders.
+    Replacing or editing a weight file changes it.
+    """
+    files = sorted(part.path.glob("*.safetensors")) if part.is_folder else [part.path]
+    facts = [part.prefix, json.dumps(part.config, sort_keys=True, default=str)]
+    for path in files:
+        stat = path.stat()
+        facts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()

@@ -1,0 +1,223 @@
+"""The FLUX.1 training config: the image keys every image family shares, plus FLUX's own.
+
+FLUX's keys carry kohya's names (``clip_l``, ``t5xxl``, ``ae``, ``timestep_sampling``,
+``sigmoid_scale``, ``discrete_flow_shift``, ``guidance_scale``, ``t5xxl_max_token_length``,
+``blocks_to_swap``). Keys of the SD config that mean nothing for a flow-matching transformer
+(UNet targets, prediction type, min-SNR, noise offset, pickle checkpoints) are refused with the
+key to use instead, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorad.config.loader import image_checks, parse_family_config
+from lorad.config.schema import REQUIRED_KEYS, TrainConfig, redefault, spec
+from lorad.errors import ConfigProblem
+
+TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "uniform")  # lorad.diffusion.flow_matching's names
+BASE_QUANTIZATIONS = ("none", "fp8", "int8", "nf4")  # lorad.models.quantization's names
+OUTPUT_FORMATS = ("kohya", "diffusers", "comfyui")
+# SD keys with no meaning here -> what to use instead.
+_NOT_FOR_FLUX = {
+    "unet_target_modules": "FLUX has no UNet; name its layers in `transformer_target_modules`",
+    "prediction_type": "FLUX always predicts the flow velocity; remove it",
+    "min_snr_gamma": "min-SNR weighting is for DDPM models; shape the noise levels with `timestep_sampling`",
+    "noise_offset": "not used by flow matching; remove it",
+    "allow_pickle": "FLUX weights are read from .safetensors only; remove it",
+    "tokenizer_path": "FLUX has two tokenizers: use `clip_l_tokenizer` and `t5xxl_tokenizer`",
+    "init_lora": "continuing a FLUX LoRA file is not supported yet; remove it (resume_from continues a run)",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FluxTrainConfig(TrainConfig):
+    """A validated FLUX.1 (dev or schnell) LoRA config. All paths are absolute."""
+
+    # --- model --------------------------------------------------------------------------------
+    clip_l: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "CLIP-L text encoder file (clip_l.safetensors, as ComfyUI/Forge keep it). Needed when base_model is a "
+            "single file; overrides a diffusers folder's text_encoder/.",
+            example="./models/clip/clip_l.safetensors",
+        ),
+    )
+    t5xxl: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "T5-XXL text encoder file (t5xxl_fp16.safetensors, or an fp8 copy). Needed when base_model is a single "
+            "file; overrides a diffusers folder's text_encoder_2/. Its outputs are cached before training, so T5 is "
+            "never in memory while the transformer trains.",
+            example="./models/clip/t5xxl_fp16.safetensors",
+        ),
+    )
+    ae: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "FLUX autoencoder file (ae.safetensors). Needed when base_model is a single file; overrides a diffusers "
+            "folder's vae/.",
+            example="./models/vae/ae.safetensors",
+        ),
+    )
+    clip_l_tokenizer: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "Folder with CLIP-L's tokenizer. Unset: base_model's or model_config_dir's tokenizer/, then the local "
+            "Hugging Face cache.",
+        ),
+    )
+    t5xxl_tokenizer: Path | None = field(
+        default=None,
+        metadata=spec(
+            "model",
+            "Folder with T5's tokenizer (tokenizer.json). Unset: base_model's or model_config_dir's tokenizer_2/, "
+            "then the local Hugging Face cache.",
+        ),
+    )
+    t5xxl_max_token_length: int | None = field(
+        default=None,
+        metadata=spec(
+            "model", "T5 tokens per caption. Unset: 512 for dev, 256 for schnell (kohya's defaults).", minimum=1
+        ),
+    )
+    base_quantization: str = field(
+        default="none",
+        metadata=spec(
+            "model",
+            "Store the frozen transformer's block weights quantized (torchao, weight-only: any GPU or the CPU): "
+            "fp8 (float8 with per-row scales), int8, or nf4 (QLoRA's 4-bit). Needs `pip install 'lorad[quant]'`.",
+            choices=BASE_QUANTIZATIONS,
+        ),
+    )
+    blocks_to_swap: int = field(
+        default=0,
+        metadata=spec(
+            "model",
+            "Keep this many of the transformer's 57 blocks in CPU memory, each copied to the GPU just before it runs "
+            "(overlapped with compute). Saves VRAM at some speed; use with gradient_checkpointing.",
+            minimum=0,
+        ),
+    )
+
+    # --- lora ---------------------------------------------------------------------------------
+    transformer_target_modules: tuple[str, ...] = field(
+        default=("all-linear",),
+        metadata=spec(
+            "lora",
+            "Transformer layers that get LoRA: a set (attention, attention+mlp, all-linear: every linear layer of "
+            "the double and single blocks, kohya's and ai-toolkit's default) or diffusers module names (to_q, "
+            "add_q_proj, proj_mlp, single_transformer_blocks.3.proj_out, ...).",
+        ),
+    )
+    text_encoder_target_modules: tuple[str, ...] = redefault(
+        TrainConfig,
+        "text_encoder_target_modules",
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        help="CLIP-L layers that get LoRA when train_text_encoder is on (q_proj, k_proj, v_proj, out_proj, fc1, fc2).",
+    )
+
+    # --- training -----------------------------------------------------------------------------
+    resolution: int = redefault(
+        TrainConfig,
+        "resolution",
+        1024,
+        help="Training resolution (pixels per side of the target area); a multiple of 16. FLUX.1: 512-1024.",
+    )
+    timestep_sampling: str = field(
+        default="flux_shift",
+        metadata=spec(
+            "training",
+            "How noise levels are drawn (kohya's names): flux_shift (sigmoid draws shifted by resolution, as "
+            "FLUX.1-dev samples; kohya's recommendation), shift (sigmoid draws shifted by discrete_flow_shift), "
+            "sigmoid, uniform.",
+            choices=TIMESTEP_SAMPLINGS,
+        ),
+    )
+    sigmoid_scale: float = field(
+        default=1.0,
+        metadata=spec(
+            "training",
+            "Scale of the normal draw before the sigmoid (sigmoid, shift, flux_shift); larger spreads the levels.",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+    )
+    discrete_flow_shift: float = field(
+        default=3.0,
+        metadata=spec(
+            "training",
+            "timestep_sampling: shift only: s in sigma' = s*sigma / (1 + (s-1)*sigma); above 1 favours noisier steps.",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+    )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata=spec(
+            "training",
+            "FLUX.1-dev's guidance embedding during training (kohya: 1.0). Ignored for schnell.",
+            minimum=0.0,
+        ),
+    )
+
+    # --- output -------------------------------------------------------------------------------
+    output_format: tuple[str, ...] = field(
+        default=("kohya", "diffusers"),
+        metadata=spec(
+            "output",
+            "Files to write, one or several: kohya (BFL keys: ComfyUI, Forge, kohya), diffusers "
+            "(pytorch_lora_weights.safetensors for FluxPipeline.load_lora_weights), comfyui (diffusion_model. keys "
+            "with lora_A/lora_B).",
+        ),
+    )
+
+
+FLUX_REQUIRED_KEYS = REQUIRED_KEYS
+
+
+def _flux_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    problems = [ConfigProblem(key, "is not a FLUX key", fix) for key, fix in _NOT_FOR_FLUX.items() if key in values]
+    for key in ("clip_l", "t5xxl", "ae"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.is_file():
+            problems.append(ConfigProblem(key, f"{path} is not a file", "fix the path, or remove the key"))
+    for key in ("clip_l_tokenizer", "t5xxl_tokenizer"):
+        path = values.get(key)
+        if isinstance(path, Path) and not path.is_dir():
+            problems.append(ConfigProblem(key, f"{path} is not a folder", "fix the path, or remove the key"))
+    formats = values.get("output_format")
+    if isinstance(formats, tuple):
+        bad = [f for f in formats if f not in OUTPUT_FORMATS]
+        if bad:
+            problems.append(
+                ConfigProblem("output_format", f"unknown format {bad[0]!r}", "use kohya, diffusers and/or comfyui")
+            )
+        else:
+            values["output_format"] = tuple(dict.fromkeys(formats))
+    for key in ("resolution", "bucket_reso_steps"):
+        value = values.get(key)
+        # 8 pixels per latent, then 2x2 latents per transformer token.
+        if isinstance(value, int) and value % 16 and not value % 8:
+            problems.append(ConfigProblem(key, f"got {value}", f"FLUX needs a multiple of 16, e.g. {value - 8}"))
+    return problems
+
+
+def parse_flux_config(raw: Any, *, base_dir: Path, source: str = "config") -> FluxTrainConfig:
+    """Validate a mapping of config keys into a :class:`FluxTrainConfig` (every problem at once)."""
+    return parse_family_config(
+        raw,
+        config_class=FluxTrainConfig,
+        family="flux",
+        base_dir=base_dir,
+        source=source,
+        required=FLUX_REQUIRED_KEYS,
+        default_name="flux_lora",
+        checks=[*image_checks(base_dir), _flux_checks],
+    )

@@ -1,0 +1,495 @@
+"""FLUX.1 on the one training loop: LoRA on the flow-matching transformer (and optionally CLIP-L).
+
+What stays resident between jobs is the transformer alone (quantized and/or with swapped blocks
+when the config asks: those are part of its registry key). A run then:
+
+1. encodes each (image, bucket) through FLUX's VAE once, cached on disk by content; the VAE is
+   loaded only if some latent is missing;
+2. encodes every caption string the run will use (shuffles and dropouts follow from the seed)
+   with CLIP-L and T5, cached on disk; the encoders are loaded only if some caption is missing,
+   the transformer steps off the GPU while they run, and they are freed before training, so T5
+   is never in memory while the transformer trains and a warm cache runs no text encoder at all;
+3. trains with the rectified-flow loss of :mod:`lorad.diffusion.flow_matching` on packed latents;
+4. exports kohya/BFL, diffusers and/or ComfyUI files (:mod:`lorad.families.flux.lora_files`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from torch import nn
+
+from lorad.data.buckets import plan_epoch
+from lorad.data.captions import prepare_caption
+from lorad.data.latent_cache import LatentCache
+from lorad.diffusion.flow_matching import (
+    TimestepSampling,
+    flow_matching_loss,
+    image_position_ids,
+    noisy_latents,
+    pack_latents,
+    sample_sigmas,
+    scale_latents,
+    text_position_ids,
+    unpack_latents,
+)
+from lorad.diffusion.latents import encode_latents
+from lorad.diffusion.text_cache import TextEncoderCache, tokenizer_digest
+from lorad.events import EventSink, LatentsCached, LogLine
+from lorad.families.flux.config import FluxTrainConfig
+from lorad.families.flux.key_map import FluxShape
+from lorad.families.flux.lora_files import (
+    bfl_loras,
+    clip_loras,
+    comfyui_tensors,
+    flux_metadata,
+    kohya_tensors,
+    save_flux_diffusers,
+    save_flux_kohya,
+)
+from lorad.families.flux.targets import transformer_target_paths
+from lorad.families.sd.family import FAMILY as SD_FAMILY
+from lorad.families.sd.family import SdData
+from lorad.families.sd.outputs import SAVE_DTYPES, SdRunFacts, kohya_metadata
+from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
+from lorad.lora.targets import TEXT_ENCODER_SUGGESTIONS, resolve_targets
+from lorad.models.block_swap import BlockSwap, flux_blocks
+from lorad.models.flux_loader import (
+    TransformerSource,
+    component_fingerprint,
+    load_clip_l,
+    load_t5xxl,
+    load_transformer,
+    load_vae,
+    open_tokenizers,
+    resolve_flux_model,
+    resolve_flux_transformer,
+)
+from lorad.models.quantization import check_quantization, in_blocks, quantize_linears
+from lorad.models.registry import ModelKey, free_memory
+from lorad.paths import default_cache_dir
+from lorad.training.activation_checkpointing import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    is_activation_checkpointing,
+)
+from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
+from lorad.training.placement import Placement
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+T5, POOLED = "t5", "pooled"
+
+
+@dataclass
+class FluxModel:
+    """A FLUX.1 base model as the registry keeps it: the transformer only, placed for training.
+
+    ``swap`` holds the blocks kept in CPU memory (None without ``blocks_to_swap``); ``found`` is
+    where the transformer came from, so a run finds the text encoders and VAE next to it.
+    """
+
+    transformer: FluxTransformer2DModel
+    found: TransformerSource
+    device: torch.device
+    swap: BlockSwap | None = None
+
+    @property
+    def source(self) -> str:
+        return self.found.source
+
+    @property
+    def model_version(self) -> str:
+        return f"flux1-{self.found.variant}"
+
+    def place(self, device: torch.device | str) -> None:
+        """Move the transformer to ``device`` (swapped blocks stay in CPU memory)."""
+        if self.swap is not None:
+            self.swap.place(self.transformer, device)
+        else:
+            self.transformer.to(device)
+
+
+def load_flux_model(key: ModelKey) -> FluxModel:
+    """Load the transformer the key names: weights in ``key.dtype``, quantized and block-swapped as
+    its options say, then placed on ``key.device``. Quantization runs on the CPU, before the weights
+    reach the GPU, so the GPU never holds the unquantized model."""
+    device, dtype = torch.device(key.device), getattr(torch, key.dtype)
+    quantization = key.option("base_quantization", "none")
+    check_quantization(quantization, device)
+    found = resolve_flux_transformer(
+        key.base_model, model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None
+    )
+    transformer = load_transformer(found, dtype)
+    quantize_linears(transformer, quantization, where=in_blocks(BLOCK_LISTS))
+    count = int(key.option("blocks_to_swap", "0"))
+    swap = BlockSwap(flux_blocks(transformer), count, device) if count else None
+    model = FluxModel(transformer=transformer, found=found, device=device, swap=swap)
+    model.place(device)
+    return model
+
+
+@contextlib.contextmanager
+def off_the_device(model: FluxModel) -> Iterator[None]:
+    """Move the transformer to the CPU for the duration (on an accelerator), so the text encoders
+    fit beside nothing; the weights come back unchanged."""
+    if model.device.type == "cpu":
+        yield
+        return
+    model.place("cpu")
+    free_memory()
+    try:
+        yield
+    finally:
+        model.place(model.device)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of an epoch's plan: positions in the epoch's sample list."""
+
+    epoch: int
+    samples: tuple[int, ...]
+
+
+class FluxRun:
+    """A run on one FLUX.1 model: see :class:`lorad.training.family.FamilyRun` for the contract."""
+
+    def __init__(
+        self, config: FluxTrainConfig, model: FluxModel, data: SdData, placement: Placement, on_event: EventSink
+    ) -> None:
+        self.config, self.model, self.data = config, model, data
+        self.device, self.dtype = placement.device, placement.weight_dtype
+        self.scalars = Scalars()
+        transformer = model.transformer
+        sources = resolve_flux_model(
+            config.base_model,
+            clip_l=config.clip_l,
+            t5xxl=config.t5xxl,
+            ae=config.ae,
+            clip_l_tokenizer=config.clip_l_tokenizer,
+            t5xxl_tokenizer=config.t5xxl_tokenizer,
+            model_config_dir=config.model_config_dir,
+            t5xxl_max_token_length=config.t5xxl_max_token_length,
+            transformer_source=model.found,
+        )
+        self.sources = sources
+        self.shape: FluxShape = sources.shape
+        self.guidance = config.guidance_scale if transformer.config.guidance_embeds else None
+        self.sampling = TimestepSampling(config.timestep_sampling, config.sigmoid_scale, config.discrete_flow_shift)
+        self.clip_tokenizer, self.t5_tokenizer = open_tokenizers(sources)
+
+        # Targets first, so a typo costs nothing.
+        paths = transformer_target_paths(
+            transformer, config.transformer_target_modules, key="transformer_target_modules"
+        )
+        self.samples = [i for i, image in enumerate(data.images) for _ in range(image.repeats)]
+        self.sample_buckets = [data.buckets[i] for i in self.samples]
+        cache_root = config.cache_dir or default_cache_dir()
+        self._encode_latents(cache_root / "latents", on_event)
+        self.clip: nn.Module | None = None
+        if config.train_text_encoder:
+            # A trained CLIP-L runs every step (its pooled output changes); T5 is still cached.
+            self.clip = load_clip_l(sources, self.dtype).to(self.device)
+        self._encode_captions(cache_root / "text", on_event)
+
+        params = attach_lora(
+            transformer,
+            adapter_name=ADAPTER,
+            target_paths=paths,
+            rank=config.lora_rank,
+            alpha=config.effective_lora_alpha,
+            dropout=config.lora_dropout,
+        )
+        for param in params:  # LoRA layers of swapped blocks were created beside their CPU weights
+            param.data = param.data.to(self.device)
+        self.parts: dict[str, nn.Module] = {"transformer": transformer}
+        self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": config.learning_rate}]
+        if self.clip is not None:
+            clip_paths = resolve_targets(
+                self.clip,
+                config.text_encoder_target_modules,
+                key="text_encoder_target_modules",
+                suggestions=TEXT_ENCODER_SUGGESTIONS,
+            )
+            clip_params = attach_lora(
+                self.clip,
+                adapter_name=ADAPTER,
+                target_paths=clip_paths,
+                rank=config.lora_rank,
+                alpha=config.effective_lora_alpha,
+                dropout=config.lora_dropout,
+            )
+            self.parts["text_encoder"] = self.clip
+            self.param_groups.append({"params": clip_params, "lr": config.effective_text_encoder_lr})
+        if model.swap is not None and not config.gradient_checkpointing:
+            on_event(
+                LogLine(
+                    message="blocks_to_swap saves memory only with gradient_checkpointing: true "
+                    "(without it, backward holds every block's weights on the device)"
+                )
+            )
+
+    # --- caches -------------------------------------------------------------------------------
+
+    def _encode_latents(self, folder: Path, on_event: EventSink) -> None:
+        t0 = time.monotonic()
+        cache = LatentCache(folder, "flux-vae:" + component_fingerprint(self.sources.vae))
+
+        def vae() -> nn.Module:
+            # fp32: latents are encoded once, and fp16 VAEs overflow on some images.
+            return load_vae(self.sources, torch.float32).to(self.device)
+
+        self.latents, stats = encode_latents(
+            self.data.images, self.data.buckets, vae=vae, cache=cache, device=self.device
+        )
+        free_memory()
+        seconds = time.monotonic() - t0
+        on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=seconds))
+        self.scalars.summary["latents"] = {"cached": stats.cached, "encoded": stats.encoded, "seconds": seconds}
+        vae_config = self.sources.vae.config
+        self.shift, self.scale = float(vae_config.get("shift_factor") or 0.0), float(vae_config["scaling_factor"])
+
+    def _caption(self, epoch: int, position: int) -> str:
+        """The caption sample ``position`` sees in ``epoch`` (shuffle and dropout follow from the seed)."""
+        config = self.config
+        return prepare_caption(
+            self.data.images[self.samples[position]].caption,
+            rng=random.Random(f"{config.seed}:{epoch}:{position}"),
+            shuffle=config.shuffle_caption,
+            keep_tokens=config.keep_tokens,
+            dropout=config.caption_dropout,
+            trigger_word=config.trigger_word,
+        )
+
+    def _all_captions(self) -> list[str]:
+        """Every caption string this run will train on, over all its epochs."""
+        config = self.config
+        varies = config.shuffle_caption or config.caption_dropout > 0
+        steps_per_epoch = math.ceil(len(self.plan(0)) / config.gradient_accumulation_steps)
+        total = config.max_train_steps or config.epochs * steps_per_epoch
+        epochs = math.ceil(total / steps_per_epoch) if varies else 1
+        return [self._caption(e, i) for e in range(epochs) for i in range(len(self.samples))]
+
+    def _encode_captions(self, folder: Path, on_event: EventSink) -> None:
+        t0 = time.monotonic()
+        sources = self.sources
+        identity = hashlib.sha256(
+            "\n".join(
+                [
+                    "flux-text:1",
+                    component_fingerprint(sources.clip_l),
+                    component_fingerprint(sources.t5xxl),
+                    tokenizer_digest(self.clip_tokenizer),
+                    tokenizer_digest(self.t5_tokenizer),
+                    f"{sources.t5_max_length}|{self.dtype}",
+                ]
+            ).encode()
+        ).hexdigest()
+        self.text = TextEncoderCache(folder, identity)
+        encoders: dict[str, nn.Module] = {}
+
+        def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+            if not encoders:  # loaded on the first missing caption only
+                encoders["clip"] = load_clip_l(sources, self.dtype).to(self.device)
+                encoders["t5"] = load_t5xxl(sources, self.dtype).to(self.device)
+            return self._encode(encoders["clip"], encoders["t5"], captions)
+
+        with off_the_device(self.model) if self._any_missing() else contextlib.nullcontext():
+            stats = self.text.pre_encode(self._all_captions(), encode, batch_size=8)
+            encoders.clear()
+            free_memory()
+        seconds = time.monotonic() - t0
+        on_event(
+            LogLine(message=f"text-encoder outputs: {stats.encoded} captions encoded, {stats.cached} from the cache")
+        )
+        self.scalars.summary["text_encoder_outputs"] = {
+            "encoded": stats.encoded,
+            "cached": stats.cached,
+            "seconds": seconds,
+        }
+
+    def _any_missing(self) -> bool:
+        return any(caption not in self.text for caption in dict.fromkeys(self._all_captions()))
+
+    def _encode(self, clip: nn.Module, t5: nn.Module, captions: list[str]) -> dict[str, torch.Tensor]:
+        """CLIP-L's pooled output and T5's last hidden states for ``captions`` (padded to the max length)."""
+        t5_ids = self.t5_tokenizer(
+            captions, padding="max_length", max_length=self.sources.t5_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return {T5: t5(t5_ids.to(self.device)).last_hidden_state, POOLED: self._pooled(clip, captions)}
+
+    def _pooled(self, clip: nn.Module, captions: list[str]) -> torch.Tensor:
+        ids = self.clip_tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        return clip(ids.to(self.device)).pooler_output
+
+    # --- the FamilyRun protocol ---------------------------------------------------------------
+
+    def plan(self, epoch: int) -> Sequence[MicroBatch]:
+        return [
+            MicroBatch(epoch, tuple(batch))
+            for batch in plan_epoch(self.sample_buckets, self.config.batch_size, seed=self.config.seed, epoch=epoch)
+        ]
+
+    def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
+        if self.model.swap is not None:
+            self.model.swap.settle()  # the previous backward's last block back to rest; forward order again
+        batch, images = micro_batch.samples, self.data.images
+        captions = [self._caption(micro_batch.epoch, i) for i in batch]
+        text = self.text.batch(captions, device=self.device)
+        pooled = self._pooled(self.clip, captions) if self.clip is not None else text[POOLED]
+
+        pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
+        mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+        clean = scale_latents(mean + std * torch.randn(mean.shape, generator=generator), self.shift, self.scale)
+        noise = torch.randn(clean.shape, generator=generator)
+        height, width = clean.shape[-2:]
+        sigmas = sample_sigmas(
+            self.sampling, len(batch), image_seq_len=(height // 2) * (width // 2), generator=generator
+        )
+        clean, noise, sigmas = clean.to(self.device), noise.to(self.device), sigmas.to(self.device)
+        transformer = self.model.transformer
+        dtype = self.dtype
+        prediction = transformer(
+            hidden_states=pack_latents(noisy_latents(clean, noise, sigmas)).to(dtype),
+            encoder_hidden_states=text[T5].to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=sigmas.to(dtype),
+            img_ids=image_position_ids(height, width, device=self.device),
+            txt_ids=text_position_ids(text[T5].shape[1], device=self.device),
+            guidance=None if self.guidance is None else torch.full((len(batch),), self.guidance, device=self.device),
+        ).sample
+        return flow_matching_loss(unpack_latents(prediction, height, width), clean, noise).mean()
+
+    def train_mode(self, gradient_checkpointing: bool) -> None:
+        for part in self.parts.values():
+            part.train()
+            if gradient_checkpointing:
+                enable_activation_checkpointing(part)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def finish(self, step: int) -> None:
+        if self.model.swap is not None:
+            self.model.swap.settle()
+
+    def export(self, facts: RunFacts) -> dict[str, str]:
+        config = self.config
+        dtype = SAVE_DTYPES[config.save_precision]
+        alpha = config.effective_lora_alpha
+        transformer_lora = lora_state_dict(self.model.transformer, ADAPTER)
+        clip_lora = lora_state_dict(self.clip, ADAPTER) if self.clip is not None else {}
+        bfl = bfl_loras(transformer_lora, self.shape, alpha)
+        clip = clip_loras(clip_lora, alpha)
+        report = self.data.report.to_dict()
+        sd_facts = SdRunFacts(
+            model_version="flux1",
+            num_train_images=len(self.samples),
+            tag_frequency=report["tag_frequency"],
+            run=facts,
+        )
+        extra = {
+            "ss_guidance_scale": config.guidance_scale,
+            "ss_timestep_sampling": config.timestep_sampling,
+            "ss_sigmoid_scale": config.sigmoid_scale,
+            "ss_discrete_flow_shift": config.discrete_flow_shift,
+            "ss_model_prediction_type": "raw",
+        }
+        metadata = kohya_metadata(config, sd_facts) | flux_metadata(
+            self.sources.variant, rank=config.lora_rank, alpha=alpha, extra=extra
+        )
+        outputs: dict[str, str] = {}
+        if "kohya" in config.output_format:
+            path = config.output_dir / f"{config.output_name}.safetensors"
+            outputs["kohya"] = str(save_flux_kohya(path, kohya_tensors(bfl, clip, dtype), metadata))
+        if "comfyui" in config.output_format:
+            path = config.output_dir / f"{config.output_name}_comfyui.safetensors"
+            outputs["comfyui"] = str(save_flux_kohya(path, comfyui_tensors(bfl, clip, dtype), metadata))
+        if "diffusers" in config.output_format:
+            clip_config = self.clip.peft_config[ADAPTER].to_dict() if self.clip is not None else None
+            path = save_flux_diffusers(
+                config.output_dir,
+                transformer_lora,
+                clip_lora,
+                transformer_config=self.model.transformer.peft_config[ADAPTER].to_dict(),
+                clip_config=clip_config,
+                dtype=dtype,
+            )
+            outputs["diffusers"] = str(path)
+        return outputs
+
+
+class FluxFamily:
+    """FLUX.1: see :class:`lorad.training.family.ModelFamily` for the contract."""
+
+    name = "flux"
+
+    def scan(self, config: FluxTrainConfig, *, on_event: EventSink, hooks: RunHooks) -> ScannedData:
+        # Images, captions and buckets exactly as SD scans them (the buckets' sides are multiples of
+        # 16 because the config requires it: 8 pixels per latent, 2x2 latents per token).
+        return SD_FAMILY.scan(config, on_event=on_event, hooks=hooks)
+
+    def model_key(self, config: FluxTrainConfig, placement: Placement) -> ModelKey:
+        options = []
+        if config.base_quantization != "none":
+            options.append(("base_quantization", config.base_quantization))
+        if config.blocks_to_swap:
+            options.append(("blocks_to_swap", str(config.blocks_to_swap)))
+        return ModelKey(
+            base_model=config.base_model,
+            device=str(placement.device),
+            dtype=str(placement.weight_dtype).removeprefix("torch."),
+            model_config_dir=str(config.model_config_dir or ""),
+            kind="flux",
+            options=tuple(sorted(options)),
+        )
+
+    def load(self, key: ModelKey) -> FluxModel:
+        return load_flux_model(key)
+
+    def start(
+        self, config: FluxTrainConfig, model: FluxModel, data: ScannedData, placement: Placement, on_event: EventSink
+    ) -> FluxRun:
+        return FluxRun(config, model, data.payload, placement, on_event)
+
+    def restore(self, model: FluxModel) -> None:
+        transformer = model.transformer
+        if is_activation_checkpointing(transformer):
+            disable_activation_checkpointing(transformer)
+        transformer.eval()
+        detach_lora(transformer, ADAPTER)
+        if model.swap is not None:
+            model.swap.settle()
+
+    def signature(self, config: FluxTrainConfig) -> dict[str, Any]:
+        keys = (
+            "lora_rank",
+            "transformer_target_modules",
+            "train_text_encoder",
+            "text_encoder_target_modules",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "seed",
+            "base_model",
+            "timestep_sampling",
+            "sigmoid_scale",
+            "discrete_flow_shift",
+            "guidance_scale",
+        )
+        values = config.to_dict()
+        return {k: values[k] for k in keys} | {"lora_alpha": config.effective_lora_alpha}
+
+
+FAMILY = FluxFamily()

@@ -1,0 +1,315 @@
+"""FLUX.1 on the one loop, end to end on the tiny model: sources, caches, memory options, outputs, resume, daemon."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lorad.config.dispatch import parse_any_config
+from lorad.errors import ConfigError, TrainingInterrupted
+from lorad.events import LatentsCached, LogLine, StepDone
+from lorad.families.flux.config import FluxTrainConfig
+from lorad.families.flux.spec import render_flux_example
+from lorad.models.tiny_flux import FluxFiles, build_tiny_flux, write_flux_files
+from lorad.training.loop import train
+from tests.conftest import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flux")
+    return {variant: build_tiny_flux(root / variant, variant=variant) for variant in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="module")
+def files(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> FluxFiles:
+    return write_flux_files(tiny["dev"], tmp_path_factory.mktemp("files"), comfy_prefix=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "style_train")
+
+
+def flux_values(base: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
+    """Config keys for a fast CPU run on the tiny FLUX model (64 px images, a few steps)."""
+    values: dict[str, object] = {
+        "train_data_dir": data,
+        "metadata_path": data / "metadata.csv",
+        "base_model": base,
+        "lora_rank": 4,
+        "batch_size": 2,
+        "epochs": 1,
+        "learning_rate": "1e-3",
+        "output_dir": out,
+        "resolution": 64,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 16,
+        "device": "cpu",
+        "cache_dir": out.parent / "cache",
+    }
+    values.update(overrides)
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def file_values(files: FluxFiles, tiny: dict[str, Path], data: Path, out: Path, **overrides: object) -> dict:
+    return flux_values(
+        files.transformer,
+        data,
+        out,
+        clip_l=files.clip_l,
+        t5xxl=files.t5xxl,
+        ae=files.ae,
+        model_config_dir=tiny["dev"],
+        **overrides,
+    )
+
+
+def parse(values: dict, tmp_path: Path) -> FluxTrainConfig:
+    config = parse_any_config(values, base_dir=tmp_path)
+    assert isinstance(config, FluxTrainConfig) and config.model_family == "flux"
+    return config
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+
+def test_example_config_parses_and_detects_flux(tmp_path: Path, files: FluxFiles) -> None:
+    raw = yaml.safe_load(render_flux_example())
+    (tmp_path / "data" / "style_train").mkdir(parents=True)
+    config = parse(
+        {
+            **raw,
+            "base_model": str(files.transformer),
+            "clip_l": str(files.clip_l),
+            "t5xxl": str(files.t5xxl),
+            "ae": str(files.ae),
+        },
+        tmp_path,
+    )
+    assert config.timestep_sampling == "flux_shift" and config.guidance_scale == 1.0
+    assert config.transformer_target_modules == ("all-linear",)
+    assert config.output_format == ("kohya", "diffusers") and config.resolution == 1024
+    assert config.sigmoid_scale == 1.0 and config.discrete_flow_shift == 3.0
+
+
+def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, files: FluxFiles, data: Path) -> None:
+    values = flux_values(
+        files.transformer,
+        data,
+        tmp_path / "o",
+        unet_target_modules=["to_q"],
+        min_snr_gamma=5,
+        init_lora=files.ae,
+        output_format=["kohya", "ckpt"],
+        resolution=72,
+        timestep_sampling="sigma",
+        t5xxl=tmp_path / "missing.safetensors",
+        base_quantization="int4",
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_any_config(values, base_dir=tmp_path)
+    keys = {p.key for p in err.value.problems}
+    assert {
+        "unet_target_modules",
+        "min_snr_gamma",
+        "init_lora",
+        "output_format",
+        "resolution",
+        "timestep_sampling",
+        "t5xxl",
+        "base_quantization",
+    } <= keys
+    text = str(err.value)
+    assert "transformer_target_modules" in text and "multiple of 16" in text
+
+
+def test_choices_match_the_modules_that_implement_them() -> None:
+    from lorad.diffusion.flow_matching import TIMESTEP_SAMPLINGS
+    from lorad.families.flux import config
+    from lorad.families.flux.lora_files import FLUX_OUTPUT_FORMATS
+    from lorad.models.quantization import BASE_QUANTIZATIONS
+
+    assert set(config.TIMESTEP_SAMPLINGS) == set(TIMESTEP_SAMPLINGS)
+    assert config.BASE_QUANTIZATIONS == BASE_QUANTIZATIONS and config.OUTPUT_FORMATS == FLUX_OUTPUT_FORMATS
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trains_from_single_file_with_separate_files(
+    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path
+) -> None:
+    from diffusers import FluxPipeline
+
+    config = parse(
+        file_values(
+            files,
+            tiny,
+            data,
+            tmp_path / "out",
+            output_format=["kohya", "diffusers", "comfyui"],
+            max_train_steps=3,
+            learning_rate="1e-2",
+        ),
+        tmp_path,
+    )
+    events: list = []
+    result = train(config, on_event=events.append)
+    assert result.steps == 3 and set(result.outputs) >= {"kohya", "diffusers", "comfyui", "summary"}
+    kohya = load_file(result.outputs["kohya"])
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert kohya["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape == (16, 32)  # 4 parts x rank 4
+    with safe_open(result.outputs["kohya"], framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["ss_network_module"] == "networks.lora_flux" and meta["ss_steps"] == "3"
+    comfy = load_file(result.outputs["comfyui"])
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in comfy
+    # The diffusers file loads in FluxPipeline and changes the model.
+    pipe = FluxPipeline.from_pretrained(str(tiny["dev"]), local_files_only=True)
+    pipe.load_lora_weights(str(Path(result.outputs["diffusers"]).parent))
+    assert any("lora" in name for name, _ in pipe.transformer.named_modules())
+    summary = json.loads(Path(result.outputs["summary"]).read_text())
+    assert summary["text_encoder_outputs"]["encoded"] == 4 and summary["latents"]["encoded"] == 8
+    assert any(isinstance(e, LogLine) and "4 captions encoded, 0 from the cache" in e.message for e in events)
+
+
+@pytest.mark.slow
+def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny: dict[str, Path], data: Path) -> None:
+    config = parse(
+        flux_values(
+            tiny["schnell"], data, tmp_path / "out", max_train_steps=2, transformer_target_modules=["attention"]
+        ),
+        tmp_path,
+    )
+    result = train(config)
+    kohya = load_file(result.outputs["kohya"])
+    assert "lora_unet_single_blocks_0_linear1.alpha" in kohya
+    assert not any("_mod_lin" in k or "linear2" in k for k in kohya)  # attention only
+    with safe_open(result.outputs["kohya"], framework="pt") as handle:
+        assert handle.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
+
+
+@pytest.mark.slow
+def test_warm_caches_run_no_text_encoder_and_no_vae(
+    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = train(parse(file_values(files, tiny, data, tmp_path / "a", max_train_steps=1), tmp_path))
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a warm cache must not run this")
+
+    for cls in (CLIPTextModel, T5EncoderModel, AutoencoderKL):
+        monkeypatch.setattr(cls, "forward", refuse)
+    monkeypatch.setattr("lorad.families.flux.family.load_t5xxl", refuse)
+    monkeypatch.setattr("lorad.families.flux.family.load_vae", refuse)
+    events: list = []
+    second = train(
+        parse(file_values(files, tiny, data, tmp_path / "b", max_train_steps=2), tmp_path), on_event=events.append
+    )
+    assert second.steps == 2 and first.steps == 1
+    latents = next(e for e in events if isinstance(e, LatentsCached))
+    assert (latents.encoded, latents.cached) == (0, 8)
+    summary = json.loads(Path(second.outputs["summary"]).read_text())
+    assert summary["text_encoder_outputs"]["encoded"] == 0 and summary["text_encoder_outputs"]["cached"] == 4
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+    common = {
+        "epochs": 3,
+        "save_steps": 2,
+        "save_precision": "fp32",
+        "shuffle_caption": True,
+        "caption_dropout": 0.2,
+        "lora_dropout": 0.1,
+        "train_text_encoder": True,
+    }
+    full = train(parse(file_values(files, tiny, data, tmp_path / "full", **common), tmp_path))
+    stop = threading.Event()
+
+    def stop_at_five(event: object) -> None:
+        if isinstance(event, StepDone) and event.step == 5:
+            stop.set()
+
+    with pytest.raises(TrainingInterrupted):
+        train(
+            parse(file_values(files, tiny, data, tmp_path / "part", **common), tmp_path),
+            on_event=stop_at_five,
+            stop=stop,
+        )
+    resumed = train(parse(file_values(files, tiny, data, tmp_path / "part", resume_from="latest", **common), tmp_path))
+    assert resumed.steps == full.steps == 12
+    a, b = load_file(full.outputs["kohya"]), load_file(resumed.outputs["kohya"])
+    assert any(k.startswith("lora_te1_") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_block_swap_trains_the_same_lora(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+    common = {"max_train_steps": 3, "gradient_checkpointing": True, "save_precision": "fp32"}
+    plain = train(parse(file_values(files, tiny, data, tmp_path / "plain", **common), tmp_path))
+    swapped = train(parse(file_values(files, tiny, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path))
+    a, b = load_file(plain.outputs["kohya"]), load_file(swapped.outputs["kohya"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_quantized_base_trains(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+    result = train(
+        parse(file_values(files, tiny, data, tmp_path / "q", base_quantization="nf4", max_train_steps=2), tmp_path)
+    )
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+    assert load_file(result.outputs["kohya"])
+
+
+# --- the daemon --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_daemon_keeps_the_transformer_resident_and_bit_identical(
+    client,
+    daemon,
+    tmp_path: Path,
+    tiny: dict[str, Path],
+    files: FluxFiles,
+    data: Path,
+) -> None:
+    from lorad.models.sd_components import state_dict_digest
+    from lorad_api.v1 import jobs_pb2
+    from tests.test_daemon import watch_all
+
+    def submit(out: str, **overrides: object) -> list:
+        values = file_values(files, tiny, data, tmp_path / out, max_train_steps=2, **overrides)
+        job = client.submit_training(yaml.safe_dump(values), base_dir=tmp_path)
+        _, events = watch_all(client, job.job_id)
+        assert client.get_job(job.job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1]
+        return events
+
+    submit("first")
+    (info,) = daemon.service.registry.list()
+    assert info.key.kind == "flux"
+    with daemon.service.registry.use(info.key) as held:
+        model = held.model
+        before = state_dict_digest(model.transformer.state_dict())
+        # Only the transformer is resident: no text encoder, no VAE.
+        assert {type(v).__name__ for v in vars(model).values()} >= {"FluxTransformer2DModel"}
+        assert not any(isinstance(v, torch.nn.Module) for k, v in vars(model).items() if k != "transformer")
+    events = submit("second", lora_rank=2)
+    loaded = next(e.model_loaded for e in events if e.HasField("model_loaded"))
+    assert loaded.resident
+    with daemon.service.registry.use(info.key) as held:
+        assert state_dict_digest(held.model.transformer.state_dict()) == before
+        assert not any("lora" in name for name, _ in held.model.transformer.named_modules())
