@@ -240,3 +240,38 @@ def test_unknown_target_names_list_the_sets(tiny: Path) -> None:
     text = str(err.value)
     assert "`transformer_target_modules`" in text and "'attn2' matches no layer" in text
     assert "attention+mlp" in text and "all-linear" in text
+
+
+def test_reading_back_splits_fused_modules_exactly(tiny: Path, tmp_path: Path) -> None:
+    from lorad.families.flux.lora_files import ModuleLora, read_flux_lora
+
+    model, state = _trained(tiny, ["all-linear"])
+    shape = _shape(model)
+    loras = bfl_loras(state, shape, ALPHA)
+    # A LoRA trained on the fused layer itself (kohya's own files): one shared down, a full up.
+    generator = torch.Generator().manual_seed(3)
+    loras["double_blocks.0.img_attn.qkv"] = ModuleLora(
+        torch.randn(RANK, 32, generator=generator), torch.randn(96, RANK, generator=generator), 2.0
+    )
+    path = save_flux_kohya(tmp_path / "x.safetensors", kohya_tensors(loras, {}, torch.float32), {})
+    paths = transformer_target_paths(model, ["all-linear"], key="t")
+    loaded = read_flux_lora(path, shape, rank=RANK, transformer_targets=paths, clip_paths=[])
+    assert loaded.rank == RANK and set(loaded.parts) == {"transformer"}
+    back = loaded.parts["transformer"]
+
+    def delta(prefix: str) -> torch.Tensor:
+        a, b = back[f"{prefix}.lora_A.weight"], back[f"{prefix}.lora_B.weight"]
+        return loaded.alphas[f"transformer:{prefix}"] / a.shape[0] * (b @ a)
+
+    # lorad's own block-diagonal modules come back as the trained parts, exactly.
+    for path_ in ("transformer_blocks.1.attn.to_k", "single_transformer_blocks.0.proj_mlp", "norm_out.linear"):
+        if f"{path_}.lora_A.weight" in state:
+            assert torch.allclose(delta(path_), _part_delta(state, path_), atol=1e-6), path_
+    assert torch.allclose(
+        delta("single_transformer_blocks.1.attn.to_v"),
+        _part_delta(state, "single_transformer_blocks.1.attn.to_v"),
+        atol=1e-6,
+    )
+    fused = loras["double_blocks.0.img_attn.qkv"].delta()
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        assert torch.allclose(delta(f"transformer_blocks.0.attn.{part}"), fused[32 * i : 32 * (i + 1)], atol=1e-6)

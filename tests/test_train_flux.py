@@ -313,3 +313,69 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
     with daemon.service.registry.use(info.key) as held:
         assert state_dict_digest(held.model.transformer.state_dict()) == before
         assert not any("lora" in name for name, _ in held.model.transformer.named_modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["kohya", "comfyui", "diffusers"])
+def test_init_lora_continues_a_flux_lora_in_any_layout(
+    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path, layout: str
+) -> None:
+    common = {"save_precision": "fp32", "max_train_steps": 2, "transformer_target_modules": ["attention", "proj_out"]}
+    first = train(
+        parse(
+            file_values(
+                files,
+                tiny,
+                data,
+                tmp_path / "first",
+                learning_rate="5e-2",
+                lora_alpha=2,
+                output_format=["kohya", "diffusers", "comfyui"],
+                **common,
+            ),
+            tmp_path,
+        )
+    )
+    source = first.outputs[layout]
+    cont = parse(
+        file_values(
+            files, tiny, data, tmp_path / "cont", learning_rate="1e-12", lora_alpha=4, init_lora=source, **common
+        ),
+        tmp_path,
+    )
+    second = train(cont)
+    a, b = load_file(first.outputs["kohya"]), load_file(second.outputs["kohya"])
+    assert a.keys() == b.keys()
+    # With a negligible learning rate the continued LoRA *is* the first one, alpha 2 -> 4 rescaled.
+    for key in a:
+        if key.endswith(".lora_up.weight"):
+            name = key.removesuffix(".lora_up.weight")
+            before = (
+                a[f"{name}.alpha"] / a[f"{name}.lora_down.weight"].shape[0] * (a[key] @ a[f"{name}.lora_down.weight"])
+            )
+            after = (
+                b[f"{name}.alpha"] / b[f"{name}.lora_down.weight"].shape[0] * (b[key] @ b[f"{name}.lora_down.weight"])
+            )
+            assert torch.allclose(before, after, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_init_lora_with_other_targets_names_the_key(
+    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path
+) -> None:
+    first = train(parse(file_values(files, tiny, data, tmp_path / "first", max_train_steps=1), tmp_path))
+    narrow = parse(
+        file_values(
+            files,
+            tiny,
+            data,
+            tmp_path / "n",
+            max_train_steps=1,
+            init_lora=first.outputs["kohya"],
+            transformer_target_modules=["attention"],
+        ),
+        tmp_path,
+    )
+    with pytest.raises(ConfigError) as err:
+        train(narrow)
+    assert any(p.key == "transformer_target_modules" for p in err.value.problems)

@@ -28,7 +28,6 @@ _NOT_FOR_FLUX = {
     "noise_offset": "not used by flow matching; remove it",
     "allow_pickle": "FLUX weights are read from .safetensors only; remove it",
     "tokenizer_path": "FLUX has two tokenizers: use `clip_l_tokenizer` and `t5xxl_tokenizer`",
-    "init_lora": "continuing a FLUX LoRA file is not supported yet; remove it (resume_from continues a run)",
 }
 
 

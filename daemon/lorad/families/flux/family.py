@@ -54,12 +54,14 @@ from lorad.families.flux.lora_files import (
     comfyui_tensors,
     flux_metadata,
     kohya_tensors,
+    read_flux_lora,
     save_flux_diffusers,
     save_flux_kohya,
 )
-from lorad.families.flux.targets import transformer_target_paths
+from lorad.families.flux.targets import CLIP_MODULES, transformer_target_paths
 from lorad.families.sd.family import FAMILY as SD_FAMILY
 from lorad.families.sd.family import SdData
+from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SAVE_DTYPES, SdRunFacts, kohya_metadata
 from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
 from lorad.lora.targets import TEXT_ENCODER_SUGGESTIONS, resolve_targets
@@ -197,6 +199,7 @@ class FluxRun:
         cache_root = config.cache_dir or default_cache_dir()
         self._encode_latents(cache_root / "latents", on_event)
         self.clip: nn.Module | None = None
+        clip_paths: list[str] = []
         if config.train_text_encoder:
             # A trained CLIP-L runs every step (its pooled output changes); T5 is still cached.
             self.clip = load_clip_l(sources, self.dtype).to(self.device)
@@ -231,6 +234,8 @@ class FluxRun:
             )
             self.parts["text_encoder"] = self.clip
             self.param_groups.append({"params": clip_params, "lr": config.effective_text_encoder_lr})
+        if config.init_lora:
+            self._start_from(config.init_lora, paths, clip_paths if self.clip is not None else [], on_event)
         if model.swap is not None and not config.gradient_checkpointing:
             on_event(
                 LogLine(
@@ -238,6 +243,27 @@ class FluxRun:
                     "(without it, backward holds every block's weights on the device)"
                 )
             )
+
+    def _start_from(self, path: Path, paths: list[str], clip_paths: list[str], on_event: EventSink) -> None:
+        """Load ``init_lora`` (any FLUX.1 LoRA layout) into the attached adapters (incremental training)."""
+        if self.clip is not None:
+            clip_names = [p for p, m in self.clip.named_modules() if isinstance(m, nn.Linear)]
+        else:  # CLIP-L's layer names, for telling a file with text-encoder layers to train them
+            layers = int(self.sources.clip_l.config["num_hidden_layers"])
+            clip_names = [f"text_model.encoder.layers.{i}.{m}" for i in range(layers) for m in CLIP_MODULES]
+        loaded = read_flux_lora(
+            path, self.shape, rank=self.config.lora_rank, transformer_targets=paths, clip_paths=clip_names
+        )
+        apply_init_lora(
+            self.config,
+            {"transformer": self.model.transformer, "text_encoder": self.clip},
+            ADAPTER,
+            targeted={"transformer": paths, "text_encoder": clip_paths},
+            adaptable={},
+            on_event=on_event,
+            loaded=loaded,
+            target_keys={"transformer": "transformer_target_modules"},
+        )
 
     # --- caches -------------------------------------------------------------------------------
 

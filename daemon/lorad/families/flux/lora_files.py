@@ -25,14 +25,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from lorad.errors import ModelLoadError
 from lorad.families.flux.key_map import FluxShape, LinearModule, linear_modules, part_sizes, swap_halves
-from lorad.lora.kohya_format import kohya_module_name, portable_path, save_kohya
+from lorad.lora.kohya_format import LoadedLora, kohya_module_name, portable_path, save_kohya
 
 FLUX_OUTPUT_FORMATS = ("kohya", "diffusers", "comfyui")
 KOHYA_TRANSFORMER_PREFIX = "lora_unet_"  # kohya: LORA_PREFIX_FLUX = "lora_unet" ("make ComfyUI compatible")
@@ -208,3 +210,128 @@ def save_flux_diffusers(
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _split_fused(
+    module: LinearModule,
+    lora: ModuleLora,
+    shape: FluxShape,
+    trained: Sequence[str],
+    rank: int,
+) -> dict[str, ModuleLora]:
+    """The parts' LoRAs of a fused BFL module's LoRA, exactly (the inverse of :func:`_fuse`).
+
+    A block-diagonal up (lorad's files: one ``rank``-wide column block per part in ``trained``)
+    splits into each part's own down and up; a LoRA trained on the fused layer itself (kohya's,
+    rank ``rank``) gives every part the shared down and its rows of up.
+    """
+    sizes = part_sizes(module, shape)
+    rows = dict(zip(module.parts, torch.split(lora.up, sizes, dim=0), strict=True))
+    scale = lora.alpha / lora.rank
+    if lora.rank == rank:
+        return {part: ModuleLora(lora.down, rows[part], scale * rank) for part in module.parts}
+    if lora.rank == rank * len(module.parts):
+        trained = module.parts  # every part was trained (whatever this run targets)
+    if lora.rank == rank * len(trained):
+        out = {}
+        for j, part in enumerate(trained):
+            columns = slice(j * rank, (j + 1) * rank)
+            others = [p for p in module.parts if p != part]
+            if any(torch.count_nonzero(rows[p][:, columns]) for p in others):
+                break  # not block-diagonal: not a file this conversion can split
+            out[part] = ModuleLora(lora.down[columns], rows[part][:, columns], scale * rank)
+        else:
+            return out
+    raise ValueError(
+        f"{module.bfl} has rank {lora.rank}, neither lora_rank {rank} nor {len(trained)} x {rank} block-diagonal"
+    )
+
+
+def read_flux_lora(
+    path: Path,
+    shape: FluxShape,
+    *,
+    rank: int,
+    transformer_targets: Sequence[str],
+    clip_paths: Sequence[str],
+) -> LoadedLora:
+    """A FLUX.1 LoRA file (lorad's or kohya's BFL keys, ComfyUI's, or diffusers') as per-module LoRAs
+    of the diffusers transformer and of CLIP-L, ready to load into an adapter of rank ``rank``.
+
+    ``transformer_targets`` are the run's targeted transformer modules (which parts of a fused
+    module a block-diagonal file holds); ``clip_paths`` CLIP-L's module paths. Raises
+    ModelLoadError naming ``init_lora`` for an unreadable file or keys this model does not have.
+    """
+    where = f"`init_lora` {str(path)!r}"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k).float() for k in handle.keys()}  # noqa: SIM118
+            # diffusers keeps lora_alpha in the metadata, not in tensors.
+            adapter_meta = json.loads((handle.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    except Exception as err:
+        raise ModelLoadError(
+            f"{where} is not a readable .safetensors LoRA ({err})", "Point it at a LoRA file."
+        ) from None
+    modules = {m.bfl: m for m in linear_modules(shape)}
+    names: dict[str, tuple[str, str]] = {}  # file module name -> (part, module)
+    for bfl in modules:
+        names[kohya_module_name(KOHYA_TRANSFORMER_PREFIX, bfl)] = ("bfl", bfl)
+        names[COMFY_LORA_PREFIX + bfl] = ("bfl", bfl)
+    for clip_path in clip_paths:
+        for name in {clip_path, portable_path("text_encoder", clip_path)}:
+            names[kohya_module_name(KOHYA_CLIP_PREFIX, name)] = ("text_encoder", clip_path)
+            names[COMFY_CLIP_PREFIX + name] = ("text_encoder", clip_path)
+    roles = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up"}
+    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    diffusers: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "text_encoder": {}}
+    unknown: list[str] = []
+    for key, tensor in tensors.items():
+        head, _, role = key.partition(".lora_")
+        if head.startswith("transformer.") and role:  # diffusers: transformer.<path>.lora_A.weight
+            diffusers["transformer"][f"{head.removeprefix('transformer.')}.lora_{role}"] = tensor
+            continue
+        name, _, role = key.rpartition(".") if key.endswith(".alpha") else (head, "", "lora_" + role)
+        target = names.get(name)
+        if target is None or (role not in roles and role != "alpha"):
+            unknown.append(key)
+            continue
+        found.setdefault(target, {})["alpha" if role == "alpha" else roles[role]] = tensor
+    parts: dict[str, dict[str, torch.Tensor]] = {"transformer": {}, "text_encoder": {}}
+    alphas: dict[str, float] = {}
+    targeted = set(transformer_targets)
+
+    def put(part: str, module_path: str, lora: ModuleLora) -> None:
+        parts[part][f"{module_path}.lora_A.weight"] = lora.down
+        parts[part][f"{module_path}.lora_B.weight"] = lora.up
+        alphas[f"{part}:{module_path}"] = lora.alpha
+
+    try:
+        for (kind, name), pieces in found.items():
+            lora = ModuleLora(pieces["down"], pieces["up"], float(pieces.get("alpha", torch.tensor(0.0))) or 0.0)
+            lora = ModuleLora(lora.down, lora.up, lora.alpha or float(lora.rank))
+            if kind == "text_encoder":
+                put("text_encoder", name, lora)
+                continue
+            module = modules[name]
+            if not module.fused:
+                put("transformer", module.parts[0], _fuse(module, {module.parts[0]: lora}, shape))  # swap back
+                continue
+            trained = [p for p in module.parts if p in targeted] or list(module.parts)
+            for part, piece in _split_fused(module, lora, shape, trained, rank).items():
+                put("transformer", part, piece)
+    except (KeyError, ValueError) as err:
+        raise ModelLoadError(
+            f"{where} cannot be read as a FLUX.1 LoRA ({err})", "Use a LoRA trained on FLUX.1."
+        ) from err
+    for part, state in diffusers.items():
+        parts[part].update(state)
+        for key in state:
+            if key.endswith(".lora_A.weight") and f"{part}.lora_alpha" in adapter_meta:
+                alphas[f"{part}:{key.removesuffix('.lora_A.weight')}"] = float(adapter_meta[f"{part}.lora_alpha"])
+    if unknown:
+        raise ModelLoadError(
+            f"{where} has weights for layers FLUX.1 does not have: {', '.join(unknown[:3])}",
+            "Use a LoRA trained on FLUX.1.",
+        )
+    ranks = {t.shape[0] for p in parts.values() for k, t in p.items() if k.endswith(".lora_A.weight")}
+    return LoadedLora(parts={p: s for p, s in parts.items() if s}, alphas=alphas, rank=max(ranks) if ranks else 0)

@@ -51,7 +51,15 @@ TARGET_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 DEFAULT_TARGETS = ("all-linear",)
-CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# The same layers as paths inside one CLIP encoder layer (kohya's CLIPAttention and CLIPMLP linears).
+CLIP_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 _SUGGESTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "proj_mlp", "proj_out", "ff.net.2")
 
 

@@ -10,7 +10,7 @@ from lorad.config import TrainConfig
 from lorad.errors import ConfigError, ConfigProblem
 from lorad.events import EventSink, LogLine
 from lorad.lora.adapters import load_lora_state_dict
-from lorad.lora.kohya_format import read_lora_file
+from lorad.lora.kohya_format import LoadedLora, read_lora_file
 
 
 def apply_init_lora(
@@ -21,15 +21,20 @@ def apply_init_lora(
     targeted: Mapping[str, Sequence[str]],
     adaptable: Mapping[str, Sequence[str]],
     on_event: EventSink,
+    loaded: LoadedLora | None = None,
+    target_keys: Mapping[str, str] | None = None,
 ) -> None:
     """Load ``config.init_lora`` into the attached adapters.
 
     The file's rank must equal ``lora_rank`` and its layers must be among the targeted ones (both
     are config errors naming the fix). When the file's alpha differs from ``lora_alpha`` the up
-    weights are rescaled so the LoRA's effect is exactly the file's at step 0.
+    weights are rescaled so the LoRA's effect is exactly the file's at step 0. A family whose files
+    SD's reader cannot read passes the file already ``loaded``, and the config key naming each
+    part's targets in ``target_keys``.
     """
     assert config.init_lora is not None
-    loaded = read_lora_file(config.init_lora, {part: list(paths) for part, paths in adaptable.items()})
+    if loaded is None:
+        loaded = read_lora_file(config.init_lora, {part: list(paths) for part, paths in adaptable.items()})
     problems: list[ConfigProblem] = []
     if loaded.rank and loaded.rank != config.lora_rank:
         problems.append(
@@ -43,7 +48,9 @@ def apply_init_lora(
         modules = {key.rpartition(".lora_")[0] for key in state}
         extra = sorted(modules - set(targeted.get(part, ())))
         if extra:
-            key = "unet_target_modules" if part == "unet" else "text_encoder_target_modules"
+            key = (target_keys or {}).get(part) or (
+                "unet_target_modules" if part == "unet" else "text_encoder_target_modules"
+            )
             fix = f"add names that select them to {key}" if targeted.get(part) else "set train_text_encoder: true"
             problems.append(
                 ConfigProblem(key, f"init_lora has {len(extra)} {part} layers it does not select, e.g. {extra[0]}", fix)
