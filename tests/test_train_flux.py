@@ -379,3 +379,40 @@ def test_init_lora_with_other_targets_names_the_key(
     with pytest.raises(ConfigError) as err:
         train(narrow)
     assert any(p.key == "transformer_target_modules" for p in err.value.problems)
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_flux_example_and_checks_a_flux_config(
+    tmp_path: Path, files: FluxFiles, tiny: dict[str, Path], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorad.cli.main import main
+
+    assert main(["config", "--example", "flux"]) == 0
+    out = capsys.readouterr().out
+    assert "t5xxl:" in out and '# timestep_sampling: "flux_shift"' in out and "# blocks_to_swap: 0" in out
+    good = tmp_path / "flux.yaml"
+    good.write_text(yaml.safe_dump(file_values(files, tiny, data, tmp_path / "out")))
+    assert main(["config", "--check", str(good)]) == 0
+    assert "FLUX.1" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(file_values(files, tiny, data, tmp_path / "out", unet_target_modules=["to_q"])))
+    assert main(["config", "--check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "`unet_target_modules`" in err and "transformer_target_modules" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_trains_a_flux_lora(
+    tmp_path: Path, files: FluxFiles, tiny: dict[str, Path], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorad.cli.main import main
+
+    config = tmp_path / "flux.yaml"
+    config.write_text(yaml.safe_dump(file_values(files, tiny, data, tmp_path / "out", max_train_steps=2)))
+    code = main(["train", "--config", str(config)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (tmp_path / "out" / "out.safetensors").is_file()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
