@@ -108,7 +108,6 @@ def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, files: Flu
         tmp_path / "o",
         unet_target_modules=["to_q"],
         min_snr_gamma=5,
-        init_lora=files.ae,
         output_format=["kohya", "ckpt"],
         resolution=72,
         timestep_sampling="sigma",
@@ -121,7 +120,6 @@ def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, files: Flu
     assert {
         "unet_target_modules",
         "min_snr_gamma",
-        "init_lora",
         "output_format",
         "resolution",
         "timestep_sampling",

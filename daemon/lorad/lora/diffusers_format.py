@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,17 +38,27 @@ def save_diffusers_lora(
         # Without it diffusers would assume alpha == rank and scale the LoRA wrongly.
         return configs[part].to_dict() if part in configs else None
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
-    try:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
+    return write_lora_weights(
+        output_dir,
+        lambda tmp: StableDiffusionLoraLoaderMixin.save_lora_weights(
             tmp,
             unet_lora_layers=cast("unet") if parts.get("unet") else None,
             text_encoder_lora_layers=cast("text_encoder") if parts.get("text_encoder") else None,
             unet_lora_adapter_metadata=metadata("unet") if parts.get("unet") else None,
             text_encoder_lora_adapter_metadata=metadata("text_encoder") if parts.get("text_encoder") else None,
             weight_name=WEIGHT_NAME,
-        )
+        ),
+    )
+
+
+def write_lora_weights(output_dir: Path, save: Callable[[Path], object]) -> Path:
+    """Run a diffusers ``save_lora_weights`` call (``save(folder)``, writing ``WEIGHT_NAME`` there) in a
+    temporary folder inside ``output_dir``, then rename the file into place: it appears complete or
+    not at all. Returns its path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
+    try:
+        save(tmp)
         dest = output_dir / WEIGHT_NAME
         os.replace(tmp / WEIGHT_NAME, dest)
         return dest

@@ -22,9 +22,6 @@ applies, is the parts' scale.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ from safetensors import safe_open
 
 from lorad.errors import ModelLoadError
 from lorad.families.flux.key_map import FluxShape, LinearModule, linear_modules, part_sizes, swap_halves
+from lorad.lora.diffusers_format import WEIGHT_NAME, write_lora_weights
 from lorad.lora.kohya_format import LoadedLora, kohya_module_name, portable_path, save_kohya
 
 FLUX_OUTPUT_FORMATS = ("kohya", "diffusers", "comfyui")
@@ -41,7 +39,6 @@ KOHYA_TRANSFORMER_PREFIX = "lora_unet_"  # kohya: LORA_PREFIX_FLUX = "lora_unet"
 KOHYA_CLIP_PREFIX = "lora_te1_"
 COMFY_LORA_PREFIX = "diffusion_model."
 COMFY_CLIP_PREFIX = "text_encoder."
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # sai_model_spec / flux_utils names in kohya's sd-scripts.
 MODELSPEC_ARCHITECTURE = {"dev": "flux-1-dev", "schnell": "flux-1-schnell"}
 
@@ -194,22 +191,17 @@ def save_flux_diffusers(
     def cast(state: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
         return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
-    try:
-        FluxLoraLoaderMixin.save_lora_weights(
+    return write_lora_weights(
+        output_dir,
+        lambda tmp: FluxLoraLoaderMixin.save_lora_weights(
             tmp,
             transformer_lora_layers=cast(transformer_lora, "transformer"),
             text_encoder_lora_layers=cast(clip_lora, "text_encoder") if clip_lora else None,
             transformer_lora_adapter_metadata=dict(transformer_config),
             text_encoder_lora_adapter_metadata=dict(clip_config) if clip_lora and clip_config else None,
-            weight_name=DIFFUSERS_WEIGHT_NAME,
-        )
-        dest = output_dir / DIFFUSERS_WEIGHT_NAME
-        os.replace(tmp / DIFFUSERS_WEIGHT_NAME, dest)
-        return dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            weight_name=WEIGHT_NAME,
+        ),
+    )
 
 
 def _split_fused(
