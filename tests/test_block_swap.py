@@ -118,3 +118,31 @@ def test_count_is_checked() -> None:
     model, _ = _model(checkpointing=False)
     with pytest.raises(ValueError, match="between 0 and 5"):
         BlockSwap(flux_blocks(model), 6, "cpu")
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_quantized_blocks_swap_too(method: str) -> None:
+    from lorad.models.quantization import in_blocks, quantize_linears
+
+    def quantized() -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
+        torch.manual_seed(0)
+        model = tiny_flux_transformer("dev", num_layers=2, num_single_layers=3)
+        model.requires_grad_(False)
+        quantize_linears(model, method, where=in_blocks(["transformer_blocks", "single_transformer_blocks"]))
+        paths = [n for n, _ in model.named_modules() if n.endswith(("attn.to_q", "proj_mlp"))]
+        params = attach_lora(model, adapter_name="job", target_paths=paths, rank=4, alpha=4)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.1)
+        model.enable_gradient_checkpointing()
+        return model, params
+
+    expected_out, expected_grads = _step(*quantized())
+    model, params = quantized()
+    swap = BlockSwap(flux_blocks(model), 3, "cpu")
+    out, grads = _step(model, params)
+    swap.settle()
+    assert torch.equal(out, expected_out)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+    swap.remove()

@@ -60,8 +60,8 @@ class BlockSwap:
             for name, param in list(owner.named_parameters(recurse=False)):
                 if param.requires_grad:
                     continue
-                cpu = param.detach().to("cpu", copy=True)
-                if self._cuda:
+                cpu = _copy_to(param.detach(), torch.device("cpu"))
+                if self._cuda and _plain(cpu):
                     cpu = cpu.pin_memory()  # pinned memory is what lets the copy run asynchronously
                 rest = nn.Parameter(cpu, requires_grad=False)
                 owner._parameters[name] = rest
@@ -71,9 +71,9 @@ class BlockSwap:
     def _copy_in(self, index: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         """Start copying block ``index``'s weights to the device (on the side stream on CUDA)."""
         if not self._cuda:
-            return [rest.detach().to(self.device, copy=True) for _, _, rest in self._resting[index]], None
+            return [_copy_to(rest.detach(), self.device) for _, _, rest in self._resting[index]], None
         with torch.cuda.stream(self._copy_stream):
-            tensors = [rest.detach().to(self.device, non_blocking=True) for _, _, rest in self._resting[index]]
+            tensors = [_copy_to(rest.detach(), self.device, non_blocking=True) for _, _, rest in self._resting[index]]
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         return tensors, event
@@ -163,10 +163,22 @@ class BlockSwap:
         self._prefetched.clear()
         for entries in self._resting.values():
             for owner, name, rest in entries:
-                owner._parameters[name] = nn.Parameter(rest.detach().to(self.device, copy=True), requires_grad=False)
+                owner._parameters[name] = nn.Parameter(_copy_to(rest.detach(), self.device), requires_grad=False)
         self._resting.clear()
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """A plain tensor, not a quantized subclass (torchao's Int8Tensor, NF4Tensor, ...)."""
+    return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+def _copy_to(tensor: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
+    """``tensor`` on ``device`` in storage of its own. Quantized subclasses implement ``.to`` without
+    ``copy=``; on the same device they are shared instead of copied (frozen weights are never written)."""
+    moved = tensor.to(device, non_blocking=non_blocking)
+    return moved.clone() if moved is tensor and _plain(tensor) else moved
 
 
 def flux_blocks(transformer: nn.Module) -> list[nn.Module]:
