@@ -78,6 +78,9 @@ def test_flux_shift_is_the_pipelines_schedule_shift() -> None:
     for seq in (256, 1024, 4096):
         mu = calculate_shift(seq, 256, 4096, 0.5, 1.15)
         assert flux_mu(seq) == pytest.approx(mu)
+        # Another model's scheduler values (e.g. a flow model with base 0.5 at 256 and 0.9 at 8192).
+        other = dict(base_seq_len=256, max_seq_len=8192, base_shift=0.5, max_shift=0.9)
+        assert flux_mu(seq, **other) == pytest.approx(calculate_shift(seq, 256, 8192, 0.5, 0.9))
         assert torch.allclose(time_shift(mu, sigmas), scheduler.time_shift(mu, 1.0, sigmas))
 
 
@@ -104,6 +107,12 @@ def test_vae_scaling_matches_the_pipelines_decoding() -> None:
     assert torch.allclose(scaled, (raw - 0.1159) * 0.3611)
     # FluxPipeline decodes with latents / scaling_factor + shift_factor.
     assert torch.allclose(unscale_latents(scaled, 0.1159, 0.3611), raw, atol=1e-6)
+    # Per-channel statistics (latents_mean / latents_std VAEs) broadcast the same way.
+    mean, std = torch.linspace(-1, 1, 16).view(16, 1, 1), torch.linspace(0.5, 2, 16).view(16, 1, 1)
+    per_channel = scale_latents(raw, mean, 1 / std)
+    assert torch.allclose(per_channel, (raw - mean) / std) and torch.allclose(
+        unscale_latents(per_channel, mean, 1 / std), raw, atol=1e-6
+    )
 
 
 def test_bad_sampling_settings_are_refused() -> None:

@@ -54,10 +54,19 @@ class TimestepSampling:
             raise ValueError("sigmoid_scale and discrete_flow_shift must be positive")
 
 
-def flux_mu(image_seq_len: int) -> float:
-    """FLUX.1-dev's schedule shift μ for ``image_seq_len`` packed image tokens (linear, not clamped)."""
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
-    return BASE_SHIFT + slope * (image_seq_len - BASE_SEQ_LEN)
+def flux_mu(
+    image_seq_len: int,
+    *,
+    base_seq_len: int = BASE_SEQ_LEN,
+    max_seq_len: int = MAX_SEQ_LEN,
+    base_shift: float = BASE_SHIFT,
+    max_shift: float = MAX_SHIFT,
+) -> float:
+    """The resolution-dependent schedule shift μ for ``image_seq_len`` packed image tokens: linear
+    from ``base_shift`` at ``base_seq_len`` to ``max_shift`` at ``max_seq_len`` (not clamped).
+    The defaults are FLUX.1-dev's; other flow models' scheduler configs carry their own four values."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
 
 
 def time_shift(mu: float, sigmas: torch.Tensor) -> torch.Tensor:
@@ -138,11 +147,17 @@ def text_position_ids(length: int, *, device: torch.device | str = "cpu") -> tor
     return torch.zeros(length, 3, device=device)
 
 
-def scale_latents(raw: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
-    """VAE latents as the transformer sees them: ``(raw - shift) · scale``."""
+def scale_latents(
+    raw: torch.Tensor, shift_factor: float | torch.Tensor, scaling_factor: float | torch.Tensor
+) -> torch.Tensor:
+    """VAE latents as the transformer sees them: ``(raw - shift) · scale``. Floats (FLUX's VAE) or
+    per-channel tensors shaped (C, 1, 1) (VAEs with ``latents_mean``/``latents_std``: shift = mean,
+    scale = 1/std)."""
     return (raw - shift_factor) * scaling_factor
 
 
-def unscale_latents(latents: torch.Tensor, shift_factor: float, scaling_factor: float) -> torch.Tensor:
+def unscale_latents(
+    latents: torch.Tensor, shift_factor: float | torch.Tensor, scaling_factor: float | torch.Tensor
+) -> torch.Tensor:
     """The inverse of :func:`scale_latents`, for decoding."""
     return latents / scaling_factor + shift_factor
