@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from lorad.data.captions import SidecarError, read_metadata_csv, read_sidecar, split_tags
+from lorad.data.captions import (
+    SidecarError,
+    read_metadata_csv,
+    read_sidecar,
+    remove_stale_caption_temps,
+    split_tags,
+)
 from lorad.data.report import DataReport, SkippedImage
 from lorad.errors import DataError
 
@@ -142,6 +148,9 @@ def scan_dataset(
     no_caption = f"no caption (add a {csv_name} row or <stem>{_dotted(caption_extension)})"
 
     found = find_image_files(root)
+    # A caption writer killed mid-write left its temporary file; nothing else would ever remove it.
+    csv_folder = [Path(metadata_path).parent] if metadata_path is not None else []
+    remove_stale_caption_temps([root, *csv_folder, *(p.parent for p in found)], caption_extension)
     skipped: list[SkippedImage] = []
     verified: list[_Verified] = []
     for path in found:

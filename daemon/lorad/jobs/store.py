@@ -168,6 +168,31 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+DAMAGED_STORE_HINT = (
+    "Stop any other lorad daemon using it; if the file is damaged, move it aside "
+    "(the daemon then starts with an empty job list)."
+)
+
+
+def store_failure(path: Path, err: sqlite3.Error) -> LoradError:
+    """What to tell a person when SQLite refused to read or write the store at ``path``."""
+    from lorad.disk_space import free_bytes, is_disk_full, mount_point
+
+    if is_disk_full(err):
+        return LoradError(
+            f"the job store {path} cannot be written: the disk at {mount_point(path)} is full "
+            f"({free_bytes(path)} bytes free)",
+            hint=f"Free space on {mount_point(path)}, the disk holding the state directory (LORAD_HOME); "
+            "the daemon records what it could not as soon as it can write again.",
+        )
+    if isinstance(err, sqlite3.DatabaseError) and not isinstance(err, sqlite3.OperationalError):
+        return LoradError(f"{path} is not a usable job store: {err}", hint=DAMAGED_STORE_HINT)
+    return LoradError(
+        f"the job store {path} cannot be used: {err}",
+        hint="Check that the state directory (LORAD_HOME) is writable and that no other program locks the file.",
+    )
+
+
 def _prepare_file(path: Path) -> None:
     """Create the database file private (0600) before SQLite opens it, and tighten an existing one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,13 +232,14 @@ class JobStore:
             writer.execute("PRAGMA synchronous = NORMAL")
             writer.execute("PRAGMA foreign_keys = ON")
             self._migrate(writer)
+            # A file damaged inside (not in its header) opens fine and fails at the first read of a
+            # bad page, with a raw traceback in the middle of startup: look at every page now.
+            problems = [row[0] for row in writer.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("damaged: " + "; ".join(problems))
         except sqlite3.DatabaseError as exc:
             writer.close()
-            raise LoradError(
-                f"{self.path} is not a usable job store: {exc}",
-                hint="Stop any other lorad daemon using it; if the file is damaged, move it aside "
-                "(the daemon then starts with an empty job list).",
-            ) from exc
+            raise LoradError(f"{self.path} is not a usable job store: {exc}", hint=DAMAGED_STORE_HINT) from exc
         except BaseException:
             writer.close()
             raise

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
+from lorad.atomic import TEMP_SUFFIX, temp_prefix
 from lorad.lora.kohya_format import portable_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -39,7 +40,7 @@ def save_diffusers_lora(
         return configs[part].to_dict() if part in configs else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("diffusers-lora"), suffix=TEMP_SUFFIX, dir=output_dir))
     try:
         StableDiffusionLoraLoaderMixin.save_lora_weights(
             tmp,

@@ -199,6 +199,7 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
             trainable_params=t.trainable_params,
             device=t.device,
             precision=t.precision,
+            resumed_from=t.resumed_from,
         )
     if kind == "checkpoint_saved":
         return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)

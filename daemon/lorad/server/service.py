@@ -260,6 +260,8 @@ class LoradService:
     def get_job(self, job_id: str) -> JobRecord:
         """A job by id (or unique id prefix), with live progress while it runs."""
         job = self.store.get(job_id)
+        if job.state == JobState.RUNNING and (ended := self.worker.pending_outcome(job.job_id)):
+            return replace(job, **ended)  # it ended, but the store could not take the write yet
         live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
         return replace(job, progress=live) if live else job
 

@@ -24,15 +24,9 @@ from lorad.engines.llm.adapter import (
     write_adapter,
 )
 from lorad.engines.llm.model import LlmModel, load_llm, prepare_tokenizer, restore_base_llm
-from lorad.engines.llm.outputs import generate_samples, write_llm_summary, write_merged
+from lorad.engines.llm.outputs import generate_samples, write_llm_summary, write_merged, write_partial_adapter
 from lorad.engines.optim import build_optimizer, build_scheduler
-from lorad.engines.sd.checkpoint import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from lorad.engines.sd.checkpoint import check_signature, open_run, restore_rng
 from lorad.errors import OutputError, TrainingDiverged, TrainingInterrupted
 from lorad.events import (
     CheckpointSaved,
@@ -247,9 +241,11 @@ def train_llm_lora(
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         signature = run_signature(config)
 
+        run = open_run(config.output_dir, config.resume_from, on_event=on_event)  # lock, clean, resume, set aside
+        hold.callback(run.close)
         step = 0
-        if config.resume_from:
-            checkpoint = load_checkpoint(resolve_checkpoint(config.resume_from, config.output_dir))
+        if run.resumed is not None:
+            checkpoint = run.resumed
             check_signature(checkpoint.signature, signature)
             load_lora_state_dict(model, ADAPTER, checkpoint.lora["model"])
             optimizer.load_state_dict(checkpoint.state["optimizer"])
@@ -259,9 +255,8 @@ def train_llm_lora(
             restore_rng(checkpoint.state)
             step = checkpoint.step
 
-        def save(at_step: int, epoch: int) -> str:
-            path = save_checkpoint(
-                config.output_dir,
+        def save(at_step: int, epoch: int, prune: bool = True) -> str:
+            path = run.save(
                 step=at_step,
                 epoch=epoch,
                 lora={"model": lora_state_dict(model, ADAPTER)},
@@ -269,9 +264,10 @@ def train_llm_lora(
                 scheduler=scheduler,
                 scaler=scaler,
                 signature=signature,
-                keep=config.keep_checkpoints,
             )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
+            if prune:  # only now: the sink has recorded the new checkpoint (the daemon's job store)
+                run.prune(config.keep_checkpoints)
             return str(path)
 
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
@@ -313,6 +309,7 @@ def train_llm_lora(
                 trainable_params=sum(p.numel() for p in params),
                 device=str(device),
                 precision=placement.precision,
+                resumed_from=str(run.resumed.path) if run.resumed is not None else "",
             )
         )
 
@@ -382,10 +379,13 @@ def train_llm_lora(
                 if stop is not None and stop.is_set():
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
+                    state = lora_state_dict(model, ADAPTER)
+                    partial = write_partial_adapter(config, state, lora_config, tokenizer, step, on_event)
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
                         checkpoint=last_saved[1],
+                        partial=str(partial) if partial else None,
                     )
                 if step >= total_steps:
                     break
@@ -393,6 +393,9 @@ def train_llm_lora(
         timings["train"] = time.monotonic() - t_train
         run_eval(step)
 
+        # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
+        # `resume_from: latest` writes them without training again. Removed once they are written.
+        guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
         t0 = time.monotonic()
         state = lora_state_dict(model, ADAPTER)
         outputs = {
@@ -440,6 +443,8 @@ def train_llm_lora(
             },
         )
         outputs["logs"] = str(config.output_dir / "logs")
+        if guard is not None:
+            run.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return LlmTrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
     finally:

@@ -27,17 +27,17 @@ from lorad.engines.activation_checkpointing import (
 )
 from lorad.engines.device import Placement, pick_placement
 from lorad.engines.optim import build_optimizer, build_scheduler
-from lorad.engines.sd.checkpoint import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from lorad.engines.sd.checkpoint import check_signature, open_run, restore_rng
 from lorad.engines.sd.init_lora import apply_init_lora
 from lorad.engines.sd.latents import encode_latents
 from lorad.engines.sd.loss import sample_noise, snr_weights, training_target
-from lorad.engines.sd.outputs import RunFacts, write_lora_files, write_summary
+from lorad.engines.sd.outputs import (
+    RunFacts,
+    write_epoch_lora,
+    write_lora_files,
+    write_partial_lora,
+    write_summary,
+)
 from lorad.engines.sd.prompts import PromptEncoder
 from lorad.errors import OutputError, TrainingDiverged, TrainingInterrupted
 from lorad.events import (
@@ -327,9 +327,11 @@ def train_sd_lora(
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         signature = run_signature(config)
 
+        run = open_run(config.output_dir, config.resume_from, on_event=on_event)  # lock, clean, resume, set aside
+        hold.callback(run.close)
         step = 0
-        if config.resume_from:
-            checkpoint = load_checkpoint(resolve_checkpoint(config.resume_from, config.output_dir))
+        if run.resumed is not None:
+            checkpoint = run.resumed
             check_signature(checkpoint.signature, signature)
             load_lora_state_dict(unet, ADAPTER, checkpoint.lora["unet"])
             if te_params:
@@ -341,22 +343,37 @@ def train_sd_lora(
             restore_rng(checkpoint.state)
             step = checkpoint.step
 
-        def save(at_step: int, epoch: int) -> str:
+        def lora_parts() -> dict[str, dict[str, torch.Tensor]]:
             parts = {"unet": lora_state_dict(unet, ADAPTER)}
             if te_params:
                 parts["text_encoder"] = lora_state_dict(text_encoder, ADAPTER)
-            path = save_checkpoint(
-                config.output_dir,
+            return parts
+
+        def run_facts(at_step: int, epoch: int, loss: float) -> RunFacts:
+            return RunFacts(
+                model_version=components.model_version,
+                num_train_images=len(samples),
+                tag_frequency=report.to_dict()["tag_frequency"],
+                started_at=started_at,
+                steps=at_step,
+                epoch=epoch,
+                final_loss=loss,
+                precision=placement.precision,
+            )
+
+        def save(at_step: int, epoch: int, prune: bool = True) -> str:
+            path = run.save(
                 step=at_step,
                 epoch=epoch,
-                lora=parts,
+                lora=lora_parts(),
                 optimizer=optimizer,
                 scheduler=scheduler,
                 scaler=scaler,
                 signature=signature,
-                keep=config.keep_checkpoints,
             )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
+            if prune:  # only now: the sink has recorded the new checkpoint (the daemon's job store)
+                run.prune(config.keep_checkpoints)
             return str(path)
 
         prompts = PromptEncoder(components.tokenizer, text_encoder, device, trainable=bool(te_params))
@@ -378,6 +395,7 @@ def train_sd_lora(
                 trainable_params=sum(p.numel() for p in params),
                 device=str(device),
                 precision=placement.precision,
+                resumed_from=str(run.resumed.path) if run.resumed is not None else "",
             )
         )
 
@@ -472,40 +490,31 @@ def train_sd_lora(
                 if stop is not None and stop.is_set():
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
+                    partial = write_partial_lora(config, lora_parts(), run_facts(step, epoch + 1, step_loss), on_event)
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
                         checkpoint=last_saved[1],
+                        partial=str(partial) if partial else None,
                     )
                 if step >= total_steps:
                     break
             epoch += 1
-            if (
-                config.save_every_n_epochs
-                and epoch % config.save_every_n_epochs == 0
-                and step < total_steps
-                and (last_saved is None or last_saved[0] != step)
-            ):
-                last_saved = (step, save(step, epoch))
+            if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
+                write_epoch_lora(config, lora_parts(), run_facts(step, epoch, last_loss))  # kohya's NAME-00000N
+                if last_saved is None or last_saved[0] != step:
+                    last_saved = (step, save(step, epoch))
         timings["train"] = time.monotonic() - t_train
 
+        # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
+        # `resume_from: latest` writes them without training again. Removed once they are written.
+        guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
         t0 = time.monotonic()
-        parts = {"unet": lora_state_dict(unet, ADAPTER)}
+        parts = lora_parts()
         lora_configs = {"unet": unet.peft_config[ADAPTER]}
         if te_params:
-            parts["text_encoder"] = lora_state_dict(text_encoder, ADAPTER)
             lora_configs["text_encoder"] = text_encoder.peft_config[ADAPTER]
-        facts = RunFacts(
-            model_version=components.model_version,
-            num_train_images=len(samples),
-            tag_frequency=report.to_dict()["tag_frequency"],
-            started_at=started_at,
-            steps=step,
-            epoch=epoch,
-            final_loss=last_loss,
-            precision=placement.precision,
-        )
-        outputs = write_lora_files(config, parts, lora_configs, facts)
+        outputs = write_lora_files(config, parts, lora_configs, run_facts(step, epoch, last_loss))
         timings["export"] = time.monotonic() - t0
         seconds = time.monotonic() - run_start
         outputs["summary"] = write_summary(
@@ -523,6 +532,8 @@ def train_sd_lora(
             },
         )
         outputs["logs"] = str(config.output_dir / "logs")
+        if guard is not None:
+            run.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
     finally:
