@@ -106,7 +106,8 @@ def atomic_directory(dest: str | os.PathLike[str], *, user_file: bool = False) -
 
     Used for checkpoints: a checkpoint folder either exists complete or not at all. An existing
     ``dest`` is removed only after the new one is complete. If the body raises, the temporary
-    directory and everything in it are removed.
+    directory and everything in it are removed. With ``user_file`` every file and folder in it gets
+    a user file's mode.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,9 @@ def atomic_directory(dest: str | os.PathLike[str], *, user_file: bool = False) -
             if item.is_file():
                 with open(item, "rb+") as fh:
                     os.fsync(fh.fileno())
+            if user_file and not item.is_symlink():
+                # Libraries (safetensors) create their files 0600 whatever the umask.
+                os.chmod(item, user_file_mode(folder=item.is_dir()))
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)

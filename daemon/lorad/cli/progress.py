@@ -54,6 +54,9 @@ class TerminalProgress:
         elif isinstance(event, LatentsCached):
             self._print(f"latents: {event.cached} from cache, {event.encoded} encoded ({event.seconds:.1f}s)")
         elif isinstance(event, TrainingStarted):
+            if event.start_step:
+                where = f" from {event.resumed_from}" if event.resumed_from else ""
+                self._print(f"resuming at step {event.start_step} of {event.total_steps}{where}")
             self._print(
                 f"training {event.trainable_params:,} LoRA parameters on {event.device} "
                 f"(precision {event.precision}), {event.total_steps} steps"

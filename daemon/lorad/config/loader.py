@@ -263,6 +263,39 @@ def _resolve_base_model(value: str, base_dir: Path) -> str:
     return text
 
 
+# The longest suffix lorad adds to output_name (`-partial-step00000001.safetensors`), so every file
+# named after it fits the 255-byte file-name limit of common file systems.
+_NAME_SUFFIX_BYTES = len("-partial-step00000001.safetensors")
+_NAME_MAX_BYTES = 255 - _NAME_SUFFIX_BYTES
+
+
+def output_name_problems(name: Any) -> list[ConfigProblem]:
+    """Why ``output_name`` cannot name the run's files (checked at submit, not when the export fails)."""
+    if not isinstance(name, str) or not name:
+        return []
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return [
+            ConfigProblem(
+                "output_name",
+                f"got {name!r}, which holds a control character (a NUL byte, tab or line break)",
+                "use a plain file name of letters, digits, `-` and `_`",
+            )
+        ]
+    if set(name) & set('/\\:*?"<>|') or name.startswith("."):
+        return [
+            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
+        ]
+    if len(name.encode("utf-8")) > _NAME_MAX_BYTES:
+        return [
+            ConfigProblem(
+                "output_name",
+                f"is {len(name.encode('utf-8'))} bytes long",
+                f"use at most {_NAME_MAX_BYTES} bytes: file names made from it must fit in 255",
+            )
+        ]
+    return []
+
+
 def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     """Checks every task's config shares: resume_from, output_dir, output_name, device."""
     problems: list[ConfigProblem] = []
@@ -283,11 +316,7 @@ def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             problems.append(
                 ConfigProblem("output_dir", f"{out} cannot be created or written", "choose a folder you can write to")
             )
-    name = values.get("output_name")
-    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(
-            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
-        )
+    problems += output_name_problems(values.get("output_name"))
     device = values.get("device")
     if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
         problems.append(ConfigProblem("device", f"got {device!r}", "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))

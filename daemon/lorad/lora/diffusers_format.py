@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from lorad.atomic import TEMP_SUFFIX, temp_prefix
+from lorad.atomic import TEMP_SUFFIX, temp_prefix, user_file_mode
 from lorad.lora.kohya_format import portable_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -51,6 +51,7 @@ def save_diffusers_lora(
             weight_name=WEIGHT_NAME,
         )
         dest = output_dir / WEIGHT_NAME
+        os.chmod(tmp / WEIGHT_NAME, user_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp / WEIGHT_NAME, dest)
         return dest
     finally:

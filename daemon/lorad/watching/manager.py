@@ -642,7 +642,7 @@ def publish(output: str, record: WatchRecord) -> str:
     target = Path(record.policy.publish_dir) / f"{watch_name(record)}{Path(output).suffix}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_with_atomic(target, lambda tmp: shutil.copyfile(output, tmp))
+        write_with_atomic(target, lambda tmp: shutil.copyfile(output, tmp), user_file=True)
     except OSError as err:
         log.warning("watch %s: cannot publish %s to %s: %s", record.folder, output, target, err)
         return ""
