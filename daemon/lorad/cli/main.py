@@ -272,7 +272,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     from lorad.config.task import load_any_config
 
     if args.check:
+        from lorad.config.preflight import preflight_problems
+        from lorad.errors import ConfigError
+
         config = load_any_config(args.check, base_dir=Path.cwd())
+        problems = preflight_problems(config)  # the model, the data and the target layers, read cheaply
+        if problems:
+            raise ConfigError(problems, args.check)
         print(f"{args.check}: OK — LoRA `{config.output_name}` into {config.output_dir}")
         return EXIT_OK
     sys.stdout.write(render_llm_example() if args.example == "llm" else render_example())
