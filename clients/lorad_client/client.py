@@ -430,6 +430,16 @@ class LoradClient:
         request = watch_pb2.RemoveWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
         return self._unary(self._watch.RemoveWatch, request, timeout).watch
 
+    def retry_watch(
+        self, watch: str, *, base_dir: str | None = None, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> watch_pb2.Watch:
+        """Try a watch in ERROR again now (by watch id or folder, relative to ``base_dir``, default the
+        working directory): its template is read again and new images queue their job. Returns its
+        state after. LoradRpcError INVALID_ARGUMENT while the template is still invalid, NOT_FOUND
+        when not watched."""
+        request = watch_pb2.RetryWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
+        return self._unary(self._watch.RetryWatch, request, timeout).watch
+
     def list_watches(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[watch_pb2.Watch]:
         """Every watch and its state, oldest first."""
         return list(self._unary(self._watch.ListWatches, watch_pb2.ListWatchesRequest(), timeout).watches)

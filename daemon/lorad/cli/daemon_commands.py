@@ -331,6 +331,15 @@ def print_watches(client: LoradClient) -> int:
     return EXIT_OK
 
 
+def retry_watch(client: LoradClient, watch: str) -> int:
+    retried = client.retry_watch(watch, base_dir=str(Path.cwd()))
+    print(f"{retried.folder} ({retried.watch_id}): {_watch_state(retried)}")
+    if retried.error:
+        print(f"error: {retried.error}\nhint: {retried.hint}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def remove_watch(client: LoradClient, watch: str) -> int:
     removed = client.remove_watch(watch, base_dir=str(Path.cwd()))
     print(f"stopped watching {removed.folder} ({removed.watch_id}); jobs it queued are left alone")

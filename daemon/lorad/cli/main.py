@@ -246,7 +246,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch
+    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch, retry_watch
 
     with _connect() as client:
         if args.action == "add":
@@ -263,6 +263,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             )
         if args.action == "rm":
             return remove_watch(client, args.watch)
+        if args.action == "retry":
+            return retry_watch(client, args.watch)
         return print_watches(client)
 
 
@@ -498,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch_sub.add_parser("ls", help="the watched folders and their state")
     watch_rm = watch_sub.add_parser("rm", help="stop watching a folder (its queued jobs stay)")
     watch_rm.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
+    watch_retry = watch_sub.add_parser(
+        "retry", help="try a watch in error again now: its template config is read again, new images queue a job"
+    )
+    watch_retry.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
     watch.set_defaults(func=cmd_watch)
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")

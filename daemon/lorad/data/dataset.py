@@ -267,6 +267,18 @@ def find_image_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def image_problem(path: Path) -> str | None:
+    """Why training would skip the image file at ``path`` (unsupported type, unreadable, corrupt,
+    truncated, ...), or None when it decodes completely (the check :func:`scan_dataset` makes)."""
+    if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported image type {path.suffix} (convert it to .png or .jpg)"
+    try:
+        _inspect_image(path)
+    except _Skip as skip:
+        return str(skip)
+    return None
+
+
 def _inspect_image(path: Path) -> tuple[int, int, str]:
     """(width, height after EXIF orientation, sha256 hex) of an image that decodes completely;
     raises _Skip with the reason otherwise."""

@@ -365,6 +365,15 @@ class LoradService:
     def list_watches(self) -> list[WatchView]:
         return self.watches.list()
 
+    def retry_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
+        """Try a watch again now (see :meth:`WatchManager.retry`), named by watch id or folder."""
+        try:
+            return self.watches.retry(watch)
+        except WatchNotFound:
+            if not base_dir or not watch.strip():
+                raise
+            return self.watches.retry(str((Path(base_dir) / Path(watch).expanduser()).resolve()))
+
     def follow_watches(self, active: Callable[[], bool]) -> Iterator[list[WatchView] | WatchChange]:
         """Every watch, then each change, until ``active()`` turns False."""
         return self.watches.follow(active)
