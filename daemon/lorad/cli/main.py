@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a LoRA from a YAML config",
-        description="Train a LoRA from a YAML config, in this process. Relative "
-        "paths in the config resolve against the current directory.",
+        description="Train a LoRA from a YAML config: submit it to the running lorad daemon and follow "
+        "the job (Ctrl-C detaches; the job goes on), or, with no daemon running (or --embedded), train in "
+        "this process. Relative paths in the config resolve against the current directory.",
     )
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
     train.add_argument(

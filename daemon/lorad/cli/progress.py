@@ -69,7 +69,16 @@ class TerminalProgress:
                 dynamic_ncols=True,
                 mininterval=0.5,
             )
-        elif isinstance(event, StepDone) and self._bar is not None:
+        elif isinstance(event, StepDone):
+            if self._bar is None:  # following a job that started before we looked: the bar starts here
+                self._bar = tqdm(
+                    total=event.total_steps,
+                    initial=event.step - 1,
+                    file=self.stream,
+                    unit="step",
+                    dynamic_ncols=True,
+                    mininterval=0.5,
+                )
             self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
             self._bar.update(event.step - self._bar.n)
         elif isinstance(event, CheckpointSaved):

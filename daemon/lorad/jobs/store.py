@@ -225,6 +225,7 @@ class JobStore:
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
+        self._revision = 0
         writer = self._connect()
         try:
             # WAL is a property of the file; setting it once here also covers the readers.
@@ -310,6 +311,12 @@ class JobStore:
         with self._write_lock:
             self._writer.close()
 
+    @property
+    def revision(self) -> int:
+        """Goes up with every job created or moved to another state through this store object: a
+        reader that saw the same number before has seen every job as it is (in this process)."""
+        return self._revision
+
     def __enter__(self) -> JobStore:
         return self
 
@@ -358,6 +365,7 @@ class JobStore:
             names = ", ".join(values)
             marks = ", ".join("?" * len(values))
             conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(values.values()))
+            self._revision += 1
             return self._job_in(conn, job_id)
 
     def get(self, job_id: str) -> JobRecord:
@@ -371,7 +379,11 @@ class JobStore:
             if rows:
                 return _job_from_row(rows[0])
             if len(job_id) < MIN_PREFIX:
-                raise _not_found(job_id)
+                raise JobNotFound(
+                    f"no job with id {job_id!r}: an id prefix needs at least {MIN_PREFIX} characters",
+                    hint=f"Give at least {MIN_PREFIX} characters of the id (ids have {ID_LENGTH}); "
+                    "`lorad jobs` lists jobs and their ids.",
+                )
             # A range scan on the unique index: ids sharing the prefix sort right after it.
             candidates = _rows(
                 conn,
@@ -469,6 +481,8 @@ class JobStore:
             cursor = conn.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*encoded.values(), job_id))
             if cursor.rowcount == 0:
                 raise _not_found(job_id)
+            if "state" in encoded or "outputs" in encoded:
+                self._revision += 1  # under the write lock
         return self._job_in(conn, job_id)
 
     @staticmethod

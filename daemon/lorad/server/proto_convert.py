@@ -163,6 +163,7 @@ def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
         home=status.home,
         resident_models=status.resident_models,
         pid=status.pid,
+        jobs_revision=status.jobs_revision,
     )
 
 

@@ -75,6 +75,7 @@ class DaemonStatus:
     home: str
     resident_models: int
     pid: int
+    jobs_revision: int = 0
 
 
 def model_key(
@@ -322,7 +323,7 @@ class LoradService:
     ) -> WatchView:
         """Watch a folder (see :meth:`WatchManager.add`); relative paths resolve against ``base_dir``.
         ConfigError names every bad field; WatchExists when the folder is watched already."""
-        base = _absolute_base_dir(base_dir, "AddWatch")
+        base = _absolute_base_dir(base_dir, "watch")
         problems = []
         if not folder.strip():
             problems.append(ConfigProblem("folder", "is empty", "name the folder of images to watch"))
@@ -336,7 +337,7 @@ class LoradService:
                 )
             )
         if problems:
-            raise ConfigError(problems, "AddWatch")
+            raise ConfigError(problems, "watch")
         assert config_file is not None
         policy = watch_policy(
             quiet_seconds=quiet_seconds,
@@ -579,7 +580,7 @@ class LoradService:
                         "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
                     )
                 ],
-                "CaptionImages",
+                "captioning",
             )
         request = caption_request(
             folder,
@@ -594,7 +595,7 @@ class LoradService:
             overwrite=overwrite,
             regenerate=regenerate,
             device=device,
-            source="CaptionImages",
+            source="captioning",
         )
         with self._hold_folder(request.folder, wait=False):
             yield from caption_folder(
@@ -607,7 +608,7 @@ class LoradService:
         ConfigError names a missing folder; DataError a metadata.csv training could not read."""
         from lorad.captioning.editing import list_captions, resolve_folder
 
-        root = resolve_folder(folder, _absolute_base_dir(base_dir, "ListCaptions"), "ListCaptions")
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "caption list"), "caption list")
         return list_captions(root, caption_extension=_caption_extension(caption_extension))
 
     def set_captions(
@@ -617,7 +618,7 @@ class LoradService:
         ConfigError lists every bad edit before anything is written; FolderBusy while it is being captioned."""
         from lorad.captioning.editing import resolve_folder, set_captions
 
-        root = resolve_folder(folder, _absolute_base_dir(base_dir, "SetCaptions"), "SetCaptions")
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "caption edits"), "caption edits")
         with self._hold_folder(root, wait=False):
             return set_captions(root, edits, caption_extension=_caption_extension(caption_extension))
 
@@ -649,7 +650,7 @@ class LoradService:
                 "mixed_precision": mixed_precision or "auto",
             }
             llm_config = parse_any_config(
-                llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"), source="LoadModel"
+                llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"), source="model load"
             )
             llm_placement = pick_placement(llm_config.device, llm_config.mixed_precision)
             return self.registry.load(llm_model_key(llm_config, llm_placement), keep_alive=keep_alive_seconds or None)
@@ -666,7 +667,7 @@ class LoradService:
             fields["model_config_dir"] = model_config_dir
         if tokenizer_path:
             fields["tokenizer_path"] = tokenizer_path
-        config = parse_config(fields, base_dir=Path(base_dir or "/"), source="LoadModel")
+        config = parse_config(fields, base_dir=Path(base_dir or "/"), source="model load")
         if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
             raise ConfigError(
                 [
@@ -676,7 +677,7 @@ class LoradService:
                         "convert it to .safetensors, or set allow_pickle",
                     )
                 ],
-                "LoadModel",
+                "model load",
             )
         placement = pick_placement(config.device, config.mixed_precision)
         key = model_key(
@@ -712,6 +713,7 @@ class LoradService:
             home=str(self.settings.home),
             resident_models=len(self.registry.list()),
             pid=os.getpid(),
+            jobs_revision=self.store.revision,
         )
 
     def _devices(self) -> list[DeviceInfo]:

@@ -190,9 +190,7 @@ class WatchManager:
         root = Path(folder)
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
-            raise ConfigError(
-                [ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "AddWatch"
-            )
+            raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "watch")
         probe = WatchRecord(
             watch_id="",
             folder=str(root),

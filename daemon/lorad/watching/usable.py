@@ -69,6 +69,6 @@ def version_clash(
                         f"`output_name: {name}_{Path(folder).name}`) or output_dir",
                     )
                 ],
-                "AddWatch",
+                "watch",
             )
     return None
