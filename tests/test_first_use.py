@@ -242,3 +242,37 @@ def test_train_help_says_it_submits_to_the_daemon(capsys: pytest.CaptureFixture[
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "submit it to the running lorad daemon" in text and "with no daemon running" in text
+
+
+@pytest.mark.slow
+def test_the_demos_edit_and_run_command_works_from_anywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_cli(capsys, "demo", "--dir", str(tmp_path / "demo"), "--steps", "2")
+    assert code == 0, err
+    command = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("edit and run it: "))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_llm_config_run_from_another_folder_gets_no_sd_suggestions(
+    tmp_path: Path, tiny_llm: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "lorad-demo"
+    (work / "configs").mkdir(parents=True)
+    config = work / "configs" / "demo_llm.yaml"  # as the LLM demo wrote it before it said `task: llm`
+    config.write_text(
+        "train_data: ./data/records.jsonl\nbase_model: ./models/tiny-llama\noutput_dir: ./output/demo_adapter\n"
+    )
+    monkeypatch.chdir(tmp_path)  # not lorad-demo/: the relative paths resolve elsewhere
+    code, _, err = run_cli(capsys, "config", "--check", "lorad-demo/configs/demo_llm.yaml")
+    assert code == 2 and "train_data_dir" not in err and "unknown key" not in err, err
+    assert "`train_data`" in err or "`base_model`" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from lorad.config.schema import TrainConfig
 from lorad.errors import ConfigError, ConfigProblem
 
 TASKS = ("sd", "llm")
+_SD_KEYS = {f.name for f in fields(TrainConfig)}
+_LLM_KEYS = {f.name for f in fields(LlmTrainConfig)}
+_LLM_ONLY_KEYS, _SD_ONLY_KEYS = _LLM_KEYS - _SD_KEYS, _SD_KEYS - _LLM_KEYS
 AnyTrainConfig = TrainConfig | LlmTrainConfig
 
 
@@ -67,9 +71,16 @@ def detect_task(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config
             )
         return name
     base = raw.get("base_model")
-    if isinstance(base, (str, os.PathLike)) and str(base).strip():
-        return "llm" if is_causal_lm(_resolve_base_model(os.fspath(base), base_dir)) else "sd"
-    return "llm" if "train_data" in raw else "sd"
+    if (
+        isinstance(base, (str, os.PathLike))
+        and str(base).strip()
+        and is_causal_lm(_resolve_base_model(os.fspath(base), base_dir))
+    ):
+        return "llm"
+    # No causal LM found at base_model (none given, or a path that does not resolve from here): the
+    # keys say which config this is, so an LLM config is never told its keys are SD typos.
+    keys = {str(k) for k in raw}
+    return "llm" if keys & _LLM_ONLY_KEYS and not keys & _SD_ONLY_KEYS else "sd"
 
 
 def parse_any_config(raw: Any, *, base_dir: Path, source: str = "config") -> AnyTrainConfig:
