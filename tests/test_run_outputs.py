@@ -150,3 +150,24 @@ def test_a_stopped_llm_run_leaves_a_partial_adapter_peft_loads(tmp_path: Path, t
     assert mode(partial / "adapter_model.safetensors") == 0o640 and mode(partial) == 0o750
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm), str(partial))
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_job_cancelled_in_the_daemon_names_its_partial_lora(
+    client: object, tmp_path: Path, tiny_sd: Path, dataset: Path
+) -> None:
+    import time
+
+    import yaml
+
+    values = tiny_train_values(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000)
+    job = client.submit_training(  # type: ignore[attr-defined]
+        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}), base_dir=tmp_path
+    )
+    while client.get_job(job.job_id).progress.step < 2:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    client.cancel_job(job.job_id)  # type: ignore[attr-defined]
+    events = [m.event for m in client.watch_job(job.job_id) if m.WhichOneof("item") == "event"]  # type: ignore[attr-defined]
+    cancelled = events[-1].cancelled
+    assert events[-1].WhichOneof("kind") == "cancelled"
+    partial = Path(cancelled.partial)
+    assert partial.is_file() and partial.name.startswith("long-partial-step") and Path(cancelled.checkpoint).is_dir()
