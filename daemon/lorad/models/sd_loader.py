@@ -97,12 +97,7 @@ def load_sd_components(
         )
         raise ConfigError([problem])
     where = f"`base_model` {base_model!r}"
-    source = resolve_base_model(base_model, base_dir=base_dir)
-    config_dir = _resolve_optional(model_config_dir, base_dir)
-    if source.is_dir():
-        plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    else:
-        plan = _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
+    source, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
     if prediction_type == "auto":
         prediction_type = plan.scheduler_config.get("prediction_type") or plan.default_prediction
         if prediction_type not in PREDICTION_TYPES:
@@ -149,14 +144,20 @@ def inspect_sd_model(
     Reads file headers and configs, never weights (a pickle checkpoint, which has no header, is read
     whole: only with ``allow_pickle``). Raises ModelLoadError as loading would.
     """
+    _, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
+    return plan.version, plan.configs
+
+
+def _plan(
+    base_model: str, base_dir: Path | None, *, allow_pickle: bool, model_config_dir: Path | None
+) -> tuple[Path, _Plan]:
+    """The cheap phase: where ``base_model`` is, and what it is and how to load it."""
     where = f"`base_model` {base_model!r}"
     source = resolve_base_model(base_model, base_dir=base_dir)
     config_dir = _resolve_optional(model_config_dir, base_dir)
     if source.is_dir():
-        plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    else:
-        plan = _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    return plan.version, plan.configs
+        return source, _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
+    return source, _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
 
 
 def resolve_base_model(base_model: str, *, base_dir: Path | None = None) -> Path:
