@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
+from lorad.atomic import TEMP_SUFFIX, temp_prefix, user_file_mode
 from lorad.lora.kohya_format import portable_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -39,7 +40,7 @@ def save_diffusers_lora(
         return configs[part].to_dict() if part in configs else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("diffusers-lora"), suffix=TEMP_SUFFIX, dir=output_dir))
     try:
         StableDiffusionLoraLoaderMixin.save_lora_weights(
             tmp,
@@ -50,6 +51,7 @@ def save_diffusers_lora(
             weight_name=WEIGHT_NAME,
         )
         dest = output_dir / WEIGHT_NAME
+        os.chmod(tmp / WEIGHT_NAME, user_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp / WEIGHT_NAME, dest)
         return dest
     finally:
