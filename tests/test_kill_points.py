@@ -40,7 +40,9 @@ point, home, config_path, base_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.ar
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-from lorad.training import checkpoints as checkpoint, train as sd_train
+from lorad.families.sd import family as sd_family
+from lorad.training import checkpoints as checkpoint
+from lorad.training.loop import fresh_model_provider, train
 from lorad.jobs.store import JobStore
 
 if point == "checkpoint written, not yet recorded":
@@ -66,11 +68,11 @@ elif point == "recorded, before pruning":
         return real_prune(self, keep)
     checkpoint.TrainingRun.prune = prune
 elif point == "mid export":
-    real_export = sd_train.write_lora_files
+    real_export = sd_family.write_lora_files
     def export(config, parts, lora_configs, facts):
         real_export(config, parts, lora_configs, facts)  # the files are written, the summary is not
         die()
-    sd_train.write_lora_files = export
+    sd_family.write_lora_files = export
 
 from lorad.jobs.hub import EventHub
 from lorad.jobs.worker import Worker
@@ -78,7 +80,7 @@ from lorad.paths import jobs_db_path
 
 store = JobStore(jobs_db_path(home))
 worker = Worker(
-    store, EventHub(store), train=sd_train.train_sd_lora, models=sd_train.load_fresh_model, device_name="cpu"
+    store, EventHub(store), train=train, models=fresh_model_provider(sd_family.FAMILY), device_name="cpu"
 )
 store.create_job(name="out", config_yaml=config_path.read_text(), base_dir=base_dir, source_name=str(config_path),
                  base_model="tiny", output_dir=str(Path(base_dir) / "out"))
