@@ -129,6 +129,27 @@ class WatchFollow(ServerStream[FollowWatchesResponse]):
     """
 
 
+def wait_until_ready(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether ``channel`` connects within ``timeout`` seconds. A refused connection (nothing listens,
+    no socket file) answers False at once instead of after the timeout: gRPC would keep retrying."""
+    import threading
+
+    settled = threading.Event()
+    ready = [False]
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            ready[0] = state == grpc.ChannelConnectivity.READY
+            settled.set()
+
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(on_change)
+    return ready[0]
+
+
 class LoradClient:
     """A connection to one lorad daemon. Use ``LoradClient.connect()``; close it (or use ``with``)."""
 
@@ -161,13 +182,11 @@ class LoradClient:
         """
         found = find_daemon(home=home, address=address)
         channel = grpc.insecure_channel(found.target, options=_CHANNEL_OPTIONS)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
+        if not wait_until_ready(channel, timeout):
             channel.close()
             raise DaemonUnavailable(
                 f"no lorad daemon at {found.target} (found via {found.source}); {START_HINT}", found.target
-            ) from None
+            )
         return cls(channel, found, token if token is not None else found.token)
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -429,6 +448,16 @@ class LoradClient:
         working directory); returns its last state. LoradRpcError NOT_FOUND when it is not watched."""
         request = watch_pb2.RemoveWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
         return self._unary(self._watch.RemoveWatch, request, timeout).watch
+
+    def retry_watch(
+        self, watch: str, *, base_dir: str | None = None, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> watch_pb2.Watch:
+        """Try a watch in ERROR again now (by watch id or folder, relative to ``base_dir``, default the
+        working directory): its template is read again and new images queue their job. Returns its
+        state after. LoradRpcError INVALID_ARGUMENT while the template is still invalid, NOT_FOUND
+        when not watched."""
+        request = watch_pb2.RetryWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
+        return self._unary(self._watch.RetryWatch, request, timeout).watch
 
     def list_watches(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[watch_pb2.Watch]:
         """Every watch and its state, oldest first."""

@@ -114,6 +114,7 @@ def _training_started(e: JobEvent) -> str:
     t = e.training_started
     if t.start_step:
         verb = f"training resumes at step {t.start_step} of {t.total_steps}"
+        verb += f" (from {t.resumed_from})" if t.resumed_from else ""
     else:
         verb = f"training {t.total_steps} steps"
     epochs = f" over {t.epochs} epoch{'s' if t.epochs != 1 else ''}" if t.epochs else ""
@@ -147,9 +148,14 @@ def _failed(e: JobEvent) -> str:
     return "\n".join(lines)
 
 
+def _partial(path: str) -> str:
+    return f"\n  partial LoRA of the last step: {path}" if path else ""
+
+
 def _cancelled(e: JobEvent) -> str:
     checkpoint = e.cancelled.checkpoint
-    return f"cancelled; checkpoint kept: {checkpoint}" if checkpoint else "cancelled"
+    text = f"cancelled; checkpoint kept: {checkpoint}" if checkpoint else "cancelled"
+    return text + _partial(e.cancelled.partial)
 
 
 def _interrupted(e: JobEvent) -> str:
@@ -157,7 +163,7 @@ def _interrupted(e: JobEvent) -> str:
     if not i.will_resume:
         return "interrupted by a daemon stop (resuming is off: it will not run again)"
     start = f"resume from {i.checkpoint}" if i.checkpoint else "start over"
-    return f"interrupted by a daemon stop; it will {start} when the daemon restarts"
+    return f"interrupted by a daemon stop; it will {start} when the daemon restarts" + _partial(i.partial)
 
 
 def _eval(e: JobEvent) -> str:

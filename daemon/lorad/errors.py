@@ -62,6 +62,20 @@ class OutputError(LoradError):
     """An output or cache location cannot be written."""
 
 
+class DiskFull(OutputError):
+    """A write failed (or would fail) because the disk holding ``path`` has no room for it.
+
+    ``needed`` is about how many bytes the write takes (0 when unknown), ``free`` how many the disk had.
+    Whatever was partly written has been removed; earlier files (checkpoints) are untouched.
+    """
+
+    def __init__(self, message: str, hint: str = "", *, path: str = "", needed: int = 0, free: int = 0) -> None:
+        super().__init__(message, hint)
+        self.path = path
+        self.needed = needed
+        self.free = free
+
+
 class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -70,9 +84,11 @@ class TrainingInterrupted(LoradError):
     """Training was stopped on request (Ctrl-C, cancel) after saving a checkpoint.
 
     ``checkpoint`` is the directory that ``resume_from`` accepts to continue, or None if the run
-    stopped before its first optimizer step.
+    stopped before its first optimizer step. ``partial`` is the LoRA (or adapter) of the last
+    completed step, written beside it and named as partial, or None.
     """
 
-    def __init__(self, message: str, hint: str = "", checkpoint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str = "", checkpoint: str | None = None, partial: str | None = None) -> None:
         super().__init__(message, hint)
         self.checkpoint = checkpoint
+        self.partial = partial

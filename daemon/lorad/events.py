@@ -53,7 +53,7 @@ class LatentsCached(Event):
 
 @dataclass(frozen=True)
 class TrainingStarted(Event):
-    """The loop starts (or resumes at ``start_step``) towards ``total_steps``."""
+    """The loop starts (or resumes at ``start_step``, from the checkpoint ``resumed_from``) towards ``total_steps``."""
 
     total_steps: int
     start_step: int
@@ -61,6 +61,7 @@ class TrainingStarted(Event):
     trainable_params: int
     device: str
     precision: str
+    resumed_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def list_captions(root: Path, *, caption_extension: str = ".txt") -> FolderCapti
 
 
 def set_captions(
-    root: Path, edits: Sequence[tuple[str, str]], *, caption_extension: str = ".txt", source: str = "SetCaptions"
+    root: Path, edits: Sequence[tuple[str, str]], *, caption_extension: str = ".txt", source: str = "caption edits"
 ) -> FolderCaptions:
     """Write ``edits`` ((image path relative to ``root``, caption) pairs; the last for a path wins) and
     return the edited images as they read now. Every edit is checked first and nothing is written unless all are good:

@@ -26,7 +26,13 @@ from lorad.captioning.updates import (
     ImageCaptioned,
 )
 from lorad.captioning.writer import CaptionWriter
-from lorad.data.captions import SidecarError, read_metadata_csv, read_sidecar, sidecar_path
+from lorad.data.captions import (
+    SidecarError,
+    read_metadata_csv,
+    read_sidecar,
+    remove_stale_caption_temps,
+    sidecar_path,
+)
 
 # The walk training uses; imported rather than re-implemented so `lorad caption` and `lorad train`
 # can never disagree about which files are the training images.
@@ -89,6 +95,7 @@ def plan_folder(
     metadata.csv raises DataError: lorad never rewrites a file it cannot read.
     """
     images = find_image_files(root)
+    remove_stale_caption_temps([root, *(p.parent for p in images)], caption_extension)  # a killed writer's
     fmt = detect_format(root, images, caption_extension) if format == "auto" else format
     csv_path = root / METADATA_NAME
     csv_captions = read_metadata_csv(csv_path).captions if csv_path.is_file() else {}

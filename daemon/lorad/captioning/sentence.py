@@ -75,10 +75,25 @@ class SentenceCaptioner:
         }  # BERT tokenizers add them; no captioning model takes them
         with self._lock, torch.inference_mode():
             tokens = self.model.generate(
-                **inputs, max_new_tokens=options.max_length, num_beams=options.num_beams, do_sample=False
+                **inputs,
+                max_new_tokens=self.new_token_limit(inputs, options.max_length),
+                num_beams=options.num_beams,
+                do_sample=False,
             )
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
+
+    def new_token_limit(self, inputs: Mapping[str, Any], wanted: int) -> int:
+        """``wanted`` new tokens, clamped so prompt + caption fit the text decoder's position table
+        (more would index past it: an IndexError inside generate, not a longer caption)."""
+        config = self.model.config
+        text_config = getattr(config, "text_config", None) or config
+        table = getattr(text_config, "max_position_embeddings", None)
+        if not isinstance(table, int) or table <= 0:
+            return wanted
+        ids = inputs.get("input_ids")
+        prompt_tokens = int(ids.shape[1]) if ids is not None else 1  # the start token at least
+        return max(1, min(wanted, table - prompt_tokens))
 
     def _inputs(self, images: list[Image.Image], prompt: str) -> Mapping[str, Any]:
         """The model's inputs: pixels, plus the prompt's tokens when there is one."""

@@ -246,7 +246,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch
+    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch, retry_watch
 
     with _connect() as client:
         if args.action == "add":
@@ -263,6 +263,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             )
         if args.action == "rm":
             return remove_watch(client, args.watch)
+        if args.action == "retry":
+            return retry_watch(client, args.watch)
         return print_watches(client)
 
 
@@ -271,7 +273,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     from lorad.families.registry import get_spec, spec_for
 
     if args.check:
+        from lorad.config.preflight import preflight_problems
+        from lorad.errors import ConfigError
+
         config = load_any_config(args.check, base_dir=Path.cwd())
+        problems = preflight_problems(config)  # the model, the data and the target layers, read cheaply
+        if problems:
+            raise ConfigError(problems, args.check)
         spec = spec_for(config)
         what = "adapter" if spec.output_kind == "peft_adapter" else "LoRA"
         print(f"{args.check}: OK — {spec.title} {what} `{config.output_name}` into {config.output_dir}")
@@ -326,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a LoRA from a YAML config",
-        description="Train a LoRA from a YAML config, in this process. Relative "
-        "paths in the config resolve against the current directory.",
+        description="Train a LoRA from a YAML config: submit it to the running lorad daemon and follow "
+        "the job (Ctrl-C detaches; the job goes on), or, with no daemon running (or --embedded), train in "
+        "this process. Relative paths in the config resolve against the current directory.",
     )
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
     train.add_argument(
@@ -500,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch_sub.add_parser("ls", help="the watched folders and their state")
     watch_rm = watch_sub.add_parser("rm", help="stop watching a folder (its queued jobs stay)")
     watch_rm.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
+    watch_retry = watch_sub.add_parser(
+        "retry", help="try a watch in error again now: its template config is read again, new images queue a job"
+    )
+    watch_retry.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
     watch.set_defaults(func=cmd_watch)
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")

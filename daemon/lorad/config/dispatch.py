@@ -2,8 +2,8 @@
 
 ``model_family: NAME`` says it outright (``task: llm`` / ``task: sd``, the older spelling, still works).
 Without it the base model decides: each family's ``detect`` looks at its files (a ``config.json``
-naming a ``...ForCausalLM`` architecture is an LLM; a checkpoint's keys tell SD 1.x/2.x from the
-others). A config without a base model is told apart by keys only one family has. Everything after
+naming a ``...ForCausalLM`` architecture is an LLM; a checkpoint's keys tell SDXL from SD 1.x/2.x).
+A config whose base model no family recognises is told apart by its keys (SD 1.x/2.x when they fit it). Everything after
 this point sees a typed config whose ``model_family`` names its family.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,17 @@ def _named_family(raw: Mapping[str, Any], source: str) -> FamilySpec | None:
     return None
 
 
+def _family_by_keys(raw: Mapping[str, Any]) -> FamilySpec:
+    """The family whose config knows the most of ``raw``'s keys (SD 1.x/2.x on a tie), so a config whose
+    base model cannot be read from here is still checked as what it is: an LLM config is never told
+    its keys are SD typos."""
+    keys = {str(k) for k in raw} - {"model_family", _LEGACY_KEY}
+    counts = {spec.name: len(keys & {f.name for f in fields(spec.config_class)}) for spec in family_specs()}
+    best = max(counts.values())
+    tied = [name for name, count in counts.items() if count == best]
+    return get_spec("sd" if "sd" in tied else tied[0])
+
+
 def choose_family(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> FamilySpec:
     """The family a raw config mapping is for: named, else detected from base_model, else from its keys."""
     named = _named_family(raw, source)
@@ -51,10 +63,7 @@ def choose_family(raw: Mapping[str, Any], *, base_dir: Path, source: str = "conf
         detected = detect_family(_resolve_base_model(os.fspath(base), base_dir))
         if detected is not None:
             return detected
-    for spec in family_specs():
-        if spec.hint_keys & set(map(str, raw)):
-            return spec
-    return get_spec("sd")
+    return _family_by_keys(raw)
 
 
 def parse_any_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainingKeys:

@@ -265,6 +265,39 @@ def _resolve_base_model(value: str, base_dir: Path) -> str:
     return text
 
 
+# The longest suffix lorad adds to output_name (`-partial-step00000001.safetensors`), so every file
+# named after it fits the 255-byte file-name limit of common file systems.
+_NAME_SUFFIX_BYTES = len("-partial-step00000001.safetensors")
+_NAME_MAX_BYTES = 255 - _NAME_SUFFIX_BYTES
+
+
+def output_name_problems(name: Any) -> list[ConfigProblem]:
+    """Why ``output_name`` cannot name the run's files (checked at submit, not when the export fails)."""
+    if not isinstance(name, str) or not name:
+        return []
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return [
+            ConfigProblem(
+                "output_name",
+                f"got {name!r}, which holds a control character (a NUL byte, tab or line break)",
+                "use a plain file name of letters, digits, `-` and `_`",
+            )
+        ]
+    if set(name) & set('/\\:*?"<>|') or name.startswith("."):
+        return [
+            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
+        ]
+    if len(name.encode("utf-8")) > _NAME_MAX_BYTES:
+        return [
+            ConfigProblem(
+                "output_name",
+                f"is {len(name.encode('utf-8'))} bytes long",
+                f"use at most {_NAME_MAX_BYTES} bytes: file names made from it must fit in 255",
+            )
+        ]
+    return []
+
+
 def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     """Checks every task's config shares: resume_from, output_dir, output_name, device."""
     problems: list[ConfigProblem] = []
@@ -285,11 +318,7 @@ def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             problems.append(
                 ConfigProblem("output_dir", f"{out} cannot be created or written", "choose a folder you can write to")
             )
-    name = values.get("output_name")
-    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(
-            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
-        )
+    problems += output_name_problems(values.get("output_name"))
     device = values.get("device")
     if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
         problems.append(ConfigProblem("device", f"got {device!r}", "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
@@ -334,13 +363,8 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     steps = values.get("bucket_reso_steps")
     if isinstance(steps, int) and steps % 8:
         problems.append(ConfigProblem("bucket_reso_steps", f"got {steps}", "use a multiple of 8, e.g. 64"))
-    lo, hi = values.get("min_bucket_reso"), values.get("max_bucket_reso")
-    if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
-        problems.append(
-            ConfigProblem(
-                "min_bucket_reso", f"{lo} is above max_bucket_reso {hi}", "make min_bucket_reso <= max_bucket_reso"
-            )
-        )
+    else:
+        problems += settle_buckets(values)
     if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(
             ConfigProblem(
@@ -359,6 +383,57 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
                 "set shuffle_caption: true, or remove keep_tokens",
             )
         )
+    return problems
+
+
+def _default(name: str) -> Any:
+    return next(f.default for f in fields(TrainConfig) if f.name == name)
+
+
+def settle_buckets(values: dict[str, Any]) -> list[ConfigProblem]:
+    """Check the bucket settings together with ``resolution``, as a run will use them.
+
+    ``min_bucket_reso`` left unset follows a small ``resolution`` down (kohya's 256 cannot hold a
+    64-pixel run's buckets), and is set in ``values``; set explicitly, every setting that leaves no
+    bucket is a problem naming the keys and the values that would work.
+    """
+    from lorad.data.buckets import make_buckets
+
+    resolution = values.get("resolution", _default("resolution"))
+    step = values.get("bucket_reso_steps", _default("bucket_reso_steps"))
+    if not all(isinstance(v, int) and v > 0 for v in (resolution, step)):
+        return []  # already reported as a bad value
+    if "min_bucket_reso" not in values:
+        values["min_bucket_reso"] = max(step, min(_default("min_bucket_reso"), resolution // step * step))
+    lo, hi = values["min_bucket_reso"], values.get("max_bucket_reso", _default("max_bucket_reso"))
+    if not (isinstance(lo, int) and isinstance(hi, int)):
+        return []
+    problems = [
+        ConfigProblem(
+            key, f"{value} is not a multiple of bucket_reso_steps {step}", f"use e.g. {value // step * step or step}"
+        )
+        for key, value in (("min_bucket_reso", lo), ("max_bucket_reso", hi))
+        if value % step
+    ]
+    if lo > hi:
+        problems.append(
+            ConfigProblem(
+                "min_bucket_reso", f"{lo} is above max_bucket_reso {hi}", "make min_bucket_reso <= max_bucket_reso"
+            )
+        )
+    elif values.get("enable_bucket", _default("enable_bucket")) and not problems:
+        try:
+            make_buckets(resolution, lo, hi, step)
+        except ValueError:
+            problems.append(
+                ConfigProblem(
+                    "min_bucket_reso",
+                    f"{lo} leaves no bucket for resolution {resolution} (every bucket side is at least "
+                    f"min_bucket_reso and its area at most resolution²)",
+                    f"set min_bucket_reso to {max(step, resolution // step * step)} or less, or remove it "
+                    "(it then follows resolution)",
+                )
+            )
     return problems
 
 

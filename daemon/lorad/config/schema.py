@@ -447,12 +447,15 @@ class TrainConfig(TrainingKeys):
 
     # --- lora ---------------------------------------------------------------------------------
     unet_target_modules: tuple[str, ...] = field(
-        default=("to_q", "to_k", "to_v", "to_out.0"),
+        # kohya's default (networks.lora: every Linear and 1x1 conv of the Transformer2DModel blocks),
+        # so a kohya user gets the same LoRA at the same rank.
+        default=("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
         metadata=spec(
             "lora",
             "UNet layers that get LoRA, by diffusers leaf name (to_q, to_k, to_v, to_out.0, "
             "proj_in, proj_out, ff.net.0.proj, ff.net.2, ...) or the aliases q_proj/k_proj/v_proj/"
-            "out_proj. A longer suffix such as attn2.to_k narrows the match.",
+            "out_proj. A longer suffix such as attn2.to_k narrows the match. The default is kohya's: "
+            "every linear layer of the transformer blocks.",
         ),
     )
     train_text_encoder: bool = field(
@@ -460,9 +463,12 @@ class TrainConfig(TrainingKeys):
         metadata=spec("lora", "Also train a LoRA on the text encoder (stronger, more prone to overfitting)."),
     )
     text_encoder_target_modules: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "out_proj"),
+        # kohya's default too: the attention and MLP layers of every CLIP encoder layer.
+        default=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         metadata=spec(
-            "lora", "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, out_proj, fc1, fc2)."
+            "lora",
+            "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, out_proj, fc1, fc2; "
+            "the default is kohya's: all of them).",
         ),
     )
     text_encoder_lr: float | None = field(

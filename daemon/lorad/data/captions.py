@@ -12,11 +12,12 @@ import csv
 import io
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
+from lorad.atomic import remove_stale_temps
 from lorad.errors import DataError
 
 # Header names accepted for the two columns. `file_name` is what diffusers' ImageFolder uses and
@@ -100,6 +101,15 @@ def read_metadata_csv(metadata_path: Path) -> CsvCaptions:
                 # `cat.png,a cat, sitting`: people rarely quote captions, and when the caption is
                 # the last column the extra commas can only belong to it.
                 row = [*row[:caption_col], ",".join(row[caption_col:])]
+            if len(row) < width and len(row) <= caption_col:
+                # `cat.png` alone (a caption never written): one row to skip, not a broken file.
+                what = row[file_col].strip() if len(row) > file_col else ""
+                problems.append(
+                    f"{name} line {line}: no `{header[caption_col].strip()}` field"
+                    + (f" for `{what}`" if what else "")
+                    + " (row ignored; write `file,caption` on that line)"
+                )
+                continue
             if len(row) != width:
                 raise DataError(
                     f"{metadata_path} line {line}: {len(row)} field{'s' if len(row) != 1 else ''}, "
@@ -133,6 +143,15 @@ def read_metadata_csv(metadata_path: Path) -> CsvCaptions:
             'with inner quotes doubled ("").',
         ) from err
     return CsvCaptions(source=name, captions=captions, lines=lines, problems=tuple(problems))
+
+
+def remove_stale_caption_temps(folders: Iterable[Path], caption_extension: str = ".txt") -> list[Path]:
+    """Remove temporary files a killed caption writer left in ``folders`` (``.metadata.csv.*.tmp``,
+    sidecar and caption-record ones; see :func:`lorad.atomic.remove_stale_temps`: only where the writer
+    is gone). Returns what was removed."""
+    ext = re.escape(caption_extension if caption_extension.startswith(".") else "." + caption_extension)
+    names = rf"[^/]+\.csv|[^/]+{ext}|\.lorad_captions\.json"
+    return [removed for folder in dict.fromkeys(folders) for removed in remove_stale_temps(folder, names)]
 
 
 def _header_columns(header: list[str], metadata_path: Path) -> tuple[int, int]:

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from lorad.data.captions import SidecarError, read_metadata_csv, read_sidecar, split_tags
+from lorad.data.captions import (
+    SidecarError,
+    read_metadata_csv,
+    read_sidecar,
+    remove_stale_caption_temps,
+    split_tags,
+)
 from lorad.data.report import DataReport, SkippedImage
 from lorad.errors import DataError
 
@@ -142,6 +148,9 @@ def scan_dataset(
     no_caption = f"no caption (add a {csv_name} row or <stem>{_dotted(caption_extension)})"
 
     found = find_image_files(root)
+    # A caption writer killed mid-write left its temporary file; nothing else would ever remove it.
+    csv_folder = [Path(metadata_path).parent] if metadata_path is not None else []
+    remove_stale_caption_temps([root, *csv_folder, *(p.parent for p in found)], caption_extension)
     skipped: list[SkippedImage] = []
     verified: list[_Verified] = []
     for path in found:
@@ -256,6 +265,18 @@ def find_image_files(root: Path) -> list[Path]:
                 if path.is_file():
                     found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def image_problem(path: Path) -> str | None:
+    """Why training would skip the image file at ``path`` (unsupported type, unreadable, corrupt,
+    truncated, ...), or None when it decodes completely (the check :func:`scan_dataset` makes)."""
+    if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported image type {path.suffix} (convert it to .png or .jpg)"
+    try:
+        _inspect_image(path)
+    except _Skip as skip:
+        return str(skip)
+    return None
 
 
 def _inspect_image(path: Path) -> tuple[int, int, str]:

@@ -51,6 +51,7 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
             "trainable_params": event.trainable_params,
             "device": event.device,
             "precision": event.precision,
+            "resumed_from": event.resumed_from,
         }
     if isinstance(event, ev.CheckpointSaved):
         return "checkpoint_saved", {"step": event.step, "path": event.path}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
+from lorad.atomic import TEMP_SUFFIX, temp_prefix, user_file_mode
 from lorad.lora.kohya_format import portable_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -56,10 +57,11 @@ def write_lora_weights(output_dir: Path, save: Callable[[Path], object]) -> Path
     temporary folder inside ``output_dir``, then rename the file into place: it appears complete or
     not at all. Returns its path."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("diffusers-lora"), suffix=TEMP_SUFFIX, dir=output_dir))
     try:
         save(tmp)
         dest = output_dir / WEIGHT_NAME
+        os.chmod(tmp / WEIGHT_NAME, user_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp / WEIGHT_NAME, dest)
         return dest
     finally:

@@ -163,6 +163,7 @@ def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
         home=status.home,
         resident_models=status.resident_models,
         pid=status.pid,
+        jobs_revision=status.jobs_revision,
     )
 
 
@@ -199,6 +200,7 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
             trainable_params=t.trainable_params,
             device=t.device,
             precision=t.precision,
+            resumed_from=t.resumed_from,
         )
     if kind == "checkpoint_saved":
         return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)

@@ -75,6 +75,7 @@ class DaemonStatus:
     home: str
     resident_models: int
     pid: int
+    jobs_revision: int = 0
 
 
 def refuse_pickle(config: TrainingKeys, source: str) -> None:
@@ -210,6 +211,8 @@ class LoradService:
     def get_job(self, job_id: str) -> JobRecord:
         """A job by id (or unique id prefix), with live progress while it runs."""
         job = self.store.get(job_id)
+        if job.state == JobState.RUNNING and (ended := self.worker.pending_outcome(job.job_id)):
+            return replace(job, **ended)  # it ended, but the store could not take the write yet
         live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
         return replace(job, progress=live) if live else job
 
@@ -270,7 +273,7 @@ class LoradService:
     ) -> WatchView:
         """Watch a folder (see :meth:`WatchManager.add`); relative paths resolve against ``base_dir``.
         ConfigError names every bad field; WatchExists when the folder is watched already."""
-        base = _absolute_base_dir(base_dir, "AddWatch")
+        base = _absolute_base_dir(base_dir, "watch")
         problems = []
         if not folder.strip():
             problems.append(ConfigProblem("folder", "is empty", "name the folder of images to watch"))
@@ -284,7 +287,7 @@ class LoradService:
                 )
             )
         if problems:
-            raise ConfigError(problems, "AddWatch")
+            raise ConfigError(problems, "watch")
         assert config_file is not None
         policy = watch_policy(
             quiet_seconds=quiet_seconds,
@@ -312,6 +315,15 @@ class LoradService:
 
     def list_watches(self) -> list[WatchView]:
         return self.watches.list()
+
+    def retry_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
+        """Try a watch again now (see :meth:`WatchManager.retry`), named by watch id or folder."""
+        try:
+            return self.watches.retry(watch)
+        except WatchNotFound:
+            if not base_dir or not watch.strip():
+                raise
+            return self.watches.retry(str((Path(base_dir) / Path(watch).expanduser()).resolve()))
 
     def follow_watches(self, active: Callable[[], bool]) -> Iterator[list[WatchView] | WatchChange]:
         """Every watch, then each change, until ``active()`` turns False."""
@@ -472,7 +484,7 @@ class LoradService:
                         "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
                     )
                 ],
-                "CaptionImages",
+                "captioning",
             )
         request = caption_request(
             folder,
@@ -487,7 +499,7 @@ class LoradService:
             overwrite=overwrite,
             regenerate=regenerate,
             device=device,
-            source="CaptionImages",
+            source="captioning",
         )
         with self._hold_folder(request.folder, wait=False):
             yield from caption_folder(
@@ -500,7 +512,7 @@ class LoradService:
         ConfigError names a missing folder; DataError a metadata.csv training could not read."""
         from lorad.captioning.editing import list_captions, resolve_folder
 
-        root = resolve_folder(folder, _absolute_base_dir(base_dir, "ListCaptions"), "ListCaptions")
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "caption list"), "caption list")
         return list_captions(root, caption_extension=_caption_extension(caption_extension))
 
     def set_captions(
@@ -510,7 +522,7 @@ class LoradService:
         ConfigError lists every bad edit before anything is written; FolderBusy while it is being captioned."""
         from lorad.captioning.editing import resolve_folder, set_captions
 
-        root = resolve_folder(folder, _absolute_base_dir(base_dir, "SetCaptions"), "SetCaptions")
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "caption edits"), "caption edits")
         with self._hold_folder(root, wait=False):
             return set_captions(root, edits, caption_extension=_caption_extension(caption_extension))
 
@@ -537,7 +549,7 @@ class LoradService:
         from lorad.training.placement import pick_placement
 
         base = Path(base_dir or "/")
-        spec = choose_family({"base_model": base_model}, base_dir=base, source="LoadModel")
+        spec = choose_family({"base_model": base_model}, base_dir=base, source="model load")
         raw: dict[str, Any] = {
             spec.data_key: str(base),
             "base_model": base_model,
@@ -553,8 +565,8 @@ class LoradService:
         }
         known = {f.name for f in config_fields(spec.config_class)}
         raw |= {key: value for key, value in optional.items() if value and key in known}
-        config = spec.parse(raw, base, "LoadModel")
-        refuse_pickle(config, "LoadModel")
+        config = spec.parse(raw, base, "model load")
+        refuse_pickle(config, "model load")
         placement = pick_placement(config.device, config.mixed_precision)
         key = load_plugin(spec.name).model_key(config, placement)
         return self.registry.load(key, keep_alive=keep_alive_seconds or None)
@@ -584,6 +596,7 @@ class LoradService:
             home=str(self.settings.home),
             resident_models=len(self.registry.list()),
             pid=os.getpid(),
+            jobs_revision=self.store.revision,
         )
 
     def _devices(self) -> list[DeviceInfo]:

@@ -223,6 +223,11 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
         with rpc_errors(context):
             return watch_pb2.ListWatchesResponse(watches=[watch_to_proto(v) for v in self.service.list_watches()])
 
+    def RetryWatch(self, request, context):
+        with rpc_errors(context):
+            view = self.service.retry_watch(request.watch, base_dir=request.base_dir)
+            return watch_pb2.RetryWatchResponse(watch=watch_to_proto(view))
+
     def FollowWatches(self, request, context):
         with rpc_errors(context):
             changes = self.service.follow_watches(active=context.is_active)

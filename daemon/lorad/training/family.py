@@ -134,6 +134,16 @@ class FamilyRun(Protocol):
         """Write the trained adapter's files into ``output_dir`` (atomically); return role → path."""
         ...
 
+    def export_epoch(self, facts: RunFacts) -> None:
+        """At the end of every ``save_every_n_epochs``-th epoch: write that epoch's adapter file where the
+        family has one (kohya's ``NAME-00000N.safetensors``); DiskFull when it does not fit."""
+        ...
+
+    def export_partial(self, facts: RunFacts) -> Path | None:
+        """A stopped run's adapter of its last completed step, named as partial, so a cancelled job still
+        leaves one; None when none could be written (a full disk is a warning: the checkpoint matters more)."""
+        ...
+
 
 class ModelFamily(Protocol):
     """A model family's plug-in: see the module docstring for what it owns and what the loop owns."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,13 +32,7 @@ from lorad.events import (
 )
 from lorad.families.registry import load_plugin
 from lorad.lora.adapters import load_lora_state_dict, lora_state_dict
-from lorad.training.checkpoints import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from lorad.training.checkpoints import check_signature, open_run, restore_rng
 from lorad.training.family import ADAPTER, CaptionFiller, ModelFamily, ProvidedModel, RunFacts, RunHooks
 from lorad.training.optimizers import build_optimizer, build_scheduler
 from lorad.training.placement import Placement, pick_placement
@@ -131,9 +126,12 @@ def train(
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         signature = family.signature(config)
 
+        # Locks output_dir, clears our stale temp files, reads the resume checkpoint, sets other runs' aside.
+        checkpoints = open_run(config.output_dir, config.resume_from, on_event=on_event)
+        hold.callback(checkpoints.close)
         step = 0
-        if config.resume_from:
-            checkpoint = load_checkpoint(resolve_checkpoint(config.resume_from, config.output_dir))
+        if checkpoints.resumed is not None:
+            checkpoint = checkpoints.resumed
             check_signature(checkpoint.signature, signature)
             for part, module in run.parts.items():
                 load_lora_state_dict(module, ADAPTER, checkpoint.lora[part])
@@ -144,9 +142,8 @@ def train(
             restore_rng(checkpoint.state)
             step = checkpoint.step
 
-        def save(at_step: int, epoch: int) -> str:
-            path = save_checkpoint(
-                config.output_dir,
+        def save(at_step: int, epoch: int, prune: bool = True) -> str:
+            path = checkpoints.save(
                 step=at_step,
                 epoch=epoch,
                 lora={part: lora_state_dict(module, ADAPTER) for part, module in run.parts.items()},
@@ -154,10 +151,16 @@ def train(
                 scheduler=scheduler,
                 scaler=scaler,
                 signature=signature,
-                keep=config.keep_checkpoints,
             )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
+            if prune:  # only now: the sink has recorded the new checkpoint (the daemon's job store)
+                checkpoints.prune(config.keep_checkpoints)
             return str(path)
+
+        def facts(at_step: int, epoch: int, loss: float) -> RunFacts:
+            return RunFacts(
+                started_at=started_at, steps=at_step, epoch=epoch, final_loss=loss, precision=placement.precision
+            )
 
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
 
@@ -178,6 +181,7 @@ def train(
                 trainable_params=sum(p.numel() for p in params),
                 device=str(device),
                 precision=placement.precision,
+                resumed_from=str(checkpoints.resumed.path) if checkpoints.resumed is not None else "",
             )
         )
 
@@ -248,30 +252,29 @@ def train(
                 if stop is not None and stop.is_set():
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
+                    partial = run.export_partial(facts(step, epoch + 1, step_loss))  # a usable LoRA of this step
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
                         checkpoint=last_saved[1],
+                        partial=str(partial) if partial else None,
                     )
                 if step >= total_steps:
                     break
             epoch += 1
-            if (
-                config.save_every_n_epochs
-                and epoch % config.save_every_n_epochs == 0
-                and step < total_steps
-                and (last_saved is None or last_saved[0] != step)
-            ):
-                last_saved = (step, save(step, epoch))
+            if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
+                run.export_epoch(facts(step, epoch, last_loss))  # kohya's NAME-00000N.safetensors
+                if last_saved is None or last_saved[0] != step:
+                    last_saved = (step, save(step, epoch))
         timings["train"] = time.monotonic() - t_train
         run.finish(step)
         flush_scalars(step)
 
+        # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
+        # `resume_from: latest` writes them without training again. Removed once they are written.
+        guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
         t0 = time.monotonic()
-        facts = RunFacts(
-            started_at=started_at, steps=step, epoch=epoch, final_loss=last_loss, precision=placement.precision
-        )
-        outputs = run.export(facts)
+        outputs = run.export(facts(step, epoch, last_loss))
         timings["export"] = time.monotonic() - t0
         seconds = time.monotonic() - run_start
         outputs["summary"] = write_summary(
@@ -289,6 +292,8 @@ def train(
             },
         )
         outputs["logs"] = str(config.output_dir / "logs")
+        if guard is not None:
+            checkpoints.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
     finally:

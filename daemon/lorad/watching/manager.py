@@ -55,6 +55,7 @@ from lorad.watching.records import (
     WatchView,
 )
 from lorad.watching.store import WatchStore
+from lorad.watching.usable import unusable_reasons, version_clash
 
 log = logging.getLogger("lorad.watching")
 
@@ -96,6 +97,9 @@ class _Live:
     follow_up: bool = False  # a settled batch waits for the running job (or this watch's captioning) to end
     captioning: bool = False  # a captioning thread works on this folder; its _CaptionDone ends it
     updated_at: float = field(default_factory=time.time)
+    # While in ERROR because its job could not be queued: the template's (mtime, size) then, so an
+    # edit of the template retries by itself; None for any other state.
+    template_stamp: tuple[int, int] | None = None
 
     @property
     def folder(self) -> Path:
@@ -116,6 +120,13 @@ class _CaptionDone:
 
 
 @dataclass(frozen=True)
+class _Retry:
+    """RetryWatch asks the manager thread to try a watch again; ``done`` is set once it has."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
 class WatchChange:
     """One FollowWatches item: ``view`` for an added or changed watch, else ``removed_id``."""
 
@@ -133,7 +144,7 @@ class WatchManager:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._live: dict[str, _Live] = {}
-        self._events: queue.Queue[tuple[str, FileEvent | _CaptionDone]] = queue.Queue()
+        self._events: queue.Queue[tuple[str, FileEvent | _CaptionDone | _Retry]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorad-watch", daemon=True)
         self._changes: list[tuple[int, WatchChange]] = []
@@ -179,9 +190,7 @@ class WatchManager:
         root = Path(folder)
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
-            raise ConfigError(
-                [ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "AddWatch"
-            )
+            raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "watch")
         probe = WatchRecord(
             watch_id="",
             folder=str(root),
@@ -192,6 +201,9 @@ class WatchManager:
             updated_at=0.0,
         )
         self._check_config(probe)
+        clash = version_clash(str(root), job_fields(probe, version=1), self._version_fields())
+        if clash is not None:
+            raise clash
         record = self.store.add(
             folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy, now=time.time()
         )
@@ -206,6 +218,32 @@ class WatchManager:
         """Raise ConfigError unless the template config makes a valid job for this watch."""
         fields = job_fields(record, version=record.version + 1)
         parse_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
+
+    def _version_fields(self, skip: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """(folder, job fields) of every watch but ``skip`` whose template can be read now."""
+        with self._lock:
+            records = [live.record for live in self._live.values() if live.record.watch_id != skip]
+        found = []
+        for record in records:
+            try:
+                found.append((record.folder, job_fields(record, version=record.version + 1)))
+            except LoradError:
+                continue  # its own template is broken: that watch reports it
+        return found
+
+    def retry(self, watch: str, timeout: float = 30.0) -> WatchView:
+        """Try a watch again now (by id or absolute folder): its template is read again (ConfigError
+        naming every problem while it is still invalid), a folder that could not be watched is opened
+        again, and new images queue their job. WatchNotFound if unknown."""
+        with self._lock:
+            live = self._live.get(watch) or next((w for w in self._live.values() if w.record.folder == watch), None)
+        if live is None:
+            raise WatchNotFound(f"no watch with id or folder {watch!r}")
+        self._check_config(live.record)
+        request = _Retry()
+        self._events.put((live.record.watch_id, request))
+        request.done.wait(timeout)  # the manager thread owns the watch's state
+        return self._view(live)
 
     def remove(self, watch: str) -> WatchView:
         """Stop watching (by id or absolute folder); queued jobs stay. WatchNotFound if unknown."""
@@ -284,9 +322,14 @@ class WatchManager:
             except queue.Empty:
                 return
 
-    def _apply(self, watch_id: str, event: FileEvent | _CaptionDone) -> None:
+    def _apply(self, watch_id: str, event: FileEvent | _CaptionDone | _Retry) -> None:
         with self._lock:
             live = self._live.get(watch_id)
+        if isinstance(event, _Retry):
+            if live is not None:
+                self._retry(live)
+            event.done.set()
+            return
         if live is None:  # removed meanwhile (a captioning thread may still report back: ignored)
             return
         if isinstance(event, _CaptionDone):
@@ -336,6 +379,9 @@ class WatchManager:
         if live.state == WatchState.ERROR and live.observer is None:
             self._open(live)  # the folder may be back
             return
+        stamp = live.template_stamp
+        if live.state == WatchState.ERROR and stamp is not None and _stamp(live.record.config_path) != stamp:
+            self._retry(live)  # the template was edited (a typo fixed?): read it again now
         if live.observer is not None and not (live.folder.is_dir() and live.observer.alive):
             what = "cannot be watched any more" if live.folder.is_dir() else "was deleted or moved away"
             self._unavailable(live, WatchUnavailable(f"{live.folder} {what}", GONE_HINT))
@@ -348,10 +394,44 @@ class WatchManager:
         elif live.debouncer.busy:
             self._publish(live)  # pending_files may have changed
 
+    def _retry(self, live: _Live) -> None:
+        """Try an ERROR watch again: open a folder that could not be watched, else queue the job of
+        its new images (which reads the template again), else just leave ERROR."""
+        if live.observer is None:
+            self._open(live)
+            return
+        live.template_stamp = None
+        if live.captioning or self._job_running(live):
+            live.follow_up = True
+            self._set(live, WatchState.CAPTIONING if live.captioning else WatchState.TRAINING)
+            return
+        live.images = list_images(live.folder)
+        if len(self._usable_new(live)) >= live.record.policy.min_new_images:
+            self._queue_job(live)
+        else:
+            self._set(live, WatchState.TRAINING if self._job_active(live) else WatchState.IDLE)
+
+    def _usable_new(self, live: _Live) -> dict[str, FileStat]:
+        """The new images a job would train on: files training skips (corrupt, or uncaptioned without
+        a captioner) are not a reason for a new version."""
+        new = live.new_images()
+        try:
+            fields = job_fields(live.record, version=live.record.version + 1)
+        except LoradError:
+            return new  # a broken template: queueing reports it
+        skipped = unusable_reasons(live.folder, new, fields)
+        if skipped:
+            log.info(
+                "watch %s: not new training data: %s",
+                live.record.folder,
+                "; ".join(f"{r}: {why}" for r, why in skipped.items()),
+            )
+        return {rel: stat for rel, stat in new.items() if rel not in skipped}
+
     # --- settle -> caption -> job ----------------------------------------------------------------
     def _settled(self, live: _Live) -> None:
         live.images = list_images(live.folder)
-        new = live.new_images()
+        new = self._usable_new(live)
         if live.captioning or self._job_running(live):
             live.follow_up = len(new) >= live.record.policy.min_new_images
             if not live.captioning:
@@ -393,6 +473,9 @@ class WatchManager:
         source = f"watch {record.folder}"
         try:
             fields = job_fields(record, version=version)
+            clash = version_clash(record.folder, fields, self._version_fields(skip=record.watch_id))
+            if clash is not None:
+                raise clash
             if fields.get("captioner") and not captioned:
                 self._start_captioning(live, fields)
                 return
@@ -426,7 +509,9 @@ class WatchManager:
         name); the next batch of images retries. Other watches are untouched."""
         if isinstance(err, LoradError):
             log.warning("watch %s: cannot queue a job: %s", live.record.folder, err)
-            self._set(live, WatchState.ERROR, error=str(err), hint=err.hint)
+            hint = (err.hint + " " if err.hint else "") + RETRY_HINT
+            self._set(live, WatchState.ERROR, error=str(err), hint=hint)
+            live.template_stamp = _stamp(live.record.config_path)
             return
         log.error("watch %s: cannot queue a job", live.record.folder, exc_info=err)
         self._set(
@@ -485,7 +570,7 @@ class WatchManager:
         if live.follow_up and not live.debouncer.busy:
             live.follow_up = False
             live.images = list_images(live.folder)
-            if len(live.new_images()) >= record.policy.min_new_images:
+            if len(self._usable_new(live)) >= record.policy.min_new_images:
                 self._queue_job(live)
 
     # --- observers and errors ----------------------------------------------------------------
@@ -524,6 +609,8 @@ class WatchManager:
 
     # --- views and followers ------------------------------------------------------------------
     def _set(self, live: _Live, state: WatchState, *, error: str = "", hint: str = "") -> None:
+        if state != WatchState.ERROR:
+            live.template_stamp = None
         if (live.state, live.error, live.hint) != (state, error, hint):
             live.state, live.error, live.hint = state, error, hint
             live.updated_at = time.time()
@@ -556,6 +643,18 @@ class WatchManager:
             self._changes.append((self._seq, change))
             del self._changes[:-_KEPT_CHANGES]
             self._changed.notify_all()
+
+
+RETRY_HINT = "Saving the fixed template retries by itself; `lorad watch retry FOLDER` retries now."
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """(mtime_ns, size) of the file at ``path``; (0, 0) when it cannot be read."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 # --- jobs of a watch ---------------------------------------------------------------------------
@@ -642,7 +741,7 @@ def publish(output: str, record: WatchRecord) -> str:
     target = Path(record.policy.publish_dir) / f"{watch_name(record)}{Path(output).suffix}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_with_atomic(target, lambda tmp: shutil.copyfile(output, tmp))
+        write_with_atomic(target, lambda tmp: shutil.copyfile(output, tmp), user_file=True)
     except OSError as err:
         log.warning("watch %s: cannot publish %s to %s: %s", record.folder, output, target, err)
         return ""

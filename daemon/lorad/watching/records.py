@@ -65,7 +65,7 @@ def watch_policy(
     continue_steps: int = 0,
     publish_dir: str = "",
     polling: bool = False,
-    source: str = "AddWatch",
+    source: str = "watch",
 ) -> WatchPolicy:
     """A policy with defaults for zero values (quiet 10 s, 1 new image, continue). Raises ConfigError
     naming every bad field. ``publish_dir`` must already be absolute."""

@@ -148,20 +148,22 @@ class LatentsCached(_message.Message):
     def __init__(self, cached: _Optional[int] = ..., encoded: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingStarted(_message.Message):
-    __slots__ = ("total_steps", "start_step", "epochs", "trainable_params", "device", "precision")
+    __slots__ = ("total_steps", "start_step", "epochs", "trainable_params", "device", "precision", "resumed_from")
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
     total_steps: int
     start_step: int
     epochs: int
     trainable_params: int
     device: str
     precision: str
-    def __init__(self, total_steps: _Optional[int] = ..., start_step: _Optional[int] = ..., epochs: _Optional[int] = ..., trainable_params: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    resumed_from: str
+    def __init__(self, total_steps: _Optional[int] = ..., start_step: _Optional[int] = ..., epochs: _Optional[int] = ..., trainable_params: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resumed_from: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("progress",)
@@ -215,18 +217,22 @@ class JobFailed(_message.Message):
     def __init__(self, error: _Optional[str] = ..., hint: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class JobCancelled(_message.Message):
-    __slots__ = ("checkpoint",)
+    __slots__ = ("checkpoint", "partial")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
-    def __init__(self, checkpoint: _Optional[str] = ...) -> None: ...
+    partial: str
+    def __init__(self, checkpoint: _Optional[str] = ..., partial: _Optional[str] = ...) -> None: ...
 
 class JobInterrupted(_message.Message):
-    __slots__ = ("checkpoint", "will_resume")
+    __slots__ = ("checkpoint", "will_resume", "partial")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     WILL_RESUME_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     will_resume: bool
-    def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ...) -> None: ...
+    partial: str
+    def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ..., partial: _Optional[str] = ...) -> None: ...
 
 class EvalLoss(_message.Message):
     __slots__ = ("step", "loss", "samples")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from lorad.config.llm_schema import LlmTrainConfig
 from lorad.events import EvalDone, EventSink, LogLine, SampleGenerated
 from lorad.families.llm.adapter import build_lora_config, compatibility_report, read_adapter_weights, write_adapter
 from lorad.families.llm.model import LlmModel, RunTokenizer, load_llm, prepare_tokenizer, restore_base_llm
-from lorad.families.llm.outputs import generate_samples, write_merged
+from lorad.families.llm.outputs import generate_samples, write_merged, write_partial_adapter
 from lorad.lora.adapters import attach_lora_config, load_lora_state_dict, lora_state_dict
 from lorad.models.registry import ModelKey
 from lorad.textdata.batches import Batch, collate, plan_batches
@@ -161,6 +162,13 @@ class LlmRun:
         self._evaluate(step)
         self.scalars.summary["eval_loss"] = self.eval_history[-1]["loss"] if self.eval_history else None
         self.scalars.summary["eval_history"] = self.eval_history
+
+    def export_epoch(self, facts: RunFacts) -> None:
+        pass  # the epoch's checkpoint holds the adapter; kohya's per-epoch files are an image-LoRA habit
+
+    def export_partial(self, facts: RunFacts) -> Path | None:
+        state = lora_state_dict(self.model, ADAPTER)
+        return write_partial_adapter(self.config, state, self.lora_config, self.tokenizer, facts.steps, self.on_event)
 
     def export(self, facts: RunFacts) -> dict[str, str]:
         config = self.config

@@ -29,7 +29,7 @@ from lorad.diffusion.ddpm import sample_noise, snr_weights, training_target
 from lorad.diffusion.latents import encode_latents
 from lorad.events import EventSink, LatentsCached
 from lorad.families.sd.init_lora import apply_init_lora
-from lorad.families.sd.outputs import SdRunFacts, write_lora_files
+from lorad.families.sd.outputs import SdRunFacts, write_epoch_lora, write_lora_files, write_partial_lora
 from lorad.families.sd.prompts import PromptEncoder
 from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
 from lorad.lora.targets import ADAPTABLE, TEXT_ENCODER_SUGGESTIONS, UNET_ALIASES, UNET_SUGGESTIONS, resolve_targets
@@ -98,7 +98,7 @@ class SdRun:
     def __init__(
         self, config: TrainConfig, components: SDComponents, data: SdData, placement: Placement, on_event: EventSink
     ) -> None:
-        self.config, self.components, self.data = config, components, data
+        self.config, self.components, self.data, self.on_event = config, components, data, on_event
         self.device = placement.device
         self.scalars = Scalars()
         unet, text_encoder = components.unet, components.text_encoder
@@ -225,17 +225,26 @@ class SdRun:
     def finish(self, step: int) -> None:
         pass
 
-    def export(self, facts: RunFacts) -> dict[str, str]:
-        parts = {name: lora_state_dict(module, ADAPTER) for name, module in self.parts.items()}
-        lora_configs = {name: module.peft_config[ADAPTER] for name, module in self.parts.items()}
-        report = self.data.report.to_dict()
-        sd_facts = SdRunFacts(
+    def _lora_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: lora_state_dict(module, ADAPTER) for name, module in self.parts.items()}
+
+    def _facts(self, facts: RunFacts) -> SdRunFacts:
+        return SdRunFacts(
             model_version=self.components.model_version,
             num_train_images=len(self.samples),
-            tag_frequency=report["tag_frequency"],
+            tag_frequency=self.data.report.to_dict()["tag_frequency"],
             run=facts,
         )
-        return write_lora_files(self.config, parts, lora_configs, sd_facts)
+
+    def export(self, facts: RunFacts) -> dict[str, str]:
+        lora_configs = {name: module.peft_config[ADAPTER] for name, module in self.parts.items()}
+        return write_lora_files(self.config, self._lora_parts(), lora_configs, self._facts(facts))
+
+    def export_epoch(self, facts: RunFacts) -> None:
+        write_epoch_lora(self.config, self._lora_parts(), self._facts(facts))
+
+    def export_partial(self, facts: RunFacts) -> Path | None:
+        return write_partial_lora(self.config, self._lora_parts(), self._facts(facts), self.on_event)
 
 
 class SdFamily:

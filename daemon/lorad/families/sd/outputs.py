@@ -1,4 +1,5 @@
-"""The files a finished run leaves in ``output_dir``: both LoRA formats and the run summary."""
+"""The files a run leaves in ``output_dir``: both LoRA formats and the run summary when it finishes,
+kohya's per-epoch LoRA files (``save_every_n_epochs``), and a partial LoRA when it is stopped."""
 
 from __future__ import annotations
 
@@ -13,12 +14,21 @@ import torch
 from peft import LoraConfig
 
 from lorad.config import TrainConfig
+from lorad.disk_space import disk_full_as_error, ensure_room
+from lorad.errors import DiskFull
+from lorad.events import EventSink, LogLine
 from lorad.lora.diffusers_format import save_diffusers_lora
 from lorad.lora.kohya_format import save_kohya, to_kohya
 from lorad.training.family import RunFacts
+from lorad.training.run_folder import EXPORT_FULL_HINT
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BASE_VERSION_NAMES = {"sd1": "sd_v1", "sd2": "sd_v2"}
+# kohya's EPOCH_FILE_NAME ("{}-{:06d}"): A1111 users know `my_lora-000004` as "after epoch 4".
+EPOCH_FILE_NAME = "{name}-{epoch:06d}.safetensors"
+PARTIAL_FILE_NAME = "{name}-partial-step{step:08d}.safetensors"
+# Room for safetensors headers, metadata and the summary beyond the tensors themselves.
+_EXPORT_SLACK_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,15 +83,65 @@ def kohya_metadata(config: TrainConfig, facts: SdRunFacts) -> dict[str, str]:
     return {k: str(v) for k, v in meta.items()}
 
 
+def lora_file_bytes(parts: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype) -> int:
+    """About how many bytes one LoRA file of ``parts`` saved as ``dtype`` takes."""
+    elements = sum(t.numel() for state in parts.values() for t in state.values())
+    return elements * dtype.itemsize + _EXPORT_SLACK_BYTES
+
+
 def write_lora_files(
     config: TrainConfig,
     parts: Mapping[str, Mapping[str, torch.Tensor]],
     lora_configs: Mapping[str, LoraConfig],
     facts: SdRunFacts,
 ) -> dict[str, str]:
-    """Write the kohya file and diffusers' file; return {"kohya": path, "diffusers": path}."""
+    """Write the kohya file and diffusers' file; return {"kohya": path, "diffusers": path}.
+
+    Raises :class:`~lorad.errors.DiskFull` (naming the disk and the room needed) before writing when
+    the disk has no room for both, or after removing the partial file when it fills up meanwhile.
+    """
     dtype = SAVE_DTYPES[config.save_precision]
     kohya_path = config.output_dir / f"{config.output_name}.safetensors"
-    save_kohya(kohya_path, to_kohya(parts, config.effective_lora_alpha, dtype), kohya_metadata(config, facts))
-    diffusers_path = save_diffusers_lora(config.output_dir, parts, lora_configs, dtype)
+    needed, what = 2 * lora_file_bytes(parts, dtype), f"the LoRA files of `{config.output_name}`"
+    ensure_room(config.output_dir, needed, what, EXPORT_FULL_HINT)
+    with disk_full_as_error(config.output_dir, what, needed, EXPORT_FULL_HINT):
+        save_kohya(kohya_path, to_kohya(parts, config.effective_lora_alpha, dtype), kohya_metadata(config, facts))
+        diffusers_path = save_diffusers_lora(config.output_dir, parts, lora_configs, dtype)
     return {"kohya": str(kohya_path), "diffusers": str(diffusers_path)}
+
+
+def _write_kohya_file(
+    config: TrainConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], facts: SdRunFacts, name: str
+) -> Path:
+    dtype = SAVE_DTYPES[config.save_precision]
+    path = config.output_dir / name
+    needed = lora_file_bytes(parts, dtype)
+    ensure_room(config.output_dir, needed, f"the LoRA file {name}")
+    with disk_full_as_error(config.output_dir, f"the LoRA file {name}", needed):
+        save_kohya(path, to_kohya(parts, config.effective_lora_alpha, dtype), kohya_metadata(config, facts))
+    return path
+
+
+def write_epoch_lora(config: TrainConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], facts: SdRunFacts) -> Path:
+    """Write the kohya LoRA of the epoch ``facts.run.epoch`` just completed, as kohya's ``save_every_n_epochs``
+    does: ``<output_name>-<epoch, 6 digits>.safetensors`` in ``output_dir``. DiskFull when it does not fit."""
+    return _write_kohya_file(
+        config, parts, facts, EPOCH_FILE_NAME.format(name=config.output_name, epoch=facts.run.epoch)
+    )
+
+
+def write_partial_lora(
+    config: TrainConfig,
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    facts: SdRunFacts,
+    on_event: EventSink,
+) -> Path | None:
+    """Write the kohya LoRA of a stopped run's last completed step ``facts.run.steps``, named as partial
+    (``<output_name>-partial-step<8 digits>.safetensors``), so a cancelled job still leaves a LoRA
+    A1111 loads. Its checkpoint matters more: a full disk is reported as a warning and gives None."""
+    name = PARTIAL_FILE_NAME.format(name=config.output_name, step=facts.run.steps)
+    try:
+        return _write_kohya_file(config, parts, facts, name)
+    except DiskFull as err:
+        on_event(LogLine(message=f"no partial LoRA written: {err}", level="warning"))
+        return None
