@@ -186,12 +186,21 @@ def test_trains_from_single_file_with_separate_files(
 def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny: dict[str, Path], data: Path) -> None:
     config = parse(
         flux_values(
-            tiny["schnell"], data, tmp_path / "out", max_train_steps=2, transformer_target_modules=["attention"]
+            tiny["schnell"],
+            data,
+            tmp_path / "out",
+            epochs=2,
+            batch_size=4,
+            save_every_n_epochs=1,
+            transformer_target_modules=["attention"],
         ),
         tmp_path,
     )
     result = train(config)
+    assert result.steps == 4
+    epoch_file = load_file(str(tmp_path / "out" / "out-000001.safetensors"))  # kohya's per-epoch name
     kohya = load_file(result.outputs["kohya"])
+    assert epoch_file.keys() == kohya.keys()
     assert "lora_unet_single_blocks_0_linear1.alpha" in kohya
     assert not any("_mod_lin" in k or "linear2" in k for k in kohya)  # attention only
     with safe_open(result.outputs["kohya"], framework="pt") as handle:
@@ -242,12 +251,15 @@ def test_resume_is_exact(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles
         if isinstance(event, StepDone) and event.step == 5:
             stop.set()
 
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted) as err:
         train(
             parse(file_values(files, tiny, data, tmp_path / "part", **common), tmp_path),
             on_event=stop_at_five,
             stop=stop,
         )
+    # A stopped run leaves a usable kohya LoRA of its last step beside the checkpoint.
+    assert err.value.partial and Path(err.value.partial).name == "part-partial-step00000005.safetensors"
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in load_file(err.value.partial)
     resumed = train(parse(file_values(files, tiny, data, tmp_path / "part", resume_from="latest", **common), tmp_path))
     assert resumed.steps == full.steps == 12
     a, b = load_file(full.outputs["kohya"]), load_file(resumed.outputs["kohya"])
@@ -399,6 +411,18 @@ def test_cli_prints_the_flux_example_and_checks_a_flux_config(
     assert main(["config", "--check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "`unet_target_modules`" in err and "transformer_target_modules" in err and "Traceback" not in err
+    # The cheap pre-flight: model files read by header, tokenizers found, target names resolved.
+    values = file_values(files, tiny, data, tmp_path / "out", transformer_target_modules=["attn2"])
+    values.pop("ae")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump(values))
+    assert main(["config", "--check", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "`ae`" in err and "ae.safetensors" in err and "Traceback" not in err
+    missing.write_text(yaml.safe_dump({**values, "ae": str(files.ae)}))
+    assert main(["config", "--check", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "`transformer_target_modules`" in err and "'attn2' matches no layer" in err
 
 
 @pytest.mark.slow

@@ -45,10 +45,13 @@ from lorad.diffusion.flow_matching import (
 )
 from lorad.diffusion.latents import encode_latents
 from lorad.diffusion.text_cache import TextEncoderCache, tokenizer_digest
+from lorad.disk_space import disk_full_as_error, ensure_room
+from lorad.errors import DiskFull
 from lorad.events import EventSink, LatentsCached, LogLine
 from lorad.families.flux.config import FluxTrainConfig
 from lorad.families.flux.key_map import FluxShape
 from lorad.families.flux.lora_files import (
+    ModuleLora,
     bfl_loras,
     clip_loras,
     comfyui_tensors,
@@ -62,7 +65,7 @@ from lorad.families.flux.targets import CLIP_MODULES, transformer_target_paths
 from lorad.families.sd.family import FAMILY as SD_FAMILY
 from lorad.families.sd.family import SdData
 from lorad.families.sd.init_lora import apply_init_lora
-from lorad.families.sd.outputs import SAVE_DTYPES, SdRunFacts, kohya_metadata
+from lorad.families.sd.outputs import EPOCH_FILE_NAME, PARTIAL_FILE_NAME, SAVE_DTYPES, SdRunFacts, kohya_metadata
 from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
 from lorad.lora.targets import TEXT_ENCODER_SUGGESTIONS, resolve_targets
 from lorad.models.block_swap import BlockSwap, flux_blocks
@@ -87,6 +90,7 @@ from lorad.training.activation_checkpointing import (
 )
 from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
 from lorad.training.placement import Placement
+from lorad.training.run_folder import EXPORT_FULL_HINT
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 T5, POOLED = "t5", "pooled"
@@ -169,7 +173,7 @@ class FluxRun:
     def __init__(
         self, config: FluxTrainConfig, model: FluxModel, data: SdData, placement: Placement, on_event: EventSink
     ) -> None:
-        self.config, self.model, self.data = config, model, data
+        self.config, self.model, self.data, self.on_event = config, model, data, on_event
         self.device, self.dtype = placement.device, placement.weight_dtype
         self.scalars = Scalars()
         transformer = model.transformer
@@ -411,20 +415,15 @@ class FluxRun:
         if self.model.swap is not None:
             self.model.swap.settle()
 
-    def export(self, facts: RunFacts) -> dict[str, str]:
+    def _files(self, facts: RunFacts) -> tuple[dict[str, ModuleLora], dict[str, ModuleLora], dict[str, str]]:
+        """The run's LoRA in BFL modules (transformer) and CLIP-L modules, and the files' metadata."""
         config = self.config
-        dtype = SAVE_DTYPES[config.save_precision]
         alpha = config.effective_lora_alpha
-        transformer_lora = lora_state_dict(self.model.transformer, ADAPTER)
-        clip_lora = lora_state_dict(self.clip, ADAPTER) if self.clip is not None else {}
-        bfl = bfl_loras(transformer_lora, self.shape, alpha)
-        clip = clip_loras(clip_lora, alpha)
+        bfl = bfl_loras(lora_state_dict(self.model.transformer, ADAPTER), self.shape, alpha)
+        clip = clip_loras(lora_state_dict(self.clip, ADAPTER), alpha) if self.clip is not None else {}
         report = self.data.report.to_dict()
         sd_facts = SdRunFacts(
-            model_version="flux1",
-            num_train_images=len(self.samples),
-            tag_frequency=report["tag_frequency"],
-            run=facts,
+            model_version="flux1", num_train_images=len(self.samples), tag_frequency=report["tag_frequency"], run=facts
         )
         extra = {
             "ss_guidance_scale": config.guidance_scale,
@@ -436,25 +435,66 @@ class FluxRun:
         metadata = kohya_metadata(config, sd_facts) | flux_metadata(
             self.sources.variant, rank=config.lora_rank, alpha=alpha, extra=extra
         )
-        outputs: dict[str, str] = {}
+        return bfl, clip, metadata
+
+    def _kohya_file(self, name: str, facts: RunFacts) -> Path:
+        """One kohya-layout file ``name`` in ``output_dir`` (epoch and partial files). DiskFull when it does not fit."""
+        dtype = SAVE_DTYPES[self.config.save_precision]
+        bfl, clip, metadata = self._files(facts)
+        tensors = kohya_tensors(bfl, clip, dtype)
+        path, needed = self.config.output_dir / name, _bytes(tensors)
+        ensure_room(self.config.output_dir, needed, f"the LoRA file {name}")
+        with disk_full_as_error(self.config.output_dir, f"the LoRA file {name}", needed):
+            return save_flux_kohya(path, tensors, metadata)
+
+    def export(self, facts: RunFacts) -> dict[str, str]:
+        config = self.config
+        dtype = SAVE_DTYPES[config.save_precision]
+        bfl, clip, metadata = self._files(facts)
+        files: dict[str, tuple[Path, dict[str, torch.Tensor]]] = {}
         if "kohya" in config.output_format:
-            path = config.output_dir / f"{config.output_name}.safetensors"
-            outputs["kohya"] = str(save_flux_kohya(path, kohya_tensors(bfl, clip, dtype), metadata))
+            files["kohya"] = (config.output_dir / f"{config.output_name}.safetensors", kohya_tensors(bfl, clip, dtype))
         if "comfyui" in config.output_format:
             path = config.output_dir / f"{config.output_name}_comfyui.safetensors"
-            outputs["comfyui"] = str(save_flux_kohya(path, comfyui_tensors(bfl, clip, dtype), metadata))
-        if "diffusers" in config.output_format:
-            clip_config = self.clip.peft_config[ADAPTER].to_dict() if self.clip is not None else None
-            path = save_flux_diffusers(
-                config.output_dir,
-                transformer_lora,
-                clip_lora,
-                transformer_config=self.model.transformer.peft_config[ADAPTER].to_dict(),
-                clip_config=clip_config,
-                dtype=dtype,
-            )
-            outputs["diffusers"] = str(path)
+            files["comfyui"] = (path, comfyui_tensors(bfl, clip, dtype))
+        transformer_lora = lora_state_dict(self.model.transformer, ADAPTER)
+        clip_lora = lora_state_dict(self.clip, ADAPTER) if self.clip is not None else {}
+        diffusers_bytes = _bytes({**transformer_lora, **clip_lora}) if "diffusers" in config.output_format else 0
+        needed = sum(_bytes(t) for _, t in files.values()) + diffusers_bytes
+        what = f"the LoRA files of `{config.output_name}`"
+        ensure_room(config.output_dir, needed, what, EXPORT_FULL_HINT)
+        outputs: dict[str, str] = {}
+        with disk_full_as_error(config.output_dir, what, needed, EXPORT_FULL_HINT):
+            for role, (path, tensors) in files.items():
+                outputs[role] = str(save_flux_kohya(path, tensors, metadata))
+            if "diffusers" in config.output_format:
+                clip_config = self.clip.peft_config[ADAPTER].to_dict() if self.clip is not None else None
+                path = save_flux_diffusers(
+                    config.output_dir,
+                    transformer_lora,
+                    clip_lora,
+                    transformer_config=self.model.transformer.peft_config[ADAPTER].to_dict(),
+                    clip_config=clip_config,
+                    dtype=dtype,
+                )
+                outputs["diffusers"] = str(path)
         return outputs
+
+    def export_epoch(self, facts: RunFacts) -> None:
+        self._kohya_file(EPOCH_FILE_NAME.format(name=self.config.output_name, epoch=facts.epoch), facts)
+
+    def export_partial(self, facts: RunFacts) -> Path | None:
+        name = PARTIAL_FILE_NAME.format(name=self.config.output_name, step=facts.steps)
+        try:
+            return self._kohya_file(name, facts)
+        except DiskFull as err:  # the checkpoint matters more than the partial LoRA
+            self.on_event(LogLine(message=f"no partial LoRA written: {err}", level="warning"))
+            return None
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """About how many bytes a safetensors file of ``tensors`` takes (with room for header and metadata)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 256 * 1024
 
 
 class FluxFamily:

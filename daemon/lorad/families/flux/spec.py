@@ -101,6 +101,13 @@ def out_of_memory_hint(config: FluxTrainConfig) -> str:
     return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
 
 
+def preflight(config: FluxTrainConfig) -> list:
+    """`lorad config --check`'s cheap checks of the model files, tokenizers, data and target names."""
+    from lorad.families.flux.preflight import flux_preflight
+
+    return flux_preflight(config)
+
+
 def render_flux_example() -> str:
     """The annotated FLUX.1 config (`lorad config --example flux`)."""
     return render_annotated(FluxTrainConfig, _SEED, title="lorad FLUX.1 LoRA config")
@@ -118,6 +125,6 @@ SPEC = FamilySpec(
     data_key="train_data_dir",
     output_kind="image_lora",
     uses_captioner=True,
-    hint_keys=frozenset({"t5xxl", "clip_l", "ae", "timestep_sampling", "guidance_scale", "transformer_target_modules"}),
+    preflight=preflight,
     out_of_memory_hint=out_of_memory_hint,
 )

@@ -9,21 +9,25 @@ from lorad.config.schema import TrainConfig
 from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
 
 
-def sd_preflight(config: TrainConfig) -> list[ConfigProblem]:
-    """What a run of ``config`` would hit in its first seconds, read from the files without loading weights."""
+def image_problems(config: TrainConfig) -> list[ConfigProblem]:
+    """The problem of a ``train_data_dir`` without images (every image family's first check)."""
     from lorad.data.dataset import IMAGE_EXTENSIONS, find_image_files
 
-    problems: list[ConfigProblem] = []
-    images = [p for p in find_image_files(config.train_data_dir) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not images:
-        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-        problems.append(
-            ConfigProblem(
-                "train_data_dir",
-                f"{config.train_data_dir} holds no images ({kinds}), in it or its subfolders",
-                "put your training images in it, or point train_data_dir at the folder that has them",
-            )
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in find_image_files(config.train_data_dir)):
+        return []
+    kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+    return [
+        ConfigProblem(
+            "train_data_dir",
+            f"{config.train_data_dir} holds no images ({kinds}), in it or its subfolders",
+            "put your training images in it, or point train_data_dir at the folder that has them",
         )
+    ]
+
+
+def sd_preflight(config: TrainConfig) -> list[ConfigProblem]:
+    """What a run of ``config`` would hit in its first seconds, read from the files without loading weights."""
+    problems = image_problems(config)
     if config.allow_pickle and Path(config.base_model).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         return problems  # a pickle has no header: checking it means reading it all, which is not cheap
     try:

@@ -1,0 +1,59 @@
+"""FLUX.1's ``lorad config --check``: images present, every model file found and what its key says,
+tokenizers found, and target names matching layers, from headers and configs (no weights read)."""
+
+from __future__ import annotations
+
+import re
+
+from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
+from lorad.families.flux.config import FluxTrainConfig
+from lorad.families.sd.preflight import image_problems
+
+
+def _problem(err: ModelLoadError) -> ConfigProblem:
+    """A loader error as the problem of the key its message starts with (``base_model`` otherwise)."""
+    found = re.match(r"`(\w+)`\s*(.*)", str(err), re.S)
+    if found:
+        return ConfigProblem(found[1], found[2].lstrip(": "), err.hint)
+    return ConfigProblem("base_model", str(err), err.hint)
+
+
+def flux_preflight(config: FluxTrainConfig) -> list[ConfigProblem]:
+    """What a run of ``config`` would hit in its first seconds, read from the files without loading weights."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorad.families.flux.targets import transformer_target_paths
+    from lorad.lora.targets import TEXT_ENCODER_SUGGESTIONS, resolve_targets
+    from lorad.models.flux_loader import resolve_flux_model
+
+    problems = image_problems(config)
+    try:
+        sources = resolve_flux_model(
+            config.base_model,
+            clip_l=config.clip_l,
+            t5xxl=config.t5xxl,
+            ae=config.ae,
+            clip_l_tokenizer=config.clip_l_tokenizer,
+            t5xxl_tokenizer=config.t5xxl_tokenizer,
+            model_config_dir=config.model_config_dir,
+            t5xxl_max_token_length=config.t5xxl_max_token_length,
+        )
+    except ModelLoadError as err:
+        return [*problems, _problem(err)]
+    with torch.device("meta"):  # shapes only: resolving names needs the modules, not their weights
+        transformer = FluxTransformer2DModel.from_config(sources.transformer.config)
+        clip = CLIPTextModel(CLIPTextConfig(**sources.clip_l.config)) if config.train_text_encoder else None
+    try:
+        transformer_target_paths(transformer, config.transformer_target_modules, key="transformer_target_modules")
+        if clip is not None:
+            resolve_targets(
+                clip,
+                config.text_encoder_target_modules,
+                key="text_encoder_target_modules",
+                suggestions=TEXT_ENCODER_SUGGESTIONS,
+            )
+    except ConfigError as err:
+        problems += err.problems
+    return problems
