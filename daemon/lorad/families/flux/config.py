@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorad.config.loader import image_checks, parse_family_config
 from lorad.config.schema import REQUIRED_KEYS, TrainConfig, redefault, spec
 from lorad.errors import ConfigProblem
+
+if TYPE_CHECKING:
+    from lorad.models.flux_loader import FluxSources, TransformerSource
 
 TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "uniform")  # lorad.diffusion.flow_matching's names
 BASE_QUANTIZATIONS = ("none", "fp8", "int8", "nf4")  # lorad.models.quantization's names
@@ -219,4 +222,22 @@ def parse_flux_config(raw: Any, *, base_dir: Path, source: str = "config") -> Fl
         required=FLUX_REQUIRED_KEYS,
         default_name="flux_lora",
         checks=[*image_checks(base_dir), _flux_checks],
+    )
+
+
+def flux_sources(config: FluxTrainConfig, *, transformer_source: TransformerSource | None = None) -> FluxSources:
+    """Every model part ``config`` names, found and checked without reading weights (ModelLoadError naming
+    the key at fault). ``transformer_source`` is a resident model's transformer, not looked up again."""
+    from lorad.models.flux_loader import resolve_flux_model
+
+    return resolve_flux_model(
+        config.base_model,
+        clip_l=config.clip_l,
+        t5xxl=config.t5xxl,
+        ae=config.ae,
+        clip_l_tokenizer=config.clip_l_tokenizer,
+        t5xxl_tokenizer=config.t5xxl_tokenizer,
+        model_config_dir=config.model_config_dir,
+        t5xxl_max_token_length=config.t5xxl_max_token_length,
+        transformer_source=transformer_source,
     )

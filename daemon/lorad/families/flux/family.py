@@ -48,7 +48,7 @@ from lorad.diffusion.text_cache import TextEncoderCache, tokenizer_digest
 from lorad.disk_space import disk_full_as_error, ensure_room
 from lorad.errors import DiskFull
 from lorad.events import EventSink, LatentsCached, LogLine
-from lorad.families.flux.config import FluxTrainConfig
+from lorad.families.flux.config import FluxTrainConfig, flux_sources
 from lorad.families.flux.key_map import FluxShape
 from lorad.families.flux.lora_files import (
     ModuleLora,
@@ -77,7 +77,6 @@ from lorad.models.flux_loader import (
     load_transformer,
     load_vae,
     open_tokenizers,
-    resolve_flux_model,
     resolve_flux_transformer,
 )
 from lorad.models.quantization import check_quantization, in_blocks, quantize_linears
@@ -177,17 +176,7 @@ class FluxRun:
         self.device, self.dtype = placement.device, placement.weight_dtype
         self.scalars = Scalars()
         transformer = model.transformer
-        sources = resolve_flux_model(
-            config.base_model,
-            clip_l=config.clip_l,
-            t5xxl=config.t5xxl,
-            ae=config.ae,
-            clip_l_tokenizer=config.clip_l_tokenizer,
-            t5xxl_tokenizer=config.t5xxl_tokenizer,
-            model_config_dir=config.model_config_dir,
-            t5xxl_max_token_length=config.t5xxl_max_token_length,
-            transformer_source=model.found,
-        )
+        sources = flux_sources(config, transformer_source=model.found)
         self.sources = sources
         self.shape: FluxShape = sources.shape
         self.guidance = config.guidance_scale if transformer.config.guidance_embeds else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
-from lorad.families.flux.config import FluxTrainConfig
+from lorad.families.flux.config import FluxTrainConfig, flux_sources
 from lorad.families.sd.preflight import image_problems
 
 
@@ -26,20 +26,10 @@ def flux_preflight(config: FluxTrainConfig) -> list[ConfigProblem]:
 
     from lorad.families.flux.targets import transformer_target_paths
     from lorad.lora.targets import TEXT_ENCODER_SUGGESTIONS, resolve_targets
-    from lorad.models.flux_loader import resolve_flux_model
 
     problems = image_problems(config)
     try:
-        sources = resolve_flux_model(
-            config.base_model,
-            clip_l=config.clip_l,
-            t5xxl=config.t5xxl,
-            ae=config.ae,
-            clip_l_tokenizer=config.clip_l_tokenizer,
-            t5xxl_tokenizer=config.t5xxl_tokenizer,
-            model_config_dir=config.model_config_dir,
-            t5xxl_max_token_length=config.t5xxl_max_token_length,
-        )
+        sources = flux_sources(config)
     except ModelLoadError as err:
         return [*problems, _problem(err)]
     with torch.device("meta"):  # shapes only: resolving names needs the modules, not their weights
