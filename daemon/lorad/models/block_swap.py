@@ -61,8 +61,8 @@ class BlockSwap:
                 if param.requires_grad:
                     continue
                 cpu = _copy_to(param.detach(), torch.device("cpu"))
-                if self._cuda and _plain(cpu):
-                    cpu = cpu.pin_memory()  # pinned memory is what lets the copy run asynchronously
+                if self._cuda:
+                    cpu = _pinned(cpu)
                 rest = nn.Parameter(cpu, requires_grad=False)
                 owner._parameters[name] = rest
                 resting.append((owner, name, rest))
@@ -172,6 +172,16 @@ class BlockSwap:
 def _plain(tensor: torch.Tensor) -> bool:
     """A plain tensor, not a quantized subclass (torchao's Int8Tensor, NF4Tensor, ...)."""
     return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in pinned memory, which lets its copy to the GPU run asynchronously. A quantized
+    subclass that cannot be pinned stays in pageable memory: its copy is then synchronous (slower,
+    still correct)."""
+    try:
+        return tensor.pin_memory()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return tensor
 
 
 def _copy_to(tensor: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
