@@ -233,7 +233,7 @@ def test_a_daemon_that_is_not_running_gets_a_message_with_the_start_command(tmp_
 def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path) -> None:
     from tests.conftest import run_daemon
 
-    running = run_daemon(short_dir, require_token=True)
+    running = run_daemon(short_dir)
     try:
         tcp = running.addresses[-1]
         with Daemon.connect(tcp, home=short_dir) as daemon:  # the token file in the daemon's home

@@ -185,18 +185,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     quiet_libraries()
     settings = daemon_settings(
         args.listen or (),
-        require_token=args.require_token,
         default_keep_alive=args.keep_alive,
         memory_budget_gb=args.memory_budget,
         resume_interrupted=not args.no_resume,
     )
 
     def ready(daemon) -> None:
-        token = (
-            " (token required: clients on this machine read it from the state directory)"
-            if settings.require_token
-            else ""
-        )
+        token = " (token required: clients of this user read it from the state directory)"
         print(
             f"lorad daemon ready on {', '.join(daemon.addresses)}{token}; state in {settings.home}",
             file=sys.stderr,
@@ -396,9 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDR",
         help="HOST:PORT or unix:/path (repeatable; replaces the defaults; env LORAD_ADDRESS). "
-        "A non-loopback address requires the token.",
+        "Every address requires the token (clients of this user read it from the state directory).",
     )
-    serve.add_argument("--require-token", action="store_true", help="require the token on loopback too")
+    # Kept so existing scripts still run: the token is required everywhere now.
+    serve.add_argument("--require-token", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--keep-alive",
         type=float,

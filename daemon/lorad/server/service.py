@@ -177,6 +177,11 @@ class LoradService:
         self.registry.close()
         self.store.close()
 
+    def close_stores(self) -> None:
+        """Close the databases of a service that never started (the daemon could not bind)."""
+        self.watches.store.close()
+        self.store.close()
+
     def _recover_interrupted(self) -> None:
         for job in self.store.list([JobState.RUNNING, JobState.INTERRUPTED], limit=10_000):
             if self.settings.resume_interrupted:
@@ -697,7 +702,7 @@ class LoradService:
             queue_length=len(self.store.list([JobState.QUEUED], limit=100_000)),
             running_job_id=self.worker.running_job_id or "",
             addresses=self.addresses,
-            token_required=self.settings.require_token,
+            token_required=True,
             home=str(self.settings.home),
             resident_models=len(self.registry.list()),
             pid=os.getpid(),

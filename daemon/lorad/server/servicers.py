@@ -46,6 +46,7 @@ from lorad_api.v1 import (
     watch_pb2,
     watch_pb2_grpc,
 )
+from lorad_client.identity import MAX_CHALLENGE_BYTES, MIN_CHALLENGE_BYTES, identity_proof
 
 log = logging.getLogger("lorad.server.servicers")
 
@@ -186,12 +187,25 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
 
 
 class SystemServicer(system_pb2_grpc.SystemServiceServicer):
-    def __init__(self, service: LoradService) -> None:
+    def __init__(self, service: LoradService, token: str = "") -> None:
         self.service = service
+        self._token = token
 
     def GetStatus(self, request, context):
         with rpc_errors(context):
             return status_to_proto(self.service.status())
+
+    def ProveIdentity(self, request, context):
+        size = len(request.challenge)
+        if not self._token:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no token to prove")
+        if not MIN_CHALLENGE_BYTES <= size <= MAX_CHALLENGE_BYTES:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"`challenge`: got {size} bytes\n"
+                f"hint: send {MIN_CHALLENGE_BYTES} to {MAX_CHALLENGE_BYTES} random bytes",
+            )
+        return system_pb2.ProveIdentityResponse(proof=identity_proof(self._token, request.challenge))
 
 
 class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
@@ -231,12 +245,13 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
                 yield watch_change_to_proto(change)
 
 
-def add_servicers(server: grpc.Server, service: LoradService) -> list[str]:
-    """Register lorad's services on ``server``; returns their full names (for health and reflection)."""
+def add_servicers(server: grpc.Server, service: LoradService, *, token: str = "") -> list[str]:
+    """Register lorad's services on ``server``; returns their full names (for health and reflection).
+    ``token`` is what ProveIdentity proves knowledge of."""
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
-    system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service), server)
+    system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service, token), server)
     watch_pb2_grpc.add_WatchServiceServicer_to_server(WatchServicer(service), server)
     return [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
