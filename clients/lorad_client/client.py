@@ -354,6 +354,7 @@ class LoradClient:
         batch_size: int = 0,
         options: caption_pb2.CaptionOptions | None = None,
         keep_alive_seconds: float = 0,
+        allow_pickle: bool = False,
     ) -> CaptionStream:
         """Caption the images in ``folder`` (relative paths, here and in ``model``, resolve against
         ``base_dir``, made absolute here); ``captioner`` and ``format`` are CaptionerKind and
@@ -373,6 +374,7 @@ class LoradClient:
             batch_size=batch_size,
             options=options,
             keep_alive_seconds=keep_alive_seconds,
+            allow_pickle=allow_pickle,
         )
         try:
             call = self._caption.CaptionImages(request, metadata=self._metadata)

@@ -13,10 +13,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from lorad.config.limits import shown
 from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
 from lorad.config.loader import (
     _convert,
     _Invalid,
+    _resolve_base_model,
     _show,
     _unknown_key_problem,
     convert_keys,
@@ -24,6 +26,7 @@ from lorad.config.loader import (
     missing_required,
     run_checks,
 )
+from lorad.config.pickle_policy import pickle_problem
 from lorad.errors import ConfigError, ConfigProblem
 
 _HINTS = typing.get_type_hints(LlmTrainConfig)
@@ -58,11 +61,11 @@ def _to_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if name == "columns":
         unknown = [k for k, _ in pairs if k not in _COLUMN_NAMES]
         if unknown:
-            raise _Invalid(f"unknown field {unknown[0]!r}", "map one of: " + ", ".join(_COLUMN_NAMES))
+            raise _Invalid(f"unknown field {shown(unknown[0])}", "map one of: " + ", ".join(_COLUMN_NAMES))
     else:
         wrong = [v for _, v in pairs if v not in ("system", "user", "assistant")]
         if wrong:
-            raise _Invalid(f"role {wrong[0]!r}", "map each speaker to system, user or assistant")
+            raise _Invalid(f"role {shown(wrong[0])}", "map each speaker to system, user or assistant")
     return pairs
 
 
@@ -100,11 +103,16 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             )
         )
     problems += run_checks(values)
+    base = values.get("base_model")
+    if isinstance(base, str) and (problem := pickle_problem("base_model", base, values.get("allow_pickle", False))):
+        problems.append(problem)
     template = values.get("chat_template")
     if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
         problems.append(
             ConfigProblem(
-                "chat_template", f"got {template!r}", "use tokenizer, chatml, llama2, alpaca, or Jinja template text"
+                "chat_template",
+                f"got {shown(template)}",
+                "use tokenizer, chatml, llama2, alpaca, or Jinja template text",
             )
         )
     targets = values.get("target_modules", ())
@@ -113,7 +121,7 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem(
                 "target_modules",
-                f"unknown preset {unknown_presets[0]!r}",
+                f"unknown preset {shown(unknown_presets[0])}",
                 "use layer names, or a preset: " + ", ".join(TARGET_PRESETS),
             )
         )
@@ -169,6 +177,8 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
         free_choice=("chat_template",),
     )
     problems += missing_required(raw, specs, LLM_REQUIRED_KEYS)
+    if values.get("base_model"):  # resolved before the checks look at the disk
+        values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
     problems += _llm_cross_checks(values)
     if problems:
         raise ConfigError(problems, source)

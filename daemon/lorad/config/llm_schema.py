@@ -14,7 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorad.config.schema import config_to_dict, spec
+from lorad.config.schema import (
+    MAX_ACCUMULATION,
+    MAX_ALPHA,
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_GRAD_NORM,
+    MAX_KEPT_CHECKPOINTS,
+    MAX_LEARNING_RATE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_WEIGHT_DECAY,
+    config_to_dict,
+    spec,
+)
 
 # `target_modules` presets: names every Llama/Mistral/Qwen-style model uses.
 TARGET_PRESETS: Mapping[str, tuple[str, ...]] = {
@@ -73,7 +86,12 @@ class LlmTrainConfig:
     )
     max_seq_len: int = field(
         default=1024,
-        metadata=spec("data", "Tokens per sample; longer samples are cut (the data report says how many).", minimum=8),
+        metadata=spec(
+            "data",
+            "Tokens per sample; longer samples are cut (the data report says how many).",
+            minimum=8,
+            maximum=131_072,
+        ),
     )
     packing: bool = field(
         default=False,
@@ -113,6 +131,14 @@ class LlmTrainConfig:
     tokenizer_path: Path | None = field(
         default=None, metadata=spec("model", "A tokenizer folder. Unset: the base model's own tokenizer.")
     )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=spec(
+            "model",
+            "Allow a base model whose weights exist only as pytorch_model.bin (a pickle, read with "
+            "torch.load(weights_only=True)). Prefer safetensors.",
+        ),
+    )
     load_in_4bit: bool = field(
         default=False,
         metadata=spec("model", "QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU)."),
@@ -126,6 +152,7 @@ class LlmTrainConfig:
             "lora",
             "LoRA alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with use_rslora). Unset: 2 x lora_rank.",
             minimum=0.0,
+            maximum=MAX_ALPHA,
             exclusive_minimum=True,
         ),
     )
@@ -163,21 +190,38 @@ class LlmTrainConfig:
 
     # --- training ---------------------------------------------------------------------------
     batch_size: int = field(
-        default=4, metadata=spec("training", "Samples (packed rows with packing) per step.", minimum=1)
+        default=4,
+        metadata=spec("training", "Samples (packed rows with packing) per step.", minimum=1, maximum=MAX_BATCH),
     )
-    epochs: int = field(default=3, metadata=spec("training", "Passes over the data.", minimum=1))
+    epochs: int = field(default=3, metadata=spec("training", "Passes over the data.", minimum=1, maximum=MAX_EPOCHS))
     max_train_steps: int | None = field(
-        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
+        default=None,
+        metadata=spec(
+            "training", "Stop after this many optimizer steps; overrides epochs.", minimum=1, maximum=MAX_STEPS
+        ),
     )
     learning_rate: float = field(
         default=2e-4,
-        metadata=spec("training", "Learning rate of the LoRA weights.", minimum=0.0, exclusive_minimum=True),
+        metadata=spec(
+            "training",
+            "Learning rate of the LoRA weights.",
+            minimum=0.0,
+            maximum=MAX_LEARNING_RATE,
+            exclusive_minimum=True,
+        ),
     )
     gradient_accumulation_steps: int = field(
-        default=1, metadata=spec("training", "Micro-batches whose gradients are summed per optimizer step.", minimum=1)
+        default=1,
+        metadata=spec(
+            "training",
+            "Micro-batches whose gradients are summed per optimizer step.",
+            minimum=1,
+            maximum=MAX_ACCUMULATION,
+        ),
     )
     max_grad_norm: float = field(
-        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
+        default=1.0,
+        metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0, maximum=MAX_GRAD_NORM),
     )
     optimizer: str = field(
         default="adamw",
@@ -185,7 +229,9 @@ class LlmTrainConfig:
             "training", "adamw, or adamw8bit (needs bitsandbytes and a CUDA GPU).", choices=("adamw", "adamw8bit")
         ),
     )
-    weight_decay: float = field(default=0.0, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
+    weight_decay: float = field(
+        default=0.0, metadata=spec("training", "AdamW weight decay.", minimum=0.0, maximum=MAX_WEIGHT_DECAY)
+    )
     lr_scheduler: str = field(
         default="cosine",
         metadata=spec(
@@ -195,7 +241,8 @@ class LlmTrainConfig:
         ),
     )
     lr_warmup_steps: int = field(
-        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
+        default=0,
+        metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0, maximum=MAX_STEPS),
     )
     mixed_precision: str = field(
         default="auto",
@@ -212,12 +259,20 @@ class LlmTrainConfig:
     eval_steps: int | None = field(
         default=None,
         metadata=spec(
-            "training", "Compute eval loss every N steps (and at the end). Unset: only at the end.", minimum=1
+            "training",
+            "Compute eval loss every N steps (and at the end). Unset: only at the end.",
+            minimum=1,
+            maximum=MAX_STEPS,
         ),
     )
     seed: int = field(
         default=42,
-        metadata=spec("training", "Random seed; the same seed and data give the same adapter on CPU.", minimum=0),
+        metadata=spec(
+            "training",
+            "Random seed; the same seed and data give the same adapter on CPU.",
+            minimum=0,
+            maximum=MAX_SEED,
+        ),
     )
     device: str = field(
         default="auto",
@@ -227,10 +282,18 @@ class LlmTrainConfig:
     # --- checkpoints ------------------------------------------------------------------------
     save_steps: int | None = field(
         default=None,
-        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
+        metadata=spec(
+            "checkpoints",
+            "Save a resumable checkpoint every N optimizer steps; unset disables.",
+            minimum=1,
+            maximum=MAX_STEPS,
+        ),
     )
     keep_checkpoints: int = field(
-        default=3, metadata=spec("checkpoints", "How many of the newest checkpoints to keep.", minimum=1)
+        default=3,
+        metadata=spec(
+            "checkpoints", "How many of the newest checkpoints to keep.", minimum=1, maximum=MAX_KEPT_CHECKPOINTS
+        ),
     )
     resume_from: Path | None = field(
         default=None,

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lorad.config.limits import path_problem, shown
 from lorad.config.llm_loader import parse_llm_config
 from lorad.config.llm_schema import LlmTrainConfig
-from lorad.config.loader import _resolve_base_model, parse_config, parse_config_text
+from lorad.config.loader import _resolve_base_model, parse_config
 from lorad.config.schema import TrainConfig
+from lorad.config.yaml_text import load_yaml_text
 from lorad.errors import ConfigError, ConfigProblem
 
 TASKS = ("sd", "llm")
@@ -60,14 +60,14 @@ def detect_task(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config
             raise ConfigError(
                 [
                     ConfigProblem(
-                        "task", f"got {task!r}", "use llm or sd, or remove it to detect the task from base_model"
+                        "task", f"got {shown(task)}", "use llm or sd, or remove it to detect the task from base_model"
                     )
                 ],
                 source,
             )
         return name
     base = raw.get("base_model")
-    if isinstance(base, (str, os.PathLike)) and str(base).strip():
+    if isinstance(base, (str, os.PathLike)) and str(base).strip() and path_problem("", os.fspath(base)) is None:
         return "llm" if is_causal_lm(_resolve_base_model(os.fspath(base), base_dir)) else "sd"
     return "llm" if "train_data" in raw else "sd"
 
@@ -82,11 +82,8 @@ def parse_any_config(raw: Any, *, base_dir: Path, source: str = "config") -> Any
 
 
 def parse_any_config_text(text: str, *, base_dir: Path, source: str = "config") -> AnyTrainConfig:
-    """Parse YAML text into the config type its task calls for (syntax errors as in parse_config_text)."""
-    try:
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
-        return parse_config_text(text, base_dir=base_dir, source=source)  # reports the syntax error
+    """Parse YAML text into the config type its task calls for (errors as in parse_config_text)."""
+    raw = load_yaml_text(text, source=source)
     return parse_any_config(raw if raw is not None else {}, base_dir=base_dir, source=source)
 
 

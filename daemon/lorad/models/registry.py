@@ -78,6 +78,9 @@ class ModelKey:
     tokenizer_path: str = ""
     prediction_type: str = "auto"
     kind: str = "sd"
+    # Whether the loader may read pickle weights: True only for a model that has no others (see
+    # lorad.config.pickle_policy.needs_pickle), so one safetensors model is one key either way.
+    allow_pickle: bool = False
 
     @property
     def model_id(self) -> str:

@@ -8,6 +8,7 @@ that caption their images share them. Methods raise lorad's own errors (ConfigEr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -27,8 +28,11 @@ from lorad.captioning.errors import FolderBusy
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
 from lorad.captioning.updates import CaptionUpdate
 from lorad.config import TrainConfig, parse_config
+from lorad.config.limits import MAX_CONFIG_BYTES, number_problem, path_problem, shown
 from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.pickle_policy import needs_pickle, pickle_problem
 from lorad.config.task import AnyTrainConfig, detect_task, parse_any_config, parse_any_config_text
+from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
 from lorad.events import EventSink
 from lorad.jobs.hub import EventHub
@@ -37,13 +41,14 @@ from lorad.jobs.store import JobStore
 from lorad.jobs.worker import Worker
 from lorad.models.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
 from lorad.paths import jobs_db_path
-from lorad.server.settings import DaemonSettings
+from lorad.server.settings import MAX_KEEP_ALIVE_SECONDS, DaemonSettings
 from lorad.watching.manager import JobGateway, WatchChange, WatchManager
 from lorad.watching.records import WatchNotFound, WatchView, watch_policy
 
 log = logging.getLogger("lorad.server.service")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The most jobs one ListJobs answer holds.
+MAX_LISTED_JOBS = 10_000
 
 
 class JobNotCancellable(LoradError):
@@ -86,12 +91,14 @@ def model_key(
     model_config_dir: str = "",
     tokenizer_path: str = "",
     prediction_type: str = "auto",
+    allow_pickle: bool = False,
 ) -> ModelKey:
     """The registry key of a base model as a job or LoadModel names it."""
     if config is not None:
         model_config_dir = str(config.model_config_dir or "")
         tokenizer_path = str(config.tokenizer_path or "")
         prediction_type = config.prediction_type
+        allow_pickle = config.allow_pickle
     return ModelKey(
         base_model=base_model,
         device=device,
@@ -99,6 +106,7 @@ def model_key(
         model_config_dir=model_config_dir,
         tokenizer_path=tokenizer_path,
         prediction_type=prediction_type,
+        allow_pickle=needs_pickle(base_model, allow_pickle),
     )
 
 
@@ -108,7 +116,13 @@ def llm_model_key(config: LlmTrainConfig, placement: Any) -> ModelKey:
     dtype = str(placement.weight_dtype).removeprefix("torch.")
     if config.load_in_4bit:
         dtype = "nf4:" + str(placement.autocast_dtype or "torch.float16").removeprefix("torch.")
-    return ModelKey(base_model=config.base_model, device=str(placement.device), dtype=dtype, kind="llm")
+    return ModelKey(
+        base_model=config.base_model,
+        device=str(placement.device),
+        dtype=dtype,
+        kind="llm",
+        allow_pickle=needs_pickle(config.base_model, config.allow_pickle),
+    )
 
 
 def _load_llm(key: ModelKey) -> Any:
@@ -123,7 +137,7 @@ def _load_llm(key: ModelKey) -> Any:
     placement = Placement(
         device=torch.device(key.device), autocast_dtype=dtype if four_bit else None, weight_dtype=dtype
     )
-    return load_llm(key.base_model, placement, load_in_4bit=four_bit)
+    return load_llm(key.base_model, placement, load_in_4bit=four_bit, allow_pickle=key.allow_pickle)
 
 
 class LoradService:
@@ -218,37 +232,17 @@ class LoradService:
         keep_alive_seconds: float = 0.0,
     ) -> JobRecord:
         """Validate a config (every problem at once, as ConfigError) and queue a job for it."""
-        if not base_dir or not Path(base_dir).is_absolute():
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
-                    )
-                ],
-                source_name or "request",
-            )
+        check_request("SubmitTraining", paths={"source_name": source_name}, keep_alive=keep_alive_seconds)
         source = source_name or "submitted config"
+        base = _absolute_base_dir(base_dir, source)
         config: AnyTrainConfig
         if config_fields is not None:
-            config = parse_any_config(dict(config_fields), base_dir=Path(base_dir), source=source)
+            _check_fields_size(config_fields, source)
+            config = parse_any_config(dict(config_fields), base_dir=base, source=source)
             config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
         else:
-            config = parse_any_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
-        if (
-            isinstance(config, TrainConfig)
-            and Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES
-            and not config.allow_pickle
-        ):
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_model",
-                        f"{config.base_model} is a pickle file",
-                        "convert it to .safetensors, or set `allow_pickle: true`",
-                    )
-                ],
-                source,
-            )
+            config = parse_any_config_text(config_yaml or "", base_dir=base, source=source)
+        # Pickle weights without `allow_pickle` were refused by the config's own checks.
         job = self.store.create_job(
             name=config.output_name,
             config_yaml=config_yaml or "",
@@ -264,17 +258,25 @@ class LoradService:
 
     def get_job(self, job_id: str) -> JobRecord:
         """A job by id (or unique id prefix), with live progress while it runs."""
-        job = self.store.get(job_id)
-        live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
-        return replace(job, progress=live) if live else job
+        return self._with_live_progress(self.store.get(job_id))
 
     def queue_position(self, job_id: str) -> int:
         return self.store.queue_position(job_id)
 
     def list_jobs(self, states: Sequence[JobState] = (), limit: int = 100) -> list[JobRecord]:
-        return [
-            self.get_job(j.job_id) if j.state == JobState.RUNNING else j for j in self.store.list(states, limit or 100)
-        ]
+        """Jobs newest first (``limit`` 0 = 100, at most MAX_LISTED_JOBS), without their configs
+        (``config_yaml`` is ""; GetJob has it), so the answer stays small whatever was submitted."""
+        if not 0 <= limit <= MAX_LISTED_JOBS:
+            raise ConfigError(
+                [ConfigProblem("limit", f"got {limit}", f"use 1 to {MAX_LISTED_JOBS:,}, or 0 for the default 100")],
+                "ListJobs",
+            )
+        jobs = self.store.list(states, limit or 100, configs=False)
+        return [self._with_live_progress(job) for job in jobs]
+
+    def _with_live_progress(self, job: JobRecord) -> JobRecord:
+        live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
+        return replace(job, progress=live) if live else job
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job now, or ask a running one to stop after its current step."""
@@ -298,6 +300,9 @@ class LoradService:
         """The job's state now and an iterator over its events after ``after_seq``: history, then live,
         ending after its final event (or when ``active()`` turns False; or after the history)."""
         job = self.get_job(job_id)
+        # A job that has ended sends nothing new: its history is all there is, whatever after_seq says
+        # (following it would wait forever for an event past its end).
+        history_only = history_only or job.state.final
         return job, self.hub.follow(job.job_id, after_seq=after_seq, active=active, history_only=history_only)
 
     # --- watch folders -------------------------------------------------------------------------
@@ -325,6 +330,7 @@ class LoradService:
     ) -> WatchView:
         """Watch a folder (see :meth:`WatchManager.add`); relative paths resolve against ``base_dir``.
         ConfigError names every bad field; WatchExists when the folder is watched already."""
+        check_request("AddWatch", paths={"folder": folder, "config_path": config_path, "publish_dir": publish_dir})
         base = _absolute_base_dir(base_dir, "AddWatch")
         problems = []
         if not folder.strip():
@@ -358,6 +364,7 @@ class LoradService:
 
     def remove_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
         """Stop watching a folder, named by watch id or folder; WatchNotFound if not watched."""
+        check_request("RemoveWatch", paths={"watch": watch, "base_dir": base_dir})
         try:
             return self.watches.remove(watch)
         except WatchNotFound:
@@ -379,18 +386,7 @@ class LoradService:
         self, job_id: str, fields: Mapping[str, Any], base_dir: str, source_name: str
     ) -> JobRecord | None:
         """Replace a QUEUED job's config, validated as ``submit`` validates; None if it left the queue."""
-        config = parse_config(dict(fields), base_dir=Path(base_dir), source=source_name)
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_model",
-                        f"{config.base_model} is a pickle file",
-                        "convert it to .safetensors, or set `allow_pickle: true`",
-                    )
-                ],
-                source_name,
-            )
+        config = parse_config(dict(fields), base_dir=Path(base_dir), source=source_name)  # pickle refused here
         job = self.store.transition(
             job_id,
             expect={JobState.QUEUED},
@@ -440,7 +436,15 @@ class LoradService:
         if key.kind != "sd":
             from lorad.captioning.captioner import load_captioner
 
-            return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype))
+            return load_captioner(
+                CaptionerKey(
+                    kind=key.kind,
+                    model=key.base_model,
+                    device=key.device,
+                    dtype=key.dtype,
+                    allow_pickle=key.allow_pickle,
+                )
+            )
         import torch
 
         from lorad.engines.device import Placement
@@ -453,7 +457,7 @@ class LoradService:
         return load_for_training(
             key.base_model,
             placement,
-            allow_pickle=True,
+            allow_pickle=key.allow_pickle,  # the job's (or LoadModel's) own permission, never implied
             model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
             tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
             prediction_type=key.prediction_type,
@@ -468,11 +472,8 @@ class LoradService:
             return
         from lorad.engines.sd.train import ProvidedModel
 
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ModelLoadError(
-                f"`base_model`: {config.base_model} is a pickle file",
-                "convert it to .safetensors, or set `allow_pickle: true`",
-            )
+        if (problem := pickle_problem("base_model", config.base_model, config.allow_pickle)) is not None:
+            raise ModelLoadError(f"`base_model`: {problem.message}", problem.fix)
         key = model_key(
             config,
             base_model=config.base_model,
@@ -503,7 +504,13 @@ class LoradService:
 
         @contextmanager
         def provide(key: CaptionerKey) -> Iterator[ProvidedCaptioner]:
-            registry_key = ModelKey(base_model=key.model, device=key.device, dtype=key.dtype, kind=key.kind)
+            registry_key = ModelKey(
+                base_model=key.model,
+                device=key.device,
+                dtype=key.dtype,
+                kind=key.kind,
+                allow_pickle=needs_pickle(key.model, key.allow_pickle),
+            )
             with self.registry.use(registry_key, keep_alive=keep_alive) as acquired:
                 yield ProvidedCaptioner(
                     captioner=acquired.model,
@@ -557,6 +564,7 @@ class LoradService:
         regenerate: bool = False,
         device: str = "auto",
         keep_alive_seconds: float = 0.0,
+        allow_pickle: bool = False,
         active: Callable[[], bool] = lambda: True,
     ) -> Iterator[CaptionUpdate]:
         """Caption a folder with a resident captioner; yields its updates (see
@@ -566,18 +574,10 @@ class LoradService:
         from lorad.captioning.folder import caption_folder
         from lorad.captioning.request import caption_request
 
-        if not base_dir or not Path(base_dir).is_absolute():
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
-                    )
-                ],
-                "CaptionImages",
-            )
+        check_request("CaptionImages", keep_alive=keep_alive_seconds)
         request = caption_request(
             folder,
-            base_dir=Path(base_dir),
+            base_dir=_absolute_base_dir(base_dir, "CaptionImages"),
             captioner=captioner,
             model=model,
             options=options,
@@ -588,6 +588,7 @@ class LoradService:
             overwrite=overwrite,
             regenerate=regenerate,
             device=device,
+            allow_pickle=allow_pickle,
             source="CaptionImages",
         )
         with self._hold_folder(request.folder, wait=False):
@@ -601,8 +602,10 @@ class LoradService:
         ConfigError names a missing folder; DataError a metadata.csv training could not read."""
         from lorad.captioning.editing import list_captions, resolve_folder
 
+        check_request("ListCaptions", paths={"folder": folder})
+        extension = _caption_extension(caption_extension, "ListCaptions")
         root = resolve_folder(folder, _absolute_base_dir(base_dir, "ListCaptions"), "ListCaptions")
-        return list_captions(root, caption_extension=_caption_extension(caption_extension))
+        return list_captions(root, caption_extension=extension)
 
     def set_captions(
         self, *, folder: str, base_dir: str, edits: Sequence[tuple[str, str]], caption_extension: str = ""
@@ -611,9 +614,12 @@ class LoradService:
         ConfigError lists every bad edit before anything is written; FolderBusy while it is being captioned."""
         from lorad.captioning.editing import resolve_folder, set_captions
 
+        paths = {"folder": folder} | {f"edits[{i}].path": path for i, (path, _) in enumerate(edits)}
+        check_request("SetCaptions", paths=paths)
+        extension = _caption_extension(caption_extension, "SetCaptions")
         root = resolve_folder(folder, _absolute_base_dir(base_dir, "SetCaptions"), "SetCaptions")
         with self._hold_folder(root, wait=False):
-            return set_captions(root, edits, caption_extension=_caption_extension(caption_extension))
+            return set_captions(root, edits, caption_extension=extension)
 
     def list_models(self) -> list[ResidentInfo]:
         return self.registry.list()
@@ -634,6 +640,12 @@ class LoradService:
         """Preload a base model the way a job with these settings would use it."""
         from lorad.engines.device import pick_placement
 
+        check_request(
+            "LoadModel",
+            paths={"base_model": base_model, "model_config_dir": model_config_dir, "tokenizer_path": tokenizer_path},
+            keep_alive=keep_alive_seconds,
+        )
+        _absolute_base_dir(base_dir or "/", "LoadModel")
         if detect_task({"base_model": base_model}, base_dir=Path(base_dir or "/")) == "llm":
             llm_fields = {
                 "train_data": base_dir or "/",
@@ -641,6 +653,7 @@ class LoradService:
                 "output_dir": base_dir or "/",
                 "device": device or "auto",
                 "mixed_precision": mixed_precision or "auto",
+                "allow_pickle": allow_pickle,
             }
             llm_config = parse_any_config(
                 llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"), source="LoadModel"
@@ -660,18 +673,7 @@ class LoradService:
             fields["model_config_dir"] = model_config_dir
         if tokenizer_path:
             fields["tokenizer_path"] = tokenizer_path
-        config = parse_config(fields, base_dir=Path(base_dir or "/"), source="LoadModel")
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_model",
-                        f"{config.base_model} is a pickle file",
-                        "convert it to .safetensors, or set allow_pickle",
-                    )
-                ],
-                "LoadModel",
-            )
+        config = parse_config(fields, base_dir=Path(base_dir or "/"), source="LoadModel")  # pickle refused here
         placement = pick_placement(config.device, config.mixed_precision)
         key = model_key(
             config,
@@ -699,7 +701,7 @@ class LoradService:
             started_at=self.started_at,
             uptime_seconds=time.time() - self.started_at,
             devices=self._devices(),
-            queue_length=len(self.store.list([JobState.QUEUED], limit=100_000)),
+            queue_length=len(self.store.list([JobState.QUEUED], limit=100_000, configs=False)),
             running_job_id=self.worker.running_job_id or "",
             addresses=self.addresses,
             token_required=True,
@@ -725,13 +727,26 @@ class LoradService:
         return devices
 
 
+def check_request(source: str, *, paths: Mapping[str, str] | None = None, keep_alive: float | None = None) -> None:
+    """Refuse, as one ConfigError naming each field, request ``paths`` that cannot be paths here (NUL,
+    too long) and a ``keep_alive`` that is NaN, infinite, negative or over 30 days."""
+    problems = [p for key, text in (paths or {}).items() if (p := path_problem(key, text)) is not None]
+    if keep_alive is not None:
+        fix = f"use seconds from 0 (the default) to {MAX_KEEP_ALIVE_SECONDS:g} (30 days)"
+        if (problem := number_problem("keep_alive_seconds", keep_alive, 0.0, MAX_KEEP_ALIVE_SECONDS, fix)) is not None:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems, source)
+
+
 def _absolute_base_dir(base_dir: str, source: str) -> Path:
     """``base_dir`` as a Path; ConfigError unless it is absolute (relative paths need an anchor)."""
+    check_request(source, paths={"base_dir": base_dir})
     if not base_dir or not Path(base_dir).is_absolute():
         raise ConfigError(
             [
                 ConfigProblem(
-                    "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
+                    "base_dir", f"got {shown(base_dir)}", "send the absolute directory relative paths resolve against"
                 )
             ],
             source,
@@ -739,10 +754,32 @@ def _absolute_base_dir(base_dir: str, source: str) -> Path:
     return Path(base_dir)
 
 
-def _caption_extension(extension: str) -> str:
-    """A sidecar extension as sent ("" = ".txt", "caption" = ".caption")."""
+def _caption_extension(extension: str, source: str) -> str:
+    """A sidecar extension as sent ("" = ".txt", "caption" = ".caption"); ConfigError for one that
+    cannot name caption files (an image extension, a path)."""
     extension = extension.strip() or ".txt"
-    return extension if extension.startswith(".") else "." + extension
+    extension = extension if extension.startswith(".") else "." + extension
+    if (why := caption_extension_problem(extension)) is not None:
+        raise ConfigError(
+            [ConfigProblem("caption_extension", f"{shown(extension)} {why}", "use an extension such as .txt")], source
+        )
+    return extension
+
+
+def _check_fields_size(fields: Mapping[str, Any], source: str) -> None:
+    """ConfigError when structured config fields are larger than a YAML config may be."""
+    size = len(json.dumps(fields, default=str, allow_nan=True))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "config_fields",
+                    f"is {size:,} bytes as JSON; the limit is {MAX_CONFIG_BYTES:,} ({MAX_CONFIG_BYTES // 1024} KB)",
+                    "a training config is a few KB; keep data (captions, prompts) in files",
+                )
+            ],
+            source,
+        )
 
 
 def _measure_model(model: Any) -> int:

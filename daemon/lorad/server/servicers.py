@@ -11,7 +11,6 @@ import logging
 from collections.abc import Iterator
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from lorad.captioning.options import DEFAULT_BATCH_SIZE
 from lorad.errors import LoradError
@@ -29,11 +28,12 @@ from lorad.server.proto_convert import (
     resident_to_proto,
     set_captions_to_proto,
     status_to_proto,
+    struct_to_dict,
     watch_change_to_proto,
     watch_to_proto,
 )
 from lorad.server.service import LoradService
-from lorad.server.status_codes import message_for, status_for
+from lorad.server.status_codes import fit_trailer, message_for, status_for
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
@@ -62,7 +62,7 @@ def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
             raise
         log.exception("unexpected error in an RPC")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+        context.abort(grpc.StatusCode.INTERNAL, fit_trailer(f"internal error: {type(err).__name__}: {err}"))
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -75,7 +75,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def SubmitTraining(self, request, context):
         with rpc_errors(context):
             form = request.WhichOneof("config")
-            fields = MessageToDict(request.config_fields) if form == "config_fields" else None
+            fields = struct_to_dict(request.config_fields) if form == "config_fields" else None
             job = self.service.submit(
                 config_yaml=request.config_yaml if form == "config_yaml" else None,
                 config_fields=fields,
@@ -158,6 +158,7 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
                 regenerate=request.regenerate,
                 device=request.device or "auto",
                 keep_alive_seconds=request.keep_alive_seconds,
+                allow_pickle=request.allow_pickle,
                 active=context.is_active,
             )
             try:
