@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -61,6 +62,7 @@ class Served:
     tcp: str
     channel: grpc.Channel
     metadata: tuple[tuple[str, str], ...]
+    peak: int = 0  # the highest VmHWM seen before a reset_peak()
 
     def status(self, field: str) -> int:
         """A memory figure of the daemon process in bytes (VmRSS, VmHWM) from /proc."""
@@ -70,7 +72,9 @@ class Served:
         raise AssertionError(f"no {field} in /proc/{self.process.pid}/status")
 
     def reset_peak(self) -> bool:
-        """Start a new VmHWM measurement (Linux: write 5 to clear_refs); False where it cannot."""
+        """Start a new VmHWM measurement (Linux: write 5 to clear_refs); False where it cannot.
+        The peak so far is kept in ``peak``, so the module's true peak is still known."""
+        self.peak = max(self.peak, self.status("VmHWM"))
         try:
             Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
         except OSError:
@@ -112,7 +116,7 @@ def served() -> Iterator[Served]:
     try:
         yield running
     finally:
-        peak = running.status("VmHWM") if process.poll() is None else 0
+        peak = max(running.peak, running.status("VmHWM")) if process.poll() is None else 0
         report = os.environ.get("LORAD_MEMORY_REPORT")
         if report and peak:
             with open(report, "a") as out:
@@ -123,7 +127,9 @@ def served() -> Iterator[Served]:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
         log.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
@@ -355,7 +361,7 @@ def test_unary_calls_answer_while_many_streams_are_open(served: Served) -> None:
     try:
         for index in range(100):
             stub = watch_pb2_grpc.WatchServiceStub(channels[index % 10])
-            stream = stub.FollowWatches(watch_pb2.FollowWatchesRequest(), metadata=served.metadata)
+            stream = stub.FollowWatches(watch_pb2.FollowWatchesRequest(), metadata=served.metadata, timeout=60)
             streams.append(stream)
             next(stream)  # the snapshot: the daemon is serving this stream now
         system = system_pb2_grpc.SystemServiceStub(served.channel)
@@ -368,7 +374,7 @@ def test_unary_calls_answer_while_many_streams_are_open(served: Served) -> None:
         refused = 0
         for index in range(100):
             stub = watch_pb2_grpc.WatchServiceStub(channels[index % 10])
-            stream = stub.FollowWatches(watch_pb2.FollowWatchesRequest(), metadata=served.metadata)
+            stream = stub.FollowWatches(watch_pb2.FollowWatchesRequest(), metadata=served.metadata, timeout=60)
             extra.append(stream)
             try:
                 next(stream)
