@@ -41,6 +41,13 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
+def _lorad(*args: str) -> subprocess.CompletedProcess:
+    """Run the `lorad` command line in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorad.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 def _rpc_error_text(call) -> str:
     with pytest.raises(LoradRpcError) as err:
         call()
@@ -96,13 +103,7 @@ def test_errors_never_show_a_files_text(
     fake_weights = shutil.copy(secret, tmp_path / "model.safetensors")
     seen.append(_rpc_error_text(lambda: client.load_model(str(fake_weights), base_dir="/", device="cpu")))
     # The CLI's own check reads the file given.
-    check = subprocess.run(
-        [sys.executable, "-m", "lorad.cli", "config", "--check", str(secret)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    check = _lorad("config", "--check", str(secret))
     assert check.returncode != 0
     seen.append(check.stdout + check.stderr)
 
@@ -208,23 +209,11 @@ def test_an_image_extension_is_never_a_caption_extension(client: LoradClient, tm
             with pytest.raises(LoradRpcError) as err:
                 call()
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "caption_extension" in str(err.value)
-    cli = subprocess.run(
-        [sys.executable, "-m", "lorad.cli", "caption", str(data), "--caption-extension", ".png", "--embedded"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    cli = _lorad("caption", str(data), "--caption-extension", ".png", "--embedded")
     assert cli.returncode != 0 and "--caption-extension" in cli.stderr and "image extension" in cli.stderr
     config = tmp_path / "c.yaml"
     config.write_text(f"train_data_dir: {data}\nbase_model: m.safetensors\noutput_dir: o\ncaption_extension: .png\n")
-    check = subprocess.run(
-        [sys.executable, "-m", "lorad.cli", "config", "--check", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    check = _lorad("config", "--check", str(config))
     assert check.returncode != 0 and "`caption_extension`" in check.stdout + check.stderr
     assert _files(data) == before  # the images (and their captions) are untouched
 

@@ -394,11 +394,17 @@ def test_unary_calls_answer_while_many_streams_are_open(served: Served) -> None:
             channel.close()
 
 
+def _template(tmp_path: Path, data: Path) -> Path:
+    """A watch's template config training on ``data``."""
+    template = tmp_path / "template.yaml"
+    template.write_text(f"train_data_dir: {data}\nbase_model: {tmp_path}/m.safetensors\noutput_dir: {tmp_path}/o\n")
+    return template
+
+
 def test_a_broken_watch_row_never_stops_the_daemon_from_starting(short_dir: Path, tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", count=2)
     other = make_dataset(tmp_path / "other", count=2)
-    template = tmp_path / "template.yaml"
-    template.write_text(f"train_data_dir: {data}\nbase_model: {tmp_path}/m.safetensors\noutput_dir: {tmp_path}/o\n")
+    template = _template(tmp_path, data)
     first = run_daemon(short_dir)
     try:
         with LoradClient.connect(first.addresses[0], home=short_dir) as client:
@@ -441,8 +447,7 @@ def test_a_watched_folder_with_a_link_to_an_unreadable_folder(short_dir: Path, t
         pass
     data = make_dataset(tmp_path / "data", count=2)
     (data / "linked").symlink_to(unreadable)
-    template = tmp_path / "template.yaml"
-    template.write_text(f"train_data_dir: {data}\nbase_model: {tmp_path}/m.safetensors\noutput_dir: {tmp_path}/o\n")
+    template = _template(tmp_path, data)
     running = run_daemon(short_dir)
     try:
         with LoradClient.connect(running.addresses[0], home=short_dir) as client:
