@@ -24,7 +24,7 @@ from lorad.paths import token_path
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import draw_image, make_dataset, write_jsonl
+from tests.conftest import draw_image, make_dataset, tiny_train_values, write_jsonl
 
 CANARY = "LEAKCANARY7f3a9c"
 SECRET_LINES = (
@@ -284,10 +284,13 @@ def test_pickle_needs_opt_in_on_every_daemon_path(
         assert "pickle" in str(err.value) and "allow_pickle" in str(err.value), name
     assert client.list_models() == [] and client.list_jobs() == []
     # With the opt-in the same requests are accepted.
+    values = tiny_train_values(pickled_models["sd"], dataset, tmp_path / "ok", allow_pickle=True, max_train_steps=1)
     job = client.submit_training_fields(
-        sd | {"base_model": str(pickled_models["sd"]), "allow_pickle": True}, base_dir="/"
+        {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, base_dir="/"
     )
-    client.cancel_job(job.job_id)
+    assert _job_texts(client, job.job_id) and client.get_job(job.job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED, (
+        client.get_job(job.job_id).error
+    )
 
 
 def test_loaders_refuse_pickle_without_opt_in_even_when_asked_directly(
