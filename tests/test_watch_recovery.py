@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lorad.cli import main
+from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import watch_pb2
 from lorad_client import LoradClient, LoradRpcError
 from tests.test_watch_daemon import (
@@ -56,6 +57,7 @@ def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
 
 
 def test_watch_retry_reads_the_template_again_and_queues_the_job(
+    daemon: RunningDaemon,
     client: LoradClient,
     stock: Path,  # noqa: F811
     tiny_sd: Path,
@@ -76,10 +78,13 @@ def test_watch_retry_reads_the_template_again_and_queues_the_job(
     drop(stock, folder, 0)
     wait_for(lambda: state_of(client, watch.watch_id) == watch_pb2.WATCH_STATE_ERROR, "ERROR")
 
+    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))  # where the CLI finds the daemon and its token
     monkeypatch.setenv("LORAD_ADDRESS", client.target.target)
     monkeypatch.chdir(tmp_path)
-    assert main(["watch", "retry", "incoming"]) == 2  # still broken: it says why, by key (a config error)
-    assert "`lora_rank`: got 'four'" in capsys.readouterr().err
+    code = main(["watch", "retry", "incoming"])
+    err = capsys.readouterr().err
+    assert code == 2, err  # still broken: it says why, by key (a config error)
+    assert "`lora_rank`: got 'four'" in err
     with pytest.MonkeyPatch.context() as quiet:
         quiet.setattr("lorad.watching.manager.TICK_SECONDS", 3600.0)  # no automatic pick-up: the command does it
         time.sleep(0.5)  # the thread's current wait (the old tick) ends

@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# An error travels in a gRPC trailer (at most 16 KB, percent-encoded): list this many problems, then
+# say how many more, and cut any one line to MAX_LINE_CHARS, so the real status always arrives.
+MAX_LISTED_PROBLEMS = 20
+MAX_LINE_CHARS = 1000
+
+
+def clip(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with "…"."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class LoradError(Exception):
     """Base of all errors a user can act on.
@@ -33,9 +43,9 @@ class ConfigProblem:
     fix: str = ""
 
     def render(self) -> str:
-        """One line for humans: "`key`: message — fix"."""
-        text = f"`{self.key}`: {self.message}" if self.key else self.message
-        return f"{text} — {self.fix}" if self.fix else text
+        """One line for humans: "`key`: message — fix" (at most MAX_LINE_CHARS)."""
+        text = f"`{clip(self.key, 80)}`: {self.message}" if self.key else self.message
+        return clip(f"{text} — {self.fix}" if self.fix else text)
 
 
 class ConfigError(LoradError):
@@ -45,8 +55,10 @@ class ConfigError(LoradError):
         self.problems = list(problems)
         self.source = source
         count = len(self.problems)
-        lines = [f"{source}: {count} problem{'s' if count != 1 else ''}"]
-        lines += [f"  - {p.render()}" for p in self.problems]
+        lines = [f"{clip(source, 200)}: {count:,} problem{'s' if count != 1 else ''}"]
+        lines += [f"  - {p.render()}" for p in self.problems[:MAX_LISTED_PROBLEMS]]
+        if count > MAX_LISTED_PROBLEMS:
+            lines.append(f"  … and {count - MAX_LISTED_PROBLEMS:,} more")
         super().__init__("\n".join(lines), hint="Fix the keys above and run the command again.")
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lorad.captioning.captioner import processor_side
 from lorad.captioning.errors import CaptionModelError
 from lorad.captioning.options import CaptionOptions
+from lorad.config.limits import shown
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -111,9 +112,10 @@ class SentenceCaptioner:
         return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
 
 
-def load_sentence_captioner(folder: Path, *, device: str, dtype: str) -> SentenceCaptioner:
+def load_sentence_captioner(folder: Path, *, device: str, dtype: str, allow_pickle: bool = False) -> SentenceCaptioner:
     """Load the image-to-text model in ``folder`` (checked complete by
-    :func:`lorad.captioning.model_folder.resolve_captioner_model`) onto ``device`` in ``dtype``."""
+    :func:`lorad.captioning.model_folder.resolve_captioner_model`) onto ``device`` in ``dtype``.
+    Weights only from safetensors unless ``allow_pickle``."""
     import json
 
     import torch
@@ -123,11 +125,13 @@ def load_sentence_captioner(folder: Path, *, device: str, dtype: str) -> Sentenc
     family = FAMILIES.get(model_type)
     if family is None:
         raise CaptionModelError(
-            f"{folder}: model_type {model_type!r} is not an image-to-text family lorad runs",
+            f"{folder}: model_type {shown(model_type)} is not an image-to-text family lorad runs",
             f"Use a model of one of these families: {', '.join(FAMILIES)}.",
         )
     processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
-    model = getattr(transformers, family.model_class).from_pretrained(folder, local_files_only=True)
+    model = getattr(transformers, family.model_class).from_pretrained(
+        folder, local_files_only=True, use_safetensors=None if allow_pickle else True
+    )
     model.to(device=device, dtype=getattr(torch, dtype)).eval()
     model.requires_grad_(False)
     return SentenceCaptioner(model, processor, family=model_type, source=str(folder), device=device, dtype=dtype)

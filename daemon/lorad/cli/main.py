@@ -114,6 +114,7 @@ def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
         overwrite=args.overwrite,
         regenerate=args.regenerate,
         device=args.device,
+        allow_pickle=args.allow_pickle,
         names=CAPTION_OPTION_NAMES,
         source="lorad caption",
     )
@@ -167,6 +168,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                     caption_extension=args.caption_extension,
                     device=args.device,
                     batch_size=args.batch_size,
+                    allow_pickle=args.allow_pickle,
                     options=caption_options_to_proto(_caption_options(args)),
                 )
     return run_captioning(args, Path.cwd())
@@ -185,18 +187,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     quiet_libraries()
     settings = daemon_settings(
         args.listen or (),
-        require_token=args.require_token,
         default_keep_alive=args.keep_alive,
         memory_budget_gb=args.memory_budget,
         resume_interrupted=not args.no_resume,
     )
 
     def ready(daemon) -> None:
-        token = (
-            " (token required: clients on this machine read it from the state directory)"
-            if settings.require_token
-            else ""
-        )
+        token = " (token required: clients of this user read it from the state directory)"
         print(
             f"lorad daemon ready on {', '.join(daemon.addresses)}{token}; state in {settings.home}",
             file=sys.stderr,
@@ -382,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--caption-extension", default=".txt", help="sidecar extension (default .txt)")
     caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    caption.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a model whose weights exist only as pytorch_model.bin (a pickle; prefer safetensors)",
+    )
     caption.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     caption.add_argument("--max-length", type=int, default=75, help="blip: most tokens per caption (default 75)")
     caption.add_argument("--beams", type=int, default=1, help="blip: beam search width (default 1, greedy)")
@@ -413,9 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDR",
         help="HOST:PORT or unix:/path (repeatable; replaces the defaults; env LORAD_ADDRESS). "
-        "A non-loopback address requires the token.",
+        "Every address requires the token (clients of this user read it from the state directory).",
     )
-    serve.add_argument("--require-token", action="store_true", help="require the token on loopback too")
+    # Kept so existing scripts still run: the token is required everywhere now.
+    serve.add_argument("--require-token", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--keep-alive",
         type=float,

@@ -16,10 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lorad.config.loader import _resolve_base_model, load_config, parse_config_text
+from lorad.config.limits import path_problem, shown
+from lorad.config.loader import _resolve_base_model, load_config
 from lorad.config.schema import TrainingKeys
+from lorad.config.yaml_text import load_yaml_text
 from lorad.errors import ConfigError, ConfigProblem
 from lorad.families.registry import FamilySpec, detect_family, family_names, family_specs, get_spec
 
@@ -38,7 +38,9 @@ def _named_family(raw: Mapping[str, Any], source: str) -> FamilySpec | None:
             return get_spec(name)
         close = difflib.get_close_matches(name, family_names(), n=1)
         fix = (f"did you mean `{close[0]}`? " if close else "") + "use one of: " + ", ".join(family_names())
-        raise ConfigError([ConfigProblem(key, f"got {value!r}", fix + f", or remove `{key}` to detect it")], source)
+        raise ConfigError(
+            [ConfigProblem(key, f"got {shown(value)}", fix + f", or remove `{key}` to detect it")], source
+        )
     return None
 
 
@@ -59,7 +61,7 @@ def choose_family(raw: Mapping[str, Any], *, base_dir: Path, source: str = "conf
     if named is not None:
         return named
     base = raw.get("base_model")
-    if isinstance(base, (str, os.PathLike)) and str(base).strip():
+    if isinstance(base, (str, os.PathLike)) and str(base).strip() and path_problem("", os.fspath(base)) is None:
         detected = detect_family(_resolve_base_model(os.fspath(base), base_dir))
         if detected is not None:
             return detected
@@ -76,11 +78,8 @@ def parse_any_config(raw: Any, *, base_dir: Path, source: str = "config") -> Tra
 
 
 def parse_any_config_text(text: str, *, base_dir: Path, source: str = "config") -> TrainingKeys:
-    """Parse YAML text into its family's config type (syntax errors as in parse_config_text)."""
-    try:
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
-        return parse_config_text(text, base_dir=base_dir, source=source)  # reports the syntax error
+    """Parse YAML text into its family's config type (errors as in parse_config_text)."""
+    raw = load_yaml_text(text, source=source)
     return parse_any_config(raw if raw is not None else {}, base_dir=base_dir, source=source)
 
 

@@ -57,6 +57,11 @@ def _yaml_value(value: Any) -> str:
     return str(value)
 
 
+def _number(value: float) -> str:
+    """A bound as people write it: 4096, 0.5, 4,294,967,295."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
 def render_example() -> str:
     """An annotated YAML config listing every key with its help text, default and choices.
 
@@ -89,6 +94,9 @@ def render_annotated(
             help_text = meta["help"]
             if meta.get("choices"):
                 help_text += " Choices: " + ", ".join(meta["choices"]) + "."
+            if meta.get("minimum") is not None and meta.get("maximum") is not None:
+                above = "above " if meta.get("exclusive_minimum") else ""
+                help_text += f" Range: {above}{_number(meta['minimum'])} to {_number(meta['maximum'])}."
             for chunk in textwrap.wrap(help_text, 96):
                 lines.append(f"# {chunk}")
             if f.name in seed:

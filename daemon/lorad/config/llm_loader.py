@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lorad.config.limits import shown
 from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
 from lorad.config.loader import (
     _convert,
     _Invalid,
+    _resolve_base_model,
     _show,
     _unknown_key_problem,
     parse_family_config,
     run_checks,
 )
+from lorad.config.pickle_policy import pickle_problem
 from lorad.errors import ConfigProblem
 
 _HINTS = typing.get_type_hints(LlmTrainConfig)
@@ -55,11 +58,11 @@ def _to_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if name == "columns":
         unknown = [k for k, _ in pairs if k not in _COLUMN_NAMES]
         if unknown:
-            raise _Invalid(f"unknown field {unknown[0]!r}", "map one of: " + ", ".join(_COLUMN_NAMES))
+            raise _Invalid(f"unknown field {shown(unknown[0])}", "map one of: " + ", ".join(_COLUMN_NAMES))
     else:
         wrong = [v for _, v in pairs if v not in ("system", "user", "assistant")]
         if wrong:
-            raise _Invalid(f"role {wrong[0]!r}", "map each speaker to system, user or assistant")
+            raise _Invalid(f"role {shown(wrong[0])}", "map each speaker to system, user or assistant")
     return pairs
 
 
@@ -97,11 +100,16 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             )
         )
     problems += run_checks(values)
+    base = values.get("base_model")
+    if isinstance(base, str) and (problem := pickle_problem("base_model", base, values.get("allow_pickle", False))):
+        problems.append(problem)
     template = values.get("chat_template")
     if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
         problems.append(
             ConfigProblem(
-                "chat_template", f"got {template!r}", "use tokenizer, chatml, llama2, alpaca, or Jinja template text"
+                "chat_template",
+                f"got {shown(template)}",
+                "use tokenizer, chatml, llama2, alpaca, or Jinja template text",
             )
         )
     targets = values.get("target_modules", ())
@@ -110,7 +118,7 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem(
                 "target_modules",
-                f"unknown preset {unknown_presets[0]!r}",
+                f"unknown preset {shown(unknown_presets[0])}",
                 "use layer names, or a preset: " + ", ".join(TARGET_PRESETS),
             )
         )
@@ -151,6 +159,15 @@ def _sd_key_or_unknown(key: str, known: list[str]) -> ConfigProblem:
     return _unknown_key_problem(key, known)
 
 
+def _resolve_llm_base_model(base_dir: Path) -> Callable[[dict[str, Any]], list[ConfigProblem]]:
+    def resolve(values: dict[str, Any]) -> list[ConfigProblem]:
+        if values.get("base_model"):  # resolved before the checks look at the disk
+            values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
+        return []
+
+    return resolve
+
+
 def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> LlmTrainConfig:
     """Validate a mapping of LLM config keys into a :class:`LlmTrainConfig`.
 
@@ -165,7 +182,7 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
         required=LLM_REQUIRED_KEYS,
         default_name="adapter",
         convert=_convert_llm,
-        checks=[_llm_cross_checks],
+        checks=[_resolve_llm_base_model(base_dir), _llm_cross_checks],
         unknown=_sd_key_or_unknown,
         # chat_template may be Jinja text as well as one of the named templates.
         free_choice=("chat_template",),

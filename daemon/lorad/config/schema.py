@@ -16,6 +16,26 @@ from typing import Any
 # Sections group keys in the annotated example; order here is the order printed.
 SECTIONS = ("data", "model", "lora", "training", "checkpoints", "output")
 
+# Upper bounds shared by both configs: far beyond any real run, low enough that a value cannot
+# exhaust memory (caption beams), overflow a counter (epochs, steps, seed) or stall the daemon.
+MAX_TAGS = 255
+MAX_CAPTION_BATCH = 256
+MAX_CAPTION_TOKENS = 1024
+MAX_CAPTION_BEAMS = 16
+MAX_CAPTION_TOP_K = 100
+MAX_ALPHA = 65536.0
+MAX_LEARNING_RATE = 10.0
+MAX_BATCH = 1024
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000
+MAX_ACCUMULATION = 1024
+MAX_GRAD_NORM = 10_000.0
+MAX_WEIGHT_DECAY = 10.0
+# torch.Generator seeds are 64-bit and the engine derives per-step seeds as seed * 1_000_003 + ...
+MAX_SEED = 2**32 - 1
+MAX_KEPT_CHECKPOINTS = 1000
+MAX_REPEATS = 10_000
+
 
 def spec(
     section: str,
@@ -92,6 +112,14 @@ class TrainingKeys:
             "from base_model's files.",
         ),
     )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=spec(
+            "model",
+            "Allow base-model weights in pickle files (.ckpt/.pt/.pth/.bin, or a folder with only *.bin weights), "
+            "read with torch.load(weights_only=True). Prefer .safetensors.",
+        ),
+    )
 
     # --- lora ---------------------------------------------------------------------------------
     lora_rank: int = field(
@@ -106,6 +134,7 @@ class TrainingKeys:
             "lora",
             "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
             minimum=0.0,
+            maximum=MAX_ALPHA,
             exclusive_minimum=True,
         ),
     )
@@ -121,13 +150,20 @@ class TrainingKeys:
             "Samples (images, or text rows) per step. Lower it (and raise gradient_accumulation_steps) when out of "
             "memory.",
             minimum=1,
+            maximum=MAX_BATCH,
         ),
     )
     epochs: int = field(
-        default=10, metadata=spec("training", "Passes over the data (each image counted `repeats` times).", minimum=1)
+        default=10,
+        metadata=spec(
+            "training", "Passes over the data (each image counted `repeats` times).", minimum=1, maximum=MAX_EPOCHS
+        ),
     )
     max_train_steps: int | None = field(
-        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
+        default=None,
+        metadata=spec(
+            "training", "Stop after this many optimizer steps; overrides epochs.", minimum=1, maximum=MAX_STEPS
+        ),
     )
     learning_rate: float = field(
         default=1e-4,
@@ -135,6 +171,7 @@ class TrainingKeys:
             "training",
             "Learning rate of the LoRA weights (for image families: the UNet's or transformer's).",
             minimum=0.0,
+            maximum=MAX_LEARNING_RATE,
             exclusive_minimum=True,
         ),
     )
@@ -145,10 +182,12 @@ class TrainingKeys:
             "Micro-batches whose gradients are summed per optimizer step (a larger effective batch without more "
             "memory).",
             minimum=1,
+            maximum=MAX_ACCUMULATION,
         ),
     )
     max_grad_norm: float = field(
-        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
+        default=1.0,
+        metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0, maximum=MAX_GRAD_NORM),
     )
     optimizer: str = field(
         default="adamw",
@@ -161,9 +200,11 @@ class TrainingKeys:
     adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.", minimum=0.0, maximum=1.0))
     adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.", minimum=0.0, maximum=1.0))
     adam_epsilon: float = field(
-        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, exclusive_minimum=True)
+        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, maximum=1.0, exclusive_minimum=True)
     )
-    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
+    weight_decay: float = field(
+        default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0, maximum=MAX_WEIGHT_DECAY)
+    )
     lr_scheduler: str = field(
         default="constant",
         metadata=spec(
@@ -173,16 +214,26 @@ class TrainingKeys:
         ),
     )
     lr_warmup_steps: int = field(
-        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
+        default=0,
+        metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0, maximum=MAX_STEPS),
     )
     lr_scheduler_num_cycles: int = field(
         default=1,
-        metadata=spec("training", "cosine_with_restarts: how many times the cosine restarts over the run.", minimum=1),
+        metadata=spec(
+            "training",
+            "cosine_with_restarts: how many times the cosine restarts over the run.",
+            minimum=1,
+            maximum=1000,
+        ),
     )
     lr_scheduler_power: float = field(
         default=1.0,
         metadata=spec(
-            "training", "polynomial: the power of the decay (1 is linear).", minimum=0.0, exclusive_minimum=True
+            "training",
+            "polynomial: the power of the decay (1 is linear).",
+            minimum=0.0,
+            maximum=10.0,
+            exclusive_minimum=True,
         ),
     )
     lr_scheduler_min_lr_ratio: float = field(
@@ -208,7 +259,9 @@ class TrainingKeys:
     )
     seed: int = field(
         default=42,
-        metadata=spec("training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0),
+        metadata=spec(
+            "training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0, maximum=MAX_SEED
+        ),
     )
     device: str = field(
         default="auto",
@@ -218,7 +271,12 @@ class TrainingKeys:
     # --- checkpoints --------------------------------------------------------------------------
     save_steps: int | None = field(
         default=None,
-        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
+        metadata=spec(
+            "checkpoints",
+            "Save a resumable checkpoint every N optimizer steps; unset disables.",
+            minimum=1,
+            maximum=MAX_STEPS,
+        ),
     )
     save_every_n_epochs: int | None = field(
         default=None,
@@ -226,11 +284,17 @@ class TrainingKeys:
             "checkpoints",
             "Save a resumable checkpoint every N epochs; unset disables.",
             minimum=1,
+            maximum=MAX_EPOCHS,
         ),
     )
     keep_checkpoints: int = field(
         default=3,
-        metadata=spec("checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1),
+        metadata=spec(
+            "checkpoints",
+            "How many of the newest checkpoints to keep (older ones are deleted).",
+            minimum=1,
+            maximum=MAX_KEPT_CHECKPOINTS,
+        ),
     )
     resume_from: Path | None = field(
         default=None,
@@ -314,7 +378,10 @@ class TrainConfig(TrainingKeys):
         default=False, metadata=spec("data", "Shuffle comma-separated tags of each caption every time it is used.")
     )
     keep_tokens: int = field(
-        default=0, metadata=spec("data", "With shuffle_caption: how many leading tags stay in place.", minimum=0)
+        default=0,
+        metadata=spec(
+            "data", "With shuffle_caption: how many leading tags stay in place.", minimum=0, maximum=MAX_TAGS
+        ),
     )
     caption_dropout: float = field(
         default=0.0,
@@ -349,13 +416,22 @@ class TrainConfig(TrainingKeys):
     )
     caption_batch_size: int = field(
         default=8,
-        metadata=spec("data", "Images captioned per batch (images of similar size are batched together).", minimum=1),
+        metadata=spec(
+            "data",
+            "Images captioned per batch (images of similar size are batched together).",
+            minimum=1,
+            maximum=MAX_CAPTION_BATCH,
+        ),
     )
     caption_max_length: int = field(
-        default=75, metadata=spec("data", "blip: at most this many tokens per caption.", minimum=1)
+        default=75,
+        metadata=spec("data", "blip: at most this many tokens per caption.", minimum=1, maximum=MAX_CAPTION_TOKENS),
     )
     caption_beams: int = field(
-        default=1, metadata=spec("data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1)
+        default=1,
+        metadata=spec(
+            "data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1, maximum=MAX_CAPTION_BEAMS
+        ),
     )
     caption_prompt: str = field(
         default="",
@@ -383,7 +459,12 @@ class TrainConfig(TrainingKeys):
     )
     caption_top_k: int = field(
         default=3,
-        metadata=spec("data", "clip: phrases kept from each vocabulary section that does not say how many.", minimum=1),
+        metadata=spec(
+            "data",
+            "clip: phrases kept from each vocabulary section that does not say how many.",
+            minimum=1,
+            maximum=MAX_CAPTION_TOP_K,
+        ),
     )
     resolution: int = field(
         default=512,
@@ -406,10 +487,15 @@ class TrainConfig(TrainingKeys):
         default=True,
         metadata=spec("data", "Never upscale images smaller than the resolution; they get a bucket of their own size."),
     )
-    min_bucket_reso: int = field(default=256, metadata=spec("data", "Smallest bucket side in pixels.", minimum=64))
-    max_bucket_reso: int = field(default=1024, metadata=spec("data", "Largest bucket side in pixels.", minimum=64))
+    min_bucket_reso: int = field(
+        default=256, metadata=spec("data", "Smallest bucket side in pixels.", minimum=64, maximum=8192)
+    )
+    max_bucket_reso: int = field(
+        default=1024, metadata=spec("data", "Largest bucket side in pixels.", minimum=64, maximum=8192)
+    )
     bucket_reso_steps: int = field(
-        default=64, metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8)
+        default=64,
+        metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8, maximum=1024),
     )
 
     # --- model --------------------------------------------------------------------------------
@@ -435,13 +521,6 @@ class TrainConfig(TrainingKeys):
             "model",
             "What the UNet predicts. auto: from the model (SD2.x single files: v_prediction).",
             choices=("auto", "epsilon", "v_prediction"),
-        ),
-    )
-    allow_pickle: bool = field(
-        default=False,
-        metadata=spec(
-            "model",
-            "Allow .ckpt/.pt/.bin base models (loaded with torch.load(weights_only=True)). Prefer .safetensors.",
         ),
     )
 
@@ -474,7 +553,11 @@ class TrainConfig(TrainingKeys):
     text_encoder_lr: float | None = field(
         default=None,
         metadata=spec(
-            "lora", "Learning rate of the text-encoder LoRA. Unset: learning_rate.", minimum=0.0, exclusive_minimum=True
+            "lora",
+            "Learning rate of the text-encoder LoRA. Unset: learning_rate.",
+            minimum=0.0,
+            maximum=MAX_LEARNING_RATE,
+            exclusive_minimum=True,
         ),
     )
     init_lora: Path | None = field(
@@ -499,6 +582,7 @@ class TrainConfig(TrainingKeys):
             "training",
             "Min-SNR loss weighting gamma (5 is the paper's value); unset disables.",
             minimum=0.0,
+            maximum=1000.0,
             exclusive_minimum=True,
         ),
     )

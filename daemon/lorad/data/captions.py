@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import re
 from collections.abc import Iterable, Mapping
@@ -163,8 +164,9 @@ def _header_columns(header: list[str], metadata_path: Path) -> tuple[int, int]:
     file_col, caption_col = find(FILE_COLUMNS), find(CAPTION_COLUMNS)
     if file_col is None or caption_col is None:
         raise DataError(
-            f"{metadata_path} line 1: header {','.join(header)!r} lacks a "
-            f"{'file' if file_col is None else 'caption'} column",
+            # The header is not shown: metadata_path may name a file that is no CSV at all (errors
+            # never echo a file's text).
+            f"{metadata_path} line 1: the header lacks a {'file' if file_col is None else 'caption'} column",
             hint="The first line must name the columns, e.g. `file,caption` (`file_name` and `text` are accepted too).",
         )
     return file_col, caption_col
@@ -199,9 +201,13 @@ def read_sidecar(image_path: Path, caption_extension: str = ".txt") -> str | Non
     """The caption in the sidecar file of ``image_path``, or None if it has none.
 
     Like kohya, the caption is the first non-empty line (stripped); UTF-8, BOM tolerated.
-    Raises :class:`SidecarError` when the file exists but is empty, not UTF-8 or unreadable.
+    Raises :class:`SidecarError` when the file exists but is empty, not UTF-8, unreadable, or a link
+    to a file in another folder (a caption lives beside its image: a link elsewhere could make any
+    file the daemon can read come back as a "caption").
     """
     path = sidecar_path(image_path, caption_extension)
+    if path.is_symlink() and os.path.dirname(os.path.realpath(path)) != os.path.realpath(image_path.parent):
+        raise SidecarError(f"caption file {path.name} is a link to a file outside its folder (not read)")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -42,6 +42,9 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".gif", ".tif", ".tiff", ".heic", ".he
 CACHE_DIR_NAME = ".lorad_cache"
 CACHEDIR_TAG = "CACHEDIR.TAG"
 
+# A caption sidecar's extension: a dot and a short plain name (no folder part, no "..").
+_CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
+
 # A folder named "10_mystyle" gives its images 10 repeats (kohya's DreamBooth layout).
 _REPEATS_PREFIX = re.compile(r"^(\d+)_.")
 
@@ -243,26 +246,49 @@ def _dotted(extension: str) -> str:
 
 
 def _is_cache_dir(path: Path) -> bool:
-    return path.name == CACHE_DIR_NAME or (path / CACHEDIR_TAG).is_file()
+    try:
+        return path.name == CACHE_DIR_NAME or (path / CACHEDIR_TAG).is_file()
+    except OSError:  # unreadable: not ours, and the walk skips what it cannot list anyway
+        return False
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+# Files and folders a walk may visit: far beyond any image folder, and a bound on the time and memory
+# a folder such as "/" can cost (it is refused instead of walked to the end).
+MAX_WALKED_ENTRIES = 500_000
 
 
 def find_image_files(root: Path) -> list[Path]:
     """Image files (supported or known-unsupported types) under ``root``, sorted, hidden ones
-    and cache folders left out. Symlinked folders are followed once each (no loops)."""
+    and cache folders left out. Symlinked folders are followed once each (no loops); folders that
+    cannot be read are skipped. DataError when the tree holds more than MAX_WALKED_ENTRIES entries."""
     wanted = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS
     found: list[Path] = []
     seen_dirs: set[str] = set()
+    walked = 0
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen_dirs:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
+        walked += len(dirnames) + len(filenames)
+        if walked > MAX_WALKED_ENTRIES:
+            raise DataError(
+                f"{root} holds more than {MAX_WALKED_ENTRIES:,} files and folders: too many to be an image folder",
+                "name the folder that holds your training images (not a disk or home folder)",
+            )
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _is_cache_dir(Path(folder, d)))
         for name in sorted(filenames):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
                 path = Path(folder, name)
-                if path.is_file():
+                if _is_regular_file(path):
                     found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
@@ -276,6 +302,20 @@ def image_problem(path: Path) -> str | None:
         _inspect_image(path)
     except _Skip as skip:
         return str(skip)
+    return None
+
+
+def caption_extension_problem(extension: str) -> str | None:
+    """Why ``extension`` (with its dot) cannot name caption sidecar files, or None when it can.
+
+    A sidecar is ``<image stem><extension>`` beside the image: an image extension would make
+    captioning overwrite the images themselves, and anything but a short plain extension could
+    name a file elsewhere.
+    """
+    if extension.lower() in IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"{extension} is an image extension: caption files would overwrite the images"
+    if not _CAPTION_EXTENSION.match(extension):
+        return "is not a file extension such as .txt or .caption"
     return None
 
 

@@ -89,6 +89,7 @@ _AMBIGUOUS_SHOWN = 5
 
 _JOB_FIELDS = tuple(f.name for f in fields(JobRecord))
 _JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+_JOB_COLUMNS_WITHOUT_CONFIG = ", ".join("'' AS config_yaml" if f == "config_yaml" else f for f in _JOB_FIELDS)
 _UPDATABLE = frozenset(_JOB_FIELDS) - {"job_id", "created_at"}
 
 
@@ -402,16 +403,20 @@ class JobStore:
             )
         return _job_from_row(matches[0])
 
-    def list(self, states: Sequence[JobState] = (), limit: int = 100) -> builtins.list[JobRecord]:
-        """Up to ``limit`` jobs, newest first, only those in ``states`` unless it is empty."""
+    def list(
+        self, states: Sequence[JobState] = (), limit: int = 100, *, configs: bool = True
+    ) -> builtins.list[JobRecord]:
+        """Up to ``limit`` jobs, newest first, only those in ``states`` unless it is empty. Without
+        ``configs`` each record's ``config_yaml`` is "" (not even read: lists stay small and fast)."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, not {limit}")
         wanted = list(dict.fromkeys(JobState(state).value for state in states))
         where = f"WHERE state IN ({', '.join('?' * len(wanted))})" if wanted else ""
+        columns = _JOB_COLUMNS if configs else _JOB_COLUMNS_WITHOUT_CONFIG
         with self._read() as conn:
             rows = _rows(
                 conn,
-                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, num DESC LIMIT ?",
+                f"SELECT {columns} FROM jobs {where} ORDER BY created_at DESC, num DESC LIMIT ?",
                 (*wanted, limit),
             )
         return [_job_from_row(row) for row in rows]

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lorad import events as ev
@@ -215,6 +216,23 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
         f = event.finished
         return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)
     return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python values, keeping what JSON cannot hold (NaN, infinity) as floats, so
+    config validation names the key instead of the conversion failing."""
+
+    def value(item: struct_pb2.Value) -> Any:
+        kind = item.WhichOneof("kind")
+        if kind == "struct_value":
+            return {key: value(inner) for key, inner in item.struct_value.fields.items()}
+        if kind == "list_value":
+            return [value(inner) for inner in item.list_value.values]
+        if kind == "null_value" or kind is None:
+            return None
+        return getattr(item, kind)
+
+    return {key: value(item) for key, item in struct.fields.items()}
 
 
 def caption_options_from_proto(options: caption_pb2.CaptionOptions) -> cu_options.CaptionOptions:

@@ -18,6 +18,7 @@ such folders every tick and resumes the watch (with a rescan) when the folder is
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -27,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lorad.atomic import write_with_atomic
 from lorad.config import parse_config
-from lorad.errors import ConfigError, ConfigProblem, LoradError
+from lorad.config.yaml_text import load_yaml_text
+from lorad.errors import ConfigError, ConfigProblem, DataError, LoradError
 from lorad.jobs.records import JobNotFound, JobRecord, JobState
+from lorad.jobs.store import new_job_id
 from lorad.watching.debounce import Debouncer
 from lorad.watching.file_rules import FileStat, is_image_path, list_images
 from lorad.watching.observer import (
@@ -96,6 +97,7 @@ class _Live:
     images: dict[str, FileStat] = field(default_factory=dict)
     follow_up: bool = False  # a settled batch waits for the running job (or this watch's captioning) to end
     captioning: bool = False  # a captioning thread works on this folder; its _CaptionDone ends it
+    stuck: bool = False  # in ERROR for a reason that does not fix itself (unreadable row, a folder too big)
     updated_at: float = field(default_factory=time.time)
     # While in ERROR because its job could not be queued: the template's (mtime, size) then, so an
     # edit of the template retries by itself; None for any other state.
@@ -109,6 +111,10 @@ class _Live:
         """Images not in the last queued job's snapshot, or changed since."""
         known = self.record.known
         return {rel: stat for rel, stat in self.images.items() if known.get(rel) != stat}
+
+
+class _Stuck(LoradError):
+    """A watch that cannot run until it is removed and added again."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class WatchManager:
 
     def __init__(self, db_path: Path, gateway: JobGateway, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = WatchStore(db_path)
+        self._state_dir = db_path.parent
         self.gateway = gateway
         self._clock = clock
         self._lock = threading.RLock()
@@ -154,11 +161,28 @@ class WatchManager:
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Bring back every stored watch (scanning its folder for images added while the daemon was
-        down), then start the thread."""
-        for record in self.store.list():
+        down), then start the thread. A watch that cannot be brought back (a row that does not
+        decode, a folder that cannot be watched) is listed in ERROR, saying why, and can be removed:
+        one watch never keeps the daemon from starting."""
+        for record, broken in self.store.load_all():
             live = self._make_live(record)
-            self._open(live)
-            if record.last_job_id and record.queued_version > record.version and not live.debouncer.busy:
+            try:
+                if broken:
+                    raise _Stuck(
+                        f"the stored settings of the watch on {record.folder} cannot be read ({broken})",
+                        f"remove it with `lorad watch rm {record.watch_id}` and add it again",
+                    )
+                self._open(live)
+            except Exception as err:  # a bug in one watch must not stop the daemon: log it, show it
+                log.error("watch %s: cannot be restored", record.folder, exc_info=not isinstance(err, LoradError))
+                if live.observer:
+                    live.observer.stop()
+                    live.observer = None
+                live.stuck = not isinstance(err, WatchUnavailable)
+                hint = err.hint if isinstance(err, LoradError) else "remove the watch and add it again"
+                live.state, live.error, live.hint = WatchState.ERROR, str(err), hint
+            pending = record.last_job_id and record.queued_version > record.version
+            if pending and not live.debouncer.busy and live.state != WatchState.ERROR:
                 live.state = WatchState.TRAINING  # the tick settles what became of that job
             with self._lock:
                 self._live[record.watch_id] = live
@@ -185,34 +209,68 @@ class WatchManager:
         """Watch ``folder`` (absolute) with the template config at ``config_path`` (absolute).
 
         The config is checked now as a job of this watch would use it (ConfigError naming every
-        problem); WatchExists when the folder is watched already. The folder is scanned at once.
+        problem); WatchExists when the folder is watched already; a ConfigError naming the clash when
+        another watch's versioned outputs would be overwritten. The folder is scanned and watched
+        before the watch is stored, so a watch that cannot work is never saved.
         """
         root = Path(folder)
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
             raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "watch")
-        probe = WatchRecord(
-            watch_id="",
+        if (why := self._refused_folder(root)) is not None:
+            raise ConfigError(
+                [ConfigProblem("folder", why, "watch the folder of your training images itself")], "watch"
+            )
+        now = time.time()
+        record = WatchRecord(
+            watch_id=new_job_id(),
             folder=str(root),
             config_path=config_path,
             base_dir=base_dir,
             policy=policy,
-            created_at=0.0,
-            updated_at=0.0,
+            created_at=now,
+            updated_at=now,
         )
-        self._check_config(probe)
-        clash = version_clash(str(root), job_fields(probe, version=1), self._version_fields())
+        self._check_config(record)
+        clash = version_clash(str(root), job_fields(record, version=1), self._version_fields())
         if clash is not None:
             raise clash
-        record = self.store.add(
-            folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy, now=time.time()
-        )
+        try:
+            images = list_images(root)
+        except DataError as err:
+            raise ConfigError([ConfigProblem("folder", str(err), err.hint)], "watch") from None
         live = self._make_live(record)
         with self._lock:  # the thread waits for it: events from the new observer must find the watch
-            self._open(live)
+            self._open(live, images=images)
+            if live.state == WatchState.ERROR:
+                raise WatchUnavailable(live.error, live.hint)
+            try:
+                self.store.add(
+                    folder=str(root),
+                    config_path=config_path,
+                    base_dir=base_dir,
+                    policy=policy,
+                    now=now,
+                    watch_id=record.watch_id,
+                )
+            except BaseException:
+                if live.observer:
+                    live.observer.stop()
+                raise
             self._live[record.watch_id] = live
             self._publish(live)
         return self._view(live)
+
+    def _refused_folder(self, root: Path) -> str | None:
+        """Why ``root`` may never be watched (it would watch the whole disk, or the daemon's own
+        state), or None. Checked before anything walks or watches it."""
+        real = Path(os.path.realpath(root))
+        if real == Path(real.anchor):
+            return f"{root} is the root of the file system"
+        state = Path(os.path.realpath(self._state_dir))
+        if real == state or real in state.parents:
+            return f"{root} holds the daemon's state directory ({state})"
+        return None
 
     def _check_config(self, record: WatchRecord) -> None:
         """Raise ConfigError unless the template config makes a valid job for this watch."""
@@ -376,6 +434,8 @@ class WatchManager:
                 live.debouncer.removed(str(root / rel))
 
     def _tick(self, live: _Live) -> None:
+        if live.stuck:
+            return  # only removing the watch helps
         if live.state == WatchState.ERROR and live.observer is None:
             self._open(live)  # the folder may be back
             return
@@ -577,10 +637,21 @@ class WatchManager:
     def _make_live(self, record: WatchRecord) -> _Live:
         return _Live(record=record, debouncer=Debouncer(record.policy.quiet_seconds, clock=self._clock))
 
-    def _open(self, live: _Live) -> None:
+    def _open(self, live: _Live, *, images: dict[str, FileStat] | None = None) -> None:
         """Start the watch's observer and scan its folder (images added while nobody watched count as
-        new); ERROR with a hint if it cannot be watched."""
+        new; ``images``: that scan, done already); ERROR with a hint if it cannot be watched."""
         watch_id = live.record.watch_id
+        if (why := self._refused_folder(live.folder)) is not None:  # stored by an older version
+            live.stuck = True
+            self._unavailable(live, WatchUnavailable(why, "remove this watch with `lorad watch rm`"))
+            return
+        if images is None:
+            try:
+                images = list_images(live.folder)
+            except DataError as err:  # too big to watch: rescanning every tick would not change that
+                live.stuck = True
+                self._unavailable(live, WatchUnavailable(str(err), err.hint))
+                return
         observer = FolderObserver(
             live.folder, lambda event: self._events.put((watch_id, event)), polling=live.record.policy.polling
         )
@@ -592,7 +663,7 @@ class WatchManager:
             return
         live.observer = observer
         was_error = live.state == WatchState.ERROR
-        now = list_images(live.folder)
+        now = images
         for rel, stat in now.items():
             if live.record.known.get(rel) != stat:
                 live.debouncer.changed(str(live.folder / rel))
@@ -668,10 +739,20 @@ def watch_name(record: WatchRecord) -> str:
 
 
 def read_template(record: WatchRecord) -> dict[str, Any]:
-    """The template config as a mapping; ConfigError naming `config_path` when unreadable."""
+    """The template config as a mapping; ConfigError naming `config_path` when unreadable. The file's
+    text never appears in an error (it may not be a config at all)."""
     path = Path(record.config_path)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml_text(path.read_text(encoding="utf-8"), source=str(path))
+    except ConfigError as err:  # what load_yaml_text found, said of `config_path`
+        raise ConfigError(
+            [ConfigProblem("config_path", f"{path}: {p.message}", p.fix) for p in err.problems], "watch"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [ConfigProblem("config_path", f"{path} is not UTF-8 text", "point the watch at a YAML training config")],
+            "watch",
+        ) from err
     except OSError as err:
         raise ConfigError(
             [
@@ -679,17 +760,6 @@ def read_template(record: WatchRecord) -> dict[str, Any]:
                     "config_path",
                     f"cannot read {path} ({err.strerror or err})",
                     "point the watch at a readable YAML training config",
-                )
-            ],
-            "watch",
-        ) from err
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "config_path",
-                    f"{path} is not valid YAML ({err})",
-                    "fix the YAML; `lorad config --check FILE` shows every problem",
                 )
             ],
             "watch",

@@ -53,3 +53,15 @@ class GetStatusResponse(_message.Message):
     pid: int
     jobs_revision: int
     def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., token_required: _Optional[bool] = ..., home: _Optional[str] = ..., resident_models: _Optional[int] = ..., pid: _Optional[int] = ..., jobs_revision: _Optional[int] = ...) -> None: ...
+
+class ProveIdentityRequest(_message.Message):
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
+
+class ProveIdentityResponse(_message.Message):
+    __slots__ = ("proof",)
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    proof: bytes
+    def __init__(self, proof: _Optional[bytes] = ...) -> None: ...

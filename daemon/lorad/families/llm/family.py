@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.pickle_policy import needs_pickle
 from lorad.events import EvalDone, EventSink, LogLine, SampleGenerated
 from lorad.families.llm.adapter import build_lora_config, compatibility_report, read_adapter_weights, write_adapter
 from lorad.families.llm.model import LlmModel, RunTokenizer, load_llm, prepare_tokenizer, restore_base_llm
@@ -240,7 +241,13 @@ class LlmFamily:
         dtype = str(placement.weight_dtype).removeprefix("torch.")
         if config.load_in_4bit:
             dtype = "nf4:" + str(placement.autocast_dtype or "torch.float16").removeprefix("torch.")
-        return ModelKey(base_model=config.base_model, device=str(placement.device), dtype=dtype, kind="llm")
+        return ModelKey(
+            base_model=config.base_model,
+            device=str(placement.device),
+            dtype=dtype,
+            kind="llm",
+            allow_pickle=needs_pickle(config.base_model, config.allow_pickle),
+        )
 
     def load(self, key: ModelKey) -> LlmModel:
         four_bit = key.dtype.startswith("nf4:")
@@ -248,7 +255,7 @@ class LlmFamily:
         placement = Placement(
             device=torch.device(key.device), autocast_dtype=dtype if four_bit else None, weight_dtype=dtype
         )
-        return load_llm(key.base_model, placement, load_in_4bit=four_bit)
+        return load_llm(key.base_model, placement, load_in_4bit=four_bit, allow_pickle=key.allow_pickle)
 
     def start(
         self, config: LlmTrainConfig, model: LlmModel, data: ScannedData, placement: Placement, on_event: EventSink

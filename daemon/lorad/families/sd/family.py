@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorad.config import TrainConfig
+from lorad.config.pickle_policy import needs_pickle
 from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_epoch
 from lorad.data.captions import prepare_caption
 from lorad.data.dataset import TrainImage, scan_dataset
@@ -35,7 +36,6 @@ from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
 from lorad.lora.targets import ADAPTABLE, TEXT_ENCODER_SUGGESTIONS, UNET_ALIASES, UNET_SUGGESTIONS, resolve_targets
 from lorad.models.registry import ModelKey
 from lorad.models.sd_components import SDComponents
-from lorad.models.single_file import is_pickle_path
 from lorad.paths import default_cache_dir
 from lorad.training.activation_checkpointing import (
     disable_activation_checkpointing,
@@ -297,7 +297,7 @@ class SdFamily:
         return load_for_training(
             key.base_model,
             placement,
-            allow_pickle=key.option("allow_pickle") == "true",
+            allow_pickle=key.allow_pickle,  # the job's (or the model load's) own permission, never implied
             model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
             tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
             prediction_type=key.prediction_type,
@@ -349,8 +349,8 @@ def sd_model_key(
         tokenizer_path=str(tokenizer_path or ""),
         prediction_type=prediction_type,
         kind=kind,
-        # Only a pickle file's key depends on the opt-in: a .safetensors model is one resident model either way.
-        options=(("allow_pickle", "true"),) if allow_pickle and is_pickle_path(Path(base_model)) else (),
+        # Only a pickle model's key depends on the opt-in: a .safetensors model is one resident model either way.
+        allow_pickle=needs_pickle(base_model, allow_pickle),
     )
 
 
