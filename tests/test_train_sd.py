@@ -142,7 +142,8 @@ def test_same_seed_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> No
 def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     common = {
         "epochs": 3,
-        "save_steps": 2,
+        "save_steps": 3,
+        "keep_checkpoints": 2,
         "gradient_accumulation_steps": 1,
         "lr_scheduler": "cosine",
         "lora_dropout": 0.1,
@@ -151,12 +152,14 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_sd: Path, dataset
     }
     full = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "full", **common))
     kept = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
-    assert kept == ["step-000006", "step-000008", "step-000010"]  # keep_checkpoints: 3 (the default)
+    assert kept == ["step-000006", "step-000009"]  # the newest keep_checkpoints; none at the last step
 
     stop = threading.Event()
 
     def stop_at_five(event: object) -> None:
-        if isinstance(event, StepDone) and event.step == 5:
+        # A step is reported while the next one runs (its loss is read one step late): asking to stop
+        # when step 4 is reported stops after step 5.
+        if isinstance(event, StepDone) and event.step == 4:
             stop.set()
 
     partial_cfg = config_for(tmp_path, tiny_sd, dataset, "part", **common)

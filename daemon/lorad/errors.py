@@ -66,6 +66,18 @@ class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingOutOfMemory(LoradError):
+    """A step ran out of memory with nothing left to lower (or ``oom_recovery`` off); the hint names
+    the settings to lower next."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
+    return isinstance(err, MemoryError) or (
+        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    )
+
+
 class TrainingInterrupted(LoradError):
     """Training was stopped on request (Ctrl-C, cancel) after saving a checkpoint.
 

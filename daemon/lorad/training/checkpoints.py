@@ -2,7 +2,8 @@
 
 Layout: ``<output_dir>/checkpoints/step-000100/`` holding ``lora.safetensors`` (fp32, peft keys
 prefixed by part), ``state.pt`` (optimizer, scheduler, grad scaler, RNG) and ``meta.json`` (step,
-epoch, and the config values that must not change across a resume). Each folder is written
+epoch, the config values that must not change across a resume, and the memory settings
+out-of-memory recovery reached). Each folder is written
 atomically, so a crash mid-save never leaves a checkpoint that looks complete but is not.
 """
 
@@ -35,6 +36,7 @@ class Checkpoint:
     lora: dict[str, dict[str, torch.Tensor]]
     state: dict[str, Any]
     signature: dict[str, Any]
+    memory: dict[str, Any]  # MemoryRecovery.state() when it was saved; {} before recovery existed
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -61,6 +63,7 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     signature: dict[str, Any],
     keep: int,
+    memory: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``step-NNNNNN`` atomically, then delete all but the newest ``keep`` checkpoints."""
     dest = checkpoint_root(output_dir) / f"step-{step:06d}"
@@ -80,7 +83,9 @@ def save_checkpoint(
     with atomic_directory(dest) as tmp:
         save_file(flat, str(tmp / "lora.safetensors"))
         torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch, "signature": signature}, indent=2))
+        (tmp / "meta.json").write_text(
+            json.dumps({"step": step, "epoch": epoch, "signature": signature, "memory": memory or {}}, indent=2)
+        )
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -131,6 +136,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         lora=lora,
         state=state,
         signature=meta.get("signature", {}),
+        memory=meta.get("memory", {}),
     )
 
 
