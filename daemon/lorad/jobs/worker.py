@@ -14,9 +14,10 @@ import yaml
 
 from lorad.config.dispatch import parse_any_config
 from lorad.config.schema import TrainingKeys
-from lorad.errors import LoradError, TrainingInterrupted
+from lorad.errors import LoradError, TrainingInterrupted, is_out_of_memory
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.families.registry import spec_for
+from lorad.jobs.event_pump import EventPump
 from lorad.jobs.hub import EventHub
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import JobRecord, JobState
@@ -26,13 +27,6 @@ log = logging.getLogger("lorad.worker")
 
 # How often the running job's progress is written to the store (events carry every step).
 PROGRESS_WRITE_SECONDS = 2.0
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
-    return isinstance(err, MemoryError) or (
-        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
-    )
 
 
 @contextmanager
@@ -144,14 +138,20 @@ class Worker:
                 {"attempt": job.attempt, "device": self.device_name, "resumed_from": resumed_from},
             )
             finished: list[dict] = []
-            sink = self._sink(job.job_id, finished)
-            # Images without a caption are captioned first when the family can and the config names a captioner.
-            hooks = (
-                {"caption_missing": self.captions(config, sink, stop)}
-                if self.captions and spec_for(config).uses_captioner
-                else {}
-            )
-            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            pump = EventPump(job.job_id, self.hub.publish)  # the run's events, published off its thread
+            sink = self._sink(job.job_id, finished, pump)
+            try:
+                # Images without a caption are captioned first when the family can and the config names a captioner.
+                hooks = (
+                    {"caption_missing": self.captions(config, sink, stop)}
+                    if self.captions and spec_for(config).uses_captioner
+                    else {}
+                )
+                self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            finally:
+                publish_error = pump.close()  # every event of the run is stored before its final state
+            if publish_error is not None:
+                raise publish_error
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
             self.store.update(
                 job.job_id,
@@ -195,9 +195,9 @@ class Worker:
             raw = dict(raw) | {"resume_from": job.checkpoint}
         return parse_any_config(raw, base_dir=Path(job.base_dir), source=job.source_name or f"job {job.job_id}")
 
-    def _sink(self, job_id: str, finished: list[dict]) -> Callable[[Event], None]:
-        """Publishes engine events; the final one is held in ``finished`` for the worker to publish
-        after the job's state is stored."""
+    def _sink(self, job_id: str, finished: list[dict], pump: EventPump) -> Callable[[Event], None]:
+        """Queues engine events on ``pump``; the final one is held in ``finished`` for the worker to
+        publish after the job's state is stored."""
         last_write = [0.0]
 
         def on_event(event: Event) -> None:
@@ -208,7 +208,7 @@ class Worker:
             if isinstance(event, CheckpointSaved):
                 # Stored before anyone hears of it: a daemon killed right after still resumes from it.
                 self.store.update(job_id, checkpoint=event.path, progress=self._progress.get(job_id))
-            self.hub.publish(job_id, kind, payload)
+            pump.put(kind, payload)
             if isinstance(event, StepDone):
                 self._progress[job_id] = {k: v for k, v in payload.items()}
                 now = time.monotonic()
