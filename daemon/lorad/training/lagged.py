@@ -43,7 +43,7 @@ class LaggedValues(Generic[Note]):
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))  # the run's device, not the current one
             self._pending.append((note, host, done))
         else:
             self._pending.append((note, values, None))
@@ -75,5 +75,5 @@ def wait_for_device(device: torch.device) -> None:
     for the one wait a run makes on purpose: timing its first step)."""
     if device.type == "cuda":
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(device))
         done.synchronize()
