@@ -154,7 +154,7 @@ def sd15_row(batch: int, *, peak_goal_gb: float | None = None) -> Callable[[Suit
         measured = Row(
             engine=Side(result["engine_s_per_step"], result["peak_bytes"]["engine"], batch),
             bare=Side(result["bare_s_per_step"], result["peak_bytes"]["bare"], batch),
-            setup=f"{settings.name} {settings.resolution} px, batch {batch}, {result['precision']}",
+            setup=f"{settings.name} {settings.resolution} px, batch {batch}, {precision_name(result['precision'])}",
             details=result,
         )
         if peak_goal_gb is not None and measured.engine.peak_bytes is not None:
@@ -184,7 +184,7 @@ def llm_row(suite: Suite) -> Row:
     return Row(
         engine=Side(result["engine_s_per_step"], result["peak_bytes"]["engine"], batch),
         bare=Side(result["bare_s_per_step"], result["peak_bytes"]["bare"], batch),
-        setup=f"{result['case']}, batch {batch}, {args.seq_len} tokens, {result['precision']}",
+        setup=f"{result['case']}, batch {batch}, {args.seq_len} tokens, {precision_name(result['precision'])}",
         result=f"{result['engine_tokens_per_s']:,.0f} vs {result['bare_tokens_per_s']:,.0f} tokens/s",
         details=result,
     )
@@ -246,7 +246,7 @@ def daemon_row(suite: Suite) -> Row:
         raise RuntimeError("the second job did not find the model resident")
     load = cold.model_load_seconds or 0.0
     return Row(
-        setup=f"{suite.pick('sd15', 'tiny')} {resolution} px, batch 1, {suite.placement.precision}",
+        setup=f"{suite.pick('sd15', 'tiny')} {resolution} px, batch 1, {precision_name(suite.placement.precision)}",
         result=f"warm {warm.to_first_step:.2f} s; cold {cold.to_first_step:.2f} s (model load {load:.2f} s)",
         details={"warm": asdict(warm), "cold": asdict(cold)},
     )
@@ -323,6 +323,11 @@ def run_row(spec: RowSpec, suite: Suite) -> Outcome:
         release(suite)
 
 
+def precision_name(precision: str) -> str:
+    """lorad's mixed_precision value as people say it ("no" autocast is fp32)."""
+    return "fp32" if precision == "no" else precision
+
+
 def gigabytes(value: int | None) -> str:
     return "n/a" if value is None else f"{value / GB:.2f} GB"
 
@@ -377,7 +382,7 @@ def environment(suite: Suite) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "mode": "full" if suite.full else "reduced",
-        "precision": suite.placement.precision,
+        "precision": precision_name(suite.placement.precision),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "diffusers": diffusers.__version__,
@@ -398,7 +403,7 @@ def parse_args(argv: Sequence[str] | None) -> Namespace:
         "--mode", choices=("full", "reduced"), help="full sizes, or reduced (default: full on CUDA, else reduced)"
     )
     parser.add_argument("--only", nargs="+", choices=[spec.key for spec in ROWS], help="run these rows only")
-    parser.add_argument("--steps", type=int, help="timed steps per run (default 15 full, 2 reduced)")
+    parser.add_argument("--steps", type=int, help="timed steps per run (default 15 full, 3 reduced)")
     parser.add_argument("--warmup-steps", type=int, help="untimed steps per run, at least 1 (default 3 / 1)")
     parser.add_argument("--repeats", type=int, help="runs per side, alternating (default 2 / 1)")
     parser.add_argument("--out", type=Path, help="the table (Markdown); default bench/results/gpu_suite-<mode>.md")
@@ -431,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         placement=placement,
         full=full,
         work=work,
-        steps=args.steps or (15 if full else 2),
+        steps=args.steps or (15 if full else 3),
         warmup=args.warmup_steps or (3 if full else 1),
         repeats=args.repeats or (2 if full else 1),
     )
