@@ -175,6 +175,10 @@ def _sample(e: JobEvent) -> str:
     return f"sample: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
 
 
+def _memory_recovered(e: JobEvent) -> str:
+    return f"warning: {e.memory_recovered.change} (the step was redone; the effective batch is unchanged)"
+
+
 # One describer per JobEvent.kind field (None = deliberately silent). A kind added to the proto
 # without an entry here is caught by tests/test_client_discovery.py.
 _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
@@ -193,6 +197,7 @@ _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
     "interrupted": _interrupted,
     "eval": _eval,
     "sample": _sample,
+    "memory_recovered": _memory_recovered,
 }
 
 

@@ -86,6 +86,23 @@ class CheckpointSaved(Event):
 
 
 @dataclass(frozen=True)
+class MemoryRecovered(Event):
+    """A step ran out of memory and the run made itself leaner, then redid that step.
+
+    ``change`` is the line for people ("batch 4 → 2 × accumulation 2 after out-of-memory at step 37");
+    ``micro_batch`` and ``gradient_accumulation_steps`` are the settings now (their product is the
+    configured effective batch), ``error`` the first line of the out-of-memory error.
+    """
+
+    step: int
+    change: str
+    micro_batch: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class LogLine(Event):
     """A human-readable message worth showing (warnings, decisions made for the user)."""
 

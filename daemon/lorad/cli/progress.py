@@ -12,6 +12,7 @@ from lorad.events import (
     Event,
     LatentsCached,
     LogLine,
+    MemoryRecovered,
     ModelLoaded,
     SampleGenerated,
     StepDone,
@@ -83,6 +84,8 @@ class TerminalProgress:
             self._bar.update(event.step - self._bar.n)
         elif isinstance(event, CheckpointSaved):
             self._print(f"checkpoint saved: {event.path}")
+        elif isinstance(event, MemoryRecovered):
+            self._print(f"warning: {event.change} (the step is redone; the effective batch is unchanged)")
         elif isinstance(event, LogLine):
             self._print(("warning: " if event.level == "warning" else "") + event.message)
         elif isinstance(event, EvalDone):

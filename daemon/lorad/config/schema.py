@@ -257,6 +257,23 @@ class TrainingKeys:
         default=False,
         metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20% slower."),
     )
+    oom_recovery: bool = field(
+        default=True,
+        metadata=spec(
+            "training",
+            "When a step runs out of memory: halve the micro-batch and double the accumulation (same effective "
+            "batch), then turn on gradient_checkpointing, then the family's own savings (e.g. fp8_base), and redo "
+            "that step; each change is logged. false: fail at once with a hint.",
+        ),
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata=spec(
+            "training",
+            "Compile the denoiser (or language model) with torch.compile: faster steps after a first step that "
+            "takes minutes (reported apart in training_summary.json). Needs a C++ compiler; meant for GPUs.",
+        ),
+    )
     seed: int = field(
         default=42,
         metadata=spec(

@@ -7,15 +7,14 @@ from diffusers import DDPMScheduler
 
 
 def sample_noise(latents: torch.Tensor, *, offset: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise like ``latents``; with ``offset`` a per-channel constant is added, which lets
-    the model learn very dark or bright images (the "noise offset" trick)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    """Gaussian noise like ``latents``, drawn where ``generator`` lives (the run's device); with
+    ``offset`` a per-channel constant is added, which lets the model learn very dark or bright images
+    (the "noise offset" trick)."""
+    draw = {"generator": generator, "dtype": latents.dtype, "device": generator.device}
+    noise = torch.randn(latents.shape, **draw)
     if offset:
-        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype).to(
-            latents.device
-        )
-        noise = noise + offset * shift
-    return noise
+        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **draw)
+    return noise.to(latents.device)
 
 
 def training_target(

@@ -16,9 +16,10 @@ import yaml
 from lorad.config.dispatch import parse_any_config
 from lorad.config.schema import TrainingKeys
 from lorad.disk_space import disk_full_error, is_disk_full
-from lorad.errors import LoradError, TrainingInterrupted
+from lorad.errors import LoradError, TrainingInterrupted, is_out_of_memory
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.families.registry import spec_for
+from lorad.jobs.event_pump import EventPump
 from lorad.jobs.hub import EventHub
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import JobRecord, JobState
@@ -30,13 +31,6 @@ log = logging.getLogger("lorad.worker")
 PROGRESS_WRITE_SECONDS = 2.0
 # How often the worker tries again to record a job's end when the store could not be written.
 STORE_RETRY_SECONDS = 2.0
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
-    return isinstance(err, MemoryError) or (
-        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
-    )
 
 
 @contextmanager
@@ -170,14 +164,20 @@ class Worker:
                 {"attempt": job.attempt, "device": self.device_name, "resumed_from": resumed_from},
             )
             finished: list[dict] = []
-            sink = self._sink(job.job_id, finished)
-            # Images without a caption are captioned first when the family can and the config names a captioner.
-            hooks = (
-                {"caption_missing": self.captions(config, sink, stop)}
-                if self.captions and spec_for(config).uses_captioner
-                else {}
-            )
-            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            pump = EventPump(job.job_id, self.hub.publish)  # the run's events, published off its thread
+            sink = self._sink(job.job_id, finished, pump)
+            try:
+                # Images without a caption are captioned first when the family can and the config names a captioner.
+                hooks = (
+                    {"caption_missing": self.captions(config, sink, stop)}
+                    if self.captions and spec_for(config).uses_captioner
+                    else {}
+                )
+                self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            finally:
+                publish_error = pump.close()  # every event of the run is stored before its final state
+            if publish_error is not None:
+                raise publish_error
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
             changes = {
                 "state": JobState.SUCCEEDED,
@@ -226,9 +226,9 @@ class Worker:
             raw = dict(raw) | {"resume_from": job.checkpoint}
         return parse_any_config(raw, base_dir=Path(job.base_dir), source=job.source_name or f"job {job.job_id}")
 
-    def _sink(self, job_id: str, finished: list[dict]) -> Callable[[Event], None]:
-        """Publishes engine events; the final one is held in ``finished`` for the worker to publish
-        after the job's state is stored."""
+    def _sink(self, job_id: str, finished: list[dict], pump: EventPump) -> Callable[[Event], None]:
+        """Queues engine events on ``pump``; the final one is held in ``finished`` for the worker to
+        publish after the job's state is stored."""
         last_write = [0.0]
 
         def on_event(event: Event) -> None:
@@ -241,7 +241,7 @@ class Worker:
                 # (it does so when this returns): a daemon killed at any moment resumes from a
                 # checkpoint that exists. A store that cannot take it raises, which fails the job.
                 self.store.update(job_id, checkpoint=event.path, progress=self._progress.get(job_id))
-            self.hub.publish(job_id, kind, payload)
+            pump.put(kind, payload)
             if isinstance(event, StepDone):
                 self._progress[job_id] = {k: v for k, v in payload.items()}
                 now = time.monotonic()

@@ -212,6 +212,16 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
     if kind == "sample":
         s = event.sample
         return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped)
+    if kind == "memory_recovered":
+        m = event.memory_recovered
+        return ev.MemoryRecovered(
+            step=m.step,
+            change=m.change,
+            micro_batch=m.micro_batch,
+            gradient_accumulation_steps=m.gradient_accumulation_steps,
+            gradient_checkpointing=m.gradient_checkpointing,
+            error=m.error,
+        )
     if kind == "finished":
         f = event.finished
         return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)

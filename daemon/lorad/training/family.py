@@ -101,8 +101,12 @@ class FamilyRun(Protocol):
     the adapter :data:`ADAPTER`; the loop checkpoints and restores exactly those adapters.
     ``param_groups`` are the optimizer's groups over their trainable parameters (each with "params"
     and "lr"). :meth:`plan` is deterministic in ``epoch`` (a resumed run replays it), and
-    :meth:`loss` draws its randomness only from ``generator`` (seeded by the loop from seed, epoch
-    and micro-batch) and the global RNGs the loop checkpoints.
+    :meth:`loss` draws its randomness only from ``generator`` (on the run's device, seeded by the
+    loop from seed, epoch and planned micro-batch) and the global RNGs the loop checkpoints.
+
+    Out-of-memory recovery uses two more methods, optional (a run without them skips those rungs):
+    :meth:`split` cuts a planned micro-batch into smaller pieces, and :meth:`reduce_memory` turns
+    on the family's own savings (e.g. ``fp8_base``). See :mod:`lorad.training.memory_recovery`.
     """
 
     parts: Mapping[str, nn.Module]
@@ -114,11 +118,29 @@ class FamilyRun(Protocol):
         ...
 
     def loss(self, micro_batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """The mean loss of one micro-batch (a scalar with grad); called inside the run's autocast."""
+        """The mean loss of one micro-batch, or of a piece :meth:`split` made (a scalar with grad, left
+        on the device: never read it on the host); called inside the run's autocast.
+
+        ``generator`` lives on the run's device: draw with ``device=generator.device`` so no random
+        number crosses from the host. A piece must draw what its whole micro-batch draws and keep its
+        own rows, so a step redone in pieces trains on exactly the same numbers."""
+        ...
+
+    def split(self, micro_batch: Any, size: int) -> Sequence[tuple[Any, float]]:
+        """Optional. ``micro_batch`` as pieces of at most ``size`` samples, in order, each with its share
+        of the micro-batch's loss (shares sum to 1: the pieces' ``share * loss`` add up to the whole's
+        mean loss, e.g. samples or labelled tokens in the piece over those in the whole)."""
+        ...
+
+    def reduce_memory(self) -> str | None:
+        """Optional. Turn on the next memory saving the family has beyond micro-batch 1 and gradient
+        checkpointing (e.g. ``fp8_base``: frozen weights stored in fp8) and return its name; None when
+        there is none left. :meth:`ModelFamily.restore` must undo it."""
         ...
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
-        """Put the adapted parts in training mode (and turn checkpointing on) before the first step.
+        """Put the adapted parts in training mode (and turn checkpointing on) before the first step;
+        out-of-memory recovery calls it again with True to turn checkpointing on mid-run.
         :meth:`ModelFamily.restore` undoes it."""
         ...
 

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 
 def build_optimizer(groups: Sequence[dict], config: TrainingKeys) -> torch.optim.Optimizer:
-    """The config's optimizer over parameter groups (each a dict with "params" and "lr"): AdamW, or
-    bitsandbytes' 8-bit AdamW, with the config's betas, epsilon and weight decay."""
+    """The config's optimizer over parameter groups (each a dict with "params" and "lr"): AdamW (fused
+    where torch has the kernel), or bitsandbytes' 8-bit AdamW, with the config's betas, epsilon and
+    weight decay."""
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "adamw8bit":
         try:
@@ -32,7 +33,16 @@ def build_optimizer(groups: Sequence[dict], config: TrainingKeys) -> torch.optim
                 ]
             ) from None
         return bnb.optim.AdamW8bit(list(groups), betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(list(groups), betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    # The fused kernel updates every parameter in one launch and keeps its step count on the device
+    # (the foreach path reads a host step counter); CUDA and CPU both have it.
+    devices = {p.device.type for group in groups for p in group["params"]}
+    return torch.optim.AdamW(
+        list(groups),
+        betas=betas,
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+        fused=devices <= {"cuda", "cpu"} or None,
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingKeys, *, total_steps: int) -> LambdaLR:

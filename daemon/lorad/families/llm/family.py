@@ -102,6 +102,8 @@ class LlmRun:
                 )
             )
         self.parts = {"model": model}
+        # A compiled wrapper, not the resident model itself, so the next job finds the model as it was.
+        self.forward_model = torch.compile(model) if config.torch_compile else model
         self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": config.learning_rate}]
         self.autocast = torch.autocast(
             self.device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
@@ -123,12 +125,21 @@ class LlmRun:
             max_seq_len=config.max_seq_len,
         )
 
+    def split(self, micro_batch: list[list[int]], size: int) -> list[tuple[list[list[int]], float]]:
+        # The loss is a mean over labelled tokens, so a piece's share is its part of them.
+        def labelled(rows: list[list[int]]) -> int:
+            return sum(self.data.train[i].trained_tokens for row in rows for i in row)
+
+        pieces = [micro_batch[at : at + size] for at in range(0, len(micro_batch), size)]
+        whole = labelled(micro_batch)
+        return [(piece, labelled(piece) / whole if whole else len(piece) / len(micro_batch)) for piece in pieces]
+
     def loss(self, micro_batch: list[list[int]], generator: torch.Generator) -> torch.Tensor:
         batch = collate(
             self.data.train, micro_batch, pad_id=self.pad_id, packed=self.config.packing, mask_dtype=self.mask_dtype
         ).to(self.device)
         self.tokens += batch.tokens
-        return forward_loss(self.model, batch)
+        return forward_loss(self.forward_model, batch)
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
         self.model.train()

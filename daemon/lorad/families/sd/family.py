@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from lorad.training.activation_checkpointing import (
 )
 from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
 from lorad.training.placement import Placement
+from lorad.training.transfer import stack_to_device
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,18 @@ class SdData:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch of an epoch's plan: positions in the epoch's sample list."""
+    """One micro-batch of an epoch's plan: positions in the epoch's sample list. A piece of it (after
+    an out-of-memory split) trains only ``samples[start:stop]`` but draws the whole one's noise."""
 
     epoch: int
     samples: tuple[int, ...]
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def trained(self) -> tuple[int, ...]:
+        """The samples this (piece of a) micro-batch trains on."""
+        return self.samples[self.start : self.stop]
 
 
 def load_for_training(
@@ -175,6 +184,8 @@ class SdRun:
         if te_params:
             self.param_groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
         self.prompts = PromptEncoder(components.tokenizer, text_encoder, self.device, trainable=bool(te_params))
+        # A compiled wrapper, not the resident UNet itself, so the next job finds the model as it was.
+        self.denoiser = torch.compile(unet) if config.torch_compile else unet
 
     def plan(self, epoch: int) -> Sequence[MicroBatch]:
         config = self.config
@@ -183,9 +194,16 @@ class SdRun:
             for batch in plan_epoch(self.sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
         ]
 
+    def split(self, micro_batch: MicroBatch, size: int) -> list[tuple[MicroBatch, float]]:
+        count = len(micro_batch.samples)
+        return [
+            (replace(micro_batch, start=at, stop=min(at + size, count)), (min(at + size, count) - at) / count)
+            for at in range(0, count, size)
+        ]
+
     def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
         config, images, scheduler = self.config, self.data.images, self.components.noise_scheduler
-        batch = micro_batch.samples
+        batch = micro_batch.trained
         captions = [
             prepare_caption(
                 images[self.samples[i]].caption,
@@ -198,16 +216,21 @@ class SdRun:
             for i in batch
         ]
         pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
-        mean = torch.stack([m for m, _ in pairs])
-        std = torch.stack([s for _, s in pairs])
-        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * self.components.vae.config.scaling_factor
-        noise = sample_noise(clean, offset=config.noise_offset, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-        clean, noise, timesteps = clean.to(self.device), noise.to(self.device), timesteps.to(self.device)
+        # The cached posteriors go up in one non-blocking copy; every random number is drawn on the device,
+        # for the whole micro-batch (a piece keeps its own rows of it).
+        mean, std = stack_to_device([m for m, _ in pairs] + [s for _, s in pairs], self.device).chunk(2)
+        rows = slice(micro_batch.start, micro_batch.stop)
+        shape = (len(micro_batch.samples), *mean.shape[1:])
+        sample = torch.randn(shape, generator=generator, device=generator.device)
+        noise = sample_noise(sample, offset=config.noise_offset, generator=generator)[rows]
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, shape[:1], generator=generator, device=generator.device
+        )[rows]
+        clean = (mean + std * sample[rows]) * self.components.vae.config.scaling_factor
         noisy = scheduler.add_noise(clean, noise, timesteps)
         target = training_target(scheduler, clean, noise, timesteps)
         unet = self.components.unet
-        pred = unet(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
+        pred = self.denoiser(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             loss = loss * snr_weights(scheduler, timesteps, config.min_snr_gamma)

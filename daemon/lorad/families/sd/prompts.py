@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lorad.training.transfer import to_device
+
 
 class PromptEncoder:
     """Encodes captions with the tokenizer and text encoder of a model.
@@ -36,7 +38,7 @@ class PromptEncoder:
             return_tensors="pt",
         ).input_ids
         self.encodes += len(captions)
-        return self.text_encoder(ids.to(self.device))[0]
+        return self.text_encoder(to_device(ids, self.device))[0]
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         """Hidden states (batch, tokens, dim) for ``captions``; with grad only when trainable."""
