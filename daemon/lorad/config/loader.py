@@ -6,9 +6,9 @@ single :class:`ConfigError` lists them all, each naming the key, the bad value a
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
-import importlib.util
 import os
 import re
 import typing
@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lorad.config.schema import REQUIRED_KEYS, RepeatPolicy, TrainConfig
+from lorad.config.option_checks import option_checks
+from lorad.config.schema import REQUIRED_KEYS, OptimizerArgs, RepeatPolicy, TrainConfig
 from lorad.errors import ConfigError, ConfigProblem
 
 # Names other tools use for our keys, so "did you mean" can teach the mapping.
@@ -52,6 +53,12 @@ SYNONYMS: Mapping[str, str] = {
     "data_dir": "train_data_dir",
     "metadata": "metadata_path",
     "max_grad_norm_clip": "max_grad_norm",
+    "network_dropout": "lora_dropout",
+    "network_module": "network_type",
+    "algo": "network_type",
+    "reg_dir": "reg_data_dir",
+    "alpha_mask": "masked_loss",
+    "noise_offset_random_strength": "noise_offset",
 }
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -155,6 +162,41 @@ def _to_repeats(value: Any) -> RepeatPolicy:
     return RepeatPolicy(default=n)
 
 
+def _literal(value: Any) -> Any:
+    """A YAML value (or kohya's `key=value` text) as a Python value: numbers and tuples parsed, lists as tuples."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _TRUE | _FALSE - {"1", "0"}:
+            return text.lower() in _TRUE
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            try:
+                return float(text.replace("_", ""))
+            except ValueError:
+                return text
+    if isinstance(value, (list, tuple)):
+        return tuple(_literal(v) for v in value)
+    return value
+
+
+def _to_optimizer_args(value: Any) -> OptimizerArgs:
+    """A mapping ``{d_coef: 2}``, or kohya's list ``["d_coef=2", "betas=(0.9,0.99)"]``."""
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(value, Mapping):
+        pairs = [(str(k).strip(), _literal(v)) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)) or (isinstance(value, str) and "=" in value):
+        items = value.split() if isinstance(value, str) else value
+        for item in items:
+            name, eq, text = str(item).partition("=")
+            if not eq or not name.strip():
+                raise _Invalid(f"got {_show(item)}", 'write `name=value` items, e.g. ["d_coef=2"], or a mapping')
+            pairs.append((name.strip(), _literal(text)))
+    else:
+        raise _Invalid(f"got {_show(value)}", 'write a mapping such as {d_coef: 2}, or a list such as ["d_coef=2"]')
+    return OptimizerArgs(items=tuple(pairs))
+
+
 def _resolve_path(value: Any, base_dir: Path) -> Path:
     text = _to_str(value).strip()
     if not text:
@@ -199,6 +241,8 @@ def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _
         return _to_str_tuple(value)
     if hint is RepeatPolicy:
         return _to_repeats(value)
+    if hint is OptimizerArgs:
+        return _to_optimizer_args(value)
     raise AssertionError(f"no converter for {name}: {hint}")  # a schema bug, not a user error
 
 
@@ -341,22 +385,15 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
                 "min_bucket_reso", f"{lo} is above max_bucket_reso {hi}", "make min_bucket_reso <= max_bucket_reso"
             )
         )
-    if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(
-            ConfigProblem(
-                "optimizer",
-                "adamw8bit needs the bitsandbytes package, which is not installed",
-                "run `pip install bitsandbytes`, or use adamw",
-            )
-        )
+    problems += option_checks(values)
     problems += _captioner_checks(values)
     keep, shuffle = values.get("keep_tokens"), values.get("shuffle_caption")
-    if isinstance(keep, int) and keep > 0 and shuffle is False:
+    if isinstance(keep, int) and keep > 0 and shuffle is False and not values.get("caption_tag_dropout_rate"):
         problems.append(
             ConfigProblem(
                 "keep_tokens",
                 f"is {keep} but shuffle_caption is off",
-                "set shuffle_caption: true, or remove keep_tokens",
+                "set shuffle_caption: true (or caption_tag_dropout_rate), or remove keep_tokens",
             )
         )
     return problems
