@@ -1,4 +1,9 @@
-"""VAE latents for every (image, bucket) pair, from the cache or encoded once now."""
+"""VAE latents for every (image, bucket) pair, from the cache or encoded once now.
+
+An image can be cached in several *views*: ``""`` (centre-cropped to its bucket, the default), ``"hflip"``
+(mirrored, for ``flip_aug``), and ``"cover"`` / ``"cover:hflip"`` (the whole scaled image, uncropped, for
+``random_crop``: its latents are cropped at a random offset each step). A view is part of the cache key.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,25 @@ from diffusers import AutoencoderKL
 
 from lorad.data.dataset import TrainImage, load_image_for_bucket
 from lorad.data.latent_cache import LatentCache
+
+VIEWS = ("", "hflip", "cover", "cover:hflip")
+
+
+def view_key(content_hash: str, view: str) -> str:
+    """The cache's content key of an image's ``view``: the content hash itself for the default view."""
+    return f"{content_hash}:{view}" if view else content_hash
+
+
+def latent_views(*, flip: bool, random_crop: bool) -> tuple[str, ...]:
+    """The views a run needs: cropped or covering, and mirrored too with ``flip``."""
+    base = "cover" if random_crop else ""
+    return (base, f"{base}:hflip".lstrip(":")) if flip else (base,)
+
+
+def view_pixels(image: TrainImage, bucket: tuple[int, int], view: str) -> torch.Tensor:
+    """The pixels of ``image``'s ``view`` at ``bucket`` (see :data:`VIEWS`)."""
+    pixels = load_image_for_bucket(image.path, bucket, crop=not view.startswith("cover"))
+    return pixels.flip(-1) if view.endswith("hflip") else pixels
 
 
 @dataclass(frozen=True)
@@ -28,37 +52,44 @@ def encode_latents(
     cache: LatentCache,
     device: torch.device,
     batch_size: int = 4,
+    views: Sequence[str] = ("",),
 ) -> tuple[dict[tuple[str, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]], LatentStats]:
-    """Return {(content_hash, bucket): (mean, std)} of the VAE posterior for each image.
+    """Return {(view_key(content_hash, view), bucket): (mean, std)} of the VAE posterior for each image and
+    each of ``views`` (by default only the centre-cropped view, keyed by the plain content hash).
 
     Mean and std are kept (not a single sample) so each step can draw a fresh latent sample, as
-    training on the uncached VAE would. Only images missing from ``cache`` go through the VAE;
-    they are encoded in batches of one bucket size and written to the cache.
+    training on the uncached VAE would. Only entries missing from ``cache`` go through the VAE;
+    they are encoded in batches of one bucket size and view and written to the cache.
     """
     result: dict[tuple[str, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {}
-    todo: dict[tuple[int, int], list[TrainImage]] = {}
+    todo: dict[tuple[tuple[int, int], str], list[TrainImage]] = {}
     cached = 0
     for image, bucket in zip(images, buckets, strict=True):
-        key = (image.content_hash, bucket)
-        if key in result:
-            continue
-        hit = cache.get(image.content_hash, bucket)
-        if hit is not None and {"mean", "std"} <= hit.keys():
-            result[key] = (hit["mean"], hit["std"])
-            cached += 1
-        elif image not in todo.setdefault(bucket, []):
-            todo[bucket].append(image)
+        for view in views:
+            key = (view_key(image.content_hash, view), bucket)
+            if key in result:
+                continue
+            hit = cache.get(key[0], bucket)
+            if hit is not None and {"mean", "std"} <= hit.keys():
+                result[key] = (hit["mean"], hit["std"])
+                cached += 1
+            elif image not in todo.setdefault((bucket, view), []):
+                todo[(bucket, view)].append(image)
     encoded = 0
     dtype = next(vae.parameters()).dtype
-    for bucket, pending in todo.items():
+    for (bucket, view), pending in todo.items():
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
-            pixels = torch.stack([load_image_for_bucket(i.path, bucket) for i in chunk])
-            with torch.no_grad():
-                dist = vae.encode(pixels.to(device, dtype)).latent_dist
-            for i, image in enumerate(chunk):
-                mean, std = dist.mean[i].float().cpu(), dist.std[i].float().cpu()
-                cache.put(image.content_hash, bucket, {"mean": mean, "std": std})
-                result[(image.content_hash, bucket)] = (mean, std)
+            # Covering views of one bucket can differ in size (different aspect ratios): encode those one by one.
+            groups = [chunk] if not view.startswith("cover") else [[image] for image in chunk]
+            for group in groups:
+                pixels = torch.stack([view_pixels(i, bucket, view) for i in group])
+                with torch.no_grad():
+                    dist = vae.encode(pixels.to(device, dtype)).latent_dist
+                for i, image in enumerate(group):
+                    mean, std = dist.mean[i].float().cpu(), dist.std[i].float().cpu()
+                    key = view_key(image.content_hash, view)
+                    cache.put(key, bucket, {"mean": mean, "std": std})
+                    result[(key, bucket)] = (mean, std)
             encoded += len(chunk)
     return result, LatentStats(cached=cached, encoded=encoded)

@@ -61,8 +61,10 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None,
     signature: dict[str, Any],
     keep: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``step-NNNNNN`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write ``step-NNNNNN`` atomically, then delete all but the newest ``keep`` checkpoints. ``extra`` (tensors,
+    numbers, lists and dicts of them: e.g. the EMA weights) is kept in the state as ``state["extra"]``."""
     dest = checkpoint_root(output_dir) / f"step-{step:06d}"
     flat = {
         f"{part}.{key}": t.detach().to("cpu", torch.float32).contiguous()
@@ -76,6 +78,7 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
+        "extra": extra or {},
     }
     with atomic_directory(dest) as tmp:
         save_file(flat, str(tmp / "lora.safetensors"))

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ from lorad.training.checkpoints import (
     save_checkpoint,
 )
 from lorad.training.family import ADAPTER, CaptionFiller, ModelFamily, ProvidedModel, RunFacts, RunHooks
-from lorad.training.optimizers import build_optimizer, build_scheduler
+from lorad.training.ema import ParameterEma
+from lorad.training.optimizers import build_optimizer, build_scheduler, optimizer_hints, set_optimizer_mode
 from lorad.training.placement import Placement, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
 
@@ -122,6 +124,10 @@ def train(
         timings["prepare"] = time.monotonic() - t0
         params = [p for group in run.param_groups for p in group["params"]]
         optimizer = build_optimizer(run.param_groups, config)
+        for hint in optimizer_hints(config, [group["lr"] for group in run.param_groups]):
+            on_event(LogLine(message=f"optimizer: {hint}", level="warning"))
+        # ema_decay: an average of the weights, updated after every optimizer step and exported at the end.
+        ema = ParameterEma(params, config.ema_decay) if config.ema_decay else None
         accum = config.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(run.plan(0)) / accum)
         total_steps = config.max_train_steps or config.epochs * steps_per_epoch
@@ -142,6 +148,8 @@ def train(
             if scaler is not None and checkpoint.state.get("scaler"):
                 scaler.load_state_dict(checkpoint.state["scaler"])
             restore_rng(checkpoint.state)
+            if ema is not None and checkpoint.state.get("extra", {}).get("ema"):
+                ema.load_state_dict(checkpoint.state["extra"]["ema"])
             step = checkpoint.step
 
         def save(at_step: int, epoch: int) -> str:
@@ -155,6 +163,7 @@ def train(
                 scaler=scaler,
                 signature=signature,
                 keep=config.keep_checkpoints,
+                extra={"ema": ema.state_dict()} if ema is not None else None,
             )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
             return str(path)
@@ -222,6 +231,8 @@ def train(
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
                 step, steps_this_run, last_loss = step + 1, steps_this_run + 1, step_loss
                 loss_sum, micro_in_step = 0.0, 0
 
@@ -264,6 +275,8 @@ def train(
             ):
                 last_saved = (step, save(step, epoch))
         timings["train"] = time.monotonic() - t_train
+        # Schedule-free optimizers: the final evaluation and the export use the averaged (eval-mode) weights.
+        set_optimizer_mode(optimizer, train=False)
         run.finish(step)
         flush_scalars(step)
 
@@ -271,7 +284,15 @@ def train(
         facts = RunFacts(
             started_at=started_at, steps=step, epoch=epoch, final_loss=last_loss, precision=placement.precision
         )
-        outputs = run.export(facts)
+        if ema is None:
+            outputs = run.export(facts)
+        elif config.ema_export == "instead":
+            with ema.applied():
+                outputs = run.export(facts)
+        else:
+            outputs = run.export(facts)
+            with ema.applied():
+                outputs |= run.export(replace(facts, variant="ema"))
         timings["export"] = time.monotonic() - t0
         seconds = time.monotonic() - run_start
         outputs["summary"] = write_summary(
