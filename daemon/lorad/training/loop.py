@@ -11,9 +11,8 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,8 +38,8 @@ from lorad.training.checkpoints import (
     restore_rng,
     save_checkpoint,
 )
-from lorad.training.family import ADAPTER, CaptionFiller, ModelFamily, ProvidedModel, RunFacts, RunHooks
 from lorad.training.ema import ParameterEma
+from lorad.training.family import ADAPTER, CaptionFiller, ModelFamily, ProvidedModel, RunFacts, RunHooks
 from lorad.training.optimizers import build_optimizer, build_scheduler, optimizer_hints, set_optimizer_mode
 from lorad.training.placement import Placement, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
