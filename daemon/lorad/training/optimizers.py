@@ -170,14 +170,16 @@ def optimizer_hints(config: TrainingKeys, group_lrs: Sequence[float] = ()) -> li
 
 
 def optimizer_kwargs(config: TrainingKeys) -> dict[str, Any]:
-    """The constructor keywords (besides params) the config gives its optimizer: betas/eps for the Adam-like
-    ones, weight_decay for all, adafactor's relative-step defaults, then ``optimizer_args`` over them."""
+    """The constructor keywords (besides params and lr) the config gives its optimizer: betas/eps for the
+    Adam-like ones, weight_decay for all, adafactor's relative-step settings, then ``optimizer_args`` over them."""
     kind = _kind(config.optimizer)
     kwargs: dict[str, Any] = {"weight_decay": config.weight_decay}
     if kind.adam_like:
         kwargs |= {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
     if config.optimizer == "adafactor":
-        kwargs |= {"relative_step": True, "scale_parameter": True, "warmup_init": False}
+        # Relative step (Adafactor picks the rate: min(1e-2, 1/sqrt(step))), but not scaled by each
+        # parameter's RMS: LoRA's up weights start at zero, and an RMS-scaled step would keep them there.
+        kwargs |= {"relative_step": True, "scale_parameter": False, "warmup_init": False}
     return kwargs | config.optimizer_args.as_kwargs()
 
 
