@@ -195,10 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = f"< {goal:.2f}" + (" MISSED" if goal and ratio >= goal else "") if goal else ""
             if goal and ratio >= goal:
                 missed.append(f"{result['case']}:{name}")
-            median = result["median_ratio_to_lora"][name]
-            print(
-                f"{result['case']:6} {name:12} {result['seconds_per_step'][name]:9.4f} {ratio:7.3f} {median:7.3f}  {note}"
-            )
+            median, per_step = result["median_ratio_to_lora"][name], result["seconds_per_step"][name]
+            print(f"{result['case']:6} {name:12} {per_step:9.4f} {ratio:7.3f} {median:7.3f}  {note}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "training_options.json").write_text(
         json.dumps({"argv": sys.argv[1:], "results": results, "missed": missed}, indent=2)
