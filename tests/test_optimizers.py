@@ -3,6 +3,7 @@ arguments; schedule-free exports its eval-mode weights; hints for learning rates
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -186,3 +187,31 @@ def test_a_hint_reaches_the_run_log(tmp_path: Path, tiny_sd: Path, dataset: Path
         on_event=lambda e: lines.append(e) if isinstance(e, LogLine) else None,
     )
     assert any(line.level == "warning" and "prodigy" in line.message for line in lines)
+
+
+@pytest.mark.slow
+def test_llm_family_trains_with_schedulefree_and_exports_ema_alongside(tiny_llm: Path, tmp_path: Path) -> None:
+    from tests.conftest import tiny_llm_values, write_jsonl
+
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": f"What is {i}+1?", "output": f"{i + 1}"} for i in range(12)]
+    )
+    config = parse_llm_config(
+        tiny_llm_values(
+            tiny_llm,
+            data,
+            tmp_path / "llm",
+            optimizer="adamw_schedulefree",
+            lr_scheduler="constant",
+            ema_decay=0.5,
+            max_train_steps=6,
+            save_precision="fp32",
+        ),
+        base_dir=tmp_path,
+    )
+    result = train(config)
+    adapter = load_file(str(Path(result.outputs["adapter"]) / "adapter_model.safetensors"))
+    ema = load_file(str(Path(result.outputs["adapter_ema"]) / "adapter_model.safetensors"))
+    assert adapter.keys() == ema.keys()
+    assert any(not torch.equal(adapter[k], ema[k]) for k in adapter)
+    assert math.isfinite(result.final_loss)
