@@ -270,7 +270,13 @@ def test_resident_model_is_bit_identical_after_a_lycoris_run(
         yield ProvidedModel(model=components, resident=True, seconds=0.0)
 
     values = tiny_train_values(
-        tiny_sd, dataset, tmp_path / "out", network_type=kind, train_text_encoder=True, **SETTINGS[kind]
+        tiny_sd,
+        dataset,
+        tmp_path / "out",
+        network_type=kind,
+        train_text_encoder=True,
+        gradient_checkpointing=True,
+        **SETTINGS[kind],
     )
     train(parse_config(values, base_dir=tmp_path), models=resident)
     after = components.unet.state_dict()
@@ -297,6 +303,7 @@ def test_lycoris_run_resumes_exactly(tmp_path: Path, tiny_sd: Path, dataset: Pat
         "save_steps": 2,
         "save_precision": "fp32",
         "train_text_encoder": True,
+        "ema_decay": 0.8,  # the EMA is part of the checkpoint too
     }
 
     def config(out: str, **more: object):
@@ -311,9 +318,10 @@ def test_lycoris_run_resumes_exactly(tmp_path: Path, tiny_sd: Path, dataset: Pat
             on_event=lambda e: stop.set() if isinstance(e, StepDone) and e.step == 5 else None,
         )
     resumed = train(config("part", resume_from="latest"))
-    a, b = load_file(full.outputs["kohya"]), load_file(resumed.outputs["kohya"])
-    assert a.keys() == b.keys() and any(k.endswith("hada_w2_a") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for role in ("kohya", "kohya_ema"):
+        a, b = load_file(full.outputs[role]), load_file(resumed.outputs[role])
+        assert a.keys() == b.keys() and any(k.endswith("hada_w2_a") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a), role
 
 
 def test_dropouts_act_in_training_only_and_module_dropout_skips_the_adapter(tiny_sd: Path) -> None:
