@@ -166,7 +166,7 @@ def _literal(value: Any) -> Any:
     """A YAML value (or kohya's `key=value` text) as a Python value: numbers and tuples parsed, lists as tuples."""
     if isinstance(value, str):
         text = value.strip()
-        if text.lower() in _TRUE | _FALSE - {"1", "0"}:
+        if text.lower() in (_TRUE | _FALSE) - {"1", "0"}:
             return text.lower() in _TRUE
         try:
             value = ast.literal_eval(text)

@@ -181,7 +181,7 @@ class SdRun:
             on_event(
                 LogLine(
                     f"regularization: {len(data.reg_images)} images, {sum(reg_counts)} samples per epoch "
-                    f"beside {first_reg and sum(counts[:first_reg])} training samples"
+                    f"beside {sum(counts[:first_reg])} training samples"
                 )
             )
 
