@@ -7,7 +7,7 @@ An image can be cached in several *views*: ``""`` (centre-cropped to its bucket,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,3 +93,60 @@ def encode_latents(
                     result[(key, bucket)] = (mean, std)
             encoded += len(chunk)
     return result, LatentStats(cached=cached, encoded=encoded)
+
+
+@dataclass(frozen=True)
+class LatentSample:
+    """One sample of a micro-batch: its image's content hash, its bucket, and whether the plan mirrors it."""
+
+    content_hash: str
+    bucket: tuple[int, int]
+    flipped: bool = False
+
+
+@dataclass(frozen=True)
+class CleanLatents:
+    """A micro-batch's clean latents (scaled for the denoiser) and, with masked_loss, each sample's mask at latent
+    size (None: no sample of the batch has a mask)."""
+
+    latents: torch.Tensor
+    masks: torch.Tensor | None
+
+
+def draw_latents(
+    samples: Sequence[LatentSample],
+    latents: Mapping[tuple[str, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]],
+    masks: Mapping[tuple[str, tuple[int, int]], torch.Tensor],
+    *,
+    random_crop: bool,
+    factor: int,
+    scaling_factor: float,
+    generator: torch.Generator,
+) -> CleanLatents:
+    """The clean latents of ``samples`` from :func:`encode_latents`' posteriors: each sample's view (mirrored when
+    ``flipped``; the covering view cut at a random latent offset with ``random_crop``, its mask cut alike),
+    a fresh draw ``mean + std * noise``, times ``scaling_factor``. ``masks`` (latent-size, by the same keys)
+    may lack entries: such samples are weighted 1 everywhere. Every random number comes from ``generator``."""
+    base = "cover" if random_crop else ""
+    means, stds, found = [], [], []
+    for sample in samples:
+        view = f"{base}:hflip".lstrip(":") if sample.flipped else base
+        key = (view_key(sample.content_hash, view), sample.bucket)
+        mean, std = latents[key]
+        mask = masks.get(key)
+        if random_crop:
+            height, width = sample.bucket[1] // factor, sample.bucket[0] // factor
+            top = int(torch.randint(0, mean.shape[-2] - height + 1, (), generator=generator))
+            left = int(torch.randint(0, mean.shape[-1] - width + 1, (), generator=generator))
+            window = (..., slice(top, top + height), slice(left, left + width))
+            mean, std = mean[window], std[window]
+            mask = mask[window] if mask is not None else None
+        means.append(mean)
+        stds.append(std)
+        found.append(mask)
+    mean, std = torch.stack(means), torch.stack(stds)
+    clean = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
+    stacked = None
+    if any(m is not None for m in found):
+        stacked = torch.stack([m if m is not None else torch.ones_like(mean[0, :1]) for m in found])
+    return CleanLatents(clean, stacked)

@@ -27,7 +27,7 @@ from lorad.data.masks import latent_mask, mask_source
 from lorad.data.regularization import balanced_reg_repeats, class_captions
 from lorad.data.report import DataReport
 from lorad.diffusion.ddpm import per_sample_mse, sample_noise, snr_weights, training_target
-from lorad.diffusion.latents import encode_latents, latent_views, view_key
+from lorad.diffusion.latents import CleanLatents, LatentSample, draw_latents, encode_latents, latent_views, view_key
 from lorad.diffusion.noise import input_perturbation, multires_noise, sample_timesteps
 from lorad.errors import ConfigError, ConfigProblem
 from lorad.events import EventSink, LatentsCached, LogLine
@@ -79,15 +79,6 @@ class MicroBatch:
     epoch: int
     samples: tuple[int, ...]
     flips: tuple[bool, ...] = ()
-
-
-@dataclass(frozen=True)
-class CleanLatents:
-    """A micro-batch's clean latents (scaled for the UNet) and, with masked_loss, each sample's mask at latent
-    size (None: no sample of the batch has a mask)."""
-
-    latents: torch.Tensor
-    masks: torch.Tensor | None
 
 
 def load_for_training(
@@ -267,30 +258,23 @@ class SdRun:
     def clean_latents(self, micro_batch: MicroBatch, generator: torch.Generator) -> CleanLatents:
         """The micro-batch's latents: each sample's planned view (mirrored or not), a fresh draw from its cached
         VAE posterior, cropped at a random latent offset with ``random_crop``; and its masks with masked_loss."""
-        base = "cover" if self.config.random_crop else ""
-        means, stds, masks = [], [], []
-        for position, i in enumerate(micro_batch.samples):
-            image, bucket = self.images[self.samples[i]], self.sample_buckets[i]
-            flipped = bool(micro_batch.flips) and micro_batch.flips[position]
-            key = (view_key(image.content_hash, f"{base}:hflip".lstrip(":") if flipped else base), bucket)
-            mean, std = self.latents[key]
-            mask = self.masks.get(key)
-            if self.config.random_crop:
-                height, width = bucket[1] // self.vae_factor, bucket[0] // self.vae_factor
-                top = int(torch.randint(0, mean.shape[-2] - height + 1, (), generator=generator))
-                left = int(torch.randint(0, mean.shape[-1] - width + 1, (), generator=generator))
-                window = (..., slice(top, top + height), slice(left, left + width))
-                mean, std = mean[window], std[window]
-                mask = mask[window] if mask is not None else None
-            means.append(mean)
-            stds.append(std)
-            masks.append(mask)
-        mean, std = torch.stack(means), torch.stack(stds)
-        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * self.components.vae.config.scaling_factor
-        stacked = None
-        if any(m is not None for m in masks):
-            stacked = torch.stack([m if m is not None else torch.ones_like(mean[0, :1]) for m in masks])
-        return CleanLatents(clean, stacked)
+        samples = [
+            LatentSample(
+                self.images[self.samples[i]].content_hash,
+                self.sample_buckets[i],
+                flipped=bool(micro_batch.flips) and micro_batch.flips[position],
+            )
+            for position, i in enumerate(micro_batch.samples)
+        ]
+        return draw_latents(
+            samples,
+            self.latents,
+            self.masks,
+            random_crop=self.config.random_crop,
+            factor=self.vae_factor,
+            scaling_factor=self.components.vae.config.scaling_factor,
+            generator=generator,
+        )
 
     def captions(self, micro_batch: MicroBatch) -> list[str]:
         """The captions the micro-batch's samples see (shuffled, dropped, ... as configured)."""
