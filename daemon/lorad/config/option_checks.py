@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from lorad.errors import ConfigProblem
-from lorad.training.optimizers import optimizer_problems
 
 LYCORIS_TYPES = ("locon", "loha", "lokr", "dora")
 
 
 def optimizer_checks(values: dict[str, Any]) -> list[ConfigProblem]:
-    """``optimizer`` and ``optimizer_args`` (every family)."""
+    """``optimizer`` and ``optimizer_args`` (every family). The optimizer catalogue is imported only when a config
+    names either: clients that validate configs (the TUI, ``lorad config --check``) stay free of the training
+    package otherwise (it imports no torch at import time either way)."""
+    if "optimizer" not in values and "optimizer_args" not in values:
+        return []
+    from lorad.training.optimizers import optimizer_problems
+
     return optimizer_problems(values)
 
 
