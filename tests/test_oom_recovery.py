@@ -39,7 +39,7 @@ class InjectOom:
         self.checkpointing: list[bool] = []  # gradient checkpointing at each raise
 
         def loss(run: SdRun, micro_batch, generator):
-            if len(micro_batch.trained) > self.above:
+            if len(micro_batch.samples[micro_batch.trained]) > self.above:
                 self.calls += 1
                 if self.calls >= self.at and (self.times is None or self.raised < self.times):
                     self.raised += 1

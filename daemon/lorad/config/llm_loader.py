@@ -23,6 +23,7 @@ from lorad.config.loader import (
     parse_family_config,
     run_checks,
 )
+from lorad.config.option_checks import optimizer_checks
 from lorad.config.pickle_policy import pickle_problem
 from lorad.errors import ConfigProblem
 
@@ -130,10 +131,8 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
                 "use one: eval_data (a file) or eval_fraction (held out of train_data)",
             )
         )
-    needs_bnb = [k for k in ("load_in_4bit",) if values.get(k)] + (
-        ["optimizer"] if values.get("optimizer") == "adamw8bit" else []
-    )
-    for key in needs_bnb:
+    problems += optimizer_checks(values)
+    for key in [k for k in ("load_in_4bit",) if values.get(k)]:
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(
                 ConfigProblem(

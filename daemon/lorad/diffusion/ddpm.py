@@ -37,3 +37,15 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped / snr
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error of each sample (fp32), each element weighted by ``mask`` (batch, 1, h, w; 1 =
+    trained, 0 = ignored, broadcast over channels) when given, as kohya's masked loss: the weighted errors
+    are averaged over every element, so a half-masked image contributes half the loss."""
+    import torch.nn.functional as F
+
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        error = error * mask.to(error.dtype)
+    return error.mean(dim=tuple(range(1, error.dim())))

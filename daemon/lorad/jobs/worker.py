@@ -285,6 +285,9 @@ class Worker:
         here, shown by get_job (pending_outcome), and recorded as soon as the store takes writes."""
         try:
             self.store.update(job.job_id, **changes)
+            with self._lock:  # no longer this worker's job: a watcher that hears the end finds none running
+                if self._current and self._current[0] == job.job_id:
+                    self._current = None
             self.hub.publish(job.job_id, *event)
         except sqlite3.Error as err:
             failure = store_failure(self.store.path, err)

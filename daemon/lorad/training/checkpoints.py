@@ -144,6 +144,7 @@ def save_checkpoint(
     run_id: str,
     full_disk_hint: str = "",
     memory: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` of run ``run_id`` atomically and return it. Prunes nothing:
     see :func:`prune_checkpoints`, called once the new checkpoint is recorded.
@@ -151,6 +152,8 @@ def save_checkpoint(
     Everything is serialised in memory first, so the exact size is known: a disk without room for
     it raises :class:`~lorad.errors.DiskFull` before anything is written, and one that fills up
     during the write raises it after the partial folder is removed (``full_disk_hint`` is its hint).
+    ``extra`` (tensors, numbers, lists and dicts of them: e.g. the EMA weights) is kept in the state as
+    ``state["extra"]``.
     """
     root = checkpoint_root(output_dir)
     dest = root / f"step-{step:06d}"
@@ -166,6 +169,7 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
+        "extra": extra or {},
     }
     lora_bytes = save_safetensors(flat, metadata={"run_id": run_id, "step": str(step)})
     buffer = io.BytesIO()
@@ -412,6 +416,7 @@ class TrainingRun:
         scaler: torch.amp.GradScaler | None,
         signature: dict[str, Any],
         memory: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Path:
         """Write this run's checkpoint for ``step`` (see :func:`save_checkpoint`); prunes nothing."""
         kept = self.checkpoints()
@@ -433,6 +438,7 @@ class TrainingRun:
             run_id=self.run_id,
             full_disk_hint=hint,
             memory=memory,
+            extra=extra,
         )
 
     def prune(self, keep: int) -> list[Path]:

@@ -83,6 +83,8 @@ class RunFacts:
     epoch: int
     final_loss: float
     precision: str
+    # "" for the trained weights; "ema" when the loop exports the EMA weights beside them (files get a suffix).
+    variant: str = ""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,17 @@ from lorad.events import (
 from lorad.families.registry import load_plugin
 from lorad.lora.adapters import load_lora_state_dict, lora_state_dict
 from lorad.training.checkpoints import check_signature, open_run, restore_rng
+from lorad.training.ema import ParameterEma
 from lorad.training.family import ADAPTER, CaptionFiller, FamilyRun, ModelFamily, ProvidedModel, RunFacts, RunHooks
 from lorad.training.lagged import LaggedValues, all_finite, wait_for_device
 from lorad.training.memory_recovery import MemoryRecovery
-from lorad.training.optimizers import build_optimizer, build_scheduler
+from lorad.training.optimizers import (
+    build_optimizer,
+    build_scheduler,
+    eval_weights,
+    optimizer_hints,
+    set_optimizer_mode,
+)
 from lorad.training.placement import Placement, allow_tf32, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
 from lorad.training.scalar_log import ScalarLog
@@ -132,6 +139,10 @@ def train(
         timings["prepare"] = time.monotonic() - t0
         params = [p for group in run.param_groups for p in group["params"]]
         optimizer = build_optimizer(run.param_groups, config)
+        for hint in optimizer_hints(config, [group["lr"] for group in run.param_groups]):
+            on_event(LogLine(message=f"optimizer: {hint}", level="warning"))
+        # ema_decay: an average of the weights, updated after every optimizer step and exported at the end.
+        ema = ParameterEma(params, config.ema_decay) if config.ema_decay else None
         accum = config.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(run.plan(0)) / accum)
         total_steps = config.max_train_steps or config.epochs * steps_per_epoch
@@ -158,6 +169,8 @@ def train(
                 scaler.load_state_dict(checkpoint.state["scaler"])
             restore_rng(checkpoint.state)
             memory.restore(checkpoint.memory)  # the smaller pieces (or checkpointing) an OOM led to
+            if ema is not None and checkpoint.state.get("extra", {}).get("ema"):
+                ema.load_state_dict(checkpoint.state["extra"]["ema"])
             step = checkpoint.step
 
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
@@ -217,6 +230,7 @@ def train(
                 scaler=scaler,
                 signature=signature,
                 memory=memory.state(),
+                extra={"ema": ema.state_dict()} if ema is not None else None,
             )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
             if prune:  # only now: the sink has recorded the new checkpoint (the daemon's job store)
@@ -278,6 +292,8 @@ def train(
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
                 lr = scheduler.get_last_lr()[0]
                 step, steps_this_run = step + 1, steps_this_run + 1
                 if steps_this_run == 1:
@@ -301,7 +317,8 @@ def train(
                 if stop is not None and stop.is_set():
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
-                    partial = run.export_partial(facts(step, epoch + 1))  # a usable LoRA of the last step
+                    with eval_weights(optimizer):  # schedule-free: the averaged weights, as an export holds
+                        partial = run.export_partial(facts(step, epoch + 1))  # a usable LoRA of the last step
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
@@ -313,20 +330,32 @@ def train(
             epoch += 1
             if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
                 settle()
-                run.export_epoch(facts(step, epoch))  # kohya's NAME-00000N.safetensors
+                with eval_weights(optimizer):
+                    run.export_epoch(facts(step, epoch))  # kohya's NAME-00000N.safetensors
                 if last_saved is None or last_saved[0] != step:
                     last_saved = (step, save(step, epoch))
         settle()
         timings["train"] = time.monotonic() - t_train
+        # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
+        # `resume_from: latest` writes them without training again. Removed once they are written.
+        guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
+        # Schedule-free optimizers: the final evaluation and the export use the averaged (eval-mode) weights.
+        set_optimizer_mode(optimizer, train=False)
         run.finish(step)
         scalars.add(step, run.scalars.by_step)
         scalars.flush()
 
-        # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
-        # `resume_from: latest` writes them without training again. Removed once they are written.
-        guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
         t0 = time.monotonic()
-        outputs = run.export(facts(step, epoch))
+        final = facts(step, epoch)
+        if ema is None:
+            outputs = run.export(final)
+        elif config.ema_export == "instead":
+            with ema.applied():
+                outputs = run.export(final)
+        else:
+            outputs = run.export(final)
+            with ema.applied():
+                outputs |= run.export(replace(final, variant="ema"))
         timings["export"] = time.monotonic() - t0
         seconds = time.monotonic() - run_start
         outputs["summary"] = write_summary(

@@ -184,6 +184,11 @@ class LlmRun:
 
     def export(self, facts: RunFacts) -> dict[str, str]:
         config = self.config
+        if facts.variant:  # the EMA weights beside the trained ones: the adapter folder only
+            folder = config.output_dir / f"adapter-{facts.variant}"
+            state = lora_state_dict(self.model, ADAPTER)
+            write_adapter(folder, state, self.lora_config, self.tokenizer, save_precision=config.save_precision)
+            return {f"adapter_{facts.variant}": str(folder)}
         outputs = {
             "adapter": str(
                 write_adapter(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lorad.diffusion.clip_skip import clip_hidden_states
 from lorad.training.transfer import to_device
 
 
@@ -19,13 +20,21 @@ class PromptEncoder:
     """
 
     def __init__(
-        self, tokenizer, text_encoder: nn.Module, device: torch.device, *, trainable: bool, max_cached: int = 4096
+        self,
+        tokenizer,
+        text_encoder: nn.Module,
+        device: torch.device,
+        *,
+        trainable: bool,
+        max_cached: int = 4096,
+        clip_skip: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
         self.trainable = trainable
         self.max_cached = max_cached
+        self.clip_skip = clip_skip
         self.encodes = 0
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -38,7 +47,7 @@ class PromptEncoder:
             return_tensors="pt",
         ).input_ids
         self.encodes += len(captions)
-        return self.text_encoder(to_device(ids, self.device))[0]
+        return clip_hidden_states(self.text_encoder, to_device(ids, self.device), self.clip_skip)
 
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         """Hidden states (batch, tokens, dim) for ``captions``; with grad only when trainable."""
