@@ -211,7 +211,18 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
         return ev.EvalDone(step=event.eval.step, loss=event.eval.loss, samples=event.eval.samples)
     if kind == "sample":
         s = event.sample
-        return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped)
+        return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped, step=s.step)
+    if kind == "sample_image":
+        i = event.sample_image
+        return ev.SampleImage(
+            step=i.step,
+            prompt_index=i.prompt_index,
+            prompt=i.prompt,
+            seed=i.seed,
+            path=i.path,
+            width=i.width,
+            height=i.height,
+        )
     if kind == "memory_recovered":
         m = event.memory_recovered
         return ev.MemoryRecovered(
