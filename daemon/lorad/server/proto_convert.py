@@ -9,7 +9,8 @@ progress renderer as in-process runs. Imports no torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lorad import events as ev
 from lorad.captioning import options as cu_options
 from lorad.captioning import updates as cu
+from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import EventRecord, JobRecord, JobState
 from lorad_api.v1 import caption_pb2, jobs_pb2, models_pb2, system_pb2, watch_pb2
 
@@ -123,6 +125,12 @@ def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:
     else:
         event.log.message, event.log.level = f"{record.kind}: {json.dumps(payload)}", "info"
     return event
+
+
+def engine_events_to_proto(job_id: str, events: Sequence[ev.Event]) -> list[jobs_pb2.JobEvent]:
+    """Engine events a request produced, as JobEvents without a seq (the job's history numbers its own copies)."""
+    now = time.time()
+    return [event_to_proto(EventRecord(job_id, 0, now, *engine_event_payload(event))) for event in events]
 
 
 def resident_to_proto(info: Any) -> models_pb2.ResidentModel:

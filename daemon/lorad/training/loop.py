@@ -124,7 +124,7 @@ def train(
     allow_tf32(device)
     hold = ExitStack()  # releases, in reverse order, everything this run reserved or changed
     if requests is not None:
-        hold.callback(requests.close, "the job's training run has ended")
+        hold.callback(requests.close, "the job is no longer training")
     try:
         provided = hold.enter_context((models or fresh_model_provider(family))(config, placement))
         hold.callback(family.restore, provided.model)
