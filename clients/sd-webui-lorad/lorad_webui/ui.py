@@ -84,7 +84,10 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                         elem_id="lorad-sample-prompts",
                     )
                     sample_every = gr.Number(
-                        value=0, precision=0, label="Sample every N steps (0: before and after training)", elem_id="lorad-sample-every"
+                        value=0,
+                        precision=0,
+                        label="Sample every N steps (0: before and after training)",
+                        elem_id="lorad-sample-every",
                     )
                     extra = gr.Textbox(
                         label="Extra config keys (YAML, one `key: value` per line)", lines=3, elem_id="lorad-extra"

@@ -56,6 +56,9 @@ _MAPPING_KEYS = {
 }
 
 
+_OPTIONS_FIX = "use --n (negative), --w, --h, --d (seed), --s (steps), --l (CFG), --g (guidance), --ss (sampler)"
+
+
 class PromptProblem(ValueError):
     """One bad prompt option: ``where`` (e.g. "line 3, --w"), what is wrong and the fix."""
 
@@ -160,20 +163,10 @@ def parse_prompt_line(line: str, where: str) -> SamplePrompt:
     for option in options:
         option = option.strip()
         match = re.match(r"^(ss|[a-z])(?:\s+(.*))?$", option, re.IGNORECASE | re.DOTALL)
-        if not match:
-            raise PromptProblem(
-                f"{where}, --{option.split(' ')[0]}",
-                "is not an option lorad knows",
-                "use --n (negative), --w, --h, --d (seed), --s (steps), --l (CFG), --g (guidance), --ss (sampler)",
-            )
-        letter, value = match.group(1).lower(), (match.group(2) or "").strip()
+        letter, value = (match.group(1).lower(), (match.group(2) or "").strip()) if match else (option, "")
         name = "sampler" if letter == "ss" else _INLINE.get(letter)
         if name is None:
-            raise PromptProblem(
-                f"{where}, --{letter}",
-                "is not an option lorad knows",
-                "use --n (negative), --w, --h, --d (seed), --s (steps), --l (CFG), --g (guidance), --ss (sampler)",
-            )
+            raise PromptProblem(f"{where}, --{letter.split(' ')[0]}", "is not an option lorad knows", _OPTIONS_FIX)
         values[name] = _option_value(name, value, f"{where}, --{letter}")
     return _checked(SamplePrompt(prompt=prompt.strip(), **values), where)
 
