@@ -293,3 +293,27 @@ def test_a_sample_that_fails_is_a_warning_and_training_goes_on(
     assert len(warnings) == 2 and "a blue square" in warnings[0].message and "out of memory" in warnings[0].message
     assert [e.prompt_index for e in events if isinstance(e, SampleImage)] == [0, 0]
     assert lora_tensors(out)  # the run finished and exported
+
+
+@pytest.mark.slow
+def test_an_llm_answers_its_sample_prompts_during_training_without_changing_the_adapter(
+    tiny_llm: Path, tmp_path: Path
+) -> None:
+    from lorad.config.llm_loader import parse_llm_config
+    from lorad.events import SampleGenerated
+    from tests.conftest import tiny_llm_values, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "count", "output": "one two three"}] * 8)
+    prompts = {"sample_prompts": ["count"], "sample_max_new_tokens": 4, "max_train_steps": 4}
+
+    def adapter(out: Path, **keys: object) -> tuple[dict[str, torch.Tensor], list[Event]]:
+        events: list[Event] = []
+        config = parse_llm_config(tiny_llm_values(tiny_llm, data, out, **prompts, **keys), base_dir=tmp_path)
+        train(config, on_event=events.append)
+        return load_file(str(out / "adapter" / "adapter_model.safetensors")), events
+
+    plain, _ = adapter(tmp_path / "plain")
+    sampled, events = adapter(tmp_path / "sampled", sample_every_n_steps=2, sample_at_first=True)
+    assert all(torch.equal(plain[k], sampled[k]) for k in plain)
+    answers = [(e.step, e.prompt) for e in events if isinstance(e, SampleGenerated)]
+    assert answers[:3] == [(0, "count"), (2, "count"), (4, "count")]  # then the end-of-run answer, step 4
