@@ -317,3 +317,16 @@ def test_an_llm_answers_its_sample_prompts_during_training_without_changing_the_
     assert all(torch.equal(plain[k], sampled[k]) for k in plain)
     answers = [(e.step, e.prompt) for e in events if isinstance(e, SampleGenerated)]
     assert answers[:3] == [(0, "count"), (2, "count"), (4, "count")]  # then the end-of-run answer, step 4
+
+
+@pytest.mark.slow
+def test_schedule_free_samples_its_averaged_weights_and_trains_on_bit_identically(
+    tiny_sd: Path, dataset: Path, tmp_path: Path
+) -> None:
+    keys = {"optimizer": "adamw_schedulefree", "learning_rate": "1e-2", "trigger_word": "mystyle"}
+    plain = tmp_path / "plain"
+    run(tiny_train_values(tiny_sd, dataset, plain, max_train_steps=4, **keys), tmp_path)
+    sampled = tmp_path / "sampled"
+    run(sample_values(tiny_sd, dataset, sampled, sample_every_n_steps=1, **keys), tmp_path)
+    reference, trained = lora_tensors(plain), lora_tensors(sampled)
+    assert all(torch.equal(reference[k], trained[k]) for k in reference)

@@ -49,7 +49,7 @@ from lorad.training.optimizers import (
 from lorad.training.placement import Placement, allow_tf32, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
 from lorad.training.run_requests import SAVE_NOW, RequestNotDone, RunRequests, answer_requests
-from lorad.training.sample_rounds import SampleRounds
+from lorad.training.sample_rounds import SampleRounds, exact_eval_weights
 from lorad.training.scalar_log import ScalarLog
 
 # Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
@@ -255,7 +255,7 @@ def train(
             nonlocal last_saved
             if kind == SAVE_NOW:
                 last_saved = (step, save(step, epoch))
-                with eval_weights(optimizer):
+                with exact_eval_weights(optimizer, params):  # training goes on from exactly these weights
                     lora = run.export_partial(facts(step, epoch + 1))
                 saved: list[Event] = [CheckpointSaved(step=step, path=last_saved[1])]
                 if lora is not None:
