@@ -521,7 +521,6 @@ def test_finished_job_at_80x24(snap_compare) -> None:
 
 # --- sample images (issue 16) -------------------------------------------------------------------
 
-SAMPLES_DIR = Path("/tmp/lorad-tui-snapshot-samples")  # fixed: the paths are on screen in path mode
 SAMPLE_PROMPTS = ("a watercolor lake at dawn", "a harbour with boats, soft washes")
 
 
@@ -539,7 +538,8 @@ def sample_png(path: Path, hue: int, step: int) -> None:
 class SampledClient(FakeClient):
     """The running job has drawn its two prompts at steps 0 (the baseline), 20 and 40; it answers sample/save now."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder  # where the PNGs are (or, for a daemon elsewhere, would be)
         self.asked: list[tuple[str, str]] = []
 
     def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobStream:
@@ -555,7 +555,7 @@ class SampledClient(FakeClient):
                     time=stamp(100),
                     sample_image=SampleImage(
                         step=step, prompt_index=index, prompt=SAMPLE_PROMPTS[index], seed=42 + index,
-                        path=str(SAMPLES_DIR / f"watercolor_style_{step:08d}_{index:02d}_{42 + index}.png"),
+                        path=str(self.folder / f"watercolor_style_{step:08d}_{index:02d}_{42 + index}.png"),
                         width=32, height=32,
                     ),
                 )
@@ -574,13 +574,14 @@ class SampledClient(FakeClient):
 
 
 @pytest.fixture
-def sample_files() -> Iterator[Path]:
-    SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
+def sample_files(tmp_path: Path) -> Path:
+    """The job's PNGs (their paths are not on screen when the images are drawn, so tmp_path is fine)."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
     for step in (0, 20, 40):
         for index in (0, 1):
-            sample_png(SAMPLES_DIR / f"watercolor_style_{step:08d}_{index:02d}_{42 + index}.png", 90 * index, step)
-    yield SAMPLES_DIR
-    shutil.rmtree(SAMPLES_DIR, ignore_errors=True)
+            sample_png(folder / f"watercolor_style_{step:08d}_{index:02d}_{42 + index}.png", 90 * index, step)
+    return folder
 
 
 def sampled_app(client: SampledClient) -> LoradApp:
@@ -608,17 +609,17 @@ def test_job_detail_with_samples_in_half_blocks(snap_compare, sample_files: Path
     from lorad_tui.widgets.sample_gallery import image_mode
 
     assert image_mode() == "halfblock"
-    assert snap_compare(sampled_app(SampledClient()), terminal_size=(100, 40), run_before=open_sampled_job)
+    assert snap_compare(sampled_app(SampledClient(sample_files)), terminal_size=(100, 40), run_before=open_sampled_job)
 
 
 def test_keys_step_through_samples_and_ask_the_running_job(sample_files: Path) -> None:
-    asyncio.run(step_through_samples())
+    asyncio.run(step_through_samples(sample_files))
 
 
-async def step_through_samples() -> None:
+async def step_through_samples(folder: Path) -> None:
     from textual_image.widget import HalfcellImage
 
-    client = SampledClient()
+    client = SampledClient(folder)
     app = sampled_app(client)
     async with app.run_test(size=(100, 40)) as pilot:
         await open_sampled_job(pilot)
@@ -644,7 +645,7 @@ def test_an_image_not_on_this_disk_shows_its_path() -> None:
 
 
 async def paths_instead_of_images() -> None:
-    client = SampledClient()  # no sample_files: the PNGs do not exist
+    client = SampledClient(Path("/nonexistent/lorad-samples"))  # the PNGs are not on this disk
     app = sampled_app(client)
     async with app.run_test(size=(100, 40)) as pilot:
         await open_sampled_job(pilot)
