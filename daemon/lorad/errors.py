@@ -62,6 +62,10 @@ class OutputError(LoradError):
     """An output or cache location cannot be written."""
 
 
+class LoraFileError(LoradError):
+    """A LoRA or checkpoint file cannot be read, or a LoRA tool cannot apply to it (lora_tools)."""
+
+
 class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
