@@ -64,7 +64,7 @@ def bake_loras(inputs: list[tuple[Path, float]], base: Path, dest: Path) -> Bake
         if base_family != family:
             raise LoraFileError(
                 f"{loras[0][0].path.name} is a {loras[0][0].family.title} LoRA but {Path(base).name} is a "
-                f"{ {'sd1': 'Stable Diffusion 1.x', 'sd2': 'Stable Diffusion 2.x', 'sdxl': 'SDXL', 'flux': 'FLUX.1'}[base_family] } checkpoint",
+                f"{FAMILY_TITLES[base_family]} checkpoint",
                 "Bake into a checkpoint of the base model the LoRA was trained for.",
             )
         targets = checkpoint_targets(shapes, base_family)

@@ -18,6 +18,7 @@ map (inspect, resize, merge within the layout, bake of kohya files) apply.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -337,7 +338,11 @@ def write_lora(lora: LoraFile, dest: Path, layout: str, key_map: KeyMap | None =
     if key_map is None or key_map.family != lora.family.name:
         key_map = key_map_for(lora.family.name)
     if lora.naming == "kohya" and key_map is None:
-        _require_kohya_names(LoraFile(lora.path, lora.layout, lora.family, {}, naming=lora.layout), layout)
+        raise LoraFileError(
+            f"{lora.path}: writing a {lora.family.title} LoRA in the {layout} layout needs the "
+            f"{lora.family.title} key map, which lorad does not have yet",
+            "Keep the kohya file: A1111, Forge and ComfyUI load it as it is.",
+        )
     if layout == "comfyui":
         tensors = {}
         for name, module in sorted(lora.modules.items()):
@@ -388,6 +393,9 @@ def write_lora(lora: LoraFile, dest: Path, layout: str, key_map: KeyMap | None =
             LoraConfig(**config, inference_mode=True).save_pretrained(str(folder))
             tensors = {}
             for module_path, module in modules.items():
+                if part == "text_encoder" and not clip_has_text_model_wrapper():
+                    # PEFT loads by exact module path: the installed transformers' own names.
+                    module_path = module_path.removeprefix("text_model.")
                 tensors[f"{PEFT_PREFIX}{module_path}.lora_A.weight"] = module.down
                 tensors[f"{PEFT_PREFIX}{module_path}.lora_B.weight"] = module.up
             save_file(
@@ -399,16 +407,36 @@ def write_lora(lora: LoraFile, dest: Path, layout: str, key_map: KeyMap | None =
 
 
 def _part_config(modules: Mapping[str, LoraModule]) -> dict[str, object]:
-    """peft's LoraConfig fields for one part: the common rank and alpha, with patterns for the exceptions."""
+    """peft's LoraConfig fields for one part: the common rank and alpha, with patterns for the exceptions.
+
+    Module names drop CLIP's ``text_model.`` wrapper: peft matches names by suffix, so the shorter name
+    fits text encoders with the wrapper (transformers < 5.6) and without it (later versions) alike.
+    """
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     alpha = Counter(m.alpha_value for m in modules.values()).most_common(1)[0][0]
+
+    def short(path: str) -> str:
+        return path.removeprefix("text_model.")
+
     return {
         "r": rank,
         "lora_alpha": alpha,
-        "rank_pattern": {p: m.rank for p, m in modules.items() if m.rank != rank},
-        "alpha_pattern": {p: m.alpha_value for p, m in modules.items() if m.alpha_value != alpha},
-        "target_modules": sorted(modules),
+        "rank_pattern": {short(p): m.rank for p, m in modules.items() if m.rank != rank},
+        "alpha_pattern": {short(p): m.alpha_value for p, m in modules.items() if m.alpha_value != alpha},
+        "target_modules": sorted(short(p) for p in modules),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def clip_has_text_model_wrapper() -> bool:
+    """Whether the installed transformers' CLIPTextModel nests its layers under ``text_model.`` (< 5.6)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(
+            CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+        )
+    return any(name.startswith("text_model.") for name, _ in model.named_modules())
 
 
 def _save(dest: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
