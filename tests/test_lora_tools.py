@@ -4,7 +4,6 @@ and ComfyUI's name rules) and by the linear algebra each operation promises."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -125,7 +124,7 @@ def test_not_a_lora_is_a_clear_error(files: dict[str, Path], tmp_path: Path) -> 
         inspect_lora(files["single"])
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(LoraFileError, match="not a .safetensors file"):
+    with pytest.raises(LoraFileError, match=r"not a \.safetensors file"):
         inspect_lora(junk)
     assert main(["lora", "inspect", str(junk)]) == 1
 
@@ -331,7 +330,7 @@ def _pipeline_weights(tiny_sd: Path, model: torch.nn.Module, _cache: dict = {}) 
 def test_bake_refuses_mismatched_inputs_before_writing(files: dict[str, Path], tmp_path: Path) -> None:
     sd2 = write_original_checkpoint(build_tiny_sd(tmp_path / "tiny-sd2", version="sd2"), tmp_path / "sd2.safetensors")
     out = tmp_path / "out.safetensors"
-    with pytest.raises(LoraFileError, match="Stable Diffusion 2.x checkpoint"):
+    with pytest.raises(LoraFileError, match=r"Stable Diffusion 2\.x checkpoint"):
         bake_loras([(files["kohya"], 1.0)], sd2, out)
     with pytest.raises(LoraFileError, match="not a single-file"):
         bake_loras([(files["kohya"], 1.0)], files["kohya"], out)

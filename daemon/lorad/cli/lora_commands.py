@@ -39,7 +39,9 @@ def cmd_lora(args: argparse.Namespace) -> int:
     if action == "convert":
         from lorad.lora_tools.convert import convert_lora
 
-        written = convert_lora(Path(args.file), Path(args.output), to=args.to, base=Path(args.base) if args.base else None)
+        written = convert_lora(
+            Path(args.file), Path(args.output), to=args.to, base=Path(args.base) if args.base else None
+        )
         print(f"wrote {written} ({args.to} layout)")
         return EXIT_OK
     if action == "bake":
