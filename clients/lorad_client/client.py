@@ -31,6 +31,8 @@ from lorad import __version__
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
+    lora_tools_pb2,
+    lora_tools_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     system_pb2,
@@ -139,6 +141,7 @@ class LoradClient:
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._training = training_pb2_grpc.TrainingServiceStub(channel)
         self._models = models_pb2_grpc.ModelServiceStub(channel)
+        self._lora_tools = lora_tools_pb2_grpc.LoraToolsServiceStub(channel)
         self._system = system_pb2_grpc.SystemServiceStub(channel)
         self._caption = caption_pb2_grpc.CaptionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -256,6 +259,11 @@ class LoradClient:
         return JobWatch(call, self._translate)
 
     # -- ModelService ---------------------------------------------------------------------------
+
+    def inspect_lora(self, path: str | Path, *, base_dir: str | Path = "", timeout: float | None = 120.0) -> Any:
+        """The daemon's report on a LoRA file (an InspectLoraResponse: ``.text``, ``.json``, ``.problems``, ...)."""
+        request = lora_tools_pb2.InspectLoraRequest(path=str(path), base_dir=str(base_dir))
+        return self._unary(self._lora_tools.InspectLora, request, timeout)
 
     def list_models(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[ResidentModel]:
         """Base models and captioners resident in the daemon's memory, most recently used first."""
