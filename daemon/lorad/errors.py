@@ -91,6 +91,14 @@ class DiskFull(OutputError):
         self.free = free
 
 
+class LoraFileError(LoradError):
+    """A LoRA or checkpoint file cannot be read, or a LoRA tool cannot apply to it (lora_tools)."""
+
+
+class ExportError(LoradError):
+    """A finished job's output cannot be exported (e.g. to GGUF): unsupported architecture, missing tools."""
+
+
 class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -556,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     webui_install.add_argument("--webui-dir", required=True, help="the WebUI folder (the one with launch.py)")
     webui_install.add_argument("--copy", action="store_true", help="copy instead of linking (re-run to update)")
     webui_install.set_defaults(func=cmd_webui_install)
+
+    # LoRA file tools and exports (issue 21): `lorad lora ...`, `lorad export gguf ...`.
+    from lorad.cli.lora_commands import add_lora_commands
+
+    add_lora_commands(sub)
     return parser
 
 
