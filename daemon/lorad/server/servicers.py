@@ -62,7 +62,8 @@ def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     except LoradError as err:
         context.abort(status_for(err), message_for(err))
     except Exception as err:
-        if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
+        # An RPC the body aborted itself (context.abort) already carries its status: let it through.
+        if isinstance(err, grpc.RpcError) or context.code() not in (None, grpc.StatusCode.OK):
             raise
         log.exception("unexpected error in an RPC")
         context.abort(grpc.StatusCode.INTERNAL, fit_trailer(f"internal error: {type(err).__name__}: {err}"))
