@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-# Assistant-style sentences in the hospital story's register; enough for a few hundred merges.
+# Assistant-style sentences about clinical notes (the LLM demo's subject); enough for a few hundred merges.
 CORPUS = (
     "The patient was admitted with shortness of breath and a persistent cough.",
     "Summarise the discharge note in plain language for the family.",
