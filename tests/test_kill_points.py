@@ -69,8 +69,8 @@ elif point == "recorded, before pruning":
     checkpoint.TrainingRun.prune = prune
 elif point == "mid export":
     real_export = sd_family.write_lora_files
-    def export(config, parts, lora_configs, facts):
-        real_export(config, parts, lora_configs, facts)  # the files are written, the summary is not
+    def export(*args, **kwargs):
+        real_export(*args, **kwargs)  # the files are written, the summary is not
         die()
     sd_family.write_lora_files = export
 

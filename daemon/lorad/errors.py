@@ -7,12 +7,13 @@ later) show ``str(err)`` and ``err.hint``; nothing else needs to know the subcla
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 # An error travels in a gRPC trailer (at most 16 KB, percent-encoded): list this many problems, then
 # say how many more, and cut any one line to MAX_LINE_CHARS, so the real status always arrives.
 MAX_LISTED_PROBLEMS = 20
-MAX_LINE_CHARS = 1000
+MAX_LINE_CHARS = 400
 
 
 def clip(text: str, limit: int = MAX_LINE_CHARS) -> str:
@@ -43,9 +44,12 @@ class ConfigProblem:
     fix: str = ""
 
     def render(self) -> str:
-        """One line for humans: "`key`: message — fix" (at most MAX_LINE_CHARS)."""
-        text = f"`{clip(self.key, 80)}`: {self.message}" if self.key else self.message
-        return clip(f"{text} — {self.fix}" if self.fix else text)
+        """One line for humans: "`key`: message — fix" (at most MAX_LINE_CHARS; the message is cut
+        before the fix, so what to do always arrives)."""
+        fix = clip(self.fix, MAX_LINE_CHARS // 2) if self.fix else ""
+        room = MAX_LINE_CHARS - len(fix) - (3 if fix else 0)
+        text = clip(f"`{clip(self.key, 80)}`: {self.message}" if self.key else self.message, room)
+        return f"{text} — {fix}" if fix else text
 
 
 class ConfigError(LoradError):
@@ -88,8 +92,30 @@ class DiskFull(OutputError):
         self.free = free
 
 
+class LoraFileError(LoradError):
+    """A LoRA or checkpoint file cannot be read, or a LoRA tool cannot apply to it (lora_tools)."""
+
+
+class ExportError(LoradError):
+    """A finished job's output cannot be exported (e.g. to GGUF): unsupported architecture, missing tools."""
+
+
 class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingOutOfMemory(LoradError):
+    """A step ran out of memory with nothing left to lower (or ``oom_recovery`` off); the hint names
+    the settings to lower next."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
+    torch = sys.modules.get("torch")  # an OOM can only come from torch once torch is imported
+    torch_oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    return isinstance(err, (MemoryError, *((torch_oom,) if torch_oom else ()))) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err)
+    )
 
 
 class TrainingInterrupted(LoradError):

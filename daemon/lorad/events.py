@@ -86,6 +86,23 @@ class CheckpointSaved(Event):
 
 
 @dataclass(frozen=True)
+class MemoryRecovered(Event):
+    """A step ran out of memory and the run made itself leaner, then redid that step.
+
+    ``change`` is the line for people ("batch 4 → 2 × accumulation 2 after out-of-memory at step 37");
+    ``micro_batch`` and ``gradient_accumulation_steps`` are the settings now (their product is the
+    configured effective batch), ``error`` the first line of the out-of-memory error.
+    """
+
+    step: int
+    change: str
+    micro_batch: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class LogLine(Event):
     """A human-readable message worth showing (warnings, decisions made for the user)."""
 
@@ -104,7 +121,8 @@ class EvalDone(Event):
 
 @dataclass(frozen=True)
 class SampleGenerated(Event):
-    """The trained adapter's answer to one of the config's sample prompts (LLM runs).
+    """The adapter's answer to one of the config's sample prompts (LLM runs), after ``step`` (0: before
+    training, without the adapter; the final step at the end).
 
     ``stopped`` is "eos" when the model ended the answer itself, "length" when it hit the limit.
     """
@@ -112,6 +130,21 @@ class SampleGenerated(Event):
     prompt: str
     output: str
     stopped: str
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class SampleImage(Event):
+    """A sample image was written: prompt number ``prompt_index`` (from 0, in the config's order) drawn
+    after ``step`` (0: the baseline before training, without the LoRA) with ``seed``, as the PNG ``path``."""
+
+    step: int
+    prompt_index: int
+    prompt: str
+    seed: int
+    path: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from lorad.config.loader import (
     _unknown_key_problem,
     parse_family_config,
     run_checks,
+    sampling_checks,
 )
+from lorad.config.option_checks import optimizer_checks
 from lorad.config.pickle_policy import pickle_problem
 from lorad.errors import ConfigProblem
 
@@ -130,10 +132,8 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
                 "use one: eval_data (a file) or eval_fraction (held out of train_data)",
             )
         )
-    needs_bnb = [k for k in ("load_in_4bit",) if values.get(k)] + (
-        ["optimizer"] if values.get("optimizer") == "adamw8bit" else []
-    )
-    for key in needs_bnb:
+    problems += optimizer_checks(values)
+    for key in [k for k in ("load_in_4bit",) if values.get(k)]:
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(
                 ConfigProblem(
@@ -182,7 +182,7 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
         required=LLM_REQUIRED_KEYS,
         default_name="adapter",
         convert=_convert_llm,
-        checks=[_resolve_llm_base_model(base_dir), _llm_cross_checks],
+        checks=[_resolve_llm_base_model(base_dir), _llm_cross_checks, sampling_checks],
         unknown=_sd_key_or_unknown,
         # chat_template may be Jinja text as well as one of the named templates.
         free_choice=("chat_template",),

@@ -6,10 +6,10 @@ single :class:`ConfigError` lists them all, each naming the key, the bad value a
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import functools
-import importlib.util
 import math
 import os
 import re
@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lorad.config.limits import path_problem, shown
+from lorad.config.option_checks import option_checks
 from lorad.config.pickle_policy import pickle_problem
-from lorad.config.schema import MAX_REPEATS, REQUIRED_KEYS, RepeatPolicy, TrainConfig
+from lorad.config.schema import MAX_REPEATS, REQUIRED_KEYS, OptimizerArgs, RepeatPolicy, TrainConfig
 from lorad.config.yaml_text import load_yaml_text
 from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem
+from lorad.sampling.prompts import SIDE_MULTIPLE, PromptProblem, SamplePrompts, sample_prompts_from
 
 # Names other tools use for our keys, so "did you mean" can teach the mapping.
 SYNONYMS: Mapping[str, str] = {
@@ -56,6 +58,12 @@ SYNONYMS: Mapping[str, str] = {
     "data_dir": "train_data_dir",
     "metadata": "metadata_path",
     "max_grad_norm_clip": "max_grad_norm",
+    "network_dropout": "lora_dropout",
+    "network_module": "network_type",
+    "algo": "network_type",
+    "reg_dir": "reg_data_dir",
+    "alpha_mask": "masked_loss",
+    "noise_offset_random_strength": "noise_offset",
 }
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -177,6 +185,41 @@ def _to_repeats(value: Any) -> RepeatPolicy:
     return RepeatPolicy(default=n)
 
 
+def _literal(value: Any) -> Any:
+    """A YAML value (or kohya's `key=value` text) as a Python value: numbers and tuples parsed, lists as tuples."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in (_TRUE | _FALSE) - {"1", "0"}:
+            return text.lower() in _TRUE
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            try:
+                return float(text.replace("_", ""))
+            except ValueError:
+                return text
+    if isinstance(value, (list, tuple)):
+        return tuple(_literal(v) for v in value)
+    return value
+
+
+def _to_optimizer_args(value: Any) -> OptimizerArgs:
+    """A mapping ``{d_coef: 2}``, or kohya's list ``["d_coef=2", "betas=(0.9,0.99)"]``."""
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(value, Mapping):
+        pairs = [(str(k).strip(), _literal(v)) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)) or (isinstance(value, str) and "=" in value):
+        items = value.split() if isinstance(value, str) else value
+        for item in items:
+            name, eq, text = str(item).partition("=")
+            if not eq or not name.strip():
+                raise _Invalid(f"got {_show(item)}", 'write `name=value` items, e.g. ["d_coef=2"], or a mapping')
+            pairs.append((name.strip(), _literal(text)))
+    else:
+        raise _Invalid(f"got {_show(value)}", 'write a mapping such as {d_coef: 2}, or a list such as ["d_coef=2"]')
+    return OptimizerArgs(items=tuple(pairs))
+
+
 def _resolve_path(value: Any, base_dir: Path) -> Path:
     text = _to_str(value).strip()
     if not text:
@@ -227,6 +270,13 @@ def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _
         return _to_str_tuple(value)
     if hint is RepeatPolicy:
         return _to_repeats(value)
+    if hint is OptimizerArgs:
+        return _to_optimizer_args(value)
+    if hint is SamplePrompts:
+        try:
+            return sample_prompts_from(value, base_dir)
+        except PromptProblem as bad:
+            raise _Invalid(f"{bad.where}: {bad.message}", bad.fix) from None
     raise AssertionError(f"no converter for {name}: {hint}")  # a schema bug, not a user error
 
 
@@ -422,26 +472,19 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         problems.append(ConfigProblem("bucket_reso_steps", f"got {steps}", "use a multiple of 8, e.g. 64"))
     else:
         problems += settle_buckets(values)
-    if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(
-            ConfigProblem(
-                "optimizer",
-                "adamw8bit needs the bitsandbytes package, which is not installed",
-                "run `pip install bitsandbytes`, or use adamw",
-            )
-        )
+    problems += option_checks(values)
     problems += _captioner_checks(values)
     for key in ("base_model", "captioner_model"):
         model = values.get(key)
         if isinstance(model, str) and (problem := pickle_problem(key, model, values.get("allow_pickle", False))):
             problems.append(problem)
     keep, shuffle = values.get("keep_tokens"), values.get("shuffle_caption")
-    if isinstance(keep, int) and keep > 0 and shuffle is False:
+    if isinstance(keep, int) and keep > 0 and shuffle is False and not values.get("caption_tag_dropout_rate"):
         problems.append(
             ConfigProblem(
                 "keep_tokens",
                 f"is {keep} but shuffle_caption is off",
-                "set shuffle_caption: true, or remove keep_tokens",
+                "set shuffle_caption: true (or caption_tag_dropout_rate), or remove keep_tokens",
             )
         )
     return problems
@@ -683,6 +726,26 @@ def parse_family_config(
     return config_class(**values)
 
 
+def sampling_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    """Sampling keys that cannot work: a schedule without prompts, sizes that are not a multiple of 8."""
+    problems = [
+        ConfigProblem(
+            key, "is set but sample_prompts is empty", "add sample_prompts (a list or a prompt file), or remove it"
+        )
+        for key in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+        if values.get(key) and not values.get("sample_prompts")
+    ]
+    for key in ("sample_width", "sample_height"):
+        side = values.get(key)
+        if isinstance(side, int) and side % SIDE_MULTIPLE:
+            problems.append(
+                ConfigProblem(
+                    key, f"got {side}", f"use a multiple of {SIDE_MULTIPLE}, e.g. {side - side % SIDE_MULTIPLE}"
+                )
+            )
+    return problems
+
+
 def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
     """The checks every image family's config gets (data folder, captions, buckets, paths, output)."""
 
@@ -692,7 +755,7 @@ def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigP
                 values[key] = _resolve_base_model(values[key], base_dir)
         return []
 
-    return [resolve_models, _cross_checks]
+    return [resolve_models, _cross_checks, sampling_checks]
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorad.sampling.prompts import MAX_CFG, MAX_SAMPLE_SIDE, MAX_SAMPLE_STEPS, SamplePrompts
+from lorad.sampling.samplers import SAMPLER_CHOICES
+
 # Sections group keys in the annotated example; order here is the order printed.
-SECTIONS = ("data", "model", "lora", "training", "checkpoints", "output")
+SECTIONS = ("data", "model", "lora", "training", "checkpoints", "samples", "output")
 
 # Upper bounds shared by both configs: far beyond any real run, low enough that a value cannot
 # exhaust memory (caption beams), overflow a counter (epochs, steps, seed) or stall the daemon.
@@ -86,6 +89,22 @@ class RepeatPolicy:
         if self.default is not None:
             mapping["*"] = self.default
         return mapping
+
+
+@dataclass(frozen=True)
+class OptimizerArgs:
+    """Extra keyword arguments for the optimizer's constructor (kohya's ``optimizer_args``), in the
+    order written. Values are YAML scalars or tuples (lists become tuples, so the config stays frozen)."""
+
+    items: tuple[tuple[str, Any], ...] = ()
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The arguments as a keyword dict."""
+        return dict(self.items)
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The YAML spelling: a mapping (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,8 +212,32 @@ class TrainingKeys:
         default="adamw",
         metadata=spec(
             "training",
-            "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
-            choices=("adamw", "adamw8bit"),
+            "adamw; adamw8bit, paged_adamw8bit, lion8bit (bitsandbytes, CUDA only); prodigy (sets its own step size: "
+            "learning_rate 1.0); adafactor (transformers'; relative-step mode sets its own learning rate); lion "
+            "(learning rate 3-10x below AdamW's); adamw_schedulefree (no schedule needed; eval-mode weights are "
+            "exported); came (pytorch-optimizer's). adam_beta1/adam_beta2/adam_epsilon apply to the Adam-like ones "
+            "(adamw*, prodigy, adamw_schedulefree); weight_decay to all.",
+            choices=(
+                "adamw",
+                "adamw8bit",
+                "paged_adamw8bit",
+                "lion8bit",
+                "prodigy",
+                "adafactor",
+                "lion",
+                "adamw_schedulefree",
+                "came",
+            ),
+        ),
+    )
+    optimizer_args: OptimizerArgs = field(
+        default_factory=OptimizerArgs,
+        metadata=spec(
+            "training",
+            "More arguments for the optimizer, checked against its signature: a mapping, e.g. {d_coef: 2, "
+            'safeguard_warmup: true} for prodigy, or kohya\'s list form ["d_coef=2", "betas=(0.9,0.99)"]. '
+            "They override the adam_*/weight_decay keys.",
+            example={},
         ),
     )
     adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.", minimum=0.0, maximum=1.0))
@@ -257,6 +300,23 @@ class TrainingKeys:
         default=False,
         metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20% slower."),
     )
+    oom_recovery: bool = field(
+        default=True,
+        metadata=spec(
+            "training",
+            "When a step runs out of memory: halve the micro-batch and double the accumulation (same effective "
+            "batch), then turn on gradient_checkpointing, then the family's own savings (e.g. fp8_base), and redo "
+            "that step; each change is logged. false: fail at once with a hint.",
+        ),
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata=spec(
+            "training",
+            "Compile the denoiser (or language model) with torch.compile: faster steps after a first step that "
+            "takes minutes (reported apart in training_summary.json). Needs a C++ compiler; meant for GPUs.",
+        ),
+    )
     seed: int = field(
         default=42,
         metadata=spec(
@@ -266,6 +326,27 @@ class TrainingKeys:
     device: str = field(
         default="auto",
         metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
+    )
+
+    ema_decay: float | None = field(
+        default=None,
+        metadata=spec(
+            "training",
+            "Keep an exponential moving average of the LoRA weights with this decay (0.999 is typical; it starts at "
+            "the weights after the first step) and export it as ema_export says; unset disables.",
+            minimum=0.0,
+            maximum=1.0,
+            exclusive_minimum=True,
+        ),
+    )
+    ema_export: str = field(
+        default="alongside",
+        metadata=spec(
+            "training",
+            "With ema_decay: `alongside` writes the EMA weights beside the trained ones (image LoRAs: "
+            "<output_name>-ema.safetensors; LLMs: adapter-ema/); `instead` exports only the EMA weights.",
+            choices=("alongside", "instead"),
+        ),
     )
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -302,6 +383,32 @@ class TrainingKeys:
             "checkpoints",
             "A checkpoint folder of this run (output_dir/checkpoints/step-N) or `latest`, "
             "to continue exactly where it stopped.",
+        ),
+    )
+
+    # --- samples ------------------------------------------------------------------------------
+    sample_every_n_steps: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples",
+            "Draw the sample prompts every N optimizer steps (and once more at the end); unset disables. Sampling "
+            "never changes what is trained: the LoRA is bit-identical with or without it.",
+            minimum=1,
+            maximum=MAX_STEPS,
+        ),
+    )
+    sample_every_n_epochs: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples", "Draw the sample prompts every N epochs; unset disables.", minimum=1, maximum=MAX_EPOCHS
+        ),
+    )
+    sample_at_first: bool = field(
+        default=False,
+        metadata=spec(
+            "samples",
+            "Draw the sample prompts before the first step, without the LoRA: a baseline to compare the later "
+            "samples with (image families; step 0 in the file names).",
         ),
     )
 
@@ -498,6 +605,121 @@ class TrainConfig(TrainingKeys):
         metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8, maximum=1024),
     )
 
+    # --- data: augmentation, regularization images, masks (issue 18) ---------------------------
+    flip_aug: bool = field(
+        default=False,
+        metadata=spec(
+            "data",
+            "Train each image mirrored left-right half the time: both orientations are cached, and each epoch's "
+            "plan picks one per image. Not for subjects whose sides differ (text, asymmetric logos).",
+        ),
+    )
+    random_crop: bool = field(
+        default=False,
+        metadata=spec(
+            "data",
+            "Crop each sample at a random offset (in 8-pixel latent steps) instead of the centre, where the image "
+            "is larger than its bucket. The whole image's latents are cached and cropped each step.",
+        ),
+    )
+    caption_tag_dropout_rate: float = field(
+        default=0.0,
+        metadata=spec(
+            "data",
+            "Probability of dropping each comma-separated tag of a caption (the kept tokens and the trigger "
+            "word never are).",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    keep_tokens_separator: str = field(
+        default="",
+        metadata=spec(
+            "data",
+            'A marker such as "|||" in captions: tags before it stay first and in place (instead of keep_tokens); '
+            "the marker itself is removed from the caption.",
+        ),
+    )
+    reg_data_dir: Path | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "Regularization images (DreamBooth prior preservation): a folder of class images, captioned like "
+            "train_data_dir or by their kohya folder name (`1_dog` → dog). Each epoch uses as many reg samples "
+            "as training samples (repeated or cut as kohya does).",
+            example="./data/reg_dog",
+        ),
+    )
+    prior_loss_weight: float = field(
+        default=1.0,
+        metadata=spec("data", "Weight of the regularization images' loss.", minimum=0.0, maximum=100.0),
+    )
+    masked_loss: bool = field(
+        default=False,
+        metadata=spec(
+            "data",
+            "Weight the loss by a mask per image: from mask_dir when set, else the image's alpha channel "
+            "(opaque = trained, transparent = ignored). Images without a mask are trained everywhere.",
+        ),
+    )
+    mask_dir: Path | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "With masked_loss: a folder of greyscale masks named like the images (relative path and stem; any "
+            "image extension); white = trained, black = ignored.",
+            example="./data/style_masks",
+        ),
+    )
+
+    # --- samples ------------------------------------------------------------------------------
+    sample_prompts: SamplePrompts = field(
+        default_factory=SamplePrompts,
+        metadata=spec(
+            "samples",
+            "Prompts drawn while training (sample_every_n_steps, sample_every_n_epochs, sample_at_first) into "
+            "output_dir/samples/, as PNGs A1111's PNG Info reads: a list, or a kohya prompt file (.txt, one prompt "
+            "a line with --n negative, --w/--h size, --d seed, --s steps, --l CFG, --g guidance, --ss sampler; or "
+            ".yaml/.json). [trigger] in a prompt becomes trigger_word.",
+            example=["a photo of [trigger], studio light --w 512 --h 512 --d 1"],
+        ),
+    )
+    sample_sampler: str = field(
+        default="euler_a",
+        metadata=spec(
+            "samples",
+            "Sampler of the sample images (a prompt's --ss overrides it): euler, euler_a, dpm++_2m, "
+            "dpm++_2m_karras, ddim; flow_match_euler for flow-matching models (Flux).",
+            choices=SAMPLER_CHOICES,
+        ),
+    )
+    sample_steps: int = field(
+        default=20,
+        metadata=spec("samples", "Denoising steps per sample image (--s).", minimum=1, maximum=MAX_SAMPLE_STEPS),
+    )
+    sample_cfg_scale: float = field(
+        default=7.0,
+        metadata=spec("samples", "Classifier-free guidance scale of the samples (--l).", minimum=0.0, maximum=MAX_CFG),
+    )
+    sample_width: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples",
+            "Width of the samples in pixels (--w), a multiple of 8. Unset: resolution.",
+            minimum=64,
+            maximum=MAX_SAMPLE_SIDE,
+        ),
+    )
+    sample_height: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples",
+            "Height of the samples in pixels (--h), a multiple of 8. Unset: resolution.",
+            minimum=64,
+            maximum=MAX_SAMPLE_SIDE,
+        ),
+    )
+
     # --- model --------------------------------------------------------------------------------
     model_config_dir: Path | None = field(
         default=None,
@@ -569,6 +791,59 @@ class TrainConfig(TrainingKeys):
         ),
     )
 
+    # --- lora: network types (issue 18) ---------------------------------------------------------
+    network_type: str = field(
+        default="lora",
+        metadata=spec(
+            "lora",
+            "lora: plain LoRA (PEFT) on the target layers. locon: LoRA on the target layers and on the UNet's ResNet "
+            "and up/down-sampler convolutions (3x3 ones at conv_dim). loha, lokr: LyCORIS' Hadamard and Kronecker "
+            "products (fewer parameters for the same rank). dora: LoRA with weight decomposition (a learned "
+            "magnitude per input channel, as A1111 applies it). All but lora are LyCORIS files A1111, Forge and "
+            "ComfyUI load (ss_network_module lycoris.kohya); diffusers also loads lora and locon.",
+            choices=("lora", "locon", "loha", "lokr", "dora"),
+        ),
+    )
+    conv_dim: int | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "Rank of the adapters on 3x3 convolutions (kohya's conv_dim). locon: unset means lora_rank; loha, lokr, "
+            "dora: setting it adds the ResNet convolutions, as locon does. Not for network_type lora.",
+            minimum=1,
+            maximum=1024,
+        ),
+    )
+    conv_alpha: float | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "Alpha of the 3x3 convolution adapters (scaled by conv_alpha/conv_dim). Unset: equal to conv_dim.",
+            minimum=0.0,
+            maximum=MAX_ALPHA,
+            exclusive_minimum=True,
+        ),
+    )
+    rank_dropout: float = field(
+        default=0.0,
+        metadata=spec(
+            "lora",
+            "LyCORIS networks (not lora): probability of dropping each rank (locon, dora) or each output row of "
+            "the update (loha, lokr) in a training step.",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    module_dropout: float = field(
+        default=0.0,
+        metadata=spec(
+            "lora",
+            "LyCORIS networks (not lora): probability of skipping a layer's whole adapter in a training step.",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+
     # --- training -----------------------------------------------------------------------------
     noise_offset: float = field(
         default=0.0,
@@ -586,6 +861,49 @@ class TrainConfig(TrainingKeys):
             exclusive_minimum=True,
         ),
     )
+    # --- training: text encoder and noise options (issue 18) ------------------------------------
+    clip_skip: int | None = field(
+        default=None,
+        metadata=spec(
+            "training",
+            "Use the text encoder's N-th hidden state from the end (2 = the penultimate layer, as anime SD1 "
+            "checkpoints are trained and used), with the final layer norm applied. Unset or 1: the last layer.",
+            minimum=1,
+            maximum=12,
+        ),
+    )
+    multires_noise_iterations: int = field(
+        default=0,
+        metadata=spec(
+            "training",
+            "Multi-resolution (pyramid) noise: this many coarser noise levels are added (6-10 is typical); 0 disables.",
+            minimum=0,
+            maximum=64,
+        ),
+    )
+    multires_noise_discount: float = field(
+        default=0.3,
+        metadata=spec(
+            "training", "Multi-resolution noise: weight factor of each coarser level.", minimum=0.0, maximum=1.0
+        ),
+    )
+    ip_noise_gamma: float = field(
+        default=0.0,
+        metadata=spec(
+            "training",
+            "Input perturbation: extra noise of this strength in the model's input only (0.1 is typical); 0 disables.",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    min_timestep: int = field(
+        default=0,
+        metadata=spec("training", "Lowest diffusion timestep trained (inclusive).", minimum=0, maximum=999),
+    )
+    max_timestep: int = field(
+        default=1000,
+        metadata=spec("training", "Highest diffusion timestep trained (exclusive).", minimum=1, maximum=1000),
+    )
     cache_dir: Path | None = field(
         default=None,
         metadata=spec(
@@ -594,6 +912,18 @@ class TrainConfig(TrainingKeys):
             "Unset: the lorad cache folder ($LORAD_HOME/cache).",
         ),
     )
+
+    @property
+    def effective_conv_dim(self) -> int | None:
+        """The rank of 3x3 convolution adapters, or None when convolutions get none."""
+        if self.network_type == "locon":
+            return self.conv_dim or self.lora_rank
+        return self.conv_dim if self.network_type != "lora" else None
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """conv_alpha, or the conv rank when unset."""
+        return float(self.conv_alpha or self.effective_conv_dim or self.lora_rank)
 
     @property
     def effective_text_encoder_lr(self) -> float:
@@ -616,7 +946,7 @@ def config_to_dict(config: Any, *, mappings: tuple[str, ...] = ()) -> dict[str, 
             value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
-        elif isinstance(value, RepeatPolicy):
+        elif isinstance(value, (RepeatPolicy, OptimizerArgs, SamplePrompts)):
             value = value.to_yaml()
         out[f.name] = value
     return out

@@ -247,17 +247,23 @@ def prepare_caption(
     keep_tokens: int,
     dropout: float,
     trigger_word: str | None,
+    tag_dropout: float = 0.0,
+    keep_tokens_separator: str = "",
 ) -> str:
     """The caption one training sample sees, following kohya's semantics.
 
     - With probability ``dropout`` the result is "" (an unconditional sample; the trigger word
       is dropped too). ``rng`` is consulted for this only when ``dropout > 0``.
+    - ``keep_tokens_separator`` (e.g. "|||"): when the caption holds it, the tags before it are the
+      kept ones (instead of the first ``keep_tokens``) and the marker is removed; tags after a second
+      marker stay last, in place.
     - ``trigger_word``: if no tag contains it as a whole word (case-insensitive), it is put
       first as its own tag. It always counts among the kept tokens: with shuffling, the tag
       that carries it is moved first and stays there, even with ``keep_tokens == 0``, and it
       is one of the ``keep_tokens`` (``keep_tokens=1`` keeps just the trigger).
-    - ``shuffle``: the tags after the first ``keep_tokens`` are shuffled with ``rng``; the
-      result is re-joined with ", ". Without shuffle the caption's text is left as it is
+    - ``tag_dropout``: each tag that is not kept is dropped with this probability.
+    - ``shuffle``: the tags after the kept ones are shuffled with ``rng``; the result is re-joined
+      with ", ". Without shuffle, tag dropout or a separator the caption's text is left as it is
       (apart from a prepended trigger word), so sentence captions keep their spacing.
 
     The result depends only on the arguments and ``rng``'s state, which it advances.
@@ -271,21 +277,34 @@ def prepare_caption(
 
     caption = caption.strip()
     trigger = trigger_word.strip() if trigger_word else ""
-    tags = split_tags(caption)
-    has_trigger = bool(trigger) and any(_contains_word(tag, trigger) for tag in tags)
+    separated = bool(keep_tokens_separator) and keep_tokens_separator in caption
+    tail: list[str] = []
+    if separated:
+        head_text, _, rest = caption.partition(keep_tokens_separator)
+        middle_text, _, tail_text = rest.partition(keep_tokens_separator)
+        head, tail = split_tags(head_text), split_tags(tail_text)
+        tags = head + split_tags(middle_text)
+        keep_tokens = len(head)
+    else:
+        tags = split_tags(caption)
+    has_trigger = bool(trigger) and any(_contains_word(tag, trigger) for tag in tags + tail)
 
-    if not shuffle:
+    if not (shuffle or tag_dropout or separated):
         if trigger and not has_trigger:
             return f"{trigger}{SEPARATOR} {caption}" if caption else trigger
         return caption
 
     if trigger:
-        if has_trigger:
+        if has_trigger and any(_contains_word(tag, trigger) for tag in tags):
             at = next(i for i, tag in enumerate(tags) if _contains_word(tag, trigger))
             tags.insert(0, tags.pop(at))
-        else:
+        elif not has_trigger:
             tags.insert(0, trigger)
+            keep_tokens += 1 if separated else 0
         keep_tokens = max(keep_tokens, 1)
     fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(flexible)
-    return f"{SEPARATOR} ".join(fixed + flexible)
+    if tag_dropout:
+        flexible = [tag for tag in flexible if rng.random() >= tag_dropout]
+    if shuffle:
+        rng.shuffle(flexible)
+    return f"{SEPARATOR} ".join(fixed + flexible + tail)

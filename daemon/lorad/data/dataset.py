@@ -447,17 +447,50 @@ def _nothing_usable_hint(report: DataReport, root: Path, no_caption: str) -> str
     return "Fix or replace the files listed above (re-save them from an image editor), then run again."
 
 
-def load_image_for_bucket(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
+def load_image_for_bucket(path: Path, bucket: tuple[int, int], *, crop: bool = True) -> torch.Tensor:
     """The pixels of ``path`` for training at ``bucket`` = (width, height).
 
     The image is turned upright (EXIF), made RGB (transparency composited on white), scaled
     by the smallest factor that makes it cover the bucket (keeping its aspect ratio; Lanczos
     down, bicubic up — so it is enlarged only when the bucket is larger than the image), and
-    center-cropped to exactly the bucket. Returns a float32 tensor of shape (3, height, width)
-    with values in [-1, 1]. Raises :class:`DataError` if the file can no longer be decoded.
+    center-cropped to exactly the bucket. With ``crop=False`` it is not cropped: its sides are
+    rounded up to multiples of 8 instead (so its latents can be cropped anywhere later, as
+    ``random_crop`` does). Returns a float32 tensor of shape (3, height, width) with values in
+    [-1, 1]. Raises :class:`DataError` if the file can no longer be decoded.
     """
     import torch
 
+    picture = _fit_to_bucket(_open_upright(path, bucket, rgb=True), bucket, crop=crop)
+    width, height = picture.size
+    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+
+
+def has_alpha(path: Path) -> bool:
+    """Whether the image file carries transparency (an alpha channel or a transparent palette entry)."""
+    with Image.open(path) as img:
+        return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def load_mask_for_bucket(path: Path, bucket: tuple[int, int], *, alpha: bool, crop: bool = True) -> torch.Tensor:
+    """A loss mask for ``bucket`` with exactly the geometry :func:`load_image_for_bucket` gives the image
+    (same upright turn, scale, crop or rounding): the alpha channel of ``path`` when ``alpha``, else
+    ``path`` read as greyscale. Returns float32 (1, height, width) in [0, 1] (1 = trained)."""
+    import torch
+
+    picture = _open_upright(path, bucket, rgb=False, alpha=alpha)
+    picture = _fit_to_bucket(picture, bucket, crop=crop)
+    width, height = picture.size
+    values = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
+    return values.view(1, height, width).float().div(255.0).contiguous()
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _open_upright(path: Path, bucket: tuple[int, int], *, rgb: bool, alpha: bool = False) -> Image.Image:
+    """The image at ``path``, decoded (at a reduced JPEG scale when that still covers ``bucket``) and turned
+    upright: RGB when ``rgb``, else its alpha channel (``alpha``) or its greyscale ("L")."""
     bucket_w, bucket_h = bucket
     try:
         with Image.open(path) as img:
@@ -470,7 +503,12 @@ def load_image_for_bucket(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
                 need = (math.ceil(upright_w * scale), math.ceil(upright_h * scale))
                 img.draft(None, need[::-1] if orientation in _SWAPS_SIDES else need)
             img.load()
-            picture = _to_rgb(img)
+            if rgb:
+                picture = _to_rgb(img)
+            elif alpha:
+                picture = img.convert("RGBA").getchannel("A")
+            else:
+                picture = img.convert("L")
     except Exception as err:
         raise DataError(
             f"training image {path} can no longer be read: {err}",
@@ -478,24 +516,30 @@ def load_image_for_bucket(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
         ) from err
     if orientation in _UPRIGHT:
         picture = picture.transpose(_UPRIGHT[orientation])
+    return picture
 
+
+def _fit_to_bucket(picture: Image.Image, bucket: tuple[int, int], *, crop: bool) -> Image.Image:
+    """Scale ``picture`` to cover ``bucket``, then center-crop to it (``crop``) or round its sides up to
+    multiples of 8."""
+    bucket_w, bucket_h = bucket
     width, height = picture.size
     scale = max(bucket_w / width, bucket_h / height)
     # max() guards against float rounding landing one pixel short of the bucket.
     new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+    if not crop:
+        new_w, new_h = -(-new_w // 8) * 8, -(-new_h // 8) * 8
     if (new_w, new_h) != (width, height):
         resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
         picture = picture.resize((new_w, new_h), resample)
+    if not crop:
+        return picture
     left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
-    picture = picture.crop((left, top, left + bucket_w, top + bucket_h))
-
-    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
-    return pixels.view(bucket_h, bucket_w, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+    return picture.crop((left, top, left + bucket_w, top + bucket_h))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if not has_alpha:
+    if not (img.mode in _ALPHA_MODES or "transparency" in img.info):
         return img.convert("RGB")
     rgba = img.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -7,15 +7,14 @@ from diffusers import DDPMScheduler
 
 
 def sample_noise(latents: torch.Tensor, *, offset: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise like ``latents``; with ``offset`` a per-channel constant is added, which lets
-    the model learn very dark or bright images (the "noise offset" trick)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    """Gaussian noise like ``latents``, drawn where ``generator`` lives (the run's device); with
+    ``offset`` a per-channel constant is added, which lets the model learn very dark or bright images
+    (the "noise offset" trick)."""
+    draw = {"generator": generator, "dtype": latents.dtype, "device": generator.device}
+    noise = torch.randn(latents.shape, **draw)
     if offset:
-        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype).to(
-            latents.device
-        )
-        noise = noise + offset * shift
-    return noise
+        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **draw)
+    return noise.to(latents.device)
 
 
 def training_target(
@@ -38,3 +37,15 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped / snr
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error of each sample (fp32), each element weighted by ``mask`` (batch, 1, h, w; 1 =
+    trained, 0 = ignored, broadcast over channels) when given, as kohya's masked loss: the weighted errors
+    are averaged over every element, so a half-masked image contributes half the loss."""
+    import torch.nn.functional as F
+
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        error = error * mask.to(error.dtype)
+    return error.mean(dim=tuple(range(1, error.dim())))

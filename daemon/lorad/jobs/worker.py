@@ -16,13 +16,15 @@ import yaml
 from lorad.config.dispatch import parse_any_config
 from lorad.config.schema import TrainingKeys
 from lorad.disk_space import disk_full_error, is_disk_full
-from lorad.errors import LoradError, TrainingInterrupted
+from lorad.errors import LoradError, TrainingInterrupted, is_out_of_memory
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.families.registry import spec_for
+from lorad.jobs.event_pump import EventPump
 from lorad.jobs.hub import EventHub
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import JobRecord, JobState
 from lorad.jobs.store import JobStore, store_failure
+from lorad.training.run_requests import RequestNotDone, RunRequests
 
 log = logging.getLogger("lorad.worker")
 
@@ -30,13 +32,6 @@ log = logging.getLogger("lorad.worker")
 PROGRESS_WRITE_SECONDS = 2.0
 # How often the worker tries again to record a job's end when the store could not be written.
 STORE_RETRY_SECONDS = 2.0
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
-    return isinstance(err, MemoryError) or (
-        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
-    )
 
 
 @contextmanager
@@ -74,6 +69,7 @@ class Worker:
         self._shutdown = threading.Event()
         self._lock = threading.Lock()
         self._current: tuple[str, threading.Event] | None = None  # (job_id, its stop event)
+        self._requests: dict[str, RunRequests] = {}  # the running job's "sample now" / "save now" channel
         self._cancel_requested: set[str] = set()
         self._progress: dict[str, dict[str, float]] = {}
         # Job ends the store could not take (full disk, damaged file): job_id -> (changes, (kind, payload)).
@@ -122,6 +118,15 @@ class Worker:
             self._current[1].set()
             return True
 
+    def ask_running(self, job_id: str, kind: str, *, timeout: float) -> list[Event]:
+        """Ask the running job to ``kind`` ("sample" or "save", see lorad.training.run_requests) after its
+        current step, and wait for the events that produced; RequestNotDone if it is not training here."""
+        with self._lock:
+            channel = self._requests.get(job_id)
+        if channel is None:
+            raise RequestNotDone(f"job {job_id} is not training now", "ask while the job is running")
+        return channel.ask(kind, timeout=timeout)
+
     # --- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._shutdown.is_set():
@@ -159,8 +164,10 @@ class Worker:
 
     def _run_job(self, job: JobRecord) -> None:
         stop = threading.Event()
+        requests = RunRequests()
         with self._lock:
             self._current = (job.job_id, stop)
+            self._requests[job.job_id] = requests
         try:
             config = self._job_config(job)
             resumed_from = str(config.resume_from or "") if job.attempt > 1 else ""
@@ -170,14 +177,20 @@ class Worker:
                 {"attempt": job.attempt, "device": self.device_name, "resumed_from": resumed_from},
             )
             finished: list[dict] = []
-            sink = self._sink(job.job_id, finished)
-            # Images without a caption are captioned first when the family can and the config names a captioner.
-            hooks = (
-                {"caption_missing": self.captions(config, sink, stop)}
-                if self.captions and spec_for(config).uses_captioner
-                else {}
-            )
-            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            pump = EventPump(job.job_id, self.hub.publish)  # the run's events, published off its thread
+            sink = self._sink(job.job_id, finished, pump)
+            try:
+                # Images without a caption are captioned first when the family can and the config names a captioner.
+                hooks = (
+                    {"caption_missing": self.captions(config, sink, stop)}
+                    if self.captions and spec_for(config).uses_captioner
+                    else {}
+                )
+                self.train(config, on_event=sink, stop=stop, models=self.models, requests=requests, **hooks)
+            finally:
+                publish_error = pump.close()  # every event of the run is stored before its final state
+            if publish_error is not None:
+                raise publish_error
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
             changes = {
                 "state": JobState.SUCCEEDED,
@@ -212,6 +225,8 @@ class Worker:
             with self._lock:
                 self._current = None
                 self._cancel_requested.discard(job.job_id)
+                self._requests.pop(job.job_id, None)
+            requests.close("the job is no longer training")
             self._progress.pop(job.job_id, None)
             self.hub.forget(job.job_id)
 
@@ -226,9 +241,9 @@ class Worker:
             raw = dict(raw) | {"resume_from": job.checkpoint}
         return parse_any_config(raw, base_dir=Path(job.base_dir), source=job.source_name or f"job {job.job_id}")
 
-    def _sink(self, job_id: str, finished: list[dict]) -> Callable[[Event], None]:
-        """Publishes engine events; the final one is held in ``finished`` for the worker to publish
-        after the job's state is stored."""
+    def _sink(self, job_id: str, finished: list[dict], pump: EventPump) -> Callable[[Event], None]:
+        """Queues engine events on ``pump``; the final one is held in ``finished`` for the worker to
+        publish after the job's state is stored."""
         last_write = [0.0]
 
         def on_event(event: Event) -> None:
@@ -241,7 +256,7 @@ class Worker:
                 # (it does so when this returns): a daemon killed at any moment resumes from a
                 # checkpoint that exists. A store that cannot take it raises, which fails the job.
                 self.store.update(job_id, checkpoint=event.path, progress=self._progress.get(job_id))
-            self.hub.publish(job_id, kind, payload)
+            pump.put(kind, payload)
             if isinstance(event, StepDone):
                 self._progress[job_id] = {k: v for k, v in payload.items()}
                 now = time.monotonic()
@@ -285,6 +300,9 @@ class Worker:
         here, shown by get_job (pending_outcome), and recorded as soon as the store takes writes."""
         try:
             self.store.update(job.job_id, **changes)
+            with self._lock:  # no longer this worker's job: a watcher that hears the end finds none running
+                if self._current and self._current[0] == job.job_id:
+                    self._current = None
             self.hub.publish(job.job_id, *event)
         except sqlite3.Error as err:
             failure = store_failure(self.store.path, err)

@@ -2,10 +2,10 @@
 
 Layout: ``<output_dir>/checkpoints/step-000100/`` holding ``lora.safetensors`` (fp32, peft keys
 prefixed by part), ``state.pt`` (optimizer, scheduler, grad scaler, RNG) and ``meta.json`` (step,
-epoch, the run id, the config values that must not change across a resume, and each file's size
-and SHA-256). Each folder is written atomically, so a crash mid-save never leaves a checkpoint
-that looks complete but is not; one damaged later (a bad disk, a copy cut short) is recognised
-by its checksums.
+epoch, the run id, the config values that must not change across a resume, the memory settings
+out-of-memory recovery reached, and each file's size and SHA-256). Each folder is written
+atomically, so a crash mid-save never leaves a checkpoint that looks complete but is not; one
+damaged later (a bad disk, a copy cut short) is recognised by its checksums.
 
 Runs. Every training run has a run id, stored in its checkpoints; a resumed run keeps the id of
 the checkpoint it resumed from. A run prunes only its own checkpoints, and ``resume_from: latest``
@@ -31,7 +31,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class Checkpoint:
     state: dict[str, Any]
     signature: dict[str, Any]
     run_id: str = ""
+    memory: dict[str, Any] = field(default_factory=dict)  # MemoryRecovery.state() when it was saved
 
 
 class DamagedCheckpoint(LoradError):
@@ -142,6 +143,8 @@ def save_checkpoint(
     signature: dict[str, Any],
     run_id: str,
     full_disk_hint: str = "",
+    memory: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` of run ``run_id`` atomically and return it. Prunes nothing:
     see :func:`prune_checkpoints`, called once the new checkpoint is recorded.
@@ -149,6 +152,8 @@ def save_checkpoint(
     Everything is serialised in memory first, so the exact size is known: a disk without room for
     it raises :class:`~lorad.errors.DiskFull` before anything is written, and one that fills up
     during the write raises it after the partial folder is removed (``full_disk_hint`` is its hint).
+    ``extra`` (tensors, numbers, lists and dicts of them: e.g. the EMA weights) is kept in the state as
+    ``state["extra"]``.
     """
     root = checkpoint_root(output_dir)
     dest = root / f"step-{step:06d}"
@@ -164,6 +169,7 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
+        "extra": extra or {},
     }
     lora_bytes = save_safetensors(flat, metadata={"run_id": run_id, "step": str(step)})
     buffer = io.BytesIO()
@@ -175,6 +181,7 @@ def save_checkpoint(
         "epoch": epoch,
         "run_id": run_id,
         "signature": signature,
+        "memory": memory or {},
         "files": {LORA_FILE: _file_entry(lora_bytes), STATE_FILE: _file_entry(state_bytes)},
     }
     meta_bytes = json.dumps(meta, indent=2).encode()
@@ -262,6 +269,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state=state,
         signature=meta.get("signature", {}),
         run_id=str(meta.get("run_id") or ""),
+        memory=meta.get("memory") or {},
     )
 
 
@@ -407,6 +415,8 @@ class TrainingRun:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler | None,
         signature: dict[str, Any],
+        memory: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Path:
         """Write this run's checkpoint for ``step`` (see :func:`save_checkpoint`); prunes nothing."""
         kept = self.checkpoints()
@@ -427,6 +437,8 @@ class TrainingRun:
             signature=signature,
             run_id=self.run_id,
             full_disk_hint=hint,
+            memory=memory,
+            extra=extra,
         )
 
     def prune(self, keep: int) -> list[Path]:

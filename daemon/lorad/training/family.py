@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lorad.config.schema import TrainingKeys
-    from lorad.events import EventSink
+    from lorad.events import Event, EventSink
     from lorad.models.registry import ModelKey
     from lorad.training.placement import Placement
 
@@ -83,6 +83,8 @@ class RunFacts:
     epoch: int
     final_loss: float
     precision: str
+    # "" for the trained weights; "ema" when the loop exports the EMA weights beside them (files get a suffix).
+    variant: str = ""
 
 
 @dataclass
@@ -101,8 +103,12 @@ class FamilyRun(Protocol):
     the adapter :data:`ADAPTER`; the loop checkpoints and restores exactly those adapters.
     ``param_groups`` are the optimizer's groups over their trainable parameters (each with "params"
     and "lr"). :meth:`plan` is deterministic in ``epoch`` (a resumed run replays it), and
-    :meth:`loss` draws its randomness only from ``generator`` (seeded by the loop from seed, epoch
-    and micro-batch) and the global RNGs the loop checkpoints.
+    :meth:`loss` draws its randomness only from ``generator`` (on the run's device, seeded by the
+    loop from seed, epoch and planned micro-batch) and the global RNGs the loop checkpoints.
+
+    Out-of-memory recovery uses two more methods, optional (a run without them skips those rungs):
+    :meth:`split` cuts a planned micro-batch into smaller pieces, and :meth:`reduce_memory` turns
+    on the family's own savings (e.g. ``fp8_base``). See :mod:`lorad.training.memory_recovery`.
     """
 
     parts: Mapping[str, nn.Module]
@@ -114,11 +120,29 @@ class FamilyRun(Protocol):
         ...
 
     def loss(self, micro_batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """The mean loss of one micro-batch (a scalar with grad); called inside the run's autocast."""
+        """The mean loss of one micro-batch, or of a piece :meth:`split` made (a scalar with grad, left
+        on the device: never read it on the host); called inside the run's autocast.
+
+        ``generator`` lives on the run's device: draw with ``device=generator.device`` so no random
+        number crosses from the host. A piece must draw what its whole micro-batch draws and keep its
+        own rows, so a step redone in pieces trains on exactly the same numbers."""
+        ...
+
+    def split(self, micro_batch: Any, size: int) -> Sequence[tuple[Any, float]]:
+        """Optional. ``micro_batch`` as pieces of at most ``size`` samples, in order, each with its share
+        of the micro-batch's loss (shares sum to 1: the pieces' ``share * loss`` add up to the whole's
+        mean loss, e.g. samples or labelled tokens in the piece over those in the whole)."""
+        ...
+
+    def reduce_memory(self) -> str | None:
+        """Optional. Turn on the next memory saving the family has beyond micro-batch 1 and gradient
+        checkpointing (e.g. ``fp8_base``: frozen weights stored in fp8) and return its name; None when
+        there is none left. :meth:`ModelFamily.restore` must undo it."""
         ...
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
-        """Put the adapted parts in training mode (and turn checkpointing on) before the first step.
+        """Put the adapted parts in training mode (and turn checkpointing on) before the first step;
+        out-of-memory recovery calls it again with True to turn checkpointing on mid-run.
         :meth:`ModelFamily.restore` undoes it."""
         ...
 
@@ -128,6 +152,29 @@ class FamilyRun(Protocol):
 
     def finish(self, step: int) -> None:
         """Called once after the last step (``step``), before :meth:`export` (an LLM's final evaluation)."""
+        ...
+
+    def sample(self, step: int, *, baseline: bool = False) -> Sequence[Event]:
+        """Optional (a run without it never samples). Draw the config's sample prompts with the adapter as
+        trained after ``step`` and report each result: emit it with the run's ``on_event`` and return the
+        same events, in prompt order. ``baseline`` (``sample_at_first``, step 0): draw them without the
+        adapter (see :func:`lorad.lora.networks.network_off`). Return [] when the config has no prompts.
+
+        Image families write each image with :class:`lorad.sampling.rounds.ImageRound` (the PNG with A1111's
+        metadata in ``output_dir/samples/``, a ``SampleImage`` event; a prompt that fails, e.g. out of
+        memory, becomes a warning naming it and the round goes on); an LLM emits ``SampleGenerated``.
+
+        The loop calls it (:mod:`lorad.training.sample_rounds`) between optimizer steps, after gradients
+        were freed, inside ``torch.no_grad()`` and the optimizer's eval weights, with every global RNG saved
+        before and restored after, and not inside autocast (pick the precision per component: e.g. a VAE
+        decodes in fp32). The run itself must: put its adapted parts (and LyCORIS networks) in eval mode and
+        back exactly as found (:func:`lorad.lora.networks.evaluating`); use the resident components and the
+        live adapter, never a copy of the weights; draw its noise only from generators it seeds from each
+        prompt's seed (on the CPU, so a seed draws the same image on every device); not reload a frozen text
+        encoder it freed: encode the prompts in ``start`` (before training) when the encoder is frozen, and
+        at sample time only when it is trained; and leave no state behind that a later step reads (caches
+        it would evict, compiled graphs, scheduler objects shared with training). An exception it raises is
+        logged as a warning for the whole round and training goes on."""
         ...
 
     def export(self, facts: RunFacts) -> dict[str, str]:

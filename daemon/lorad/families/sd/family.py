@@ -10,30 +10,44 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorad.config import TrainConfig
 from lorad.config.pickle_policy import needs_pickle
-from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_epoch
+from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_epoch, plan_flips
 from lorad.data.captions import prepare_caption
 from lorad.data.dataset import TrainImage, scan_dataset
 from lorad.data.latent_cache import LatentCache
+from lorad.data.masks import latent_mask, mask_source
+from lorad.data.regularization import balanced_reg_repeats, class_captions
 from lorad.data.report import DataReport
-from lorad.diffusion.ddpm import sample_noise, snr_weights, training_target
-from lorad.diffusion.latents import encode_latents
-from lorad.events import EventSink, LatentsCached
+from lorad.diffusion.ddpm import per_sample_mse, sample_noise, snr_weights, training_target
+from lorad.diffusion.latents import CleanLatents, LatentSample, draw_latents, encode_latents, latent_views, view_key
+from lorad.diffusion.noise import input_perturbation, multires_noise, sample_timesteps
+from lorad.errors import ConfigError, ConfigProblem
+from lorad.events import Event, EventSink, LatentsCached, LogLine
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SdRunFacts, write_epoch_lora, write_lora_files, write_partial_lora
 from lorad.families.sd.prompts import PromptEncoder
-from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
-from lorad.lora.targets import ADAPTABLE, TEXT_ENCODER_SUGGESTIONS, UNET_ALIASES, UNET_SUGGESTIONS, resolve_targets
+from lorad.families.sd.sampling import SdSampler
+from lorad.lora.adapters import detach_lora, lora_state_dict
+from lorad.lora.kohya_format import PREFIXES, kohya_module_name, portable_path
+from lorad.lora.lycoris_adapter import set_lycoris_training
+from lorad.lora.networks import attach_network, network_spec
+from lorad.lora.targets import (
+    ADAPTABLE,
+    TEXT_ENCODER_SUGGESTIONS,
+    UNET_ALIASES,
+    UNET_SUGGESTIONS,
+    resnet_layer_paths,
+    resolve_targets,
+)
 from lorad.models.registry import ModelKey
 from lorad.models.sd_components import SDComponents
 from lorad.paths import default_cache_dir
@@ -44,23 +58,37 @@ from lorad.training.activation_checkpointing import (
 )
 from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
 from lorad.training.placement import Placement
+from lorad.training.transfer import to_device
 
 
 @dataclass(frozen=True)
 class SdData:
-    """The scan's result: the usable images, each one's bucket, and the report."""
+    """The scan's result: the usable images, each one's bucket, and the report; and the regularization
+    images (``reg_data_dir``) with their buckets, when there are any."""
 
     images: list[TrainImage]
     buckets: list[tuple[int, int]]
     report: DataReport
+    reg_images: list[TrainImage] = field(default_factory=list)
+    reg_buckets: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch of an epoch's plan: positions in the epoch's sample list."""
+    """One micro-batch of an epoch's plan: positions in the epoch's sample list, and whether each sample is
+    trained mirrored (``flip_aug``). A piece of it (after an out-of-memory split) trains only
+    ``samples[start:stop]`` but draws the whole micro-batch's random numbers."""
 
     epoch: int
     samples: tuple[int, ...]
+    flips: tuple[bool, ...] = ()
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def trained(self) -> slice:
+        """The rows of the micro-batch this (piece of a) micro-batch trains on."""
+        return slice(self.start, self.stop)
 
 
 def load_for_training(
@@ -102,6 +130,7 @@ class SdRun:
         self.device = placement.device
         self.scalars = Scalars()
         unet, text_encoder = components.unet, components.text_encoder
+        self.spec = spec = network_spec(config)
 
         # Resolve targets before encoding anything, so a typo costs nothing.
         unet_paths = resolve_targets(
@@ -111,6 +140,8 @@ class SdRun:
             aliases=UNET_ALIASES,
             suggestions=UNET_SUGGESTIONS,
         )
+        if spec.conv_rank:  # LoCon, or another LyCORIS type given conv_dim: the ResNet layers too
+            unet_paths = sorted(set(unet_paths) | set(resnet_layer_paths(unet)))
         te_paths = (
             resolve_targets(
                 text_encoder,
@@ -121,6 +152,11 @@ class SdRun:
             if config.train_text_encoder
             else []
         )
+        layers = getattr(text_encoder.config, "num_hidden_layers", 0)
+        if config.clip_skip and layers and config.clip_skip > layers:
+            raise ConfigError(
+                [ConfigProblem("clip_skip", f"is {config.clip_skip}", f"this text encoder has {layers} layers")]
+            )
 
         # Layer paths an init_lora file may name, read before the adapter wraps them.
         adaptable = {
@@ -128,35 +164,60 @@ class SdRun:
             "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)],
         }
 
-        # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
+        # Each training image appears `repeats` times per epoch; regularization images as many times as
+        # balance them against those (kohya's rule), each sample weighted by prior_loss_weight.
+        self.images = data.images + data.reg_images
+        self.buckets = data.buckets + data.reg_buckets
+        reg_counts = balanced_reg_repeats(
+            sum(image.repeats for image in data.images), [image.repeats for image in data.reg_images]
+        )
+        counts = [image.repeats for image in data.images] + reg_counts
+        self.samples = [i for i, count in enumerate(counts) for _ in range(count)]
+        self.sample_buckets = [self.buckets[i] for i in self.samples]
+        first_reg = len(data.images)
+        self.sample_weights = torch.tensor(
+            [config.prior_loss_weight if i >= first_reg else 1.0 for i in self.samples], dtype=torch.float32
+        )
+        if data.reg_images:
+            on_event(
+                LogLine(
+                    f"regularization: {len(data.reg_images)} images, {sum(reg_counts)} samples per epoch "
+                    f"beside {sum(counts[:first_reg])} training samples"
+                )
+            )
+
+        # Latents are encoded once per (image content, bucket, view, VAE) and reused across runs.
         t0 = time.monotonic()
+        used = sorted(set(self.samples))
         cache = LatentCache(config.cache_dir or default_cache_dir() / "latents", components.vae_identity())
+        self.views = latent_views(flip=config.flip_aug, random_crop=config.random_crop)
         self.latents, stats = encode_latents(
-            data.images, data.buckets, vae=components.vae, cache=cache, device=self.device
+            [self.images[i] for i in used],
+            [self.buckets[i] for i in used],
+            vae=components.vae,
+            cache=cache,
+            device=self.device,
+            views=self.views,
         )
         seconds = time.monotonic() - t0
         on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=seconds))
         self.scalars.summary["latents"] = {"cached": stats.cached, "encoded": stats.encoded, "seconds": seconds}
-        # Each image appears `repeats` times per epoch.
-        self.samples = [i for i, image in enumerate(data.images) for _ in range(image.repeats)]
-        self.sample_buckets = [data.buckets[i] for i in self.samples]
+        self.vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        self.masks = self._load_masks(used, on_event) if config.masked_loss else {}
 
-        unet_params = attach_lora(
-            unet,
-            adapter_name=ADAPTER,
-            target_paths=unet_paths,
-            rank=config.lora_rank,
-            alpha=config.effective_lora_alpha,
-            dropout=config.lora_dropout,
+        def lora_name(part: str) -> Callable[[str], str]:
+            return lambda path: kohya_module_name(PREFIXES[part], portable_path(part, path))
+
+        unet_params = attach_network(
+            unet, adapter_name=ADAPTER, target_paths=unet_paths, spec=spec, lora_name=lora_name("unet")
         )
         te_params = (
-            attach_lora(
+            attach_network(
                 text_encoder,
                 adapter_name=ADAPTER,
                 target_paths=te_paths,
-                rank=config.lora_rank,
-                alpha=config.effective_lora_alpha,
-                dropout=config.lora_dropout,
+                spec=spec,
+                lora_name=lora_name("text_encoder"),
             )
             if te_paths
             else []
@@ -174,48 +235,126 @@ class SdRun:
         self.param_groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
         if te_params:
             self.param_groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
-        self.prompts = PromptEncoder(components.tokenizer, text_encoder, self.device, trainable=bool(te_params))
+        self.prompts = PromptEncoder(
+            components.tokenizer, text_encoder, self.device, trainable=bool(te_params), clip_skip=config.clip_skip
+        )
+        # A compiled wrapper, not the resident UNet itself, so the next job finds the model as it was.
+        self.denoiser = torch.compile(unet) if config.torch_compile else unet
+        # Sample prompts are checked and (with a frozen text encoder) encoded now, before training.
+        self.sampler = (
+            SdSampler(config, components, self.prompts, placement, on_event) if config.sample_prompts else None
+        )
+
+    def _load_masks(self, used: Sequence[int], on_event: EventSink) -> dict[tuple[str, tuple[int, int]], torch.Tensor]:
+        """Each used image's mask per latent view, at latent size (images without a mask have none)."""
+        masks: dict[tuple[str, tuple[int, int]], torch.Tensor] = {}
+        found = 0
+        for i in used:
+            image, bucket = self.images[i], self.buckets[i]
+            source = mask_source(image, self.config.mask_dir)
+            if source is None:
+                continue
+            found += 1
+            for view in self.views:
+                masks[(view_key(image.content_hash, view), bucket)] = latent_mask(
+                    source, bucket, view, factor=self.vae_factor
+                )
+        where = f"in {self.config.mask_dir}" if self.config.mask_dir else "as alpha channels"
+        on_event(LogLine(f"masked_loss: {found} of {len(used)} images have a mask {where}; the rest train everywhere"))
+        return masks
 
     def plan(self, epoch: int) -> Sequence[MicroBatch]:
         config = self.config
+        flips = plan_flips(len(self.samples), seed=config.seed, epoch=epoch) if config.flip_aug else None
         return [
-            MicroBatch(epoch, tuple(batch))
+            MicroBatch(epoch, tuple(batch), tuple(flips[i] for i in batch) if flips else ())
             for batch in plan_epoch(self.sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
         ]
 
-    def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
-        config, images, scheduler = self.config, self.data.images, self.components.noise_scheduler
-        batch = micro_batch.samples
-        captions = [
+    def clean_latents(self, micro_batch: MicroBatch, generator: torch.Generator) -> CleanLatents:
+        """The micro-batch's latents: each sample's planned view (mirrored or not), a fresh draw from its cached
+        VAE posterior, cropped at a random latent offset with ``random_crop``; and its masks with masked_loss."""
+        samples = [
+            LatentSample(
+                self.images[self.samples[i]].content_hash,
+                self.sample_buckets[i],
+                flipped=bool(micro_batch.flips) and micro_batch.flips[position],
+            )
+            for position, i in enumerate(micro_batch.samples)
+        ]
+        return draw_latents(
+            samples,
+            self.latents,
+            self.masks,
+            random_crop=self.config.random_crop,
+            factor=self.vae_factor,
+            scaling_factor=self.components.vae.config.scaling_factor,
+            generator=generator,
+        )
+
+    def captions(self, micro_batch: MicroBatch) -> list[str]:
+        """The captions the micro-batch's samples see (shuffled, dropped, ... as configured)."""
+        config = self.config
+        return [
             prepare_caption(
-                images[self.samples[i]].caption,
+                self.images[self.samples[i]].caption,
                 rng=random.Random(f"{config.seed}:{micro_batch.epoch}:{i}"),
                 shuffle=config.shuffle_caption,
                 keep_tokens=config.keep_tokens,
                 dropout=config.caption_dropout,
-                trigger_word=config.trigger_word,
+                trigger_word=config.trigger_word if self.samples[i] < len(self.data.images) else None,
+                tag_dropout=config.caption_tag_dropout_rate,
+                keep_tokens_separator=config.keep_tokens_separator,
             )
-            for i in batch
+            for i in micro_batch.samples
         ]
-        pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
-        mean = torch.stack([m for m, _ in pairs])
-        std = torch.stack([s for _, s in pairs])
-        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * self.components.vae.config.scaling_factor
+
+    def sample_losses(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
+        """The unweighted loss of each trained sample of the micro-batch (masked, min-SNR weighted as
+        configured). Every random number is drawn on the device for the whole micro-batch, and a piece
+        keeps its own rows of it: a step redone in smaller pieces trains on exactly the same draws."""
+        config, scheduler = self.config, self.components.noise_scheduler
+        rows = micro_batch.trained
+        batch = self.clean_latents(micro_batch, generator)
+        clean = batch.latents
         noise = sample_noise(clean, offset=config.noise_offset, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-        clean, noise, timesteps = clean.to(self.device), noise.to(self.device), timesteps.to(self.device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+        noise = multires_noise(
+            noise,
+            iterations=config.multires_noise_iterations,
+            discount=config.multires_noise_discount,
+            generator=generator,
+        )
+        high = min(config.max_timestep, scheduler.config.num_train_timesteps)
+        timesteps = sample_timesteps(len(clean), low=config.min_timestep, high=high, generator=generator)
+        model_noise = input_perturbation(noise, gamma=config.ip_noise_gamma, generator=generator)
+        clean, noise, model_noise, timesteps = clean[rows], noise[rows], model_noise[rows], timesteps[rows]
+        noisy = scheduler.add_noise(clean, model_noise, timesteps)
         target = training_target(scheduler, clean, noise, timesteps)
         unet = self.components.unet
-        pred = unet(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        captions = self.captions(micro_batch)[rows]
+        pred = self.denoiser(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
+        masks = batch.masks[rows] if batch.masks is not None else None
+        loss = per_sample_mse(pred, target, masks)
         if config.min_snr_gamma:
             loss = loss * snr_weights(scheduler, timesteps, config.min_snr_gamma)
-        return loss.mean()
+        return loss
+
+    def split(self, micro_batch: MicroBatch, size: int) -> list[tuple[MicroBatch, float]]:
+        count = len(micro_batch.samples)
+        return [
+            (replace(micro_batch, start=at, stop=min(at + size, count)), (min(at + size, count) - at) / count)
+            for at in range(0, count, size)
+        ]
+
+    def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
+        trained = list(micro_batch.samples[micro_batch.trained])
+        weights = to_device(self.sample_weights[trained], self.device)
+        return (self.sample_losses(micro_batch, generator) * weights).mean()
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
         for part in self.parts.values():
             part.train()
+            set_lycoris_training(part, ADAPTER, True)
             if gradient_checkpointing:
                 enable_activation_checkpointing(part)
 
@@ -225,20 +364,25 @@ class SdRun:
     def finish(self, step: int) -> None:
         pass
 
+    def sample(self, step: int, *, baseline: bool = False) -> list[Event]:
+        return self.sampler.sample(step, baseline=baseline) if self.sampler is not None else []
+
     def _lora_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: lora_state_dict(module, ADAPTER) for name, module in self.parts.items()}
 
     def _facts(self, facts: RunFacts) -> SdRunFacts:
         return SdRunFacts(
             model_version=self.components.model_version,
-            num_train_images=len(self.samples),
+            num_train_images=sum(image.repeats for image in self.data.images),
             tag_frequency=self.data.report.to_dict()["tag_frequency"],
             run=facts,
         )
 
     def export(self, facts: RunFacts) -> dict[str, str]:
-        lora_configs = {name: module.peft_config[ADAPTER] for name, module in self.parts.items()}
-        return write_lora_files(self.config, self._lora_parts(), lora_configs, self._facts(facts))
+        lora_configs = {
+            name: module.peft_config[ADAPTER] for name, module in self.parts.items() if not self.spec.is_lycoris
+        }
+        return write_lora_files(self.config, self._lora_parts(), lora_configs, self._facts(facts), self.spec)
 
     def export_epoch(self, facts: RunFacts) -> None:
         write_epoch_lora(self.config, self._lora_parts(), self._facts(facts))
@@ -263,8 +407,11 @@ class SdFamily:
         bucket_list = make_buckets(
             config.resolution, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps
         )
-        buckets = [
-            assign_bucket(
+
+        def bucket_of(image: TrainImage) -> tuple[int, int]:
+            if not config.enable_bucket:
+                return (config.resolution, config.resolution)
+            return assign_bucket(
                 image.width,
                 image.height,
                 buckets=bucket_list,
@@ -272,12 +419,24 @@ class SdFamily:
                 step=config.bucket_reso_steps,
                 no_upscale=config.bucket_no_upscale,
             )
-            if config.enable_bucket
-            else (config.resolution, config.resolution)
-            for image in images
-        ]
+
+        buckets = [bucket_of(image) for image in images]
+        reg_images: list[TrainImage] = []
+        notes: tuple[str, ...] = ()
+        if config.reg_data_dir is not None:
+            root = config.reg_data_dir
+            reg_images, reg_report = scan_dataset(
+                root,
+                metadata_path=None,
+                caption_extension=config.caption_extension,
+                caption_missing=lambda paths: class_captions(paths, root),
+            )
+            notes = (f"regularization images: {reg_report.images_used} of {reg_report.images_found} usable in {root}",)
+        reg_buckets = [bucket_of(image) for image in reg_images]
         report = report.with_buckets(bucket_counts(buckets))
-        return ScannedData(report=report.to_dict(), text=report.render(), payload=SdData(images, buckets, report))
+        data = SdData(images, buckets, report, reg_images, reg_buckets)
+        summary = report.to_dict() | ({"reg_images": len(reg_images)} if config.reg_data_dir else {})
+        return ScannedData(report=summary, text=report.render(), payload=data, notes=notes)
 
     def model_key(self, config: TrainConfig, placement: Placement) -> ModelKey:
         return sd_model_key(
@@ -325,9 +484,18 @@ class SdFamily:
             "gradient_accumulation_steps",
             "seed",
             "base_model",
+            "network_type",
+            "flip_aug",
+            "random_crop",
+            "reg_data_dir",
+            "optimizer",
+            "ema_decay",
         )
         values = config.to_dict()
-        return {k: values[k] for k in keys} | {"lora_alpha": config.effective_lora_alpha}
+        return {k: values[k] for k in keys} | {
+            "lora_alpha": config.effective_lora_alpha,
+            "conv_dim": config.effective_conv_dim,
+        }
 
 
 def sd_model_key(
