@@ -130,6 +130,20 @@ def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, files: Flu
     assert "transformer_target_modules" in text and "multiple of 16" in text
 
 
+def test_image_options_flux_does_not_implement_yet_are_refused_not_ignored(
+    tmp_path: Path, files: FluxFiles, data: Path
+) -> None:
+    values = flux_values(
+        files.transformer, data, tmp_path / "o", network_type="loha", flip_aug=True, min_timestep=100, clip_skip=2
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_any_config(values, base_dir=tmp_path)
+    assert {p.key for p in err.value.problems} >= {"network_type", "flip_aug", "min_timestep", "clip_skip"}
+    # The same keys at their defaults (as an exported config writes them) are fine.
+    defaults = flux_values(files.transformer, data, tmp_path / "o", network_type="lora", flip_aug=False)
+    assert parse(defaults, tmp_path).network_type == "lora"
+
+
 def test_choices_match_the_modules_that_implement_them() -> None:
     from lorad.diffusion.flow_matching import TIMESTEP_SAMPLINGS
     from lorad.families.flux import config
@@ -274,6 +288,24 @@ def test_block_swap_trains_the_same_lora(tmp_path: Path, tiny: dict[str, Path], 
     swapped = train(parse(file_values(files, tiny, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path))
     a, b = load_file(plain.outputs["kohya"]), load_file(swapped.outputs["kohya"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ema_variant_is_written_beside_the_trained_lora(
+    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path
+) -> None:
+    values = file_values(
+        files, tiny, data, tmp_path / "e", max_train_steps=3, ema_decay=0.5, output_format=["kohya", "diffusers"]
+    )
+    result = train(parse(values, tmp_path))
+    assert {"kohya", "diffusers", "kohya_ema", "diffusers_ema"} <= set(result.outputs)
+    assert Path(result.outputs["kohya_ema"]).name == "e-ema.safetensors"
+    assert Path(result.outputs["diffusers_ema"]).parent == tmp_path / "e" / "ema"
+    trained, averaged = load_file(result.outputs["kohya"]), load_file(result.outputs["kohya_ema"])
+    assert trained.keys() == averaged.keys()
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained if k.endswith("lora_up.weight"))
+    with safe_open(result.outputs["kohya_ema"], framework="pt") as handle:
+        assert handle.metadata()["ss_ema"] == "True"
 
 
 @pytest.mark.slow

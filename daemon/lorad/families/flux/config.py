@@ -9,7 +9,7 @@ key to use instead, never silently ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,23 @@ _NOT_FOR_FLUX = {
     "noise_offset": "not used by flow matching; remove it",
     "allow_pickle": "FLUX weights are read from .safetensors only; remove it",
     "tokenizer_path": "FLUX has two tokenizers: use `clip_l_tokenizer` and `t5xxl_tokenizer`",
+}
+
+# Image-family options the FLUX run does not implement yet: refused when set to anything but their default.
+_NOT_YET_FOR_FLUX = {
+    "network_type": "FLUX trains PEFT LoRA only for now; remove it (or set lora)",
+    "flip_aug": "not implemented for FLUX yet; remove it",
+    "random_crop": "not implemented for FLUX yet; remove it",
+    "masked_loss": "not implemented for FLUX yet; remove it",
+    "mask_dir": "not implemented for FLUX yet (masked_loss); remove it",
+    "reg_data_dir": "regularization images are not implemented for FLUX yet; remove it",
+    "prior_loss_weight": "regularization images are not implemented for FLUX yet; remove it",
+    "clip_skip": "FLUX reads CLIP-L's pooled output only, which clip_skip does not change; remove it",
+    "multires_noise_iterations": "a DDPM noise option; shape the noise levels with `timestep_sampling`",
+    "multires_noise_discount": "a DDPM noise option; shape the noise levels with `timestep_sampling`",
+    "ip_noise_gamma": "a DDPM noise option; not implemented for flow matching",
+    "min_timestep": "FLUX draws noise levels, not DDPM timesteps: use `timestep_sampling`",
+    "max_timestep": "FLUX draws noise levels, not DDPM timesteps: use `timestep_sampling`",
 }
 
 
@@ -186,6 +203,12 @@ FLUX_REQUIRED_KEYS = REQUIRED_KEYS
 
 def _flux_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     problems = [ConfigProblem(key, "is not a FLUX key", fix) for key, fix in _NOT_FOR_FLUX.items() if key in values]
+    defaults = {f.name: f.default for f in fields(FluxTrainConfig)}
+    problems += [
+        ConfigProblem(key, f"is {values[key]!r}", fix)
+        for key, fix in _NOT_YET_FOR_FLUX.items()
+        if key in values and values[key] != defaults[key]
+    ]
     for key in ("clip_l", "t5xxl", "ae"):
         path = values.get(key)
         if isinstance(path, Path) and not path.is_file():

@@ -43,7 +43,7 @@ from lorad.diffusion.flow_matching import (
     text_position_ids,
     unpack_latents,
 )
-from lorad.diffusion.latents import encode_latents
+from lorad.diffusion.latents import LatentSample, draw_latents, encode_latents
 from lorad.diffusion.text_cache import TextEncoderCache, tokenizer_digest
 from lorad.disk_space import disk_full_as_error, ensure_room
 from lorad.errors import DiskFull
@@ -209,6 +209,8 @@ class FluxRun:
         for param in params:  # LoRA layers of swapped blocks were created beside their CPU weights
             param.data = param.data.to(self.device)
         self.parts: dict[str, nn.Module] = {"transformer": transformer}
+        # A compiled wrapper, not the resident transformer itself, so the next job (and sampling) finds it as it was.
+        self.denoiser = torch.compile(transformer) if config.torch_compile else transformer
         self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": config.learning_rate}]
         if self.clip is not None:
             clip_paths = resolve_targets(
@@ -288,12 +290,14 @@ class FluxRun:
             keep_tokens=config.keep_tokens,
             dropout=config.caption_dropout,
             trigger_word=config.trigger_word,
+            tag_dropout=config.caption_tag_dropout_rate,
+            keep_tokens_separator=config.keep_tokens_separator,
         )
 
     def _all_captions(self) -> list[str]:
         """Every caption string this run will train on, over all its epochs."""
         config = self.config
-        varies = config.shuffle_caption or config.caption_dropout > 0
+        varies = config.shuffle_caption or config.caption_dropout > 0 or config.caption_tag_dropout_rate > 0
         steps_per_epoch = math.ceil(len(self.plan(0)) / config.gradient_accumulation_steps)
         total = config.max_train_steps or config.epochs * steps_per_epoch
         epochs = math.ceil(total / steps_per_epoch) if varies else 1
@@ -369,18 +373,19 @@ class FluxRun:
         text = self.text.batch(captions, device=self.device)
         pooled = self._pooled(self.clip, captions) if self.clip is not None else text[POOLED]
 
-        pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
-        mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
-        clean = scale_latents(mean + std * torch.randn(mean.shape, generator=generator), self.shift, self.scale)
-        noise = torch.randn(clean.shape, generator=generator)
+        # Every random number is drawn on the run's device (the generator lives there): no host round trip.
+        samples = [LatentSample(images[self.samples[i]].content_hash, self.sample_buckets[i]) for i in batch]
+        raw = draw_latents(
+            samples, self.latents, {}, random_crop=False, factor=8, scaling_factor=1.0, generator=generator
+        ).latents
+        clean = scale_latents(raw, self.shift, self.scale)
+        noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=generator.device)
         height, width = clean.shape[-2:]
         sigmas = sample_sigmas(
             self.sampling, len(batch), image_seq_len=(height // 2) * (width // 2), generator=generator
         )
-        clean, noise, sigmas = clean.to(self.device), noise.to(self.device), sigmas.to(self.device)
-        transformer = self.model.transformer
         dtype = self.dtype
-        prediction = transformer(
+        prediction = self.denoiser(
             hidden_states=pack_latents(noisy_latents(clean, noise, sigmas)).to(dtype),
             encoder_hidden_states=text[T5].to(dtype),
             pooled_projections=pooled.to(dtype),
@@ -437,14 +442,19 @@ class FluxRun:
             return save_flux_kohya(path, tensors, metadata)
 
     def export(self, facts: RunFacts) -> dict[str, str]:
+        """The output formats' files; the EMA variant (``facts.variant == "ema"``) as ``NAME-ema...`` beside them
+        (roles ``kohya_ema``, ...; diffusers' file in ``output_dir/ema/``), as SD names it."""
         config = self.config
         dtype = SAVE_DTYPES[config.save_precision]
         bfl, clip, metadata = self._files(facts)
+        variant = facts.variant
+        suffix, role = (f"-{variant}", f"_{variant}") if variant else ("", "")
         files: dict[str, tuple[Path, dict[str, torch.Tensor]]] = {}
         if "kohya" in config.output_format:
-            files["kohya"] = (config.output_dir / f"{config.output_name}.safetensors", kohya_tensors(bfl, clip, dtype))
+            path = config.output_dir / f"{config.output_name}{suffix}.safetensors"
+            files["kohya"] = (path, kohya_tensors(bfl, clip, dtype))
         if "comfyui" in config.output_format:
-            path = config.output_dir / f"{config.output_name}_comfyui.safetensors"
+            path = config.output_dir / f"{config.output_name}{suffix}_comfyui.safetensors"
             files["comfyui"] = (path, comfyui_tensors(bfl, clip, dtype))
         transformer_lora = lora_state_dict(self.model.transformer, ADAPTER)
         clip_lora = lora_state_dict(self.clip, ADAPTER) if self.clip is not None else {}
@@ -454,19 +464,19 @@ class FluxRun:
         ensure_room(config.output_dir, needed, what, EXPORT_FULL_HINT)
         outputs: dict[str, str] = {}
         with disk_full_as_error(config.output_dir, what, needed, EXPORT_FULL_HINT):
-            for role, (path, tensors) in files.items():
-                outputs[role] = str(save_flux_kohya(path, tensors, metadata))
+            for kind, (path, tensors) in files.items():
+                outputs[kind + role] = str(save_flux_kohya(path, tensors, metadata))
             if "diffusers" in config.output_format:
                 clip_config = self.clip.peft_config[ADAPTER].to_dict() if self.clip is not None else None
                 path = save_flux_diffusers(
-                    config.output_dir,
+                    config.output_dir / variant if variant else config.output_dir,
                     transformer_lora,
                     clip_lora,
                     transformer_config=self.model.transformer.peft_config[ADAPTER].to_dict(),
                     clip_config=clip_config,
                     dtype=dtype,
                 )
-                outputs["diffusers"] = str(path)
+                outputs["diffusers" + role] = str(path)
         return outputs
 
     def export_epoch(self, facts: RunFacts) -> None:
