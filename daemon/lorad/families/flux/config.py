@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from lorad.config.loader import image_checks, parse_family_config
 from lorad.config.schema import REQUIRED_KEYS, TrainConfig, redefault, spec
 from lorad.errors import ConfigProblem
+from lorad.sampling.prompts import MAX_CFG, SamplePrompts
+from lorad.sampling.samplers import sampler_problem
 
 if TYPE_CHECKING:
     from lorad.models.flux_loader import FluxSources, TransformerSource
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "uniform")  # lorad.diffusion.flow_matching's names
 BASE_QUANTIZATIONS = ("none", "fp8", "int8", "nf4")  # lorad.models.quantization's names
 OUTPUT_FORMATS = ("kohya", "diffusers", "comfyui")
+# Sample steps when neither sample_steps nor a prompt's --s says: kohya's 20 for dev; schnell is distilled to 1-4.
+DEFAULT_SAMPLE_STEPS = {"dev": 20, "schnell": 4}
+SAMPLE_SIDE_MULTIPLE = 16  # 8 pixels per latent, then 2x2 latents per transformer token
 # SD keys with no meaning here -> what to use instead.
 _NOT_FOR_FLUX = {
     "unet_target_modules": "FLUX has no UNet; name its layers in `transformer_target_modules`",
@@ -186,6 +191,50 @@ class FluxTrainConfig(TrainConfig):
         ),
     )
 
+    # --- samples ------------------------------------------------------------------------------
+    sample_sampler: str = redefault(
+        TrainConfig,
+        "sample_sampler",
+        "flow_match_euler",
+        help="Sampler of the sample images (a prompt's --ss overrides it): flow_match_euler (FluxPipeline's "
+        "FlowMatchEulerDiscreteScheduler), the one sampler for flow-matching models.",
+    )
+    sample_steps: int | None = redefault(
+        TrainConfig,
+        "sample_steps",
+        None,
+        help="Steps per sample image (--s). Unset: 20 for FLUX.1-dev, 4 for schnell.",
+    )
+    sample_cfg_scale: float = redefault(
+        TrainConfig,
+        "sample_cfg_scale",
+        1.0,
+        help="True classifier-free guidance with the negative prompt (--l, --n); 1 = off, as FLUX.1 is guidance-"
+        "distilled (its guidance is sample_guidance_scale). Above 1 each step runs the transformer twice.",
+    )
+    sample_guidance_scale: float = field(
+        default=3.5,
+        metadata=spec(
+            "samples",
+            "FLUX.1-dev's guidance embedding in the sample images (--g; FluxPipeline's default 3.5). Schnell has "
+            "none and ignores it.",
+            minimum=0.0,
+            maximum=MAX_CFG,
+        ),
+    )
+    sample_width: int | None = redefault(
+        TrainConfig,
+        "sample_width",
+        None,
+        help="Width of the samples in pixels (--w), a multiple of 16. Unset: resolution.",
+    )
+    sample_height: int | None = redefault(
+        TrainConfig,
+        "sample_height",
+        None,
+        help="Height of the samples in pixels (--h), a multiple of 16. Unset: resolution.",
+    )
+
     # --- output -------------------------------------------------------------------------------
     output_format: tuple[str, ...] = field(
         default=("kohya", "diffusers"),
@@ -199,6 +248,30 @@ class FluxTrainConfig(TrainConfig):
 
 
 FLUX_REQUIRED_KEYS = REQUIRED_KEYS
+
+
+def sample_problems(
+    prompts: SamplePrompts, sampler: str, width: int | None = None, height: int | None = None
+) -> list[ConfigProblem]:
+    """Why FLUX cannot draw these sample settings: a denoising-diffusion sampler (``sample_sampler`` or a
+    prompt's ``--ss``), or a side that is not a multiple of 16 (``sample_width``/``sample_height``, --w/--h)."""
+    problems = []
+    if why := sampler_problem(sampler, flow=True):
+        problems.append(ConfigProblem("sample_sampler", f"{sampler!r} {why}"))
+    for key, side in (("sample_width", width), ("sample_height", height)):
+        if side is not None and side % SAMPLE_SIDE_MULTIPLE:
+            fix = f"FLUX draws multiples of {SAMPLE_SIDE_MULTIPLE}, e.g. {side - side % SAMPLE_SIDE_MULTIPLE}"
+            problems.append(ConfigProblem(key, f"got {side}", fix))
+    for number, prompt in enumerate(prompts.prompts, 1):
+        where = f"prompt {number} ({prompt.prompt[:40]!r})"
+        if prompt.sampler and (why := sampler_problem(prompt.sampler, flow=True)):
+            problems.append(ConfigProblem("sample_prompts", f"{where}: --ss {prompt.sampler} {why}"))
+        for option, side in (("--w", prompt.width), ("--h", prompt.height)):
+            if side is not None and side % SAMPLE_SIDE_MULTIPLE:
+                rounded = side - side % SAMPLE_SIDE_MULTIPLE
+                fix = f"FLUX draws multiples of {SAMPLE_SIDE_MULTIPLE}, e.g. {option} {rounded}"
+                problems.append(ConfigProblem("sample_prompts", f"{where}: {option} {side}", fix))
+    return problems
 
 
 def _flux_checks(values: dict[str, Any]) -> list[ConfigProblem]:
@@ -226,6 +299,14 @@ def _flux_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             )
         else:
             values["output_format"] = tuple(dict.fromkeys(formats))
+    prompts, sampler = values.get("sample_prompts"), values.get("sample_sampler", "flow_match_euler")
+    if isinstance(prompts, SamplePrompts) and isinstance(sampler, str):
+        # Sides that are not even a multiple of 8 are reported by the shared sampling checks already.
+        width, height = (
+            side if isinstance(side, int) and not side % 8 else None
+            for side in (values.get("sample_width"), values.get("sample_height"))
+        )
+        problems += sample_problems(prompts, sampler, width, height)
     for key in ("resolution", "bucket_reso_steps"):
         value = values.get(key)
         # 8 pixels per latent, then 2x2 latents per transformer token.
