@@ -10,7 +10,9 @@ when the config asks: those are part of its registry key). A run then:
    the transformer steps off the GPU while they run, and they are freed before training, so T5
    is never in memory while the transformer trains and a warm cache runs no text encoder at all;
 3. trains with the rectified-flow loss of :mod:`lorad.diffusion.flow_matching` on packed latents;
-4. exports kohya/BFL, diffusers and/or ComfyUI files (:mod:`lorad.families.flux.lora_files`).
+4. exports kohya/BFL, diffusers and/or ComfyUI files (:mod:`lorad.families.flux.lora_files`);
+5. draws sample images with the resident transformer and the live LoRA (:mod:`lorad.families.flux.sampling`):
+   the prompts' text is encoded with the captions in step 2, and the VAE waits in CPU memory to decode.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from lorad.diffusion.latents import LatentSample, draw_latents, encode_latents
 from lorad.diffusion.text_cache import TextEncoderCache, tokenizer_digest
 from lorad.disk_space import disk_full_as_error, ensure_room
 from lorad.errors import DiskFull
-from lorad.events import EventSink, LatentsCached, LogLine
+from lorad.events import Event, EventSink, LatentsCached, LogLine
 from lorad.families.flux.config import FluxTrainConfig, flux_sources
 from lorad.families.flux.key_map import FluxShape
 from lorad.families.flux.lora_files import (
@@ -61,6 +63,7 @@ from lorad.families.flux.lora_files import (
     save_flux_diffusers,
     save_flux_kohya,
 )
+from lorad.families.flux.sampling import FluxSampler, flux_prompts, warn_long_prompts
 from lorad.families.flux.targets import CLIP_MODULES, transformer_target_paths
 from lorad.families.sd.family import FAMILY as SD_FAMILY
 from lorad.families.sd.family import SdData
@@ -82,6 +85,7 @@ from lorad.models.flux_loader import (
 from lorad.models.quantization import check_quantization, in_blocks, quantize_linears
 from lorad.models.registry import ModelKey, free_memory
 from lorad.paths import default_cache_dir
+from lorad.sampling.prompts import ResolvedPrompt
 from lorad.training.activation_checkpointing import (
     disable_activation_checkpointing,
     enable_activation_checkpointing,
@@ -187,9 +191,19 @@ class FluxRun:
         paths = transformer_target_paths(
             transformer, config.transformer_target_modules, key="transformer_target_modules"
         )
+        # Sample prompts are checked and their settings decided now; their text is encoded with the captions.
+        self.sample_prompts: list[ResolvedPrompt] = []
+        if config.sample_prompts:
+            self.sample_prompts = flux_prompts(
+                config, variant=sources.variant, guidance_embeds=self.guidance is not None, on_event=on_event
+            )
+            warn_long_prompts(
+                self.sample_prompts, self.clip_tokenizer, self.t5_tokenizer, sources.t5_max_length, on_event
+            )
         self.samples = [i for i, image in enumerate(data.images) for _ in range(image.repeats)]
         self.sample_buckets = [data.buckets[i] for i in self.samples]
         cache_root = config.cache_dir or default_cache_dir()
+        self._vae: nn.Module | None = None
         self._encode_latents(cache_root / "latents", on_event)
         self.clip: nn.Module | None = None
         clip_paths: list[str] = []
@@ -238,6 +252,18 @@ class FluxRun:
                     "(without it, backward holds every block's weights on the device)"
                 )
             )
+        self.sampler = FluxSampler(
+            self.sample_prompts,
+            config=config,
+            transformer=transformer,  # the resident module itself, never the torch.compile wrapper
+            swap=model.swap,
+            placement=placement,
+            scheduler_config=sources.scheduler_config,
+            conditioning=self._conditioning,
+            adapted=list(self.parts.values()),
+            vae=self.vae,
+            on_event=on_event,
+        )
 
     def _start_from(self, path: Path, paths: list[str], clip_paths: list[str], on_event: EventSink) -> None:
         """Load ``init_lora`` (any FLUX.1 LoRA layout) into the attached adapters (incremental training)."""
@@ -266,19 +292,24 @@ class FluxRun:
         t0 = time.monotonic()
         cache = LatentCache(folder, "flux-vae:" + component_fingerprint(self.sources.vae))
 
-        def vae() -> nn.Module:
-            # fp32: latents are encoded once, and fp16 VAEs overflow on some images.
-            return load_vae(self.sources, torch.float32).to(self.device)
-
         self.latents, stats = encode_latents(
-            self.data.images, self.data.buckets, vae=vae, cache=cache, device=self.device
+            self.data.images, self.data.buckets, vae=lambda: self.vae().to(self.device), cache=cache, device=self.device
         )
+        if self._vae is not None:  # kept in CPU memory to decode samples; freed when the run draws none
+            self._vae = self._vae.to("cpu") if self.sample_prompts else None
         free_memory()
         seconds = time.monotonic() - t0
         on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=seconds))
         self.scalars.summary["latents"] = {"cached": stats.cached, "encoded": stats.encoded, "seconds": seconds}
         vae_config = self.sources.vae.config
         self.shift, self.scale = float(vae_config.get("shift_factor") or 0.0), float(vae_config["scaling_factor"])
+
+    def vae(self) -> nn.Module:
+        """FLUX's VAE in fp32 (fp16 VAEs overflow on some images), loaded once for the run when first needed
+        (latents missing from the cache, a sample to decode); in CPU memory unless the caller moves it."""
+        if self._vae is None:
+            self._vae = load_vae(self.sources, torch.float32)
+        return self._vae
 
     def _caption(self, epoch: int, position: int) -> str:
         """The caption sample ``position`` sees in ``epoch`` (shuffle and dropout follow from the seed)."""
@@ -329,20 +360,35 @@ class FluxRun:
 
         with off_the_device(self.model) if self._any_missing() else contextlib.nullcontext():
             stats = self.text.pre_encode(self._all_captions(), encode, batch_size=8)
+            # The sample prompts too, so sampling never needs a text encoder that training has freed.
+            prompts = self.text.pre_encode(self._sample_texts(), encode, batch_size=8)
             encoders.clear()
             free_memory()
         seconds = time.monotonic() - t0
-        on_event(
-            LogLine(message=f"text-encoder outputs: {stats.encoded} captions encoded, {stats.cached} from the cache")
-        )
+        message = f"text-encoder outputs: {stats.encoded} captions encoded, {stats.cached} from the cache"
+        if self.sample_prompts:
+            message += f"; {prompts.encoded} sample prompts encoded, {prompts.cached} from the cache"
+        on_event(LogLine(message=message))
         self.scalars.summary["text_encoder_outputs"] = {
             "encoded": stats.encoded,
             "cached": stats.cached,
             "seconds": seconds,
         }
 
+    def _sample_texts(self) -> list[str]:
+        """The sample prompts' texts, and their negative prompts where CFG uses them."""
+        return [text for p in self.sample_prompts for text in (p.prompt, p.negative)[: 2 if p.cfg_scale > 1 else 1]]
+
     def _any_missing(self) -> bool:
-        return any(caption not in self.text for caption in dict.fromkeys(self._all_captions()))
+        texts = dict.fromkeys(self._all_captions() + self._sample_texts())
+        return any(text not in self.text for text in texts)
+
+    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5's hidden states (cached) and CLIP-L's pooled output of ``captions`` on the device: the cached one,
+        or the trained CLIP-L's as it is now (its adapter changes every step)."""
+        text = self.text.batch(captions, device=self.device)
+        pooled = self._pooled(self.clip, captions) if self.clip is not None else text[POOLED]
+        return text[T5], pooled
 
     def _encode(self, clip: nn.Module, t5: nn.Module, captions: list[str]) -> dict[str, torch.Tensor]:
         """CLIP-L's pooled output and T5's last hidden states for ``captions`` (padded to the max length)."""
@@ -370,8 +416,7 @@ class FluxRun:
             self.model.swap.settle()  # the previous backward's last block back to rest; forward order again
         batch, images = micro_batch.samples, self.data.images
         captions = [self._caption(micro_batch.epoch, i) for i in batch]
-        text = self.text.batch(captions, device=self.device)
-        pooled = self._pooled(self.clip, captions) if self.clip is not None else text[POOLED]
+        t5, pooled = self._conditioning(captions)
 
         # Every random number is drawn on the run's device (the generator lives there): no host round trip.
         samples = [LatentSample(images[self.samples[i]].content_hash, self.sample_buckets[i]) for i in batch]
@@ -387,11 +432,11 @@ class FluxRun:
         dtype = self.dtype
         prediction = self.denoiser(
             hidden_states=pack_latents(noisy_latents(clean, noise, sigmas)).to(dtype),
-            encoder_hidden_states=text[T5].to(dtype),
+            encoder_hidden_states=t5.to(dtype),
             pooled_projections=pooled.to(dtype),
             timestep=sigmas.to(dtype),
             img_ids=image_position_ids(height, width, device=self.device),
-            txt_ids=text_position_ids(text[T5].shape[1], device=self.device),
+            txt_ids=text_position_ids(t5.shape[1], device=self.device),
             guidance=None if self.guidance is None else torch.full((len(batch),), self.guidance, device=self.device),
         ).sample
         return flow_matching_loss(unpack_latents(prediction, height, width), clean, noise).mean()
@@ -408,6 +453,9 @@ class FluxRun:
     def finish(self, step: int) -> None:
         if self.model.swap is not None:
             self.model.swap.settle()
+
+    def sample(self, step: int, *, baseline: bool = False) -> list[Event]:
+        return self.sampler.sample(step, baseline=baseline)
 
     def _files(self, facts: RunFacts) -> tuple[dict[str, ModuleLora], dict[str, ModuleLora], dict[str, str]]:
         """The run's LoRA in BFL modules (transformer) and CLIP-L modules, and the files' metadata."""
