@@ -166,6 +166,25 @@ def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
         yield connected
 
 
+# --- FLUX fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny FLUX.1 dev and schnell models as diffusers folders, by variant."""
+    from lorad.models.tiny_flux import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("flux")
+    return {variant: build_tiny_flux(root / variant, variant=variant) for variant in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_files(tiny_flux: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The tiny dev model as ComfyUI/Forge users keep FLUX: the transformer as one BFL file with ComfyUI's
+    prefix, and separate clip_l / t5xxl / ae files (a :class:`lorad.models.tiny_flux.FluxFiles`)."""
+    from lorad.models.tiny_flux import write_flux_files
+
+    return write_flux_files(tiny_flux["dev"], tmp_path_factory.mktemp("flux-files"), comfy_prefix=True)
+
+
 # --- LLM fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:

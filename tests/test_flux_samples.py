@@ -16,24 +16,13 @@ from lorad.config.dispatch import parse_any_config
 from lorad.errors import ConfigError
 from lorad.events import Event, LogLine, SampleImage
 from lorad.families.flux.config import FluxTrainConfig
-from lorad.models.tiny_flux import TINY_T5_MAX_LENGTH, FluxFiles, build_tiny_flux, write_flux_files
+from lorad.models.tiny_flux import TINY_T5_MAX_LENGTH, FluxFiles
 from lorad.training.loop import train
 from tests.conftest import make_dataset
 from tests.test_samples import parse_a1111
 from tests.test_train_flux import file_values, flux_values, parse
 
 PROMPTS = ["a red circle --d 7", "[trigger] a blue square --n green --l 3 --w 96 --h 64 --s 3"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("flux")
-    return {variant: build_tiny_flux(root / variant, variant=variant) for variant in ("dev", "schnell")}
-
-
-@pytest.fixture(scope="module")
-def files(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> FluxFiles:
-    return write_flux_files(tiny["dev"], tmp_path_factory.mktemp("files"))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +54,9 @@ def same_lora(a: str, b: str) -> bool:
 
 
 def test_flux_sample_defaults_suit_a_guidance_distilled_flow_model(
-    tmp_path: Path, files: FluxFiles, data: Path
+    tmp_path: Path, tiny_flux_files: FluxFiles, data: Path
 ) -> None:
-    config = parse(flux_values(files.transformer, data, tmp_path / "o", sample_prompts=PROMPTS), tmp_path)
+    config = parse(flux_values(tiny_flux_files.transformer, data, tmp_path / "o", sample_prompts=PROMPTS), tmp_path)
     assert isinstance(config, FluxTrainConfig)
     assert (config.sample_sampler, config.sample_cfg_scale, config.sample_guidance_scale) == (
         "flow_match_euler",
@@ -79,10 +68,10 @@ def test_flux_sample_defaults_suit_a_guidance_distilled_flow_model(
 
 
 def test_samplers_and_sizes_flux_cannot_draw_are_config_errors_naming_the_prompt(
-    tmp_path: Path, files: FluxFiles, data: Path
+    tmp_path: Path, tiny_flux_files: FluxFiles, data: Path
 ) -> None:
     values = flux_values(
-        files.transformer,
+        tiny_flux_files.transformer,
         data,
         tmp_path / "o",
         sample_prompts=["a cat --ss ddim", "a dog --w 72"],
@@ -103,7 +92,7 @@ def test_samplers_and_sizes_flux_cannot_draw_are_config_errors_naming_the_prompt
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 def test_samples_are_what_fluxpipeline_draws_with_the_exported_lora(
-    tmp_path: Path, tiny: dict[str, Path], data: Path, variant: str
+    tmp_path: Path, tiny_flux: dict[str, Path], data: Path, variant: str
 ) -> None:
     """The real consumer: diffusers' FluxPipeline with the run's diffusers file loaded, same prompt, seed,
     steps and guidance, draws the same picture as the sample taken with the live adapter."""
@@ -111,7 +100,7 @@ def test_samples_are_what_fluxpipeline_draws_with_the_exported_lora(
 
     out = tmp_path / "out"
     values = flux_values(
-        tiny[variant],
+        tiny_flux[variant],
         data,
         out,
         max_train_steps=2,
@@ -128,7 +117,7 @@ def test_samples_are_what_fluxpipeline_draws_with_the_exported_lora(
         (2, 0, 7, 64, 64),
         (2, 1, 43, 96, 64),
     ]
-    pipe = FluxPipeline.from_pretrained(str(tiny[variant]), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux[variant]), local_files_only=True)
     pipe.load_lora_weights(str(Path(outputs["diffusers"]).parent))
     pipe.transformer.eval()  # load_lora_weights leaves the LoRA layers it adds (their dropout) in training mode
     pipe.set_progress_bar_config(disable=True)
@@ -169,15 +158,15 @@ def test_samples_are_what_fluxpipeline_draws_with_the_exported_lora(
 
 @pytest.mark.slow
 def test_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
-    tmp_path: Path, tiny: dict[str, Path], data: Path
+    tmp_path: Path, tiny_flux: dict[str, Path], data: Path
 ) -> None:
     from diffusers import FluxPipeline
 
     common = {"save_precision": "fp32", "learning_rate": "5e-2", "sample_prompts": PROMPTS[:1]}
-    first, _ = run(flux_values(tiny["dev"], data, tmp_path / "first", max_train_steps=2, **common), tmp_path)
+    first, _ = run(flux_values(tiny_flux["dev"], data, tmp_path / "first", max_train_steps=2, **common), tmp_path)
     # init_lora makes the adapter non-zero from the start: the baseline must still be the bare base model.
     values = flux_values(
-        tiny["dev"],
+        tiny_flux["dev"],
         data,
         tmp_path / "again",
         max_train_steps=1,
@@ -191,7 +180,7 @@ def test_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
     assert (baseline.step, trained.step) == (0, 1)
     with Image.open(baseline.path) as png:
         assert "<lora:" not in parse_a1111(png.info["parameters"])["Prompt"]
-    pipe = FluxPipeline.from_pretrained(str(tiny["dev"]), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux["dev"]), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     bare = pipe(
         prompt="a red circle",
@@ -222,13 +211,13 @@ def test_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
     ids=["clip-trained", "block-swap", "int8-base"],
 )
 def test_sampling_leaves_the_lora_bit_identical(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path, memory: dict
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, memory: dict
 ) -> None:
     common = {"max_train_steps": 3, "save_precision": "fp32", "learning_rate": "1e-2", **memory}
-    plain, _ = run(file_values(files, tiny, data, tmp_path / "plain", **common), tmp_path)
+    plain, _ = run(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", **common), tmp_path)
     values = file_values(
-        files,
-        tiny,
+        tiny_flux_files,
+        tiny_flux,
         data,
         tmp_path / "sampled",
         sample_prompts=[*PROMPTS, "a green triangle " + "on a wide open field, " * 30 + "--s 2"],
@@ -247,10 +236,16 @@ def test_sampling_leaves_the_lora_bit_identical(
 
 
 @pytest.mark.slow
-def test_block_swap_draws_the_same_images(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+def test_block_swap_draws_the_same_images(
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
+) -> None:
     common = {"max_train_steps": 2, "gradient_checkpointing": True, "sample_prompts": PROMPTS, "sample_steps": 3}
-    _, plain = run(file_values(files, tiny, data, tmp_path / "plain", sample_every_n_steps=2, **common), tmp_path)
-    values = file_values(files, tiny, data, tmp_path / "swap", blocks_to_swap=3, sample_every_n_steps=2, **common)
+    _, plain = run(
+        file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", sample_every_n_steps=2, **common), tmp_path
+    )
+    values = file_values(
+        tiny_flux_files, tiny_flux, data, tmp_path / "swap", blocks_to_swap=3, sample_every_n_steps=2, **common
+    )
     _, swapped = run(values, tmp_path)
     assert len(images(plain)) == len(images(swapped)) == 2
     for a, b in zip(images(plain), images(swapped), strict=True):
@@ -259,10 +254,10 @@ def test_block_swap_draws_the_same_images(tmp_path: Path, tiny: dict[str, Path],
 
 @pytest.mark.slow
 def test_samples_need_no_text_encoder_once_the_cache_is_warm(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     common = {"max_train_steps": 1, "sample_prompts": PROMPTS, "sample_every_n_steps": 1, "sample_steps": 2}
-    _, first = run(file_values(files, tiny, data, tmp_path / "a", **common), tmp_path)
+    _, first = run(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "a", **common), tmp_path)
     assert any(isinstance(e, LogLine) and "3 sample prompts encoded, 0 from the cache" in e.message for e in first)
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -273,7 +268,7 @@ def test_samples_need_no_text_encoder_once_the_cache_is_warm(
         monkeypatch.setattr(cls, "forward", refuse)
     monkeypatch.setattr("lorad.families.flux.family.load_t5xxl", refuse)
     monkeypatch.setattr("lorad.families.flux.family.load_clip_l", refuse)
-    _, second = run(file_values(files, tiny, data, tmp_path / "b", **common), tmp_path)
+    _, second = run(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "b", **common), tmp_path)
     assert len(images(second)) == 2
     for a, b in zip(images(first), images(second), strict=True):
         assert np.array_equal(pixels(a.path), pixels(b.path))  # same seed, same step, same LoRA: same image

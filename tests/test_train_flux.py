@@ -17,20 +17,9 @@ from lorad.errors import ConfigError, TrainingInterrupted
 from lorad.events import LatentsCached, LogLine, StepDone
 from lorad.families.flux.config import FluxTrainConfig
 from lorad.families.flux.spec import render_flux_example
-from lorad.models.tiny_flux import FluxFiles, build_tiny_flux, write_flux_files
+from lorad.models.tiny_flux import FluxFiles
 from lorad.training.loop import train
 from tests.conftest import make_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("flux")
-    return {variant: build_tiny_flux(root / variant, variant=variant) for variant in ("dev", "schnell")}
-
-
-@pytest.fixture(scope="module")
-def files(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> FluxFiles:
-    return write_flux_files(tiny["dev"], tmp_path_factory.mktemp("files"), comfy_prefix=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +71,16 @@ def parse(values: dict, tmp_path: Path) -> FluxTrainConfig:
 # --- config ----------------------------------------------------------------------------------------------
 
 
-def test_example_config_parses_and_detects_flux(tmp_path: Path, files: FluxFiles) -> None:
+def test_example_config_parses_and_detects_flux(tmp_path: Path, tiny_flux_files: FluxFiles) -> None:
     raw = yaml.safe_load(render_flux_example())
     (tmp_path / "data" / "style_train").mkdir(parents=True)
     config = parse(
         {
             **raw,
-            "base_model": str(files.transformer),
-            "clip_l": str(files.clip_l),
-            "t5xxl": str(files.t5xxl),
-            "ae": str(files.ae),
+            "base_model": str(tiny_flux_files.transformer),
+            "clip_l": str(tiny_flux_files.clip_l),
+            "t5xxl": str(tiny_flux_files.t5xxl),
+            "ae": str(tiny_flux_files.ae),
         },
         tmp_path,
     )
@@ -101,9 +90,9 @@ def test_example_config_parses_and_detects_flux(tmp_path: Path, files: FluxFiles
     assert config.sigmoid_scale == 1.0 and config.discrete_flow_shift == 3.0
 
 
-def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, files: FluxFiles, data: Path) -> None:
+def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, tiny_flux_files: FluxFiles, data: Path) -> None:
     values = flux_values(
-        files.transformer,
+        tiny_flux_files.transformer,
         data,
         tmp_path / "o",
         unet_target_modules=["to_q"],
@@ -131,16 +120,22 @@ def test_sd_keys_and_bad_values_are_reported_together(tmp_path: Path, files: Flu
 
 
 def test_image_options_flux_does_not_implement_yet_are_refused_not_ignored(
-    tmp_path: Path, files: FluxFiles, data: Path
+    tmp_path: Path, tiny_flux_files: FluxFiles, data: Path
 ) -> None:
     values = flux_values(
-        files.transformer, data, tmp_path / "o", network_type="loha", flip_aug=True, min_timestep=100, clip_skip=2
+        tiny_flux_files.transformer,
+        data,
+        tmp_path / "o",
+        network_type="loha",
+        flip_aug=True,
+        min_timestep=100,
+        clip_skip=2,
     )
     with pytest.raises(ConfigError) as err:
         parse_any_config(values, base_dir=tmp_path)
     assert {p.key for p in err.value.problems} >= {"network_type", "flip_aug", "min_timestep", "clip_skip"}
     # The same keys at their defaults (as an exported config writes them) are fine.
-    defaults = flux_values(files.transformer, data, tmp_path / "o", network_type="lora", flip_aug=False)
+    defaults = flux_values(tiny_flux_files.transformer, data, tmp_path / "o", network_type="lora", flip_aug=False)
     assert parse(defaults, tmp_path).network_type == "lora"
 
 
@@ -159,14 +154,14 @@ def test_choices_match_the_modules_that_implement_them() -> None:
 
 @pytest.mark.slow
 def test_trains_from_single_file_with_separate_files(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
     from diffusers import FluxPipeline
 
     config = parse(
         file_values(
-            files,
-            tiny,
+            tiny_flux_files,
+            tiny_flux,
             data,
             tmp_path / "out",
             output_format=["kohya", "diffusers", "comfyui"],
@@ -188,7 +183,7 @@ def test_trains_from_single_file_with_separate_files(
     comfy = load_file(result.outputs["comfyui"])
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in comfy
     # The diffusers file loads in FluxPipeline and changes the model.
-    pipe = FluxPipeline.from_pretrained(str(tiny["dev"]), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux["dev"]), local_files_only=True)
     pipe.load_lora_weights(str(Path(result.outputs["diffusers"]).parent))
     assert any("lora" in name for name, _ in pipe.transformer.named_modules())
     summary = json.loads(Path(result.outputs["summary"]).read_text())
@@ -197,10 +192,10 @@ def test_trains_from_single_file_with_separate_files(
 
 
 @pytest.mark.slow
-def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny: dict[str, Path], data: Path) -> None:
+def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny_flux: dict[str, Path], data: Path) -> None:
     config = parse(
         flux_values(
-            tiny["schnell"],
+            tiny_flux["schnell"],
             data,
             tmp_path / "out",
             epochs=2,
@@ -223,9 +218,9 @@ def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny: dict[str, 
 
 @pytest.mark.slow
 def test_warm_caches_run_no_text_encoder_and_no_vae(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = train(parse(file_values(files, tiny, data, tmp_path / "a", max_train_steps=1), tmp_path))
+    first = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "a", max_train_steps=1), tmp_path))
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -238,7 +233,8 @@ def test_warm_caches_run_no_text_encoder_and_no_vae(
     monkeypatch.setattr("lorad.families.flux.family.load_vae", refuse)
     events: list = []
     second = train(
-        parse(file_values(files, tiny, data, tmp_path / "b", max_train_steps=2), tmp_path), on_event=events.append
+        parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "b", max_train_steps=2), tmp_path),
+        on_event=events.append,
     )
     assert second.steps == 2 and first.steps == 1
     latents = next(e for e in events if isinstance(e, LatentsCached))
@@ -248,7 +244,7 @@ def test_warm_caches_run_no_text_encoder_and_no_vae(
 
 
 @pytest.mark.slow
-def test_resume_is_exact(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+def test_resume_is_exact(tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path) -> None:
     common = {
         "epochs": 3,
         "save_steps": 2,
@@ -258,7 +254,7 @@ def test_resume_is_exact(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles
         "lora_dropout": 0.1,
         "train_text_encoder": True,
     }
-    full = train(parse(file_values(files, tiny, data, tmp_path / "full", **common), tmp_path))
+    full = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "full", **common), tmp_path))
     stop = threading.Event()
 
     def stop_at_five(event: object) -> None:
@@ -267,14 +263,18 @@ def test_resume_is_exact(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles
 
     with pytest.raises(TrainingInterrupted) as err:
         train(
-            parse(file_values(files, tiny, data, tmp_path / "part", **common), tmp_path),
+            parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "part", **common), tmp_path),
             on_event=stop_at_five,
             stop=stop,
         )
     # A stopped run leaves a usable kohya LoRA of its last step beside the checkpoint.
     assert err.value.partial and Path(err.value.partial).name == "part-partial-step00000005.safetensors"
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in load_file(err.value.partial)
-    resumed = train(parse(file_values(files, tiny, data, tmp_path / "part", resume_from="latest", **common), tmp_path))
+    resumed = train(
+        parse(
+            file_values(tiny_flux_files, tiny_flux, data, tmp_path / "part", resume_from="latest", **common), tmp_path
+        )
+    )
     assert resumed.steps == full.steps == 12
     a, b = load_file(full.outputs["kohya"]), load_file(resumed.outputs["kohya"])
     assert any(k.startswith("lora_te1_") for k in a) and a.keys() == b.keys()
@@ -282,20 +282,30 @@ def test_resume_is_exact(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles
 
 
 @pytest.mark.slow
-def test_block_swap_trains_the_same_lora(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+def test_block_swap_trains_the_same_lora(
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
+) -> None:
     common = {"max_train_steps": 3, "gradient_checkpointing": True, "save_precision": "fp32"}
-    plain = train(parse(file_values(files, tiny, data, tmp_path / "plain", **common), tmp_path))
-    swapped = train(parse(file_values(files, tiny, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path))
+    plain = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", **common), tmp_path))
+    swapped = train(
+        parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path)
+    )
     a, b = load_file(plain.outputs["kohya"]), load_file(swapped.outputs["kohya"])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_ema_variant_is_written_beside_the_trained_lora(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
     values = file_values(
-        files, tiny, data, tmp_path / "e", max_train_steps=3, ema_decay=0.5, output_format=["kohya", "diffusers"]
+        tiny_flux_files,
+        tiny_flux,
+        data,
+        tmp_path / "e",
+        max_train_steps=3,
+        ema_decay=0.5,
+        output_format=["kohya", "diffusers"],
     )
     result = train(parse(values, tmp_path))
     assert {"kohya", "diffusers", "kohya_ema", "diffusers_ema"} <= set(result.outputs)
@@ -309,9 +319,14 @@ def test_ema_variant_is_written_beside_the_trained_lora(
 
 
 @pytest.mark.slow
-def test_quantized_base_trains(tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path) -> None:
+def test_quantized_base_trains(
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
+) -> None:
     result = train(
-        parse(file_values(files, tiny, data, tmp_path / "q", base_quantization="nf4", max_train_steps=2), tmp_path)
+        parse(
+            file_values(tiny_flux_files, tiny_flux, data, tmp_path / "q", base_quantization="nf4", max_train_steps=2),
+            tmp_path,
+        )
     )
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
     assert load_file(result.outputs["kohya"])
@@ -325,8 +340,8 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
     client,
     daemon,
     tmp_path: Path,
-    tiny: dict[str, Path],
-    files: FluxFiles,
+    tiny_flux: dict[str, Path],
+    tiny_flux_files: FluxFiles,
     data: Path,
 ) -> None:
     from lorad.models.sd_components import state_dict_digest
@@ -334,7 +349,7 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
     from tests.test_daemon import watch_all
 
     def submit(out: str, **overrides: object) -> list:
-        values = file_values(files, tiny, data, tmp_path / out, max_train_steps=2, **overrides)
+        values = file_values(tiny_flux_files, tiny_flux, data, tmp_path / out, max_train_steps=2, **overrides)
         job = client.submit_training(yaml.safe_dump(values), base_dir=tmp_path)
         _, events = watch_all(client, job.job_id)
         assert client.get_job(job.job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1]
@@ -360,14 +375,14 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["kohya", "comfyui", "diffusers"])
 def test_init_lora_continues_a_flux_lora_in_any_layout(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path, layout: str
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, layout: str
 ) -> None:
     common = {"save_precision": "fp32", "max_train_steps": 2, "transformer_target_modules": ["attention", "proj_out"]}
     first = train(
         parse(
             file_values(
-                files,
-                tiny,
+                tiny_flux_files,
+                tiny_flux,
                 data,
                 tmp_path / "first",
                 learning_rate="5e-2",
@@ -381,7 +396,14 @@ def test_init_lora_continues_a_flux_lora_in_any_layout(
     source = first.outputs[layout]
     cont = parse(
         file_values(
-            files, tiny, data, tmp_path / "cont", learning_rate="1e-12", lora_alpha=4, init_lora=source, **common
+            tiny_flux_files,
+            tiny_flux,
+            data,
+            tmp_path / "cont",
+            learning_rate="1e-12",
+            lora_alpha=4,
+            init_lora=source,
+            **common,
         ),
         tmp_path,
     )
@@ -403,13 +425,13 @@ def test_init_lora_continues_a_flux_lora_in_any_layout(
 
 @pytest.mark.slow
 def test_init_lora_with_other_targets_names_the_key(
-    tmp_path: Path, tiny: dict[str, Path], files: FluxFiles, data: Path
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
-    first = train(parse(file_values(files, tiny, data, tmp_path / "first", max_train_steps=1), tmp_path))
+    first = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "first", max_train_steps=1), tmp_path))
     narrow = parse(
         file_values(
-            files,
-            tiny,
+            tiny_flux_files,
+            tiny_flux,
             data,
             tmp_path / "n",
             max_train_steps=1,
@@ -427,7 +449,11 @@ def test_init_lora_with_other_targets_names_the_key(
 
 
 def test_cli_prints_the_flux_example_and_checks_a_flux_config(
-    tmp_path: Path, files: FluxFiles, tiny: dict[str, Path], data: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    tiny_flux_files: FluxFiles,
+    tiny_flux: dict[str, Path],
+    data: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from lorad.cli.main import main
 
@@ -435,23 +461,25 @@ def test_cli_prints_the_flux_example_and_checks_a_flux_config(
     out = capsys.readouterr().out
     assert "t5xxl:" in out and '# timestep_sampling: "flux_shift"' in out and "# blocks_to_swap: 0" in out
     good = tmp_path / "flux.yaml"
-    good.write_text(yaml.safe_dump(file_values(files, tiny, data, tmp_path / "out")))
+    good.write_text(yaml.safe_dump(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out")))
     assert main(["config", "--check", str(good)]) == 0
     assert "FLUX.1" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(file_values(files, tiny, data, tmp_path / "out", unet_target_modules=["to_q"])))
+    bad.write_text(
+        yaml.safe_dump(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", unet_target_modules=["to_q"]))
+    )
     assert main(["config", "--check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "`unet_target_modules`" in err and "transformer_target_modules" in err and "Traceback" not in err
     # The cheap pre-flight: model files read by header, tokenizers found, target names resolved.
-    values = file_values(files, tiny, data, tmp_path / "out", transformer_target_modules=["attn2"])
+    values = file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", transformer_target_modules=["attn2"])
     values.pop("ae")
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump(values))
     assert main(["config", "--check", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "`ae`" in err and "ae.safetensors" in err and "Traceback" not in err
-    missing.write_text(yaml.safe_dump({**values, "ae": str(files.ae)}))
+    missing.write_text(yaml.safe_dump({**values, "ae": str(tiny_flux_files.ae)}))
     assert main(["config", "--check", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "`transformer_target_modules`" in err and "'attn2' matches no layer" in err
@@ -459,12 +487,18 @@ def test_cli_prints_the_flux_example_and_checks_a_flux_config(
 
 @pytest.mark.slow
 def test_cli_trains_a_flux_lora(
-    tmp_path: Path, files: FluxFiles, tiny: dict[str, Path], data: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    tiny_flux_files: FluxFiles,
+    tiny_flux: dict[str, Path],
+    data: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from lorad.cli.main import main
 
     config = tmp_path / "flux.yaml"
-    config.write_text(yaml.safe_dump(file_values(files, tiny, data, tmp_path / "out", max_train_steps=2)))
+    config.write_text(
+        yaml.safe_dump(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", max_train_steps=2))
+    )
     code = main(["train", "--config", str(config)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
