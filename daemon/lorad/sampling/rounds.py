@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from lorad.errors import is_out_of_memory
 from lorad.events import Event, EventSink, LogLine, SampleImage
 from lorad.sampling.files import a1111_parameters, sample_path, write_sample_png
 from lorad.sampling.prompts import ResolvedPrompt
+
+if TYPE_CHECKING:
+    from lorad.config.schema import TrainConfig
 
 # prompt, generator (CPU, seeded with the prompt's seed) → a PIL image of prompt.width x prompt.height.
 RenderImage = Callable[[ResolvedPrompt, torch.Generator], Any]
@@ -33,6 +36,12 @@ class ImageRound:
     ) -> None:
         self.prompts = list(prompts)
         self.output_dir, self.output_name, self.on_event, self.model = output_dir, output_name, on_event, model
+
+    @classmethod
+    def of_run(cls, prompts: Sequence[ResolvedPrompt], config: TrainConfig, on_event: EventSink) -> ImageRound:
+        """The round of an image run: into its ``output_dir``, named by ``output_name``, the model by its base."""
+        name, model = config.output_name, config.base_model.rsplit("/", 1)[-1]
+        return cls(prompts, output_dir=config.output_dir, output_name=name, on_event=on_event, model=model)
 
     def draw(self, step: int, render: RenderImage, *, baseline: bool = False) -> list[Event]:
         """Every prompt at ``step`` (``baseline``: drawn without the LoRA, so its metadata names none)."""

@@ -147,13 +147,7 @@ class FluxSampler:
         self.prompts = list(prompts)
         self.transformer, self.swap, self.placement = transformer, swap, placement
         self.scheduler_config, self.conditioning, self.adapted, self.vae = scheduler_config, conditioning, adapted, vae
-        self.round = ImageRound(
-            self.prompts,
-            output_dir=config.output_dir,
-            output_name=config.output_name,
-            on_event=on_event,
-            model=config.base_model.rsplit("/", 1)[-1],
-        )
+        self.round = ImageRound.of_run(self.prompts, config, on_event)
 
     def sample(self, step: int, *, baseline: bool = False) -> list[Event]:
         """Every prompt at ``step``; ``baseline``: without the adapter."""

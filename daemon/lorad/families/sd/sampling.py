@@ -69,13 +69,7 @@ class SdSampler:
         self.embeddings: dict[str, torch.Tensor] = {}
         if not encoder.trainable and self.prompts:
             self.embeddings = self._encode(sorted({t for p in self.prompts for t in (p.prompt, p.negative)}))
-        self.round = ImageRound(
-            self.prompts,
-            output_dir=config.output_dir,
-            output_name=config.output_name,
-            on_event=on_event,
-            model=config.base_model.rsplit("/", 1)[-1],
-        )
+        self.round = ImageRound.of_run(self.prompts, config, on_event)
 
     def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Hidden states of ``texts`` from the text encoder as it is now, in eval mode, without gradients."""
