@@ -52,6 +52,37 @@ def _quiet_single_thread() -> None:
     torch.set_num_threads(1)
 
 
+class _NoTrainingHere:
+    """A family plug-in that notes each run it starts: what a test not marked ``slow`` gets."""
+
+    def __init__(self, plugin: object, started: list[str]) -> None:
+        self._plugin, self._started = plugin, started
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._plugin, name)
+
+    def start(self, config: object, *args: object, **kwargs: object) -> object:
+        # Recorded and let through: a refusal here would leave a test waiting on a job that never steps.
+        self._started.append(getattr(config, "model_family", "?"))
+        return self._plugin.start(config, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _training_tests_are_marked_slow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`just test-fast` runs the tests not marked slow; a test that trains a model in this process (directly,
+    or through an in-process daemon) must carry the marker, or it fails here."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from lorad.families import registry
+
+    started: list[str] = []
+    real = registry.load_plugin
+    monkeypatch.setattr(registry, "load_plugin", lambda name: _NoTrainingHere(real(name), started))
+    yield
+    assert not started, f"{request.node.nodeid} trains a model ({', '.join(started)}): mark it @pytest.mark.slow"
+
+
 @pytest.fixture(autouse=True)
 def _lorad_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "lorad-home"

@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from lorad.config import parse_config
@@ -72,6 +73,7 @@ def ldm_module_names(single_file: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_every_key_maps_to_an_a1111_module(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     # The tiny model has two cross-attention levels, like SD's layout per level (layers_per_block
     # differs, so the block arithmetic is checked against the tiny model's own LDM file).

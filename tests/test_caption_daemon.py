@@ -141,6 +141,7 @@ def test_lorad_caption_goes_through_the_daemon(
     assert code == 0 and "wd14" in out.splitlines()[1] and str(tagger) in out
 
 
+@pytest.mark.slow
 def test_a_daemon_job_captions_its_missing_captions_then_trains(
     client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, tagger: Path, tmp_path: Path
 ) -> None:

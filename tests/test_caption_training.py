@@ -32,6 +32,7 @@ def half_captioned(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_job_captions_the_missing_half_then_trains(tiny_sd: Path, tiny_blip: Path, tmp_path: Path) -> None:
     data = half_captioned(tmp_path / "data")
     human = dict(read_metadata_csv(data / "metadata.csv").captions)

@@ -100,6 +100,7 @@ def test_an_llm_target_module_and_data_are_checked_too(
     assert code == 2 and "`target_modules`" in text and "qkv_proj not found" in text, text
 
 
+@pytest.mark.slow
 def test_a_small_resolution_trains_with_the_default_buckets(
     tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

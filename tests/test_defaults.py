@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -41,6 +42,7 @@ def kohya_default_modules(tiny_sd: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_the_default_targets_are_kohyas(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", max_train_steps=1, train_text_encoder=True)
     values.pop("unet_target_modules")

@@ -80,6 +80,7 @@ def same_lora(a: str, b: str) -> bool:
     return ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_names_the_disk_and_keeps_the_previous_one(
     tmp_path: Path, tiny_sd: Path, dataset: Path, small_disk: Path
 ) -> None:
@@ -104,6 +105,7 @@ def test_a_full_disk_at_a_checkpoint_names_the_disk_and_keeps_the_previous_one(
     assert resumed.steps == 4 and same_lora(resumed.outputs["kohya"], reference.outputs["kohya"])
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_export_keeps_the_training_and_resume_only_writes_the_outputs(
     tmp_path: Path, tiny_sd: Path, dataset: Path, small_disk: Path
 ) -> None:
@@ -133,6 +135,7 @@ def test_a_full_disk_at_export_keeps_the_training_and_resume_only_writes_the_out
     assert step_names(out / "checkpoints") == []  # the guard goes once the outputs are written
 
 
+@pytest.mark.slow
 def test_an_injected_enospc_mid_checkpoint_removes_the_partial_folder(
     tmp_path: Path, tiny_sd: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,6 +162,7 @@ def test_an_injected_enospc_mid_checkpoint_removes_the_partial_folder(
     load_checkpoint(out / "checkpoints" / "step-000001")
 
 
+@pytest.mark.slow
 def test_an_injected_storage_full_at_export_is_a_clear_error(
     tmp_path: Path, tiny_sd: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -248,6 +248,7 @@ def pickled_models(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path, tiny
     yield {"sd": sd, "llm": llm, "blip": blip}
 
 
+@pytest.mark.slow
 def test_pickle_needs_opt_in_on_every_daemon_path(
     client: LoradClient, pickled_models: dict, tmp_path: Path, dataset: Path
 ) -> None:

@@ -162,6 +162,7 @@ def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> Runnin
     return daemon
 
 
+@pytest.mark.slow
 def test_an_embedded_resume_says_from_which_step(
     tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,6 +180,7 @@ def test_an_embedded_resume_says_from_which_step(
     assert f"resuming at step 3 of 8 from {tmp_path / 'out' / 'checkpoints' / 'step-000003'}" in err
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_reported_once(
     use_daemon: RunningDaemon, tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,6 +192,7 @@ def test_a_failed_job_is_reported_once(
     assert (out + err).count("'to_qq' matches no layer") == 1, out + err
 
 
+@pytest.mark.slow
 def test_logs_follow_prints_history_as_a_log_not_as_a_live_bar(
     use_daemon: RunningDaemon, client: LoradClient, tmp_path: Path, tiny_sd: Path, dataset: Path, capsys
 ) -> None:

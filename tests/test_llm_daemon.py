@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -26,6 +27,7 @@ def base_digest(daemon: RunningDaemon, key) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in held.model.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_two_llm_jobs_share_one_resident_base_model(
     client: LoradClient, daemon: RunningDaemon, tiny_llm: Path, tmp_path: Path
 ) -> None:
@@ -86,6 +88,7 @@ def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(
     assert not reply.already_resident and reply.model.kind == "llm"
 
 
+@pytest.mark.slow
 def test_an_llm_job_interrupted_by_a_daemon_stop_resumes_on_the_next_start(
     short_dir: Path, tiny_llm: Path, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from textual.widgets import Input, Select
 
+from lorad import __version__
 from lorad.config import parse_config_text
 from lorad.errors import ConfigError
 from lorad.models.tiny_captioners import build_tiny_wd14
@@ -53,6 +54,7 @@ def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> Runnin
     return daemon
 
 
+@pytest.mark.slow
 def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
     use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,7 +67,7 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(
                 pilot,
-                lambda: "lorad 0.1.0" in screen_text(app) and "no jobs yet" in screen_text(app),
+                lambda: f"lorad {__version__}" in screen_text(app) and "no jobs yet" in screen_text(app),
                 "the dashboard with its empty job table",
             )
             await pilot.press("s")
@@ -93,6 +95,7 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
     assert kohya.is_file()
 
 
+@pytest.mark.slow
 def test_cancel_a_running_job_from_its_detail_screen(
     use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -209,6 +212,7 @@ print(sorted(m for m in sys.modules if m.startswith(heavy)) + plugins)
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_running_job_row_moves_by_its_stream_not_by_reloading_the_list(
     use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -295,7 +299,9 @@ def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon
     async def scenario() -> None:
         app = LoradApp(base_dir=tmp_path)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.connected and "lorad 0.1.0" in screen_text(app), "the dashboard")
+            await wait_until(
+                pilot, lambda: app.connected and f"lorad {__version__}" in screen_text(app), "the dashboard"
+            )
             await pilot.press("t")
             await wait_until(pilot, lambda: isinstance(app.screen, CaptionsScreen), "the captions screen")
             screen = app.screen
@@ -402,6 +408,7 @@ def test_add_and_remove_a_watch_from_the_watches_screen(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_watch_a_folder_from_the_tui_and_see_its_lora_published(
     use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -444,6 +451,7 @@ def test_watch_a_folder_from_the_tui_and_see_its_lora_published(
     assert Path(watch.published_path).read_bytes() == Path(watch.latest_output).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_finished_llm_job_shows_its_adapter_and_how_to_load_it(
     use_daemon: RunningDaemon, client: LoradClient, tiny_llm: Path, tmp_path: Path
 ) -> None:

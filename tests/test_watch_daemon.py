@@ -104,6 +104,7 @@ def job_logs(client: LoradClient, job_id: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_images_copied_slowly_make_one_job_after_the_quiet_period(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -135,6 +136,7 @@ def test_images_copied_slowly_make_one_job_after_the_quiet_period(
     assert Path(watch.latest_output).name == "mystyle_v1.safetensors"
 
 
+@pytest.mark.slow
 def test_a_burst_makes_one_job_and_more_images_one_continue_job_encoding_only_them(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -172,6 +174,7 @@ def test_a_burst_makes_one_job_and_more_images_one_continue_job_encoding_only_th
     assert Path(v1.latest_output).is_file()  # versions are kept
 
 
+@pytest.mark.slow
 def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -197,6 +200,7 @@ def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(
     assert seen.images_seen == 2
 
 
+@pytest.mark.slow
 def test_images_added_while_the_daemon_was_down_are_found(
     short_dir: Path, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -223,6 +227,7 @@ def test_images_added_while_the_daemon_was_down_are_found(
         daemon.stop(grace=0)
 
 
+@pytest.mark.slow
 def test_a_vanished_folder_errors_alone(
     client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -350,6 +355,7 @@ def wait_job_state(client: LoradClient, job_id: str, state: int) -> jobs_pb2.Job
     )
 
 
+@pytest.mark.slow
 def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -420,6 +426,7 @@ def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(
     assert len(watch_jobs(client, folder)) == 2
 
 
+@pytest.mark.slow
 def test_new_images_without_captions_are_captioned_before_the_job(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -441,6 +448,7 @@ def test_new_images_without_captions_are_captioned_before_the_job(
     wait_for(lambda: watch_of(client, watch.watch_id).version == 1, "version 1")
 
 
+@pytest.mark.slow
 def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path) -> None:
     folder = tmp_path / "network-drive"
     (folder / "sub").mkdir(parents=True)
@@ -452,6 +460,7 @@ def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_
     assert wait_for(lambda: (w := watch_of(client, watch.watch_id)).version == 1 and w, "v1").images_seen == 1
 
 
+@pytest.mark.slow
 def test_a_slow_captioning_pass_does_not_hold_up_other_watches(
     client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,7 @@ def state_of(client: LoradClient, watch_id: str) -> int:
     return watch_of(client, watch_id).state
 
 
+@pytest.mark.slow
 def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
     client: LoradClient,
     stock: Path,  # noqa: F811
@@ -56,6 +57,7 @@ def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
     assert "lorad watch retry" in broken.hint  # and the error said how to retry at once
 
 
+@pytest.mark.slow
 def test_watch_retry_reads_the_template_again_and_queues_the_job(
     daemon: RunningDaemon,
     client: LoradClient,
@@ -112,6 +114,7 @@ def test_a_second_watch_on_the_same_template_is_refused_naming_the_clash(
     assert client.add_watch(str(second), str(own), quiet_seconds=QUIET).state != watch_pb2.WATCH_STATE_ERROR
 
 
+@pytest.mark.slow
 def test_dropping_only_files_training_skips_trains_no_new_version(
     client: LoradClient,
     stock: Path,  # noqa: F811

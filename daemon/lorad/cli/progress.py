@@ -38,7 +38,8 @@ class TerminalProgress:
         self.stream = stream or sys.stderr
         self._bar = None
 
-    def _print(self, text: str) -> None:
+    def print_line(self, text: str) -> None:
+        """Print a line above the progress bar (or plainly, before the bar exists)."""
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:
@@ -48,17 +49,17 @@ class TerminalProgress:
         from tqdm import tqdm
 
         if isinstance(event, DataReported):
-            self._print(event.text)
+            self.print_line(event.text)
         elif isinstance(event, ModelLoaded):
             how = "already resident" if event.resident else f"loaded in {event.seconds:.1f}s"
-            self._print(f"base model: {event.source} ({event.model_version}, {how})")
+            self.print_line(f"base model: {event.source} ({event.model_version}, {how})")
         elif isinstance(event, LatentsCached):
-            self._print(f"latents: {event.cached} from cache, {event.encoded} encoded ({event.seconds:.1f}s)")
+            self.print_line(f"latents: {event.cached} from cache, {event.encoded} encoded ({event.seconds:.1f}s)")
         elif isinstance(event, TrainingStarted):
             if event.start_step:
                 where = f" from {event.resumed_from}" if event.resumed_from else ""
-                self._print(f"resuming at step {event.start_step} of {event.total_steps}{where}")
-            self._print(
+                self.print_line(f"resuming at step {event.start_step} of {event.total_steps}{where}")
+            self.print_line(
                 f"training {event.trainable_params:,} LoRA parameters on {event.device} "
                 f"(precision {event.precision}), {event.total_steps} steps"
             )
@@ -83,17 +84,17 @@ class TerminalProgress:
             self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
             self._bar.update(event.step - self._bar.n)
         elif isinstance(event, CheckpointSaved):
-            self._print(f"checkpoint saved: {event.path}")
+            self.print_line(f"checkpoint saved: {event.path}")
         elif isinstance(event, MemoryRecovered):
-            self._print(f"warning: {event.change} (the step is redone; the effective batch is unchanged)")
+            self.print_line(f"warning: {event.change} (the step is redone; the effective batch is unchanged)")
         elif isinstance(event, LogLine):
-            self._print(("warning: " if event.level == "warning" else "") + event.message)
+            self.print_line(("warning: " if event.level == "warning" else "") + event.message)
         elif isinstance(event, EvalDone):
-            self._print(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
+            self.print_line(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
         elif isinstance(event, SampleGenerated):
             self.close()  # samples come after the last step
             end = "" if event.stopped == "eos" else " [cut at sample_max_new_tokens]"
-            self._print(f"sample: {event.prompt!r} -> {event.output!r}{end}")
+            self.print_line(f"sample: {event.prompt!r} -> {event.output!r}{end}")
         elif isinstance(event, TrainingFinished):
             self.close()
 
