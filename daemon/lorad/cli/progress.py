@@ -15,10 +15,12 @@ from lorad.events import (
     MemoryRecovered,
     ModelLoaded,
     SampleGenerated,
+    SampleImage,
     StepDone,
     TrainingFinished,
     TrainingStarted,
 )
+from lorad_client.format import describe_sample_image
 
 
 def quiet_libraries() -> None:
@@ -92,9 +94,11 @@ class TerminalProgress:
         elif isinstance(event, EvalDone):
             self.print_line(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
         elif isinstance(event, SampleGenerated):
-            self.close()  # samples come after the last step
             end = "" if event.stopped == "eos" else " [cut at sample_max_new_tokens]"
-            self.print_line(f"sample: {event.prompt!r} -> {event.output!r}{end}")
+            when = f" (step {event.step})" if event.step else ""
+            self.print_line(f"sample{when}: {event.prompt!r} -> {event.output!r}{end}")
+        elif isinstance(event, SampleImage):
+            self.print_line(describe_sample_image(event.step, event.prompt_index, event.prompt, event.path))
         elif isinstance(event, TrainingFinished):
             self.close()
 
