@@ -15,7 +15,16 @@ from lorad.cli.progress import TerminalProgress
 from lorad.server.proto_convert import engine_event_from_proto
 from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import FINAL_STATES, LoradClient
-from lorad_client.format import describe_caption, describe_event, format_bytes, format_duration, job_state_name
+from lorad_client.format import (
+    JOB_COLUMNS,
+    describe_caption,
+    describe_event,
+    format_bytes,
+    format_duration,
+    job_cells,
+    job_state_name,
+    lora_snippet,
+)
 
 STATE_NAMES = {job_state_name(v): v for v in jobs_pb2.JobState.values() if v}
 
@@ -24,11 +33,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
-
-
-def _ago(stamp: object) -> str:
-    seconds = getattr(stamp, "seconds", 0)
-    return f"{format_duration(time.time() - seconds)} ago" if seconds else "-"
 
 
 def print_status(client: LoradClient) -> int:
@@ -57,15 +61,8 @@ def print_jobs(client: LoradClient, states: Iterable[str], limit: int) -> int:
             "`lorad train --config FILE`"
         )
         return EXIT_OK
-    rows = []
-    for job in jobs:
-        p = job.progress
-        progress = f"{p.step}/{p.total_steps}" if p.total_steps else "-"
-        loss = f"{p.loss:.4f}" if p.total_steps else "-"
-        eta = format_duration(p.eta_seconds) if job.state == jobs_pb2.JOB_STATE_RUNNING and p.total_steps else "-"
-        state = job_state_name(job.state) + (f" #{job.queue_position}" if job.queue_position else "")
-        rows.append([job.job_id, job.name, state, progress, loss, eta, _ago(job.created_at)])
-    print(_table(rows, ["ID", "NAME", "STATE", "STEP", "LOSS", "ETA", "SUBMITTED"]))
+    now = time.time()
+    print(_table([[job.job_id, *job_cells(job, now)] for job in jobs], ["ID", *JOB_COLUMNS]))
     return EXIT_OK
 
 
@@ -167,7 +164,7 @@ def how_to_use(outputs: dict[str, str], name: str) -> str:
         f"  diffusers:             {outputs.get('diffusers', '-')}\n"
         f"  summary:               {outputs.get('summary', '-')}\n"
         f"Use it: copy the .safetensors into stable-diffusion-webui/models/Lora and prompt with "
-        f"<lora:{name}:0.8>;\n"
+        f"{lora_snippet(name)};\n"
         f'or in diffusers: pipe.load_lora_weights("{Path(outputs.get("diffusers", ".")).parent}")'
     )
 
