@@ -16,7 +16,7 @@ from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import make_dataset, tiny_train_values
+from tests.support.datasets import make_dataset, tiny_train_values
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from lorad.data.dataset import scan_dataset
 from lorad.events import DataReported, Event, LogLine
 from lorad.models.tiny_captioners import build_tiny_blip, build_tiny_wd14
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import make_dataset, tiny_train_values
+from tests.support.datasets import make_dataset, tiny_train_values
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from lorad.errors import ConfigError, TrainingInterrupted
 from lorad.events import CheckpointSaved, Event, LogLine, StepDone, TrainingStarted
 from lorad.training.checkpoints import load_checkpoint
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorad.cli import main
-from tests.conftest import make_dataset, tiny_train_values, write_config
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.support.cli import run_cli
+from tests.support.datasets import make_dataset, tiny_train_values, write_config
 
 
 def outputs_in(folder: Path) -> list[Path]:

@@ -9,23 +9,9 @@ from pathlib import Path
 import pytest
 
 from lorad import __version__
-from lorad.cli import main
 from lorad.server.daemon import RunningDaemon
-from tests.conftest import tiny_train_values, write_config
-
-
-@pytest.fixture
-def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> RunningDaemon:
-    """Point the CLI at the test daemon, as `lorad` finds one on a user's machine."""
-    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))
-    monkeypatch.delenv("LORAD_ADDRESS")
-    return daemon
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.support.cli import run_cli
+from tests.support.datasets import tiny_train_values, write_config
 
 
 @pytest.mark.slow

@@ -10,31 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2, system_pb2, system_pb2_grpc
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import run_daemon, tiny_train_values
-
-
-def config_yaml(tiny_sd: Path, data: Path, out: Path, **overrides: object) -> str:
-    values = tiny_train_values(tiny_sd, data, out, **overrides)
-    return yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
-
-
-def watch_all(client: LoradClient, job_id: str, after_seq: int = 0) -> tuple[jobs_pb2.Job, list[jobs_pb2.JobEvent]]:
-    first, events = None, []
-    for message in client.watch_job(job_id, after_seq=after_seq):
-        if message.WhichOneof("item") == "job":
-            first = message.job
-        else:
-            events.append(message.event)
-    return first, events
-
-
-def kinds(events: list[jobs_pb2.JobEvent]) -> list[str]:
-    return [e.WhichOneof("kind") for e in events]
+from tests.support.daemons import config_yaml, kinds, run_daemon, watch_all
+from tests.support.datasets import tiny_train_values
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from lorad.config import parse_config
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 def kohya_default_modules(tiny_sd: Path) -> set[str]:

@@ -24,7 +24,7 @@ from lorad.errors import OutputError
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.training.checkpoints import load_checkpoint
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 COMMON = {"save_steps": 1, "max_train_steps": 4, "keep_checkpoints": 1, "save_precision": "fp32"}
 

@@ -24,7 +24,7 @@ from lorad.paths import token_path
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import draw_image, make_dataset, tiny_train_values, write_jsonl
+from tests.support.datasets import draw_image, make_dataset, tiny_train_values, write_jsonl
 
 CANARY = "LEAKCANARY7f3a9c"
 SECRET_LINES = (

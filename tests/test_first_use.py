@@ -28,9 +28,10 @@ from lorad_tui.screens.captions import CaptionsScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import JobView
-from tests.conftest import tiny_train_values, write_config
-from tests.test_tui_helpers import screen_text, wait_until
-from tests.test_tui_snapshots import DONE, FakeClient, FakeStream
+from tests.support.cli import run_cli
+from tests.support.datasets import tiny_train_values, write_config
+from tests.support.tui import screen_text, wait_until
+from tests.support.tui_fakes import DONE, FakeClient, FakeStream
 
 # --- TUI ------------------------------------------------------------------------------------------
 
@@ -147,12 +148,6 @@ def test_a_resumed_job_says_from_which_step_and_a_cancelled_one_its_partial_lora
 
 
 # --- CLI ------------------------------------------------------------------------------------------
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import yaml
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.conftest import tiny_llm_values, write_jsonl
-from tests.test_daemon import kinds, watch_all
+from tests.support.daemons import kinds, watch_all
+from tests.support.datasets import tiny_llm_values, write_jsonl
 
 
 def llm_yaml(tiny_llm: Path, data: Path, out: Path, **overrides: object) -> str:
@@ -92,7 +92,7 @@ def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(
 def test_an_llm_job_interrupted_by_a_daemon_stop_resumes_on_the_next_start(
     short_dir: Path, tiny_llm: Path, tmp_path: Path
 ) -> None:
-    from tests.conftest import run_daemon
+    from tests.support.daemons import run_daemon
 
     data = write_jsonl(tmp_path / "records.jsonl", [{"text": "one two three four five six"}] * 4)
     first = run_daemon(short_dir)

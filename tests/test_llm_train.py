@@ -15,7 +15,7 @@ from lorad.errors import DataError, TrainingInterrupted
 from lorad.events import EvalDone, Event, SampleGenerated, StepDone
 from lorad.training.loop import TrainResult as LlmTrainResult
 from lorad.training.loop import train as train_llm_lora
-from tests.conftest import tiny_llm_values, write_jsonl
+from tests.support.datasets import tiny_llm_values, write_jsonl
 
 # A tiny memorisable set: four short answers the model can learn in a few dozen steps.
 ANSWERS = {"colour one": "red green", "colour two": "blue yellow", "count": "one two three", "greet": "hello world"}
@@ -304,7 +304,7 @@ def test_lorad_train_runs_an_llm_config_in_process(
     tiny_llm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lorad.cli.local_training import run_training
-    from tests.conftest import write_config
+    from tests.support.datasets import write_config
 
     values = tiny_llm_values(tiny_llm, write_shape(tmp_path, "alpaca"), tmp_path / "out", max_train_steps=3)
     config = write_config(tmp_path / "llm.yaml", **values)

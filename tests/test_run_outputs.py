@@ -18,7 +18,7 @@ from lorad.config import parse_config
 from lorad.errors import ConfigError, TrainingInterrupted
 from lorad.events import StepDone
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):
@@ -140,7 +140,7 @@ def test_a_stopped_llm_run_leaves_a_partial_adapter_peft_loads(tmp_path: Path, t
 
     from lorad.config.llm_loader import parse_llm_config
     from lorad.training.loop import train as train_llm_lora
-    from tests.conftest import tiny_llm_values, write_jsonl
+    from tests.support.datasets import tiny_llm_values, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)])
     config = parse_llm_config(tiny_llm_values(tiny_llm, data, tmp_path / "llm"), base_dir=tmp_path)

@@ -25,7 +25,7 @@ from lorad.sampling.prompts import (
     sample_prompts_from,
 )
 from lorad.training.loop import train
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 # A1111's infotext parsing (modules/infotext_utils.py parse_generation_parameters), as documented there:
 # the last line holds `Key: value` pairs when it has at least three; lines before it are the prompt
@@ -301,7 +301,7 @@ def test_an_llm_answers_its_sample_prompts_during_training_without_changing_the_
 ) -> None:
     from lorad.config.llm_loader import parse_llm_config
     from lorad.events import SampleGenerated
-    from tests.conftest import tiny_llm_values, write_jsonl
+    from tests.support.datasets import tiny_llm_values, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "count", "output": "one two three"}] * 8)
     prompts = {"sample_prompts": ["count"], "sample_max_new_tokens": 4, "max_train_steps": 4}

@@ -16,7 +16,7 @@ from lorad.config import load_config, parse_config
 from lorad.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lorad.events import LatentsCached, StepDone
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import SEED_YAML, tiny_train_values
+from tests.support.datasets import SEED_YAML, tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):

@@ -25,7 +25,7 @@ from lorad.training.checkpoints import list_checkpoints, load_checkpoint
 from lorad.training.family import RunHooks
 from lorad.training.loop import train
 from lorad.training.placement import pick_placement
-from tests.conftest import draw_image, make_dataset, tiny_train_values
+from tests.support.datasets import draw_image, make_dataset, tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, data: Path, out: str = "out", **overrides: object):

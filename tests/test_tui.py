@@ -34,9 +34,10 @@ from lorad_tui.screens.offline import HEADLINE, OfflineScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import DaemonView, JobView
-from tests.conftest import draw_image, run_daemon, tiny_llm_values, tiny_train_values, write_config, write_jsonl
-from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
-from tests.test_tui_snapshots import FakeClient, FakeStream
+from tests.support.daemons import run_daemon
+from tests.support.datasets import draw_image, tiny_llm_values, tiny_train_values, write_config, write_jsonl
+from tests.support.tui import pick_in_tree, screen_text, wait_until
+from tests.support.tui_fakes import FakeClient, FakeStream
 
 # Wide enough that the long temporary paths in the outputs fit on one line.
 SIZE = (200, 50)

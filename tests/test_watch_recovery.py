@@ -14,16 +14,7 @@ from lorad.cli import main
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import watch_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.test_watch_daemon import (
-    QUIET,
-    drop,
-    finished_job,
-    stock,  # noqa: F401 - the fixture
-    template,
-    wait_for,
-    watch_jobs,
-    watch_of,
-)
+from tests.support.watching import QUIET, drop, finished_job, template, wait_for, watch_jobs, watch_of
 
 
 def state_of(client: LoradClient, watch_id: str) -> int:
@@ -33,7 +24,7 @@ def state_of(client: LoradClient, watch_id: str) -> int:
 @pytest.mark.slow
 def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
     client: LoradClient,
-    stock: Path,  # noqa: F811
+    stock: Path,
     tiny_sd: Path,
     tmp_path: Path,
 ) -> None:
@@ -61,7 +52,7 @@ def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
 def test_watch_retry_reads_the_template_again_and_queues_the_job(
     daemon: RunningDaemon,
     client: LoradClient,
-    stock: Path,  # noqa: F811
+    stock: Path,
     tiny_sd: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -117,7 +108,7 @@ def test_a_second_watch_on_the_same_template_is_refused_naming_the_clash(
 @pytest.mark.slow
 def test_dropping_only_files_training_skips_trains_no_new_version(
     client: LoradClient,
-    stock: Path,  # noqa: F811
+    stock: Path,
     tiny_sd: Path,
     tmp_path: Path,
 ) -> None:

@@ -16,11 +16,12 @@ from lorad_webui import actions, captions
 from lorad_webui.api.v1 import jobs_pb2, training_pb2
 from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
-from lorad_webui.placement import lora_snippet, place_lora
+from lorad_webui.placement import place_lora
 from lorad_webui.progress import JobProgress
 from lorad_webui.standalone import StandaloneHost
 from lorad_webui.vendored import paths
-from tests.conftest import make_dataset
+from lorad_webui.vendored.format import lora_snippet
+from tests.support.datasets import make_dataset
 
 
 def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_path: Path) -> None:
@@ -231,7 +232,7 @@ def test_a_daemon_that_is_not_running_gets_a_message_with_the_start_command(tmp_
 
 
 def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path) -> None:
-    from tests.conftest import run_daemon
+    from tests.support.daemons import run_daemon
 
     running = run_daemon(short_dir)
     try:

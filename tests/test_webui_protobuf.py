@@ -13,7 +13,7 @@ import pytest
 from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server.daemon import RunningDaemon
 from lorad_webui.captions import read_captions
-from tests.conftest import make_dataset, tiny_train_values
+from tests.support.datasets import make_dataset, tiny_train_values
 from tests.webui_env import EXTENSION_DIR, a1111_python, current_python, load_script, run_python
 
 
