@@ -97,7 +97,7 @@ def load_sd_components(
         raise ConfigError([problem])
     where = f"`base_model` {base_model!r}"
     source = resolve_base_model(base_model, base_dir=base_dir)
-    config_dir = _resolve_optional(model_config_dir, base_dir)
+    config_dir = resolve_optional_path(model_config_dir, base_dir)
     if source.is_dir():
         plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
     else:
@@ -112,7 +112,7 @@ def load_sd_components(
     tokenizer_dir, tokenizer_source = find_tokenizer_dir(
         plan.version,
         where,
-        tokenizer_path=_resolve_optional(tokenizer_path, base_dir),
+        tokenizer_path=resolve_optional_path(tokenizer_path, base_dir),
         local_dirs=plan.tokenizer_dirs,
     )
 
@@ -170,7 +170,8 @@ def _absolute(path: Path, base_dir: Path | None) -> Path:
     return path if path.is_absolute() else (Path(base_dir) if base_dir else Path.cwd()) / path
 
 
-def _resolve_optional(path: Path | None, base_dir: Path | None) -> Path | None:
+def resolve_optional_path(path: Path | None, base_dir: Path | None) -> Path | None:
+    """``path`` made absolute against ``base_dir`` (else the cwd) and resolved; None stays None."""
     return None if path is None else _absolute(Path(path), base_dir).resolve()
 
 
@@ -218,7 +219,7 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
         info = probe_checkpoint(normalize_keys(read_safetensors_shapes(path, where)), where)
 
     if config_dir is not None:
-        _check_model_config_dir(config_dir)
+        check_model_config_dir(config_dir)
         configs, config_where = config_dir, f"`model_config_dir` {str(config_dir)!r}"
     else:
         configs = SHIPPED_CONFIGS / info.version
@@ -246,16 +247,18 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
     )
 
 
-def _check_model_config_dir(config_dir: Path) -> None:
+def check_model_config_dir(config_dir: Path, components: tuple[str, ...] = COMPONENTS) -> None:
+    """Refuse a ``model_config_dir`` that is not a folder or lacks a config of ``components``."""
     where = f"`model_config_dir` {str(config_dir)!r}"
     if not config_dir.is_dir():
         raise ModelLoadError(
             f"{where} is not a folder", "Set it to a diffusers-layout folder with the model's configs."
         )
-    missing = [f"{c}/config.json" for c in COMPONENTS if not (config_dir / c / "config.json").is_file()]
+    missing = [f"{c}/config.json" for c in components if not (config_dir / c / "config.json").is_file()]
     if missing:
+        configs = ", ".join(f"{c}/config.json" for c in components)
         raise ModelLoadError(
             f"{where} lacks {', '.join(missing)}",
-            "It must be a diffusers-layout folder: model_index.json, unet/config.json, vae/config.json, "
-            "text_encoder/config.json, scheduler/scheduler_config.json (and optionally tokenizer/).",
+            f"It must be a diffusers-layout folder: model_index.json, {configs}, "
+            "scheduler/scheduler_config.json (and optionally tokenizer/).",
         )
