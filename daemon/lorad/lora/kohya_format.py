@@ -8,7 +8,7 @@ Keys are ``lora_unet_<module path, '.' → '_'>.{lora_down.weight, lora_up.weigh
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +36,27 @@ def kohya_module_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
+def sd_kohya_name(part: str, module_path: str) -> str:
+    """The kohya module name of an SD 1.x/2.x module: diffusers/transformers path, prefixed per part."""
+    return kohya_module_name(PREFIXES[part], portable_path(part, module_path))
+
+
 def to_kohya(
-    parts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float, dtype: torch.dtype
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    alpha: float,
+    dtype: torch.dtype,
+    name_for: Callable[[str, str], str] = sd_kohya_name,
 ) -> dict[str, torch.Tensor]:
-    """Convert peft state dicts ({"unet": {...}, "text_encoder": {...}}) to kohya tensors."""
+    """Convert peft state dicts ({"unet": {...}, "text_encoder": {...}}) to kohya tensors.
+
+    ``name_for(part, module_path)`` gives each module's kohya name (SD 1.x/2.x by default; SDXL
+    names its UNet modules in the SGM layout).
+    """
     out: dict[str, torch.Tensor] = {}
     for part, state in parts.items():
-        prefix = PREFIXES[part]
         for key, tensor in state.items():
             module_path, _, rest = key.partition(".lora_")
-            name = kohya_module_name(prefix, portable_path(part, module_path))
+            name = name_for(part, module_path)
             role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
             out[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)

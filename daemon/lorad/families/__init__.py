@@ -1,0 +1,1 @@
+"""Model families: one package per family (its config keys, data, model loading, loss and export)."""
