@@ -16,7 +16,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from lorad.errors import ModelLoadError
-from lorad.models.single_file import PICKLE_HINT, PICKLE_SUFFIXES, SD_LAYOUT_HINT, SDXL_FAMILY_HINT
+from lorad.models.single_file import (
+    PICKLE_HINT,
+    PICKLE_SUFFIXES,
+    SD_LAYOUT_HINT,
+    SDXL_FAMILY_HINT,
+    check_unet_in_channels,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # Weight file stems: (safetensors stem, pickle stem) per component, as diffusers/transformers name them.
@@ -79,12 +85,7 @@ def inspect_folder(folder: Path, where: str, *, allow_pickle: bool) -> FolderInf
             "A diffusers model needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/; "
             "re-download or re-export it completely.",
         )
-    if unet_config.get("in_channels", 4) != 4:
-        raise ModelLoadError(
-            f"{where} has a UNet with {unet_config['in_channels']} input channels (an inpainting or "
-            "other special model), not a text-to-image base model",
-            "Train on the plain text-to-image version of the model.",
-        )
+    check_unet_in_channels(unet_config.get("in_channels", 4), where)
     sd2 = bool(unet_config.get("use_linear_projection")) or unet_config.get("cross_attention_dim") == 1024
     options = {c: weights_options(folder / c, *STEMS[c], allow_pickle=allow_pickle, where=where) for c in COMPONENTS}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"

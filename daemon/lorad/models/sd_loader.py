@@ -90,11 +90,7 @@ def load_sd_components(
     the config key and value, ``hint`` the fix) when the model cannot be found, recognised or
     loaded, and ConfigError for an unknown ``prediction_type``.
     """
-    if prediction_type not in ("auto", *PREDICTION_TYPES):
-        problem = ConfigProblem(
-            "prediction_type", f"unknown value {prediction_type!r}", "use auto, epsilon or v_prediction"
-        )
-        raise ConfigError([problem])
+    check_prediction_type(prediction_type)
     where = f"`base_model` {base_model!r}"
     source = resolve_base_model(base_model, base_dir=base_dir)
     config_dir = resolve_optional_path(model_config_dir, base_dir)
@@ -102,13 +98,7 @@ def load_sd_components(
         plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
     else:
         plan = _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    if prediction_type == "auto":
-        prediction_type = plan.scheduler_config.get("prediction_type") or plan.default_prediction
-        if prediction_type not in PREDICTION_TYPES:
-            raise ModelLoadError(
-                f"{where}: its scheduler config has prediction_type {prediction_type!r}, which lorad cannot train",
-                "Set `prediction_type` to epsilon or v_prediction.",
-            )
+    prediction_type = resolve_prediction_type(prediction_type, plan.scheduler_config, plan.default_prediction, where)
     tokenizer_dir, tokenizer_source = find_tokenizer_dir(
         plan.version,
         where,
@@ -117,12 +107,7 @@ def load_sd_components(
     )
 
     unet, vae, text_encoder = plan.load(dtype)
-    for module in (unet, vae, text_encoder):
-        # Normally loaded in `dtype` already; diffusers warns on every `.to(dtype)`, so cast only if needed.
-        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-            module.to(dtype=dtype)
-        module.eval()
-        module.requires_grad_(False)
+    freeze(unet, vae, text_encoder, dtype=dtype)
     return SDComponents(
         unet=unet,
         vae=vae,
@@ -133,6 +118,39 @@ def load_sd_components(
         prediction_type=prediction_type,
         source=str(source),
     )
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    """Raise ConfigError unless ``prediction_type`` is auto, epsilon or v_prediction."""
+    if prediction_type not in ("auto", *PREDICTION_TYPES):
+        problem = ConfigProblem(
+            "prediction_type", f"unknown value {prediction_type!r}", "use auto, epsilon or v_prediction"
+        )
+        raise ConfigError([problem])
+
+
+def resolve_prediction_type(prediction_type: str, scheduler_config: dict[str, Any], default: str, where: str) -> str:
+    """``prediction_type`` itself, or for "auto" the scheduler config's (else ``default``); refuses
+    a config naming one lorad cannot train (such as "sample")."""
+    if prediction_type != "auto":
+        return prediction_type
+    found = scheduler_config.get("prediction_type") or default
+    if found not in PREDICTION_TYPES:
+        raise ModelLoadError(
+            f"{where}: its scheduler config has prediction_type {found!r}, which lorad cannot train",
+            "Set `prediction_type` to epsilon or v_prediction.",
+        )
+    return found
+
+
+def freeze(*modules: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Put loaded modules in ``dtype``, eval mode, and ``requires_grad`` False everywhere."""
+    for module in modules:
+        # Normally loaded in `dtype` already; diffusers warns on every `.to(dtype)`, so cast only if needed.
+        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+            module.to(dtype=dtype)
+        module.eval()
+        module.requires_grad_(False)
 
 
 def resolve_base_model(base_model: str, *, base_dir: Path | None = None) -> Path:

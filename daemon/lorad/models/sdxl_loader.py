@@ -25,20 +25,23 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
+from lorad.errors import ModelLoadError
 from lorad.models.ldm_layout import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from lorad.models.sd_components import PREDICTION_TYPES
 from lorad.models.sd_folder import STEMS, FolderInfo, load_component, read_json_object, weights_options
 from lorad.models.sd_loader import (
     SHIPPED_CONFIGS,
     check_model_config_dir,
+    check_prediction_type,
+    freeze,
     resolve_base_model,
     resolve_optional_path,
+    resolve_prediction_type,
 )
 from lorad.models.sd_tokenizer import find_tokenizer_dir, has_tokenizer_files, open_tokenizer
 from lorad.models.sdxl_components import SDXL_VAE_SCALING_FACTOR, SDXLComponents
 from lorad.models.single_file import (
     PICKLE_HINT,
+    check_unet_in_channels,
     convert_single_file,
     is_pickle_path,
     read_pickle_checkpoint,
@@ -126,11 +129,7 @@ def load_sdxl_components(
     config key and value, ``hint`` the fix) when the model cannot be found, recognised or loaded,
     and ConfigError for an unknown ``prediction_type``.
     """
-    if prediction_type not in ("auto", *PREDICTION_TYPES):
-        problem = ConfigProblem(
-            "prediction_type", f"unknown value {prediction_type!r}", "use auto, epsilon or v_prediction"
-        )
-        raise ConfigError([problem])
+    check_prediction_type(prediction_type)
     where = f"`base_model` {base_model!r}"
     source = resolve_base_model(base_model, base_dir=base_dir)
     config_dir = resolve_optional_path(model_config_dir, base_dir)
@@ -140,13 +139,7 @@ def load_sdxl_components(
         plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
     else:
         plan = _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    if prediction_type == "auto":
-        prediction_type = plan.scheduler_config.get("prediction_type") or plan.default_prediction
-        if prediction_type not in PREDICTION_TYPES:
-            raise ModelLoadError(
-                f"{where}: its scheduler config has prediction_type {prediction_type!r}, which lorad cannot train",
-                "Set `prediction_type` to epsilon or v_prediction.",
-            )
+    prediction_type = resolve_prediction_type(prediction_type, plan.scheduler_config, plan.default_prediction, where)
     if zero_terminal_snr is None:
         zero_terminal_snr = bool(plan.scheduler_config.get("rescale_betas_zero_snr", plan.default_zero_snr))
     own_dir, own_dir_2 = plan.model_tokenizers
@@ -168,12 +161,7 @@ def load_sdxl_components(
     )
 
     unet, vae, text_encoder, text_encoder_2 = plan.load(dtype)
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        # Normally loaded in `dtype` already; diffusers warns on every `.to(dtype)`, so cast only if needed.
-        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-            module.to(dtype=dtype)
-        module.eval()
-        module.requires_grad_(False)
+    freeze(unet, vae, text_encoder, text_encoder_2, dtype=dtype)
     _check_widths(unet, text_encoder, text_encoder_2, where)
     if vae.config.get("scaling_factor") != SDXL_VAE_SCALING_FACTOR:
         log.warning(
@@ -262,12 +250,7 @@ def inspect_sdxl_folder(folder: Path, where: str, *, allow_pickle: bool) -> Fold
             "An SDXL diffusers model needs unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
             "tokenizer_2/ and scheduler/; re-download or re-export it completely.",
         )
-    if unet_config.get("in_channels", 4) != 4:
-        raise ModelLoadError(
-            f"{where} has a UNet with {unet_config['in_channels']} input channels (an inpainting or "
-            "other special model), not a text-to-image base model",
-            "Train on the plain text-to-image version of the model.",
-        )
+    check_unet_in_channels(unet_config.get("in_channels", 4), where)
     options = {
         c: weights_options(folder / c, *STEMS[c], allow_pickle=allow_pickle, where=where) for c in SDXL_COMPONENTS
     }
@@ -342,12 +325,7 @@ def probe_sdxl_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> SD
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None or len(conv_in) != 4:
         raise ModelLoadError(f"{where} has no SDXL UNet (`model.diffusion_model.input_blocks.0.0.weight`)", SDXL_HINT)
-    if conv_in[1] != 4:
-        raise ModelLoadError(
-            f"{where} is a UNet with {conv_in[1]} input channels (an inpainting or other special model), "
-            "not a text-to-image base model",
-            "Train on the plain text-to-image version of the model.",
-        )
+    check_unet_in_channels(conv_in[1], where)
     label = shapes.get(UNET_PREFIX + "label_emb.0.0.weight")
     if label is None:
         raise ModelLoadError(f"{where} has a UNet without SDXL's size conditioning (`label_emb`)", SDXL_HINT)

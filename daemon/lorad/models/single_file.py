@@ -151,12 +151,7 @@ def probe_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> Checkpo
             "(SD3, Flux and others are not supported)",
             SD_LAYOUT_HINT,
         )
-    if conv_in[1] != 4:
-        raise ModelLoadError(
-            f"{where} is a UNet with {conv_in[1]} input channels (an inpainting or other special model), "
-            "not a text-to-image base model",
-            "Train on the plain text-to-image version of the model.",
-        )
+    check_unet_in_channels(conv_in[1], where)
     if any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
         raise ModelLoadError(
             f"{where} has a class-conditioned UNet (unCLIP, upscaler or SDXL-like), not SD 1.x/2.x text-to-image",
@@ -189,6 +184,16 @@ def probe_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> Checkpo
             "The file is probably a broken merge; use another copy of the model.",
         )
     return CheckpointInfo(version, int(context_dim), int(text_width), int(conv_in[0]))
+
+
+def check_unet_in_channels(in_channels: int, where: str) -> None:
+    """Refuse a UNet that does not take plain 4-channel latents (inpainting, depth, instruct-pix2pix)."""
+    if in_channels != 4:
+        raise ModelLoadError(
+            f"{where} has a UNet with {in_channels} input channels (an inpainting or other special model), "
+            "not a text-to-image base model",
+            "Train on the plain text-to-image version of the model.",
+        )
 
 
 def _what_it_looks_like(keys: Sequence[str]) -> str:

@@ -1,0 +1,1 @@
+"""What image model families share: latents, noise, losses, text-encoder output caching."""
