@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from PIL import Image
     from torch import nn
 
-    from lorad.engines.device import Placement
     from lorad.models.sd_components import SDComponents
+    from lorad.training.placement import Placement
 
 CASES = ("tiny", "sd15")
 TARGET_RATIO = 1.10
@@ -292,20 +292,14 @@ def prepare_bare_inputs(
 
 
 def resident_model_kwargs(components: SDComponents, placement: Placement) -> dict[str, Any]:
-    """The keyword that hands ``train_sd_lora`` a resident model, in whichever form this lorad takes:
-    ``components=`` (the model itself) or ``models=`` (a provider yielding it for the run)."""
-    import inspect
-
-    from lorad.engines.sd import train
-
-    if "components" in inspect.signature(train.train_sd_lora).parameters:
-        return {"components": components}
+    """The keyword that hands the training loop a resident model: a provider yielding it for the run."""
+    from lorad.training.family import ProvidedModel
 
     @contextmanager
     def provide(config: Any, run_placement: Placement) -> Iterator[Any]:
         if run_placement.device != placement.device or run_placement.weight_dtype != placement.weight_dtype:
             raise RuntimeError(f"engine placed the run on {run_placement}, the model is on {placement}")
-        yield train.ProvidedModel(components=components, resident=True, seconds=0.0)
+        yield ProvidedModel(model=components, resident=True, seconds=0.0)
 
     return {"models": provide}
 
@@ -320,10 +314,10 @@ def run_engine(
     precision_flag: str,
     repeat: int,
 ) -> LoopRun:
-    """One full ``train_sd_lora`` call on the resident model; times steps warmup+1..end from its events."""
+    """One full ``train`` call on the resident model; times steps warmup+1..end from its events."""
     from lorad.config import parse_config
-    from lorad.engines.sd.train import train_sd_lora
     from lorad.events import Event, StepDone, TrainingStarted
+    from lorad.training.loop import train
 
     device = placement.device
     total = settings.warmup_steps + settings.steps
@@ -390,7 +384,7 @@ def run_engine(
                 step_marks.append(time.perf_counter())
 
     assert_no_adapters(components.unet)
-    result = train_sd_lora(config, on_event=on_event, **resident_model_kwargs(components, placement))
+    result = train(config, on_event=on_event, **resident_model_kwargs(components, placement))
     summary = json.loads((out / "training_summary.json").read_text())
     if summary["steps"] != total or "start" not in marks or "end" not in marks:
         raise RuntimeError(f"engine ran {summary['steps']} steps, expected {total}")
@@ -759,8 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from lorad.engines.device import pick_placement
     from lorad.models.tiny import build_tiny_sd
+    from lorad.training.placement import pick_placement
 
     # Weight-loading progress bars and dtype-cast notices would bury the per-run lines.
     for library_logging in (diffusers_logging, transformers_logging):

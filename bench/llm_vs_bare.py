@@ -98,9 +98,10 @@ def run_engine(
 ) -> tuple[float, float]:
     """(wall, process CPU) seconds for ``args.steps`` engine steps after the warmup."""
     from lorad.config.llm_loader import parse_llm_config
-    from lorad.engines.llm.model import LlmModel
-    from lorad.engines.llm.train import ProvidedLlm, train_llm_lora
     from lorad.events import Event, StepDone
+    from lorad.families.llm.model import LlmModel
+    from lorad.training.family import ProvidedModel
+    from lorad.training.loop import train
 
     config = parse_llm_config(
         {
@@ -124,14 +125,16 @@ def run_engine(
     marks: dict[int, tuple[float, float]] = {}
 
     @contextmanager
-    def provide(config: Any, placement: Any) -> Iterator[ProvidedLlm]:
-        yield ProvidedLlm(llm=LlmModel(model=model, source="bench", model_version="llama"), resident=True, seconds=0)
+    def provide(config: Any, placement: Any) -> Iterator[ProvidedModel]:
+        yield ProvidedModel(
+            model=LlmModel(model=model, source="bench", model_version="llama"), resident=True, seconds=0
+        )
 
     def on_event(event: Event) -> None:
         if isinstance(event, StepDone):
             marks[event.step] = (time.perf_counter(), time.process_time())  # the engine synced on the loss
 
-    train_llm_lora(config, on_event=on_event, models=provide)
+    train(config, on_event=on_event, models=provide)
     first, last = marks[args.warmup_steps], marks[args.warmup_steps + args.steps]
     return last[0] - first[0], last[1] - first[1]
 

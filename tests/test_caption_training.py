@@ -13,9 +13,9 @@ from lorad.captioning.training import caption_filler
 from lorad.config import parse_config
 from lorad.data.captions import read_metadata_csv
 from lorad.data.dataset import scan_dataset
-from lorad.engines.sd.train import train_sd_lora
 from lorad.events import DataReported, Event, LogLine
 from lorad.models.tiny_captioners import build_tiny_blip, build_tiny_wd14
+from lorad.training.loop import train as train_sd_lora
 from tests.conftest import make_dataset, tiny_train_values
 
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from lorad.config import TrainConfig
+from lorad.config.dispatch import parse_any_config, parse_any_config_text
 from lorad.config.llm_example import render_llm_example
 from lorad.config.llm_schema import LlmTrainConfig
-from lorad.config.task import parse_any_config, parse_any_config_text
 from lorad.errors import ConfigError
 from tests.conftest import tiny_llm_values, write_jsonl
 
@@ -91,7 +91,7 @@ def test_qlora_without_bitsandbytes_is_a_clear_config_error(tiny_llm: Path, reco
 
 def test_the_annotated_example_parses_once_its_paths_exist(tiny_llm: Path, tmp_path: Path) -> None:
     text = render_llm_example()
-    assert "# lora_dropout: 0.05" in text and "task: llm" in text and "sample_prompts:" in text
+    assert "# lora_dropout: 0.05" in text and 'model_family: "llm"' in text and "sample_prompts:" in text
     raw = yaml.safe_load(text)
     write_jsonl(tmp_path / "data" / "record_summaries.jsonl", [{"text": "x"}])
     raw["base_model"] = str(tiny_llm)

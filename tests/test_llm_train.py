@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from lorad.config.llm_loader import parse_llm_config
-from lorad.engines.llm.train import LlmTrainResult, train_llm_lora
 from lorad.errors import DataError, TrainingInterrupted
 from lorad.events import EvalDone, Event, SampleGenerated, StepDone
+from lorad.training.loop import TrainResult as LlmTrainResult
+from lorad.training.loop import train as train_llm_lora
 from tests.conftest import tiny_llm_values, write_jsonl
 
 # A tiny memorisable set: four short answers the model can learn in a few dozen steps.
@@ -94,8 +95,8 @@ def adapter_model(tiny_llm: Path, adapter: Path):
 def test_the_saved_adapter_reloads_to_the_end_of_training_logits(tiny_llm: Path, trained) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lorad.engines.llm.model import LlmModel
-    from lorad.engines.llm.train import ProvidedLlm
+    from lorad.families.llm.model import LlmModel
+    from lorad.training.family import ProvidedModel
 
     folder, result, _ = trained
     adapter = Path(result.outputs["adapter"])
@@ -110,7 +111,7 @@ def test_the_saved_adapter_reloads_to_the_end_of_training_logits(tiny_llm: Path,
 
     @contextmanager
     def provide(config, placement):
-        yield ProvidedLlm(llm=LlmModel(model=base, source="test", model_version="llama"), resident=True, seconds=0)
+        yield ProvidedModel(model=LlmModel(model=base, source="test", model_version="llama"), resident=True, seconds=0)
 
     def on_event(event: Event) -> None:
         if isinstance(event, SampleGenerated):  # after the last step, adapter still attached
@@ -176,7 +177,7 @@ def test_no_pad_tokenizer_trains_and_the_model_learns_to_stop(tiny_llm: Path, tr
 def test_summary_reports_eval_samples_compatibility_and_logs(trained) -> None:
     folder, result, events = trained
     summary = json.loads(Path(result.outputs["summary"]).read_text())
-    assert summary["task"] == "llm" and summary["steps"] == 60
+    assert summary["model_family"] == "llm" and summary["steps"] == 60
     assert [e.step for e in events if isinstance(e, EvalDone)] == [30, 60]
     assert summary["eval_loss"] == pytest.approx([e for e in events if isinstance(e, EvalDone)][-1].loss)
     assert summary["data_report"]["eval_samples"] == 1 and summary["samples"][0]["stopped"] == "eos"
@@ -264,14 +265,14 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lorad.engines.llm.model import LlmModel
-    from lorad.engines.llm.train import ProvidedLlm
+    from lorad.families.llm.model import LlmModel
+    from lorad.training.family import ProvidedModel
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
 
     @contextmanager
     def provide(config, placement):
-        yield ProvidedLlm(llm=LlmModel(model=base, source="test", model_version="llama"), resident=True, seconds=0)
+        yield ProvidedModel(model=LlmModel(model=base, source="test", model_version="llama"), resident=True, seconds=0)
 
     config = parse_llm_config(
         tiny_llm_values(

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorad.config import load_config, parse_config
-from lorad.engines.sd.train import train_sd_lora
 from lorad.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lorad.events import LatentsCached, StepDone
+from lorad.training.loop import train as train_sd_lora
 from tests.conftest import SEED_YAML, tiny_train_values
 
 
@@ -227,9 +227,10 @@ def test_second_run_encodes_no_latents(tmp_path: Path, tiny_sd: Path, dataset: P
 def test_resident_base_model_left_bit_identical(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     from contextlib import contextmanager
 
-    from lorad.engines.activation_checkpointing import is_activation_checkpointing
-    from lorad.engines.device import pick_placement
-    from lorad.engines.sd.train import ProvidedModel, load_for_training
+    from lorad.families.sd.family import load_for_training
+    from lorad.training.activation_checkpointing import is_activation_checkpointing
+    from lorad.training.family import ProvidedModel
+    from lorad.training.placement import pick_placement
 
     components = load_for_training(str(tiny_sd), pick_placement("cpu", "no"))
     before = {k: v.clone() for k, v in components.unet.state_dict().items()}
@@ -238,7 +239,7 @@ def test_resident_base_model_left_bit_identical(tmp_path: Path, tiny_sd: Path, d
 
     @contextmanager
     def resident(config, placement):
-        yield ProvidedModel(components=components, resident=True, seconds=0.0)
+        yield ProvidedModel(model=components, resident=True, seconds=0.0)
 
     train_sd_lora(
         config_for(

@@ -201,8 +201,9 @@ try:
 except ConfigError:
     pass
 lorad_tui.LoradApp()
-heavy = ("torch", "diffusers", "transformers", "peft", "lorad.engines", "lorad.models", "lorad.server.service")
-print(sorted(m for m in sys.modules if m.startswith(heavy)))
+heavy = ("torch", "diffusers", "transformers", "peft", "lorad.training", "lorad.models", "lorad.server.service")
+plugins = [m for m in sys.modules if m.startswith("lorad.families.") and m.endswith(".family")]
+print(sorted(m for m in sys.modules if m.startswith(heavy)) + plugins)
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"

@@ -77,7 +77,7 @@ def captioner_placement(kind: str, device_name: str = "auto") -> tuple[str, str]
 
         cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         return ("cuda:0" if cuda else "cpu") if device_name == "auto" else device_name, "float32"
-    from lorad.engines.device import pick_device
+    from lorad.training.placement import pick_device
 
     device = pick_device(device_name)
     return str(device), "float16" if device.type == "cuda" else "float32"

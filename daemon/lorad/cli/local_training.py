@@ -14,8 +14,8 @@ from lorad.errors import TrainingInterrupted
 
 def run_training(config_path: Path, base_dir: Path) -> int:
     """Train in this process, drawing progress; Ctrl-C saves a checkpoint and exits cleanly."""
-    from lorad.config.llm_schema import LlmTrainConfig
-    from lorad.config.task import load_any_config
+    from lorad.config.dispatch import load_any_config
+    from lorad.families.registry import spec_for
 
     config = load_any_config(config_path, base_dir=base_dir)
     from lorad.cli.progress import TerminalProgress, quiet_libraries
@@ -33,17 +33,15 @@ def run_training(config_path: Path, base_dir: Path) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     progress = TerminalProgress()
     try:
-        if isinstance(config, LlmTrainConfig):
-            from lorad.engines.llm.train import train_llm_lora
+        from lorad.training.loop import train
 
-            result = train_llm_lora(config, on_event=progress, stop=stop)
-        else:
+        captions = None
+        if spec_for(config).uses_captioner:
             from lorad.captioning.training import caption_filler
-            from lorad.engines.sd.train import train_sd_lora
 
             # Images without a caption: captioned first when the config names a captioner, else named in a warning.
             captions = caption_filler(config, on_event=progress, stop=stop)
-            result = train_sd_lora(config, on_event=progress, stop=stop, caption_missing=captions)
+        result = train(config, on_event=progress, stop=stop, caption_missing=captions)
     except TrainingInterrupted as err:
         progress.close()
         print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}", file=sys.stderr)

@@ -267,15 +267,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from lorad.config import render_example
-    from lorad.config.llm_example import render_llm_example
-    from lorad.config.task import load_any_config
+    from lorad.config.dispatch import load_any_config
+    from lorad.families.registry import get_spec, spec_for
 
     if args.check:
         config = load_any_config(args.check, base_dir=Path.cwd())
-        print(f"{args.check}: OK — LoRA `{config.output_name}` into {config.output_dir}")
+        spec = spec_for(config)
+        what = "adapter" if spec.output_kind == "peft_adapter" else "LoRA"
+        print(f"{args.check}: OK — {spec.title} {what} `{config.output_name}` into {config.output_dir}")
         return EXIT_OK
-    sys.stdout.write(render_llm_example() if args.example == "llm" else render_example())
+    try:
+        spec = get_spec(args.example)
+    except KeyError:
+        from lorad.families.registry import family_names
+
+        print(f"error: no model family {args.example!r}; choose one of: {', '.join(family_names())}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(spec.render_example())
     return EXIT_OK
 
 
@@ -500,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--example",
         nargs="?",
         const="sd",
-        choices=("sd", "llm"),
-        help="print every key with its help and default (`--example llm`: the LLM config)",
+        metavar="FAMILY",
+        help="print every key of a model family's config with its help and default (sd, sdxl, llm, ...; default sd)",
     )
     group.add_argument("--check", metavar="FILE", help="validate a config and report every problem")
     config.set_defaults(func=cmd_config)

@@ -10,7 +10,7 @@ _SEED = {
     "train_data": "./data/record_summaries.jsonl",
     "eval_fraction": 0.1,
     "max_seq_len": 1024,
-    "task": "llm",
+    "model_family": "llm",
     "base_model": "./models/Llama-2-7b-chat-hf",
     "lora_rank": 16,
     "target_modules": ["all-linear"],
@@ -29,4 +29,4 @@ _TITLES = {
 
 def render_llm_example() -> str:
     """An annotated YAML LLM config listing every key with its help text, default and choices."""
-    return render_annotated(LlmTrainConfig, _SEED, title="lorad LLM training config (task: llm)", titles=_TITLES)
+    return render_annotated(LlmTrainConfig, _SEED, title="lorad LLM training config", titles=_TITLES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import typing
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,10 @@ from lorad.config.loader import (
     _Invalid,
     _show,
     _unknown_key_problem,
-    convert_keys,
-    finish_common,
-    missing_required,
+    parse_family_config,
     run_checks,
 )
-from lorad.errors import ConfigError, ConfigProblem
+from lorad.errors import ConfigProblem
 
 _HINTS = typing.get_type_hints(LlmTrainConfig)
 _PAIR_KEYS = ("columns", "roles")
@@ -159,18 +156,17 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
 
     Relative paths resolve against ``base_dir``. Raises :class:`ConfigError` listing every problem.
     """
-    specs = {f.name: f for f in fields(LlmTrainConfig)}
-    # chat_template may be Jinja text as well as one of the named templates.
-    values, problems = convert_keys(
+    return parse_family_config(
         raw,
-        specs,
-        lambda key, value: _convert_llm(key, value, base_dir),
+        config_class=LlmTrainConfig,
+        family="llm",
+        base_dir=base_dir,
+        source=source,
+        required=LLM_REQUIRED_KEYS,
+        default_name="adapter",
+        convert=_convert_llm,
+        checks=[_llm_cross_checks],
         unknown=_sd_key_or_unknown,
+        # chat_template may be Jinja text as well as one of the named templates.
         free_choice=("chat_template",),
     )
-    problems += missing_required(raw, specs, LLM_REQUIRED_KEYS)
-    problems += _llm_cross_checks(values)
-    if problems:
-        raise ConfigError(problems, source)
-    finish_common(values, specs, base_dir, default_name="adapter")
-    return LlmTrainConfig(**values)

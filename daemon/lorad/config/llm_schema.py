@@ -1,10 +1,9 @@
-"""The LLM training config: every key, its type, default and help text (``task: llm``).
+"""The LLM training config: every key, its type, default and help text (``model_family: llm``).
 
 :class:`LlmTrainConfig` is the typed, frozen object the LLM engine sees; it is built only by
 :func:`lorad.config.llm_loader.parse_llm_config`, which validates every key at once. Same YAML
-style, same ``spec`` metadata and the same section names as the Stable Diffusion config
-(:mod:`lorad.config.schema`); the few shared keys are repeated here on purpose, so each config
-reads on its own.
+style, ``spec`` metadata and section names as the image families' configs; the keys every family
+shares come from :class:`~lorad.config.schema.TrainingKeys`, some with the LLM's own defaults.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorad.config.schema import config_to_dict, spec
+from lorad.config.schema import TrainingKeys, config_to_dict, redefault, spec
 
 # `target_modules` presets: names every Llama/Mistral/Qwen-style model uses.
 TARGET_PRESETS: Mapping[str, tuple[str, ...]] = {
@@ -25,11 +24,52 @@ DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 TEMPLATE_NAMES = ("tokenizer", "chatml", "llama2", "alpaca")
 
 
-@dataclass(frozen=True)
-class LlmTrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class LlmTrainConfig(TrainingKeys):
     """A validated LLM (causal language model) LoRA training config. All paths are absolute."""
 
-    # --- data -------------------------------------------------------------------------------
+    # --- shared keys with the LLM's defaults and wording ---------------------------------------
+    base_model: str = redefault(
+        TrainingKeys,
+        "base_model",
+        "",
+        help="A causal language model: a folder with config.json and safetensors weights, or a hub id already "
+        "in the local Hugging Face cache (nothing is downloaded).",
+    )
+    lora_alpha: float | None = redefault(
+        TrainingKeys,
+        "lora_alpha",
+        None,
+        help="LoRA alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with use_rslora). Unset: 2 x lora_rank.",
+    )
+    lora_dropout: float = redefault(TrainingKeys, "lora_dropout", 0.05)
+    batch_size: int = redefault(TrainingKeys, "batch_size", 4)
+    epochs: int = redefault(TrainingKeys, "epochs", 3, help="Passes over the data.")
+    learning_rate: float = redefault(TrainingKeys, "learning_rate", 2e-4)
+    weight_decay: float = redefault(TrainingKeys, "weight_decay", 0.0)
+    lr_scheduler: str = redefault(TrainingKeys, "lr_scheduler", "cosine")
+    resume_from: Path | None = redefault(
+        TrainingKeys,
+        "resume_from",
+        None,
+        help="Continue THIS run exactly where it stopped: output_dir/checkpoints/step-N or `latest` "
+        "(optimizer, schedule and data order included). To train an existing adapter further, use init_adapter.",
+    )
+    output_dir: Path = redefault(
+        TrainingKeys,
+        "output_dir",
+        Path("output"),
+        help="Folder for the adapter, checkpoints, logs and training_summary.json.",
+    )
+    output_name: str = redefault(
+        TrainingKeys,
+        "output_name",
+        "",
+        help="Name of the run (job lists, the adapter's folder name). Unset: output_dir's folder name.",
+    )
+    save_precision: str = redefault(TrainingKeys, "save_precision", "fp32")
+
+    # --- data ---------------------------------------------------------------------------------
     train_data: Path = field(
         metadata=spec(
             "data",
@@ -92,24 +132,7 @@ class LlmTrainConfig:
         ),
     )
 
-    # --- model ------------------------------------------------------------------------------
-    task: str = field(
-        default="llm",
-        metadata=spec(
-            "model",
-            "What to train. Unset: llm when base_model's config.json names a causal-LM architecture.",
-            choices=("llm",),
-        ),
-    )
-    base_model: str = field(
-        default="",
-        metadata=spec(
-            "model",
-            "A causal language model: a folder with config.json and safetensors weights, or a hub id already "
-            "in the local Hugging Face cache (nothing is downloaded).",
-            example="./models/Llama-2-7b-hf",
-        ),
-    )
+    # --- model --------------------------------------------------------------------------------
     tokenizer_path: Path | None = field(
         default=None, metadata=spec("model", "A tokenizer folder. Unset: the base model's own tokenizer.")
     )
@@ -118,20 +141,7 @@ class LlmTrainConfig:
         metadata=spec("model", "QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU)."),
     )
 
-    # --- lora -------------------------------------------------------------------------------
-    lora_rank: int = field(default=8, metadata=spec("lora", "LoRA rank (r). 8-64 is typical.", minimum=1, maximum=1024))
-    lora_alpha: float | None = field(
-        default=None,
-        metadata=spec(
-            "lora",
-            "LoRA alpha; the update is scaled by alpha/rank (alpha/sqrt(rank) with use_rslora). Unset: 2 x lora_rank.",
-            minimum=0.0,
-            exclusive_minimum=True,
-        ),
-    )
-    lora_dropout: float = field(
-        default=0.05, metadata=spec("lora", "Dropout on the LoRA path during training.", minimum=0.0, maximum=1.0)
-    )
+    # --- lora ---------------------------------------------------------------------------------
     target_modules: tuple[str, ...] = field(
         default=("all-linear",),
         metadata=spec(
@@ -161,105 +171,15 @@ class LlmTrainConfig:
         ),
     )
 
-    # --- training ---------------------------------------------------------------------------
-    batch_size: int = field(
-        default=4, metadata=spec("training", "Samples (packed rows with packing) per step.", minimum=1)
-    )
-    epochs: int = field(default=3, metadata=spec("training", "Passes over the data.", minimum=1))
-    max_train_steps: int | None = field(
-        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
-    )
-    learning_rate: float = field(
-        default=2e-4,
-        metadata=spec("training", "Learning rate of the LoRA weights.", minimum=0.0, exclusive_minimum=True),
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata=spec("training", "Micro-batches whose gradients are summed per optimizer step.", minimum=1)
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
-    )
-    optimizer: str = field(
-        default="adamw",
-        metadata=spec(
-            "training", "adamw, or adamw8bit (needs bitsandbytes and a CUDA GPU).", choices=("adamw", "adamw8bit")
-        ),
-    )
-    weight_decay: float = field(default=0.0, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
-    lr_scheduler: str = field(
-        default="cosine",
-        metadata=spec(
-            "training",
-            "Learning-rate schedule after warmup.",
-            choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-        ),
-    )
-    lr_warmup_steps: int = field(
-        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
-    )
-    mixed_precision: str = field(
-        default="auto",
-        metadata=spec(
-            "training",
-            "auto: bf16 on GPUs that support it, else fp16 on CUDA, no (fp32) on CPU.",
-            choices=("auto", "no", "fp16", "bf16"),
-        ),
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20-30% slower."),
-    )
+    # --- training -----------------------------------------------------------------------------
     eval_steps: int | None = field(
         default=None,
         metadata=spec(
             "training", "Compute eval loss every N steps (and at the end). Unset: only at the end.", minimum=1
         ),
     )
-    seed: int = field(
-        default=42,
-        metadata=spec("training", "Random seed; the same seed and data give the same adapter on CPU.", minimum=0),
-    )
-    device: str = field(
-        default="auto",
-        metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
-    )
 
-    # --- checkpoints ------------------------------------------------------------------------
-    save_steps: int | None = field(
-        default=None,
-        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
-    )
-    keep_checkpoints: int = field(
-        default=3, metadata=spec("checkpoints", "How many of the newest checkpoints to keep.", minimum=1)
-    )
-    resume_from: Path | None = field(
-        default=None,
-        metadata=spec(
-            "checkpoints",
-            "Continue THIS run exactly where it stopped: output_dir/checkpoints/step-N or `latest` "
-            "(optimizer, schedule and data order included). To train an existing adapter further, use init_adapter.",
-        ),
-    )
-
-    # --- output -----------------------------------------------------------------------------
-    output_dir: Path = field(
-        default=Path("output"),
-        metadata=spec(
-            "output",
-            "Folder for the adapter, checkpoints, logs and training_summary.json.",
-            example="./output/medical_terms",
-        ),
-    )
-    output_name: str = field(
-        default="",
-        metadata=spec(
-            "output", "Name of the run (job lists, the adapter's folder name). Unset: output_dir's folder name."
-        ),
-    )
-    save_precision: str = field(
-        default="fp32",
-        metadata=spec("output", "Precision of the saved adapter weights.", choices=("fp16", "bf16", "fp32")),
-    )
+    # --- output -------------------------------------------------------------------------------
     merge_export: bool = field(
         default=False,
         metadata=spec(

@@ -7,14 +7,15 @@ single :class:`ConfigError` lists them all, each naming the key, the bad value a
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import os
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -57,6 +58,7 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HINTS = typing.get_type_hints(TrainConfig)
+C = TypeVar("C")
 
 
 class _Invalid(Exception):
@@ -450,13 +452,18 @@ def missing_required(
     ]
 
 
-def finish_common(values: dict[str, Any], specs: Mapping[str, Any], base_dir: Path, *, default_name: str) -> None:
+def finish_common(
+    values: dict[str, Any], specs: Mapping[str, Any], base_dir: Path, *, default_name: str, family: str = ""
+) -> None:
     """After validation: resolve base_model, normalise device, name the run, expand `resume_from: latest`,
-    and fill every unset key with its default so the frozen object is complete and self-describing."""
+    record the ``family`` the config is for, and fill every unset key with its default so the frozen
+    object is complete and self-describing."""
     if "base_model" in values:
         values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
     if "device" in values:
         values["device"] = values["device"].strip().lower()
+    if family:
+        values["model_family"] = family
     out_dir: Path = values["output_dir"]
     if not values.get("output_name"):
         values["output_name"] = out_dir.name or default_name
@@ -470,33 +477,89 @@ def finish_common(values: dict[str, Any], specs: Mapping[str, Any], base_dir: Pa
                 values[name] = f.default_factory()
 
 
+@functools.cache
+def type_hints(config_class: type) -> Mapping[str, Any]:
+    """The resolved annotations of a config class (its keys' types), computed once."""
+    return typing.get_type_hints(config_class)
+
+
+def require_mapping(raw: Any, source: str) -> Mapping[str, Any]:
+    """``raw`` when it is a mapping of keys; a ConfigError saying what a config looks like otherwise."""
+    if isinstance(raw, Mapping):
+        return raw
+    raise ConfigError(
+        [
+            ConfigProblem(
+                "",
+                f"the config must be a mapping of `key: value` lines, got {_show(raw)}",
+                "see `lorad config --example`",
+            )
+        ],
+        source,
+    )
+
+
+def parse_family_config(
+    raw: Any,
+    *,
+    config_class: type[C],
+    family: str,
+    base_dir: Path,
+    source: str,
+    required: tuple[str, ...],
+    default_name: str,
+    convert: Callable[[str, Any, Path], Any] | None = None,
+    checks: Sequence[Callable[[dict[str, Any]], list[ConfigProblem]]] = (),
+    unknown: Callable[[str, list[str]], ConfigProblem] | None = None,
+    free_choice: tuple[str, ...] = (),
+) -> C:
+    """Validate ``raw`` into ``config_class`` for model family ``family``: convert and range-check every
+    key (``convert(key, value, base_dir)``, default: by the key's declared type), then run each of
+    ``checks`` on the converted values. Raises one ConfigError listing every problem found; never
+    returns a partial config. Each family's parser is this call with its class, checks and defaults."""
+    raw = require_mapping(raw, source)
+    hints = type_hints(config_class)
+    specs = {f.name: f for f in fields(config_class)}
+    to_value = convert or (lambda key, value, base: _convert(key, value, base, hints))
+    values, problems = convert_keys(
+        raw, specs, lambda key, value: to_value(key, value, base_dir), unknown=unknown, free_choice=free_choice
+    )
+    problems += missing_required(raw, specs, required)
+    for check in checks:
+        problems += check(values)
+    if problems:
+        raise ConfigError(problems, source)
+    finish_common(values, specs, base_dir, default_name=default_name, family=family)
+    return config_class(**values)
+
+
+def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
+    """The checks every image family's config gets (data folder, captions, buckets, paths, output)."""
+
+    def resolve_captioner_model(values: dict[str, Any]) -> list[ConfigProblem]:
+        if values.get("captioner_model"):
+            values["captioner_model"] = _resolve_base_model(values["captioner_model"], base_dir)
+        return []
+
+    return [resolve_captioner_model, _cross_checks]
+
+
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:
-    """Validate a mapping of config keys into a :class:`TrainConfig`.
+    """Validate a mapping of config keys into a Stable Diffusion 1.x/2.x :class:`TrainConfig`.
 
     Relative paths resolve against ``base_dir`` (the directory the user ran the command in).
     Raises :class:`ConfigError` listing every problem found; never returns a partial config.
     """
-    if not isinstance(raw, Mapping):
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "",
-                    f"the config must be a mapping of `key: value` lines, got {_show(raw)}",
-                    "see `lorad config --example`",
-                )
-            ],
-            source,
-        )
-    specs = {f.name: f for f in fields(TrainConfig)}
-    values, problems = convert_keys(raw, specs, lambda key, value: _convert(key, value, base_dir))
-    problems += missing_required(raw, specs, REQUIRED_KEYS)
-    if values.get("captioner_model"):
-        values["captioner_model"] = _resolve_base_model(values["captioner_model"], base_dir)
-    problems += _cross_checks(values)
-    if problems:
-        raise ConfigError(problems, source)
-    finish_common(values, specs, base_dir, default_name="lora")
-    return TrainConfig(**values)
+    return parse_family_config(
+        raw,
+        config_class=TrainConfig,
+        family="sd",
+        base_dir=base_dir,
+        source=source,
+        required=REQUIRED_KEYS,
+        default_name="lora",
+        checks=image_checks(base_dir),
+    )
 
 
 def parse_config_text(text: str, *, base_dir: Path, source: str = "config") -> TrainConfig:

@@ -68,11 +68,212 @@ class RepeatPolicy:
         return mapping
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """A validated Stable Diffusion LoRA training config. All paths are absolute."""
+@dataclass(frozen=True, kw_only=True)
+class TrainingKeys:
+    """The keys every model family shares: base model, LoRA size, optimizer and schedule, checkpoints and
+    output. A family's config class extends it with its own keys (data, model parts, targets) and may
+    give a shared key another default with :func:`redefault`."""
 
-    # --- data -------------------------------------------------------------------------------
+    # --- model --------------------------------------------------------------------------------
+    base_model: str = field(
+        default="",
+        metadata=spec(
+            "model",
+            "Base model: a .safetensors checkpoint (A1111 layout), a diffusers folder, or a hub id that is "
+            "already in the local Hugging Face cache (nothing is downloaded). Its files say which model family it is.",
+            example="./models/Stable-diffusion/v1-5-pruned.safetensors",
+        ),
+    )
+    model_family: str = field(
+        default="",
+        metadata=spec(
+            "model",
+            "Which model family base_model is (`lorad config --example FAMILY` lists each one's keys). Unset: detected "
+            "from base_model's files.",
+        ),
+    )
+
+    # --- lora ---------------------------------------------------------------------------------
+    lora_rank: int = field(
+        default=8,
+        metadata=spec(
+            "lora", "LoRA rank (network_dim). 4-32 is typical; lower uses less memory.", minimum=1, maximum=1024
+        ),
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata=spec("lora", "Dropout on the LoRA path during training.", minimum=0.0, maximum=1.0)
+    )
+
+    # --- training -----------------------------------------------------------------------------
+    batch_size: int = field(
+        default=1,
+        metadata=spec(
+            "training",
+            "Samples (images, or text rows) per step. Lower it (and raise gradient_accumulation_steps) when out of "
+            "memory.",
+            minimum=1,
+        ),
+    )
+    epochs: int = field(
+        default=10, metadata=spec("training", "Passes over the data (each image counted `repeats` times).", minimum=1)
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
+    )
+    learning_rate: float = field(
+        default=1e-4,
+        metadata=spec(
+            "training",
+            "Learning rate of the LoRA weights (for image families: the UNet's or transformer's).",
+            minimum=0.0,
+            exclusive_minimum=True,
+        ),
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata=spec(
+            "training",
+            "Micro-batches whose gradients are summed per optimizer step (a larger effective batch without more "
+            "memory).",
+            minimum=1,
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata=spec(
+            "training",
+            "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
+            choices=("adamw", "adamw8bit"),
+        ),
+    )
+    adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.", minimum=0.0, maximum=1.0))
+    adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.", minimum=0.0, maximum=1.0))
+    adam_epsilon: float = field(
+        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, exclusive_minimum=True)
+    )
+    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=spec(
+            "training",
+            "Learning-rate schedule after warmup.",
+            choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+        ),
+    )
+    lr_warmup_steps: int = field(
+        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
+    )
+    lr_scheduler_num_cycles: int = field(
+        default=1,
+        metadata=spec("training", "cosine_with_restarts: how many times the cosine restarts over the run.", minimum=1),
+    )
+    lr_scheduler_power: float = field(
+        default=1.0,
+        metadata=spec(
+            "training", "polynomial: the power of the decay (1 is linear).", minimum=0.0, exclusive_minimum=True
+        ),
+    )
+    lr_scheduler_min_lr_ratio: float = field(
+        default=0.0,
+        metadata=spec(
+            "training",
+            "polynomial: the learning rate it decays to, as a fraction of learning_rate.",
+            minimum=0.0,
+            maximum=0.99,
+        ),
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata=spec(
+            "training",
+            "Autocast precision. auto: bf16 on GPUs that support it, else fp16 on CUDA, no on CPU.",
+            choices=("auto", "no", "fp16", "bf16"),
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20% slower."),
+    )
+    seed: int = field(
+        default=42,
+        metadata=spec("training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0),
+    )
+    device: str = field(
+        default="auto",
+        metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
+    )
+
+    # --- checkpoints --------------------------------------------------------------------------
+    save_steps: int | None = field(
+        default=None,
+        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
+    )
+    save_every_n_epochs: int | None = field(
+        default=None,
+        metadata=spec(
+            "checkpoints",
+            "Save a resumable checkpoint every N epochs; unset disables.",
+            minimum=1,
+        ),
+    )
+    keep_checkpoints: int = field(
+        default=3,
+        metadata=spec("checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1),
+    )
+    resume_from: Path | None = field(
+        default=None,
+        metadata=spec(
+            "checkpoints",
+            "A checkpoint folder of this run (output_dir/checkpoints/step-N) or `latest`, "
+            "to continue exactly where it stopped.",
+        ),
+    )
+
+    # --- output -------------------------------------------------------------------------------
+    output_dir: Path = field(
+        default=Path("output"),
+        metadata=spec(
+            "output",
+            "Folder for the LoRA files (or adapter), checkpoints, logs and training_summary.json.",
+            example="./output/my_style_lora",
+        ),
+    )
+    output_name: str = field(
+        default="",
+        metadata=spec("output", "File name of the LoRA (`<lora:NAME:0.8>` in A1111). Unset: output_dir's folder name."),
+    )
+    save_precision: str = field(
+        default="fp16", metadata=spec("output", "Precision of the saved LoRA files.", choices=("fp16", "bf16", "fp32"))
+    )
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """lora_alpha, or lora_rank when unset."""
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable view (paths as strings), in the same keys the YAML uses."""
+        return config_to_dict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainingKeys):
+    """A validated Stable Diffusion 1.x/2.x LoRA config, and the base of the other image families'
+    configs (captions, buckets, latents, UNet and text-encoder targets). All paths are absolute."""
+
+    # --- data ---------------------------------------------------------------------------------
     train_data_dir: Path = field(
         metadata=spec(
             "data",
@@ -211,16 +412,7 @@ class TrainConfig:
         default=64, metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8)
     )
 
-    # --- model ------------------------------------------------------------------------------
-    base_model: str = field(
-        default="",
-        metadata=spec(
-            "model",
-            "Base model: a .safetensors checkpoint (A1111 layout), a diffusers folder, or a "
-            "hub id that is already in the local Hugging Face cache (nothing is downloaded).",
-            example="./models/Stable-diffusion/v1-5-pruned.safetensors",
-        ),
-    )
+    # --- model --------------------------------------------------------------------------------
     model_config_dir: Path | None = field(
         default=None,
         metadata=spec(
@@ -253,25 +445,7 @@ class TrainConfig:
         ),
     )
 
-    # --- lora -------------------------------------------------------------------------------
-    lora_rank: int = field(
-        default=8,
-        metadata=spec(
-            "lora", "LoRA rank (network_dim). 4-32 is typical; lower uses less memory.", minimum=1, maximum=1024
-        ),
-    )
-    lora_alpha: float | None = field(
-        default=None,
-        metadata=spec(
-            "lora",
-            "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
-            minimum=0.0,
-            exclusive_minimum=True,
-        ),
-    )
-    lora_dropout: float = field(
-        default=0.0, metadata=spec("lora", "Dropout on the LoRA path during training.", minimum=0.0, maximum=1.0)
-    )
+    # --- lora ---------------------------------------------------------------------------------
     unet_target_modules: tuple[str, ...] = field(
         default=("to_q", "to_k", "to_v", "to_out.0"),
         metadata=spec(
@@ -306,60 +480,7 @@ class TrainConfig:
         ),
     )
 
-    # --- training ---------------------------------------------------------------------------
-    batch_size: int = field(
-        default=1,
-        metadata=spec(
-            "training",
-            "Images per step. Lower it (and raise gradient_accumulation_steps) when out of memory.",
-            minimum=1,
-        ),
-    )
-    epochs: int = field(
-        default=10, metadata=spec("training", "Passes over the data (each image counted `repeats` times).", minimum=1)
-    )
-    max_train_steps: int | None = field(
-        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
-    )
-    learning_rate: float = field(
-        default=1e-4, metadata=spec("training", "Learning rate of the UNet LoRA.", minimum=0.0, exclusive_minimum=True)
-    )
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata=spec(
-            "training",
-            "Batches whose gradients are summed per optimizer step (a larger effective batch without more memory).",
-            minimum=1,
-        ),
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
-    )
-    optimizer: str = field(
-        default="adamw",
-        metadata=spec(
-            "training",
-            "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
-            choices=("adamw", "adamw8bit"),
-        ),
-    )
-    adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.", minimum=0.0, maximum=1.0))
-    adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.", minimum=0.0, maximum=1.0))
-    adam_epsilon: float = field(
-        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, exclusive_minimum=True)
-    )
-    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
-    lr_scheduler: str = field(
-        default="constant",
-        metadata=spec(
-            "training",
-            "Learning-rate schedule after warmup.",
-            choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-        ),
-    )
-    lr_warmup_steps: int = field(
-        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
-    )
+    # --- training -----------------------------------------------------------------------------
     noise_offset: float = field(
         default=0.0,
         metadata=spec(
@@ -375,26 +496,6 @@ class TrainConfig:
             exclusive_minimum=True,
         ),
     )
-    mixed_precision: str = field(
-        default="auto",
-        metadata=spec(
-            "training",
-            "Autocast precision. auto: bf16 on GPUs that support it, else fp16 on CUDA, no on CPU.",
-            choices=("auto", "no", "fp16", "bf16"),
-        ),
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20% slower."),
-    )
-    seed: int = field(
-        default=42,
-        metadata=spec("training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0),
-    )
-    device: str = field(
-        default="auto",
-        metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
-    )
     cache_dir: Path | None = field(
         default=None,
         metadata=spec(
@@ -404,58 +505,10 @@ class TrainConfig:
         ),
     )
 
-    # --- checkpoints ------------------------------------------------------------------------
-    save_steps: int | None = field(
-        default=None,
-        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
-    )
-    save_every_n_epochs: int | None = field(
-        default=None,
-        metadata=spec("checkpoints", "Save a resumable checkpoint every N epochs; unset disables.", minimum=1),
-    )
-    keep_checkpoints: int = field(
-        default=3,
-        metadata=spec("checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1),
-    )
-    resume_from: Path | None = field(
-        default=None,
-        metadata=spec(
-            "checkpoints",
-            "A checkpoint folder of this run (output_dir/checkpoints/step-N) or `latest`, "
-            "to continue exactly where it stopped.",
-        ),
-    )
-
-    # --- output -----------------------------------------------------------------------------
-    output_dir: Path = field(
-        default=Path("output"),
-        metadata=spec(
-            "output",
-            "Folder for the LoRA files, checkpoints, logs and training_summary.json.",
-            example="./output/my_style_lora",
-        ),
-    )
-    output_name: str = field(
-        default="",
-        metadata=spec("output", "File name of the LoRA (`<lora:NAME:0.8>` in A1111). Unset: output_dir's folder name."),
-    )
-    save_precision: str = field(
-        default="fp16", metadata=spec("output", "Precision of the saved LoRA files.", choices=("fp16", "bf16", "fp32"))
-    )
-
-    @property
-    def effective_lora_alpha(self) -> float:
-        """lora_alpha, or lora_rank when unset."""
-        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
-
     @property
     def effective_text_encoder_lr(self) -> float:
         """text_encoder_lr, or learning_rate when unset."""
         return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable view (paths as strings), in the same keys the YAML uses."""
-        return config_to_dict(self)
 
 
 REQUIRED_KEYS = ("train_data_dir", "base_model", "output_dir")
@@ -479,6 +532,19 @@ def config_to_dict(config: Any, *, mappings: tuple[str, ...] = ()) -> dict[str, 
     return out
 
 
-def key_specs() -> Mapping[str, dict[str, Any]]:
-    """Every config key and its metadata, in declaration order."""
-    return {f.name: dict(f.metadata) for f in fields(TrainConfig)}
+def key_specs(config_class: type = TrainConfig) -> Mapping[str, dict[str, Any]]:
+    """Every key of a config class and its metadata, in declaration order."""
+    return {f.name: dict(f.metadata) for f in fields(config_class)}
+
+
+def redefault(base: type, name: str, default: Any, *, help: str | None = None) -> Any:
+    """A family's re-declaration of a shared key ``name`` of ``base`` with its own ``default`` (and,
+    where the shared wording does not fit, its own ``help``); the key's other metadata stays shared.
+
+    Use it as a field in the family's config class: ``epochs: int = redefault(TrainingKeys, "epochs", 3)``.
+    """
+    shared = next(f for f in fields(base) if f.name == name)
+    metadata = dict(shared.metadata) | ({"help": help} if help else {})
+    if isinstance(default, (list, dict, set)):
+        raise TypeError(f"{name}: use a tuple or a frozen value as a default")  # a bug in a family, not user input
+    return field(default=default, metadata=metadata)

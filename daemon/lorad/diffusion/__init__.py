@@ -1,1 +1,2 @@
-"""What image model families share: latents, noise, losses, text-encoder output caching."""
+"""Pieces the image families share: VAE latents, the DDPM (epsilon / v-prediction) objective,
+flow matching, and cached text-encoder outputs."""

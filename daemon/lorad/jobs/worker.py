@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from lorad.config import TrainConfig
-from lorad.config.llm_schema import LlmTrainConfig
-from lorad.config.task import AnyTrainConfig, parse_any_config
+from lorad.config.dispatch import parse_any_config
+from lorad.config.schema import TrainingKeys
 from lorad.errors import LoradError, TrainingInterrupted
 from lorad.events import CheckpointSaved, Event, StepDone
+from lorad.families.registry import spec_for
 from lorad.jobs.hub import EventHub
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import JobRecord, JobState
@@ -28,46 +28,6 @@ log = logging.getLogger("lorad.worker")
 PROGRESS_WRITE_SECONDS = 2.0
 
 
-def out_of_memory_hint(config: TrainConfig) -> str:
-    """Concrete settings to lower after an out-of-memory failure, with their current values."""
-    tips = []
-    if config.batch_size > 1:
-        tips.append(
-            f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
-            f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}"
-        )
-    if not config.gradient_checkpointing:
-        tips.append("gradient_checkpointing: true")
-    if config.resolution > 512:
-        tips.append(f"resolution: 512 (now {config.resolution})")
-    if config.lora_rank > 8:
-        tips.append(f"lora_rank: {max(4, config.lora_rank // 2)} (now {config.lora_rank})")
-    if config.train_text_encoder:
-        tips.append("train_text_encoder: false")
-    if config.mixed_precision in ("no", "auto"):
-        tips.append("mixed_precision: bf16 (or fp16 on older GPUs)")
-    return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
-
-
-def llm_out_of_memory_hint(config: LlmTrainConfig) -> str:
-    """The LLM run's settings to lower after an out-of-memory failure, with their current values."""
-    tips = []
-    if config.batch_size > 1:
-        tips.append(
-            f"batch_size: {max(1, config.batch_size // 2)} (now {config.batch_size}) with "
-            f"gradient_accumulation_steps: {config.gradient_accumulation_steps * 2}"
-        )
-    if not config.gradient_checkpointing:
-        tips.append("gradient_checkpointing: true")
-    if config.max_seq_len > 512:
-        tips.append(f"max_seq_len: {config.max_seq_len // 2} (now {config.max_seq_len})")
-    if not config.load_in_4bit:
-        tips.append("load_in_4bit: true (QLoRA, CUDA with bitsandbytes)")
-    if config.mixed_precision in ("no", "auto"):
-        tips.append("mixed_precision: bf16 (or fp16 on older GPUs)")
-    return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
-
-
 def is_out_of_memory(err: BaseException) -> bool:
     """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
     return isinstance(err, MemoryError) or (
@@ -76,7 +36,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @contextmanager
-def _no_models(config: TrainConfig, placement: object) -> Iterator[object]:
+def _no_models(config: TrainingKeys, placement: object) -> Iterator[object]:
     raise AssertionError("the worker was started without a model provider")  # pragma: no cover
     yield
 
@@ -84,7 +44,7 @@ def _no_models(config: TrainConfig, placement: object) -> Iterator[object]:
 class Worker:
     """One thread that takes QUEUED jobs in order and trains them.
 
-    ``train`` is the engine entry point (``lorad.engines.sd.train.train_sd_lora``) and ``models``
+    ``train`` is the training loop (``lorad.training.loop.train``) and ``models``
     the model provider handed to it; both are injected so the daemon wires the real ones and the
     module stays importable without torch. ``captions(config, on_event, stop)``, when given, makes
     each job's ``caption_missing`` hook (images without a caption are captioned before training).
@@ -98,13 +58,11 @@ class Worker:
         train: Callable[..., object],
         models: Callable = _no_models,
         device_name: str = "auto",
-        captions: Callable[[TrainConfig, Callable[[Event], None], threading.Event], Callable] | None = None,
-        train_llm: Callable[..., object] | None = None,
+        captions: Callable[[TrainingKeys, Callable[[Event], None], threading.Event], Callable] | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.train = train
-        self.train_llm = train_llm
         self.models = models
         self.captions = captions
         self.device_name = device_name
@@ -187,13 +145,13 @@ class Worker:
             )
             finished: list[dict] = []
             sink = self._sink(job.job_id, finished)
-            if isinstance(config, LlmTrainConfig):
-                if self.train_llm is None:
-                    raise LoradError("this daemon was started without the LLM engine", "restart the daemon")
-                self.train_llm(config, on_event=sink, stop=stop, models=self.models)
-            else:
-                hooks = {"caption_missing": self.captions(config, sink, stop)} if self.captions else {}
-                self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            # Images without a caption are captioned first when the family can and the config names a captioner.
+            hooks = (
+                {"caption_missing": self.captions(config, sink, stop)}
+                if self.captions and spec_for(config).uses_captioner
+                else {}
+            )
+            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
             self.store.update(
                 job.job_id,
@@ -210,13 +168,7 @@ class Worker:
         except Exception as err:
             if is_out_of_memory(err):
                 config = self._job_config(job) if job.config_yaml else None
-                hint = (
-                    llm_out_of_memory_hint(config)
-                    if isinstance(config, LlmTrainConfig)
-                    else out_of_memory_hint(config)
-                    if config
-                    else ""
-                )
+                hint = spec_for(config).out_of_memory_hint(config) if config else ""
                 self._fail(job, f"out of memory: {err}".splitlines()[0], hint)
             else:
                 log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
@@ -232,7 +184,7 @@ class Worker:
             self._progress.pop(job.job_id, None)
             self.hub.forget(job.job_id)
 
-    def _job_config(self, job: JobRecord) -> AnyTrainConfig:
+    def _job_config(self, job: JobRecord) -> TrainingKeys:
         """The stored config, resuming from this job's own newest checkpoint after an interruption.
 
         Only this job's checkpoint (recorded from its CheckpointSaved events) is used: an older

@@ -66,9 +66,10 @@ class ModelKey:
     what the loader produces belongs here. ``base_model`` should already be resolved (an absolute
     path or a hub id): ``./sd15`` and ``/models/sd15`` would otherwise be two models. ``dtype`` is
     a torch dtype name ("float32", "bfloat16", "float16"); ``device`` a torch device ("cpu",
-    "cuda:0", ...). ``kind`` says what the model is for: "sd" (a base model to train on), or a
-    captioner kind ("blip", "wd14", "clip"; ``base_model`` is then the captioner's model folder);
-    the daemon's loader dispatches on it.
+    "cuda:0", ...). ``kind`` says what the model is for: a model family's name ("sd", "llm", ...: a
+    base model to train on), or a captioner kind ("blip", "wd14", "clip"; ``base_model`` is then the
+    captioner's model folder); the daemon's loader dispatches on it. ``options`` hold a family's own
+    settings that change what its loader produces.
     """
 
     base_model: str
@@ -78,6 +79,12 @@ class ModelKey:
     tokenizer_path: str = ""
     prediction_type: str = "auto"
     kind: str = "sd"
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str, default: str = "") -> str:
+        """A family's own load setting (``options`` holds them as sorted name/value pairs, e.g. a Flux
+        model's separate VAE file, or whether pickle files may be read)."""
+        return dict(self.options).get(name, default)
 
     @property
     def model_id(self) -> str:

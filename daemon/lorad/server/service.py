@@ -26,11 +26,11 @@ from lorad.captioning.editing import FolderCaptions
 from lorad.captioning.errors import FolderBusy
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
 from lorad.captioning.updates import CaptionUpdate
-from lorad.config import TrainConfig, parse_config
-from lorad.config.llm_schema import LlmTrainConfig
-from lorad.config.task import AnyTrainConfig, detect_task, parse_any_config, parse_any_config_text
+from lorad.config.dispatch import choose_family, parse_any_config, parse_any_config_text
+from lorad.config.schema import TrainingKeys
 from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
 from lorad.events import EventSink
+from lorad.families.registry import family_names, load_plugin, spec_for
 from lorad.jobs.hub import EventHub
 from lorad.jobs.records import EventRecord, JobRecord, JobState
 from lorad.jobs.store import JobStore
@@ -77,53 +77,19 @@ class DaemonStatus:
     pid: int
 
 
-def model_key(
-    config: TrainConfig | None,
-    *,
-    base_model: str,
-    device: str,
-    dtype: str,
-    model_config_dir: str = "",
-    tokenizer_path: str = "",
-    prediction_type: str = "auto",
-) -> ModelKey:
-    """The registry key of a base model as a job or LoadModel names it."""
-    if config is not None:
-        model_config_dir = str(config.model_config_dir or "")
-        tokenizer_path = str(config.tokenizer_path or "")
-        prediction_type = config.prediction_type
-    return ModelKey(
-        base_model=base_model,
-        device=device,
-        dtype=dtype,
-        model_config_dir=model_config_dir,
-        tokenizer_path=tokenizer_path,
-        prediction_type=prediction_type,
-    )
-
-
-def llm_model_key(config: LlmTrainConfig, placement: Any) -> ModelKey:
-    """The registry key of an LLM job's base model. A 4-bit (QLoRA) base is another model: its
-    dtype reads "nf4:<compute dtype>"."""
-    dtype = str(placement.weight_dtype).removeprefix("torch.")
-    if config.load_in_4bit:
-        dtype = "nf4:" + str(placement.autocast_dtype or "torch.float16").removeprefix("torch.")
-    return ModelKey(base_model=config.base_model, device=str(placement.device), dtype=dtype, kind="llm")
-
-
-def _load_llm(key: ModelKey) -> Any:
-    """The registry's loader for kind "llm" keys."""
-    import torch
-
-    from lorad.engines.device import Placement
-    from lorad.engines.llm.model import load_llm
-
-    four_bit = key.dtype.startswith("nf4:")
-    dtype = getattr(torch, key.dtype.removeprefix("nf4:"))
-    placement = Placement(
-        device=torch.device(key.device), autocast_dtype=dtype if four_bit else None, weight_dtype=dtype
-    )
-    return load_llm(key.base_model, placement, load_in_4bit=four_bit)
+def refuse_pickle(config: TrainingKeys, source: str) -> None:
+    """ConfigError when the config's base model is a pickle file and the config does not allow pickle."""
+    if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not getattr(config, "allow_pickle", False):
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "base_model",
+                    f"{config.base_model} is a pickle file",
+                    "convert it to .safetensors, or set `allow_pickle: true`",
+                )
+            ],
+            source,
+        )
 
 
 class LoradService:
@@ -140,17 +106,15 @@ class LoradService:
             memory_budget_bytes=settings.memory_budget_bytes,
             measure=_measure_model,
         )
-        from lorad.engines.llm.train import train_llm_lora
-        from lorad.engines.sd.train import train_sd_lora
+        from lorad.training.loop import train
 
         self.worker = Worker(
             self.store,
             self.hub,
-            train=train_sd_lora,
+            train=train,
             models=self._provide_model,
             captions=self._caption_filler,
             device_name=self._device_name(),
-            train_llm=train_llm_lora,
         )
         # One writer per caption folder: two requests merging into one metadata.csv would lose rows.
         self._folder_locks: dict[str, threading.Lock] = {}
@@ -223,27 +187,13 @@ class LoradService:
                 source_name or "request",
             )
         source = source_name or "submitted config"
-        config: AnyTrainConfig
+        config: TrainingKeys
         if config_fields is not None:
             config = parse_any_config(dict(config_fields), base_dir=Path(base_dir), source=source)
             config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
         else:
             config = parse_any_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
-        if (
-            isinstance(config, TrainConfig)
-            and Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES
-            and not config.allow_pickle
-        ):
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_model",
-                        f"{config.base_model} is a pickle file",
-                        "convert it to .safetensors, or set `allow_pickle: true`",
-                    )
-                ],
-                source,
-            )
+        refuse_pickle(config, source)
         job = self.store.create_job(
             name=config.output_name,
             config_yaml=config_yaml or "",
@@ -374,18 +324,8 @@ class LoradService:
         self, job_id: str, fields: Mapping[str, Any], base_dir: str, source_name: str
     ) -> JobRecord | None:
         """Replace a QUEUED job's config, validated as ``submit`` validates; None if it left the queue."""
-        config = parse_config(dict(fields), base_dir=Path(base_dir), source=source_name)
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_model",
-                        f"{config.base_model} is a pickle file",
-                        "convert it to .safetensors, or set `allow_pickle: true`",
-                    )
-                ],
-                source_name,
-            )
+        config = parse_any_config(dict(fields), base_dir=Path(base_dir), source=source_name)
+        refuse_pickle(config, source_name)
         job = self.store.transition(
             job_id,
             expect={JobState.QUEUED},
@@ -403,8 +343,8 @@ class LoradService:
 
     def _caption_for_watch(self, fields: Mapping[str, Any], base_dir: str) -> int:
         """Caption the watched folder's uncaptioned images when the config names a captioner."""
-        config = parse_config(dict(fields), base_dir=Path(base_dir), source="watch")
-        if config.captioner is None:
+        config = parse_any_config(dict(fields), base_dir=Path(base_dir), source="watch")
+        if not spec_for(config).uses_captioner or config.captioner is None:
             return 0
         from lorad.captioning.training import caption_filler
         from lorad.data.dataset import scan_dataset
@@ -425,66 +365,30 @@ class LoradService:
 
     # --- models --------------------------------------------------------------------------------
     def _device_name(self) -> str:
-        from lorad.engines.device import pick_device
+        from lorad.training.placement import pick_device
 
         return str(pick_device("auto"))
 
     def _load_model(self, key: ModelKey) -> Any:
-        if key.kind == "llm":
-            return _load_llm(key)
-        if key.kind != "sd":
-            from lorad.captioning.captioner import load_captioner
+        """The registry's loader: a family's base model (kind = the family's name), or a captioner."""
+        if key.kind in family_names():
+            return load_plugin(key.kind).load(key)
+        from lorad.captioning.captioner import load_captioner
 
-            return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype))
-        import torch
-
-        from lorad.engines.device import Placement
-        from lorad.engines.sd.train import load_for_training
-
-        # Loading needs only the device and the weight dtype, both part of the key.
-        placement = Placement(
-            device=torch.device(key.device), autocast_dtype=None, weight_dtype=getattr(torch, key.dtype)
-        )
-        return load_for_training(
-            key.base_model,
-            placement,
-            allow_pickle=True,
-            model_config_dir=Path(key.model_config_dir) if key.model_config_dir else None,
-            tokenizer_path=Path(key.tokenizer_path) if key.tokenizer_path else None,
-            prediction_type=key.prediction_type,
-        )
+        return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype))
 
     @contextmanager
-    def _provide_model(self, config: AnyTrainConfig, placement: Any) -> Iterator[Any]:
-        """The engines' ModelProvider: reserve the config's base model in the registry."""
-        if isinstance(config, LlmTrainConfig):
-            with self._provide_llm(config, placement) as provided:
-                yield provided
-            return
-        from lorad.engines.sd.train import ProvidedModel
+    def _provide_model(self, config: TrainingKeys, placement: Any) -> Iterator[Any]:
+        """The training loop's ModelProvider: reserve the config's base model in the registry."""
+        from lorad.training.family import ProvidedModel
 
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ModelLoadError(
-                f"`base_model`: {config.base_model} is a pickle file",
-                "convert it to .safetensors, or set `allow_pickle: true`",
-            )
-        key = model_key(
-            config,
-            base_model=config.base_model,
-            device=str(placement.device),
-            dtype=str(placement.weight_dtype).removeprefix("torch."),
-        )
-        keep_alive = self._running_keep_alive()
-        with self.registry.use(key, keep_alive=keep_alive) as acquired:
-            yield ProvidedModel(components=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
-
-    @contextmanager
-    def _provide_llm(self, config: LlmTrainConfig, placement: Any) -> Iterator[Any]:
-        """Reserve the LLM job's base model in the registry (kind "llm"; loaded once, then resident)."""
-        from lorad.engines.llm.train import ProvidedLlm
-
-        with self.registry.use(llm_model_key(config, placement), keep_alive=self._running_keep_alive()) as acquired:
-            yield ProvidedLlm(llm=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
+        try:
+            refuse_pickle(config, "config")
+        except ConfigError as err:
+            raise ModelLoadError(f"`base_model`: {err.problems[0].message}", err.problems[0].fix) from None
+        key = load_plugin(config.model_family).model_key(config, placement)
+        with self.registry.use(key, keep_alive=self._running_keep_alive()) as acquired:
+            yield ProvidedModel(model=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
 
     def _running_keep_alive(self) -> float | None:
         job_id = self.worker.running_job_id
@@ -524,7 +428,7 @@ class LoradService:
         finally:
             lock.release()
 
-    def _caption_filler(self, config: TrainConfig, on_event: EventSink, stop: threading.Event) -> Callable:
+    def _caption_filler(self, config: TrainingKeys, on_event: EventSink, stop: threading.Event) -> Callable:
         """The worker's hook factory: a job's ``caption_missing`` hook, using resident captioners."""
         from lorad.captioning.training import caption_filler
 
@@ -626,54 +530,33 @@ class LoradService:
         allow_pickle: bool = False,
         keep_alive_seconds: float = 0.0,
     ) -> tuple[ResidentInfo, bool]:
-        """Preload a base model the way a job with these settings would use it."""
-        from lorad.engines.device import pick_placement
+        """Preload a base model the way a job with these settings would use it (its family detected
+        from the model's files; settings its family has no key for are ignored)."""
+        from dataclasses import fields as config_fields
 
-        if detect_task({"base_model": base_model}, base_dir=Path(base_dir or "/")) == "llm":
-            llm_fields = {
-                "train_data": base_dir or "/",
-                "base_model": base_model,
-                "output_dir": base_dir or "/",
-                "device": device or "auto",
-                "mixed_precision": mixed_precision or "auto",
-            }
-            llm_config = parse_any_config(
-                llm_fields | {"task": "llm"}, base_dir=Path(base_dir or "/"), source="LoadModel"
-            )
-            llm_placement = pick_placement(llm_config.device, llm_config.mixed_precision)
-            return self.registry.load(llm_model_key(llm_config, llm_placement), keep_alive=keep_alive_seconds or None)
-        fields: dict[str, Any] = {
-            "train_data_dir": base_dir,
+        from lorad.training.placement import pick_placement
+
+        base = Path(base_dir or "/")
+        spec = choose_family({"base_model": base_model}, base_dir=base, source="LoadModel")
+        raw: dict[str, Any] = {
+            spec.data_key: str(base),
             "base_model": base_model,
-            "output_dir": base_dir,
+            "output_dir": str(base),
             "device": device or "auto",
             "mixed_precision": mixed_precision or "auto",
-            "prediction_type": prediction_type or "auto",
+        }
+        optional = {
+            "model_config_dir": model_config_dir,
+            "tokenizer_path": tokenizer_path,
+            "prediction_type": prediction_type,
             "allow_pickle": allow_pickle,
         }
-        if model_config_dir:
-            fields["model_config_dir"] = model_config_dir
-        if tokenizer_path:
-            fields["tokenizer_path"] = tokenizer_path
-        config = parse_config(fields, base_dir=Path(base_dir or "/"), source="LoadModel")
-        if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not config.allow_pickle:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_model",
-                        f"{config.base_model} is a pickle file",
-                        "convert it to .safetensors, or set allow_pickle",
-                    )
-                ],
-                "LoadModel",
-            )
+        known = {f.name for f in config_fields(spec.config_class)}
+        raw |= {key: value for key, value in optional.items() if value and key in known}
+        config = spec.parse(raw, base, "LoadModel")
+        refuse_pickle(config, "LoadModel")
         placement = pick_placement(config.device, config.mixed_precision)
-        key = model_key(
-            config,
-            base_model=config.base_model,
-            device=str(placement.device),
-            dtype=str(placement.weight_dtype).removeprefix("torch."),
-        )
+        key = load_plugin(spec.name).model_key(config, placement)
         return self.registry.load(key, keep_alive=keep_alive_seconds or None)
 
     def unload_model(self, model: str) -> int:

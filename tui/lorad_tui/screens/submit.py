@@ -15,9 +15,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, DirectoryTree, Footer, Input, Static
 
-from lorad.config.llm_schema import LlmTrainConfig
-from lorad.config.task import parse_any_config_text
+from lorad.config.dispatch import parse_any_config_text
 from lorad.errors import ConfigError, ConfigProblem, LoradError
+from lorad.families.registry import spec_for
 from lorad_tui.messages import SubmitRejected, SubmitRequested
 from lorad_tui.widgets.title_bar import TitleBar
 
@@ -63,7 +63,7 @@ def problems_table(problems: list[ConfigProblem]) -> Table:
 class SubmitScreen(Screen[None]):
     """Pick a config in the tree (or type its path), see the verdict, press ``s`` to queue it.
 
-    Validation is local and the same as the daemon's (``lorad.config.task.parse_any_config_text``, pure
+    Validation is local and the same as the daemon's (``lorad.config.dispatch.parse_any_config_text``, pure
     Python), with relative paths resolved against ``base_dir`` — the folder the TUI runs in, which
     is also what the submit sends. A config with problems is never sent. On success the App
     replaces this screen with the new job's detail; a refusal by the daemon comes back as
@@ -158,7 +158,9 @@ class SubmitScreen(Screen[None]):
         paths.add_column(no_wrap=True)
         paths.add_column(overflow="fold")
         paths.add_row("base model:", str(config.base_model))
-        paths.add_row("data:", str(config.train_data if isinstance(config, LlmTrainConfig) else config.train_data_dir))
+        spec = spec_for(config)
+        paths.add_row("family:", spec.title)
+        paths.add_row("data:", str(getattr(config, spec.data_key)))
         paths.add_row("output:", str(config.output_dir))
         problems.update(
             Group(

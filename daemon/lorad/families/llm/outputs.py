@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lorad.atomic import atomic_directory, write_text_atomic
-from lorad.config.llm_schema import LlmTrainConfig
+from lorad.atomic import atomic_directory
 
 
 @torch.no_grad()
@@ -74,10 +72,3 @@ def write_merged(model: nn.Module, adapter_name: str, tokenizer: Any, dest: Path
         tokenizer.save_pretrained(str(tmp))
     del merged
     return dest
-
-
-def write_llm_summary(config: LlmTrainConfig, summary: Mapping[str, Any]) -> str:
-    """Write ``training_summary.json`` (resolved config + what the run reports) atomically."""
-    path = config.output_dir / "training_summary.json"
-    write_text_atomic(path, json.dumps({"task": "llm", "config": config.to_dict(), **summary}, indent=2, default=str))
-    return str(path)

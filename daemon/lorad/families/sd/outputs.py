@@ -12,30 +12,26 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
-from lorad.atomic import write_text_atomic
 from lorad.config import TrainConfig
 from lorad.lora.diffusers_format import save_diffusers_lora
 from lorad.lora.kohya_format import save_kohya, to_kohya
+from lorad.training.family import RunFacts
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BASE_VERSION_NAMES = {"sd1": "sd_v1", "sd2": "sd_v2"}
 
 
 @dataclass(frozen=True)
-class RunFacts:
-    """What happened in the run, for metadata and the summary."""
+class SdRunFacts:
+    """What happened in an image run, for the LoRA file's metadata."""
 
     model_version: str
     num_train_images: int  # samples per epoch, repeats included (kohya's meaning)
     tag_frequency: Mapping[str, Mapping[str, int]]
-    started_at: float  # unix time
-    steps: int
-    epoch: int
-    final_loss: float
-    precision: str
+    run: RunFacts
 
 
-def kohya_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
+def kohya_metadata(config: TrainConfig, facts: SdRunFacts) -> dict[str, str]:
     """The ``ss_*`` metadata kohya's scripts write and A1111/Civitai read (all values strings)."""
     meta: dict[str, Any] = {
         "ss_output_name": config.output_name,
@@ -50,12 +46,12 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
         "ss_enable_bucket": config.enable_bucket,
         "ss_num_train_images": facts.num_train_images,
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
-        "ss_training_started_at": facts.started_at,
+        "ss_training_started_at": facts.run.started_at,
         "ss_training_finished_at": time.time(),
-        "ss_steps": facts.steps,
-        "ss_epoch": facts.epoch,
+        "ss_steps": facts.run.steps,
+        "ss_epoch": facts.run.epoch,
         "ss_num_epochs": config.epochs,
-        "ss_max_train_steps": config.max_train_steps or facts.steps,
+        "ss_max_train_steps": config.max_train_steps or facts.run.steps,
         "ss_learning_rate": config.learning_rate,
         "ss_unet_lr": config.learning_rate,
         "ss_text_encoder_lr": config.effective_text_encoder_lr if config.train_text_encoder else 0,
@@ -67,7 +63,7 @@ def kohya_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
         "ss_seed": config.seed,
         "ss_noise_offset": config.noise_offset,
         "ss_min_snr_gamma": config.min_snr_gamma or 0,
-        "ss_mixed_precision": facts.precision,
+        "ss_mixed_precision": facts.run.precision,
         "ss_max_grad_norm": config.max_grad_norm,
         "ss_caption_dropout_rate": config.caption_dropout,
         "ss_shuffle_caption": config.shuffle_caption,
@@ -81,7 +77,7 @@ def write_lora_files(
     config: TrainConfig,
     parts: Mapping[str, Mapping[str, torch.Tensor]],
     lora_configs: Mapping[str, LoraConfig],
-    facts: RunFacts,
+    facts: SdRunFacts,
 ) -> dict[str, str]:
     """Write the kohya file and diffusers' file; return {"kohya": path, "diffusers": path}."""
     dtype = SAVE_DTYPES[config.save_precision]
@@ -89,10 +85,3 @@ def write_lora_files(
     save_kohya(kohya_path, to_kohya(parts, config.effective_lora_alpha, dtype), kohya_metadata(config, facts))
     diffusers_path = save_diffusers_lora(config.output_dir, parts, lora_configs, dtype)
     return {"kohya": str(kohya_path), "diffusers": str(diffusers_path)}
-
-
-def write_summary(config: TrainConfig, summary: Mapping[str, Any]) -> str:
-    """Write ``training_summary.json`` (resolved config + whatever the run reports) atomically."""
-    path = config.output_dir / "training_summary.json"
-    write_text_atomic(path, json.dumps({"config": config.to_dict(), **summary}, indent=2, default=str))
-    return str(path)

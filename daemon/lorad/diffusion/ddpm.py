@@ -29,9 +29,11 @@ def training_target(
 
 def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights of Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for epsilon,
-    min(SNR, γ)/(SNR+1) for v-prediction. They stop easy (low-noise) steps dominating the loss."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1.0 - alphas)
+    min(SNR, γ)/(SNR+1) for v-prediction. They stop easy (low-noise) steps dominating the loss.
+    The SNR is diffusers' own (``compute_snr``), as its training examples use it."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)

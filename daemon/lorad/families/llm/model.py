@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lorad.config.llm_schema import LlmTrainConfig
-from lorad.engines.activation_checkpointing import disable_activation_checkpointing, is_activation_checkpointing
-from lorad.engines.device import Placement
 from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
 from lorad.lora.adapters import detach_lora
 from lorad.textdata.templates import TemplateError, resolve_template
+from lorad.training.activation_checkpointing import disable_activation_checkpointing, is_activation_checkpointing
+from lorad.training.placement import Placement
 
 
 @dataclass
@@ -23,6 +23,10 @@ class LlmModel:
     model: nn.Module
     source: str
     model_version: str  # the architecture, e.g. "LlamaForCausalLM"
+    use_cache: bool = field(init=False)  # the model's own KV-cache setting, put back after each run
+
+    def __post_init__(self) -> None:
+        self.use_cache = bool(getattr(self.model.config, "use_cache", True))
 
 
 @dataclass(frozen=True)

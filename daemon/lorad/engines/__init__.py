@@ -1,1 +1,0 @@
-"""Training engines: one plain PyTorch loop per model family."""

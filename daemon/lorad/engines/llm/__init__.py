@@ -1,1 +1,0 @@
-"""LLM (causal language model) LoRA training: :func:`lorad.engines.llm.train.train_llm_lora`."""

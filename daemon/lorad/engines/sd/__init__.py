@@ -1,1 +1,0 @@
-"""Stable Diffusion LoRA training (UNet and optionally the CLIP text encoder)."""

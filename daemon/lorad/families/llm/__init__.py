@@ -1,0 +1,1 @@
+"""Causal language models (Llama, Mistral, Qwen, ...): a PEFT LoRA adapter."""

@@ -1,0 +1,175 @@
+"""What a model family plugs into the one training loop (:func:`lorad.training.loop.train`).
+
+The loop owns everything every family does the same way: the output folder, the model provider and
+putting the base model back afterwards, resume and checkpoints, the optimizer, schedule, loss
+scaling, clipping and step, divergence and stop handling, events and TensorBoard, the summary.
+A family supplies the parts that differ, in two objects:
+
+- a :class:`ModelFamily` (one per family, stateless): scans the data before any model loads, names
+  and loads the base model (the daemon keeps it resident under :meth:`ModelFamily.model_key`), puts
+  it back exactly as found, and starts a run on it;
+- a :class:`FamilyRun` (one per run): the adapted parts and their parameter groups, the plan of an
+  epoch's micro-batches, the loss of one micro-batch, and the export of the trained adapter.
+
+Composition, not inheritance: the loop calls these methods and nothing else, so it reads top to
+bottom, and a new family is one package with a ``spec.py`` (see :mod:`lorad.families.registry`)
+and a ``family.py`` holding these two objects.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lorad.config.schema import TrainingKeys
+    from lorad.events import EventSink
+    from lorad.models.registry import ModelKey
+    from lorad.training.placement import Placement
+
+# One adapter name per run; a resident base model never carries two runs' adapters at once.
+ADAPTER = "lorad_run"
+
+# Images without a caption → their generated captions (see lorad.captioning.training.caption_filler).
+CaptionFiller = Callable[[list[Path]], Mapping[Path, str]]
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """Services the caller lends a run. ``caption_missing`` captions images that have none (image
+    families with a ``captioner`` set); ``stop`` set asks the run to checkpoint and stop after the
+    current step."""
+
+    caption_missing: CaptionFiller | None = None
+    stop: threading.Event | None = None
+
+
+@dataclass(frozen=True)
+class ScannedData:
+    """What a family's data scan found, before any model is loaded.
+
+    ``report`` (JSON-friendly) and ``text`` (for people) go into the ``DataReported`` event and the
+    summary; ``notes`` become log lines; ``payload`` is the family's own view of the data, handed
+    back to :meth:`ModelFamily.start`.
+    """
+
+    report: dict[str, Any]
+    text: str
+    payload: Any
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProvidedModel:
+    """A base model ready on the run's device, and how it got there."""
+
+    model: Any
+    resident: bool  # True when it was already in memory (no load happened for this run)
+    seconds: float  # time spent loading for this run
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What happened in a run, for the export's metadata."""
+
+    started_at: float  # unix time
+    steps: int
+    epoch: int
+    final_loss: float
+    precision: str
+
+
+@dataclass
+class Scalars:
+    """Numbers a family reports beside the loop's own: TensorBoard scalars of a step, and entries of
+    training_summary.json. Filled by the family's run; read by the loop."""
+
+    by_step: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class FamilyRun(Protocol):
+    """One run of a family on a provided base model, with its adapter attached.
+
+    Contract: ``parts`` maps a part name ("unet", "text_encoder", "model", ...) to the module carrying
+    the adapter :data:`ADAPTER`; the loop checkpoints and restores exactly those adapters.
+    ``param_groups`` are the optimizer's groups over their trainable parameters (each with "params"
+    and "lr"). :meth:`plan` is deterministic in ``epoch`` (a resumed run replays it), and
+    :meth:`loss` draws its randomness only from ``generator`` (seeded by the loop from seed, epoch
+    and micro-batch) and the global RNGs the loop checkpoints.
+    """
+
+    parts: Mapping[str, nn.Module]
+    param_groups: list[dict[str, Any]]
+    scalars: Scalars
+
+    def plan(self, epoch: int) -> Sequence[Any]:
+        """The micro-batches of ``epoch``, in order (the same for the same epoch, always)."""
+        ...
+
+    def loss(self, micro_batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """The mean loss of one micro-batch (a scalar with grad); called inside the run's autocast."""
+        ...
+
+    def train_mode(self, gradient_checkpointing: bool) -> None:
+        """Put the adapted parts in training mode (and turn checkpointing on) before the first step.
+        :meth:`ModelFamily.restore` undoes it."""
+        ...
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (an LLM evaluates every ``eval_steps`` here)."""
+        ...
+
+    def finish(self, step: int) -> None:
+        """Called once after the last step (``step``), before :meth:`export` (an LLM's final evaluation)."""
+        ...
+
+    def export(self, facts: RunFacts) -> dict[str, str]:
+        """Write the trained adapter's files into ``output_dir`` (atomically); return role → path."""
+        ...
+
+
+class ModelFamily(Protocol):
+    """A model family's plug-in: see the module docstring for what it owns and what the loop owns."""
+
+    name: str
+
+    def scan(self, config: TrainingKeys, *, on_event: EventSink, hooks: RunHooks) -> ScannedData:
+        """Read and check the training data without loading any model; DataError when none is usable."""
+        ...
+
+    def model_key(self, config: TrainingKeys, placement: Placement) -> ModelKey:
+        """The registry key of the base model this config trains on (equal keys share a resident model)."""
+        ...
+
+    def load(self, key: ModelKey) -> Any:
+        """Load and place a base model for training, as :meth:`model_key` describes it; the returned object
+        has ``source`` and ``model_version`` attributes. ModelLoadError when it cannot be used."""
+        ...
+
+    def start(
+        self,
+        config: TrainingKeys,
+        model: Any,
+        data: ScannedData,
+        placement: Placement,
+        on_event: EventSink,
+    ) -> FamilyRun:
+        """Prepare a run: resolve adapter targets, cache what never changes (latents, frozen encoder
+        outputs), attach the adapter (its initial weights drawn from the global RNG the loop seeded)."""
+        ...
+
+    def restore(self, model: Any) -> None:
+        """Leave a (possibly resident, shared) base model exactly as the run found it: adapter removed,
+        checkpointing off, eval mode. Safe to call when nothing was changed."""
+        ...
+
+    def signature(self, config: TrainingKeys) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        ...
