@@ -166,6 +166,22 @@ def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
         yield connected
 
 
+# --- SDXL fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL model in diffusers layout (built locally, offline)."""
+    from lorad.models.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+def tiny_sdxl_values(tiny_sdxl: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
+    """SDXL config keys for a fast CPU run on the tiny SDXL (64 px images, a few steps)."""
+    values = tiny_train_values(tiny_sdxl, data, out, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32)
+    values.update(overrides)
+    return values
+
+
 # --- Hugging Face cache ---------------------------------------------------------------------------
 @pytest.fixture
 def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -203,3 +203,26 @@ def test_diffusers_loads_every_key_and_matches_a_hand_merge(model: dict[str, Pat
             want_h = getattr(merged, part)(ids, output_hidden_states=True).hidden_states[-2]
             got_h = getattr(pipe, part)(ids, output_hidden_states=True).hidden_states[-2]
             assert torch.allclose(got_h, want_h, atol=1e-4, rtol=1e-3), part
+
+
+@pytest.mark.slow
+def test_every_key_of_a_trained_file_maps_to_an_a1111_module(
+    model: dict[str, Path], tmp_path: Path, dataset: Path
+) -> None:
+    from lorad.config.dispatch import parse_any_config
+    from lorad.training.loop import train
+    from tests.conftest import tiny_sdxl_values
+
+    values = tiny_sdxl_values(
+        model["folder"],
+        dataset,
+        tmp_path / "out",
+        train_text_encoder=True,
+        unet_target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+        text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    )
+    result = train(parse_any_config(values, base_dir=tmp_path))
+    known = a1111_module_names(model["file"])
+    modules = _modules(Path(result.outputs["kohya"]))
+    assert {m.split("_")[1] for m in modules} == {"unet", "te1", "te2"}
+    assert [m for m in modules if a1111_sdxl_module(m, known) is None] == []

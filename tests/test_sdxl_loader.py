@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorad.errors import ConfigError, ModelLoadError
-from lorad.models.family_detection import detect_image_family
+from lorad.families.registry import detect_family
 from lorad.models.ldm_layout import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, unet_to_ldm
 from lorad.models.sdxl_components import SDXLComponents
 from lorad.models.sdxl_loader import SDXL_CONFIGS, load_sdxl_components, probe_sdxl_checkpoint
@@ -231,7 +231,6 @@ def test_sdxl_ckpt_needs_allow_pickle(tiny: dict[str, Path], loaded: SDXLCompone
         load_sdxl_components(str(ckpt), model_config_dir=tiny["folder"])
     assert "allow_pickle" in err.value.hint
     _assert_same_weights(load_sdxl_components(str(ckpt), model_config_dir=tiny["folder"], allow_pickle=True), loaded)
-    assert detect_image_family(str(ckpt), allow_pickle=True) == "sdxl"
 
 
 def test_shipped_configs_describe_real_sdxl_base() -> None:
@@ -265,15 +264,16 @@ def test_cached_hub_id_loads(tiny: dict[str, Path], loaded: SDXLComponents, hf_c
     c = load_sdxl_components("lorad-test/tiny-sdxl")
     assert c.source == str(snapshot)
     _assert_same_weights(c, loaded)
-    assert detect_image_family("lorad-test/tiny-sdxl") == "sdxl"
+    assert detect_family("lorad-test/tiny-sdxl").name == "sdxl"
 
 
 def test_family_detection(tiny: dict[str, Path], tmp_path: Path) -> None:
     sd1 = build_tiny_sd(tmp_path / "sd1")
-    write_original_checkpoint(sd1, tmp_path / "sd1.safetensors")
-    assert detect_image_family(str(tiny["folder"])) == "sdxl"
-    assert detect_image_family(str(tiny["file"])) == "sdxl"
-    assert detect_image_family(str(sd1)) == "sd"
-    assert detect_image_family("sd1.safetensors", base_dir=tmp_path) == "sd"
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        detect_image_family(str(tmp_path / "missing.safetensors"))
+    sd1_file = write_original_checkpoint(sd1, tmp_path / "sd1.safetensors")
+    assert detect_family(str(tiny["folder"])).name == "sdxl"
+    assert detect_family(str(tiny["file"])).name == "sdxl"
+    assert detect_family(str(sd1)).name == "sd"
+    assert detect_family(str(sd1_file)).name == "sd"
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    assert detect_family(str(garbage)).name == "sd"  # whose loader then says what is wrong

@@ -78,11 +78,14 @@ class LoadedLora:
     rank: int
 
 
-def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedLora:
+def read_lora_file(
+    path: Path, module_paths: Mapping[str, list[str]], name_for: Callable[[str, str], str] | None = None
+) -> LoadedLora:
     """Read a kohya-format (or diffusers/peft-format) LoRA file for the given model parts.
 
-    ``module_paths`` maps a part ("unet", "text_encoder") to the module paths of that model;
-    kohya names are matched against them (underscores make the names ambiguous to split back).
+    ``module_paths`` maps a part ("unet", "text_encoder", ...) to the module paths of that model;
+    kohya names are matched against them (underscores make the names ambiguous to split back),
+    named by ``name_for(part, path)`` (default: SD 1.x/2.x's names, with or without ``text_model.``).
     Raises ModelLoadError (naming `init_lora`) for unreadable files or keys matching no module.
     """
     try:
@@ -93,18 +96,22 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
             f"`init_lora`: {path} is not a readable .safetensors LoRA ({err})",
             "point init_lora at a LoRA .safetensors file",
         ) from None
-    lookup: dict[str, dict[str, str]] = {}
+    lookup: dict[str, tuple[str, str]] = {}  # kohya module name -> (part, module path)
     for part, paths in module_paths.items():
-        lookup[part] = {
-            kohya_module_name(PREFIXES[part], name): p for p in paths for name in {p, portable_path(part, p)}
-        }
+        for p in paths:
+            if name_for is not None:
+                lookup[name_for(part, p)] = (part, p)
+            else:
+                lookup.update(
+                    {kohya_module_name(PREFIXES[part], name): (part, p) for name in {p, portable_path(part, p)}}
+                )
     parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in module_paths}
     alphas: dict[str, float] = {}
     unknown: list[str] = []
     ranks: set[int] = set()
     for key, tensor in tensors.items():
         name, _, role = key.partition(".")
-        if key.startswith(("unet.", "text_encoder.")):  # diffusers layout: <part>.<path>.lora_A.weight
+        if name in module_paths:  # diffusers layout: <part>.<path>.lora_A.weight
             part, _, rest = key.partition(".")
             module_path, _, role = rest.partition(".lora_")
             if part == "text_encoder" and module_path not in module_paths.get(part, ()):
@@ -116,11 +123,10 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
             if role == "A.weight":
                 ranks.add(tensor.shape[0])
             continue
-        part = next((p for p, pre in PREFIXES.items() if name.startswith(pre)), None)
-        module_path = lookup.get(part, {}).get(name) if part else None
-        if module_path is None:
+        if name not in lookup:
             unknown.append(key)
             continue
+        part, module_path = lookup[name]
         if role == "alpha":
             alphas[f"{part}:{module_path}"] = float(tensor.item())
         elif role == "lora_down.weight":

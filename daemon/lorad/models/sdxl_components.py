@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lorad.models.sd_components import state_dict_digest
+from lorad.models.sd_components import memoised_text_identity, state_dict_digest
 
 if TYPE_CHECKING:
     # Annotations only: importing this module must not pull in diffusers/transformers (slow to import).
@@ -45,7 +45,9 @@ class SDXLComponents:
     zero_terminal_snr: bool
     source: str
     model_version: str = "sdxl"
+    fp8_layers: int = 0  # UNet layers holding float8 weights (fp8_base); 0 for a full-precision model
     _vae_identity: str | None = field(default=None, init=False, repr=False)
+    _text_identities: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -65,3 +67,13 @@ class SDXLComponents:
         if self._vae_identity is None:
             self._vae_identity = state_dict_digest(self.vae.state_dict())
         return self._vae_identity
+
+    def text_encoder_identity(self, settings: dict[str, object]) -> str:
+        """Both text encoders' and tokenizers' identity under ``settings``, keying cached text-encoder
+        outputs. Memoised like :meth:`vae_identity`: call it only while no adapter is attached."""
+        return memoised_text_identity(
+            self._text_identities,
+            [self.text_encoder, self.text_encoder_2],
+            [self.tokenizer, self.tokenizer_2],
+            {"family": self.model_version, **settings},
+        )

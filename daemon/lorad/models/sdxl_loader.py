@@ -39,6 +39,7 @@ from lorad.models.sd_loader import (
 )
 from lorad.models.sd_tokenizer import find_tokenizer_dir, has_tokenizer_files, open_tokenizer
 from lorad.models.sdxl_components import SDXL_VAE_SCALING_FACTOR, SDXLComponents
+from lorad.models.sdxl_detection import is_sdxl_folder, is_sdxl_keys
 from lorad.models.single_file import (
     PICKLE_HINT,
     check_unet_in_channels,
@@ -92,11 +93,6 @@ class _Plan:
     model_tokenizers: tuple[Path | None, Path | None]  # the model's own tokenizer/ and tokenizer_2/
     config_tokenizers: list[Path]  # further tokenizer/ folders to try (model_config_dir's)
     load: Callable[[torch.dtype], _Modules]
-
-
-def is_sdxl_keys(keys: Sequence[str]) -> bool:
-    """True for the keys of an SGM-layout (SDXL-family) single file, base or refiner."""
-    return any(k.startswith("conditioner.embedders.") for k in keys)
 
 
 def load_sdxl_components(
@@ -257,23 +253,6 @@ def inspect_sdxl_folder(folder: Path, where: str, *, allow_pickle: bool) -> Fold
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json_object(scheduler_path, where) if scheduler_path.is_file() else None
     return FolderInfo("sdxl", options, scheduler)
-
-
-def is_sdxl_folder(folder: Path) -> bool:
-    """True for a diffusers folder of the SDXL family (base or refiner), from its JSON and folder names only."""
-    index_path = folder / "model_index.json"
-    try:
-        index = read_json_object(index_path, str(folder)) if index_path.is_file() else {}
-        unet_path = folder / "unet" / "config.json"
-        unet_config = read_json_object(unet_path, str(folder)) if unet_path.is_file() else {}
-    except ModelLoadError:
-        return False
-    return (
-        "XL" in str(index.get("_class_name", ""))
-        or "text_encoder_2" in index
-        or (folder / "text_encoder_2").is_dir()
-        or unet_config.get("addition_embed_type") == "text_time"
-    )
 
 
 def _plan_folder(folder: Path, where: str, *, allow_pickle: bool, config_dir: Path | None) -> _Plan:

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from lorad.atomic import write_with_atomic
-from lorad.config import parse_config
+from lorad.config.dispatch import parse_any_config
 from lorad.errors import ConfigError, ConfigProblem, LoradError
 from lorad.jobs.records import JobNotFound, JobRecord, JobState
 from lorad.watching.debounce import Debouncer
@@ -205,7 +205,7 @@ class WatchManager:
     def _check_config(self, record: WatchRecord) -> None:
         """Raise ConfigError unless the template config makes a valid job for this watch."""
         fields = job_fields(record, version=record.version + 1)
-        parse_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
+        parse_any_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
 
     def remove(self, watch: str) -> WatchView:
         """Stop watching (by id or absolute folder); queued jobs stay. WatchNotFound if unknown."""

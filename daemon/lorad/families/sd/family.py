@@ -8,7 +8,6 @@ micro-batch (epsilon or v-prediction, noise offset, min-SNR); the export writes 
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,21 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorad.config import TrainConfig
 from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_epoch
-from lorad.data.captions import prepare_caption
 from lorad.data.dataset import TrainImage, scan_dataset
 from lorad.data.latent_cache import LatentCache
 from lorad.data.report import DataReport
-from lorad.diffusion.ddpm import sample_noise, snr_weights, training_target
+from lorad.diffusion.captions import caption_conditioning, epoch_caption, move_off_device, run_epochs
+from lorad.diffusion.ddpm import denoising_loss, noised_latents
 from lorad.diffusion.latents import encode_latents
 from lorad.events import EventSink, LatentsCached
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SdRunFacts, write_lora_files
-from lorad.families.sd.prompts import PromptEncoder
 from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
 from lorad.lora.targets import ADAPTABLE, TEXT_ENCODER_SUGGESTIONS, UNET_ALIASES, UNET_SUGGESTIONS, resolve_targets
 from lorad.models.registry import ModelKey
@@ -174,7 +171,31 @@ class SdRun:
         self.param_groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
         if te_params:
             self.param_groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
-        self.prompts = PromptEncoder(components.tokenizer, text_encoder, self.device, trainable=bool(te_params))
+        tokenizer = components.tokenizer
+
+        def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                truncation=True,
+                max_length=tokenizer.model_max_length,
+                return_tensors="pt",
+            ).input_ids
+            return {"hidden": text_encoder(ids.to(self.device))[0]}
+
+        self.text = caption_conditioning(
+            config,
+            raw_captions=[data.images[i].caption for i in self.samples],
+            epochs=run_epochs(config, len(self.plan(0))),
+            encode=encode,
+            identity=lambda: components.text_encoder_identity({"output": "last_hidden_state"}),
+            trainable=bool(te_params),
+            device=self.device,
+            on_event=on_event,
+            scalars=self.scalars,
+        )
+        if not te_params and config.cache_text_encoder_outputs:
+            move_off_device([text_encoder], self.device)
 
     def plan(self, epoch: int) -> Sequence[MicroBatch]:
         config = self.config
@@ -187,31 +208,23 @@ class SdRun:
         config, images, scheduler = self.config, self.data.images, self.components.noise_scheduler
         batch = micro_batch.samples
         captions = [
-            prepare_caption(
-                images[self.samples[i]].caption,
-                rng=random.Random(f"{config.seed}:{micro_batch.epoch}:{i}"),
-                shuffle=config.shuffle_caption,
-                keep_tokens=config.keep_tokens,
-                dropout=config.caption_dropout,
-                trigger_word=config.trigger_word,
-            )
-            for i in batch
+            epoch_caption(config, images[self.samples[i]].caption, epoch=micro_batch.epoch, position=i) for i in batch
         ]
         pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
-        mean = torch.stack([m for m, _ in pairs])
-        std = torch.stack([s for _, s in pairs])
-        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * self.components.vae.config.scaling_factor
-        noise = sample_noise(clean, offset=config.noise_offset, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-        clean, noise, timesteps = clean.to(self.device), noise.to(self.device), timesteps.to(self.device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        target = training_target(scheduler, clean, noise, timesteps)
+        noisy, timesteps, target = noised_latents(
+            torch.stack([m for m, _ in pairs]),
+            torch.stack([s for _, s in pairs]),
+            scaling=self.components.vae.config.scaling_factor,
+            scheduler=scheduler,
+            noise_offset=config.noise_offset,
+            generator=generator,
+            device=self.device,
+        )
         unet = self.components.unet
-        pred = unet(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if config.min_snr_gamma:
-            loss = loss * snr_weights(scheduler, timesteps, config.min_snr_gamma)
-        return loss.mean()
+        pred = unet(noisy.to(unet.dtype), timesteps, self.text(captions)["hidden"]).sample
+        return denoising_loss(
+            pred, target, scheduler=scheduler, timesteps=timesteps, min_snr_gamma=config.min_snr_gamma
+        )
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
         for part in self.parts.values():
@@ -305,6 +318,8 @@ class SdFamily:
                 disable_activation_checkpointing(module)
             module.eval()
             detach_lora(module, ADAPTER)
+        # A run with cached text-encoder outputs moved the encoder off the device; the next job needs it.
+        model.text_encoder.to(model.unet.device)
 
     def signature(self, config: TrainConfig) -> dict[str, Any]:
         keys = (

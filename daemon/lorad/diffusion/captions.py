@@ -1,0 +1,119 @@
+"""Captions in an image family's run: what each sample sees, and their text-encoder outputs for a step.
+
+Every caption a run uses follows from its seed: sample ``position`` of ``epoch`` gets the image's raw
+caption transformed by :func:`lorad.data.captions.prepare_caption` with an RNG seeded from
+(seed, epoch, position). So before the first step a run can list every string it will ever encode,
+encode each once into the text-encoder cache, and then run no text encoder at all.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorad.config import TrainConfig
+from lorad.data.captions import prepare_caption
+from lorad.diffusion.text_cache import BatchEncoder, TextEncoderCache
+from lorad.events import EventSink, LogLine
+from lorad.paths import default_cache_dir
+from lorad.training.family import Scalars
+
+#: Captions of a step -> the text-encoder outputs its loss needs (name -> tensor, batch first, on the device).
+Conditioning = Callable[[Sequence[str]], dict[str, torch.Tensor]]
+
+# Entries kept in memory at once; the rest are read back from disk (an SDXL entry is ~0.3 MB).
+MAX_ENTRIES_IN_MEMORY = 2048
+
+
+def epoch_caption(config: TrainConfig, caption: str, *, epoch: int, position: int) -> str:
+    """The caption sample ``position`` of ``epoch`` trains with (trigger word, shuffle, dropout)."""
+    return prepare_caption(
+        caption,
+        rng=random.Random(f"{config.seed}:{epoch}:{position}"),
+        shuffle=config.shuffle_caption,
+        keep_tokens=config.keep_tokens,
+        dropout=config.caption_dropout,
+        trigger_word=config.trigger_word,
+    )
+
+
+def run_epochs(config: TrainConfig, micro_batches_per_epoch: int) -> int:
+    """How many epochs (the last maybe partial) the loop runs for ``config``, as it counts them."""
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_train_steps or config.epochs * steps_per_epoch
+    return math.ceil(total_steps / steps_per_epoch)
+
+
+def text_cache_dir(config: TrainConfig) -> Path:
+    """Where a run keeps text-encoder outputs: ``cache_dir``/text, else lorad's cache folder's."""
+    return (config.cache_dir or default_cache_dir()) / "text"
+
+
+def caption_conditioning(
+    config: TrainConfig,
+    *,
+    raw_captions: Sequence[str],
+    epochs: int,
+    encode: BatchEncoder,
+    identity: Callable[[], str],
+    trainable: bool,
+    device: torch.device,
+    on_event: EventSink,
+    scalars: Scalars,
+) -> Conditioning:
+    """How a run turns a step's captions into text-encoder outputs.
+
+    ``raw_captions[i]`` is the raw caption of sample position ``i`` of every epoch; ``encode`` runs
+    the text encoder(s) on a list of captions; ``identity()`` names them for the cache (called only
+    when caching). Trained encoders (``trainable``) run at every step, with autograd. Frozen ones
+    with ``cache_text_encoder_outputs`` off also run at every step, without it. Otherwise every
+    caption of the run's ``epochs`` is encoded now into the on-disk cache (or found there), and a
+    step only reads the cache: the caller may then move the encoders off the device.
+    """
+    if trainable:
+        return lambda captions: dict(encode(list(captions)))
+    if not config.cache_text_encoder_outputs:
+
+        def frozen(captions: Sequence[str]) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return dict(encode(list(captions)))
+
+        return frozen
+
+    t0 = time.monotonic()
+    planned = [
+        epoch_caption(config, caption, epoch=epoch, position=position)
+        for epoch in range(epochs)
+        for position, caption in enumerate(raw_captions)
+    ]
+    cache = TextEncoderCache(text_cache_dir(config), identity(), max_in_memory=MAX_ENTRIES_IN_MEMORY)
+    stats = cache.pre_encode(planned, encode)
+    seconds = time.monotonic() - t0
+    distinct = stats.encoded + stats.cached
+    scalars.summary["text_encoder_outputs"] = {
+        "distinct_captions": distinct,
+        "encoded": stats.encoded,
+        "cached": stats.cached,
+        "seconds": seconds,
+    }
+    on_event(
+        LogLine(
+            f"text encoder outputs: {distinct} distinct captions over {epochs} epochs, {stats.encoded} encoded now, "
+            f"{stats.cached} from the cache ({seconds:.1f} s)"
+        )
+    )
+    return lambda captions: cache.batch(captions, device=device)
+
+
+def move_off_device(modules: Sequence[nn.Module], device: torch.device) -> None:
+    """Free ``modules``' accelerator memory for the rest of a run by moving them to the CPU (a no-op on
+    the CPU); the family's ``restore`` moves them back for the next job, unchanged (moves are exact)."""
+    if device.type != "cpu":
+        for module in modules:
+            module.to("cpu")
