@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -74,6 +74,7 @@ class CaseSettings:
     warmup_steps: int  # untimed steps at the start of every run
     repeats: int  # runs per side; the median is reported
     rank: int
+    gradient_checkpointing: bool = False  # both sides recompute activations in backward
 
     @property
     def images(self) -> int:
@@ -109,6 +110,7 @@ class BareInputs:
     std: torch.Tensor  # (N, 4, h, w) VAE posterior std, fp32
     hidden: torch.Tensor  # (N, 77, dim) text-encoder output for each caption
     scaling: float  # VAE scaling factor
+    added: dict[str, torch.Tensor] | None = None  # SDXL: (N, ...) "text_embeds" and "time_ids"
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,16 +315,21 @@ def run_engine(
     device_flag: str,
     precision_flag: str,
     repeat: int,
+    *,
+    extra: dict[str, Any] | None = None,
 ) -> LoopRun:
-    """One full ``train`` call on the resident model; times steps warmup+1..end from its events."""
-    from lorad.config import parse_config
+    """One full ``train`` call on the resident model; times steps warmup+1..end from its events.
+
+    ``extra`` adds or overrides config keys (another family's, e.g. ``model_family: sdxl``).
+    """
+    from lorad.config.dispatch import parse_any_config
     from lorad.events import Event, StepDone, TrainingStarted
     from lorad.training.loop import train
 
     device = placement.device
     total = settings.warmup_steps + settings.steps
     out = work / f"engine-run-{repeat}"
-    config = parse_config(
+    config = parse_any_config(
         {
             "train_data_dir": str(data_dir),
             "metadata_path": str(data_dir / "metadata.csv"),
@@ -348,7 +355,9 @@ def run_engine(
             "seed": SEED,
             "device": device_flag,
             "mixed_precision": precision_flag,
-        },
+            "gradient_checkpointing": settings.gradient_checkpointing,
+        }
+        | (extra or {}),
         base_dir=work,
         source="bench config",
     )
@@ -443,6 +452,8 @@ def run_bare(
             device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
         )
         unet.train()
+        if settings.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         batch, total = settings.batch_size, settings.warmup_steps + settings.steps
         batches = inputs.mean.shape[0] // batch
         num_timesteps = scheduler.config.num_train_timesteps
@@ -457,6 +468,9 @@ def run_bare(
             lo = ((step - 1) % batches) * batch
             mean, std = inputs.mean[lo : lo + batch], inputs.std[lo : lo + batch]
             hidden = inputs.hidden[lo : lo + batch]
+            conditioning = {}
+            if inputs.added is not None:
+                conditioning["added_cond_kwargs"] = {k: v[lo : lo + batch] for k, v in inputs.added.items()}
             # Same math as the engine: a fresh latent sample from the VAE posterior, noise,
             # uniform timesteps, the scheduler's noising, MSE to the epsilon (or v) target.
             clean = (mean + std * torch.randn_like(mean)) * inputs.scaling
@@ -465,7 +479,7 @@ def run_bare(
             noisy = scheduler.add_noise(clean, noise, timesteps)
             target = scheduler.get_velocity(clean, noise, timesteps) if v_prediction else noise
             with autocast:
-                pred = unet(noisy.to(unet.dtype), timesteps, hidden).sample
+                pred = unet(noisy.to(unet.dtype), timesteps, hidden, **conditioning).sample
             loss = F.mse_loss(pred.float(), target)
             (scaler.scale(loss) if scaler else loss).backward()
             if scaler:
@@ -491,6 +505,8 @@ def run_bare(
         final_loss = float(loss.detach())
         trainable = sum(p.numel() for p in params)
     finally:
+        if settings.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
         unet.eval()
         detach_lora(unet, BARE_ADAPTER)  # cleanup only; not part of the timed steps
     return LoopRun(
@@ -529,25 +545,45 @@ def bench_case(
         flush=True,
     )
 
+    runs = run_alternating(
+        settings,
+        placement,
+        engine=lambda repeat: run_engine(
+            components, settings, work / "data", work, placement, args.device, args.precision, repeat
+        ),
+        bare=lambda repeat: run_bare(components, inputs, settings, placement, repeat),
+    )
+    components = inputs = None  # free the model before the next case builds its own
+    release_memory(placement.device)
+    return summarize(settings, placement, runs)
+
+
+def run_alternating(
+    settings: CaseSettings,
+    placement: Placement,
+    *,
+    engine: Callable[[int], LoopRun],
+    bare: Callable[[int], LoopRun],
+) -> dict[str, list[LoopRun]]:
+    """Run each side ``settings.repeats`` times, alternating who goes first; print each run's time."""
     runs: dict[str, list[LoopRun]] = {"engine": [], "bare": []}
     for repeat in range(settings.repeats):
         # Alternate who goes first, so a drift in machine speed does not favour one side.
         order = ("engine", "bare") if repeat % 2 == 0 else ("bare", "engine")
         for side in order:
             release_memory(placement.device)
-            if side == "engine":
-                run = run_engine(
-                    components, settings, work / "data", work, placement, args.device, args.precision, repeat
-                )
-            else:
-                run = run_bare(components, inputs, settings, placement, repeat)
+            run = engine(repeat) if side == "engine" else bare(repeat)
             runs[side].append(run)
             print(
                 f"[{settings.name}] repeat {repeat + 1}/{settings.repeats} {side:6s} "
                 f"{run.s_per_step * 1e3:9.2f} ms/step",
                 flush=True,
             )
+    return runs
 
+
+def summarize(settings: CaseSettings, placement: Placement, runs: dict[str, list[LoopRun]]) -> dict[str, Any]:
+    """The case's result: median s/step per side, their ratio, cross-checks, peaks and every run."""
     engine = [r.s_per_step for r in runs["engine"]]
     bare = [r.s_per_step for r in runs["bare"]]
     paired = [e / b for e, b in zip(engine, bare, strict=True)]
@@ -571,8 +607,6 @@ def bench_case(
         peaks = [r.peak_bytes for r in runs[side] if r.peak_bytes is not None]
         return max(peaks) if peaks else None
 
-    del components, inputs
-    release_memory(placement.device)
     return {
         "case": settings.name,
         "settings": asdict(settings) | {"images": settings.images},

@@ -280,3 +280,28 @@ def test_cli_example_check_and_train(
     code, out, err = run_cli(capsys, "train", "--config", str(cfg))
     assert code == 0, err
     assert "<lora:my_sdxl:0.8>" in out
+
+
+def test_init_lora_continues_an_sdxl_lora(tmp_path: Path, tiny_sdxl: Path, dataset: Path) -> None:
+    first = train(
+        sdxl_config(tmp_path, tiny_sdxl, dataset, "first", train_text_encoder=True, save_precision="fp32", lora_alpha=2)
+    )
+    # One step at a vanishing learning rate: the continued LoRA is the file it started from.
+    again = train(
+        sdxl_config(
+            tmp_path,
+            tiny_sdxl,
+            dataset,
+            "again",
+            train_text_encoder=True,
+            save_precision="fp32",
+            lora_alpha=2,
+            init_lora=first.outputs["kohya"],
+            max_train_steps=1,
+            learning_rate="1e-12",
+        )
+    )
+    before, after = load_file(first.outputs["kohya"]), load_file(again.outputs["kohya"])
+    assert before.keys() == after.keys() and any(k.startswith("lora_te2_") for k in before)
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert any(before[k].abs().sum() > 0 for k in before if k.endswith("lora_up.weight"))
