@@ -626,33 +626,36 @@ def summarize(settings: CaseSettings, placement: Placement, runs: dict[str, list
     }
 
 
+def tiny_settings(gpu: bool) -> CaseSettings:
+    """The tiny case: steps take milliseconds, so many of them, and per-step overhead is measured well."""
+    return CaseSettings(
+        "tiny",
+        TINY_RESOLUTION,
+        batch_size=4,
+        steps=100 if gpu else 20,
+        warmup_steps=10 if gpu else 5,
+        repeats=5 if gpu else 7,
+        rank=8,
+    )
+
+
+def with_flags(settings: CaseSettings, args: argparse.Namespace, keys: Sequence[str]) -> CaseSettings:
+    """``settings`` with the flags among ``keys`` that were given on the command line."""
+    return replace(settings, **{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
+
+
 def case_settings(name: str, device: torch.device, args: argparse.Namespace) -> CaseSettings:
     """Per-case defaults for this device, overridden by the flags that were given."""
     gpu = device.type != "cpu"
     if name == "tiny":
-        # Tiny steps take milliseconds: many of them, so per-step overhead is measured well.
-        settings = CaseSettings(
-            "tiny",
-            TINY_RESOLUTION,
-            batch_size=4,
-            steps=100 if gpu else 20,
-            warmup_steps=10 if gpu else 5,
-            repeats=5 if gpu else 7,
-            rank=8,
-        )
+        settings = tiny_settings(gpu)
     elif gpu:
         settings = CaseSettings("sd15", 512, batch_size=2, steps=30, warmup_steps=5, repeats=3, rank=8)
     else:
         # A real-size UNet step is seconds on a CPU (~3 s at 128 px on 2 cores, ~13 s at 256 px).
         settings = CaseSettings("sd15", 128, batch_size=1, steps=3, warmup_steps=1, repeats=3, rank=8)
-    overrides = {
-        key: getattr(args, key)
-        for key in ("steps", "warmup_steps", "batch_size", "repeats", "rank")
-        if getattr(args, key) is not None
-    }
-    if args.resolution is not None and name == "sd15":
-        overrides["resolution"] = args.resolution
-    return replace(settings, **overrides)
+    keys = ["steps", "warmup_steps", "batch_size", "repeats", "rank"] + (["resolution"] if name == "sd15" else [])
+    return with_flags(settings, args, keys)
 
 
 def format_bytes(value: int | None) -> str:

@@ -26,7 +26,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,6 @@ import torch
 
 from bench.engine_vs_bare import (
     SEED,
-    TINY_RESOLUTION,
     BareInputs,
     CaseSettings,
     LoopRun,
@@ -48,6 +46,8 @@ from bench.engine_vs_bare import (
     run_bare,
     run_engine,
     summarize,
+    tiny_settings,
+    with_flags,
 )
 
 if TYPE_CHECKING:
@@ -229,27 +229,13 @@ def case_settings(name: str, device: torch.device, args: argparse.Namespace) -> 
     """Per-case defaults for this device, overridden by the flags that were given."""
     gpu = device.type != "cpu"
     if name == "tiny":
-        settings = CaseSettings(
-            "tiny",
-            TINY_RESOLUTION,
-            batch_size=4,
-            steps=100 if gpu else 20,
-            warmup_steps=10 if gpu else 5,
-            repeats=5 if gpu else 7,
-            rank=8,
-        )
+        settings = tiny_settings(gpu)
     elif gpu:
         settings = CaseSettings("sdxl", 1024, batch_size=1, steps=20, warmup_steps=3, repeats=3, rank=8)
     else:
         settings = CaseSettings("sdxl", 128, batch_size=1, steps=3, warmup_steps=1, repeats=3, rank=8)
-    overrides = {
-        key: getattr(args, key)
-        for key in ("steps", "warmup_steps", "batch_size", "repeats", "rank", "gradient_checkpointing")
-        if getattr(args, key) is not None
-    }
-    if args.resolution is not None and name == "sdxl":
-        overrides["resolution"] = args.resolution
-    return replace(settings, **overrides)
+    keys = ["steps", "warmup_steps", "batch_size", "repeats", "rank", "gradient_checkpointing"]
+    return with_flags(settings, args, keys + (["resolution"] if name == "sdxl" else []))
 
 
 def pick_bench_placement(device_name: str, precision: str) -> Placement:

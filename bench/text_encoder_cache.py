@@ -28,7 +28,16 @@ from typing import Any
 import torch
 
 from bench import engine_vs_bare, sdxl_vs_bare
-from bench.engine_vs_bare import SEED, CaseSettings, LoopRun, environment, make_dataset, release_memory, run_engine
+from bench.engine_vs_bare import (
+    SEED,
+    CaseSettings,
+    LoopRun,
+    environment,
+    make_dataset,
+    release_memory,
+    run_engine,
+    with_flags,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CASES = ("sd1", "sdxl")
@@ -106,8 +115,7 @@ def case_settings(name: str, args: argparse.Namespace) -> CaseSettings:
         settings = CaseSettings(name, 64, batch_size=4, steps=20, warmup_steps=5, repeats=5, rank=8)
     else:
         settings = CaseSettings(name, 128, batch_size=1, steps=3, warmup_steps=1, repeats=3, rank=8)
-    overrides = {k: getattr(args, k) for k in ("steps", "warmup_steps", "repeats") if getattr(args, k) is not None}
-    return CaseSettings(**(settings.__dict__ | overrides))
+    return with_flags(settings, args, ("steps", "warmup_steps", "repeats"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,6 @@ micro-batch (epsilon or v-prediction, noise offset, min-SNR); the export writes 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,13 @@ import torch
 from torch import nn
 
 from lorad.config import TrainConfig
-from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets, plan_epoch
+from lorad.data.buckets import assign_bucket, bucket_counts, make_buckets
 from lorad.data.dataset import TrainImage, scan_dataset
-from lorad.data.latent_cache import LatentCache
 from lorad.data.report import DataReport
-from lorad.diffusion.captions import caption_conditioning, epoch_caption, move_off_device, run_epochs
-from lorad.diffusion.ddpm import denoising_loss, noised_latents
-from lorad.diffusion.latents import encode_latents
-from lorad.events import EventSink, LatentsCached
+from lorad.diffusion.captions import caption_conditioning, move_off_device, run_epochs
+from lorad.diffusion.ddpm import denoising_loss
+from lorad.diffusion.image_samples import ImageSamples, MicroBatch, train_parts
+from lorad.events import EventSink
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SdRunFacts, write_lora_files
 from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
@@ -33,10 +31,8 @@ from lorad.lora.targets import ADAPTABLE, TEXT_ENCODER_SUGGESTIONS, UNET_ALIASES
 from lorad.models.registry import ModelKey
 from lorad.models.sd_components import SDComponents
 from lorad.models.single_file import is_pickle_path
-from lorad.paths import default_cache_dir
 from lorad.training.activation_checkpointing import (
     disable_activation_checkpointing,
-    enable_activation_checkpointing,
     is_activation_checkpointing,
 )
 from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
@@ -50,14 +46,6 @@ class SdData:
     images: list[TrainImage]
     buckets: list[tuple[int, int]]
     report: DataReport
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """One micro-batch of an epoch's plan: positions in the epoch's sample list."""
-
-    epoch: int
-    samples: tuple[int, ...]
 
 
 def load_for_training(
@@ -126,17 +114,16 @@ class SdRun:
         }
 
         # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
-        t0 = time.monotonic()
-        cache = LatentCache(config.cache_dir or default_cache_dir() / "latents", components.vae_identity())
-        self.latents, stats = encode_latents(
-            data.images, data.buckets, vae=components.vae, cache=cache, device=self.device
+        self.samples = ImageSamples(
+            config,
+            data.images,
+            data.buckets,
+            vae=components.vae,
+            vae_identity=components.vae_identity(),
+            device=self.device,
+            on_event=on_event,
+            scalars=self.scalars,
         )
-        seconds = time.monotonic() - t0
-        on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=seconds))
-        self.scalars.summary["latents"] = {"cached": stats.cached, "encoded": stats.encoded, "seconds": seconds}
-        # Each image appears `repeats` times per epoch.
-        self.samples = [i for i, image in enumerate(data.images) for _ in range(image.repeats)]
-        self.sample_buckets = [data.buckets[i] for i in self.samples]
 
         unet_params = attach_lora(
             unet,
@@ -185,7 +172,7 @@ class SdRun:
 
         self.text = caption_conditioning(
             config,
-            raw_captions=[data.images[i].caption for i in self.samples],
+            raw_captions=self.samples.raw_captions(),
             epochs=run_epochs(config, len(self.plan(0))),
             encode=encode,
             identity=lambda: components.text_encoder_identity({"output": "last_hidden_state"}),
@@ -198,39 +185,21 @@ class SdRun:
             move_off_device([text_encoder], self.device)
 
     def plan(self, epoch: int) -> Sequence[MicroBatch]:
-        config = self.config
-        return [
-            MicroBatch(epoch, tuple(batch))
-            for batch in plan_epoch(self.sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
-        ]
+        return self.samples.plan(epoch)
 
     def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
-        config, images, scheduler = self.config, self.data.images, self.components.noise_scheduler
-        batch = micro_batch.samples
-        captions = [
-            epoch_caption(config, images[self.samples[i]].caption, epoch=micro_batch.epoch, position=i) for i in batch
-        ]
-        pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
-        noisy, timesteps, target = noised_latents(
-            torch.stack([m for m, _ in pairs]),
-            torch.stack([s for _, s in pairs]),
-            scaling=self.components.vae.config.scaling_factor,
-            scheduler=scheduler,
-            noise_offset=config.noise_offset,
-            generator=generator,
-            device=self.device,
+        scheduler = self.components.noise_scheduler
+        noisy, timesteps, target = self.samples.noised(
+            micro_batch, generator, scaling=self.components.vae.config.scaling_factor, scheduler=scheduler
         )
         unet = self.components.unet
-        pred = unet(noisy.to(unet.dtype), timesteps, self.text(captions)["hidden"]).sample
+        pred = unet(noisy.to(unet.dtype), timesteps, self.text(self.samples.captions(micro_batch))["hidden"]).sample
         return denoising_loss(
-            pred, target, scheduler=scheduler, timesteps=timesteps, min_snr_gamma=config.min_snr_gamma
+            pred, target, scheduler=scheduler, timesteps=timesteps, min_snr_gamma=self.config.min_snr_gamma
         )
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
-        for part in self.parts.values():
-            part.train()
-            if gradient_checkpointing:
-                enable_activation_checkpointing(part)
+        train_parts(list(self.parts.values()), gradient_checkpointing)
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass

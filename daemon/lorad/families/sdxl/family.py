@@ -10,7 +10,6 @@ file (SGM UNet names, ``lora_te1_``/``lora_te2_``: A1111, Forge, ComfyUI) and di
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorad.data.buckets import plan_epoch
-from lorad.data.latent_cache import LatentCache
-from lorad.diffusion.captions import caption_conditioning, epoch_caption, move_off_device, run_epochs
-from lorad.diffusion.ddpm import denoising_loss, noised_latents
-from lorad.diffusion.latents import encode_latents
-from lorad.events import EventSink, LatentsCached, LogLine
+from lorad.diffusion.captions import caption_conditioning, move_off_device, run_epochs
+from lorad.diffusion.ddpm import denoising_loss
+from lorad.diffusion.image_samples import ImageSamples, MicroBatch, train_parts
+from lorad.events import EventSink, LogLine
 from lorad.families.sd.family import FAMILY as SD_FAMILY
-from lorad.families.sd.family import MicroBatch, SdData
+from lorad.families.sd.family import SdData
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SAVE_DTYPES, SdRunFacts, kohya_metadata
 from lorad.families.sdxl.conditioning import HIDDEN, POOLED, encode_prompts, time_ids, time_ids_tensor
@@ -40,10 +37,8 @@ from lorad.models.fp8 import store_in_fp8
 from lorad.models.registry import ModelKey
 from lorad.models.sdxl_components import SDXLComponents
 from lorad.models.single_file import is_pickle_path
-from lorad.paths import default_cache_dir
 from lorad.training.activation_checkpointing import (
     disable_activation_checkpointing,
-    enable_activation_checkpointing,
     is_activation_checkpointing,
 )
 from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
@@ -115,20 +110,20 @@ class SdxlRun:
         }
 
         # Latents are encoded once per (image content, bucket, VAE) and reused across runs.
-        t0 = time.monotonic()
-        cache = LatentCache(config.cache_dir or default_cache_dir() / "latents", components.vae_identity())
-        self.latents, stats = encode_latents(
-            data.images, data.buckets, vae=components.vae, cache=cache, device=self.device
+        self.samples = ImageSamples(
+            config,
+            data.images,
+            data.buckets,
+            vae=components.vae,
+            vae_identity=components.vae_identity(),
+            device=self.device,
+            on_event=on_event,
+            scalars=self.scalars,
         )
-        seconds = time.monotonic() - t0
-        on_event(LatentsCached(cached=stats.cached, encoded=stats.encoded, seconds=seconds))
-        self.scalars.summary["latents"] = {"cached": stats.cached, "encoded": stats.encoded, "seconds": seconds}
-        # Each image appears `repeats` times per epoch; each sample keeps its image's size/crop ids.
-        self.samples = [i for i, image in enumerate(data.images) for _ in range(image.repeats)]
-        self.sample_buckets = [data.buckets[i] for i in self.samples]
+        # Each sample position keeps its image's size and crop as SDXL's micro-conditioning.
         self.time_ids = [
-            time_ids(data.images[i].width, data.images[i].height, bucket)
-            for i, bucket in zip(self.samples, self.sample_buckets, strict=True)
+            time_ids(self.samples.image(i).width, self.samples.image(i).height, self.samples.bucket_of[i])
+            for i in range(len(self.samples))
         ]
 
         lora = {"rank": config.lora_rank, "alpha": config.effective_lora_alpha, "dropout": config.lora_dropout}
@@ -167,7 +162,7 @@ class SdxlRun:
 
         self.text = caption_conditioning(
             config,
-            raw_captions=[data.images[i].caption for i in self.samples],
+            raw_captions=self.samples.raw_captions(),
             epochs=run_epochs(config, len(self.plan(0))),
             encode=encode,
             identity=lambda: components.text_encoder_identity({"output": "penultimate+pooled"}),
@@ -186,45 +181,24 @@ class SdxlRun:
         return sdxl_kohya_name(part, module_path, self.components.unet.config)
 
     def plan(self, epoch: int) -> Sequence[MicroBatch]:
-        config = self.config
-        return [
-            MicroBatch(epoch, tuple(batch))
-            for batch in plan_epoch(self.sample_buckets, config.batch_size, seed=config.seed, epoch=epoch)
-        ]
+        return self.samples.plan(epoch)
 
     def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
-        config, images, scheduler = self.config, self.data.images, self.components.noise_scheduler
-        batch = micro_batch.samples
-        captions = [
-            epoch_caption(config, images[self.samples[i]].caption, epoch=micro_batch.epoch, position=i) for i in batch
-        ]
-        pairs = [self.latents[(images[self.samples[i]].content_hash, self.sample_buckets[i])] for i in batch]
-        noisy, timesteps, target = noised_latents(
-            torch.stack([m for m, _ in pairs]),
-            torch.stack([s for _, s in pairs]),
-            scaling=self.components.vae_scaling_factor,
-            scheduler=scheduler,
-            noise_offset=config.noise_offset,
-            generator=generator,
-            device=self.device,
+        scheduler = self.components.noise_scheduler
+        noisy, timesteps, target = self.samples.noised(
+            micro_batch, generator, scaling=self.components.vae_scaling_factor, scheduler=scheduler
         )
-        unet = self.components.unet
-        text = self.text(captions)
+        text = self.text(self.samples.captions(micro_batch))
         dtype = text[HIDDEN].dtype
-        added = {
-            "text_embeds": text[POOLED],
-            "time_ids": time_ids_tensor([self.time_ids[i] for i in batch], device=self.device, dtype=dtype),
-        }
-        pred = unet(noisy.to(dtype), timesteps, text[HIDDEN], added_cond_kwargs=added).sample
+        ids = [self.time_ids[i] for i in micro_batch.samples]
+        added = {"text_embeds": text[POOLED], "time_ids": time_ids_tensor(ids, device=self.device, dtype=dtype)}
+        pred = self.components.unet(noisy.to(dtype), timesteps, text[HIDDEN], added_cond_kwargs=added).sample
         return denoising_loss(
-            pred, target, scheduler=scheduler, timesteps=timesteps, min_snr_gamma=config.min_snr_gamma
+            pred, target, scheduler=scheduler, timesteps=timesteps, min_snr_gamma=self.config.min_snr_gamma
         )
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
-        for part in self.parts.values():
-            part.train()
-            if gradient_checkpointing:
-                enable_activation_checkpointing(part)
+        train_parts(list(self.parts.values()), gradient_checkpointing)
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass
