@@ -36,6 +36,12 @@ bench *ARGS:
         {{venv}}/python -m "bench.${args[0]}" "${args[@]:1}"
     fi
 
+# The GPU suite: engine vs bare loops on real-size models (SD1.5, SDXL, Flux, LLM) and a warm daemon job,
+# one table (bench/results/gpu_suite-<mode>.md, or --out FILE). On a CPU it runs reduced sizes.
+# On a borrowed GPU machine: `timeout 900 just bench-gpu --out gpu_suite.md` (about 3-5 minutes on an H100).
+bench-gpu *ARGS:
+    {{venv}}/python -m bench.gpu_suite {{ARGS}}
+
 # Lint, and check the format (`{{venv}}/ruff format .` fixes it)
 lint:
     {{venv}}/ruff check .

@@ -170,7 +170,7 @@ class StepMark:
     thread_cpu: float  # the training thread's CPU seconds
     process_cpu: float  # the whole process's CPU seconds
     runqueue: float  # seconds the training thread waited for a core (NaN where unknown)
-    publish: float  # wall seconds the hub's publish took (store append + waking watchers)
+    publish: float  # wall seconds the training thread spent handing the event over
 
 
 def thread_runqueue_seconds() -> float:
@@ -184,29 +184,30 @@ def thread_runqueue_seconds() -> float:
 
 
 class StepCpuProbe:
-    """Reads the training thread's clocks at every ``step`` event, by wrapping the daemon's hub.
+    """Reads the training thread's clocks at every ``step`` event, by wrapping the worker's event pump.
 
-    The worker thread publishes a step event right after each optimizer step, so the wrapper runs
-    on that thread. It adds three clock reads per step (some microseconds), the same with and
-    without watchers; nothing else in the daemon changes.
+    The training thread hands each step event to the job's ``EventPump`` right after the step, so the
+    wrapper runs on that thread (the pump's own thread then stores and fans the event out). It adds
+    three clock reads per step (some microseconds), the same with and without watchers; nothing else
+    in the daemon changes.
     """
 
     def __init__(self, daemon: RunningDaemon) -> None:
-        self.marks: dict[str, list[StepMark]] = {}  # job id -> one mark per step, in order
-        hub = daemon.service.hub
-        publish = hub.publish
+        from lorad.jobs.event_pump import EventPump
 
-        def publish_and_note(job_id: str, kind: str, payload: Any) -> Any:
+        self.marks: dict[str, list[StepMark]] = {}  # job id -> one mark per step, in order
+        put = EventPump.put
+
+        def put_and_note(pump: EventPump, kind: str, payload: Any) -> None:
             start = time.perf_counter()
-            record = publish(job_id, kind, payload)
+            put(pump, kind, payload)
             if kind == "step":
                 took = time.perf_counter() - start
-                self.marks.setdefault(job_id, []).append(
+                self.marks.setdefault(pump.job_id, []).append(
                     StepMark(time.thread_time(), time.process_time(), thread_runqueue_seconds(), took)
                 )
-            return record
 
-        hub.publish = publish_and_note  # type: ignore[method-assign]
+        EventPump.put = put_and_note  # type: ignore[method-assign]
 
     def per_step(self, job_id: str, first: int, last: int) -> tuple[float, float, float, float]:
         """(training thread CPU, other threads' CPU, training thread's run-queue wait, median publish

@@ -379,24 +379,24 @@ def run_engine(
         step_marks.append(marks["start"])
 
     def on_event(event: Event) -> None:
-        # The marks are taken inside the engine's loop, right where it reports a finished step.
-        # The engine has already synced on the loss by then, but the optimizer step may still be
-        # queued: syncing at the two marks (and only there) makes the window hold exactly the
-        # timed steps' device work, as the bare loop's syncs do.
+        # The marks are taken inside the engine's loop, where it reports a step. It reports step k
+        # once step k+1 is queued (it reads each loss one step late), so a mark at the report of step
+        # k, with a sync, falls at the end of step k+1: the window from the report of step `warmup`
+        # to that of step `total - 1` holds steps warmup+2..total, one step fewer than the bare
+        # loop's window (both are compared per step). Syncing only at the two ends keeps the device
+        # as busy inside the window as the engine keeps it.
         if isinstance(event, TrainingStarted):
             seen["trainable"] = event.trainable_params
-            if settings.warmup_steps == 0:
-                start_window()
         elif isinstance(event, StepDone):
             if event.step == settings.warmup_steps:
                 start_window()
-            elif event.step == total:
+            elif event.step == total - 1:
                 sync(device)
                 marks["end"] = time.perf_counter()
                 marks["cpu_end"] = time.process_time()
                 step_marks.append(marks["end"])
                 seen["peak"] = peak_bytes(device)
-            elif event.step > settings.warmup_steps:
+            elif settings.warmup_steps < event.step < total - 1:
                 step_marks.append(time.perf_counter())
 
     assert_no_adapters(components.unet)
@@ -412,7 +412,7 @@ def run_engine(
         repeat=repeat,
         seconds=marks["end"] - marks["start"],
         cpu_seconds=marks["cpu_end"] - marks["cpu_start"],
-        steps=settings.steps,
+        steps=settings.steps - 1,  # see on_event
         step_seconds=[b - a for a, b in itertools.pairwise(step_marks)],
         peak_bytes=seen.get("peak"),
         trainable_params=seen["trainable"],
@@ -452,8 +452,8 @@ def run_bare(
                 param.requires_grad_(True)
                 params.append(param)
         optimizer = torch.optim.AdamW(
-            params, lr=LEARNING_RATE, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY
-        )
+            params, lr=LEARNING_RATE, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY, fused=True
+        )  # fused, as the engine's
         # fp16 needs loss scaling (the engine uses it too); bf16 and fp32 do not.
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         autocast = torch.autocast(
@@ -777,8 +777,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for key in ("steps", "batch_size", "repeats", "rank", "threads"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        parser.error("--warmup-steps must be at least 0")
+    if args.warmup_steps is not None and args.warmup_steps < 1:
+        parser.error("--warmup-steps must be at least 1 (the engine reports a step while the next one runs)")
+    if args.steps is not None and args.steps < 2:
+        parser.error("--steps must be at least 2")
     if args.resolution is not None and (args.resolution < 64 or args.resolution % 64):
         parser.error("--resolution must be a multiple of 64 (the UNet halves the latent side 3 times)")
     return args

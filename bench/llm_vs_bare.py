@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,31 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One side's timed window: wall and process-CPU seconds over ``steps`` steps, and the peak of
+    allocated device memory in it (CUDA only)."""
+
+    wall: float
+    cpu: float
+    steps: int
+    peak_bytes: int | None
+
+
+def mark(device: torch.device, *, start: bool) -> tuple[float, float]:
+    """(wall, process CPU) clocks with the device's queued work done; the start mark also opens a
+    fresh peak-memory window."""
+    sync(device)
+    if start and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return time.perf_counter(), time.process_time()
+
+
+def timed(device: torch.device, first: tuple[float, float], last: tuple[float, float], steps: int) -> Timed:
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return Timed(last[0] - first[0], last[1] - first[1], steps, peak)
 
 
 def build_model(case: str, tokenizer_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -95,14 +121,17 @@ def make_text(path: Path, rows: int) -> Path:
 
 def run_engine(
     model: torch.nn.Module, base: Path, data: Path, out: Path, args: argparse.Namespace, precision: str
-) -> tuple[float, float]:
-    """(wall, process CPU) seconds for ``args.steps`` engine steps after the warmup."""
+) -> Timed:
+    """The engine's window: ``args.steps - 1`` steps after the warmup (it reports step k once step k+1
+    is queued, so the marks at the reports of steps ``warmup`` and ``warmup + steps - 1`` fall at the
+    ends of steps warmup+1 and warmup+steps)."""
     from lorad.config.llm_loader import parse_llm_config
     from lorad.events import Event, StepDone
     from lorad.families.llm.model import LlmModel
     from lorad.training.family import ProvidedModel
     from lorad.training.loop import train
 
+    device = torch.device(args.device)
     config = parse_llm_config(
         {
             "train_data": str(data),
@@ -123,6 +152,7 @@ def run_engine(
         base_dir=out.parent,
     )
     marks: dict[int, tuple[float, float]] = {}
+    first, last = args.warmup_steps, args.warmup_steps + args.steps - 1
 
     @contextmanager
     def provide(config: Any, placement: Any) -> Iterator[ProvidedModel]:
@@ -131,18 +161,17 @@ def run_engine(
         )
 
     def on_event(event: Event) -> None:
-        if isinstance(event, StepDone):
-            marks[event.step] = (time.perf_counter(), time.process_time())  # the engine synced on the loss
+        if isinstance(event, StepDone) and event.step in (first, last):
+            marks[event.step] = mark(device, start=event.step == first)
 
     train(config, on_event=on_event, models=provide)
-    first, last = marks[args.warmup_steps], marks[args.warmup_steps + args.steps]
-    return last[0] - first[0], last[1] - first[1]
+    return timed(device, marks[first], marks[last], args.steps - 1)
 
 
 def run_bare(
     model: torch.nn.Module, tokenizer: Any, data: Path, args: argparse.Namespace, autocast_dtype: torch.dtype | None
-) -> tuple[float, float]:
-    """(wall, process CPU) seconds for ``args.steps`` steps of the smallest honest loop: tokenize, LoRA, AdamW, clip."""
+) -> Timed:
+    """``args.steps`` steps of the smallest honest loop after the warmup: tokenize, LoRA, AdamW, clip."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -157,23 +186,23 @@ def run_bare(
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as the engine's
     model.train()
     model.config.use_cache = False
-    marks = []
     try:
+        start = mark(device, start=True)
         for step in range(args.warmup_steps + args.steps):
-            start = (step * args.batch) % len(ids)
-            batch = torch.tensor([ids[(start + i) % len(ids)] for i in range(args.batch)], device=device)
+            at = (step * args.batch) % len(ids)
+            batch = torch.tensor([ids[(at + i) % len(ids)] for i in range(args.batch)], device=device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            float(loss.detach())  # the engine syncs once per step on the loss too
-            if step + 1 >= args.warmup_steps:
-                marks.append((time.perf_counter(), time.process_time()))
+            if step + 1 == args.warmup_steps:
+                start = mark(device, start=True)  # no sync between timed steps: a minimal loop has no reason to
+        end = mark(device, start=False)
     finally:
         for path, module in list(model.named_modules()):
             if isinstance(module, BaseTunerLayer):
@@ -182,7 +211,7 @@ def run_bare(
         model.eval()
         if hasattr(model, "peft_config"):
             del model.peft_config
-    return marks[-1][0] - marks[0][0], marks[-1][1] - marks[0][1]
+    return timed(device, start, end, args.steps)
 
 
 def bench_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -207,10 +236,14 @@ def bench_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
                 engine.append(run_engine(model, base, data, tmp / f"out-{case}-{repeat}", args, precision))
             else:
                 bare.append(run_bare(model, tokenizer, data, args, torch.bfloat16 if bf16 else None))
-    tokens = args.steps * args.batch * args.seq_len
-    e, b = statistics.median(w for w, _ in engine), statistics.median(w for w, _ in bare)
+    tokens_per_step = args.batch * args.seq_len
+    e, b = statistics.median(t.wall / t.steps for t in engine), statistics.median(t.wall / t.steps for t in bare)
     # Process CPU time is the steadier measure on a shared CPU (other processes steal wall time).
-    e_cpu, b_cpu = statistics.median(c for _, c in engine), statistics.median(c for _, c in bare)
+    e_cpu = statistics.median(t.cpu / t.steps for t in engine)
+    b_cpu = statistics.median(t.cpu / t.steps for t in bare)
+    peaks = {
+        side: max((t.peak_bytes or 0) for t in runs) or None for side, runs in (("engine", engine), ("bare", bare))
+    }
     return {
         "case": case,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -218,12 +251,15 @@ def bench_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         "batch": args.batch,
         "seq_len": args.seq_len,
         "steps": args.steps,
-        "engine_tokens_per_s": tokens / e,
-        "bare_tokens_per_s": tokens / b,
+        "engine_s_per_step": e,
+        "bare_s_per_step": b,
+        "engine_tokens_per_s": tokens_per_step / e,
+        "bare_tokens_per_s": tokens_per_step / b,
         "time_ratio": e / b,
         "cpu_time_ratio": e_cpu / b_cpu,
-        "engine_s": engine,
-        "bare_s": bare,
+        "peak_bytes": peaks,
+        "engine_runs": [asdict(t) for t in engine],
+        "bare_runs": [asdict(t) for t in bare],
         "target": TARGET_RATIO,
         "met": e / b <= TARGET_RATIO,
     }
@@ -236,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=3, help="at least 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "llm_vs_bare.json")
     args = parser.parse_args(argv)
+    if args.warmup_steps < 1 or args.steps < 2:
+        parser.error("--warmup-steps must be at least 1 and --steps at least 2 (the engine reports a step late)")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:

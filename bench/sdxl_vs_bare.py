@@ -9,8 +9,9 @@ embedding, and the size/crop time ids.
 Cases: ``tiny`` (lorad's tiny random SDXL, 64 px) and ``sdxl`` (the real-size SDXL base
 architecture from lorad's shipped configs, random weights, built in memory). On a CPU the real-size
 case runs in bf16 (weights and autocast; the engine refuses CPU autocast for training runs, so the
-bench hands both sides that placement itself), at 128 px by default. :func:`gpu_1024` is the GPU
-measurement: real-size SDXL at 1024 px, batch 1, bf16, gradient checkpointing, s/step and peak VRAM.
+bench hands both sides that placement itself), at 128 px by default. The GPU measurement (real-size
+SDXL at 1024 px, batch 1, bf16, gradient checkpointing, s/step and peak VRAM) is the GPU suite's SDXL
+row, ``bench/gpu_rows/sdxl.py``, on this module's :func:`bench_case`.
 
 Run ``python -m bench.sdxl_vs_bare --help`` for the flags.
 """
@@ -296,24 +297,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             settings = case_settings(name, placement.device, args)
             results.append(bench_case(settings, placement, args, Path(tmp_name)))
     return results
-
-
-def gpu_1024(
-    device: str = "cuda", *, steps: int = 20, warmup_steps: int = 3, repeats: int = 3, fp8_base: bool = False
-) -> dict[str, Any]:
-    """The GPU measurement: real-size SDXL (random weights) at 1024 px, batch 1, bf16, gradient
-    checkpointing, engine vs bare loop (``fp8_base``: the UNet stored in float8, both sides).
-    Returns the case's result (``engine_s_per_step``, ``bare_s_per_step``, ``ratio``,
-    ``peak_bytes`` per side, ``meets_peak_goal``); the goal is a peak of at most 10 GB."""
-    argv = ["--only", "sdxl", "--device", device, "--precision", "bf16", "--resolution", "1024"]
-    argv += ["--steps", str(steps), "--warmup-steps", str(warmup_steps), "--repeats", str(repeats)]
-    argv += ["--gradient-checkpointing", *(["--fp8-base"] if fp8_base else [])]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    (result,) = run(parse_args(argv))
-    peak = max(v for v in result["peak_bytes"].values() if v is not None)
-    result["peak_goal_bytes"] = 10 * 10**9
-    result["meets_peak_goal"] = peak <= result["peak_goal_bytes"]
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

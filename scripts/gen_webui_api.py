@@ -11,9 +11,10 @@ Written under ``clients/sd-webui-lorad/lorad_webui``:
 
 * ``api/v1/<name>_pb2.py`` and ``<name>_pb2_grpc.py`` for every ``proto/lorad/v1/*.proto``, imports
   rewritten from ``lorad.v1`` to ``lorad_webui.api.v1``;
-* ``vendored/discovery.py``, ``vendored/format.py`` and ``vendored/paths.py``: ``lorad_client``'s daemon
-  discovery, text helpers and state paths, with their imports pointed at the extension's stubs (one source,
-  no hand-kept copy; the extension cannot import ``lorad_client``, which needs the new stubs).
+* ``vendored/discovery.py``, ``vendored/format.py``, ``vendored/identity.py`` and ``vendored/paths.py``:
+  ``lorad_client``'s daemon discovery, text helpers, identity check and state paths,
+  with their imports pointed at the extension's stubs (one source, no hand-kept copy; the extension
+  cannot import ``lorad_client``, which needs the new stubs).
 
 ``--check`` writes nothing and exits 1 naming every stale, missing or extra file. The same inputs
 give byte-identical files. ``render_files()`` and ``find_stale()`` are the API the tests use.
@@ -43,6 +44,7 @@ GENERATED_DIRS = (f"{PACKAGE}/api", f"{PACKAGE}/vendored")
 VENDORED = {
     "discovery.py": REPO_ROOT / "clients/lorad_client/discovery.py",
     "format.py": REPO_ROOT / "clients/lorad_client/format.py",
+    "identity.py": REPO_ROOT / "clients/lorad_client/identity.py",
     "paths.py": REPO_ROOT / "clients/lorad_client/paths.py",
 }
 _REWRITES = (

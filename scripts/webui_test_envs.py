@@ -2,7 +2,7 @@
 """Prepare what the WebUI extension's tests need besides ``.venv`` (run by ``.ci/run``; tests call it too).
 
 * ``.venv-a1111``: a venv shaped like AUTOMATIC1111's (gradio 3.41.2, protobuf 3.20.x, grpcio), from
-  the lock ``tests/webui_a1111_requirements.txt`` with ``pip --no-deps`` (no resolver run). Rebuilt
+  the lock ``clients/sd-webui-lorad/requirements-standalone.txt`` with ``pip --no-deps`` (no resolver run). Rebuilt
   only when the lock changes (its hash is kept in the venv); pip's wheel cache makes a rebuild cheap.
 * ``.venv-protoc-compat``: the old grpcio-tools that ``scripts/gen_webui_api.py`` generates the
   extension's stubs with (see there).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 A1111_VENV = REPO_ROOT / ".venv-a1111"
-A1111_LOCK = REPO_ROOT / "tests" / "webui_a1111_requirements.txt"
+A1111_LOCK = REPO_ROOT / "clients" / "sd-webui-lorad" / "requirements-standalone.txt"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
 

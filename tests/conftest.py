@@ -142,12 +142,12 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_daemon(home: Path, *, require_token: bool = False) -> RunningDaemon:
+def run_daemon(home: Path) -> RunningDaemon:
     """A real daemon in this process on a free port and a Unix socket in ``home``."""
     from lorad.server.daemon import start_daemon
     from lorad.server.settings import daemon_settings
 
-    settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home, require_token=require_token)
+    settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home)
     return start_daemon(settings)
 
 

@@ -30,12 +30,19 @@ RESNET_PARTS = {
 }
 
 
-def a1111_compvis_name(key: str, per: int = 3) -> str:
+def a1111_compvis_name(key: str, per: int = 3, unet_config: dict | None = None) -> str:
     """The module name A1111 looks up for a kohya module name (SD 1.x rules).
 
     ``per`` is LDM blocks per UNet level: A1111 hard-codes 3 (SD's layers_per_block 2, plus the
-    down/upsampler); the tiny model has layers_per_block 1, so its files need 2.
+    down/upsampler); the tiny model has layers_per_block 1, so its files need 2. Down/upsamplers
+    (LoCon) follow A1111's rules too: ``input_blocks_{3 + 3i}_0_op`` and ``output_blocks_{2 + 3i}_{2 if
+    i > 0 else 1}_conv`` (the first up level has no attention in SD, nor in the tiny model).
     """
+    if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key):
+        return f"diffusion_model_input_blocks_{per + int(m[1]) * per}_0_op"
+    if m := re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key):
+        block = int(m[1])
+        return f"diffusion_model_output_blocks_{per - 1 + block * per}_{2 if block > 0 else 1}_conv"
     if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
         block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
         rest = RESNET_PARTS.get(rest, rest) if kind == "resnets" else rest

@@ -18,8 +18,10 @@ import pytest
 
 from lorad.paths import DEFAULT_PORT, discovery_path, token_path
 from lorad_api.v1 import jobs_pb2, system_pb2, system_pb2_grpc, training_pb2, training_pb2_grpc
-from lorad_client import DaemonUnavailable, LoradClient, LoradRpcError, find_daemon
+from lorad_client import DaemonTarget, DaemonUnavailable, LoradClient, LoradRpcError, find_daemon
+from lorad_client.errors import DaemonNotVerified
 from lorad_client.format import describe_event, format_bytes, format_duration, job_state_name
+from lorad_client.identity import identity_proof
 
 
 @pytest.fixture(autouse=True)
@@ -50,11 +52,20 @@ def _free_port() -> int:
 # --- discovery -----------------------------------------------------------------------------------
 
 
-def test_default_address_when_nothing_is_known(tmp_path: Path) -> None:
+def test_no_address_when_no_daemon_runs_for_the_home(tmp_path: Path) -> None:
+    # No fallback to the default port: whatever listens there is not known to be this home's daemon.
     found = find_daemon(home=tmp_path)
-    assert found.target == f"127.0.0.1:{DEFAULT_PORT}"
+    assert found.target == ""
     assert found.token is None
-    assert "default" in found.source
+    assert f"no lorad daemon is running for LORAD_HOME={tmp_path}" in found.source
+    assert "lorad serve" in found.source and str(DEFAULT_PORT) in found.source
+
+
+def test_connect_says_no_daemon_runs_for_the_home(tmp_path: Path) -> None:
+    token_path(tmp_path).write_text("a-token\n")
+    with pytest.raises(DaemonUnavailable) as info:
+        LoradClient.connect(home=tmp_path, timeout=0.5)
+    assert f"LORAD_HOME={tmp_path}" in str(info.value) and "lorad serve" in str(info.value)
 
 
 def test_precedence_explicit_then_env_then_discovery_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,12 +89,12 @@ def test_home_defaults_to_lorad_home_env(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_dead_daemons_discovery_file_is_ignored(tmp_path: Path) -> None:
     _write_discovery(tmp_path, _dead_pid(), ["127.0.0.1:5001"])
-    assert find_daemon(home=tmp_path).target == f"127.0.0.1:{DEFAULT_PORT}"
+    assert find_daemon(home=tmp_path).target == ""
 
 
 def test_malformed_discovery_file_is_ignored(tmp_path: Path) -> None:
     discovery_path(tmp_path).write_text("{not json")
-    assert find_daemon(home=tmp_path).target == f"127.0.0.1:{DEFAULT_PORT}"
+    assert find_daemon(home=tmp_path).target == ""
 
 
 def test_unix_address_preferred_when_its_socket_exists(tmp_path: Path) -> None:
@@ -181,12 +192,21 @@ def test_connect_with_nothing_listening_raises_daemon_unavailable() -> None:
 
 
 class _System(system_pb2_grpc.SystemServiceServicer):
-    def __init__(self) -> None:
+    """A stand-in daemon that knows ``token`` (None: it cannot prove anything, like a stranger's server)."""
+
+    def __init__(self, token: str | None = "s3cret") -> None:
         self.metadata: list[dict[str, str]] = []
+        self.token = token
 
     def GetStatus(self, request: system_pb2.GetStatusRequest, context: grpc.ServicerContext):
         self.metadata.append(dict(context.invocation_metadata()))
         return system_pb2.GetStatusResponse(version="9.9.9", queue_length=2)
+
+    def ProveIdentity(self, request: system_pb2.ProveIdentityRequest, context: grpc.ServicerContext):
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.token is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "no such method")
+        return system_pb2.ProveIdentityResponse(proof=identity_proof(self.token, request.challenge))
 
 
 class _Training(training_pb2_grpc.TrainingServiceServicer):
@@ -234,6 +254,7 @@ def test_discovered_token_is_sent(
     server: tuple[int, _System, _Training], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, system, _ = server
+    system.token = "from-file"
     token_path(tmp_path).write_text("from-file\n")
     monkeypatch.setenv("LORAD_ADDRESS", f"127.0.0.1:{port}")
     with LoradClient.connect(home=tmp_path, timeout=5) as client:
@@ -271,3 +292,23 @@ def test_watch_job_streams_and_cancels(server: tuple[int, _System, _Training]) -
         assert seqs[:3] == [6, 7, 8]
         assert list(watch) == []  # a cancelled watch stays ended
         assert training.watch_ended.wait(5), "the server never saw the watcher leave"
+
+
+@pytest.mark.parametrize("knows", [None, "another-homes-token"], ids=["no-identity-rpc", "wrong-token"])
+def test_a_server_that_cannot_prove_it_knows_the_token_never_receives_it(
+    server: tuple[int, _System, _Training], knows: str | None
+) -> None:
+    port, system, _ = server
+    system.token = knows
+    with pytest.raises(DaemonNotVerified) as info:
+        LoradClient.connect(f"127.0.0.1:{port}", token="s3cret", timeout=5)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert f"127.0.0.1:{port}" in str(info.value) and "the token was not sent" in str(info.value)
+    assert system.metadata, "the client never asked for a proof"
+    assert all("s3cret" not in " ".join(m.values()) for m in system.metadata)
+    # Built by hand (no connect()): the first call checks, and sends nothing on failure either.
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    client = LoradClient(channel, DaemonTarget(f"127.0.0.1:{port}", "s3cret", "test"), "s3cret")
+    with client, pytest.raises(DaemonNotVerified):
+        client.status()
+    assert all("authorization" not in m for m in system.metadata)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lorad.server.daemon import RunningDaemon
-from lorad_api.v1 import jobs_pb2
+from lorad_api.v1 import jobs_pb2, system_pb2, system_pb2_grpc
 from lorad_client import LoradClient, LoradRpcError
 from tests.conftest import run_daemon, tiny_train_values
 
@@ -144,7 +144,7 @@ def client_last_seq(client: LoradClient, job_id: str) -> int:
 
 
 def test_token_required(short_dir: Path, tmp_path: Path) -> None:
-    running = run_daemon(short_dir, require_token=True)
+    running = run_daemon(short_dir)
     try:
         tcp = running.addresses[1]
         empty_home = tmp_path / "no-token-here"
@@ -154,10 +154,14 @@ def test_token_required(short_dir: Path, tmp_path: Path) -> None:
                 anonymous.list_jobs()
             assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
             assert anonymous.health() == "SERVING"  # probes work without the token
-        with LoradClient.connect(tcp, home=empty_home, token="wrong") as wrong:
-            with pytest.raises(LoradRpcError) as err:
-                wrong.status()
-            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(LoradRpcError) as err:  # the daemon cannot prove it knows "wrong": nothing is sent
+            LoradClient.connect(tcp, home=empty_home, token="wrong")
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED and "the token was not sent" in str(err.value)
+        with grpc.insecure_channel(tcp) as channel, pytest.raises(grpc.RpcError) as raw:
+            system_pb2_grpc.SystemServiceStub(channel).GetStatus(
+                system_pb2.GetStatusRequest(), metadata=(("authorization", "Bearer wrong"),), timeout=10
+            )
+        assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with LoradClient.connect(tcp, home=short_dir) as local:  # reads the token file like a local client
             assert local.status().token_required
         assert (short_dir / "token").stat().st_mode & 0o777 == 0o600
@@ -169,7 +173,12 @@ def test_token_required(short_dir: Path, tmp_path: Path) -> None:
 def test_reflection_lists_services(daemon: RunningDaemon) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    with grpc.insecure_channel(daemon.addresses[1]) as channel:
+    token = (daemon.settings.home / "token").read_text().strip()
+    call_credentials = grpc.metadata_call_credentials(
+        lambda context, callback: callback((("authorization", f"Bearer {token}"),), None)
+    )
+    credentials = grpc.composite_channel_credentials(grpc.local_channel_credentials(), call_credentials)
+    with grpc.secure_channel(daemon.addresses[1], credentials) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {
         "lorad.v1.TrainingService",

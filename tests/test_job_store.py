@@ -478,6 +478,32 @@ def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
     assert "move it aside" in info.value.hint
 
 
+def test_a_daemon_on_a_partly_damaged_store_stops_with_the_hint_not_a_traceback(tmp_path: Path) -> None:
+    """Damage inside the file (not in its header) used to pass the open and crash startup at the
+    first read of a bad page, with a raw traceback."""
+    home = tmp_path / "home"
+    db = jobs_db_path(home)
+    with JobStore(db) as store:
+        for i in range(40):
+            job = make_job(store, f"job{i}")
+            for _ in range(5):
+                store.append_event(job.job_id, "log", {"message": "m" * 2000})
+    size = db.stat().st_size
+    with open(db, "r+b") as fh:  # three pages in the middle of the file
+        fh.seek(size // 2 // 4096 * 4096)
+        fh.write(os.urandom(3 * 4096))
+    served = subprocess.run(
+        [sys.executable, "-m", "lorad.cli", "serve", "--listen", f"unix:{tmp_path}/s.sock"],
+        env={**os.environ, "LORAD_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert served.returncode != 0
+    assert "is not a usable job store" in served.stderr and "move it aside" in served.stderr
+    assert "Traceback" not in served.stderr
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_database_files_are_private(db_path: Path) -> None:
     old_umask = os.umask(0o022)

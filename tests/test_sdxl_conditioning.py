@@ -155,3 +155,12 @@ def test_unet_takes_the_conditioning_and_the_time_ids_matter(sdxl: SDXLComponent
     out = run(ids)
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     assert not torch.allclose(out, run(ids.flip(0)))
+
+
+def test_time_ids_follow_a_mirror_and_a_random_crop() -> None:
+    # 201x100 into 64x64: scaled to 129x64, the centre window starts 32 px from the left and 33 from the
+    # right; mirrored, the window's left edge is 33 px in.
+    assert time_ids(201, 100, (64, 64)) == (100, 201, 0, 32, 64, 64)
+    assert time_ids(201, 100, (64, 64), flipped=True) == (100, 201, 0, 33, 64, 64)
+    # random_crop: the window the sample was cut at, as drawn.
+    assert time_ids(201, 100, (64, 64), crop=(0, 56)) == (100, 201, 0, 56, 64, 64)

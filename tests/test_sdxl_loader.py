@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lorad.config.dispatch import choose_family
 from lorad.errors import ConfigError, ModelLoadError
 from lorad.families.registry import detect_family
 from lorad.models.ldm_layout import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, UNET_PREFIX, unet_to_ldm
@@ -270,10 +271,11 @@ def test_cached_hub_id_loads(tiny: dict[str, Path], loaded: SDXLComponents, hf_c
 def test_family_detection(tiny: dict[str, Path], tmp_path: Path) -> None:
     sd1 = build_tiny_sd(tmp_path / "sd1")
     sd1_file = write_original_checkpoint(sd1, tmp_path / "sd1.safetensors")
-    assert detect_family(str(tiny["folder"])).name == "sdxl"
-    assert detect_family(str(tiny["file"])).name == "sdxl"
-    assert detect_family(str(sd1)).name == "sd"
-    assert detect_family(str(sd1_file)).name == "sd"
     garbage = tmp_path / "broken.safetensors"
     garbage.write_bytes(b"not a checkpoint")
-    assert detect_family(str(garbage)).name == "sd"  # whose loader then says what is wrong
+    assert detect_family(str(tiny["folder"])).name == "sdxl"
+    assert detect_family(str(tiny["file"])).name == "sdxl"
+    # SD 1.x/2.x is the family of last resort, whose loader then says what is wrong with a file.
+    for other in (sd1, sd1_file, garbage):
+        assert detect_family(str(other)) is None
+        assert choose_family({"base_model": str(other)}, base_dir=tmp_path).name == "sd"

@@ -190,3 +190,44 @@ def test_sdxl_run_pre_encodes_every_caption_and_steps_without_text_encoders(
     assert torch.equal(cache.batch([planned[0]])[HIDDEN], direct[HIDDEN])
     stored = load_file(str(tmp_path / (cache.key(planned[0]) + ".safetensors")))
     assert set(stored) == {HIDDEN, POOLED}
+
+
+def test_a_run_with_too_many_distinct_captions_encodes_at_every_step_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorad.config import parse_config
+    from lorad.diffusion import captions as run_captions
+    from lorad.events import LogLine
+    from lorad.training.family import Scalars
+    from tests.conftest import make_dataset, tiny_train_values
+
+    data = make_dataset(tmp_path / "data")
+    config = parse_config(
+        tiny_train_values(tmp_path, data, tmp_path / "out", cache_dir=tmp_path / "c"), base_dir=tmp_path
+    )
+    assert config.cache_text_encoder_outputs
+    events, scalars, encoder = [], Scalars(), FakeEncoder()
+
+    def conditioning(planned: list[str]):
+        return run_captions.caption_conditioning(
+            config,
+            planned=planned,
+            encode=encoder,
+            identity=lambda: "id",
+            trainable=False,
+            device=torch.device("cpu"),
+            on_event=events.append,
+            scalars=scalars,
+        )
+
+    monkeypatch.setattr(run_captions, "MAX_CACHED_CAPTIONS", 3)
+    cached = conditioning(["a", "bb", "a"])
+    assert encoder.captions == 2 and scalars.summary["text_encoder_outputs"]["encoded"] == 2
+    cached(["bb"])
+    assert encoder.captions == 2  # from the cache
+    live = conditioning(["a", "bb", "ccc", "dddd"])
+    assert scalars.summary["text_encoder_outputs"] == {"distinct_captions": 4, "cached": False}
+    assert any(isinstance(e, LogLine) and "not cached" in e.message for e in events)
+    live(["a"])
+    live(["a"])
+    assert encoder.captions == 4  # the encoder ran at both steps

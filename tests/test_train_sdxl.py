@@ -305,3 +305,32 @@ def test_init_lora_continues_an_sdxl_lora(tmp_path: Path, tiny_sdxl: Path, datas
     assert before.keys() == after.keys() and any(k.startswith("lora_te2_") for k in before)
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     assert any(before[k].abs().sum() > 0 for k in before if k.endswith("lora_up.weight"))
+
+
+def test_flip_aug_and_random_crop_reach_the_time_ids(tmp_path: Path, tiny_sdxl: Path) -> None:
+    from contextlib import contextmanager
+
+    from lorad.families.sdxl.family import FAMILY
+    from lorad.training.family import ProvidedModel
+    from lorad.training.placement import pick_placement
+    from tests.conftest import make_dataset
+
+    wide = make_dataset(tmp_path / "wide", count=4, size=(128, 64))
+    config = sdxl_config(tmp_path, tiny_sdxl, wide, flip_aug=True, random_crop=True, epochs=3, enable_bucket=False)
+    model = FAMILY.load(FAMILY.model_key(config, pick_placement("cpu", "no")))
+    seen: list[torch.Tensor] = []
+    model.unet.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True
+    )
+
+    @contextmanager
+    def provide(_config, _placement):
+        yield ProvidedModel(model=model, resident=True, seconds=0.0)
+
+    train(config, models=provide)
+    ids = torch.cat(seen)
+    # 128x64 images trained at 64x64: original size 64x128, target 64x64, and the crop's left edge
+    # anywhere the random window fell (multiples of 8 px), not only the centre's 32.
+    assert {tuple(row[[0, 1, 4, 5]].tolist()) for row in ids} == {(64.0, 128.0, 64.0, 64.0)}
+    lefts = {int(row[3]) for row in ids}
+    assert len(lefts) > 1 and lefts <= set(range(0, 65, 8)) and {int(row[2]) for row in ids} == {0}

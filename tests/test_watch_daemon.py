@@ -231,7 +231,9 @@ def test_a_vanished_folder_errors_alone(
     healthy.mkdir()
     config = str(template(tmp_path, tiny_sd))
     lost = client.add_watch(str(doomed), config, quiet_seconds=QUIET)
-    kept = client.add_watch(str(healthy), config, quiet_seconds=QUIET, mode="retrain")
+    # A template of its own: two watches on one template would write the same NAME_vN (refused).
+    other = str(template(tmp_path, tiny_sd, name="healthy"))
+    kept = client.add_watch(str(healthy), other, quiet_seconds=QUIET, mode="retrain")
     shutil.rmtree(doomed)
     broken = wait_for(
         lambda: (w := watch_of(client, lost.watch_id)).state == watch_pb2.WATCH_STATE_ERROR and w, "the error state"

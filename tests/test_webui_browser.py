@@ -110,6 +110,8 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
             assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in images)
 
             # 2. Caption through the daemon with the tiny tagger; the table shows the new captions.
+            page.locator("#lorad-captioner input").first.click()  # BLIP is the default: pick WD14
+            page.locator("#lorad-captioner li", has_text="wd14 (tags)").first.click()
             _field(page, "lorad-captioner-model").fill(str(tagger))
             _field(page, "lorad-trigger").fill("ohwx")
             page.locator("#lorad-caption").click()

@@ -235,7 +235,7 @@ def test_a_daemon_that_is_not_running_gets_a_message_with_the_start_command(tmp_
 def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path) -> None:
     from tests.conftest import run_daemon
 
-    running = run_daemon(short_dir, require_token=True)
+    running = run_daemon(short_dir)
     try:
         tcp = running.addresses[-1]
         with Daemon.connect(tcp, home=short_dir) as daemon:  # the token file in the daemon's home
@@ -248,7 +248,10 @@ def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_train_places_the_lora_and_gives_the_snippet(daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path) -> None:
+def test_train_places_the_lora_and_gives_the_snippet(
+    daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))  # where the tab finds the daemon's token
     data = make_dataset(tmp_path / "data", count=4)
     host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", address=daemon.addresses[0], weight=0.7)
     updates = list(actions.train(host, _tiny_form(data, tiny_sd, "webui_lora", 2)))
@@ -274,7 +277,10 @@ def _tiny_form(data: Path, tiny_sd: Path, name: str, steps: int) -> TrainForm:
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_running_job_and_places_nothing(daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path) -> None:
+def test_cancel_stops_the_running_job_and_places_nothing(
+    daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))  # where the tab finds the daemon's token
     data = make_dataset(tmp_path / "data", count=4)
     host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", address=daemon.addresses[0])
     updates = actions.train(host, _tiny_form(data, tiny_sd, "cancelled_lora", 10_000))

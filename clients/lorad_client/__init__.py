@@ -39,7 +39,7 @@ from lorad_api.v1.training_pb2 import WatchJobResponse
 from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch, WatchPolicy
 from lorad_client.client import CaptionStream, JobWatch, LoradClient, WatchFollow
 from lorad_client.discovery import DaemonTarget, find_daemon
-from lorad_client.errors import DaemonUnavailable, LoradRpcError
+from lorad_client.errors import DaemonNotVerified, DaemonUnavailable, LoradRpcError
 
 # States a job never leaves. INTERRUPTED is not one: the daemon queues such a job again on restart.
 FINAL_STATES = frozenset({JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED})
@@ -62,6 +62,7 @@ __all__ = [
     "CaptionImagesResponse",
     "CaptionOptions",
     "CaptionStream",
+    "DaemonNotVerified",
     "DaemonTarget",
     "DaemonUnavailable",
     "FollowWatchesResponse",

@@ -5,7 +5,9 @@ Each method is one RPC. Requests and responses are the generated messages from `
 default deadline (``timeout=`` overrides it; None waits forever); the streams (``watch_job``,
 ``caption_images``) have none.
 Every failed call raises ``LoradRpcError`` (``DaemonUnavailable`` when nothing answers).
-The bearer token, when known, is sent as ``authorization`` metadata on every call.
+The bearer token, when known, is sent as ``authorization`` metadata on every call, but only once
+the server has proved it knows that token (``lorad_client.identity``); a server that cannot raises
+``DaemonNotVerified`` and never sees the token.
 
 Usage::
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -47,7 +50,14 @@ from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.training_pb2 import WatchJobResponse
 from lorad_api.v1.watch_pb2 import FollowWatchesResponse
 from lorad_client.discovery import DaemonTarget, find_daemon
-from lorad_client.errors import START_HINT, DaemonUnavailable, LoradRpcError, translate_rpc_error
+from lorad_client.errors import (
+    START_HINT,
+    DaemonNotVerified,
+    DaemonUnavailable,
+    LoradRpcError,
+    translate_rpc_error,
+)
+from lorad_client.identity import IdentityNotProven, verify_daemon
 
 # Default deadlines (seconds). Quick reads; submitting (the daemon validates the whole config and
 # may scan the data folder); loading a base model (a large checkpoint from a slow disk).
@@ -129,14 +139,38 @@ class WatchFollow(ServerStream[FollowWatchesResponse]):
     """
 
 
+def wait_until_ready(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether ``channel`` connects within ``timeout`` seconds. A refused connection (nothing listens,
+    no socket file) answers False at once instead of after the timeout: gRPC would keep retrying."""
+    import threading
+
+    settled = threading.Event()
+    ready = [False]
+
+    def on_change(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            ready[0] = state == grpc.ChannelConnectivity.READY
+            settled.set()
+
+    channel.subscribe(on_change, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(on_change)
+    return ready[0]
+
+
 class LoradClient:
     """A connection to one lorad daemon. Use ``LoradClient.connect()``; close it (or use ``with``)."""
 
     def __init__(self, channel: grpc.Channel, target: DaemonTarget, token: str | None = None) -> None:
-        """Wrap an open ``channel`` to ``target``; ``token`` (if any) is sent with every call."""
+        """Wrap an open ``channel`` to ``target``; ``token`` (if any) is sent with every call once the
+        server has proved it knows it (checked on the first call; ``connect()`` checks at once)."""
         self._channel = channel
         self.target = target
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._token = token or None
+        self._verified: tuple[tuple[str, str], ...] | None = None if self._token else ()
+        self._verify_lock = threading.Lock()
         self._training = training_pb2_grpc.TrainingServiceStub(channel)
         self._models = models_pb2_grpc.ModelServiceStub(channel)
         self._system = system_pb2_grpc.SystemServiceStub(channel)
@@ -160,20 +194,47 @@ class LoradClient:
         nothing answers in time.
         """
         found = find_daemon(home=home, address=address)
+        if not found.target:
+            raise DaemonUnavailable(found.source)
         channel = grpc.insecure_channel(found.target, options=_CHANNEL_OPTIONS)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
+        if not wait_until_ready(channel, timeout):
             channel.close()
             raise DaemonUnavailable(
                 f"no lorad daemon at {found.target} (found via {found.source}); {START_HINT}", found.target
-            ) from None
-        return cls(channel, found, token if token is not None else found.token)
+            )
+        client = cls(channel, found, token if token is not None else found.token)
+        try:
+            client._auth(timeout=max(timeout, 5.0))
+        except LoradRpcError:
+            channel.close()
+            raise
+        return client
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    def _auth(self, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[tuple[str, str], ...]:
+        """The metadata to send: the token once the server proved it knows it (checked once).
+        Raises DaemonNotVerified, or DaemonUnavailable when the check cannot reach the server."""
+        if self._verified is not None:
+            return self._verified
+        with self._verify_lock:
+            if self._verified is None:
+                assert self._token is not None
+                try:
+                    verify_daemon(self._channel, self._token, target=self.target.target, timeout=timeout)
+                except IdentityNotProven as err:
+                    raise DaemonNotVerified(str(err), self.target.target) from None
+                except grpc.RpcError as err:
+                    raise translate_rpc_error(err, target=self.target.target, token_sent=False) from err
+                self._verified = (("authorization", f"Bearer {self._token}"),)
+            return self._verified
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._auth()
+
     def _translate(self, err: grpc.RpcError) -> LoradRpcError:
-        return translate_rpc_error(err, target=self.target.target, token_sent=bool(self._metadata))
+        return translate_rpc_error(err, target=self.target.target, token_sent=bool(self._verified))
 
     def _unary(self, rpc: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         try:
@@ -312,6 +373,7 @@ class LoradClient:
         batch_size: int = 0,
         options: caption_pb2.CaptionOptions | None = None,
         keep_alive_seconds: float = 0,
+        allow_pickle: bool = False,
     ) -> CaptionStream:
         """Caption the images in ``folder`` (relative paths, here and in ``model``, resolve against
         ``base_dir``, made absolute here); ``captioner`` and ``format`` are CaptionerKind and
@@ -331,6 +393,7 @@ class LoradClient:
             batch_size=batch_size,
             options=options,
             keep_alive_seconds=keep_alive_seconds,
+            allow_pickle=allow_pickle,
         )
         try:
             call = self._caption.CaptionImages(request, metadata=self._metadata)
@@ -382,7 +445,11 @@ class LoradClient:
 
     def health(self, service: str = "", *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
         """The standard gRPC health status of ``service`` ("" = the whole daemon): "SERVING", "NOT_SERVING", ..."""
-        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        # Health needs no token (monitoring tools probe it), so it works before the server is verified.
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as err:
+            raise self._translate(err) from err
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # -- WatchService ---------------------------------------------------------------------------
@@ -429,6 +496,16 @@ class LoradClient:
         working directory); returns its last state. LoradRpcError NOT_FOUND when it is not watched."""
         request = watch_pb2.RemoveWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
         return self._unary(self._watch.RemoveWatch, request, timeout).watch
+
+    def retry_watch(
+        self, watch: str, *, base_dir: str | None = None, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> watch_pb2.Watch:
+        """Try a watch in ERROR again now (by watch id or folder, relative to ``base_dir``, default the
+        working directory): its template is read again and new images queue their job. Returns its
+        state after. LoradRpcError INVALID_ARGUMENT while the template is still invalid, NOT_FOUND
+        when not watched."""
+        request = watch_pb2.RetryWatchRequest(watch=str(watch), base_dir=_abs_dir(base_dir or Path.cwd()))
+        return self._unary(self._watch.RetryWatch, request, timeout).watch
 
     def list_watches(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[watch_pb2.Watch]:
         """Every watch and its state, oldest first."""

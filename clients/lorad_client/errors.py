@@ -4,6 +4,8 @@
 full human explanation, with its hint, in the status details). ``DaemonUnavailable`` is a
 ``LoradRpcError`` subclass (code ``UNAVAILABLE``) for "nothing answers at that address", so one
 ``except LoradRpcError`` handles everything and ``except DaemonUnavailable`` can say "start it".
+``DaemonNotVerified`` (code ``UNAUTHENTICATED``) is a server that could not prove it is the daemon
+whose token the client holds: the token was not sent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class DaemonUnavailable(LoradRpcError):
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
         self.target = target
         # What pickling (e.g. across processes) passes back to __init__.
+        self.args = (message, target)
+
+
+class DaemonNotVerified(LoradRpcError):
+    """The server at ``target`` did not prove it knows the token, so the token was not sent (code
+    UNAUTHENTICATED). It is another home's daemon, or another program on that address."""
+
+    def __init__(self, message: str, target: str = "") -> None:
+        super().__init__(grpc.StatusCode.UNAUTHENTICATED, message)
+        self.target = target
         self.args = (message, target)
 
 

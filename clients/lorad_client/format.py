@@ -114,6 +114,7 @@ def _training_started(e: JobEvent) -> str:
     t = e.training_started
     if t.start_step:
         verb = f"training resumes at step {t.start_step} of {t.total_steps}"
+        verb += f" (from {t.resumed_from})" if t.resumed_from else ""
     else:
         verb = f"training {t.total_steps} steps"
     epochs = f" over {t.epochs} epoch{'s' if t.epochs != 1 else ''}" if t.epochs else ""
@@ -147,9 +148,14 @@ def _failed(e: JobEvent) -> str:
     return "\n".join(lines)
 
 
+def _partial(path: str) -> str:
+    return f"\n  partial LoRA of the last step: {path}" if path else ""
+
+
 def _cancelled(e: JobEvent) -> str:
     checkpoint = e.cancelled.checkpoint
-    return f"cancelled; checkpoint kept: {checkpoint}" if checkpoint else "cancelled"
+    text = f"cancelled; checkpoint kept: {checkpoint}" if checkpoint else "cancelled"
+    return text + _partial(e.cancelled.partial)
 
 
 def _interrupted(e: JobEvent) -> str:
@@ -157,7 +163,7 @@ def _interrupted(e: JobEvent) -> str:
     if not i.will_resume:
         return "interrupted by a daemon stop (resuming is off: it will not run again)"
     start = f"resume from {i.checkpoint}" if i.checkpoint else "start over"
-    return f"interrupted by a daemon stop; it will {start} when the daemon restarts"
+    return f"interrupted by a daemon stop; it will {start} when the daemon restarts" + _partial(i.partial)
 
 
 def _eval(e: JobEvent) -> str:
@@ -167,6 +173,10 @@ def _eval(e: JobEvent) -> str:
 def _sample(e: JobEvent) -> str:
     cut = "" if e.sample.stopped == "eos" else " [cut at sample_max_new_tokens]"
     return f"sample: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
+
+
+def _memory_recovered(e: JobEvent) -> str:
+    return f"warning: {e.memory_recovered.change} (the step was redone; the effective batch is unchanged)"
 
 
 # One describer per JobEvent.kind field (None = deliberately silent). A kind added to the proto
@@ -187,6 +197,7 @@ _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
     "interrupted": _interrupted,
     "eval": _eval,
     "sample": _sample,
+    "memory_recovered": _memory_recovered,
 }
 
 

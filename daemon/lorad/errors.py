@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# An error travels in a gRPC trailer (at most 16 KB, percent-encoded): list this many problems, then
+# say how many more, and cut any one line to MAX_LINE_CHARS, so the real status always arrives.
+MAX_LISTED_PROBLEMS = 20
+MAX_LINE_CHARS = 400
+
+
+def clip(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with "…"."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class LoradError(Exception):
     """Base of all errors a user can act on.
@@ -33,9 +43,12 @@ class ConfigProblem:
     fix: str = ""
 
     def render(self) -> str:
-        """One line for humans: "`key`: message — fix"."""
-        text = f"`{self.key}`: {self.message}" if self.key else self.message
-        return f"{text} — {self.fix}" if self.fix else text
+        """One line for humans: "`key`: message — fix" (at most MAX_LINE_CHARS; the message is cut
+        before the fix, so what to do always arrives)."""
+        fix = clip(self.fix, MAX_LINE_CHARS // 2) if self.fix else ""
+        room = MAX_LINE_CHARS - len(fix) - (3 if fix else 0)
+        text = clip(f"`{clip(self.key, 80)}`: {self.message}" if self.key else self.message, room)
+        return f"{text} — {fix}" if fix else text
 
 
 class ConfigError(LoradError):
@@ -45,8 +58,10 @@ class ConfigError(LoradError):
         self.problems = list(problems)
         self.source = source
         count = len(self.problems)
-        lines = [f"{source}: {count} problem{'s' if count != 1 else ''}"]
-        lines += [f"  - {p.render()}" for p in self.problems]
+        lines = [f"{clip(source, 200)}: {count:,} problem{'s' if count != 1 else ''}"]
+        lines += [f"  - {p.render()}" for p in self.problems[:MAX_LISTED_PROBLEMS]]
+        if count > MAX_LISTED_PROBLEMS:
+            lines.append(f"  … and {count - MAX_LISTED_PROBLEMS:,} more")
         super().__init__("\n".join(lines), hint="Fix the keys above and run the command again.")
 
 
@@ -62,17 +77,45 @@ class OutputError(LoradError):
     """An output or cache location cannot be written."""
 
 
+class DiskFull(OutputError):
+    """A write failed (or would fail) because the disk holding ``path`` has no room for it.
+
+    ``needed`` is about how many bytes the write takes (0 when unknown), ``free`` how many the disk had.
+    Whatever was partly written has been removed; earlier files (checkpoints) are untouched.
+    """
+
+    def __init__(self, message: str, hint: str = "", *, path: str = "", needed: int = 0, free: int = 0) -> None:
+        super().__init__(message, hint)
+        self.path = path
+        self.needed = needed
+        self.free = free
+
+
 class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingOutOfMemory(LoradError):
+    """A step ran out of memory with nothing left to lower (or ``oom_recovery`` off); the hint names
+    the settings to lower next."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
+    return isinstance(err, MemoryError) or (
+        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    )
 
 
 class TrainingInterrupted(LoradError):
     """Training was stopped on request (Ctrl-C, cancel) after saving a checkpoint.
 
     ``checkpoint`` is the directory that ``resume_from`` accepts to continue, or None if the run
-    stopped before its first optimizer step.
+    stopped before its first optimizer step. ``partial`` is the LoRA (or adapter) of the last
+    completed step, written beside it and named as partial, or None.
     """
 
-    def __init__(self, message: str, hint: str = "", checkpoint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str = "", checkpoint: str | None = None, partial: str | None = None) -> None:
         super().__init__(message, hint)
         self.checkpoint = checkpoint
+        self.partial = partial

@@ -53,7 +53,7 @@ class LatentsCached(Event):
 
 @dataclass(frozen=True)
 class TrainingStarted(Event):
-    """The loop starts (or resumes at ``start_step``) towards ``total_steps``."""
+    """The loop starts (or resumes at ``start_step``, from the checkpoint ``resumed_from``) towards ``total_steps``."""
 
     total_steps: int
     start_step: int
@@ -61,6 +61,7 @@ class TrainingStarted(Event):
     trainable_params: int
     device: str
     precision: str
+    resumed_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,23 @@ class CheckpointSaved(Event):
 
     step: int
     path: str
+
+
+@dataclass(frozen=True)
+class MemoryRecovered(Event):
+    """A step ran out of memory and the run made itself leaner, then redid that step.
+
+    ``change`` is the line for people ("batch 4 → 2 × accumulation 2 after out-of-memory at step 37");
+    ``micro_batch`` and ``gradient_accumulation_steps`` are the settings now (their product is the
+    configured effective batch), ``error`` the first line of the out-of-memory error.
+    """
+
+    step: int
+    change: str
+    micro_batch: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    error: str = ""
 
 
 @dataclass(frozen=True)

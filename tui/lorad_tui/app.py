@@ -139,7 +139,7 @@ class LoradApp(App[None]):
         self._redraw_pending = False
         self._dirty_all = False
         self._dirty_jobs: set[str] = set()
-        self._poll_signature: tuple[int, str] | None = None
+        self._poll_signature: tuple[int, str, int] | None = None
         self._watches_stream: WatchesStream | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -358,7 +358,9 @@ class LoradApp(App[None]):
         # changes only when a job is submitted, starts, ends or is cancelled. The status tells us
         # the queue length and the running job, so the list is fetched again only when those move
         # (a job submitted from the CLI, a queued job that started) or the daemon restarted.
-        signature = (status.queue_length, status.running_job_id)
+        # jobs_revision moves with every submit and state change, so a burst that came and went
+        # between two polls (queued, ran, finished) still reloads the list.
+        signature = (status.queue_length, status.running_job_id, status.jobs_revision)
         if restarted or signature != self._poll_signature:
             self._load_jobs(message.client)
         self._poll_signature = signature

@@ -68,6 +68,8 @@ class JobView:
     ``LOG_LINES`` (a multi-line event continues with an empty time; ``log_total`` counts
     every line ever added, so a reader can tell which lines are new). ``last_seq`` is the
     newest event applied; a watch resumes after it and older events are ignored, so replays are safe.
+    ``resumed_at`` is the step the latest run resumed at (0: it started fresh) and ``resumed_from``
+    its checkpoint; ``partial`` the partial LoRA a stopped job left beside its checkpoint.
     """
 
     job: Job
@@ -79,6 +81,9 @@ class JobView:
     data_report: str = ""
     epochs: int = 0
     log_total: int = 0
+    resumed_at: int = 0
+    resumed_from: str = ""
+    partial: str = ""
 
     @property
     def job_id(self) -> str:
@@ -122,6 +127,7 @@ class JobView:
             started = event.training_started
             self.epochs = started.epochs
             job.progress.total_steps = started.total_steps
+            self.resumed_at, self.resumed_from = started.start_step, started.resumed_from
             if started.start_step:
                 self._truncate_after(started.start_step)
         elif kind == "data_report":
@@ -136,6 +142,9 @@ class JobView:
             job.finished_at.CopyFrom(event.time)
         elif kind == "cancelled":
             job.finished_at.CopyFrom(event.time)
+            self.partial = event.cancelled.partial or self.partial
+        elif kind == "interrupted":
+            self.partial = event.interrupted.partial or self.partial
         line = describe_event(event)
         if line is not None:
             self._log(event, line)

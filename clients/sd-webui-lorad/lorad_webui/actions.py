@@ -22,9 +22,12 @@ from lorad_webui.placement import lora_snippet, place_lora
 from lorad_webui.progress import JobProgress
 from lorad_webui.vendored.format import describe_caption
 
+# The first is the default, as for `lorad caption` and the TUI: BLIP's sentences suit any subject
+# (photos and art alike), the lora-scripts article captions with it, and it runs on transformers
+# alone; WD14's booru tags are the better pick for anime art, one choice down.
 CAPTIONERS = {
-    "wd14 (tags)": caption_pb2.CAPTIONER_KIND_WD14,
     "blip (sentences)": caption_pb2.CAPTIONER_KIND_BLIP,
+    "wd14 (tags)": caption_pb2.CAPTIONER_KIND_WD14,
     "clip (phrases)": caption_pb2.CAPTIONER_KIND_CLIP,
 }
 SOURCE_NAME = "webui"

@@ -1,9 +1,11 @@
 """The extension's few calls to the daemon, on its own protobuf-3.20-compatible stubs.
 
 ``Daemon.connect(address)`` finds the daemon the way ``lorad_client`` does (the vendored
-``discovery``: setting, ``$LORAD_ADDRESS``, the running daemon's discovery file, the default port)
-and reads its token on the same machine. Every failed call raises :class:`DaemonError`, whose text
-is meant for the user; when nothing answers it says how to start the daemon.
+``discovery``: setting, ``$LORAD_ADDRESS``, the running daemon's discovery file) and reads its token
+on the same machine. The token is sent only after the daemon proved it knows it (the vendored
+``identity`` check, on the first call), never to whatever else answers on that address.
+Every failed call raises :class:`DaemonError`, whose text is meant for the user; when nothing
+answers it says how to start the daemon.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lorad_webui.api.v1 import (
     training_pb2_grpc,
 )
 from lorad_webui.vendored.discovery import DaemonTarget, find_daemon
+from lorad_webui.vendored.identity import IdentityNotProven, verify_daemon
 
 START_COMMAND = "lorad serve"
 CALL_TIMEOUT = 10.0
@@ -86,8 +89,10 @@ class Daemon:
 
     def __init__(self, target: DaemonTarget) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target.target, options=_CHANNEL_OPTIONS)
-        self._metadata = (("authorization", f"Bearer {target.token}"),) if target.token else ()
+        # No daemon runs for this home: a channel to nowhere, whose calls say so (see _auth).
+        self._channel = grpc.insecure_channel(target.target or "unix:///nonexistent", options=_CHANNEL_OPTIONS)
+        self._verified: tuple[tuple[str, str], ...] | None = None if target.token else ()
+        self._verify_lock = threading.Lock()
         self._training = training_pb2_grpc.TrainingServiceStub(self._channel)
         self._caption = caption_pb2_grpc.CaptionServiceStub(self._channel)
         self._system = system_pb2_grpc.SystemServiceStub(self._channel)
@@ -107,9 +112,32 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token as call metadata, once the daemon proved it knows it (checked on first use)."""
+        if not self.target.target:
+            raise DaemonError(
+                f"{self.target.source}. Or set the daemon's address in Settings → lorad.", unavailable=True
+            )
+        if self._verified is not None:
+            return self._verified
+        with self._verify_lock:
+            if self._verified is None:
+                try:
+                    verify_daemon(
+                        self._channel, self.target.token or "", target=self.target.target, timeout=STATUS_TIMEOUT
+                    )
+                except IdentityNotProven as err:
+                    raise DaemonError(str(err)) from None
+                except grpc.RpcError as err:
+                    raise _translate(err, self.target) from err
+                self._verified = (("authorization", f"Bearer {self.target.token}"),)
+            return self._verified
+
     def _unary(self, method: Any, request: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        metadata = self._metadata
         try:
-            return method(request, timeout=timeout, metadata=self._metadata)
+            return method(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise _translate(err, self.target) from err
 

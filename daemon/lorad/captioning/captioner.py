@@ -43,12 +43,15 @@ class Captioner(Protocol):
 
 @dataclass(frozen=True)
 class CaptionerKey:
-    """What identifies a loaded captioner: its kind, model folder (absolute), device and dtype."""
+    """What identifies a loaded captioner: its kind, model folder (absolute), device and dtype, and
+    whether it may load pickle weights (set only for a model that has no others: see
+    :func:`lorad.config.pickle_policy.needs_pickle`)."""
 
     kind: str
     model: str
     device: str
     dtype: str
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,10 @@ def load_captioner(key: CaptionerKey) -> Captioner:
         if key.kind == "clip":
             from lorad.captioning.clip_ranking import load_clip_ranker
 
-            return load_clip_ranker(folder, device=key.device, dtype=key.dtype)
+            return load_clip_ranker(folder, device=key.device, dtype=key.dtype, allow_pickle=key.allow_pickle)
         from lorad.captioning.sentence import load_sentence_captioner
 
-        return load_sentence_captioner(folder, device=key.device, dtype=key.dtype)
+        return load_sentence_captioner(folder, device=key.device, dtype=key.dtype, allow_pickle=key.allow_pickle)
     except CaptionModelError:
         raise
     except Exception as err:

@@ -60,7 +60,12 @@ def read_vocabulary(path: Path | None = None) -> tuple[Section, ...]:
         if line.startswith("["):
             header = _section_header(line)
             if header is None:
-                raise VocabularyError(f"vocabulary {source} line {number}: {line!r} is not a section line", _HINT)
+                # The line is not shown: the file may not be a vocabulary at all (errors never echo files).
+                raise VocabularyError(
+                    f"vocabulary {source} line {number}: starts with `[` but is not a `[section]` or "
+                    "`[section N]` line",
+                    _HINT,
+                )
             sections.append(Section(name, tuple(dict.fromkeys(phrases)), keep))
             (name, keep), phrases = header, []
             continue
@@ -172,14 +177,15 @@ def _unit(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def load_clip_ranker(folder: Path, *, device: str, dtype: str) -> ClipRanker:
+def load_clip_ranker(folder: Path, *, device: str, dtype: str, allow_pickle: bool = False) -> ClipRanker:
     """Load the CLIP model in ``folder`` (checked complete by
-    :func:`lorad.captioning.model_folder.resolve_captioner_model`) onto ``device`` in ``dtype``."""
+    :func:`lorad.captioning.model_folder.resolve_captioner_model`) onto ``device`` in ``dtype``.
+    Weights only from safetensors unless ``allow_pickle``."""
     import torch
     from transformers import AutoProcessor, CLIPModel
 
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    model = CLIPModel.from_pretrained(folder, local_files_only=True)
+    model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=None if allow_pickle else True)
     model.to(device=device, dtype=getattr(torch, dtype)).eval()
     model.requires_grad_(False)
     return ClipRanker(model, processor, source=str(folder), device=device, dtype=dtype)

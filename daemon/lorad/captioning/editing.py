@@ -8,14 +8,16 @@ row or its sidecar); an image without a caption gets one where the folder keeps 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorad.captioning.folder import METADATA_NAME, detect_format, sidecar_caption
 from lorad.captioning.record import CaptionRecord
-from lorad.captioning.writer import CaptionWriter
-from lorad.data.captions import normalise_rel_path, read_metadata_csv
+from lorad.captioning.writer import CaptionWriter, lands_inside
+from lorad.config.limits import shown
+from lorad.data.captions import normalise_rel_path, read_metadata_csv, sidecar_path
 from lorad.data.dataset import find_image_files
 from lorad.errors import ConfigError, ConfigProblem
 
@@ -54,6 +56,11 @@ def resolve_folder(folder: str, base_dir: Path, source: str) -> Path:
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name the folder that holds your images")], source)
+    if root == Path(root.anchor):
+        raise ConfigError(
+            [ConfigProblem("folder", f"{root} is the root of the file system", "name the folder of your images")],
+            source,
+        )
     return root
 
 
@@ -83,13 +90,15 @@ def list_captions(root: Path, *, caption_extension: str = ".txt") -> FolderCapti
 
 
 def set_captions(
-    root: Path, edits: Sequence[tuple[str, str]], *, caption_extension: str = ".txt", source: str = "SetCaptions"
+    root: Path, edits: Sequence[tuple[str, str]], *, caption_extension: str = ".txt", source: str = "caption edits"
 ) -> FolderCaptions:
     """Write ``edits`` ((image path relative to ``root``, caption) pairs; the last for a path wins) and
     return the edited images as they read now. Every edit is checked first and nothing is written unless all are good:
     ConfigError lists each path outside ``root``, not one of its images, or with an empty caption.
-    Captions are made one line (runs of whitespace → one space)."""
+    Captions are made one line (runs of whitespace → one space). An edit whose caption file would
+    leave ``root`` (an image in a linked folder, a linked caption file) is refused the same way."""
     current = list_captions(root, caption_extension=caption_extension)
+    real_root = os.path.realpath(root)
     by_rel = {entry.rel: entry for entry in current.entries}
     problems: list[ConfigProblem] = []
     wanted: dict[str, str] = {}
@@ -98,12 +107,22 @@ def set_captions(
         rel = normalise_rel_path(given)
         if rel is None:
             problems.append(
-                ConfigProblem(key, f"{given!r} is outside {root}", "give the image's path relative to the folder")
+                ConfigProblem(key, f"{shown(given)} is outside {root}", "give the image's path relative to the folder")
             )
         elif rel not in by_rel:
             problems.append(
                 ConfigProblem(
                     key, f"{root / rel} is not an image of the folder", "give the path of an image ListCaptions lists"
+                )
+            )
+        elif (by_rel[rel].source == SIDECAR or (by_rel[rel].source == NONE and current.format == "txt")) and not (
+            lands_inside(real_root, sidecar_path(root / rel, caption_extension))
+        ):
+            problems.append(
+                ConfigProblem(
+                    key,
+                    f"the caption file of {rel} would be outside {root} (a linked folder or file)",
+                    "edit it where it lives; lorad writes only inside the folder",
                 )
             )
         elif not " ".join(caption.split()):

@@ -6,6 +6,7 @@ folder walk, the ``metadata.csv`` row first, then the ``<stem><caption_extension
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,8 +26,14 @@ from lorad.captioning.updates import (
     CaptionUpdate,
     ImageCaptioned,
 )
-from lorad.captioning.writer import CaptionWriter
-from lorad.data.captions import SidecarError, read_metadata_csv, read_sidecar, sidecar_path
+from lorad.captioning.writer import CaptionWriter, lands_inside
+from lorad.data.captions import (
+    SidecarError,
+    read_metadata_csv,
+    read_sidecar,
+    remove_stale_caption_temps,
+    sidecar_path,
+)
 
 # The walk training uses; imported rather than re-implemented so `lorad caption` and `lorad train`
 # can never disagree about which files are the training images.
@@ -89,10 +96,12 @@ def plan_folder(
     metadata.csv raises DataError: lorad never rewrites a file it cannot read.
     """
     images = find_image_files(root)
+    remove_stale_caption_temps([root, *(p.parent for p in images)], caption_extension)  # a killed writer's
     fmt = detect_format(root, images, caption_extension) if format == "auto" else format
     csv_path = root / METADATA_NAME
     csv_captions = read_metadata_csv(csv_path).captions if csv_path.is_file() else {}
     record = CaptionRecord.load(root)
+    real_root = os.path.realpath(root)
     planned = []
     for path in images:
         rel = path.relative_to(root).as_posix()
@@ -111,6 +120,10 @@ def plan_folder(
             or (caption is None and not problem)
             or (regenerate and caption is not None and record.is_generated(rel, caption))
         ):
+            if fmt == "txt" and not lands_inside(real_root, sidecar_path(path, caption_extension)):
+                reason = "its caption file would be outside the folder (a linked folder or file): caption it there"
+                planned.append(PlannedImage(path, rel, REPORT, reason=reason))
+                continue
             planned.append(PlannedImage(path, rel, CAPTION))
         elif problem:
             planned.append(PlannedImage(path, rel, REPORT, reason=f"{problem} (fix or delete it, or use --overwrite)"))
@@ -186,7 +199,13 @@ def caption_folder(
     to_caption = [image for image in plan.images if image.action == CAPTION]
     if to_caption:
         device, dtype = captioner_placement(request.captioner, request.device)
-        key = CaptionerKey(kind=request.captioner, model=str(request.model), device=device, dtype=dtype)
+        key = CaptionerKey(
+            kind=request.captioner,
+            model=str(request.model),
+            device=device,
+            dtype=dtype,
+            allow_pickle=request.allow_pickle,
+        )
         rel_of = {image.path: image.rel for image in to_caption}
         with provide(key) as provided:
             captioner = provided.captioner

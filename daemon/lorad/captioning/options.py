@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorad.config.limits import shown
+from lorad.config.schema import MAX_CAPTION_BATCH, MAX_CAPTION_BEAMS, MAX_CAPTION_TOKENS, MAX_CAPTION_TOP_K
 from lorad.errors import ConfigProblem
 
 # blip: sentences from an image-to-text model (BLIP, and the other families transformers loads
@@ -30,6 +32,8 @@ DEFAULT_MODELS = {
 FORMATS = ("auto", "csv", "txt")
 
 DEFAULT_BATCH_SIZE = 8
+# A caption prompt is a few words ("a photo of"); a long one only costs memory in every batch.
+MAX_PROMPT_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -65,20 +69,22 @@ def option_problems(
     problems = []
 
     def bad(field: str, value: object, fix: str) -> None:
-        problems.append(ConfigProblem(names.get(field, field), f"got {value!r}", fix))
+        problems.append(ConfigProblem(names.get(field, field), f"got {shown(value)}", fix))
 
-    if batch_size < 1:
-        bad("batch_size", batch_size, "use 1 or more images per batch")
-    if options.max_length < 1:
-        bad("max_length", options.max_length, "use 1 or more tokens")
-    if options.num_beams < 1:
-        bad("num_beams", options.num_beams, "use 1 (greedy) or more beams")
+    if not 1 <= batch_size <= MAX_CAPTION_BATCH:
+        bad("batch_size", batch_size, f"use 1 to {MAX_CAPTION_BATCH} images per batch")
+    if not 1 <= options.max_length <= MAX_CAPTION_TOKENS:
+        bad("max_length", options.max_length, f"use 1 to {MAX_CAPTION_TOKENS} tokens")
+    if not 1 <= options.num_beams <= MAX_CAPTION_BEAMS:
+        bad("num_beams", options.num_beams, f"use 1 (greedy) to {MAX_CAPTION_BEAMS} beams")
     for field in ("general_threshold", "character_threshold"):
         value = getattr(options, field)
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             bad(field, value, "use a score between 0 and 1, e.g. 0.35")
-    if options.top_k < 1:
-        bad("top_k", options.top_k, "keep 1 or more phrases per section")
+    if not 1 <= options.top_k <= MAX_CAPTION_TOP_K:
+        bad("top_k", options.top_k, f"keep 1 to {MAX_CAPTION_TOP_K} phrases per section")
+    if len(options.prompt) > MAX_PROMPT_CHARS:
+        bad("prompt", options.prompt, f"use at most {MAX_PROMPT_CHARS} characters")
     if options.vocabulary is not None and not options.vocabulary.is_file():
         problems.append(
             ConfigProblem(

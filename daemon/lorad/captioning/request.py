@@ -15,6 +15,9 @@ from pathlib import Path
 
 from lorad.captioning.model_folder import resolve_captioner_model
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, FORMATS, KINDS, CaptionOptions, option_problems
+from lorad.config.limits import path_problem, shown
+from lorad.config.pickle_policy import pickle_problem
+from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -42,6 +45,7 @@ class CaptionRequest:
     overwrite: bool = False
     regenerate: bool = False
     device: str = "auto"
+    allow_pickle: bool = False
 
 
 def caption_request(
@@ -58,6 +62,7 @@ def caption_request(
     overwrite: bool = False,
     regenerate: bool = False,
     device: str = "auto",
+    allow_pickle: bool = False,
     names: Mapping[str, str] | None = None,
     source: str = "caption request",
 ) -> CaptionRequest:
@@ -72,32 +77,42 @@ def caption_request(
     def name(key: str) -> str:
         return names.get(key, key)
 
+    texts = {"folder": folder, "model": model, "vocabulary": str(options.vocabulary or ""), "base_dir": str(base_dir)}
+    problems += [p for key, text in texts.items() if (p := path_problem(name(key), text)) is not None]
+    if problems:  # nothing below may touch the disk with such a path
+        raise ConfigError(problems, source)
     root = _absolute(folder, base_dir) if folder.strip() else None
     if root is None:
         problems.append(ConfigProblem(name("folder"), "is empty", "name the folder that holds your images"))
     elif not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         problems.append(ConfigProblem(name("folder"), f"{root} {what}", "name the folder that holds your images"))
+    elif root == Path(root.anchor):
+        problems.append(
+            ConfigProblem(name("folder"), f"{root} is the root of the file system", "name the folder of your images")
+        )
     kind = captioner.strip().lower()
     if kind not in KINDS:
         close = difflib.get_close_matches(kind, KINDS, n=1)
         problems.append(
             ConfigProblem(
                 name("captioner"),
-                f"got {captioner!r}",
+                f"got {shown(captioner)}",
                 (f"did you mean `{close[0]}`? " if close else "") + "choose one of: " + ", ".join(KINDS),
             )
         )
     fmt = format.strip().lower() or "auto"
     if fmt not in FORMATS:
-        problems.append(ConfigProblem(name("format"), f"got {format!r}", "choose one of: " + ", ".join(FORMATS)))
+        problems.append(ConfigProblem(name("format"), f"got {shown(format)}", "choose one of: " + ", ".join(FORMATS)))
     if not _DEVICE.match(device.strip().lower() or "auto"):
-        problems.append(ConfigProblem(name("device"), f"got {device!r}", "use auto, cpu, cuda, cuda:N or mps"))
+        problems.append(ConfigProblem(name("device"), f"got {shown(device)}", "use auto, cpu, cuda, cuda:N or mps"))
     extension = caption_extension.strip() or ".txt"
     extension = extension if extension.startswith(".") else "." + extension
-    if "/" in extension or "\\" in extension or extension == ".":
+    if (why := caption_extension_problem(extension)) is not None:
         problems.append(
-            ConfigProblem(name("caption_extension"), f"got {caption_extension!r}", "use a file extension such as .txt")
+            ConfigProblem(
+                name("caption_extension"), f"{shown(caption_extension)} {why}", "use an extension such as .txt"
+            )
         )
     if overwrite and regenerate:
         problems.append(
@@ -114,6 +129,8 @@ def caption_request(
         raise ConfigError(problems, source)
     assert root is not None  # a missing folder is a problem above
     resolved = resolve_captioner_model(kind, model, base_dir=base_dir, key=name("model"))
+    if (problem := pickle_problem(name("model"), str(resolved), allow_pickle)) is not None:
+        raise ConfigError([problem], source)
     return CaptionRequest(
         folder=root,
         captioner=kind,
@@ -126,6 +143,7 @@ def caption_request(
         overwrite=overwrite,
         regenerate=regenerate,
         device=device.strip().lower() or "auto",
+        allow_pickle=allow_pickle,
     )
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lorad.captioning.captioner import processor_side
 from lorad.captioning.errors import CaptionModelError
 from lorad.captioning.options import CaptionOptions
+from lorad.config.limits import shown
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -75,10 +76,25 @@ class SentenceCaptioner:
         }  # BERT tokenizers add them; no captioning model takes them
         with self._lock, torch.inference_mode():
             tokens = self.model.generate(
-                **inputs, max_new_tokens=options.max_length, num_beams=options.num_beams, do_sample=False
+                **inputs,
+                max_new_tokens=self.new_token_limit(inputs, options.max_length),
+                num_beams=options.num_beams,
+                do_sample=False,
             )
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
+
+    def new_token_limit(self, inputs: Mapping[str, Any], wanted: int) -> int:
+        """``wanted`` new tokens, clamped so prompt + caption fit the text decoder's position table
+        (more would index past it: an IndexError inside generate, not a longer caption)."""
+        config = self.model.config
+        text_config = getattr(config, "text_config", None) or config
+        table = getattr(text_config, "max_position_embeddings", None)
+        if not isinstance(table, int) or table <= 0:
+            return wanted
+        ids = inputs.get("input_ids")
+        prompt_tokens = int(ids.shape[1]) if ids is not None else 1  # the start token at least
+        return max(1, min(wanted, table - prompt_tokens))
 
     def _inputs(self, images: list[Image.Image], prompt: str) -> Mapping[str, Any]:
         """The model's inputs: pixels, plus the prompt's tokens when there is one."""
@@ -96,9 +112,10 @@ class SentenceCaptioner:
         return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
 
 
-def load_sentence_captioner(folder: Path, *, device: str, dtype: str) -> SentenceCaptioner:
+def load_sentence_captioner(folder: Path, *, device: str, dtype: str, allow_pickle: bool = False) -> SentenceCaptioner:
     """Load the image-to-text model in ``folder`` (checked complete by
-    :func:`lorad.captioning.model_folder.resolve_captioner_model`) onto ``device`` in ``dtype``."""
+    :func:`lorad.captioning.model_folder.resolve_captioner_model`) onto ``device`` in ``dtype``.
+    Weights only from safetensors unless ``allow_pickle``."""
     import json
 
     import torch
@@ -108,11 +125,13 @@ def load_sentence_captioner(folder: Path, *, device: str, dtype: str) -> Sentenc
     family = FAMILIES.get(model_type)
     if family is None:
         raise CaptionModelError(
-            f"{folder}: model_type {model_type!r} is not an image-to-text family lorad runs",
+            f"{folder}: model_type {shown(model_type)} is not an image-to-text family lorad runs",
             f"Use a model of one of these families: {', '.join(FAMILIES)}.",
         )
     processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
-    model = getattr(transformers, family.model_class).from_pretrained(folder, local_files_only=True)
+    model = getattr(transformers, family.model_class).from_pretrained(
+        folder, local_files_only=True, use_safetensors=None if allow_pickle else True
+    )
     model.to(device=device, dtype=getattr(torch, dtype)).eval()
     model.requires_grad_(False)
     return SentenceCaptioner(model, processor, family=model_type, source=str(folder), device=device, dtype=dtype)

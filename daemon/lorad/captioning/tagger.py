@@ -58,8 +58,7 @@ def read_selected_tags(path: Path) -> tuple[Tag, ...]:
         header = [cell.strip().lower() for cell in next(reader, [])]
         if "name" not in header or "category" not in header:
             raise CaptionModelError(
-                f"{path} line 1: header {','.join(header)!r} lacks a "
-                f"{'name' if 'name' not in header else 'category'} column",
+                f"{path} line 1: the header lacks a {'name' if 'name' not in header else 'category'} column",
                 _HINT,
             )
         name_col, category_col = header.index("name"), header.index("category")
@@ -73,9 +72,7 @@ def read_selected_tags(path: Path) -> tuple[Tag, ...]:
             try:
                 category = int(row[category_col])
             except ValueError:
-                raise CaptionModelError(
-                    f"{path} line {line}: category {row[category_col]!r} is not a number", _HINT
-                ) from None
+                raise CaptionModelError(f"{path} line {line}: the category is not a number", _HINT) from None
             tags.append(Tag(row[name_col].strip(), category))
     except csv.Error as err:
         raise CaptionModelError(f"{path} line {reader.line_num}: malformed CSV: {err}", _HINT) from err

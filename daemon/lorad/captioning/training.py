@@ -101,7 +101,18 @@ def caption_filler(
                 caption_extension=config.caption_extension,
                 trigger_word=config.trigger_word or "",
             )
-            with provide(CaptionerKey(kind, str(model), device, dtype)) as provided:
+            outside = [path for path in paths if not writer.writable(path)]
+            if outside:
+                on_event(
+                    LogLine(
+                        f"not captioned: {len(outside)} image{_s(len(outside))} whose caption file would be outside "
+                        f"{root} (linked folders): caption {'it' if len(outside) == 1 else 'them'} where "
+                        f"{'it lives' if len(outside) == 1 else 'they live'}",
+                        level="warning",
+                    )
+                )
+                paths = [path for path in paths if path not in set(outside)]
+            with provide(CaptionerKey(kind, str(model), device, dtype, allow_pickle=config.allow_pickle)) as provided:
                 batches = caption_images(
                     provided.captioner,
                     paths,

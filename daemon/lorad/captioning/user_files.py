@@ -11,9 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from lorad.atomic import atomic_path
-
-_DEFAULT_UMASK = 0o022
+from lorad.atomic import atomic_path, user_file_mode
 
 
 def write_user_text(path: Path, text: str) -> None:
@@ -22,19 +20,7 @@ def write_user_text(path: Path, text: str) -> None:
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        mode = 0o666 & ~_umask()
+        mode = user_file_mode()
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, mode)  # before the rename: the file never appears with other permissions
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask can only be read by setting it, which
-    would race with other threads creating files)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _DEFAULT_UMASK

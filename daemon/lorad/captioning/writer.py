@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lorad.captioning.csv_file import CaptionCsv
 from lorad.captioning.record import CaptionRecord, GeneratedCaption
 from lorad.captioning.user_files import write_user_text
 from lorad.data.captions import sidecar_path
+from lorad.errors import DataError
+
+
+def lands_inside(real_root: str, target: Path) -> bool:
+    """True when writing ``target`` (which may not exist yet) puts a file inside ``real_root`` (a
+    realpath): its folder resolves, links followed, to ``real_root`` or below, and it is no link."""
+    parent = os.path.realpath(target.parent)
+    inside = parent == real_root or parent.startswith(real_root.rstrip(os.sep) + os.sep)
+    return inside and not target.is_symlink()
 
 
 def with_trigger(caption: str, trigger_word: str) -> str:
@@ -35,6 +45,11 @@ class CaptionWriter:
     Each :meth:`write` saves the captions first and the record second, both atomically: a crash in
     between leaves captions that count as a person's (kept), never a record of captions that are not
     there. Not thread-safe: one writer per folder at a time.
+
+    Nothing is written outside ``root``: the CSV and every sidecar must resolve (links followed) to a
+    place inside it, and an existing sidecar that is a link is never replaced. A CSV outside ``root``
+    raises DataError at construction; :meth:`writable` says which images can get a sidecar, and
+    :meth:`write` raises DataError (writing nothing) for any that cannot.
     """
 
     def __init__(
@@ -57,6 +72,13 @@ class CaptionWriter:
         self.trigger_word = trigger_word
         self.captioner = captioner
         self.model = model
+        self._real_root = os.path.realpath(root)
+        if format == "csv" and not self._inside(self.csv_path):
+            raise DataError(
+                f"`metadata_path`: {self.csv_path} is outside {root}: lorad writes captions only inside the "
+                "folder it captions",
+                "put the captions file in the image folder (e.g. <folder>/metadata.csv), or caption into sidecars",
+            )
         self._csv = CaptionCsv.open(self.csv_path) if format == "csv" else None
         self._record = CaptionRecord.load(root)
 
@@ -66,6 +88,23 @@ class CaptionWriter:
         if self.format == "csv":
             return str(self.csv_path)
         return f"<image name>{self.caption_extension} files beside the images"
+
+    def _inside(self, target: Path) -> bool:
+        return lands_inside(self._real_root, target)
+
+    def writable(self, image: Path) -> bool:
+        """Whether the caption of ``image`` can be written: always for the CSV (inside the root),
+        for a sidecar only when it lands inside the root and is not a link."""
+        return self._csv is not None or self._inside(sidecar_path(image, self.caption_extension))
+
+    def _check_writable(self, images: Iterable[Path]) -> None:
+        outside = [image for image in images if not self.writable(image)]
+        if outside:
+            raise DataError(
+                f"the caption of {outside[0]} would be written outside {self.root} (a linked folder or a linked "
+                "caption file): not written",
+                "caption images inside the folder itself; lorad never writes through links that leave it",
+            )
 
     @property
     def record_path(self) -> Path:
@@ -77,6 +116,7 @@ class CaptionWriter:
         written (with the trigger word)."""
         if not captions:
             return {}
+        self._check_writable(captions)
         now = time.time()
         written: dict[Path, str] = {}
         entries: dict[str, GeneratedCaption] = {}
@@ -106,6 +146,7 @@ class CaptionWriter:
         the person's, so ``regenerate`` never replaces it, even when its text equals what lorad wrote."""
         if not captions:
             return
+        self._check_writable(captions)
         for path, caption in captions.items():
             if self._csv is not None:
                 self._csv.set(path.relative_to(self.root).as_posix(), caption)

@@ -100,7 +100,9 @@ def load_model(client: LoradClient, model: str, keep_alive: float) -> int:
 
 
 def unload_model(client: LoradClient, model: str) -> int:
-    freed = client.unload_model(model)
+    # A path as typed (relative, `~`, a symlink) names the model the daemon keeps by its resolved path.
+    typed = Path(model).expanduser()
+    freed = client.unload_model(str(typed.resolve()) if typed.exists() else model)
     print(f"unloaded {model} ({format_bytes(freed)} freed)")
     return EXIT_OK
 
@@ -142,7 +144,31 @@ def follow_job(
     client: LoradClient, job_id: str, *, after_seq: int = 0, live_bar: bool = True, history_only: bool = False
 ) -> int:
     """Stream a job's events to the terminal until it ends (or, with ``history_only``, until the
-    newest event so far); Ctrl-C detaches (the job goes on)."""
+    newest event so far); Ctrl-C detaches (the job goes on).
+
+    With ``live_bar`` the history is printed first as a log (a progress bar fed a replay would show
+    thousands of steps a second), then the live events draw the bar."""
+    if live_bar and not history_only:
+        seen = [after_seq]
+        code = _follow(client, job_id, after_seq=after_seq, live_bar=False, history_only=True, seen=seen, quiet=True)
+        if code is not None:  # the history already holds the job's end
+            return code
+        after_seq = seen[0]
+    return _follow(client, job_id, after_seq=after_seq, live_bar=live_bar, history_only=history_only) or EXIT_OK
+
+
+def _follow(
+    client: LoradClient,
+    job_id: str,
+    *,
+    after_seq: int,
+    live_bar: bool,
+    history_only: bool,
+    seen: list[int] | None = None,
+    quiet: bool = False,
+) -> int | None:
+    """One WatchJob stream drawn to the terminal; the exit code, or None when ``quiet`` and the job
+    has not ended (the caller goes on following). ``seen[0]`` is set to the last event's seq."""
     progress = TerminalProgress() if live_bar else None
     watch = client.watch_job(job_id, after_seq=after_seq, history_only=history_only)
     name, final_state = job_id, None
@@ -152,6 +178,8 @@ def follow_job(
                 job_id, name = message.job.job_id, message.job.name
                 continue
             event = message.event
+            if seen is not None:
+                seen[0] = event.seq
             kind = event.WhichOneof("kind")
             engine_event = engine_event_from_proto(event)
             if progress is not None and engine_event is not None and kind != "finished":
@@ -160,7 +188,7 @@ def follow_job(
                 p = event.step.progress
                 if p.step == p.total_steps or p.step % max(1, p.total_steps // 20) == 0:
                     print(f"step {p.step}/{p.total_steps}  epoch {p.epoch}  loss {p.loss:.4f}  lr {p.lr:.2e}")
-            elif (line := describe_event(event)) is not None and kind != "finished":
+            elif kind not in ("finished", "failed") and (line := describe_event(event)) is not None:
                 (progress._print if progress else print)(line)
             if kind == "finished":
                 if progress:
@@ -170,10 +198,12 @@ def follow_job(
             elif kind in ("failed", "cancelled"):
                 if progress:
                     progress.close()
-                if kind == "failed":
+                if kind == "failed":  # said once, here: the event's own line would repeat it
                     print(f"error: {event.failed.error}", file=sys.stderr)
                     if event.failed.hint:
                         print(f"hint: {event.failed.hint}", file=sys.stderr)
+                    if event.failed.checkpoint:
+                        print(f"checkpoint kept: {event.failed.checkpoint}", file=sys.stderr)
                 final_state = kind
     except KeyboardInterrupt:
         watch.cancel()
@@ -188,6 +218,8 @@ def follow_job(
     finally:
         if progress:
             progress.close()
+    if final_state is None and quiet:
+        return None
     if final_state is None and history_only:
         job = client.get_job(job_id)
         print(f"job {job.job_id} is {job_state_name(job.state)}; `lorad logs {job.job_id} --follow` follows it")
@@ -328,6 +360,15 @@ def print_watches(client: LoradClient) -> int:
     for w in watches:
         if w.error:
             print(f"\n{w.folder}: {w.error}\nhint: {w.hint}")
+    return EXIT_OK
+
+
+def retry_watch(client: LoradClient, watch: str) -> int:
+    retried = client.retry_watch(watch, base_dir=str(Path.cwd()))
+    print(f"{retried.folder} ({retried.watch_id}): {_watch_state(retried)}")
+    if retried.error:
+        print(f"error: {retried.error}\nhint: {retried.hint}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

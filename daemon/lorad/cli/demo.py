@@ -9,6 +9,7 @@ trained on a random model, so it draws nothing meaningful: it proves the pipelin
 from __future__ import annotations
 
 import random
+import shlex
 from pathlib import Path
 
 import yaml
@@ -62,6 +63,12 @@ def demo_config(work: Path, steps: int) -> dict[str, object]:
     }
 
 
+def edit_and_run(work: Path, config_path: Path) -> str:
+    """The command that trains the demo config again: from ``work``, which its relative paths resolve
+    against (as they do for every config: against the folder the command runs in)."""
+    return f"cd {shlex.quote(str(work))} && lorad train --config {config_path.relative_to(work)}"
+
+
 def run_demo(work: Path, *, steps: int = 30) -> int:
     """Prepare ``work`` (model, data, config) and train through the CLI's code path."""
     from lorad.cli.local_training import run_training
@@ -78,10 +85,10 @@ def run_demo(work: Path, *, steps: int = 30) -> int:
     config_path = work / "configs" / "demo_lora.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(
-        "# written by `lorad demo`; edit and run: lorad train --config "
-        f"{config_path}\n" + yaml.safe_dump(demo_config(work, steps), sort_keys=False)
+        f"# written by `lorad demo`; edit and run: {edit_and_run(work, config_path)}\n"
+        + yaml.safe_dump(demo_config(work, steps), sort_keys=False)
     )
-    print(f"config: {config_path}\n")
+    print(f"config: {config_path}\nedit and run it: {edit_and_run(work, config_path)}\n")
     code = run_training(config_path, base_dir=work)
     if code == 0:
         print(
@@ -121,6 +128,7 @@ def run_llm_demo(work: Path, *, steps: int = 40) -> int:
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in DEMO_RECORDS))
     config = {
+        "task": "llm",  # said outright: edited into another folder, base_model may not resolve
         "train_data": "./data/records.jsonl",
         "base_model": "./models/tiny-llama",
         "lora_rank": 8,
@@ -136,10 +144,10 @@ def run_llm_demo(work: Path, *, steps: int = 40) -> int:
     config_path = work / "configs" / "demo_llm.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(
-        "# written by `lorad demo --llm`; edit and run: lorad train --config "
-        f"{config_path}\n" + yaml.safe_dump(config, sort_keys=False)
+        f"# written by `lorad demo --llm`; edit and run: {edit_and_run(work, config_path)}\n"
+        + yaml.safe_dump(config, sort_keys=False)
     )
-    print(f"config: {config_path}\n")
+    print(f"config: {config_path}\nedit and run it: {edit_and_run(work, config_path)}\n")
     code = run_training(config_path, base_dir=work)
     if code == 0:
         print(

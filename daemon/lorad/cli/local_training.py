@@ -45,6 +45,8 @@ def run_training(config_path: Path, base_dir: Path) -> int:
     except TrainingInterrupted as err:
         progress.close()
         print(f"{err}; checkpoint: {err.checkpoint or '(none, stopped before the first step)'}", file=sys.stderr)
+        if err.partial:
+            print(f"partial LoRA of the last step (usable as is): {err.partial}", file=sys.stderr)
         if err.checkpoint:
             print(f"to continue, add `resume_from: latest` to {config_path} and run the same command", file=sys.stderr)
         return EXIT_INTERRUPTED

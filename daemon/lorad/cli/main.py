@@ -114,6 +114,7 @@ def run_captioning(args: argparse.Namespace, base_dir: Path) -> int:
         overwrite=args.overwrite,
         regenerate=args.regenerate,
         device=args.device,
+        allow_pickle=args.allow_pickle,
         names=CAPTION_OPTION_NAMES,
         source="lorad caption",
     )
@@ -167,6 +168,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                     caption_extension=args.caption_extension,
                     device=args.device,
                     batch_size=args.batch_size,
+                    allow_pickle=args.allow_pickle,
                     options=caption_options_to_proto(_caption_options(args)),
                 )
     return run_captioning(args, Path.cwd())
@@ -185,18 +187,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     quiet_libraries()
     settings = daemon_settings(
         args.listen or (),
-        require_token=args.require_token,
         default_keep_alive=args.keep_alive,
         memory_budget_gb=args.memory_budget,
         resume_interrupted=not args.no_resume,
     )
 
     def ready(daemon) -> None:
-        token = (
-            " (token required: clients on this machine read it from the state directory)"
-            if settings.require_token
-            else ""
-        )
+        token = " (token required: clients of this user read it from the state directory)"
         print(
             f"lorad daemon ready on {', '.join(daemon.addresses)}{token}; state in {settings.home}",
             file=sys.stderr,
@@ -246,7 +243,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch
+    from lorad.cli.daemon_commands import add_watch, print_watches, remove_watch, retry_watch
 
     with _connect() as client:
         if args.action == "add":
@@ -263,6 +260,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             )
         if args.action == "rm":
             return remove_watch(client, args.watch)
+        if args.action == "retry":
+            return retry_watch(client, args.watch)
         return print_watches(client)
 
 
@@ -271,7 +270,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     from lorad.families.registry import get_spec, spec_for
 
     if args.check:
+        from lorad.config.preflight import preflight_problems
+        from lorad.errors import ConfigError
+
         config = load_any_config(args.check, base_dir=Path.cwd())
+        problems = preflight_problems(config)  # the model, the data and the target layers, read cheaply
+        if problems:
+            raise ConfigError(problems, args.check)
         spec = spec_for(config)
         what = "adapter" if spec.output_kind == "peft_adapter" else "LoRA"
         print(f"{args.check}: OK — {spec.title} {what} `{config.output_name}` into {config.output_dir}")
@@ -326,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a LoRA from a YAML config",
-        description="Train a LoRA from a YAML config, in this process. Relative "
-        "paths in the config resolve against the current directory.",
+        description="Train a LoRA from a YAML config: submit it to the running lorad daemon and follow "
+        "the job (Ctrl-C detaches; the job goes on), or, with no daemon running (or --embedded), train in "
+        "this process. Relative paths in the config resolve against the current directory.",
     )
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
     train.add_argument(
@@ -373,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--caption-extension", default=".txt", help="sidecar extension (default .txt)")
     caption.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    caption.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a model whose weights exist only as pytorch_model.bin (a pickle; prefer safetensors)",
+    )
     caption.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     caption.add_argument("--max-length", type=int, default=75, help="blip: most tokens per caption (default 75)")
     caption.add_argument("--beams", type=int, default=1, help="blip: beam search width (default 1, greedy)")
@@ -404,9 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDR",
         help="HOST:PORT or unix:/path (repeatable; replaces the defaults; env LORAD_ADDRESS). "
-        "A non-loopback address requires the token.",
+        "Every address requires the token (clients of this user read it from the state directory).",
     )
-    serve.add_argument("--require-token", action="store_true", help="require the token on loopback too")
+    # Kept so existing scripts still run: the token is required everywhere now.
+    serve.add_argument("--require-token", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--keep-alive",
         type=float,
@@ -500,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch_sub.add_parser("ls", help="the watched folders and their state")
     watch_rm = watch_sub.add_parser("rm", help="stop watching a folder (its queued jobs stay)")
     watch_rm.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
+    watch_retry = watch_sub.add_parser(
+        "retry", help="try a watch in error again now: its template config is read again, new images queue a job"
+    )
+    watch_retry.add_argument("watch", metavar="DIR|ID", help="the folder, or the watch id")
     watch.set_defaults(func=cmd_watch)
 
     config = sub.add_parser("config", help="print an annotated example config, or check one")

@@ -12,6 +12,7 @@ from lorad.events import (
     Event,
     LatentsCached,
     LogLine,
+    MemoryRecovered,
     ModelLoaded,
     SampleGenerated,
     StepDone,
@@ -54,6 +55,9 @@ class TerminalProgress:
         elif isinstance(event, LatentsCached):
             self._print(f"latents: {event.cached} from cache, {event.encoded} encoded ({event.seconds:.1f}s)")
         elif isinstance(event, TrainingStarted):
+            if event.start_step:
+                where = f" from {event.resumed_from}" if event.resumed_from else ""
+                self._print(f"resuming at step {event.start_step} of {event.total_steps}{where}")
             self._print(
                 f"training {event.trainable_params:,} LoRA parameters on {event.device} "
                 f"(precision {event.precision}), {event.total_steps} steps"
@@ -66,11 +70,22 @@ class TerminalProgress:
                 dynamic_ncols=True,
                 mininterval=0.5,
             )
-        elif isinstance(event, StepDone) and self._bar is not None:
+        elif isinstance(event, StepDone):
+            if self._bar is None:  # following a job that started before we looked: the bar starts here
+                self._bar = tqdm(
+                    total=event.total_steps,
+                    initial=event.step - 1,
+                    file=self.stream,
+                    unit="step",
+                    dynamic_ncols=True,
+                    mininterval=0.5,
+                )
             self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
             self._bar.update(event.step - self._bar.n)
         elif isinstance(event, CheckpointSaved):
             self._print(f"checkpoint saved: {event.path}")
+        elif isinstance(event, MemoryRecovered):
+            self._print(f"warning: {event.change} (the step is redone; the effective batch is unchanged)")
         elif isinstance(event, LogLine):
             self._print(("warning: " if event.level == "warning" else "") + event.message)
         elif isinstance(event, EvalDone):

@@ -2,8 +2,8 @@
 
 ``model_family: NAME`` says it outright (``task: llm`` / ``task: sd``, the older spelling, still works).
 Without it the base model decides: each family's ``detect`` looks at its files (a ``config.json``
-naming a ``...ForCausalLM`` architecture is an LLM; a checkpoint's keys tell SD 1.x/2.x from the
-others). A config without a base model is told apart by keys only one family has. Everything after
+naming a ``...ForCausalLM`` architecture is an LLM; a checkpoint's keys tell SDXL from SD 1.x/2.x).
+A config whose base model no family recognises is told apart by its keys (SD 1.x/2.x when they fit it). Everything after
 this point sees a typed config whose ``model_family`` names its family.
 """
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lorad.config.loader import _resolve_base_model, load_config, parse_config_text
+from lorad.config.limits import path_problem, shown
+from lorad.config.loader import _resolve_base_model, load_config
 from lorad.config.schema import TrainingKeys
+from lorad.config.yaml_text import load_yaml_text
 from lorad.errors import ConfigError, ConfigProblem
 from lorad.families.registry import FamilySpec, detect_family, family_names, family_specs, get_spec
 
@@ -37,8 +38,21 @@ def _named_family(raw: Mapping[str, Any], source: str) -> FamilySpec | None:
             return get_spec(name)
         close = difflib.get_close_matches(name, family_names(), n=1)
         fix = (f"did you mean `{close[0]}`? " if close else "") + "use one of: " + ", ".join(family_names())
-        raise ConfigError([ConfigProblem(key, f"got {value!r}", fix + f", or remove `{key}` to detect it")], source)
+        raise ConfigError(
+            [ConfigProblem(key, f"got {shown(value)}", fix + f", or remove `{key}` to detect it")], source
+        )
     return None
+
+
+def _family_by_keys(raw: Mapping[str, Any]) -> FamilySpec:
+    """The family whose config knows the most of ``raw``'s keys (SD 1.x/2.x on a tie), so a config whose
+    base model cannot be read from here is still checked as what it is: an LLM config is never told
+    its keys are SD typos."""
+    keys = {str(k) for k in raw} - {"model_family", _LEGACY_KEY}
+    counts = {spec.name: len(keys & {f.name for f in fields(spec.config_class)}) for spec in family_specs()}
+    best = max(counts.values())
+    tied = [name for name, count in counts.items() if count == best]
+    return get_spec("sd" if "sd" in tied else tied[0])
 
 
 def choose_family(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> FamilySpec:
@@ -47,14 +61,11 @@ def choose_family(raw: Mapping[str, Any], *, base_dir: Path, source: str = "conf
     if named is not None:
         return named
     base = raw.get("base_model")
-    if isinstance(base, (str, os.PathLike)) and str(base).strip():
+    if isinstance(base, (str, os.PathLike)) and str(base).strip() and path_problem("", os.fspath(base)) is None:
         detected = detect_family(_resolve_base_model(os.fspath(base), base_dir))
         if detected is not None:
             return detected
-    for spec in family_specs():
-        if spec.hint_keys & set(map(str, raw)):
-            return spec
-    return get_spec("sd")
+    return _family_by_keys(raw)
 
 
 def parse_any_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainingKeys:
@@ -67,11 +78,8 @@ def parse_any_config(raw: Any, *, base_dir: Path, source: str = "config") -> Tra
 
 
 def parse_any_config_text(text: str, *, base_dir: Path, source: str = "config") -> TrainingKeys:
-    """Parse YAML text into its family's config type (syntax errors as in parse_config_text)."""
-    try:
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
-        return parse_config_text(text, base_dir=base_dir, source=source)  # reports the syntax error
+    """Parse YAML text into its family's config type (errors as in parse_config_text)."""
+    raw = load_yaml_text(text, source=source)
     return parse_any_config(raw if raw is not None else {}, base_dir=base_dir, source=source)
 
 

@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from lorad.config.schema import SECTIONS, RepeatPolicy, TrainConfig
+from lorad.config.schema import SECTIONS, OptimizerArgs, RepeatPolicy, TrainConfig
 
 _TITLES = {
     "data": "Data: images and captions",
@@ -42,7 +42,7 @@ def _yaml_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, RepeatPolicy):
+    if isinstance(value, (RepeatPolicy, OptimizerArgs)):
         return _yaml_value(value.to_yaml())
     if isinstance(value, dict):
         return json.dumps(value)
@@ -55,6 +55,11 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 4096, 0.5, 4,294,967,295."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
 
 def render_example() -> str:
@@ -89,6 +94,9 @@ def render_annotated(
             help_text = meta["help"]
             if meta.get("choices"):
                 help_text += " Choices: " + ", ".join(meta["choices"]) + "."
+            if meta.get("minimum") is not None and meta.get("maximum") is not None:
+                above = "above " if meta.get("exclusive_minimum") else ""
+                help_text += f" Range: {above}{_number(meta['minimum'])} to {_number(meta['maximum'])}."
             for chunk in textwrap.wrap(help_text, 96):
                 lines.append(f"# {chunk}")
             if f.name in seed:

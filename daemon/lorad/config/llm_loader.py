@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import importlib.util
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lorad.config.limits import shown
 from lorad.config.llm_schema import LLM_REQUIRED_KEYS, TARGET_PRESETS, TEMPLATE_NAMES, LlmTrainConfig
 from lorad.config.loader import (
     _convert,
     _Invalid,
+    _resolve_base_model,
     _show,
     _unknown_key_problem,
     parse_family_config,
     run_checks,
 )
+from lorad.config.option_checks import optimizer_checks
+from lorad.config.pickle_policy import pickle_problem
 from lorad.errors import ConfigProblem
 
 _HINTS = typing.get_type_hints(LlmTrainConfig)
@@ -55,11 +59,11 @@ def _to_pairs(name: str, value: Any) -> tuple[tuple[str, str], ...]:
     if name == "columns":
         unknown = [k for k, _ in pairs if k not in _COLUMN_NAMES]
         if unknown:
-            raise _Invalid(f"unknown field {unknown[0]!r}", "map one of: " + ", ".join(_COLUMN_NAMES))
+            raise _Invalid(f"unknown field {shown(unknown[0])}", "map one of: " + ", ".join(_COLUMN_NAMES))
     else:
         wrong = [v for _, v in pairs if v not in ("system", "user", "assistant")]
         if wrong:
-            raise _Invalid(f"role {wrong[0]!r}", "map each speaker to system, user or assistant")
+            raise _Invalid(f"role {shown(wrong[0])}", "map each speaker to system, user or assistant")
     return pairs
 
 
@@ -97,11 +101,16 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             )
         )
     problems += run_checks(values)
+    base = values.get("base_model")
+    if isinstance(base, str) and (problem := pickle_problem("base_model", base, values.get("allow_pickle", False))):
+        problems.append(problem)
     template = values.get("chat_template")
     if isinstance(template, str) and template not in TEMPLATE_NAMES and "{{" not in template:
         problems.append(
             ConfigProblem(
-                "chat_template", f"got {template!r}", "use tokenizer, chatml, llama2, alpaca, or Jinja template text"
+                "chat_template",
+                f"got {shown(template)}",
+                "use tokenizer, chatml, llama2, alpaca, or Jinja template text",
             )
         )
     targets = values.get("target_modules", ())
@@ -110,7 +119,7 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem(
                 "target_modules",
-                f"unknown preset {unknown_presets[0]!r}",
+                f"unknown preset {shown(unknown_presets[0])}",
                 "use layer names, or a preset: " + ", ".join(TARGET_PRESETS),
             )
         )
@@ -122,10 +131,8 @@ def _llm_cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
                 "use one: eval_data (a file) or eval_fraction (held out of train_data)",
             )
         )
-    needs_bnb = [k for k in ("load_in_4bit",) if values.get(k)] + (
-        ["optimizer"] if values.get("optimizer") == "adamw8bit" else []
-    )
-    for key in needs_bnb:
+    problems += optimizer_checks(values)
+    for key in [k for k in ("load_in_4bit",) if values.get(k)]:
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(
                 ConfigProblem(
@@ -151,6 +158,15 @@ def _sd_key_or_unknown(key: str, known: list[str]) -> ConfigProblem:
     return _unknown_key_problem(key, known)
 
 
+def _resolve_llm_base_model(base_dir: Path) -> Callable[[dict[str, Any]], list[ConfigProblem]]:
+    def resolve(values: dict[str, Any]) -> list[ConfigProblem]:
+        if values.get("base_model"):  # resolved before the checks look at the disk
+            values["base_model"] = _resolve_base_model(values["base_model"], base_dir)
+        return []
+
+    return resolve
+
+
 def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "config") -> LlmTrainConfig:
     """Validate a mapping of LLM config keys into a :class:`LlmTrainConfig`.
 
@@ -165,7 +181,7 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
         required=LLM_REQUIRED_KEYS,
         default_name="adapter",
         convert=_convert_llm,
-        checks=[_llm_cross_checks],
+        checks=[_resolve_llm_base_model(base_dir), _llm_cross_checks],
         unknown=_sd_key_or_unknown,
         # chat_template may be Jinja text as well as one of the named templates.
         free_choice=("chat_template",),

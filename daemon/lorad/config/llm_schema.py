@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorad.config.schema import TrainingKeys, config_to_dict, redefault, spec
+from lorad.config.schema import MAX_STEPS, TrainingKeys, config_to_dict, redefault, spec
 
 # `target_modules` presets: names every Llama/Mistral/Qwen-style model uses.
 TARGET_PRESETS: Mapping[str, tuple[str, ...]] = {
@@ -113,7 +113,12 @@ class LlmTrainConfig(TrainingKeys):
     )
     max_seq_len: int = field(
         default=1024,
-        metadata=spec("data", "Tokens per sample; longer samples are cut (the data report says how many).", minimum=8),
+        metadata=spec(
+            "data",
+            "Tokens per sample; longer samples are cut (the data report says how many).",
+            minimum=8,
+            maximum=131_072,
+        ),
     )
     packing: bool = field(
         default=False,
@@ -135,6 +140,13 @@ class LlmTrainConfig(TrainingKeys):
     # --- model --------------------------------------------------------------------------------
     tokenizer_path: Path | None = field(
         default=None, metadata=spec("model", "A tokenizer folder. Unset: the base model's own tokenizer.")
+    )
+    allow_pickle: bool = redefault(
+        TrainingKeys,
+        "allow_pickle",
+        False,
+        help="Allow a base model whose weights exist only as pytorch_model.bin (a pickle, read with "
+        "torch.load(weights_only=True)). Prefer safetensors.",
     )
     load_in_4bit: bool = field(
         default=False,
@@ -175,7 +187,10 @@ class LlmTrainConfig(TrainingKeys):
     eval_steps: int | None = field(
         default=None,
         metadata=spec(
-            "training", "Compute eval loss every N steps (and at the end). Unset: only at the end.", minimum=1
+            "training",
+            "Compute eval loss every N steps (and at the end). Unset: only at the end.",
+            minimum=1,
+            maximum=MAX_STEPS,
         ),
     )
 

@@ -6,9 +6,11 @@ single :class:`ConfigError` lists them all, each naming the key, the bad value a
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import difflib
 import functools
-import importlib.util
+import math
 import os
 import re
 import typing
@@ -17,9 +19,12 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from lorad.config.schema import REQUIRED_KEYS, RepeatPolicy, TrainConfig
+from lorad.config.limits import path_problem, shown
+from lorad.config.option_checks import option_checks
+from lorad.config.pickle_policy import pickle_problem
+from lorad.config.schema import MAX_REPEATS, REQUIRED_KEYS, OptimizerArgs, RepeatPolicy, TrainConfig
+from lorad.config.yaml_text import load_yaml_text
+from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem
 
 # Names other tools use for our keys, so "did you mean" can teach the mapping.
@@ -52,6 +57,12 @@ SYNONYMS: Mapping[str, str] = {
     "data_dir": "train_data_dir",
     "metadata": "metadata_path",
     "max_grad_norm_clip": "max_grad_norm",
+    "network_dropout": "lora_dropout",
+    "network_module": "network_type",
+    "algo": "network_type",
+    "reg_dir": "reg_data_dir",
+    "alpha_mask": "masked_loss",
+    "noise_offset_random_strength": "noise_offset",
 }
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -59,6 +70,10 @@ _FALSE = {"false", "no", "off", "0"}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HINTS = typing.get_type_hints(TrainConfig)
 C = TypeVar("C")
+# Text keys that hold a path (or a hub id): checked like paths before anything touches the disk.
+_PATH_TEXT_KEYS = ("base_model", "captioner_model")
+# What a config key can look like; anything else is not echoed back (see convert_keys).
+_KEY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Invalid(Exception):
@@ -75,7 +90,14 @@ def _show(value: Any) -> str:
     kind = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "a mapping"}.get(
         type(value), type(value).__name__
     )
-    return f"{value!r} ({kind})"
+    return f"{shown(value)} ({kind})"
+
+
+def _kind(value: Any) -> str:
+    """What a value is, without its content (for text that may not be a config at all)."""
+    return {str: "text", list: "a list", int: "a number", float: "a number", bool: "true/false"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _to_int(value: Any) -> int:
@@ -96,15 +118,19 @@ def _to_int(value: Any) -> int:
 def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise _Invalid(f"got {_show(value)}", "write a number such as 1e-4 or 0.0001")
+    number: float | None = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+    elif isinstance(value, str):
         # YAML 1.1 (PyYAML) reads `2e-4` as text because it lacks a dot; accept it as a number.
-        try:
-            return float(value.strip().replace("_", ""))
-        except ValueError:
-            pass
-    raise _Invalid(f"got {_show(value)}", "write a number such as 1e-4 or 0.0001")
+        with contextlib.suppress(ValueError):
+            number = float(value.strip().replace("_", ""))
+    if number is None:
+        raise _Invalid(f"got {_show(value)}", "write a number such as 1e-4 or 0.0001")
+    # NaN passes every `<` and `>` check, and inf breaks the arithmetic downstream: refuse both here.
+    if not math.isfinite(number):
+        raise _Invalid(f"got {_show(value)}", "write a finite number such as 1e-4 (not NaN or infinity)")
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -117,9 +143,12 @@ def _to_bool(value: Any) -> bool:
 
 def _to_str(value: Any) -> str:
     if isinstance(value, os.PathLike):
-        return os.fspath(value)
+        value = os.fspath(value)
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
+        text = str(value)
+        if "\0" in text:
+            raise _Invalid("contains a NUL character", "remove it; config values are plain text")
+        return text
     raise _Invalid(f"got {_show(value)}", "write a text value in quotes")
 
 
@@ -142,24 +171,62 @@ def _to_repeats(value: Any) -> RepeatPolicy:
         default = None
         for folder, count in value.items():
             n = _to_int(count)
-            if n < 1:
-                raise _Invalid(f"folder {folder!r} has {n}", "repeats must be 1 or more")
+            if not 1 <= n <= MAX_REPEATS:
+                raise _Invalid(f"folder {shown(folder)} has {shown(n)}", f"repeats must be 1 to {MAX_REPEATS:,}")
             if str(folder) == "*":
                 default = n
             else:
                 per_folder.append((str(folder).strip("/"), n))
         return RepeatPolicy(default=default, per_folder=tuple(per_folder))
     n = _to_int(value)
-    if n < 1:
-        raise _Invalid(f"got {n}", "repeats must be 1 or more")
+    if not 1 <= n <= MAX_REPEATS:
+        raise _Invalid(f"got {shown(n)}", f"repeats must be 1 to {MAX_REPEATS:,}")
     return RepeatPolicy(default=n)
+
+
+def _literal(value: Any) -> Any:
+    """A YAML value (or kohya's `key=value` text) as a Python value: numbers and tuples parsed, lists as tuples."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in (_TRUE | _FALSE) - {"1", "0"}:
+            return text.lower() in _TRUE
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            try:
+                return float(text.replace("_", ""))
+            except ValueError:
+                return text
+    if isinstance(value, (list, tuple)):
+        return tuple(_literal(v) for v in value)
+    return value
+
+
+def _to_optimizer_args(value: Any) -> OptimizerArgs:
+    """A mapping ``{d_coef: 2}``, or kohya's list ``["d_coef=2", "betas=(0.9,0.99)"]``."""
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(value, Mapping):
+        pairs = [(str(k).strip(), _literal(v)) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)) or (isinstance(value, str) and "=" in value):
+        items = value.split() if isinstance(value, str) else value
+        for item in items:
+            name, eq, text = str(item).partition("=")
+            if not eq or not name.strip():
+                raise _Invalid(f"got {_show(item)}", 'write `name=value` items, e.g. ["d_coef=2"], or a mapping')
+            pairs.append((name.strip(), _literal(text)))
+    else:
+        raise _Invalid(f"got {_show(value)}", 'write a mapping such as {d_coef: 2}, or a list such as ["d_coef=2"]')
+    return OptimizerArgs(items=tuple(pairs))
 
 
 def _resolve_path(value: Any, base_dir: Path) -> Path:
     text = _to_str(value).strip()
     if not text:
         raise _Invalid("the path is empty", "write a path, or remove the key")
-    path = Path(os.path.expandvars(text)).expanduser()
+    text = os.path.expandvars(text)
+    if (problem := path_problem("", text)) is not None:
+        raise _Invalid(problem.message, problem.fix)
+    path = Path(text).expanduser()
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
@@ -188,7 +255,10 @@ def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _
     if hint is bool:
         return _to_bool(value)
     if hint is str:
-        return _to_str(value)
+        text = _to_str(value)
+        if name in _PATH_TEXT_KEYS and (problem := path_problem("", text.strip())) is not None:
+            raise _Invalid(problem.message, problem.fix)
+        return text
     if hint is Path:
         if name == "resume_from" and str(value).strip() == "latest":
             return Path("latest")  # resolved against output_dir below
@@ -199,6 +269,8 @@ def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _
         return _to_str_tuple(value)
     if hint is RepeatPolicy:
         return _to_repeats(value)
+    if hint is OptimizerArgs:
+        return _to_optimizer_args(value)
     raise AssertionError(f"no converter for {name}: {hint}")  # a schema bug, not a user error
 
 
@@ -208,9 +280,9 @@ def _check_range(name: str, value: Any, meta: Mapping[str, Any]) -> ConfigProble
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if lo is not None and (value < lo or (meta.get("exclusive_minimum") and value == lo)):
         bound = f"greater than {lo:g}" if meta.get("exclusive_minimum") else f"at least {lo:g}"
-        return ConfigProblem(name, f"got {value!r}", f"it must be {bound}")
+        return ConfigProblem(name, f"got {shown(value)}", f"it must be {bound}")
     if hi is not None and value > hi:
-        return ConfigProblem(name, f"got {value!r}", f"it must be at most {hi:g}")
+        return ConfigProblem(name, f"got {shown(value)}", f"it must be at most {hi:g}")
     return None
 
 
@@ -223,7 +295,7 @@ def _check_choice(name: str, value: Any, meta: Mapping[str, Any]) -> tuple[Any, 
         return normal, None
     close = difflib.get_close_matches(normal, choices, n=1)
     fix = f"did you mean `{close[0]}`? " if close else ""
-    return value, ConfigProblem(name, f"got {value!r}", fix + "choose one of: " + ", ".join(choices))
+    return value, ConfigProblem(name, f"got {shown(value)}", fix + "choose one of: " + ", ".join(choices))
 
 
 def _unknown_key_problem(key: str, known: list[str]) -> ConfigProblem:
@@ -233,6 +305,12 @@ def _unknown_key_problem(key: str, known: list[str]) -> ConfigProblem:
     if close:
         return ConfigProblem(key, "unknown key", f"did you mean `{close[0]}`?")
     return ConfigProblem(key, "unknown key", "remove it; `lorad config --example` lists every key")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` resolves (links followed) to a place inside ``folder``."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _writable_target(path: Path) -> bool:
@@ -265,6 +343,39 @@ def _resolve_base_model(value: str, base_dir: Path) -> str:
     return text
 
 
+# The longest suffix lorad adds to output_name (`-partial-step00000001.safetensors`), so every file
+# named after it fits the 255-byte file-name limit of common file systems.
+_NAME_SUFFIX_BYTES = len("-partial-step00000001.safetensors")
+_NAME_MAX_BYTES = 255 - _NAME_SUFFIX_BYTES
+
+
+def output_name_problems(name: Any) -> list[ConfigProblem]:
+    """Why ``output_name`` cannot name the run's files (checked at submit, not when the export fails)."""
+    if not isinstance(name, str) or not name:
+        return []
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return [
+            ConfigProblem(
+                "output_name",
+                f"got {name!r}, which holds a control character (a NUL byte, tab or line break)",
+                "use a plain file name of letters, digits, `-` and `_`",
+            )
+        ]
+    if set(name) & set('/\\:*?"<>|') or name.startswith("."):
+        return [
+            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
+        ]
+    if len(name.encode("utf-8")) > _NAME_MAX_BYTES:
+        return [
+            ConfigProblem(
+                "output_name",
+                f"is {len(name.encode('utf-8'))} bytes long",
+                f"use at most {_NAME_MAX_BYTES} bytes: file names made from it must fit in 255",
+            )
+        ]
+    return []
+
+
 def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     """Checks every task's config shares: resume_from, output_dir, output_name, device."""
     problems: list[ConfigProblem] = []
@@ -285,18 +396,16 @@ def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
             problems.append(
                 ConfigProblem("output_dir", f"{out} cannot be created or written", "choose a folder you can write to")
             )
-    name = values.get("output_name")
-    if isinstance(name, str) and name and (set(name) & set('/\\:*?"<>|') or name.startswith(".")):
-        problems.append(
-            ConfigProblem("output_name", f"got {name!r}", "use a plain file name without folders or special characters")
-        )
+    problems += output_name_problems(values.get("output_name"))
     device = values.get("device")
     if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
-        problems.append(ConfigProblem("device", f"got {device!r}", "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps"))
+        problems.append(
+            ConfigProblem("device", f"got {shown(device)}", "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+        )
     return problems
 
 
-def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+def _cross_checks(values: dict[str, Any], config_class: type = TrainConfig) -> list[ConfigProblem]:
     """Checks that involve the file system or more than one key."""
     problems: list[ConfigProblem] = []
     data_dir = values.get("train_data_dir")
@@ -305,6 +414,27 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem(
                 "train_data_dir", f"{data_dir} {what}", "point it at the folder that holds your training images"
+            )
+        )
+    extension = values.get("caption_extension")
+    dotted = extension if not isinstance(extension, str) or extension.startswith(".") else "." + extension
+    if isinstance(dotted, str) and (why := caption_extension_problem(dotted)) is not None:
+        problems.append(
+            ConfigProblem("caption_extension", f"{shown(extension)} {why}", "use an extension such as .txt")
+        )
+    metadata = values.get("metadata_path")
+    if (
+        values.get("captioner")
+        and isinstance(metadata, Path)
+        and isinstance(data_dir, Path)
+        and not _within(metadata, data_dir)
+    ):
+        problems.append(
+            ConfigProblem(
+                "metadata_path",
+                f"{metadata} is outside train_data_dir, and the captioner writes captions into it",
+                "put it inside train_data_dir (e.g. train_data_dir/metadata.csv), or remove it to caption into "
+                "sidecars",
             )
         )
     for key in ("metadata_path", "init_lora"):
@@ -334,31 +464,75 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     steps = values.get("bucket_reso_steps")
     if isinstance(steps, int) and steps % 8:
         problems.append(ConfigProblem("bucket_reso_steps", f"got {steps}", "use a multiple of 8, e.g. 64"))
-    lo, hi = values.get("min_bucket_reso"), values.get("max_bucket_reso")
-    if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+    else:
+        problems += settle_buckets(values, config_class)
+    problems += option_checks(values)
+    problems += _captioner_checks(values)
+    for key in ("base_model", "captioner_model"):
+        model = values.get(key)
+        if isinstance(model, str) and (problem := pickle_problem(key, model, values.get("allow_pickle", False))):
+            problems.append(problem)
+    keep, shuffle = values.get("keep_tokens"), values.get("shuffle_caption")
+    if isinstance(keep, int) and keep > 0 and shuffle is False and not values.get("caption_tag_dropout_rate"):
+        problems.append(
+            ConfigProblem(
+                "keep_tokens",
+                f"is {keep} but shuffle_caption is off",
+                "set shuffle_caption: true (or caption_tag_dropout_rate), or remove keep_tokens",
+            )
+        )
+    return problems
+
+
+def _default(name: str, config_class: type = TrainConfig) -> Any:
+    return next(f.default for f in fields(config_class) if f.name == name)
+
+
+def settle_buckets(values: dict[str, Any], config_class: type = TrainConfig) -> list[ConfigProblem]:
+    """Check the bucket settings together with ``resolution``, as a run will use them (keys left unset
+    take ``config_class``'s defaults: a family may give them its own).
+
+    ``min_bucket_reso`` left unset follows a small ``resolution`` down (kohya's 256 cannot hold a
+    64-pixel run's buckets), and is set in ``values``; set explicitly, every setting that leaves no
+    bucket is a problem naming the keys and the values that would work.
+    """
+    from lorad.data.buckets import make_buckets
+
+    resolution = values.get("resolution", _default("resolution", config_class))
+    step = values.get("bucket_reso_steps", _default("bucket_reso_steps", config_class))
+    if not all(isinstance(v, int) and v > 0 for v in (resolution, step)):
+        return []  # already reported as a bad value
+    if "min_bucket_reso" not in values:
+        values["min_bucket_reso"] = max(step, min(_default("min_bucket_reso", config_class), resolution // step * step))
+    lo, hi = values["min_bucket_reso"], values.get("max_bucket_reso", _default("max_bucket_reso", config_class))
+    if not (isinstance(lo, int) and isinstance(hi, int)):
+        return []
+    problems = [
+        ConfigProblem(
+            key, f"{value} is not a multiple of bucket_reso_steps {step}", f"use e.g. {value // step * step or step}"
+        )
+        for key, value in (("min_bucket_reso", lo), ("max_bucket_reso", hi))
+        if value % step
+    ]
+    if lo > hi:
         problems.append(
             ConfigProblem(
                 "min_bucket_reso", f"{lo} is above max_bucket_reso {hi}", "make min_bucket_reso <= max_bucket_reso"
             )
         )
-    if values.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(
-            ConfigProblem(
-                "optimizer",
-                "adamw8bit needs the bitsandbytes package, which is not installed",
-                "run `pip install bitsandbytes`, or use adamw",
+    elif values.get("enable_bucket", _default("enable_bucket", config_class)) and not problems:
+        try:
+            make_buckets(resolution, lo, hi, step)
+        except ValueError:
+            problems.append(
+                ConfigProblem(
+                    "min_bucket_reso",
+                    f"{lo} leaves no bucket for resolution {resolution} (every bucket side is at least "
+                    f"min_bucket_reso and its area at most resolution²)",
+                    f"set min_bucket_reso to {max(step, resolution // step * step)} or less, or remove it "
+                    "(it then follows resolution)",
+                )
             )
-        )
-    problems += _captioner_checks(values)
-    keep, shuffle = values.get("keep_tokens"), values.get("shuffle_caption")
-    if isinstance(keep, int) and keep > 0 and shuffle is False:
-        problems.append(
-            ConfigProblem(
-                "keep_tokens",
-                f"is {keep} but shuffle_caption is off",
-                "set shuffle_caption: true, or remove keep_tokens",
-            )
-        )
     return problems
 
 
@@ -420,10 +594,14 @@ def convert_keys(
     return the good values and every problem. ``free_choice`` keys may hold values beyond their choices."""
     problems: list[ConfigProblem] = []
     values: dict[str, Any] = {}
+    unnamed = 0
     for key, value in raw.items():
         key = str(key)
         if key not in specs:
-            problems.append((unknown or _unknown_key_problem)(key, list(specs)))
+            if _KEY_NAME.match(key):
+                problems.append((unknown or _unknown_key_problem)(key, list(specs)))
+            else:
+                unnamed += 1
             continue
         try:
             converted = convert(key, value)
@@ -438,6 +616,16 @@ def convert_keys(
             problems.append(problem)
             continue
         values[key] = converted
+    if unnamed:
+        # Not shown: a "config" that is really some other file (a password file, a key, a token)
+        # must not come back line by line in the error.
+        problems.append(
+            ConfigProblem(
+                "",
+                f"{unnamed:,} key{'s are' if unnamed != 1 else ' is'} not a config key name (not shown)",
+                "keys are names such as `learning_rate`; is this file a lorad config? `lorad config --example`",
+            )
+        )
     return values, problems
 
 
@@ -491,7 +679,7 @@ def require_mapping(raw: Any, source: str) -> Mapping[str, Any]:
         [
             ConfigProblem(
                 "",
-                f"the config must be a mapping of `key: value` lines, got {_show(raw)}",
+                f"the config must be a mapping of `key: value` lines, got {_kind(raw)}",
                 "see `lorad config --example`",
             )
         ],
@@ -533,15 +721,19 @@ def parse_family_config(
     return config_class(**values)
 
 
-def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
-    """The checks every image family's config gets (data folder, captions, buckets, paths, output)."""
+def image_checks(
+    base_dir: Path, config_class: type = TrainConfig
+) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
+    """The checks every image family's config gets (data folder, captions, buckets, paths, output); keys
+    left unset are checked at ``config_class``'s defaults."""
 
-    def resolve_captioner_model(values: dict[str, Any]) -> list[ConfigProblem]:
-        if values.get("captioner_model"):
-            values["captioner_model"] = _resolve_base_model(values["captioner_model"], base_dir)
+    def resolve_models(values: dict[str, Any]) -> list[ConfigProblem]:
+        for key in ("base_model", "captioner_model"):  # resolved before the checks look at the disk
+            if values.get(key):
+                values[key] = _resolve_base_model(values[key], base_dir)
         return []
 
-    return [resolve_captioner_model, _cross_checks]
+    return [resolve_models, lambda values: _cross_checks(values, config_class)]
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:
@@ -563,24 +755,9 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainCo
 
 
 def parse_config_text(text: str, *, base_dir: Path, source: str = "config") -> TrainConfig:
-    """Parse YAML text and validate it; a YAML syntax error is reported with its line and column."""
-    try:
-        # libyaml's loader when present: the same YAML, ~10x faster than the pure-Python one.
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "",
-                    f"YAML syntax error at {where}: {problem}",
-                    "check indentation, quotes and the `key: value` form on that line",
-                )
-            ],
-            source,
-        ) from None
+    """Parse YAML text and validate it; a YAML syntax error is reported with its line and column, and
+    oversized or alias-bomb texts are refused (see :func:`lorad.config.yaml_text.load_yaml_text`)."""
+    raw = load_yaml_text(text, source=source)
     if raw is None:
         raw = {}
     return parse_config(raw, base_dir=base_dir, source=source)

@@ -16,6 +16,26 @@ from typing import Any
 # Sections group keys in the annotated example; order here is the order printed.
 SECTIONS = ("data", "model", "lora", "training", "checkpoints", "output")
 
+# Upper bounds shared by both configs: far beyond any real run, low enough that a value cannot
+# exhaust memory (caption beams), overflow a counter (epochs, steps, seed) or stall the daemon.
+MAX_TAGS = 255
+MAX_CAPTION_BATCH = 256
+MAX_CAPTION_TOKENS = 1024
+MAX_CAPTION_BEAMS = 16
+MAX_CAPTION_TOP_K = 100
+MAX_ALPHA = 65536.0
+MAX_LEARNING_RATE = 10.0
+MAX_BATCH = 1024
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000
+MAX_ACCUMULATION = 1024
+MAX_GRAD_NORM = 10_000.0
+MAX_WEIGHT_DECAY = 10.0
+# torch.Generator seeds are 64-bit and the engine derives per-step seeds as seed * 1_000_003 + ...
+MAX_SEED = 2**32 - 1
+MAX_KEPT_CHECKPOINTS = 1000
+MAX_REPEATS = 10_000
+
 
 def spec(
     section: str,
@@ -68,6 +88,22 @@ class RepeatPolicy:
         return mapping
 
 
+@dataclass(frozen=True)
+class OptimizerArgs:
+    """Extra keyword arguments for the optimizer's constructor (kohya's ``optimizer_args``), in the
+    order written. Values are YAML scalars or tuples (lists become tuples, so the config stays frozen)."""
+
+    items: tuple[tuple[str, Any], ...] = ()
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The arguments as a keyword dict."""
+        return dict(self.items)
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The YAML spelling: a mapping (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingKeys:
     """The keys every model family shares: base model, LoRA size, optimizer and schedule, checkpoints and
@@ -92,6 +128,14 @@ class TrainingKeys:
             "from base_model's files.",
         ),
     )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=spec(
+            "model",
+            "Allow base-model weights in pickle files (.ckpt/.pt/.pth/.bin, or a folder with only *.bin weights), "
+            "read with torch.load(weights_only=True). Prefer .safetensors.",
+        ),
+    )
 
     # --- lora ---------------------------------------------------------------------------------
     lora_rank: int = field(
@@ -106,6 +150,7 @@ class TrainingKeys:
             "lora",
             "LoRA alpha; the update is scaled by alpha/rank. Unset: equal to lora_rank.",
             minimum=0.0,
+            maximum=MAX_ALPHA,
             exclusive_minimum=True,
         ),
     )
@@ -121,13 +166,20 @@ class TrainingKeys:
             "Samples (images, or text rows) per step. Lower it (and raise gradient_accumulation_steps) when out of "
             "memory.",
             minimum=1,
+            maximum=MAX_BATCH,
         ),
     )
     epochs: int = field(
-        default=10, metadata=spec("training", "Passes over the data (each image counted `repeats` times).", minimum=1)
+        default=10,
+        metadata=spec(
+            "training", "Passes over the data (each image counted `repeats` times).", minimum=1, maximum=MAX_EPOCHS
+        ),
     )
     max_train_steps: int | None = field(
-        default=None, metadata=spec("training", "Stop after this many optimizer steps; overrides epochs.", minimum=1)
+        default=None,
+        metadata=spec(
+            "training", "Stop after this many optimizer steps; overrides epochs.", minimum=1, maximum=MAX_STEPS
+        ),
     )
     learning_rate: float = field(
         default=1e-4,
@@ -135,6 +187,7 @@ class TrainingKeys:
             "training",
             "Learning rate of the LoRA weights (for image families: the UNet's or transformer's).",
             minimum=0.0,
+            maximum=MAX_LEARNING_RATE,
             exclusive_minimum=True,
         ),
     )
@@ -145,25 +198,53 @@ class TrainingKeys:
             "Micro-batches whose gradients are summed per optimizer step (a larger effective batch without more "
             "memory).",
             minimum=1,
+            maximum=MAX_ACCUMULATION,
         ),
     )
     max_grad_norm: float = field(
-        default=1.0, metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0)
+        default=1.0,
+        metadata=spec("training", "Gradient clipping norm; 0 disables clipping.", minimum=0.0, maximum=MAX_GRAD_NORM),
     )
     optimizer: str = field(
         default="adamw",
         metadata=spec(
             "training",
-            "adamw, or adamw8bit (needs the bitsandbytes package and a CUDA GPU).",
-            choices=("adamw", "adamw8bit"),
+            "adamw; adamw8bit, paged_adamw8bit, lion8bit (bitsandbytes, CUDA only); prodigy (sets its own step size: "
+            "learning_rate 1.0); adafactor (transformers'; relative-step mode sets its own learning rate); lion "
+            "(learning rate 3-10x below AdamW's); adamw_schedulefree (no schedule needed; eval-mode weights are "
+            "exported); came (pytorch-optimizer's). adam_beta1/adam_beta2/adam_epsilon apply to the Adam-like ones "
+            "(adamw*, prodigy, adamw_schedulefree); weight_decay to all.",
+            choices=(
+                "adamw",
+                "adamw8bit",
+                "paged_adamw8bit",
+                "lion8bit",
+                "prodigy",
+                "adafactor",
+                "lion",
+                "adamw_schedulefree",
+                "came",
+            ),
+        ),
+    )
+    optimizer_args: OptimizerArgs = field(
+        default_factory=OptimizerArgs,
+        metadata=spec(
+            "training",
+            "More arguments for the optimizer, checked against its signature: a mapping, e.g. {d_coef: 2, "
+            'safeguard_warmup: true} for prodigy, or kohya\'s list form ["d_coef=2", "betas=(0.9,0.99)"]. '
+            "They override the adam_*/weight_decay keys.",
+            example={},
         ),
     )
     adam_beta1: float = field(default=0.9, metadata=spec("training", "AdamW beta1.", minimum=0.0, maximum=1.0))
     adam_beta2: float = field(default=0.999, metadata=spec("training", "AdamW beta2.", minimum=0.0, maximum=1.0))
     adam_epsilon: float = field(
-        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, exclusive_minimum=True)
+        default=1e-8, metadata=spec("training", "AdamW epsilon.", minimum=0.0, maximum=1.0, exclusive_minimum=True)
     )
-    weight_decay: float = field(default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0))
+    weight_decay: float = field(
+        default=1e-2, metadata=spec("training", "AdamW weight decay.", minimum=0.0, maximum=MAX_WEIGHT_DECAY)
+    )
     lr_scheduler: str = field(
         default="constant",
         metadata=spec(
@@ -173,16 +254,26 @@ class TrainingKeys:
         ),
     )
     lr_warmup_steps: int = field(
-        default=0, metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0)
+        default=0,
+        metadata=spec("training", "Steps of linear warmup from 0 to the learning rate.", minimum=0, maximum=MAX_STEPS),
     )
     lr_scheduler_num_cycles: int = field(
         default=1,
-        metadata=spec("training", "cosine_with_restarts: how many times the cosine restarts over the run.", minimum=1),
+        metadata=spec(
+            "training",
+            "cosine_with_restarts: how many times the cosine restarts over the run.",
+            minimum=1,
+            maximum=1000,
+        ),
     )
     lr_scheduler_power: float = field(
         default=1.0,
         metadata=spec(
-            "training", "polynomial: the power of the decay (1 is linear).", minimum=0.0, exclusive_minimum=True
+            "training",
+            "polynomial: the power of the decay (1 is linear).",
+            minimum=0.0,
+            maximum=10.0,
+            exclusive_minimum=True,
         ),
     )
     lr_scheduler_min_lr_ratio: float = field(
@@ -206,19 +297,64 @@ class TrainingKeys:
         default=False,
         metadata=spec("training", "Recompute activations in the backward pass: much less memory, ~20% slower."),
     )
+    oom_recovery: bool = field(
+        default=True,
+        metadata=spec(
+            "training",
+            "When a step runs out of memory: halve the micro-batch and double the accumulation (same effective "
+            "batch), then turn on gradient_checkpointing, then the family's own savings (e.g. fp8_base), and redo "
+            "that step; each change is logged. false: fail at once with a hint.",
+        ),
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata=spec(
+            "training",
+            "Compile the denoiser (or language model) with torch.compile: faster steps after a first step that "
+            "takes minutes (reported apart in training_summary.json). Needs a C++ compiler; meant for GPUs.",
+        ),
+    )
     seed: int = field(
         default=42,
-        metadata=spec("training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0),
+        metadata=spec(
+            "training", "Random seed; the same seed and data give the same LoRA on CPU.", minimum=0, maximum=MAX_SEED
+        ),
     )
     device: str = field(
         default="auto",
         metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
     )
 
+    ema_decay: float | None = field(
+        default=None,
+        metadata=spec(
+            "training",
+            "Keep an exponential moving average of the LoRA weights with this decay (0.999 is typical; it starts at "
+            "the weights after the first step) and export it as ema_export says; unset disables.",
+            minimum=0.0,
+            maximum=1.0,
+            exclusive_minimum=True,
+        ),
+    )
+    ema_export: str = field(
+        default="alongside",
+        metadata=spec(
+            "training",
+            "With ema_decay: `alongside` writes the EMA weights beside the trained ones (image LoRAs: "
+            "<output_name>-ema.safetensors; LLMs: adapter-ema/); `instead` exports only the EMA weights.",
+            choices=("alongside", "instead"),
+        ),
+    )
+
     # --- checkpoints --------------------------------------------------------------------------
     save_steps: int | None = field(
         default=None,
-        metadata=spec("checkpoints", "Save a resumable checkpoint every N optimizer steps; unset disables.", minimum=1),
+        metadata=spec(
+            "checkpoints",
+            "Save a resumable checkpoint every N optimizer steps; unset disables.",
+            minimum=1,
+            maximum=MAX_STEPS,
+        ),
     )
     save_every_n_epochs: int | None = field(
         default=None,
@@ -226,11 +362,17 @@ class TrainingKeys:
             "checkpoints",
             "Save a resumable checkpoint every N epochs; unset disables.",
             minimum=1,
+            maximum=MAX_EPOCHS,
         ),
     )
     keep_checkpoints: int = field(
         default=3,
-        metadata=spec("checkpoints", "How many of the newest checkpoints to keep (older ones are deleted).", minimum=1),
+        metadata=spec(
+            "checkpoints",
+            "How many of the newest checkpoints to keep (older ones are deleted).",
+            minimum=1,
+            maximum=MAX_KEPT_CHECKPOINTS,
+        ),
     )
     resume_from: Path | None = field(
         default=None,
@@ -314,7 +456,10 @@ class TrainConfig(TrainingKeys):
         default=False, metadata=spec("data", "Shuffle comma-separated tags of each caption every time it is used.")
     )
     keep_tokens: int = field(
-        default=0, metadata=spec("data", "With shuffle_caption: how many leading tags stay in place.", minimum=0)
+        default=0,
+        metadata=spec(
+            "data", "With shuffle_caption: how many leading tags stay in place.", minimum=0, maximum=MAX_TAGS
+        ),
     )
     caption_dropout: float = field(
         default=0.0,
@@ -349,13 +494,22 @@ class TrainConfig(TrainingKeys):
     )
     caption_batch_size: int = field(
         default=8,
-        metadata=spec("data", "Images captioned per batch (images of similar size are batched together).", minimum=1),
+        metadata=spec(
+            "data",
+            "Images captioned per batch (images of similar size are batched together).",
+            minimum=1,
+            maximum=MAX_CAPTION_BATCH,
+        ),
     )
     caption_max_length: int = field(
-        default=75, metadata=spec("data", "blip: at most this many tokens per caption.", minimum=1)
+        default=75,
+        metadata=spec("data", "blip: at most this many tokens per caption.", minimum=1, maximum=MAX_CAPTION_TOKENS),
     )
     caption_beams: int = field(
-        default=1, metadata=spec("data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1)
+        default=1,
+        metadata=spec(
+            "data", "blip: beam search width; 1 is greedy decoding (fastest).", minimum=1, maximum=MAX_CAPTION_BEAMS
+        ),
     )
     caption_prompt: str = field(
         default="",
@@ -383,7 +537,12 @@ class TrainConfig(TrainingKeys):
     )
     caption_top_k: int = field(
         default=3,
-        metadata=spec("data", "clip: phrases kept from each vocabulary section that does not say how many.", minimum=1),
+        metadata=spec(
+            "data",
+            "clip: phrases kept from each vocabulary section that does not say how many.",
+            minimum=1,
+            maximum=MAX_CAPTION_TOP_K,
+        ),
     )
     resolution: int = field(
         default=512,
@@ -406,10 +565,82 @@ class TrainConfig(TrainingKeys):
         default=True,
         metadata=spec("data", "Never upscale images smaller than the resolution; they get a bucket of their own size."),
     )
-    min_bucket_reso: int = field(default=256, metadata=spec("data", "Smallest bucket side in pixels.", minimum=64))
-    max_bucket_reso: int = field(default=1024, metadata=spec("data", "Largest bucket side in pixels.", minimum=64))
+    min_bucket_reso: int = field(
+        default=256, metadata=spec("data", "Smallest bucket side in pixels.", minimum=64, maximum=8192)
+    )
+    max_bucket_reso: int = field(
+        default=1024, metadata=spec("data", "Largest bucket side in pixels.", minimum=64, maximum=8192)
+    )
     bucket_reso_steps: int = field(
-        default=64, metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8)
+        default=64,
+        metadata=spec("data", "Bucket sides are multiples of this (must be a multiple of 8).", minimum=8, maximum=1024),
+    )
+
+    # --- data: augmentation, regularization images, masks (issue 18) ---------------------------
+    flip_aug: bool = field(
+        default=False,
+        metadata=spec(
+            "data",
+            "Train each image mirrored left-right half the time: both orientations are cached, and each epoch's "
+            "plan picks one per image. Not for subjects whose sides differ (text, asymmetric logos).",
+        ),
+    )
+    random_crop: bool = field(
+        default=False,
+        metadata=spec(
+            "data",
+            "Crop each sample at a random offset (in 8-pixel latent steps) instead of the centre, where the image "
+            "is larger than its bucket. The whole image's latents are cached and cropped each step.",
+        ),
+    )
+    caption_tag_dropout_rate: float = field(
+        default=0.0,
+        metadata=spec(
+            "data",
+            "Probability of dropping each comma-separated tag of a caption (the kept tokens and the trigger "
+            "word never are).",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    keep_tokens_separator: str = field(
+        default="",
+        metadata=spec(
+            "data",
+            'A marker such as "|||" in captions: tags before it stay first and in place (instead of keep_tokens); '
+            "the marker itself is removed from the caption.",
+        ),
+    )
+    reg_data_dir: Path | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "Regularization images (DreamBooth prior preservation): a folder of class images, captioned like "
+            "train_data_dir or by their kohya folder name (`1_dog` → dog). Each epoch uses as many reg samples "
+            "as training samples (repeated or cut as kohya does).",
+            example="./data/reg_dog",
+        ),
+    )
+    prior_loss_weight: float = field(
+        default=1.0,
+        metadata=spec("data", "Weight of the regularization images' loss.", minimum=0.0, maximum=100.0),
+    )
+    masked_loss: bool = field(
+        default=False,
+        metadata=spec(
+            "data",
+            "Weight the loss by a mask per image: from mask_dir when set, else the image's alpha channel "
+            "(opaque = trained, transparent = ignored). Images without a mask are trained everywhere.",
+        ),
+    )
+    mask_dir: Path | None = field(
+        default=None,
+        metadata=spec(
+            "data",
+            "With masked_loss: a folder of greyscale masks named like the images (relative path and stem; any "
+            "image extension); white = trained, black = ignored.",
+            example="./data/style_masks",
+        ),
     )
 
     # --- model --------------------------------------------------------------------------------
@@ -437,22 +668,18 @@ class TrainConfig(TrainingKeys):
             choices=("auto", "epsilon", "v_prediction"),
         ),
     )
-    allow_pickle: bool = field(
-        default=False,
-        metadata=spec(
-            "model",
-            "Allow .ckpt/.pt/.bin base models (loaded with torch.load(weights_only=True)). Prefer .safetensors.",
-        ),
-    )
 
     # --- lora ---------------------------------------------------------------------------------
     unet_target_modules: tuple[str, ...] = field(
-        default=("to_q", "to_k", "to_v", "to_out.0"),
+        # kohya's default (networks.lora: every Linear and 1x1 conv of the Transformer2DModel blocks),
+        # so a kohya user gets the same LoRA at the same rank.
+        default=("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
         metadata=spec(
             "lora",
             "UNet layers that get LoRA, by diffusers leaf name (to_q, to_k, to_v, to_out.0, "
             "proj_in, proj_out, ff.net.0.proj, ff.net.2, ...) or the aliases q_proj/k_proj/v_proj/"
-            "out_proj. A longer suffix such as attn2.to_k narrows the match.",
+            "out_proj. A longer suffix such as attn2.to_k narrows the match. The default is kohya's: "
+            "every linear layer of the transformer blocks.",
         ),
     )
     train_text_encoder: bool = field(
@@ -460,15 +687,22 @@ class TrainConfig(TrainingKeys):
         metadata=spec("lora", "Also train a LoRA on the text encoder (stronger, more prone to overfitting)."),
     )
     text_encoder_target_modules: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "out_proj"),
+        # kohya's default too: the attention and MLP layers of every CLIP encoder layer.
+        default=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         metadata=spec(
-            "lora", "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, out_proj, fc1, fc2)."
+            "lora",
+            "Text-encoder layers that get LoRA (CLIP names: q_proj, k_proj, v_proj, out_proj, fc1, fc2; "
+            "the default is kohya's: all of them).",
         ),
     )
     text_encoder_lr: float | None = field(
         default=None,
         metadata=spec(
-            "lora", "Learning rate of the text-encoder LoRA. Unset: learning_rate.", minimum=0.0, exclusive_minimum=True
+            "lora",
+            "Learning rate of the text-encoder LoRA. Unset: learning_rate.",
+            minimum=0.0,
+            maximum=MAX_LEARNING_RATE,
+            exclusive_minimum=True,
         ),
     )
     init_lora: Path | None = field(
@@ -477,6 +711,59 @@ class TrainConfig(TrainingKeys):
             "lora",
             "Start from an existing LoRA file (kohya .safetensors written by lorad, kohya or "
             "diffusers) instead of zeros: incremental training. Its rank must equal lora_rank.",
+        ),
+    )
+
+    # --- lora: network types (issue 18) ---------------------------------------------------------
+    network_type: str = field(
+        default="lora",
+        metadata=spec(
+            "lora",
+            "lora: plain LoRA (PEFT) on the target layers. locon: LoRA on the target layers and on the UNet's ResNet "
+            "and up/down-sampler convolutions (3x3 ones at conv_dim). loha, lokr: LyCORIS' Hadamard and Kronecker "
+            "products (fewer parameters for the same rank). dora: LoRA with weight decomposition (a learned "
+            "magnitude per input channel, as A1111 applies it). All but lora are LyCORIS files A1111, Forge and "
+            "ComfyUI load (ss_network_module lycoris.kohya); diffusers also loads lora and locon.",
+            choices=("lora", "locon", "loha", "lokr", "dora"),
+        ),
+    )
+    conv_dim: int | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "Rank of the adapters on 3x3 convolutions (kohya's conv_dim). locon: unset means lora_rank; loha, lokr, "
+            "dora: setting it adds the ResNet convolutions, as locon does. Not for network_type lora.",
+            minimum=1,
+            maximum=1024,
+        ),
+    )
+    conv_alpha: float | None = field(
+        default=None,
+        metadata=spec(
+            "lora",
+            "Alpha of the 3x3 convolution adapters (scaled by conv_alpha/conv_dim). Unset: equal to conv_dim.",
+            minimum=0.0,
+            maximum=MAX_ALPHA,
+            exclusive_minimum=True,
+        ),
+    )
+    rank_dropout: float = field(
+        default=0.0,
+        metadata=spec(
+            "lora",
+            "LyCORIS networks (not lora): probability of dropping each rank (locon, dora) or each output row of "
+            "the update (loha, lokr) in a training step.",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    module_dropout: float = field(
+        default=0.0,
+        metadata=spec(
+            "lora",
+            "LyCORIS networks (not lora): probability of skipping a layer's whole adapter in a training step.",
+            minimum=0.0,
+            maximum=1.0,
         ),
     )
 
@@ -493,8 +780,52 @@ class TrainConfig(TrainingKeys):
             "training",
             "Min-SNR loss weighting gamma (5 is the paper's value); unset disables.",
             minimum=0.0,
+            maximum=1000.0,
             exclusive_minimum=True,
         ),
+    )
+    # --- training: text encoder and noise options (issue 18) ------------------------------------
+    clip_skip: int | None = field(
+        default=None,
+        metadata=spec(
+            "training",
+            "Use the text encoder's N-th hidden state from the end (2 = the penultimate layer, as anime SD1 "
+            "checkpoints are trained and used), with the final layer norm applied. Unset or 1: the last layer.",
+            minimum=1,
+            maximum=12,
+        ),
+    )
+    multires_noise_iterations: int = field(
+        default=0,
+        metadata=spec(
+            "training",
+            "Multi-resolution (pyramid) noise: this many coarser noise levels are added (6-10 is typical); 0 disables.",
+            minimum=0,
+            maximum=64,
+        ),
+    )
+    multires_noise_discount: float = field(
+        default=0.3,
+        metadata=spec(
+            "training", "Multi-resolution noise: weight factor of each coarser level.", minimum=0.0, maximum=1.0
+        ),
+    )
+    ip_noise_gamma: float = field(
+        default=0.0,
+        metadata=spec(
+            "training",
+            "Input perturbation: extra noise of this strength in the model's input only (0.1 is typical); 0 disables.",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    min_timestep: int = field(
+        default=0,
+        metadata=spec("training", "Lowest diffusion timestep trained (inclusive).", minimum=0, maximum=999),
+    )
+    max_timestep: int = field(
+        default=1000,
+        metadata=spec("training", "Highest diffusion timestep trained (exclusive).", minimum=1, maximum=1000),
     )
     cache_dir: Path | None = field(
         default=None,
@@ -514,6 +845,18 @@ class TrainConfig(TrainingKeys):
             "(the data report says how many). false: run the text encoder at every step.",
         ),
     )
+
+    @property
+    def effective_conv_dim(self) -> int | None:
+        """The rank of 3x3 convolution adapters, or None when convolutions get none."""
+        if self.network_type == "locon":
+            return self.conv_dim or self.lora_rank
+        return self.conv_dim if self.network_type != "lora" else None
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """conv_alpha, or the conv rank when unset."""
+        return float(self.conv_alpha or self.effective_conv_dim or self.lora_rank)
 
     @property
     def effective_text_encoder_lr(self) -> float:
@@ -536,7 +879,7 @@ def config_to_dict(config: Any, *, mappings: tuple[str, ...] = ()) -> dict[str, 
             value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
-        elif isinstance(value, RepeatPolicy):
+        elif isinstance(value, (RepeatPolicy, OptimizerArgs)):
             value = value.to_yaml()
         out[f.name] = value
     return out

@@ -117,3 +117,10 @@ def plan_epoch(bucket_of: Sequence[Bucket], batch_size: int, *, seed: int, epoch
         batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def plan_flips(count: int, *, seed: int, epoch: int) -> list[bool]:
+    """Which of ``count`` samples an epoch trains mirrored (``flip_aug``): each with probability 1/2, from a
+    generator seeded by ``(seed, epoch)`` alone, so a resumed run mirrors exactly the same samples."""
+    rng = random.Random(f"lorad-flip:{seed}:{epoch}")
+    return [rng.random() < 0.5 for _ in range(count)]

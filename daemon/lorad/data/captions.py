@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
+from lorad.atomic import remove_stale_temps
 from lorad.errors import DataError
 
 # Header names accepted for the two columns. `file_name` is what diffusers' ImageFolder uses and
@@ -100,6 +102,15 @@ def read_metadata_csv(metadata_path: Path) -> CsvCaptions:
                 # `cat.png,a cat, sitting`: people rarely quote captions, and when the caption is
                 # the last column the extra commas can only belong to it.
                 row = [*row[:caption_col], ",".join(row[caption_col:])]
+            if len(row) < width and len(row) <= caption_col:
+                # `cat.png` alone (a caption never written): one row to skip, not a broken file.
+                what = row[file_col].strip() if len(row) > file_col else ""
+                problems.append(
+                    f"{name} line {line}: no `{header[caption_col].strip()}` field"
+                    + (f" for `{what}`" if what else "")
+                    + " (row ignored; write `file,caption` on that line)"
+                )
+                continue
             if len(row) != width:
                 raise DataError(
                     f"{metadata_path} line {line}: {len(row)} field{'s' if len(row) != 1 else ''}, "
@@ -135,6 +146,15 @@ def read_metadata_csv(metadata_path: Path) -> CsvCaptions:
     return CsvCaptions(source=name, captions=captions, lines=lines, problems=tuple(problems))
 
 
+def remove_stale_caption_temps(folders: Iterable[Path], caption_extension: str = ".txt") -> list[Path]:
+    """Remove temporary files a killed caption writer left in ``folders`` (``.metadata.csv.*.tmp``,
+    sidecar and caption-record ones; see :func:`lorad.atomic.remove_stale_temps`: only where the writer
+    is gone). Returns what was removed."""
+    ext = re.escape(caption_extension if caption_extension.startswith(".") else "." + caption_extension)
+    names = rf"[^/]+\.csv|[^/]+{ext}|\.lorad_captions\.json"
+    return [removed for folder in dict.fromkeys(folders) for removed in remove_stale_temps(folder, names)]
+
+
 def _header_columns(header: list[str], metadata_path: Path) -> tuple[int, int]:
     names = [cell.strip().lower() for cell in header]
 
@@ -144,8 +164,9 @@ def _header_columns(header: list[str], metadata_path: Path) -> tuple[int, int]:
     file_col, caption_col = find(FILE_COLUMNS), find(CAPTION_COLUMNS)
     if file_col is None or caption_col is None:
         raise DataError(
-            f"{metadata_path} line 1: header {','.join(header)!r} lacks a "
-            f"{'file' if file_col is None else 'caption'} column",
+            # The header is not shown: metadata_path may name a file that is no CSV at all (errors
+            # never echo a file's text).
+            f"{metadata_path} line 1: the header lacks a {'file' if file_col is None else 'caption'} column",
             hint="The first line must name the columns, e.g. `file,caption` (`file_name` and `text` are accepted too).",
         )
     return file_col, caption_col
@@ -180,9 +201,13 @@ def read_sidecar(image_path: Path, caption_extension: str = ".txt") -> str | Non
     """The caption in the sidecar file of ``image_path``, or None if it has none.
 
     Like kohya, the caption is the first non-empty line (stripped); UTF-8, BOM tolerated.
-    Raises :class:`SidecarError` when the file exists but is empty, not UTF-8 or unreadable.
+    Raises :class:`SidecarError` when the file exists but is empty, not UTF-8, unreadable, or a link
+    to a file in another folder (a caption lives beside its image: a link elsewhere could make any
+    file the daemon can read come back as a "caption").
     """
     path = sidecar_path(image_path, caption_extension)
+    if path.is_symlink() and os.path.dirname(os.path.realpath(path)) != os.path.realpath(image_path.parent):
+        raise SidecarError(f"caption file {path.name} is a link to a file outside its folder (not read)")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -222,17 +247,23 @@ def prepare_caption(
     keep_tokens: int,
     dropout: float,
     trigger_word: str | None,
+    tag_dropout: float = 0.0,
+    keep_tokens_separator: str = "",
 ) -> str:
     """The caption one training sample sees, following kohya's semantics.
 
     - With probability ``dropout`` the result is "" (an unconditional sample; the trigger word
       is dropped too). ``rng`` is consulted for this only when ``dropout > 0``.
+    - ``keep_tokens_separator`` (e.g. "|||"): when the caption holds it, the tags before it are the
+      kept ones (instead of the first ``keep_tokens``) and the marker is removed; tags after a second
+      marker stay last, in place.
     - ``trigger_word``: if no tag contains it as a whole word (case-insensitive), it is put
       first as its own tag. It always counts among the kept tokens: with shuffling, the tag
       that carries it is moved first and stays there, even with ``keep_tokens == 0``, and it
       is one of the ``keep_tokens`` (``keep_tokens=1`` keeps just the trigger).
-    - ``shuffle``: the tags after the first ``keep_tokens`` are shuffled with ``rng``; the
-      result is re-joined with ", ". Without shuffle the caption's text is left as it is
+    - ``tag_dropout``: each tag that is not kept is dropped with this probability.
+    - ``shuffle``: the tags after the kept ones are shuffled with ``rng``; the result is re-joined
+      with ", ". Without shuffle, tag dropout or a separator the caption's text is left as it is
       (apart from a prepended trigger word), so sentence captions keep their spacing.
 
     The result depends only on the arguments and ``rng``'s state, which it advances.
@@ -246,21 +277,34 @@ def prepare_caption(
 
     caption = caption.strip()
     trigger = trigger_word.strip() if trigger_word else ""
-    tags = split_tags(caption)
-    has_trigger = bool(trigger) and any(_contains_word(tag, trigger) for tag in tags)
+    separated = bool(keep_tokens_separator) and keep_tokens_separator in caption
+    tail: list[str] = []
+    if separated:
+        head_text, _, rest = caption.partition(keep_tokens_separator)
+        middle_text, _, tail_text = rest.partition(keep_tokens_separator)
+        head, tail = split_tags(head_text), split_tags(tail_text)
+        tags = head + split_tags(middle_text)
+        keep_tokens = len(head)
+    else:
+        tags = split_tags(caption)
+    has_trigger = bool(trigger) and any(_contains_word(tag, trigger) for tag in tags + tail)
 
-    if not shuffle:
+    if not (shuffle or tag_dropout or separated):
         if trigger and not has_trigger:
             return f"{trigger}{SEPARATOR} {caption}" if caption else trigger
         return caption
 
     if trigger:
-        if has_trigger:
+        if has_trigger and any(_contains_word(tag, trigger) for tag in tags):
             at = next(i for i, tag in enumerate(tags) if _contains_word(tag, trigger))
             tags.insert(0, tags.pop(at))
-        else:
+        elif not has_trigger:
             tags.insert(0, trigger)
+            keep_tokens += 1 if separated else 0
         keep_tokens = max(keep_tokens, 1)
     fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(flexible)
-    return f"{SEPARATOR} ".join(fixed + flexible)
+    if tag_dropout:
+        flexible = [tag for tag in flexible if rng.random() >= tag_dropout]
+    if shuffle:
+        rng.shuffle(flexible)
+    return f"{SEPARATOR} ".join(fixed + flexible + tail)

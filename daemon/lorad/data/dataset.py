@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from lorad.data.captions import SidecarError, read_metadata_csv, read_sidecar, split_tags
+from lorad.data.captions import (
+    SidecarError,
+    read_metadata_csv,
+    read_sidecar,
+    remove_stale_caption_temps,
+    split_tags,
+)
 from lorad.data.report import DataReport, SkippedImage
 from lorad.errors import DataError
 
@@ -35,6 +41,9 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".gif", ".tif", ".tiff", ".heic", ".he
 # a CACHEDIR.TAG file (https://bford.info/cachedir/, written by LatentCache) is skipped too.
 CACHE_DIR_NAME = ".lorad_cache"
 CACHEDIR_TAG = "CACHEDIR.TAG"
+
+# A caption sidecar's extension: a dot and a short plain name (no folder part, no "..").
+_CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
 
 # A folder named "10_mystyle" gives its images 10 repeats (kohya's DreamBooth layout).
 _REPEATS_PREFIX = re.compile(r"^(\d+)_.")
@@ -142,6 +151,9 @@ def scan_dataset(
     no_caption = f"no caption (add a {csv_name} row or <stem>{_dotted(caption_extension)})"
 
     found = find_image_files(root)
+    # A caption writer killed mid-write left its temporary file; nothing else would ever remove it.
+    csv_folder = [Path(metadata_path).parent] if metadata_path is not None else []
+    remove_stale_caption_temps([root, *csv_folder, *(p.parent for p in found)], caption_extension)
     skipped: list[SkippedImage] = []
     verified: list[_Verified] = []
     for path in found:
@@ -234,28 +246,77 @@ def _dotted(extension: str) -> str:
 
 
 def _is_cache_dir(path: Path) -> bool:
-    return path.name == CACHE_DIR_NAME or (path / CACHEDIR_TAG).is_file()
+    try:
+        return path.name == CACHE_DIR_NAME or (path / CACHEDIR_TAG).is_file()
+    except OSError:  # unreadable: not ours, and the walk skips what it cannot list anyway
+        return False
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+# Files and folders a walk may visit: far beyond any image folder, and a bound on the time and memory
+# a folder such as "/" can cost (it is refused instead of walked to the end).
+MAX_WALKED_ENTRIES = 500_000
 
 
 def find_image_files(root: Path) -> list[Path]:
     """Image files (supported or known-unsupported types) under ``root``, sorted, hidden ones
-    and cache folders left out. Symlinked folders are followed once each (no loops)."""
+    and cache folders left out. Symlinked folders are followed once each (no loops); folders that
+    cannot be read are skipped. DataError when the tree holds more than MAX_WALKED_ENTRIES entries."""
     wanted = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS
     found: list[Path] = []
     seen_dirs: set[str] = set()
+    walked = 0
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen_dirs:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
+        walked += len(dirnames) + len(filenames)
+        if walked > MAX_WALKED_ENTRIES:
+            raise DataError(
+                f"{root} holds more than {MAX_WALKED_ENTRIES:,} files and folders: too many to be an image folder",
+                "name the folder that holds your training images (not a disk or home folder)",
+            )
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _is_cache_dir(Path(folder, d)))
         for name in sorted(filenames):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
                 path = Path(folder, name)
-                if path.is_file():
+                if _is_regular_file(path):
                     found.append(path)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def image_problem(path: Path) -> str | None:
+    """Why training would skip the image file at ``path`` (unsupported type, unreadable, corrupt,
+    truncated, ...), or None when it decodes completely (the check :func:`scan_dataset` makes)."""
+    if path.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported image type {path.suffix} (convert it to .png or .jpg)"
+    try:
+        _inspect_image(path)
+    except _Skip as skip:
+        return str(skip)
+    return None
+
+
+def caption_extension_problem(extension: str) -> str | None:
+    """Why ``extension`` (with its dot) cannot name caption sidecar files, or None when it can.
+
+    A sidecar is ``<image stem><extension>`` beside the image: an image extension would make
+    captioning overwrite the images themselves, and anything but a short plain extension could
+    name a file elsewhere.
+    """
+    if extension.lower() in IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"{extension} is an image extension: caption files would overwrite the images"
+    if not _CAPTION_EXTENSION.match(extension):
+        return "is not a file extension such as .txt or .caption"
+    return None
 
 
 def _inspect_image(path: Path) -> tuple[int, int, str]:
@@ -408,17 +469,50 @@ def bucket_crop(width: int, height: int, bucket: tuple[int, int]) -> BucketCrop:
     return BucketCrop(scale, (new_w, new_h), left=(new_w - bucket_w) // 2, top=(new_h - bucket_h) // 2)
 
 
-def load_image_for_bucket(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
+def load_image_for_bucket(path: Path, bucket: tuple[int, int], *, crop: bool = True) -> torch.Tensor:
     """The pixels of ``path`` for training at ``bucket`` = (width, height).
 
     The image is turned upright (EXIF), made RGB (transparency composited on white), scaled
     by the smallest factor that makes it cover the bucket (keeping its aspect ratio; Lanczos
     down, bicubic up — so it is enlarged only when the bucket is larger than the image), and
-    center-cropped to exactly the bucket. Returns a float32 tensor of shape (3, height, width)
-    with values in [-1, 1]. Raises :class:`DataError` if the file can no longer be decoded.
+    center-cropped to exactly the bucket. With ``crop=False`` it is not cropped: its sides are
+    rounded up to multiples of 8 instead (so its latents can be cropped anywhere later, as
+    ``random_crop`` does). Returns a float32 tensor of shape (3, height, width) with values in
+    [-1, 1]. Raises :class:`DataError` if the file can no longer be decoded.
     """
     import torch
 
+    picture = _fit_to_bucket(_open_upright(path, bucket, rgb=True), bucket, crop=crop)
+    width, height = picture.size
+    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+
+
+def has_alpha(path: Path) -> bool:
+    """Whether the image file carries transparency (an alpha channel or a transparent palette entry)."""
+    with Image.open(path) as img:
+        return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def load_mask_for_bucket(path: Path, bucket: tuple[int, int], *, alpha: bool, crop: bool = True) -> torch.Tensor:
+    """A loss mask for ``bucket`` with exactly the geometry :func:`load_image_for_bucket` gives the image
+    (same upright turn, scale, crop or rounding): the alpha channel of ``path`` when ``alpha``, else
+    ``path`` read as greyscale. Returns float32 (1, height, width) in [0, 1] (1 = trained)."""
+    import torch
+
+    picture = _open_upright(path, bucket, rgb=False, alpha=alpha)
+    picture = _fit_to_bucket(picture, bucket, crop=crop)
+    width, height = picture.size
+    values = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
+    return values.view(1, height, width).float().div(255.0).contiguous()
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _open_upright(path: Path, bucket: tuple[int, int], *, rgb: bool, alpha: bool = False) -> Image.Image:
+    """The image at ``path``, decoded (at a reduced JPEG scale when that still covers ``bucket``) and turned
+    upright: RGB when ``rgb``, else its alpha channel (``alpha``) or its greyscale ("L")."""
     bucket_w, bucket_h = bucket
     try:
         with Image.open(path) as img:
@@ -431,7 +525,12 @@ def load_image_for_bucket(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
                 need = (math.ceil(upright_w * scale), math.ceil(upright_h * scale))
                 img.draft(None, need[::-1] if orientation in _SWAPS_SIDES else need)
             img.load()
-            picture = _to_rgb(img)
+            if rgb:
+                picture = _to_rgb(img)
+            elif alpha:
+                picture = img.convert("RGBA").getchannel("A")
+            else:
+                picture = img.convert("L")
     except Exception as err:
         raise DataError(
             f"training image {path} can no longer be read: {err}",
@@ -439,23 +538,28 @@ def load_image_for_bucket(path: Path, bucket: tuple[int, int]) -> torch.Tensor:
         ) from err
     if orientation in _UPRIGHT:
         picture = picture.transpose(_UPRIGHT[orientation])
+    return picture
 
+
+def _fit_to_bucket(picture: Image.Image, bucket: tuple[int, int], *, crop: bool) -> Image.Image:
+    """Scale ``picture`` to cover ``bucket``, then center-crop to it (``crop``) or round its sides up to
+    multiples of 8."""
+    bucket_w, bucket_h = bucket
     width, height = picture.size
-    crop = bucket_crop(width, height, bucket)
-    new_w, new_h = crop.resized
+    fit = bucket_crop(width, height, bucket)
+    new_w, new_h = fit.resized
+    if not crop:
+        new_w, new_h = -(-new_w // 8) * 8, -(-new_h // 8) * 8
     if (new_w, new_h) != (width, height):
-        resample = Image.Resampling.LANCZOS if crop.scale < 1 else Image.Resampling.BICUBIC
+        resample = Image.Resampling.LANCZOS if fit.scale < 1 else Image.Resampling.BICUBIC
         picture = picture.resize((new_w, new_h), resample)
-    left, top = crop.left, crop.top
-    picture = picture.crop((left, top, left + bucket_w, top + bucket_h))
-
-    pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
-    return pixels.view(bucket_h, bucket_w, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+    if not crop:
+        return picture
+    return picture.crop((fit.left, fit.top, fit.left + bucket_w, fit.top + bucket_h))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if not has_alpha:
+    if not (img.mode in _ALPHA_MODES or "transparency" in img.info):
         return img.convert("RGB")
     rgba = img.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,24 +1,22 @@
-"""Captions in an image family's run: what each sample sees, and their text-encoder outputs for a step.
+"""Captions in an image family's run, turned into the text-encoder outputs a step needs.
 
-Every caption a run uses follows from its seed: sample ``position`` of ``epoch`` gets the image's raw
-caption transformed by :func:`lorad.data.captions.prepare_caption` with an RNG seeded from
-(seed, epoch, position). So before the first step a run can list every string it will ever encode,
-encode each once into the text-encoder cache, and then run no text encoder at all.
+Every caption a run uses follows from its seed (the epoch plan, and each sample's caption transforms,
+are seeded from (seed, epoch, position)). So before the first step a run can list every string it
+will ever encode, encode each once into the text-encoder cache, and then run no text encoder at all.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorad.config import TrainConfig
-from lorad.data.captions import prepare_caption
 from lorad.diffusion.text_cache import BatchEncoder, TextEncoderCache
 from lorad.events import EventSink, LogLine
 from lorad.paths import default_cache_dir
@@ -29,18 +27,9 @@ Conditioning = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 
 # Entries kept in memory at once; the rest are read back from disk (an SDXL entry is ~0.3 MB).
 MAX_ENTRIES_IN_MEMORY = 2048
-
-
-def epoch_caption(config: TrainConfig, caption: str, *, epoch: int, position: int) -> str:
-    """The caption sample ``position`` of ``epoch`` trains with (trigger word, shuffle, dropout)."""
-    return prepare_caption(
-        caption,
-        rng=random.Random(f"{config.seed}:{epoch}:{position}"),
-        shuffle=config.shuffle_caption,
-        keep_tokens=config.keep_tokens,
-        dropout=config.caption_dropout,
-        trigger_word=config.trigger_word,
-    )
+# More distinct captions than this (long runs with shuffle_caption/dropout on large datasets) are not
+# cached: the cache would fill gigabytes of disk for entries each read a few times.
+MAX_CACHED_CAPTIONS = 10_000
 
 
 def run_epochs(config: TrainConfig, micro_batches_per_epoch: int) -> int:
@@ -58,8 +47,7 @@ def text_cache_dir(config: TrainConfig) -> Path:
 def caption_conditioning(
     config: TrainConfig,
     *,
-    raw_captions: Sequence[str],
-    epochs: int,
+    planned: Iterable[str],
     encode: BatchEncoder,
     identity: Callable[[], str],
     trainable: bool,
@@ -69,12 +57,12 @@ def caption_conditioning(
 ) -> Conditioning:
     """How a run turns a step's captions into text-encoder outputs.
 
-    ``raw_captions[i]`` is the raw caption of sample position ``i`` of every epoch; ``encode`` runs
-    the text encoder(s) on a list of captions; ``identity()`` names them for the cache (called only
-    when caching). Trained encoders (``trainable``) run at every step, with autograd. Frozen ones
-    with ``cache_text_encoder_outputs`` off also run at every step, without it. Otherwise every
-    caption of the run's ``epochs`` is encoded now into the on-disk cache (or found there), and a
-    step only reads the cache: the caller may then move the encoders off the device.
+    ``planned`` yields every caption of every step the run will take (duplicates are fine; it is only
+    consumed when caching); ``encode`` runs the text encoder(s) on a list of captions; ``identity()``
+    names them for the cache (called only when caching). Trained encoders (``trainable``) run at every
+    step, with autograd. Frozen ones with ``cache_text_encoder_outputs`` off also run at every step,
+    without it. Otherwise every planned caption is encoded now into the on-disk cache (or found
+    there), and a step only reads the cache: the caller may then move the encoders off the device.
     """
     if trainable:
         return lambda captions: dict(encode(list(captions)))
@@ -87,13 +75,29 @@ def caption_conditioning(
         return frozen
 
     t0 = time.monotonic()
-    planned = [
-        epoch_caption(config, caption, epoch=epoch, position=position)
-        for epoch in range(epochs)
-        for position, caption in enumerate(raw_captions)
-    ]
+    captions = list(dict.fromkeys(planned))
+    if len(captions) > MAX_CACHED_CAPTIONS:
+        on_event(
+            LogLine(
+                f"text encoder outputs: not cached: the run uses {len(captions)} distinct captions (more than "
+                f"{MAX_CACHED_CAPTIONS}; shuffle_caption/caption_dropout over many epochs); the text encoder runs "
+                "at every step",
+                level="warning",
+            )
+        )
+        scalars.summary["text_encoder_outputs"] = {"distinct_captions": len(captions), "cached": False}
+        return caption_conditioning(
+            replace(config, cache_text_encoder_outputs=False),
+            planned=(),
+            encode=encode,
+            identity=identity,
+            trainable=False,
+            device=device,
+            on_event=on_event,
+            scalars=scalars,
+        )
     cache = TextEncoderCache(text_cache_dir(config), identity(), max_in_memory=MAX_ENTRIES_IN_MEMORY)
-    stats = cache.pre_encode(planned, encode)
+    stats = cache.pre_encode(captions, encode)
     seconds = time.monotonic() - t0
     distinct = stats.encoded + stats.cached
     scalars.summary["text_encoder_outputs"] = {
@@ -104,7 +108,7 @@ def caption_conditioning(
     }
     on_event(
         LogLine(
-            f"text encoder outputs: {distinct} distinct captions over {epochs} epochs, {stats.encoded} encoded now, "
+            f"text encoder outputs: {distinct} distinct captions, {stats.encoded} encoded now, "
             f"{stats.cached} from the cache ({seconds:.1f} s)"
         )
     )

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 
 def sample_noise(latents: torch.Tensor, *, offset: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise like ``latents``; with ``offset`` a per-channel constant is added, which lets
-    the model learn very dark or bright images (the "noise offset" trick)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    """Gaussian noise like ``latents``, drawn where ``generator`` lives (the run's device); with
+    ``offset`` a per-channel constant is added, which lets the model learn very dark or bright images
+    (the "noise offset" trick)."""
+    draw = {"generator": generator, "dtype": latents.dtype, "device": generator.device}
+    noise = torch.randn(latents.shape, **draw)
     if offset:
-        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype).to(
-            latents.device
-        )
-        noise = noise + offset * shift
-    return noise
+        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **draw)
+    return noise.to(latents.device)
 
 
 def training_target(
@@ -42,39 +40,13 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
-def noised_latents(
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    *,
-    scaling: float,
-    scheduler: DDPMScheduler,
-    noise_offset: float,
-    generator: torch.Generator,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training sample of a micro-batch: ``(noisy latents, timesteps, target)`` on ``device``.
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error of each sample (fp32), each element weighted by ``mask`` (batch, 1, h, w; 1 =
+    trained, 0 = ignored, broadcast over channels) when given, as kohya's masked loss: the weighted errors
+    are averaged over every element, so a half-masked image contributes half the loss."""
+    import torch.nn.functional as F
 
-    The clean latents are a fresh draw from the cached VAE posterior (``mean``, ``std``; batch
-    first, on the CPU) times ``scaling``; noise (with ``noise_offset``) and uniform timesteps follow.
-    Every draw comes from ``generator``, in that order, so a resumed run repeats them exactly.
-    """
-    clean = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-    noise = sample_noise(clean, offset=noise_offset, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(mean),), generator=generator)
-    clean, noise, timesteps = clean.to(device), noise.to(device), timesteps.to(device)
-    return scheduler.add_noise(clean, noise, timesteps), timesteps, training_target(scheduler, clean, noise, timesteps)
-
-
-def denoising_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    scheduler: DDPMScheduler,
-    timesteps: torch.Tensor,
-    min_snr_gamma: float | None,
-) -> torch.Tensor:
-    """The mean squared error of the prediction, per sample weighted by Min-SNR-γ when set, averaged."""
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    if min_snr_gamma:
-        loss = loss * snr_weights(scheduler, timesteps, min_snr_gamma)
-    return loss.mean()
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        error = error * mask.to(error.dtype)
+    return error.mean(dim=tuple(range(1, error.dim())))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,12 +33,14 @@ class FamilySpec:
     - ``parse(raw, base_dir, source)``: validates a raw mapping into ``config_class`` (every problem at once).
     - ``detect(base_model)``: True when a resolved base model (absolute path or hub id) is of this family;
       reads only file names, headers and small JSON files, never downloads. Families are asked in
-      ``priority`` order (lower first); the first that says yes wins.
+      ``priority`` order (lower first); the first that says yes wins. When none does, the config's keys
+      decide (:func:`lorad.config.dispatch.choose_family`).
+    - ``preflight(config)``: the problems a run would hit in its first seconds that reading files cheaply
+      shows (``lorad config --check``): the model is a model, there is data, target names match layers.
     - ``plugin``: ``"module:attribute"`` of its :class:`~lorad.training.family.ModelFamily`.
     - ``data_key``: the config key naming its training data (what clients show as the data).
     - ``output_kind``: "image_lora" (a kohya file used as ``<lora:NAME:w>``) or "peft_adapter".
     - ``uses_captioner``: its runs can caption images that have no caption first.
-    - ``hint_keys``: keys that only this family's configs have, to tell a config without a base model apart.
     - ``out_of_memory_hint(config)``: the settings to lower after an out-of-memory failure.
     """
 
@@ -52,9 +54,9 @@ class FamilySpec:
     data_key: str
     output_kind: str
     out_of_memory_hint: Callable[[Any], str]
+    preflight: Callable[[Any], list[Any]] = lambda config: []
     priority: int = 100
     uses_captioner: bool = False
-    hint_keys: frozenset[str] = field(default_factory=frozenset)
 
 
 @cache

@@ -51,6 +51,7 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
             "trainable_params": event.trainable_params,
             "device": event.device,
             "precision": event.precision,
+            "resumed_from": event.resumed_from,
         }
     if isinstance(event, ev.CheckpointSaved):
         return "checkpoint_saved", {"step": event.step, "path": event.path}
@@ -60,6 +61,15 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
         return "eval", {"step": event.step, "loss": event.loss, "samples": event.samples}
     if isinstance(event, ev.SampleGenerated):
         return "sample", {"prompt": event.prompt, "output": event.output, "stopped": event.stopped}
+    if isinstance(event, ev.MemoryRecovered):
+        return "memory_recovered", {
+            "step": event.step,
+            "change": event.change,
+            "micro_batch": event.micro_batch,
+            "gradient_accumulation_steps": event.gradient_accumulation_steps,
+            "gradient_checkpointing": event.gradient_checkpointing,
+            "error": event.error,
+        }
     if isinstance(event, ev.TrainingFinished):
         return "finished", {
             "outputs": dict(event.outputs),

@@ -89,6 +89,7 @@ _AMBIGUOUS_SHOWN = 5
 
 _JOB_FIELDS = tuple(f.name for f in fields(JobRecord))
 _JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+_JOB_COLUMNS_WITHOUT_CONFIG = ", ".join("'' AS config_yaml" if f == "config_yaml" else f for f in _JOB_FIELDS)
 _UPDATABLE = frozenset(_JOB_FIELDS) - {"job_id", "created_at"}
 
 
@@ -168,6 +169,31 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+DAMAGED_STORE_HINT = (
+    "Stop any other lorad daemon using it; if the file is damaged, move it aside "
+    "(the daemon then starts with an empty job list)."
+)
+
+
+def store_failure(path: Path, err: sqlite3.Error) -> LoradError:
+    """What to tell a person when SQLite refused to read or write the store at ``path``."""
+    from lorad.disk_space import free_bytes, is_disk_full, mount_point
+
+    if is_disk_full(err):
+        return LoradError(
+            f"the job store {path} cannot be written: the disk at {mount_point(path)} is full "
+            f"({free_bytes(path)} bytes free)",
+            hint=f"Free space on {mount_point(path)}, the disk holding the state directory (LORAD_HOME); "
+            "the daemon records what it could not as soon as it can write again.",
+        )
+    if isinstance(err, sqlite3.DatabaseError) and not isinstance(err, sqlite3.OperationalError):
+        return LoradError(f"{path} is not a usable job store: {err}", hint=DAMAGED_STORE_HINT)
+    return LoradError(
+        f"the job store {path} cannot be used: {err}",
+        hint="Check that the state directory (LORAD_HOME) is writable and that no other program locks the file.",
+    )
+
+
 def _prepare_file(path: Path) -> None:
     """Create the database file private (0600) before SQLite opens it, and tighten an existing one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +226,7 @@ class JobStore:
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
+        self._revision = 0
         writer = self._connect()
         try:
             # WAL is a property of the file; setting it once here also covers the readers.
@@ -207,13 +234,14 @@ class JobStore:
             writer.execute("PRAGMA synchronous = NORMAL")
             writer.execute("PRAGMA foreign_keys = ON")
             self._migrate(writer)
+            # A file damaged inside (not in its header) opens fine and fails at the first read of a
+            # bad page, with a raw traceback in the middle of startup: look at every page now.
+            problems = [row[0] for row in writer.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("damaged: " + "; ".join(problems))
         except sqlite3.DatabaseError as exc:
             writer.close()
-            raise LoradError(
-                f"{self.path} is not a usable job store: {exc}",
-                hint="Stop any other lorad daemon using it; if the file is damaged, move it aside "
-                "(the daemon then starts with an empty job list).",
-            ) from exc
+            raise LoradError(f"{self.path} is not a usable job store: {exc}", hint=DAMAGED_STORE_HINT) from exc
         except BaseException:
             writer.close()
             raise
@@ -284,6 +312,12 @@ class JobStore:
         with self._write_lock:
             self._writer.close()
 
+    @property
+    def revision(self) -> int:
+        """Goes up with every job created or moved to another state through this store object: a
+        reader that saw the same number before has seen every job as it is (in this process)."""
+        return self._revision
+
     def __enter__(self) -> JobStore:
         return self
 
@@ -332,6 +366,7 @@ class JobStore:
             names = ", ".join(values)
             marks = ", ".join("?" * len(values))
             conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", tuple(values.values()))
+            self._revision += 1
             return self._job_in(conn, job_id)
 
     def get(self, job_id: str) -> JobRecord:
@@ -345,7 +380,11 @@ class JobStore:
             if rows:
                 return _job_from_row(rows[0])
             if len(job_id) < MIN_PREFIX:
-                raise _not_found(job_id)
+                raise JobNotFound(
+                    f"no job with id {job_id!r}: an id prefix needs at least {MIN_PREFIX} characters",
+                    hint=f"Give at least {MIN_PREFIX} characters of the id (ids have {ID_LENGTH}); "
+                    "`lorad jobs` lists jobs and their ids.",
+                )
             # A range scan on the unique index: ids sharing the prefix sort right after it.
             candidates = _rows(
                 conn,
@@ -364,16 +403,20 @@ class JobStore:
             )
         return _job_from_row(matches[0])
 
-    def list(self, states: Sequence[JobState] = (), limit: int = 100) -> builtins.list[JobRecord]:
-        """Up to ``limit`` jobs, newest first, only those in ``states`` unless it is empty."""
+    def list(
+        self, states: Sequence[JobState] = (), limit: int = 100, *, configs: bool = True
+    ) -> builtins.list[JobRecord]:
+        """Up to ``limit`` jobs, newest first, only those in ``states`` unless it is empty. Without
+        ``configs`` each record's ``config_yaml`` is "" (not even read: lists stay small and fast)."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, not {limit}")
         wanted = list(dict.fromkeys(JobState(state).value for state in states))
         where = f"WHERE state IN ({', '.join('?' * len(wanted))})" if wanted else ""
+        columns = _JOB_COLUMNS if configs else _JOB_COLUMNS_WITHOUT_CONFIG
         with self._read() as conn:
             rows = _rows(
                 conn,
-                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, num DESC LIMIT ?",
+                f"SELECT {columns} FROM jobs {where} ORDER BY created_at DESC, num DESC LIMIT ?",
                 (*wanted, limit),
             )
         return [_job_from_row(row) for row in rows]
@@ -443,6 +486,8 @@ class JobStore:
             cursor = conn.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*encoded.values(), job_id))
             if cursor.rowcount == 0:
                 raise _not_found(job_id)
+            if "state" in encoded or "outputs" in encoded:
+                self._revision += 1  # under the write lock
         return self._job_in(conn, job_id)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 import traceback
@@ -14,25 +15,22 @@ import yaml
 
 from lorad.config.dispatch import parse_any_config
 from lorad.config.schema import TrainingKeys
-from lorad.errors import LoradError, TrainingInterrupted
+from lorad.disk_space import disk_full_error, is_disk_full
+from lorad.errors import LoradError, TrainingInterrupted, is_out_of_memory
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.families.registry import spec_for
+from lorad.jobs.event_pump import EventPump
 from lorad.jobs.hub import EventHub
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import JobRecord, JobState
-from lorad.jobs.store import JobStore
+from lorad.jobs.store import JobStore, store_failure
 
 log = logging.getLogger("lorad.worker")
 
 # How often the running job's progress is written to the store (events carry every step).
 PROGRESS_WRITE_SECONDS = 2.0
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
-    return isinstance(err, MemoryError) or (
-        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
-    )
+# How often the worker tries again to record a job's end when the store could not be written.
+STORE_RETRY_SECONDS = 2.0
 
 
 @contextmanager
@@ -72,6 +70,9 @@ class Worker:
         self._current: tuple[str, threading.Event] | None = None  # (job_id, its stop event)
         self._cancel_requested: set[str] = set()
         self._progress: dict[str, dict[str, float]] = {}
+        # Job ends the store could not take (full disk, damaged file): job_id -> (changes, (kind, payload)).
+        # Retried until they are recorded; until then get_job shows them (see pending_outcome).
+        self._unrecorded: dict[str, tuple[dict, tuple[str, dict]]] = {}
         self._thread = threading.Thread(target=self._run, name="lorad-worker", daemon=True)
 
     # --- control -------------------------------------------------------------------------------
@@ -100,6 +101,12 @@ class Worker:
         """The running job's latest step, fresher than the store's copy."""
         return self._progress.get(job_id)
 
+    def pending_outcome(self, job_id: str) -> dict | None:
+        """The end of a job (its state, error, hint, ...) that the store has not taken yet, or None."""
+        with self._lock:
+            pending = self._unrecorded.get(job_id)
+        return dict(pending[0]) if pending else None
+
     def cancel_running(self, job_id: str) -> bool:
         """Ask the running job to stop after its current step; False if it is not running here."""
         with self._lock:
@@ -112,18 +119,31 @@ class Worker:
     # --- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._shutdown.is_set():
-            job = self.store.next_queued()
+            if self._unrecorded and not self._record_pending():
+                self._wake.wait(timeout=STORE_RETRY_SECONDS)  # the store still refuses writes: no new job
+                self._wake.clear()
+                continue
+            try:
+                job = self.store.next_queued()
+                claimed = (
+                    self.store.transition(
+                        job.job_id,
+                        expect={JobState.QUEUED},
+                        to=JobState.RUNNING,
+                        started_at=time.time(),
+                        attempt=job.attempt + 1,
+                    )
+                    if job is not None
+                    else None
+                )
+            except sqlite3.Error as err:  # the store cannot be read or written now: try again shortly
+                log.error("the job store: %s", store_failure(self.store.path, err))
+                self._wake.wait(timeout=STORE_RETRY_SECONDS)
+                continue
             if job is None:
                 self._wake.wait(timeout=5.0)
                 self._wake.clear()
                 continue
-            claimed = self.store.transition(
-                job.job_id,
-                expect={JobState.QUEUED},
-                to=JobState.RUNNING,
-                started_at=time.time(),
-                attempt=job.attempt + 1,
-            )
             if claimed is None:  # cancelled between the two calls
                 continue
             try:
@@ -144,29 +164,40 @@ class Worker:
                 {"attempt": job.attempt, "device": self.device_name, "resumed_from": resumed_from},
             )
             finished: list[dict] = []
-            sink = self._sink(job.job_id, finished)
-            # Images without a caption are captioned first when the family can and the config names a captioner.
-            hooks = (
-                {"caption_missing": self.captions(config, sink, stop)}
-                if self.captions and spec_for(config).uses_captioner
-                else {}
-            )
-            self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            pump = EventPump(job.job_id, self.hub.publish)  # the run's events, published off its thread
+            sink = self._sink(job.job_id, finished, pump)
+            try:
+                # Images without a caption are captioned first when the family can and the config names a captioner.
+                hooks = (
+                    {"caption_missing": self.captions(config, sink, stop)}
+                    if self.captions and spec_for(config).uses_captioner
+                    else {}
+                )
+                self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+            finally:
+                publish_error = pump.close()  # every event of the run is stored before its final state
+            if publish_error is not None:
+                raise publish_error
             # State first, then the event: a watcher that sees "finished" and asks finds SUCCEEDED.
-            self.store.update(
-                job.job_id,
-                state=JobState.SUCCEEDED,
-                finished_at=time.time(),
-                outputs=finished[0]["outputs"],
-                progress=self._progress.get(job.job_id),
-            )
-            self.hub.publish(job.job_id, "finished", finished[0])
+            changes = {
+                "state": JobState.SUCCEEDED,
+                "finished_at": time.time(),
+                "outputs": finished[0]["outputs"],
+                "progress": self._progress.get(job.job_id),
+            }
+            self._end(job, changes, ("finished", finished[0]))
         except TrainingInterrupted as err:
             self._stopped(job, err)
         except LoradError as err:
             self._fail(job, str(err), err.hint)
+        except sqlite3.Error as err:  # the job store refused a write (a full disk under LORAD_HOME, a damaged file)
+            failure = store_failure(self.store.path, err)
+            self._fail(job, str(failure), failure.hint)
         except Exception as err:
-            if is_out_of_memory(err):
+            if is_disk_full(err):
+                full = disk_full_error(Path(job.output_dir), "the job's outputs")
+                self._fail(job, str(full), full.hint)
+            elif is_out_of_memory(err):
                 config = self._job_config(job) if job.config_yaml else None
                 hint = spec_for(config).out_of_memory_hint(config) if config else ""
                 self._fail(job, f"out of memory: {err}".splitlines()[0], hint)
@@ -195,9 +226,9 @@ class Worker:
             raw = dict(raw) | {"resume_from": job.checkpoint}
         return parse_any_config(raw, base_dir=Path(job.base_dir), source=job.source_name or f"job {job.job_id}")
 
-    def _sink(self, job_id: str, finished: list[dict]) -> Callable[[Event], None]:
-        """Publishes engine events; the final one is held in ``finished`` for the worker to publish
-        after the job's state is stored."""
+    def _sink(self, job_id: str, finished: list[dict], pump: EventPump) -> Callable[[Event], None]:
+        """Queues engine events on ``pump``; the final one is held in ``finished`` for the worker to
+        publish after the job's state is stored."""
         last_write = [0.0]
 
         def on_event(event: Event) -> None:
@@ -206,9 +237,11 @@ class Worker:
                 finished.append(payload)
                 return
             if isinstance(event, CheckpointSaved):
-                # Stored before anyone hears of it: a daemon killed right after still resumes from it.
+                # Stored before anyone hears of it, and before the engine prunes older checkpoints
+                # (it does so when this returns): a daemon killed at any moment resumes from a
+                # checkpoint that exists. A store that cannot take it raises, which fails the job.
                 self.store.update(job_id, checkpoint=event.path, progress=self._progress.get(job_id))
-            self.hub.publish(job_id, kind, payload)
+            pump.put(kind, payload)
             if isinstance(event, StepDone):
                 self._progress[job_id] = {k: v for k, v in payload.items()}
                 now = time.monotonic()
@@ -219,33 +252,60 @@ class Worker:
         return on_event
 
     def _stopped(self, job: JobRecord, err: TrainingInterrupted) -> None:
-        checkpoint = err.checkpoint or ""
+        checkpoint = err.checkpoint or self._recorded_checkpoint(job)
+        partial = {"partial": err.partial} if err.partial else {}
         if job.job_id in self._cancel_requested:
-            self.store.update(
-                job.job_id,
-                state=JobState.CANCELLED,
-                finished_at=time.time(),
-                checkpoint=checkpoint or self.store.get(job.job_id).checkpoint,
-                progress=self._progress.get(job.job_id),
-            )
-            self.hub.publish(job.job_id, "cancelled", {"checkpoint": checkpoint})
+            changes = {"state": JobState.CANCELLED, "finished_at": time.time()}
+            event = ("cancelled", {"checkpoint": err.checkpoint or "", **partial})
         else:  # the daemon is shutting down: resume on the next start
-            self.store.update(
-                job.job_id,
-                state=JobState.INTERRUPTED,
-                checkpoint=checkpoint or self.store.get(job.job_id).checkpoint,
-                progress=self._progress.get(job.job_id),
-            )
-            self.hub.publish(job.job_id, "interrupted", {"checkpoint": checkpoint, "will_resume": True})
+            changes = {"state": JobState.INTERRUPTED}
+            event = ("interrupted", {"checkpoint": err.checkpoint or "", "will_resume": True, **partial})
+        self._end(job, changes | {"checkpoint": checkpoint, "progress": self._progress.get(job.job_id)}, event)
 
     def _fail(self, job: JobRecord, error: str, hint: str) -> None:
-        checkpoint = self.store.get(job.job_id).checkpoint
-        self.store.update(
-            job.job_id,
-            state=JobState.FAILED,
-            finished_at=time.time(),
-            error=error,
-            hint=hint,
-            progress=self._progress.get(job.job_id),
-        )
-        self.hub.publish(job.job_id, "failed", {"error": error, "hint": hint, "checkpoint": checkpoint})
+        checkpoint = self._recorded_checkpoint(job)
+        changes = {
+            "state": JobState.FAILED,
+            "finished_at": time.time(),
+            "error": error,
+            "hint": hint,
+            "progress": self._progress.get(job.job_id),
+        }
+        self._end(job, changes, ("failed", {"error": error, "hint": hint, "checkpoint": checkpoint}))
+
+    def _recorded_checkpoint(self, job: JobRecord) -> str:
+        try:
+            return self.store.get(job.job_id).checkpoint
+        except sqlite3.Error:
+            return job.checkpoint
+
+    def _end(self, job: JobRecord, changes: dict, event: tuple[str, dict]) -> None:
+        """Record the job's final state, then tell its watchers. A store that refuses the write
+        (full disk, damaged file) must not leave the job RUNNING with no worker: the end is kept
+        here, shown by get_job (pending_outcome), and recorded as soon as the store takes writes."""
+        try:
+            self.store.update(job.job_id, **changes)
+            with self._lock:  # no longer this worker's job: a watcher that hears the end finds none running
+                if self._current and self._current[0] == job.job_id:
+                    self._current = None
+            self.hub.publish(job.job_id, *event)
+        except sqlite3.Error as err:
+            failure = store_failure(self.store.path, err)
+            log.error("job %s ended (%s) but %s", job.job_id, changes["state"].value, failure)
+            with self._lock:
+                self._unrecorded[job.job_id] = (changes, event)
+
+    def _record_pending(self) -> bool:
+        """Try to record the job ends the store refused before; True when none is left."""
+        with self._lock:
+            pending = list(self._unrecorded.items())
+        for job_id, (changes, event) in pending:
+            try:
+                self.store.update(job_id, **changes)
+                self.hub.publish(job_id, *event)
+            except sqlite3.Error:
+                return False
+            with self._lock:
+                self._unrecorded.pop(job_id, None)
+            log.info("job %s: its end is recorded now", job_id)
+        return True

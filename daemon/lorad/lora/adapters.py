@@ -1,7 +1,10 @@
 """Attach a *named* LoRA adapter to a frozen model, read/write its weights, and remove it.
 
 The base model may be resident and shared between jobs, so detaching must leave it exactly as it
-was: every wrapped layer is unwrapped again and the base weights are never written to.
+was: every wrapped layer is unwrapped again and the base weights are never written to. Plain LoRA is
+PEFT's; the LyCORIS network types live in :mod:`lorad.lora.lycoris_adapter`, and the state-dict and
+detach functions here serve both, so callers (the loop's checkpoints, a family's restore) need not know
+which an adapter is.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from lorad.lora.lycoris_adapter import detach_lycoris, load_lycoris_state_dict, lycoris_network, lycoris_state_dict
 from lorad.models.construction import MODULE_CONSTRUCTION
 
 
@@ -55,7 +59,8 @@ def attach_lora_config(model: nn.Module, *, adapter_name: str, config: LoraConfi
 
 
 def detach_lora(model: nn.Module, adapter_name: str) -> None:
-    """Remove ``adapter_name`` from ``model``; layers left without adapters are unwrapped."""
+    """Remove ``adapter_name`` (PEFT or LyCORIS) from ``model``; layers left without adapters are unwrapped."""
+    detach_lycoris(model, adapter_name)
     for path, module in list(model.named_modules()):
         if not isinstance(module, BaseTunerLayer) or adapter_name not in module.lora_A:
             continue
@@ -72,7 +77,11 @@ def detach_lora(model: nn.Module, adapter_name: str) -> None:
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's weights keyed ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (detached)."""
+    """The adapter's weights (detached copies): PEFT's keyed ``<module path>.lora_A.weight`` / ``.lora_B.weight``,
+    a LyCORIS network's in its file keys (``<lora name>.hada_w1_a`` ...)."""
+    network = lycoris_network(model, adapter_name)
+    if network is not None:
+        return lycoris_state_dict(network)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
     return {k: v.detach().clone() for k, v in state.items()}
 
@@ -83,6 +92,10 @@ def load_lora_state_dict(model: nn.Module, adapter_name: str, state: Mapping[str
     Keys must all exist in the adapter (a mismatch is a bug in the caller, raised as ValueError);
     adapter layers missing from ``state`` keep their current values.
     """
+    network = lycoris_network(model, adapter_name)
+    if network is not None:
+        load_lycoris_state_dict(network, state)
+        return
     result = set_peft_model_state_dict(model, dict(state), adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:

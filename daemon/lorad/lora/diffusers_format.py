@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
+from lorad.atomic import TEMP_SUFFIX, temp_prefix, user_file_mode
 from lorad.lora.kohya_format import portable_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -48,10 +49,11 @@ def save_diffusers_lora(
             layers[f"{part}_lora_adapter_metadata"] = configs[part].to_dict() if part in configs else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".diffusers-lora.", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("diffusers-lora"), suffix=TEMP_SUFFIX, dir=output_dir))
     try:
         mixin.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **layers)
         dest = output_dir / WEIGHT_NAME
+        os.chmod(tmp / WEIGHT_NAME, user_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp / WEIGHT_NAME, dest)
         return dest
     finally:

@@ -66,7 +66,7 @@ def to_kohya(
 def save_kohya(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> None:
     """Write a kohya .safetensors atomically; metadata values become strings (safetensors needs that)."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    write_with_atomic(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=meta))
+    write_with_atomic(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=meta), user_file=True)
 
 
 @dataclass(frozen=True)

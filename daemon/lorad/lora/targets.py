@@ -87,3 +87,20 @@ def resolve_targets(
     if problems:
         raise ConfigError(problems, "target modules")
     return sorted(selected)
+
+
+# The UNet blocks whose layers kohya's LoCon (conv_dim) adapts: every linear and conv child of a ResNet
+# block and of the down/up-samplers (diffusers' class names; SD 1.x/2.x and SDXL UNets share them).
+CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+
+
+def resnet_layer_paths(unet: nn.Module) -> list[str]:
+    """The paths of the layers LoCon adds: conv1, conv2, conv_shortcut and time_emb_proj of every ResNet
+    block, and the down/up-sampler convolutions, sorted."""
+    found: set[str] = set()
+    for path, module in unet.named_modules():
+        if type(module).__name__ in CONV_BLOCKS:
+            for child, layer in module.named_modules():
+                if child and isinstance(layer, ADAPTABLE):
+                    found.add(f"{path}.{child}")
+    return sorted(found)

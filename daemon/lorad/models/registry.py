@@ -79,11 +79,14 @@ class ModelKey:
     tokenizer_path: str = ""
     prediction_type: str = "auto"
     kind: str = "sd"
+    # Whether the loader may read pickle weights: True only for a model that has no others (see
+    # lorad.config.pickle_policy.needs_pickle), so one safetensors model is one key either way.
+    allow_pickle: bool = False
     options: tuple[tuple[str, str], ...] = ()
 
     def option(self, name: str, default: str = "") -> str:
         """A family's own load setting (``options`` holds them as sorted name/value pairs, e.g. a Flux
-        model's separate VAE file, or whether pickle files may be read)."""
+        model's separate VAE file)."""
         return dict(self.options).get(name, default)
 
     @property

@@ -48,6 +48,11 @@ class SDComponents:
     _text_identities: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
+    def vae_scaling_factor(self) -> float:
+        """What latents are multiplied by before the UNet sees them (the VAE config's; 0.18215 for SD)."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent along each side (8 for real SD models and for the tiny test models)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

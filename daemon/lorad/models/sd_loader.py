@@ -61,6 +61,7 @@ class _Plan:
     default_prediction: str  # used when the scheduler config names none
     tokenizer_dirs: list[Path]  # local tokenizer/ folders to try, in order
     load: Callable[[torch.dtype], _Modules]
+    configs: Path  # a diffusers-layout folder whose unet/ and text_encoder/ configs describe the model
 
 
 def load_sd_components(
@@ -92,12 +93,7 @@ def load_sd_components(
     """
     check_prediction_type(prediction_type)
     where = f"`base_model` {base_model!r}"
-    source = resolve_base_model(base_model, base_dir=base_dir)
-    config_dir = resolve_optional_path(model_config_dir, base_dir)
-    if source.is_dir():
-        plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    else:
-        plan = _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
+    source, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
     prediction_type = resolve_prediction_type(prediction_type, plan.scheduler_config, plan.default_prediction, where)
     tokenizer_dir, tokenizer_source = find_tokenizer_dir(
         plan.version,
@@ -151,6 +147,35 @@ def freeze(*modules: torch.nn.Module, dtype: torch.dtype) -> None:
             module.to(dtype=dtype)
         module.eval()
         module.requires_grad_(False)
+
+
+def inspect_sd_model(
+    base_model: str,
+    *,
+    base_dir: Path | None = None,
+    allow_pickle: bool = False,
+    model_config_dir: Path | None = None,
+) -> tuple[str, Path]:
+    """The cheap phase of :func:`load_sd_components` alone: the model's version ("sd1"/"sd2") and a
+    diffusers-layout folder whose ``unet/config.json`` and ``text_encoder/config.json`` describe it.
+
+    Reads file headers and configs, never weights (a pickle checkpoint, which has no header, is read
+    whole: only with ``allow_pickle``). Raises ModelLoadError as loading would.
+    """
+    _, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
+    return plan.version, plan.configs
+
+
+def _plan(
+    base_model: str, base_dir: Path | None, *, allow_pickle: bool, model_config_dir: Path | None
+) -> tuple[Path, _Plan]:
+    """The cheap phase: where ``base_model`` is, and what it is and how to load it."""
+    where = f"`base_model` {base_model!r}"
+    source = resolve_base_model(base_model, base_dir=base_dir)
+    config_dir = resolve_optional_path(model_config_dir, base_dir)
+    if source.is_dir():
+        return source, _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
+    return source, _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
 
 
 def resolve_base_model(base_model: str, *, base_dir: Path | None = None) -> Path:
@@ -219,6 +244,7 @@ def _plan_folder(folder: Path, where: str, *, allow_pickle: bool, config_dir: Pa
         default_prediction="epsilon",
         tokenizer_dirs=tokenizer_dirs,
         load=lambda dtype: load_folder_models(folder, info, dtype, where),
+        configs=folder,
     )
 
 
@@ -262,6 +288,7 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
         default_prediction="v_prediction" if info.version == "sd2" else "epsilon",
         tokenizer_dirs=[config_dir / "tokenizer"] if config_dir else [],
         load=load,
+        configs=configs,
     )
 
 

@@ -92,6 +92,7 @@ class _Plan:
     default_zero_snr: bool  # when the config does not set zero_terminal_snr
     model_tokenizers: tuple[Path | None, Path | None]  # the model's own tokenizer/ and tokenizer_2/
     config_tokenizers: list[Path]  # further tokenizer/ folders to try (model_config_dir's)
+    configs: Path  # a diffusers-layout folder whose configs describe the model
     load: Callable[[torch.dtype], _Modules]
 
 
@@ -127,14 +128,7 @@ def load_sdxl_components(
     """
     check_prediction_type(prediction_type)
     where = f"`base_model` {base_model!r}"
-    source = resolve_base_model(base_model, base_dir=base_dir)
-    config_dir = resolve_optional_path(model_config_dir, base_dir)
-    if config_dir is not None:
-        check_model_config_dir(config_dir, SDXL_COMPONENTS)
-    if source.is_dir():
-        plan = _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
-    else:
-        plan = _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
+    source, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
     prediction_type = resolve_prediction_type(prediction_type, plan.scheduler_config, plan.default_prediction, where)
     if zero_terminal_snr is None:
         zero_terminal_snr = bool(plan.scheduler_config.get("rescale_betas_zero_snr", plan.default_zero_snr))
@@ -184,6 +178,49 @@ def load_sdxl_components(
         zero_terminal_snr=zero_terminal_snr,
         source=str(source),
     )
+
+
+def inspect_sdxl_model(
+    base_model: str, *, base_dir: Path | None = None, allow_pickle: bool = False, model_config_dir: Path | None = None
+) -> Path:
+    """The cheap phase of :func:`load_sdxl_components` alone: a diffusers-layout folder whose ``unet/``,
+    ``text_encoder/`` and ``text_encoder_2/`` configs describe ``base_model``. Reads file headers and
+    configs, never weights (a pickle checkpoint is read whole, only with ``allow_pickle``). Raises
+    ModelLoadError as loading would."""
+    _, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
+    return plan.configs
+
+
+def sdxl_modules_on_meta(
+    base_model: str, *, allow_pickle: bool = False, model_config_dir: Path | None = None
+) -> tuple[UNet2DConditionModel, list[torch.nn.Module]]:
+    """(UNet, [CLIP-L, OpenCLIP bigG]) of ``base_model`` on the ``meta`` device: shapes and names, no
+    memory, no weights (``config --check`` resolves target names on them). ModelLoadError as loading."""
+    from transformers import CLIPTextConfig
+
+    configs = inspect_sdxl_model(base_model, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
+    where = f"`base_model` {base_model!r}"
+
+    def text(part: str) -> CLIPTextConfig:
+        return CLIPTextConfig.from_dict(read_json_object(configs / part / "config.json", where))
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_json_object(configs / "unet" / "config.json", where))
+        return unet, [CLIPTextModel(text("text_encoder")), CLIPTextModelWithProjection(text("text_encoder_2"))]
+
+
+def _plan(
+    base_model: str, base_dir: Path | None, *, allow_pickle: bool, model_config_dir: Path | None
+) -> tuple[Path, _Plan]:
+    """The cheap phase: where ``base_model`` is, what it is, and how to load it."""
+    where = f"`base_model` {base_model!r}"
+    source = resolve_base_model(base_model, base_dir=base_dir)
+    config_dir = resolve_optional_path(model_config_dir, base_dir)
+    if config_dir is not None:
+        check_model_config_dir(config_dir, SDXL_COMPONENTS)
+    if source.is_dir():
+        return source, _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
+    return source, _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
 
 
 def training_scheduler(config: Mapping[str, Any], prediction_type: str, zero_terminal_snr: bool) -> DDPMScheduler:
@@ -276,6 +313,7 @@ def _plan_folder(folder: Path, where: str, *, allow_pickle: bool, config_dir: Pa
         default_zero_snr=False,
         model_tokenizers=(own[0], own[1]),
         config_tokenizers=[config_dir / "tokenizer"] if config_dir else [],
+        configs=folder,
         load=load,
     )
 
@@ -404,5 +442,6 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
         default_zero_snr=False,
         model_tokenizers=(None, None),
         config_tokenizers=[config_dir / "tokenizer"] if config_dir else [],
+        configs=configs,
         load=load,
     )

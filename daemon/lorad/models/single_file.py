@@ -25,10 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
+from lorad.config.pickle_policy import PICKLE_SUFFIXES
 from lorad.errors import ModelLoadError
 from lorad.models.ldm_layout import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 PICKLE_HINT = (
     "Convert it to .safetensors (which cannot carry code), or set `allow_pickle: true` if you trust "

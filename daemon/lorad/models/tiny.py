@@ -136,12 +136,26 @@ def build_tiny_sd(dest: Path, *, version: str = "sd1", seed: int = 0) -> Path:
             vae = tiny_vae()
             torch.manual_seed(seed + 2)
             text_encoder = _text_encoder(version, vocab)
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        save_text_encoder(text_encoder, tmp / "text_encoder")
-        _scheduler(version).save_pretrained(tmp / "scheduler")
-        write_text_atomic(tmp / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
+        write_sd_parts(tmp, unet=unet, vae=vae, text_encoder=text_encoder, scheduler=_scheduler(version))
     return dest
+
+
+def write_sd_parts(
+    folder: Path,
+    *,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
+) -> None:
+    """Save an SD pipeline's parts into ``folder`` in the diffusers layout lorad's loader reads
+    (safetensors, in each part's dtype; the tokenizer is the caller's to save under ``tokenizer/``).
+    Used by the tiny builder and by benchmarks that build a real-size model with random weights."""
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    save_text_encoder(text_encoder, folder / "text_encoder")
+    scheduler.save_pretrained(folder / "scheduler")
+    write_text_atomic(folder / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
 
 
 def save_text_encoder(model: CLIPTextModel | CLIPTextModelWithProjection, folder: Path) -> None:
@@ -155,7 +169,7 @@ def save_text_encoder(model: CLIPTextModel | CLIPTextModelWithProjection, folder
     model.config.save_pretrained(folder)
     tensors = {
         (key if key.startswith("text_projection.") else "text_model." + key.removeprefix("text_model.")): (
-            tensor.detach().contiguous()
+            tensor.detach().cpu().contiguous()
         )
         for key, tensor in model.state_dict().items()
         if not key.endswith("position_ids")

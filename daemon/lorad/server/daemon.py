@@ -1,8 +1,14 @@
 """`lorad serve`: the gRPC server process — listeners, token check, health, reflection, discovery.
 
 Local and private by default: 127.0.0.1 plus a Unix socket (mode 0600) in the state directory.
-A non-loopback address requires the token, which is generated on first start into the state
-directory (mode 0600); local clients read it from there.
+Every listener, loopback included, requires the token: on a shared machine any local user can
+reach 127.0.0.1, so loopback is no trust boundary. The token is generated on first start into the
+state directory (mode 0600, the folder 0700 when the daemon creates it); clients of the same user
+read it from there, and send it only after the daemon proved it knows it (``ProveIdentity``).
+
+Streams (WatchJob, FollowWatches, CaptionImages) hold an RPC thread each while open; at most
+``MAX_STREAMS`` run at once (more are refused with RESOURCE_EXHAUSTED), which leaves threads for
+unary calls however many streams clients keep open.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +40,45 @@ from lorad.server.settings import DaemonSettings
 
 log = logging.getLogger("lorad.server.daemon")
 
-# RPCs that answer without the token: liveness probes must work for monitoring tools.
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-# Each watcher of a job holds a thread for its stream; leave room for many.
-MAX_RPC_THREADS = 64
+# RPCs that answer without the token: liveness probes must work for monitoring tools, and clients
+# check the daemon's identity before they send the token.
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/lorad.v1.SystemService/ProveIdentity",
+    }
+)
+# Each open stream holds a thread; unary calls get the threads streams may not take.
+MAX_RPC_THREADS = 256
+MAX_STREAMS = 192
+# Calls beyond the running ones wait this deep in gRPC's queue before RESOURCE_EXHAUSTED.
+MAX_CONCURRENT_RPCS = MAX_RPC_THREADS * 2
+
+
+def ensure_home(home: Path) -> None:
+    """Create the state directory private to this user (0700) if it does not exist yet.
+
+    An existing folder keeps its mode (the user chose it); what lorad puts in it is 0600 anyway.
+    """
+    old_umask = os.umask(0o077)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    finally:
+        os.umask(old_umask)
 
 
 def ensure_token(home: Path) -> str:
-    """Read the daemon's token, creating it (mode 0600) on first use."""
+    """Read the daemon's token, creating it (mode 0600) on first use; a token file others could
+    read is made 0600 again."""
     path = token_path(home)
     if path.is_file():
-        return path.read_text().strip()
-    home.mkdir(parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        token = path.read_text().strip()
+        if token:
+            return token
+    ensure_home(home)
     token = secrets.token_urlsafe(32)
     old_umask = os.umask(0o177)
     try:
@@ -81,6 +114,39 @@ class TokenCheck(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny
+
+
+class StreamLimit(grpc.ServerInterceptor):
+    """Refuses a server stream with RESOURCE_EXHAUSTED while ``limit`` streams are open, so open
+    streams can never take every RPC thread and starve unary calls."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self._limit = limit
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler.response_streaming or handler.request_streaming:
+            return handler
+        stream, slots, limit = handler.unary_stream, self._slots, self._limit
+
+        def limited(request: object, context: grpc.ServicerContext) -> Iterator[object]:
+            if not slots.acquire(blocking=False):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the daemon already serves {limit} open streams (WatchJob, FollowWatches, CaptionImages)\n"
+                    "hint: close streams you no longer read (end `lorad watch`/TUI sessions), then try again",
+                )
+            try:
+                yield from stream(request, context)
+            finally:
+                slots.release()
+
+        return grpc.unary_stream_rpc_method_handler(
+            limited,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _live_daemon_pid(home: Path) -> int | None:
@@ -121,7 +187,7 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
 
     Raises LoradError when another daemon owns this state directory or an address is taken.
     """
-    settings.home.mkdir(parents=True, exist_ok=True)
+    ensure_home(settings.home)
     other = _live_daemon_pid(settings.home)
     if other:
         raise LoradError(
@@ -129,14 +195,16 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
             "use it (`lorad status`), stop it, or set LORAD_HOME to another folder",
         )
     token = ensure_token(settings.home)
-    interceptors = [TokenCheck(token)] if settings.require_token else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_RPC_THREADS, thread_name_prefix="lorad-rpc"),
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=MAX_RPC_THREADS * 4,
+        interceptors=[TokenCheck(token), StreamLimit(MAX_STREAMS)],
+        # A port belongs to one daemon: with SO_REUSEPORT (gRPC's default) a second daemon binds the
+        # same port and the kernel splits connections between the two.
+        options=[("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     service = LoradService(settings)
-    names = add_servicers(server, service)
+    names = add_servicers(server, service, token=token)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -145,10 +213,12 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
     for address in settings.tcp_addresses:
         port = _bind(server, address)
         if port == 0:
-            service.store.close()
+            service.close_stores()
             raise LoradError(
-                f"cannot listen on {address}: the address is in use or not available here",
-                "another program (or lorad daemon) holds it; pick one with `lorad serve --listen 127.0.0.1:PORT`",
+                f"cannot listen on {address}: the port is in use (by another program, or a lorad daemon of "
+                "another LORAD_HOME) or the address is not available here",
+                "choose another port with `lorad serve --listen 127.0.0.1:PORT` (or $LORAD_ADDRESS); clients "
+                "find it by themselves through the state directory",
             )
         addresses.append(f"{address.rpartition(':')[0]}:{port}")  # port 0 asks for any free port
     if settings.unix_socket:
@@ -160,6 +230,7 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
         finally:
             os.umask(old_umask)
         if bound == 0:
+            service.close_stores()
             raise LoradError(f"cannot create the socket {sock}", "check the state directory's permissions")
         addresses.insert(0, f"unix://{sock}")
 
@@ -176,7 +247,7 @@ def start_daemon(settings: DaemonSettings) -> RunningDaemon:
             {
                 "pid": os.getpid(),
                 "addresses": addresses,
-                "token_required": settings.require_token,
+                "token_required": True,
                 "version": __version__,
                 "started_at": time.time(),
             },

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lorad import events as ev
@@ -163,6 +164,7 @@ def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
         home=status.home,
         resident_models=status.resident_models,
         pid=status.pid,
+        jobs_revision=status.jobs_revision,
     )
 
 
@@ -199,6 +201,7 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
             trainable_params=t.trainable_params,
             device=t.device,
             precision=t.precision,
+            resumed_from=t.resumed_from,
         )
     if kind == "checkpoint_saved":
         return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)
@@ -209,10 +212,37 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
     if kind == "sample":
         s = event.sample
         return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped)
+    if kind == "memory_recovered":
+        m = event.memory_recovered
+        return ev.MemoryRecovered(
+            step=m.step,
+            change=m.change,
+            micro_batch=m.micro_batch,
+            gradient_accumulation_steps=m.gradient_accumulation_steps,
+            gradient_checkpointing=m.gradient_checkpointing,
+            error=m.error,
+        )
     if kind == "finished":
         f = event.finished
         return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)
     return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python values, keeping what JSON cannot hold (NaN, infinity) as floats, so
+    config validation names the key instead of the conversion failing."""
+
+    def value(item: struct_pb2.Value) -> Any:
+        kind = item.WhichOneof("kind")
+        if kind == "struct_value":
+            return {key: value(inner) for key, inner in item.struct_value.fields.items()}
+        if kind == "list_value":
+            return [value(inner) for inner in item.list_value.values]
+        if kind == "null_value" or kind is None:
+            return None
+        return getattr(item, kind)
+
+    return {key: value(item) for key, item in struct.fields.items()}
 
 
 def caption_options_from_proto(options: caption_pb2.CaptionOptions) -> cu_options.CaptionOptions:

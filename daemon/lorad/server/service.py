@@ -8,6 +8,7 @@ that caption their images share them. Methods raise lorad's own errors (ConfigEr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -27,7 +28,10 @@ from lorad.captioning.errors import FolderBusy
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
 from lorad.captioning.updates import CaptionUpdate
 from lorad.config.dispatch import choose_family, parse_any_config, parse_any_config_text
+from lorad.config.limits import MAX_CONFIG_BYTES, number_problem, path_problem, shown
+from lorad.config.pickle_policy import needs_pickle, pickle_problem
 from lorad.config.schema import TrainingKeys
+from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
 from lorad.events import EventSink
 from lorad.families.registry import family_names, load_plugin, spec_for
@@ -37,13 +41,14 @@ from lorad.jobs.store import JobStore
 from lorad.jobs.worker import Worker
 from lorad.models.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
 from lorad.paths import jobs_db_path
-from lorad.server.settings import DaemonSettings
+from lorad.server.settings import MAX_KEEP_ALIVE_SECONDS, DaemonSettings
 from lorad.watching.manager import JobGateway, WatchChange, WatchManager
 from lorad.watching.records import WatchNotFound, WatchView, watch_policy
 
 log = logging.getLogger("lorad.server.service")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The most jobs one ListJobs answer holds.
+MAX_LISTED_JOBS = 10_000
 
 
 class JobNotCancellable(LoradError):
@@ -75,21 +80,7 @@ class DaemonStatus:
     home: str
     resident_models: int
     pid: int
-
-
-def refuse_pickle(config: TrainingKeys, source: str) -> None:
-    """ConfigError when the config's base model is a pickle file and the config does not allow pickle."""
-    if Path(config.base_model).suffix.lower() in PICKLE_SUFFIXES and not getattr(config, "allow_pickle", False):
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "base_model",
-                    f"{config.base_model} is a pickle file",
-                    "convert it to .safetensors, or set `allow_pickle: true`",
-                )
-            ],
-            source,
-        )
+    jobs_revision: int = 0
 
 
 class LoradService:
@@ -141,6 +132,11 @@ class LoradService:
         self.registry.close()
         self.store.close()
 
+    def close_stores(self) -> None:
+        """Close the databases of a service that never started (the daemon could not bind)."""
+        self.watches.store.close()
+        self.store.close()
+
     def _recover_interrupted(self) -> None:
         for job in self.store.list([JobState.RUNNING, JobState.INTERRUPTED], limit=10_000):
             if self.settings.resume_interrupted:
@@ -177,23 +173,17 @@ class LoradService:
         keep_alive_seconds: float = 0.0,
     ) -> JobRecord:
         """Validate a config (every problem at once, as ConfigError) and queue a job for it."""
-        if not base_dir or not Path(base_dir).is_absolute():
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
-                    )
-                ],
-                source_name or "request",
-            )
+        check_request("training request", paths={"source_name": source_name}, keep_alive=keep_alive_seconds)
         source = source_name or "submitted config"
+        base = _absolute_base_dir(base_dir, source)
         config: TrainingKeys
         if config_fields is not None:
-            config = parse_any_config(dict(config_fields), base_dir=Path(base_dir), source=source)
+            _check_fields_size(config_fields, source)
+            config = parse_any_config(dict(config_fields), base_dir=base, source=source)
             config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
         else:
-            config = parse_any_config_text(config_yaml or "", base_dir=Path(base_dir), source=source)
-        refuse_pickle(config, source)
+            config = parse_any_config_text(config_yaml or "", base_dir=base, source=source)
+        # Pickle weights without `allow_pickle` were refused by the config's own checks.
         job = self.store.create_job(
             name=config.output_name,
             config_yaml=config_yaml or "",
@@ -210,16 +200,27 @@ class LoradService:
     def get_job(self, job_id: str) -> JobRecord:
         """A job by id (or unique id prefix), with live progress while it runs."""
         job = self.store.get(job_id)
-        live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
-        return replace(job, progress=live) if live else job
+        if job.state == JobState.RUNNING and (ended := self.worker.pending_outcome(job.job_id)):
+            return replace(job, **ended)  # it ended, but the store could not take the write yet
+        return self._with_live_progress(job)
 
     def queue_position(self, job_id: str) -> int:
         return self.store.queue_position(job_id)
 
     def list_jobs(self, states: Sequence[JobState] = (), limit: int = 100) -> list[JobRecord]:
-        return [
-            self.get_job(j.job_id) if j.state == JobState.RUNNING else j for j in self.store.list(states, limit or 100)
-        ]
+        """Jobs newest first (``limit`` 0 = 100, at most MAX_LISTED_JOBS), without their configs
+        (``config_yaml`` is ""; GetJob has it), so the answer stays small whatever was submitted."""
+        if not 0 <= limit <= MAX_LISTED_JOBS:
+            raise ConfigError(
+                [ConfigProblem("limit", f"got {limit}", f"use 1 to {MAX_LISTED_JOBS:,}, or 0 for the default 100")],
+                "job list",
+            )
+        jobs = self.store.list(states, limit or 100, configs=False)
+        return [self._with_live_progress(job) for job in jobs]
+
+    def _with_live_progress(self, job: JobRecord) -> JobRecord:
+        live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
+        return replace(job, progress=live) if live else job
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job now, or ask a running one to stop after its current step."""
@@ -243,6 +244,9 @@ class LoradService:
         """The job's state now and an iterator over its events after ``after_seq``: history, then live,
         ending after its final event (or when ``active()`` turns False; or after the history)."""
         job = self.get_job(job_id)
+        # A job that has ended sends nothing new: its history is all there is, whatever after_seq says
+        # (following it would wait forever for an event past its end).
+        history_only = history_only or job.state.final
         return job, self.hub.follow(job.job_id, after_seq=after_seq, active=active, history_only=history_only)
 
     # --- watch folders -------------------------------------------------------------------------
@@ -270,7 +274,8 @@ class LoradService:
     ) -> WatchView:
         """Watch a folder (see :meth:`WatchManager.add`); relative paths resolve against ``base_dir``.
         ConfigError names every bad field; WatchExists when the folder is watched already."""
-        base = _absolute_base_dir(base_dir, "AddWatch")
+        check_request("watch", paths={"folder": folder, "config_path": config_path, "publish_dir": publish_dir})
+        base = _absolute_base_dir(base_dir, "watch")
         problems = []
         if not folder.strip():
             problems.append(ConfigProblem("folder", "is empty", "name the folder of images to watch"))
@@ -284,7 +289,7 @@ class LoradService:
                 )
             )
         if problems:
-            raise ConfigError(problems, "AddWatch")
+            raise ConfigError(problems, "watch")
         assert config_file is not None
         policy = watch_policy(
             quiet_seconds=quiet_seconds,
@@ -303,6 +308,7 @@ class LoradService:
 
     def remove_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
         """Stop watching a folder, named by watch id or folder; WatchNotFound if not watched."""
+        check_request("watch removal", paths={"watch": watch, "base_dir": base_dir})
         try:
             return self.watches.remove(watch)
         except WatchNotFound:
@@ -312,6 +318,15 @@ class LoradService:
 
     def list_watches(self) -> list[WatchView]:
         return self.watches.list()
+
+    def retry_watch(self, watch: str, *, base_dir: str = "") -> WatchView:
+        """Try a watch again now (see :meth:`WatchManager.retry`), named by watch id or folder."""
+        try:
+            return self.watches.retry(watch)
+        except WatchNotFound:
+            if not base_dir or not watch.strip():
+                raise
+            return self.watches.retry(str((Path(base_dir) / Path(watch).expanduser()).resolve()))
 
     def follow_watches(self, active: Callable[[], bool]) -> Iterator[list[WatchView] | WatchChange]:
         """Every watch, then each change, until ``active()`` turns False."""
@@ -324,8 +339,7 @@ class LoradService:
         self, job_id: str, fields: Mapping[str, Any], base_dir: str, source_name: str
     ) -> JobRecord | None:
         """Replace a QUEUED job's config, validated as ``submit`` validates; None if it left the queue."""
-        config = parse_any_config(dict(fields), base_dir=Path(base_dir), source=source_name)
-        refuse_pickle(config, source_name)
+        config = parse_any_config(dict(fields), base_dir=Path(base_dir), source=source_name)  # pickle refused here
         job = self.store.transition(
             job_id,
             expect={JobState.QUEUED},
@@ -375,17 +389,19 @@ class LoradService:
             return load_plugin(key.kind).load(key)
         from lorad.captioning.captioner import load_captioner
 
-        return load_captioner(CaptionerKey(kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype))
+        return load_captioner(
+            CaptionerKey(
+                kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype, allow_pickle=key.allow_pickle
+            )
+        )
 
     @contextmanager
     def _provide_model(self, config: TrainingKeys, placement: Any) -> Iterator[Any]:
         """The training loop's ModelProvider: reserve the config's base model in the registry."""
         from lorad.training.family import ProvidedModel
 
-        try:
-            refuse_pickle(config, "config")
-        except ConfigError as err:
-            raise ModelLoadError(f"`base_model`: {err.problems[0].message}", err.problems[0].fix) from None
+        if (problem := pickle_problem("base_model", config.base_model, config.allow_pickle)) is not None:
+            raise ModelLoadError(f"`base_model`: {problem.message}", problem.fix)
         key = load_plugin(config.model_family).model_key(config, placement)
         with self.registry.use(key, keep_alive=self._running_keep_alive()) as acquired:
             yield ProvidedModel(model=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
@@ -402,7 +418,13 @@ class LoradService:
 
         @contextmanager
         def provide(key: CaptionerKey) -> Iterator[ProvidedCaptioner]:
-            registry_key = ModelKey(base_model=key.model, device=key.device, dtype=key.dtype, kind=key.kind)
+            registry_key = ModelKey(
+                base_model=key.model,
+                device=key.device,
+                dtype=key.dtype,
+                kind=key.kind,
+                allow_pickle=needs_pickle(key.model, key.allow_pickle),
+            )
             with self.registry.use(registry_key, keep_alive=keep_alive) as acquired:
                 yield ProvidedCaptioner(
                     captioner=acquired.model,
@@ -456,6 +478,7 @@ class LoradService:
         regenerate: bool = False,
         device: str = "auto",
         keep_alive_seconds: float = 0.0,
+        allow_pickle: bool = False,
         active: Callable[[], bool] = lambda: True,
     ) -> Iterator[CaptionUpdate]:
         """Caption a folder with a resident captioner; yields its updates (see
@@ -465,18 +488,10 @@ class LoradService:
         from lorad.captioning.folder import caption_folder
         from lorad.captioning.request import caption_request
 
-        if not base_dir or not Path(base_dir).is_absolute():
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
-                    )
-                ],
-                "CaptionImages",
-            )
+        check_request("captioning", keep_alive=keep_alive_seconds)
         request = caption_request(
             folder,
-            base_dir=Path(base_dir),
+            base_dir=_absolute_base_dir(base_dir, "captioning"),
             captioner=captioner,
             model=model,
             options=options,
@@ -487,7 +502,8 @@ class LoradService:
             overwrite=overwrite,
             regenerate=regenerate,
             device=device,
-            source="CaptionImages",
+            allow_pickle=allow_pickle,
+            source="captioning",
         )
         with self._hold_folder(request.folder, wait=False):
             yield from caption_folder(
@@ -500,8 +516,10 @@ class LoradService:
         ConfigError names a missing folder; DataError a metadata.csv training could not read."""
         from lorad.captioning.editing import list_captions, resolve_folder
 
-        root = resolve_folder(folder, _absolute_base_dir(base_dir, "ListCaptions"), "ListCaptions")
-        return list_captions(root, caption_extension=_caption_extension(caption_extension))
+        check_request("caption list", paths={"folder": folder})
+        extension = _caption_extension(caption_extension, "caption list")
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "caption list"), "caption list")
+        return list_captions(root, caption_extension=extension)
 
     def set_captions(
         self, *, folder: str, base_dir: str, edits: Sequence[tuple[str, str]], caption_extension: str = ""
@@ -510,9 +528,12 @@ class LoradService:
         ConfigError lists every bad edit before anything is written; FolderBusy while it is being captioned."""
         from lorad.captioning.editing import resolve_folder, set_captions
 
-        root = resolve_folder(folder, _absolute_base_dir(base_dir, "SetCaptions"), "SetCaptions")
+        paths = {"folder": folder} | {f"edits[{i}].path": path for i, (path, _) in enumerate(edits)}
+        check_request("caption edits", paths=paths)
+        extension = _caption_extension(caption_extension, "caption edits")
+        root = resolve_folder(folder, _absolute_base_dir(base_dir, "caption edits"), "caption edits")
         with self._hold_folder(root, wait=False):
-            return set_captions(root, edits, caption_extension=_caption_extension(caption_extension))
+            return set_captions(root, edits, caption_extension=extension)
 
     def list_models(self) -> list[ResidentInfo]:
         return self.registry.list()
@@ -536,8 +557,13 @@ class LoradService:
 
         from lorad.training.placement import pick_placement
 
-        base = Path(base_dir or "/")
-        spec = choose_family({"base_model": base_model}, base_dir=base, source="LoadModel")
+        check_request(
+            "model load",
+            paths={"base_model": base_model, "model_config_dir": model_config_dir, "tokenizer_path": tokenizer_path},
+            keep_alive=keep_alive_seconds,
+        )
+        base = _absolute_base_dir(base_dir or "/", "model load")
+        spec = choose_family({"base_model": base_model}, base_dir=base, source="model load")
         raw: dict[str, Any] = {
             spec.data_key: str(base),
             "base_model": base_model,
@@ -553,8 +579,7 @@ class LoradService:
         }
         known = {f.name for f in config_fields(spec.config_class)}
         raw |= {key: value for key, value in optional.items() if value and key in known}
-        config = spec.parse(raw, base, "LoadModel")
-        refuse_pickle(config, "LoadModel")
+        config = spec.parse(raw, base, "model load")  # pickle refused here
         placement = pick_placement(config.device, config.mixed_precision)
         key = load_plugin(spec.name).model_key(config, placement)
         return self.registry.load(key, keep_alive=keep_alive_seconds or None)
@@ -577,13 +602,14 @@ class LoradService:
             started_at=self.started_at,
             uptime_seconds=time.time() - self.started_at,
             devices=self._devices(),
-            queue_length=len(self.store.list([JobState.QUEUED], limit=100_000)),
+            queue_length=len(self.store.list([JobState.QUEUED], limit=100_000, configs=False)),
             running_job_id=self.worker.running_job_id or "",
             addresses=self.addresses,
-            token_required=self.settings.require_token,
+            token_required=True,
             home=str(self.settings.home),
             resident_models=len(self.registry.list()),
             pid=os.getpid(),
+            jobs_revision=self.store.revision,
         )
 
     def _devices(self) -> list[DeviceInfo]:
@@ -603,13 +629,26 @@ class LoradService:
         return devices
 
 
+def check_request(source: str, *, paths: Mapping[str, str] | None = None, keep_alive: float | None = None) -> None:
+    """Refuse, as one ConfigError naming each field, request ``paths`` that cannot be paths here (NUL,
+    too long) and a ``keep_alive`` that is NaN, infinite, negative or over 30 days."""
+    problems = [p for key, text in (paths or {}).items() if (p := path_problem(key, text)) is not None]
+    if keep_alive is not None:
+        fix = f"use seconds from 0 (the default) to {MAX_KEEP_ALIVE_SECONDS:g} (30 days)"
+        if (problem := number_problem("keep_alive_seconds", keep_alive, 0.0, MAX_KEEP_ALIVE_SECONDS, fix)) is not None:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems, source)
+
+
 def _absolute_base_dir(base_dir: str, source: str) -> Path:
     """``base_dir`` as a Path; ConfigError unless it is absolute (relative paths need an anchor)."""
+    check_request(source, paths={"base_dir": base_dir})
     if not base_dir or not Path(base_dir).is_absolute():
         raise ConfigError(
             [
                 ConfigProblem(
-                    "base_dir", f"got {base_dir!r}", "send the absolute directory relative paths resolve against"
+                    "base_dir", f"got {shown(base_dir)}", "send the absolute directory relative paths resolve against"
                 )
             ],
             source,
@@ -617,10 +656,32 @@ def _absolute_base_dir(base_dir: str, source: str) -> Path:
     return Path(base_dir)
 
 
-def _caption_extension(extension: str) -> str:
-    """A sidecar extension as sent ("" = ".txt", "caption" = ".caption")."""
+def _caption_extension(extension: str, source: str) -> str:
+    """A sidecar extension as sent ("" = ".txt", "caption" = ".caption"); ConfigError for one that
+    cannot name caption files (an image extension, a path)."""
     extension = extension.strip() or ".txt"
-    return extension if extension.startswith(".") else "." + extension
+    extension = extension if extension.startswith(".") else "." + extension
+    if (why := caption_extension_problem(extension)) is not None:
+        raise ConfigError(
+            [ConfigProblem("caption_extension", f"{shown(extension)} {why}", "use an extension such as .txt")], source
+        )
+    return extension
+
+
+def _check_fields_size(fields: Mapping[str, Any], source: str) -> None:
+    """ConfigError when structured config fields are larger than a YAML config may be."""
+    size = len(json.dumps(fields, default=str, allow_nan=True))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "config_fields",
+                    f"is {size:,} bytes as JSON; the limit is {MAX_CONFIG_BYTES:,} ({MAX_CONFIG_BYTES // 1024} KB)",
+                    "a training config is a few KB; keep data (captions, prompts) in files",
+                )
+            ],
+            source,
+        )
 
 
 def _measure_model(model: Any) -> int:

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Iterator
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from lorad.captioning.options import DEFAULT_BATCH_SIZE
 from lorad.errors import LoradError
@@ -29,11 +28,12 @@ from lorad.server.proto_convert import (
     resident_to_proto,
     set_captions_to_proto,
     status_to_proto,
+    struct_to_dict,
     watch_change_to_proto,
     watch_to_proto,
 )
 from lorad.server.service import LoradService
-from lorad.server.status_codes import message_for, status_for
+from lorad.server.status_codes import fit_trailer, message_for, status_for
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
@@ -46,6 +46,7 @@ from lorad_api.v1 import (
     watch_pb2,
     watch_pb2_grpc,
 )
+from lorad_client.identity import MAX_CHALLENGE_BYTES, MIN_CHALLENGE_BYTES, identity_proof
 
 log = logging.getLogger("lorad.server.servicers")
 
@@ -61,7 +62,7 @@ def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
             raise
         log.exception("unexpected error in an RPC")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+        context.abort(grpc.StatusCode.INTERNAL, fit_trailer(f"internal error: {type(err).__name__}: {err}"))
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -74,7 +75,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def SubmitTraining(self, request, context):
         with rpc_errors(context):
             form = request.WhichOneof("config")
-            fields = MessageToDict(request.config_fields) if form == "config_fields" else None
+            fields = struct_to_dict(request.config_fields) if form == "config_fields" else None
             job = self.service.submit(
                 config_yaml=request.config_yaml if form == "config_yaml" else None,
                 config_fields=fields,
@@ -157,6 +158,7 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
                 regenerate=request.regenerate,
                 device=request.device or "auto",
                 keep_alive_seconds=request.keep_alive_seconds,
+                allow_pickle=request.allow_pickle,
                 active=context.is_active,
             )
             try:
@@ -186,12 +188,25 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
 
 
 class SystemServicer(system_pb2_grpc.SystemServiceServicer):
-    def __init__(self, service: LoradService) -> None:
+    def __init__(self, service: LoradService, token: str = "") -> None:
         self.service = service
+        self._token = token
 
     def GetStatus(self, request, context):
         with rpc_errors(context):
             return status_to_proto(self.service.status())
+
+    def ProveIdentity(self, request, context):
+        size = len(request.challenge)
+        if not self._token:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no token to prove")
+        if not MIN_CHALLENGE_BYTES <= size <= MAX_CHALLENGE_BYTES:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"`challenge`: got {size} bytes\n"
+                f"hint: send {MIN_CHALLENGE_BYTES} to {MAX_CHALLENGE_BYTES} random bytes",
+            )
+        return system_pb2.ProveIdentityResponse(proof=identity_proof(self._token, request.challenge))
 
 
 class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
@@ -223,6 +238,11 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
         with rpc_errors(context):
             return watch_pb2.ListWatchesResponse(watches=[watch_to_proto(v) for v in self.service.list_watches()])
 
+    def RetryWatch(self, request, context):
+        with rpc_errors(context):
+            view = self.service.retry_watch(request.watch, base_dir=request.base_dir)
+            return watch_pb2.RetryWatchResponse(watch=watch_to_proto(view))
+
     def FollowWatches(self, request, context):
         with rpc_errors(context):
             changes = self.service.follow_watches(active=context.is_active)
@@ -231,12 +251,13 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
                 yield watch_change_to_proto(change)
 
 
-def add_servicers(server: grpc.Server, service: LoradService) -> list[str]:
-    """Register lorad's services on ``server``; returns their full names (for health and reflection)."""
+def add_servicers(server: grpc.Server, service: LoradService, *, token: str = "") -> list[str]:
+    """Register lorad's services on ``server``; returns their full names (for health and reflection).
+    ``token`` is what ProveIdentity proves knowledge of."""
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
-    system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service), server)
+    system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service, token), server)
     watch_pb2_grpc.add_WatchServiceServicer_to_server(WatchServicer(service), server)
     return [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,

@@ -1,8 +1,12 @@
-"""Daemon settings: where it listens, whether it needs a token, model keep-alive and budget."""
+"""Daemon settings: where it listens, model keep-alive and memory budget.
+
+Every listener requires the token (see ``lorad.server.daemon``), so nothing here turns it off.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +14,9 @@ from pathlib import Path
 
 from lorad.errors import LoradError
 from lorad.paths import DEFAULT_PORT, lorad_home, socket_path
+
+# The longest keep-alive a daemon or a request may ask for: 30 days.
+MAX_KEEP_ALIVE_SECONDS = 30 * 86_400.0
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,6 @@ class DaemonSettings:
     home: Path
     tcp_addresses: tuple[str, ...]  # "host:port" each
     unix_socket: Path | None  # None: no Unix socket
-    require_token: bool
     default_keep_alive: float = 1800.0  # seconds a model stays resident after its last use
     memory_budget_bytes: int | None = None  # resident models beyond this are evicted LRU
     resume_interrupted: bool = True  # re-queue jobs a dead daemon was running
@@ -34,7 +40,7 @@ class DaemonSettings:
 def split_host_port(address: str) -> tuple[str, int]:
     """ "127.0.0.1:47860" / "[::1]:47860" / "localhost:1" → (host, port); a bad address is a LoradError."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
         raise LoradError(
             f"`--listen`: {address!r} is not HOST:PORT",
             "use e.g. 127.0.0.1:47860, [::1]:47860, 0.0.0.0:47860 or unix:/path/lorad.sock",
@@ -56,7 +62,6 @@ def daemon_settings(
     listen: Sequence[str] = (),
     *,
     home: Path | None = None,
-    require_token: bool = False,
     default_keep_alive: float = 1800.0,
     memory_budget_gb: float | None = None,
     resume_interrupted: bool = True,
@@ -65,8 +70,15 @@ def daemon_settings(
 
     ``listen`` (or ``LORAD_ADDRESS``, comma-separated) replaces the default 127.0.0.1 port; an
     entry ``unix:/path`` sets the socket. Without any, the daemon listens on 127.0.0.1 and the
-    state directory's socket. Any non-loopback address makes the token required.
+    state directory's socket. A keep-alive or budget that is negative, NaN or infinite is a LoradError.
     """
+    if not (math.isfinite(default_keep_alive) and 0 <= default_keep_alive <= MAX_KEEP_ALIVE_SECONDS):
+        raise LoradError(
+            f"`--keep-alive`: got {default_keep_alive!r}",
+            f"use seconds from 0 to {MAX_KEEP_ALIVE_SECONDS:g} (30 days)",
+        )
+    if memory_budget_gb is not None and not (math.isfinite(memory_budget_gb) and 0 < memory_budget_gb <= 1e6):
+        raise LoradError(f"`--memory-budget`: got {memory_budget_gb!r}", "use a positive number of GB, e.g. 24")
     home = home or lorad_home()
     entries = list(listen) or [a.strip() for a in os.environ.get("LORAD_ADDRESS", "").split(",") if a.strip()]
     tcp: list[str] = []
@@ -79,7 +91,6 @@ def daemon_settings(
             else:
                 host, port = split_host_port(entry)
                 tcp.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-                require_token = require_token or not is_loopback(host)
     else:
         tcp.append(f"127.0.0.1:{DEFAULT_PORT}")
     budget = int(memory_budget_gb * 1024**3) if memory_budget_gb else None
@@ -87,7 +98,6 @@ def daemon_settings(
         home=home,
         tcp_addresses=tuple(tcp),
         unix_socket=unix,
-        require_token=require_token,
         default_keep_alive=default_keep_alive,
         memory_budget_bytes=budget,
         resume_interrupted=resume_interrupted,

@@ -51,6 +51,22 @@ def status_for(err: LoradError) -> grpc.StatusCode:
     return next(code for cls, code in STATUS_BY_ERROR if isinstance(err, cls))
 
 
+# gRPC sends the message percent-encoded in a trailer; past 8 KB receivers may drop the call (and past
+# 16 KB always do, with RESOURCE_EXHAUSTED instead of the real code). Stay well below.
+MAX_MESSAGE_WIRE_BYTES = 6000
+
+
 def message_for(err: LoradError) -> str:
-    """The text clients show: the error, then the hint on its own line."""
-    return f"{err}\nhint: {err.hint}" if err.hint else str(err)
+    """The text clients show: the error, then the hint on its own line; cut to fit a gRPC trailer."""
+    return fit_trailer(f"{err}\nhint: {err.hint}" if err.hint else str(err))
+
+
+def fit_trailer(text: str, limit: int = MAX_MESSAGE_WIRE_BYTES) -> str:
+    """``text`` cut (marked "…") so that its percent-encoded UTF-8 takes at most ``limit`` bytes."""
+    size = 0
+    for index, char in enumerate(text):
+        encoded = char.encode("utf-8", "replace")
+        size += 1 if len(encoded) == 1 and 0x20 <= encoded[0] <= 0x7E and char != "%" else 3 * len(encoded)
+        if size > limit - 3:
+            return text[:index] + "…"
+    return text

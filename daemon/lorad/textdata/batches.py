@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lorad.textdata.encoding import IGNORE, Encoded
+from lorad.training.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,12 @@ class Batch:
     tokens: int  # real (non-pad) tokens, for throughput
 
     def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (through pinned memory and non-blocking copies to a GPU)."""
         return Batch(
-            self.input_ids.to(device),
-            self.labels.to(device),
-            self.attention_mask.to(device),
-            self.position_ids.to(device),
+            to_device(self.input_ids, device),
+            to_device(self.labels, device),
+            to_device(self.attention_mask, device),
+            to_device(self.position_ids, device),
             self.tokens,
         )
 

@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lorad.config.limits import shown
 from lorad.textdata.rows import BadRow, Row
 
 SHAPES = ("auto", "alpaca", "chat", "sharegpt", "text")
@@ -125,9 +126,10 @@ def _conversation(row: Row, shape: str, columns: Mapping[str, str], roles: Mappi
             raise _BadField(f"turn {index} of `{list_key}` must be an object with `{role_key}` and `{content_key}`")
         speaker, content = turn.get(role_key), turn.get(content_key)
         if not isinstance(speaker, str) or speaker.lower() not in names:
+            example = speaker if isinstance(speaker, str) and len(speaker) <= 40 else "NAME"
             raise _BadField(
-                f"turn {index}: unknown {role_key} {speaker!r} (map it with `roles`, "
-                f"e.g. roles: {{{speaker}: assistant}})"
+                f"turn {index}: unknown {role_key} {shown(speaker)} (map it with `roles`, "
+                f"e.g. roles: {{{example}: assistant}})"
             )
         if not isinstance(content, str) or not content.strip():
             raise _BadField(f"turn {index}: `{content_key}` must be non-empty text")

@@ -83,6 +83,8 @@ class RunFacts:
     epoch: int
     final_loss: float
     precision: str
+    # "" for the trained weights; "ema" when the loop exports the EMA weights beside them (files get a suffix).
+    variant: str = ""
 
 
 @dataclass
@@ -101,8 +103,12 @@ class FamilyRun(Protocol):
     the adapter :data:`ADAPTER`; the loop checkpoints and restores exactly those adapters.
     ``param_groups`` are the optimizer's groups over their trainable parameters (each with "params"
     and "lr"). :meth:`plan` is deterministic in ``epoch`` (a resumed run replays it), and
-    :meth:`loss` draws its randomness only from ``generator`` (seeded by the loop from seed, epoch
-    and micro-batch) and the global RNGs the loop checkpoints.
+    :meth:`loss` draws its randomness only from ``generator`` (on the run's device, seeded by the
+    loop from seed, epoch and planned micro-batch) and the global RNGs the loop checkpoints.
+
+    Out-of-memory recovery uses two more methods, optional (a run without them skips those rungs):
+    :meth:`split` cuts a planned micro-batch into smaller pieces, and :meth:`reduce_memory` turns
+    on the family's own savings (e.g. ``fp8_base``). See :mod:`lorad.training.memory_recovery`.
     """
 
     parts: Mapping[str, nn.Module]
@@ -114,11 +120,29 @@ class FamilyRun(Protocol):
         ...
 
     def loss(self, micro_batch: Any, generator: torch.Generator) -> torch.Tensor:
-        """The mean loss of one micro-batch (a scalar with grad); called inside the run's autocast."""
+        """The mean loss of one micro-batch, or of a piece :meth:`split` made (a scalar with grad, left
+        on the device: never read it on the host); called inside the run's autocast.
+
+        ``generator`` lives on the run's device: draw with ``device=generator.device`` so no random
+        number crosses from the host. A piece must draw what its whole micro-batch draws and keep its
+        own rows, so a step redone in pieces trains on exactly the same numbers."""
+        ...
+
+    def split(self, micro_batch: Any, size: int) -> Sequence[tuple[Any, float]]:
+        """Optional. ``micro_batch`` as pieces of at most ``size`` samples, in order, each with its share
+        of the micro-batch's loss (shares sum to 1: the pieces' ``share * loss`` add up to the whole's
+        mean loss, e.g. samples or labelled tokens in the piece over those in the whole)."""
+        ...
+
+    def reduce_memory(self) -> str | None:
+        """Optional. Turn on the next memory saving the family has beyond micro-batch 1 and gradient
+        checkpointing (e.g. ``fp8_base``: frozen weights stored in fp8) and return its name; None when
+        there is none left. :meth:`ModelFamily.restore` must undo it."""
         ...
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
-        """Put the adapted parts in training mode (and turn checkpointing on) before the first step.
+        """Put the adapted parts in training mode (and turn checkpointing on) before the first step;
+        out-of-memory recovery calls it again with True to turn checkpointing on mid-run.
         :meth:`ModelFamily.restore` undoes it."""
         ...
 
@@ -132,6 +156,16 @@ class FamilyRun(Protocol):
 
     def export(self, facts: RunFacts) -> dict[str, str]:
         """Write the trained adapter's files into ``output_dir`` (atomically); return role → path."""
+        ...
+
+    def export_epoch(self, facts: RunFacts) -> None:
+        """At the end of every ``save_every_n_epochs``-th epoch: write that epoch's adapter file where the
+        family has one (kohya's ``NAME-00000N.safetensors``); DiskFull when it does not fit."""
+        ...
+
+    def export_partial(self, facts: RunFacts) -> Path | None:
+        """A stopped run's adapter of its last completed step, named as partial, so a cancelled job still
+        leaves one; None when none could be written (a full disk is a warning: the checkpoint matters more)."""
         ...
 
 

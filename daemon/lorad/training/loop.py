@@ -10,14 +10,16 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from lorad.config.schema import TrainingKeys
-from lorad.errors import TrainingDiverged, TrainingInterrupted
+from lorad.errors import TrainingDiverged, TrainingInterrupted, is_out_of_memory
 from lorad.events import (
     CheckpointSaved,
     DataReported,
@@ -31,17 +33,21 @@ from lorad.events import (
 )
 from lorad.families.registry import load_plugin
 from lorad.lora.adapters import load_lora_state_dict, lora_state_dict
-from lorad.training.checkpoints import (
-    check_signature,
-    load_checkpoint,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
+from lorad.training.checkpoints import check_signature, open_run, restore_rng
+from lorad.training.ema import ParameterEma
+from lorad.training.family import ADAPTER, CaptionFiller, FamilyRun, ModelFamily, ProvidedModel, RunFacts, RunHooks
+from lorad.training.lagged import LaggedValues, all_finite, wait_for_device
+from lorad.training.memory_recovery import MemoryRecovery
+from lorad.training.optimizers import (
+    build_optimizer,
+    build_scheduler,
+    eval_weights,
+    optimizer_hints,
+    set_optimizer_mode,
 )
-from lorad.training.family import ADAPTER, CaptionFiller, ModelFamily, ProvidedModel, RunFacts, RunHooks
-from lorad.training.optimizers import build_optimizer, build_scheduler
-from lorad.training.placement import Placement, pick_placement
+from lorad.training.placement import Placement, allow_tf32, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
+from lorad.training.scalar_log import ScalarLog
 
 # Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
 # resident model this way; the default loads a private copy).
@@ -56,6 +62,16 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
+
+
+@dataclass(frozen=True)
+class StepNote:
+    """What the host knows of a step when it is queued; its loss joins it one step later."""
+
+    step: int
+    epoch: int  # counted from 1
+    lr: float
+    steps_per_second: float
 
 
 def fresh_model_provider(family: ModelFamily) -> ModelProvider:
@@ -100,6 +116,7 @@ def train(
 
     placement = pick_placement(config.device, config.mixed_precision)
     device = placement.device
+    allow_tf32(device)
     hold = ExitStack()  # releases, in reverse order, everything this run reserved or changed
     try:
         provided = hold.enter_context((models or fresh_model_provider(family))(config, placement))
@@ -122,6 +139,10 @@ def train(
         timings["prepare"] = time.monotonic() - t0
         params = [p for group in run.param_groups for p in group["params"]]
         optimizer = build_optimizer(run.param_groups, config)
+        for hint in optimizer_hints(config, [group["lr"] for group in run.param_groups]):
+            on_event(LogLine(message=f"optimizer: {hint}", level="warning"))
+        # ema_decay: an average of the weights, updated after every optimizer step and exported at the end.
+        ema = ParameterEma(params, config.ema_decay) if config.ema_decay else None
         accum = config.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(run.plan(0)) / accum)
         total_steps = config.max_train_steps or config.epochs * steps_per_epoch
@@ -130,10 +151,15 @@ def train(
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
         signature = family.signature(config)
+        run.train_mode(config.gradient_checkpointing)  # family.restore turns it off again
+        memory = MemoryRecovery(config, run, device)  # shrinks the step when it runs out of memory
 
+        # Locks output_dir, clears our stale temp files, reads the resume checkpoint, sets other runs' aside.
+        checkpoints = open_run(config.output_dir, config.resume_from, on_event=on_event)
+        hold.callback(checkpoints.close)
         step = 0
-        if config.resume_from:
-            checkpoint = load_checkpoint(resolve_checkpoint(config.resume_from, config.output_dir))
+        if checkpoints.resumed is not None:
+            checkpoint = checkpoints.resumed
             check_signature(checkpoint.signature, signature)
             for part, module in run.parts.items():
                 load_lora_state_dict(module, ADAPTER, checkpoint.lora[part])
@@ -142,11 +168,60 @@ def train(
             if scaler is not None and checkpoint.state.get("scaler"):
                 scaler.load_state_dict(checkpoint.state["scaler"])
             restore_rng(checkpoint.state)
+            memory.restore(checkpoint.memory)  # the smaller pieces (or checkpointing) an OOM led to
+            if ema is not None and checkpoint.state.get("extra", {}).get("ema"):
+                ema.load_state_dict(checkpoint.state["extra"]["ema"])
             step = checkpoint.step
 
-        def save(at_step: int, epoch: int) -> str:
-            path = save_checkpoint(
-                config.output_dir,
+        from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
+
+        writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
+        hold.callback(writer.close)
+        scalars = ScalarLog(writer)
+        # A step's loss is read on the host one step later, so the device never idles waiting for it.
+        lagged: LaggedValues[StepNote] = LaggedValues(device)
+        last_loss = float("nan")
+
+        def diverged(what: str) -> TrainingDiverged:
+            kept = sorted(config.output_dir.glob("checkpoints/step-*"))
+            return TrainingDiverged(
+                what,
+                "lower learning_rate (e.g. by 10x), keep max_grad_norm at 1, or use bf16 instead of fp16"
+                + (f"; the last good checkpoint is {kept[-1]}" if kept else ""),
+            )
+
+        def report(note: StepNote, loss: float) -> None:
+            """A step's loss reached the host: stop on NaN/inf, else tell everyone about the step."""
+            nonlocal last_loss
+            if not math.isfinite(loss):
+                raise diverged(f"the loss became {loss} at step {note.step}")
+            last_loss = loss
+            rate = note.steps_per_second
+            on_event(
+                StepDone(
+                    step=note.step,
+                    total_steps=total_steps,
+                    epoch=note.epoch,
+                    loss=loss,
+                    lr=note.lr,
+                    steps_per_second=rate,
+                    eta_seconds=(total_steps - note.step) / rate,
+                )
+            )
+            scalars.add(note.step, {"loss": loss, "lr": note.lr, "steps_per_second": rate})
+
+        def settle() -> None:
+            """Report every step still in flight and check the adapter's weights: before a checkpoint, a
+            stop or the export, so that none of them ever holds a NaN."""
+            for note, (loss,) in lagged.drain():
+                report(note, loss)
+            if not all_finite(params):
+                raise diverged(f"the LoRA weights became NaN or infinite by step {step}")
+            scalars.flush()
+
+        def save(at_step: int, epoch: int, prune: bool = True) -> str:
+            settle()
+            path = checkpoints.save(
                 step=at_step,
                 epoch=epoch,
                 lora={part: lora_state_dict(module, ADAPTER) for part, module in run.parts.items()},
@@ -154,22 +229,19 @@ def train(
                 scheduler=scheduler,
                 scaler=scaler,
                 signature=signature,
-                keep=config.keep_checkpoints,
+                memory=memory.state(),
+                extra={"ema": ema.state_dict()} if ema is not None else None,
             )
             on_event(CheckpointSaved(step=at_step, path=str(path)))
+            if prune:  # only now: the sink has recorded the new checkpoint (the daemon's job store)
+                checkpoints.prune(config.keep_checkpoints)
             return str(path)
 
-        from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
+        def facts(at_step: int, epoch: int) -> RunFacts:
+            return RunFacts(
+                started_at=started_at, steps=at_step, epoch=epoch, final_loss=last_loss, precision=placement.precision
+            )
 
-        writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
-        hold.callback(writer.close)
-
-        def flush_scalars(at_step: int) -> None:
-            for name, value in run.scalars.by_step.items():
-                writer.add_scalar(name, value, at_step)
-            run.scalars.by_step.clear()
-
-        run.train_mode(config.gradient_checkpointing)  # family.restore turns it off again
         on_event(
             TrainingStarted(
                 total_steps=total_steps,
@@ -178,11 +250,11 @@ def train(
                 trainable_params=sum(p.numel() for p in params),
                 device=str(device),
                 precision=placement.precision,
+                resumed_from=str(checkpoints.resumed.path) if checkpoints.resumed is not None else "",
             )
         )
 
-        t_train, steps_this_run = time.monotonic(), 0
-        loss_sum, micro_in_step, last_loss = 0.0, 0, float("nan")
+        t_train, t_rate, steps_this_run = time.monotonic(), 0.0, 0
         last_saved: tuple[int, str] | None = None  # (step, path) of this run's newest checkpoint
         autocast = torch.autocast(
             device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
@@ -191,26 +263,24 @@ def train(
         while step < total_steps:
             plan = run.plan(epoch)
             first = (step - epoch * steps_per_epoch) * accum  # micro-batches done before a resume
-            for micro in range(first, len(plan)):
-                # Every random draw is a function of (seed, epoch, position), so an interrupted run
-                # resumed from a checkpoint draws exactly what the uninterrupted run drew.
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 10_007 + micro)
-                with autocast:
-                    loss = run.loss(plan[micro], generator)
-                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-                loss_sum, micro_in_step = loss_sum + loss.detach(), micro_in_step + 1
-                if (micro + 1) % accum and micro + 1 < len(plan):
-                    continue
+            for start in range(first, len(plan), accum):
+                # Forward and backward of this step's micro-batches. Out of memory, the recovery makes the
+                # pieces smaller (or the model leaner) and the step starts over, its gradients dropped.
+                while True:
+                    try:
+                        step_loss = backward_step(
+                            run, plan, start, accum, memory, seed=config.seed, epoch=epoch, autocast=autocast,
+                            scaler=scaler, device=device,
+                        )  # fmt: skip
+                        break
+                    except Exception as err:
+                        if not is_out_of_memory(err):
+                            raise
+                        error = str(err)  # the message only: the traceback holds the failed step's tensors
+                    optimizer.zero_grad(set_to_none=True)
+                    on_event(memory.recover(error, at_step=step + 1))  # TrainingOutOfMemory when nothing is left
 
-                # One optimizer step. The float() is the only host sync per step.
-                step_loss = float(loss_sum) / micro_in_step
-                if not math.isfinite(step_loss):
-                    kept = sorted(config.output_dir.glob("checkpoints/step-*"))
-                    raise TrainingDiverged(
-                        f"the loss became {step_loss} at step {step + 1}",
-                        "lower learning_rate (e.g. by 10x), keep max_grad_norm at 1, or use bf16 instead of fp16"
-                        + (f"; the last good checkpoint is {kept[-1]}" if kept else ""),
-                    )
+                # One optimizer step, queued without waiting for the device (no host sync).
                 if scaler:
                     scaler.unscale_(optimizer)
                 if config.max_grad_norm:
@@ -222,56 +292,70 @@ def train(
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step, steps_this_run, last_loss = step + 1, steps_this_run + 1, step_loss
-                loss_sum, micro_in_step = 0.0, 0
-
-                rate = steps_this_run / max(time.monotonic() - t_train, 1e-9)
+                if ema is not None:
+                    ema.update()
                 lr = scheduler.get_last_lr()[0]
-                on_event(
-                    StepDone(
-                        step=step,
-                        total_steps=total_steps,
-                        epoch=epoch + 1,
-                        loss=step_loss,
-                        lr=lr,
-                        steps_per_second=rate,
-                        eta_seconds=(total_steps - step) / rate,
-                    )
-                )
-                writer.add_scalar("loss", step_loss, step)
-                writer.add_scalar("lr", lr, step)
-                writer.add_scalar("steps_per_second", rate, step)
+                step, steps_this_run = step + 1, steps_this_run + 1
+                if steps_this_run == 1:
+                    # The first step pays one-time costs (torch.compile, allocator growth, kernel choice):
+                    # the run's one deliberate wait times it apart, and the speed leaves it out.
+                    wait_for_device(device)
+                    t_rate = time.monotonic()
+                    timings["first_step"] = t_rate - t_train
+                    rate = 1 / max(timings["first_step"], 1e-9)
+                    if config.torch_compile:
+                        on_event(LogLine(message=f"first step {timings['first_step']:.1f}s (torch.compile included)"))
+                else:
+                    rate = (steps_this_run - 1) / max(time.monotonic() - t_rate, 1e-9)
+                for done, (loss,) in lagged.push(step_loss.reshape(1), StepNote(step, epoch + 1, lr, rate)):
+                    report(done, loss)  # the previous step's; TrainingDiverged on NaN/inf
                 run.after_step(step, total_steps)
-                flush_scalars(step)
+                scalars.add(step, run.scalars.by_step)
+                run.scalars.by_step.clear()
                 if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                     last_saved = (step, save(step, epoch))
                 if stop is not None and stop.is_set():
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
+                    with eval_weights(optimizer):  # schedule-free: the averaged weights, as an export holds
+                        partial = run.export_partial(facts(step, epoch + 1))  # a usable LoRA of the last step
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
                         checkpoint=last_saved[1],
+                        partial=str(partial) if partial else None,
                     )
                 if step >= total_steps:
                     break
             epoch += 1
-            if (
-                config.save_every_n_epochs
-                and epoch % config.save_every_n_epochs == 0
-                and step < total_steps
-                and (last_saved is None or last_saved[0] != step)
-            ):
-                last_saved = (step, save(step, epoch))
+            if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
+                settle()
+                with eval_weights(optimizer):
+                    run.export_epoch(facts(step, epoch))  # kohya's NAME-00000N.safetensors
+                if last_saved is None or last_saved[0] != step:
+                    last_saved = (step, save(step, epoch))
+        settle()
         timings["train"] = time.monotonic() - t_train
+        # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
+        # `resume_from: latest` writes them without training again. Removed once they are written.
+        guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
+        # Schedule-free optimizers: the final evaluation and the export use the averaged (eval-mode) weights.
+        set_optimizer_mode(optimizer, train=False)
         run.finish(step)
-        flush_scalars(step)
+        scalars.add(step, run.scalars.by_step)
+        scalars.flush()
 
         t0 = time.monotonic()
-        facts = RunFacts(
-            started_at=started_at, steps=step, epoch=epoch, final_loss=last_loss, precision=placement.precision
-        )
-        outputs = run.export(facts)
+        final = facts(step, epoch)
+        if ema is None:
+            outputs = run.export(final)
+        elif config.ema_export == "instead":
+            with ema.applied():
+                outputs = run.export(final)
+        else:
+            outputs = run.export(final)
+            with ema.applied():
+                outputs |= run.export(replace(final, variant="ema"))
         timings["export"] = time.monotonic() - t0
         seconds = time.monotonic() - run_start
         outputs["summary"] = write_summary(
@@ -285,11 +369,44 @@ def train(
                 "outputs": outputs,
                 "device": str(device),
                 "precision": placement.precision,
+                "memory_recovery": memory.changes,
                 **run.scalars.summary,
             },
         )
         outputs["logs"] = str(config.output_dir / "logs")
+        if guard is not None:
+            checkpoints.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
     finally:
         hold.close()
+
+
+def backward_step(
+    run: FamilyRun,
+    plan: Sequence[Any],
+    start: int,
+    accum: int,
+    memory: MemoryRecovery,
+    *,
+    seed: int,
+    epoch: int,
+    autocast: AbstractContextManager,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Forward and backward of the micro-batches ``plan[start:start + accum]`` (one optimizer step),
+    each in the pieces ``memory`` says; gradients add up in ``.grad``. Returns the step's loss (the
+    mean of its micro-batches' losses) on the device, unread."""
+    micro_batches = plan[start : start + accum]
+    total = torch.zeros((), device=device)
+    for index, micro_batch in enumerate(micro_batches, start):
+        for piece, share in memory.pieces(micro_batch):
+            # Every random draw is a function of (seed, epoch, planned micro-batch), drawn on the device:
+            # a resumed run, and a step redone in smaller pieces, draw exactly what the first run drew.
+            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch * 10_007 + index)
+            with autocast:
+                loss = run.loss(piece, generator) * share
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+            total += loss.detach()
+    return total / len(micro_batches)

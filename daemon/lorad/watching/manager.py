@@ -18,6 +18,7 @@ such folders every tick and resumes the watch (with a rescan) when the folder is
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -27,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lorad.atomic import write_with_atomic
 from lorad.config.dispatch import parse_any_config
-from lorad.errors import ConfigError, ConfigProblem, LoradError
+from lorad.config.yaml_text import load_yaml_text
+from lorad.errors import ConfigError, ConfigProblem, DataError, LoradError
 from lorad.jobs.records import JobNotFound, JobRecord, JobState
+from lorad.jobs.store import new_job_id
 from lorad.watching.debounce import Debouncer
 from lorad.watching.file_rules import FileStat, is_image_path, list_images
 from lorad.watching.observer import (
@@ -55,6 +56,7 @@ from lorad.watching.records import (
     WatchView,
 )
 from lorad.watching.store import WatchStore
+from lorad.watching.usable import unusable_reasons, version_clash
 
 log = logging.getLogger("lorad.watching")
 
@@ -95,7 +97,11 @@ class _Live:
     images: dict[str, FileStat] = field(default_factory=dict)
     follow_up: bool = False  # a settled batch waits for the running job (or this watch's captioning) to end
     captioning: bool = False  # a captioning thread works on this folder; its _CaptionDone ends it
+    stuck: bool = False  # in ERROR for a reason that does not fix itself (unreadable row, a folder too big)
     updated_at: float = field(default_factory=time.time)
+    # While in ERROR because its job could not be queued: the template's (mtime, size) then, so an
+    # edit of the template retries by itself; None for any other state.
+    template_stamp: tuple[int, int] | None = None
 
     @property
     def folder(self) -> Path:
@@ -107,12 +113,23 @@ class _Live:
         return {rel: stat for rel, stat in self.images.items() if known.get(rel) != stat}
 
 
+class _Stuck(LoradError):
+    """A watch that cannot run until it is removed and added again."""
+
+
 @dataclass(frozen=True)
 class _CaptionDone:
     """A watch's captioning thread finished: how many images it captioned, or the error it raised."""
 
     captioned: int = 0
     error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """RetryWatch asks the manager thread to try a watch again; ``done`` is set once it has."""
+
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -128,12 +145,13 @@ class WatchManager:
 
     def __init__(self, db_path: Path, gateway: JobGateway, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = WatchStore(db_path)
+        self._state_dir = db_path.parent
         self.gateway = gateway
         self._clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._live: dict[str, _Live] = {}
-        self._events: queue.Queue[tuple[str, FileEvent | _CaptionDone]] = queue.Queue()
+        self._events: queue.Queue[tuple[str, FileEvent | _CaptionDone | _Retry]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lorad-watch", daemon=True)
         self._changes: list[tuple[int, WatchChange]] = []
@@ -143,11 +161,28 @@ class WatchManager:
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Bring back every stored watch (scanning its folder for images added while the daemon was
-        down), then start the thread."""
-        for record in self.store.list():
+        down), then start the thread. A watch that cannot be brought back (a row that does not
+        decode, a folder that cannot be watched) is listed in ERROR, saying why, and can be removed:
+        one watch never keeps the daemon from starting."""
+        for record, broken in self.store.load_all():
             live = self._make_live(record)
-            self._open(live)
-            if record.last_job_id and record.queued_version > record.version and not live.debouncer.busy:
+            try:
+                if broken:
+                    raise _Stuck(
+                        f"the stored settings of the watch on {record.folder} cannot be read ({broken})",
+                        f"remove it with `lorad watch rm {record.watch_id}` and add it again",
+                    )
+                self._open(live)
+            except Exception as err:  # a bug in one watch must not stop the daemon: log it, show it
+                log.error("watch %s: cannot be restored", record.folder, exc_info=not isinstance(err, LoradError))
+                if live.observer:
+                    live.observer.stop()
+                    live.observer = None
+                live.stuck = not isinstance(err, WatchUnavailable)
+                hint = err.hint if isinstance(err, LoradError) else "remove the watch and add it again"
+                live.state, live.error, live.hint = WatchState.ERROR, str(err), hint
+            pending = record.last_job_id and record.queued_version > record.version
+            if pending and not live.debouncer.busy and live.state != WatchState.ERROR:
                 live.state = WatchState.TRAINING  # the tick settles what became of that job
             with self._lock:
                 self._live[record.watch_id] = live
@@ -174,38 +209,99 @@ class WatchManager:
         """Watch ``folder`` (absolute) with the template config at ``config_path`` (absolute).
 
         The config is checked now as a job of this watch would use it (ConfigError naming every
-        problem); WatchExists when the folder is watched already. The folder is scanned at once.
+        problem); WatchExists when the folder is watched already; a ConfigError naming the clash when
+        another watch's versioned outputs would be overwritten. The folder is scanned and watched
+        before the watch is stored, so a watch that cannot work is never saved.
         """
         root = Path(folder)
         if not root.is_dir():
             what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise ConfigError([ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "watch")
+        if (why := self._refused_folder(root)) is not None:
             raise ConfigError(
-                [ConfigProblem("folder", f"{root} {what}", "name an existing folder of images")], "AddWatch"
+                [ConfigProblem("folder", why, "watch the folder of your training images itself")], "watch"
             )
-        probe = WatchRecord(
-            watch_id="",
+        now = time.time()
+        record = WatchRecord(
+            watch_id=new_job_id(),
             folder=str(root),
             config_path=config_path,
             base_dir=base_dir,
             policy=policy,
-            created_at=0.0,
-            updated_at=0.0,
+            created_at=now,
+            updated_at=now,
         )
-        self._check_config(probe)
-        record = self.store.add(
-            folder=str(root), config_path=config_path, base_dir=base_dir, policy=policy, now=time.time()
-        )
+        self._check_config(record)
+        clash = version_clash(str(root), job_fields(record, version=1), self._version_fields())
+        if clash is not None:
+            raise clash
+        try:
+            images = list_images(root)
+        except DataError as err:
+            raise ConfigError([ConfigProblem("folder", str(err), err.hint)], "watch") from None
         live = self._make_live(record)
         with self._lock:  # the thread waits for it: events from the new observer must find the watch
-            self._open(live)
+            self._open(live, images=images)
+            if live.state == WatchState.ERROR:
+                raise WatchUnavailable(live.error, live.hint)
+            try:
+                self.store.add(
+                    folder=str(root),
+                    config_path=config_path,
+                    base_dir=base_dir,
+                    policy=policy,
+                    now=now,
+                    watch_id=record.watch_id,
+                )
+            except BaseException:
+                if live.observer:
+                    live.observer.stop()
+                raise
             self._live[record.watch_id] = live
             self._publish(live)
         return self._view(live)
+
+    def _refused_folder(self, root: Path) -> str | None:
+        """Why ``root`` may never be watched (it would watch the whole disk, or the daemon's own
+        state), or None. Checked before anything walks or watches it."""
+        real = Path(os.path.realpath(root))
+        if real == Path(real.anchor):
+            return f"{root} is the root of the file system"
+        state = Path(os.path.realpath(self._state_dir))
+        if real == state or real in state.parents:
+            return f"{root} holds the daemon's state directory ({state})"
+        return None
 
     def _check_config(self, record: WatchRecord) -> None:
         """Raise ConfigError unless the template config makes a valid job for this watch."""
         fields = job_fields(record, version=record.version + 1)
         parse_any_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
+
+    def _version_fields(self, skip: str = "") -> list[tuple[str, dict[str, Any]]]:
+        """(folder, job fields) of every watch but ``skip`` whose template can be read now."""
+        with self._lock:
+            records = [live.record for live in self._live.values() if live.record.watch_id != skip]
+        found = []
+        for record in records:
+            try:
+                found.append((record.folder, job_fields(record, version=record.version + 1)))
+            except LoradError:
+                continue  # its own template is broken: that watch reports it
+        return found
+
+    def retry(self, watch: str, timeout: float = 30.0) -> WatchView:
+        """Try a watch again now (by id or absolute folder): its template is read again (ConfigError
+        naming every problem while it is still invalid), a folder that could not be watched is opened
+        again, and new images queue their job. WatchNotFound if unknown."""
+        with self._lock:
+            live = self._live.get(watch) or next((w for w in self._live.values() if w.record.folder == watch), None)
+        if live is None:
+            raise WatchNotFound(f"no watch with id or folder {watch!r}")
+        self._check_config(live.record)
+        request = _Retry()
+        self._events.put((live.record.watch_id, request))
+        request.done.wait(timeout)  # the manager thread owns the watch's state
+        return self._view(live)
 
     def remove(self, watch: str) -> WatchView:
         """Stop watching (by id or absolute folder); queued jobs stay. WatchNotFound if unknown."""
@@ -284,9 +380,14 @@ class WatchManager:
             except queue.Empty:
                 return
 
-    def _apply(self, watch_id: str, event: FileEvent | _CaptionDone) -> None:
+    def _apply(self, watch_id: str, event: FileEvent | _CaptionDone | _Retry) -> None:
         with self._lock:
             live = self._live.get(watch_id)
+        if isinstance(event, _Retry):
+            if live is not None:
+                self._retry(live)
+            event.done.set()
+            return
         if live is None:  # removed meanwhile (a captioning thread may still report back: ignored)
             return
         if isinstance(event, _CaptionDone):
@@ -333,9 +434,14 @@ class WatchManager:
                 live.debouncer.removed(str(root / rel))
 
     def _tick(self, live: _Live) -> None:
+        if live.stuck:
+            return  # only removing the watch helps
         if live.state == WatchState.ERROR and live.observer is None:
             self._open(live)  # the folder may be back
             return
+        stamp = live.template_stamp
+        if live.state == WatchState.ERROR and stamp is not None and _stamp(live.record.config_path) != stamp:
+            self._retry(live)  # the template was edited (a typo fixed?): read it again now
         if live.observer is not None and not (live.folder.is_dir() and live.observer.alive):
             what = "cannot be watched any more" if live.folder.is_dir() else "was deleted or moved away"
             self._unavailable(live, WatchUnavailable(f"{live.folder} {what}", GONE_HINT))
@@ -348,10 +454,44 @@ class WatchManager:
         elif live.debouncer.busy:
             self._publish(live)  # pending_files may have changed
 
+    def _retry(self, live: _Live) -> None:
+        """Try an ERROR watch again: open a folder that could not be watched, else queue the job of
+        its new images (which reads the template again), else just leave ERROR."""
+        if live.observer is None:
+            self._open(live)
+            return
+        live.template_stamp = None
+        if live.captioning or self._job_running(live):
+            live.follow_up = True
+            self._set(live, WatchState.CAPTIONING if live.captioning else WatchState.TRAINING)
+            return
+        live.images = list_images(live.folder)
+        if len(self._usable_new(live)) >= live.record.policy.min_new_images:
+            self._queue_job(live)
+        else:
+            self._set(live, WatchState.TRAINING if self._job_active(live) else WatchState.IDLE)
+
+    def _usable_new(self, live: _Live) -> dict[str, FileStat]:
+        """The new images a job would train on: files training skips (corrupt, or uncaptioned without
+        a captioner) are not a reason for a new version."""
+        new = live.new_images()
+        try:
+            fields = job_fields(live.record, version=live.record.version + 1)
+        except LoradError:
+            return new  # a broken template: queueing reports it
+        skipped = unusable_reasons(live.folder, new, fields)
+        if skipped:
+            log.info(
+                "watch %s: not new training data: %s",
+                live.record.folder,
+                "; ".join(f"{r}: {why}" for r, why in skipped.items()),
+            )
+        return {rel: stat for rel, stat in new.items() if rel not in skipped}
+
     # --- settle -> caption -> job ----------------------------------------------------------------
     def _settled(self, live: _Live) -> None:
         live.images = list_images(live.folder)
-        new = live.new_images()
+        new = self._usable_new(live)
         if live.captioning or self._job_running(live):
             live.follow_up = len(new) >= live.record.policy.min_new_images
             if not live.captioning:
@@ -393,6 +533,9 @@ class WatchManager:
         source = f"watch {record.folder}"
         try:
             fields = job_fields(record, version=version)
+            clash = version_clash(record.folder, fields, self._version_fields(skip=record.watch_id))
+            if clash is not None:
+                raise clash
             if fields.get("captioner") and not captioned:
                 self._start_captioning(live, fields)
                 return
@@ -426,7 +569,9 @@ class WatchManager:
         name); the next batch of images retries. Other watches are untouched."""
         if isinstance(err, LoradError):
             log.warning("watch %s: cannot queue a job: %s", live.record.folder, err)
-            self._set(live, WatchState.ERROR, error=str(err), hint=err.hint)
+            hint = (err.hint + " " if err.hint else "") + RETRY_HINT
+            self._set(live, WatchState.ERROR, error=str(err), hint=hint)
+            live.template_stamp = _stamp(live.record.config_path)
             return
         log.error("watch %s: cannot queue a job", live.record.folder, exc_info=err)
         self._set(
@@ -485,17 +630,28 @@ class WatchManager:
         if live.follow_up and not live.debouncer.busy:
             live.follow_up = False
             live.images = list_images(live.folder)
-            if len(live.new_images()) >= record.policy.min_new_images:
+            if len(self._usable_new(live)) >= record.policy.min_new_images:
                 self._queue_job(live)
 
     # --- observers and errors ----------------------------------------------------------------
     def _make_live(self, record: WatchRecord) -> _Live:
         return _Live(record=record, debouncer=Debouncer(record.policy.quiet_seconds, clock=self._clock))
 
-    def _open(self, live: _Live) -> None:
+    def _open(self, live: _Live, *, images: dict[str, FileStat] | None = None) -> None:
         """Start the watch's observer and scan its folder (images added while nobody watched count as
-        new); ERROR with a hint if it cannot be watched."""
+        new; ``images``: that scan, done already); ERROR with a hint if it cannot be watched."""
         watch_id = live.record.watch_id
+        if (why := self._refused_folder(live.folder)) is not None:  # stored by an older version
+            live.stuck = True
+            self._unavailable(live, WatchUnavailable(why, "remove this watch with `lorad watch rm`"))
+            return
+        if images is None:
+            try:
+                images = list_images(live.folder)
+            except DataError as err:  # too big to watch: rescanning every tick would not change that
+                live.stuck = True
+                self._unavailable(live, WatchUnavailable(str(err), err.hint))
+                return
         observer = FolderObserver(
             live.folder, lambda event: self._events.put((watch_id, event)), polling=live.record.policy.polling
         )
@@ -507,7 +663,7 @@ class WatchManager:
             return
         live.observer = observer
         was_error = live.state == WatchState.ERROR
-        now = list_images(live.folder)
+        now = images
         for rel, stat in now.items():
             if live.record.known.get(rel) != stat:
                 live.debouncer.changed(str(live.folder / rel))
@@ -524,6 +680,8 @@ class WatchManager:
 
     # --- views and followers ------------------------------------------------------------------
     def _set(self, live: _Live, state: WatchState, *, error: str = "", hint: str = "") -> None:
+        if state != WatchState.ERROR:
+            live.template_stamp = None
         if (live.state, live.error, live.hint) != (state, error, hint):
             live.state, live.error, live.hint = state, error, hint
             live.updated_at = time.time()
@@ -558,6 +716,18 @@ class WatchManager:
             self._changed.notify_all()
 
 
+RETRY_HINT = "Saving the fixed template retries by itself; `lorad watch retry FOLDER` retries now."
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """(mtime_ns, size) of the file at ``path``; (0, 0) when it cannot be read."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 # --- jobs of a watch ---------------------------------------------------------------------------
 def watch_name(record: WatchRecord) -> str:
     """The LoRA's name: the template's output_name, else its output_dir's folder name, else the folder's."""
@@ -569,10 +739,20 @@ def watch_name(record: WatchRecord) -> str:
 
 
 def read_template(record: WatchRecord) -> dict[str, Any]:
-    """The template config as a mapping; ConfigError naming `config_path` when unreadable."""
+    """The template config as a mapping; ConfigError naming `config_path` when unreadable. The file's
+    text never appears in an error (it may not be a config at all)."""
     path = Path(record.config_path)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml_text(path.read_text(encoding="utf-8"), source=str(path))
+    except ConfigError as err:  # what load_yaml_text found, said of `config_path`
+        raise ConfigError(
+            [ConfigProblem("config_path", f"{path}: {p.message}", p.fix) for p in err.problems], "watch"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [ConfigProblem("config_path", f"{path} is not UTF-8 text", "point the watch at a YAML training config")],
+            "watch",
+        ) from err
     except OSError as err:
         raise ConfigError(
             [
@@ -580,17 +760,6 @@ def read_template(record: WatchRecord) -> dict[str, Any]:
                     "config_path",
                     f"cannot read {path} ({err.strerror or err})",
                     "point the watch at a readable YAML training config",
-                )
-            ],
-            "watch",
-        ) from err
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "config_path",
-                    f"{path} is not valid YAML ({err})",
-                    "fix the YAML; `lorad config --check FILE` shows every problem",
                 )
             ],
             "watch",
@@ -642,7 +811,7 @@ def publish(output: str, record: WatchRecord) -> str:
     target = Path(record.policy.publish_dir) / f"{watch_name(record)}{Path(output).suffix}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_with_atomic(target, lambda tmp: shutil.copyfile(output, tmp))
+        write_with_atomic(target, lambda tmp: shutil.copyfile(output, tmp), user_file=True)
     except OSError as err:
         log.warning("watch %s: cannot publish %s to %s: %s", record.folder, output, target, err)
         return ""

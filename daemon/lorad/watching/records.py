@@ -6,12 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from lorad.config.limits import number_problem, shown
+from lorad.config.schema import MAX_STEPS
 from lorad.errors import ConfigError, ConfigProblem, LoradError
 from lorad.watching.debounce import DEFAULT_QUIET_SECONDS
 from lorad.watching.file_rules import FileStat
 
 CONTINUE, RETRAIN = "continue", "retrain"
 MODES = (CONTINUE, RETRAIN)
+MAX_QUIET_SECONDS = 86_400.0
+MAX_NEW_IMAGES = 100_000
 
 
 class WatchState(str, Enum):
@@ -65,24 +69,20 @@ def watch_policy(
     continue_steps: int = 0,
     publish_dir: str = "",
     polling: bool = False,
-    source: str = "AddWatch",
+    source: str = "watch",
 ) -> WatchPolicy:
     """A policy with defaults for zero values (quiet 10 s, 1 new image, continue). Raises ConfigError
     naming every bad field. ``publish_dir`` must already be absolute."""
-    problems = []
-    if quiet_seconds < 0 or quiet_seconds > 86_400:
-        problems.append(ConfigProblem("quiet_seconds", f"got {quiet_seconds}", "use 0 (the default, 10) to 86400"))
-    if min_new_images < 0:
-        problems.append(ConfigProblem("min_new_images", f"got {min_new_images}", "use 1 or more (0 = 1)"))
     mode = (mode or CONTINUE).strip().lower()
-    if mode not in MODES:
-        problems.append(ConfigProblem("mode", f"got {mode!r}", "use continue or retrain"))
-    if continue_steps < 0:
-        problems.append(
-            ConfigProblem(
-                "continue_steps", f"got {continue_steps}", "use 1 or more, or 0 for the config's own step budget"
-            )
-        )
+    checks = (
+        number_problem("quiet_seconds", quiet_seconds, 0, MAX_QUIET_SECONDS, "use 0 (the default, 10) to 86400"),
+        number_problem("min_new_images", min_new_images, 0, MAX_NEW_IMAGES, "use 1 to 100000 (0 = 1)"),
+        None if mode in MODES else ConfigProblem("mode", f"got {shown(mode)}", "use continue or retrain"),
+        number_problem(
+            "continue_steps", continue_steps, 0, MAX_STEPS, "use 1 to 10000000, or 0 for the config's own step budget"
+        ),
+    )
+    problems = [problem for problem in checks if problem is not None]
     if problems:
         raise ConfigError(problems, source)
     return WatchPolicy(

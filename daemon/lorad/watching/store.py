@@ -51,6 +51,21 @@ def _record(row: sqlite3.Row) -> WatchRecord:
     return WatchRecord(**values)
 
 
+def _broken_record(row: sqlite3.Row) -> WatchRecord:
+    """What can be kept of a row that does not decode: its id and folder (so it can be listed and
+    removed), everything else default."""
+    values = dict(zip(_FIELDS, row, strict=True))
+    return WatchRecord(
+        watch_id=str(values["watch_id"]),
+        folder=str(values["folder"]),
+        config_path=str(values["config_path"]),
+        base_dir=str(values["base_dir"]),
+        policy=WatchPolicy(),
+        created_at=values["created_at"] if isinstance(values["created_at"], float) else 0.0,
+        updated_at=values["updated_at"] if isinstance(values["updated_at"], float) else 0.0,
+    )
+
+
 class WatchStore:
     """The watches table; thread-safe."""
 
@@ -65,8 +80,17 @@ class WatchStore:
         with self._lock:
             self._conn.close()
 
-    def add(self, *, folder: str, config_path: str, base_dir: str, policy: WatchPolicy, now: float) -> WatchRecord:
-        """Store a new watch with a fresh id; WatchExists if the folder is watched already."""
+    def add(
+        self,
+        *,
+        folder: str,
+        config_path: str,
+        base_dir: str,
+        policy: WatchPolicy,
+        now: float,
+        watch_id: str = "",
+    ) -> WatchRecord:
+        """Store a new watch (with ``watch_id``, or a fresh id); WatchExists if the folder is watched already."""
         with self._lock:
             if self._conn.execute("SELECT 1 FROM watches WHERE folder = ?", (folder,)).fetchall():
                 raise WatchExists(
@@ -74,7 +98,7 @@ class WatchStore:
                     "`lorad watch ls` shows its watch; remove it first "
                     "with `lorad watch rm` to change its config or policy",
                 )
-            watch_id = new_job_id()
+            watch_id = watch_id or new_job_id()
             record = WatchRecord(
                 watch_id=watch_id,
                 folder=folder,
@@ -89,10 +113,21 @@ class WatchStore:
             return record
 
     def list(self) -> list[WatchRecord]:
-        """Every watch, oldest first."""
+        """Every watch whose row decodes, oldest first."""
+        return [record for record, broken in self.load_all() if not broken]
+
+    def load_all(self) -> list[tuple[WatchRecord, str]]:
+        """Every watch, oldest first, with "" or why its row does not decode (a row written by a
+        different version, or damaged): such a record holds only its id, folder and paths."""
         with self._lock:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM watches ORDER BY num").fetchall()
-        return [_record(row) for row in rows]
+        loaded = []
+        for row in rows:
+            try:
+                loaded.append((_record(row), ""))
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+                loaded.append((_broken_record(row), f"{type(err).__name__} in its stored settings"))
+        return loaded
 
     def get(self, watch_id: str) -> WatchRecord:
         with self._lock:

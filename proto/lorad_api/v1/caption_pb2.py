@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lorad/v1/caption.proto\x12\x08lorad.v1\"\xf0\x01\n\x0e\x43\x61ptionOptions\x12\x12\n\nmax_length\x18\x01 \x01(\x05\x12\x11\n\tnum_beams\x18\x02 \x01(\x05\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x1e\n\x11general_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x63haracter_threshold\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0c\x65xclude_tags\x18\x06 \x03(\t\x12\x12\n\nvocabulary\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\x05\x42\x14\n\x12_general_thresholdB\x16\n\x14_character_threshold\"\xdf\x02\n\x14\x43\x61ptionImagesRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12*\n\tcaptioner\x18\x03 \x01(\x0e\x32\x17.lorad.v1.CaptionerKind\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0ctrigger_word\x18\x05 \x01(\t\x12\'\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x11\n\toverwrite\x18\x07 \x01(\x08\x12\x12\n\nregenerate\x18\x08 \x01(\x08\x12\x19\n\x11\x63\x61ption_extension\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x12\n\nbatch_size\x18\x0b \x01(\x05\x12)\n\x07options\x18\x0c \x01(\x0b\x32\x18.lorad.v1.CaptionOptions\x12\x1a\n\x12keep_alive_seconds\x18\r \x01(\x01\"\xbf\x01\n\x0e\x43\x61ptionPlanned\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x14\n\x0cimages_found\x18\x02 \x01(\x05\x12\x12\n\nto_caption\x18\x03 \x01(\x05\x12\x0f\n\x07to_keep\x18\x04 \x01(\x05\x12\x10\n\x08unusable\x18\x05 \x01(\x05\x12\'\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\x07 \x01(\t\x12\x13\n\x0brecord_path\x18\x08 \x01(\t\"\x7f\n\x0e\x43\x61ptionerReady\x12\x11\n\tcaptioner\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x10\n\x08resident\x18\x05 \x01(\x08\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x82\x01\n\x0cImageCaption\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.lorad.v1.CaptionStatus\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x05\x12\r\n\x05total\x18\x06 \x01(\x05\"\xf7\x01\n\x0f\x43\x61ptionFinished\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x14\n\x0cimages_found\x18\x02 \x01(\x05\x12\x11\n\tcaptioned\x18\x03 \x01(\x05\x12\x0c\n\x04kept\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x19\n\x11images_per_second\x18\x07 \x01(\x01\x12\'\n\x06\x66ormat\x18\x08 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\t \x01(\t\x12\x13\n\x0brecord_path\x18\n \x01(\t\x12\x0f\n\x07stopped\x18\x0b \x01(\x08\"\xd9\x01\n\x15\x43\x61ptionImagesResponse\x12+\n\x07planned\x18\x01 \x01(\x0b\x32\x18.lorad.v1.CaptionPlannedH\x00\x12\x33\n\x0f\x63\x61ptioner_ready\x18\x02 \x01(\x0b\x32\x18.lorad.v1.CaptionerReadyH\x00\x12\'\n\x05image\x18\x03 \x01(\x0b\x32\x16.lorad.v1.ImageCaptionH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.lorad.v1.CaptionFinishedH\x00\x42\x06\n\x04item\"R\n\x13ListCaptionsRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61ption_extension\x18\x03 \x01(\t\"v\n\nCaptionRow\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\'\n\x06source\x18\x03 \x01(\x0e\x32\x17.lorad.v1.CaptionSource\x12\x11\n\tgenerated\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x87\x01\n\x14ListCaptionsResponse\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\"\n\x04rows\x18\x02 \x03(\x0b\x32\x14.lorad.v1.CaptionRow\x12\'\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\x04 \x01(\t\",\n\x0b\x43\x61ptionEdit\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\"w\n\x12SetCaptionsRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12$\n\x05\x65\x64its\x18\x03 \x03(\x0b\x32\x15.lorad.v1.CaptionEdit\x12\x19\n\x11\x63\x61ption_extension\x18\x04 \x01(\t\"v\n\x13SetCaptionsResponse\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.lorad.v1.CaptionRow\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\x03 \x01(\t*z\n\rCaptionerKind\x12\x1e\n\x1a\x43\x41PTIONER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PTIONER_KIND_BLIP\x10\x01\x12\x17\n\x13\x43\x41PTIONER_KIND_WD14\x10\x02\x12\x17\n\x13\x43\x41PTIONER_KIND_CLIP\x10\x03*_\n\rCaptionFormat\x12\x1e\n\x1a\x43\x41PTION_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41PTION_FORMAT_CSV\x10\x01\x12\x16\n\x12\x43\x41PTION_FORMAT_TXT\x10\x02*\x81\x01\n\rCaptionStatus\x12\x1e\n\x1a\x43\x41PTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41PTION_STATUS_CAPTIONED\x10\x01\x12\x17\n\x13\x43\x41PTION_STATUS_KEPT\x10\x02\x12\x19\n\x15\x43\x41PTION_STATUS_FAILED\x10\x03*|\n\rCaptionSource\x12\x1e\n\x1a\x43\x41PTION_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PTION_SOURCE_NONE\x10\x01\x12\x16\n\x12\x43\x41PTION_SOURCE_CSV\x10\x02\x12\x1a\n\x16\x43\x41PTION_SOURCE_SIDECAR\x10\x03\x32\xff\x01\n\x0e\x43\x61ptionService\x12R\n\rCaptionImages\x12\x1e.lorad.v1.CaptionImagesRequest\x1a\x1f.lorad.v1.CaptionImagesResponse0\x01\x12M\n\x0cListCaptions\x12\x1d.lorad.v1.ListCaptionsRequest\x1a\x1e.lorad.v1.ListCaptionsResponse\x12J\n\x0bSetCaptions\x12\x1c.lorad.v1.SetCaptionsRequest\x1a\x1d.lorad.v1.SetCaptionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lorad/v1/caption.proto\x12\x08lorad.v1\"\xf0\x01\n\x0e\x43\x61ptionOptions\x12\x12\n\nmax_length\x18\x01 \x01(\x05\x12\x11\n\tnum_beams\x18\x02 \x01(\x05\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x1e\n\x11general_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x63haracter_threshold\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0c\x65xclude_tags\x18\x06 \x03(\t\x12\x12\n\nvocabulary\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\x05\x42\x14\n\x12_general_thresholdB\x16\n\x14_character_threshold\"\xf5\x02\n\x14\x43\x61ptionImagesRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12*\n\tcaptioner\x18\x03 \x01(\x0e\x32\x17.lorad.v1.CaptionerKind\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0ctrigger_word\x18\x05 \x01(\t\x12\'\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x11\n\toverwrite\x18\x07 \x01(\x08\x12\x12\n\nregenerate\x18\x08 \x01(\x08\x12\x19\n\x11\x63\x61ption_extension\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x12\n\nbatch_size\x18\x0b \x01(\x05\x12)\n\x07options\x18\x0c \x01(\x0b\x32\x18.lorad.v1.CaptionOptions\x12\x1a\n\x12keep_alive_seconds\x18\r \x01(\x01\x12\x14\n\x0c\x61llow_pickle\x18( \x01(\x08\"\xbf\x01\n\x0e\x43\x61ptionPlanned\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x14\n\x0cimages_found\x18\x02 \x01(\x05\x12\x12\n\nto_caption\x18\x03 \x01(\x05\x12\x0f\n\x07to_keep\x18\x04 \x01(\x05\x12\x10\n\x08unusable\x18\x05 \x01(\x05\x12\'\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\x07 \x01(\t\x12\x13\n\x0brecord_path\x18\x08 \x01(\t\"\x7f\n\x0e\x43\x61ptionerReady\x12\x11\n\tcaptioner\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x10\n\x08resident\x18\x05 \x01(\x08\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x82\x01\n\x0cImageCaption\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.lorad.v1.CaptionStatus\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x05\x12\r\n\x05total\x18\x06 \x01(\x05\"\xf7\x01\n\x0f\x43\x61ptionFinished\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x14\n\x0cimages_found\x18\x02 \x01(\x05\x12\x11\n\tcaptioned\x18\x03 \x01(\x05\x12\x0c\n\x04kept\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x19\n\x11images_per_second\x18\x07 \x01(\x01\x12\'\n\x06\x66ormat\x18\x08 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\t \x01(\t\x12\x13\n\x0brecord_path\x18\n \x01(\t\x12\x0f\n\x07stopped\x18\x0b \x01(\x08\"\xd9\x01\n\x15\x43\x61ptionImagesResponse\x12+\n\x07planned\x18\x01 \x01(\x0b\x32\x18.lorad.v1.CaptionPlannedH\x00\x12\x33\n\x0f\x63\x61ptioner_ready\x18\x02 \x01(\x0b\x32\x18.lorad.v1.CaptionerReadyH\x00\x12\'\n\x05image\x18\x03 \x01(\x0b\x32\x16.lorad.v1.ImageCaptionH\x00\x12-\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x19.lorad.v1.CaptionFinishedH\x00\x42\x06\n\x04item\"R\n\x13ListCaptionsRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61ption_extension\x18\x03 \x01(\t\"v\n\nCaptionRow\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\'\n\x06source\x18\x03 \x01(\x0e\x32\x17.lorad.v1.CaptionSource\x12\x11\n\tgenerated\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x87\x01\n\x14ListCaptionsResponse\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\"\n\x04rows\x18\x02 \x03(\x0b\x32\x14.lorad.v1.CaptionRow\x12\'\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\x04 \x01(\t\",\n\x0b\x43\x61ptionEdit\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\"w\n\x12SetCaptionsRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12$\n\x05\x65\x64its\x18\x03 \x03(\x0b\x32\x15.lorad.v1.CaptionEdit\x12\x19\n\x11\x63\x61ption_extension\x18\x04 \x01(\t\"v\n\x13SetCaptionsResponse\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.lorad.v1.CaptionRow\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.lorad.v1.CaptionFormat\x12\x12\n\nwritten_to\x18\x03 \x01(\t*z\n\rCaptionerKind\x12\x1e\n\x1a\x43\x41PTIONER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PTIONER_KIND_BLIP\x10\x01\x12\x17\n\x13\x43\x41PTIONER_KIND_WD14\x10\x02\x12\x17\n\x13\x43\x41PTIONER_KIND_CLIP\x10\x03*_\n\rCaptionFormat\x12\x1e\n\x1a\x43\x41PTION_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41PTION_FORMAT_CSV\x10\x01\x12\x16\n\x12\x43\x41PTION_FORMAT_TXT\x10\x02*\x81\x01\n\rCaptionStatus\x12\x1e\n\x1a\x43\x41PTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x41PTION_STATUS_CAPTIONED\x10\x01\x12\x17\n\x13\x43\x41PTION_STATUS_KEPT\x10\x02\x12\x19\n\x15\x43\x41PTION_STATUS_FAILED\x10\x03*|\n\rCaptionSource\x12\x1e\n\x1a\x43\x41PTION_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PTION_SOURCE_NONE\x10\x01\x12\x16\n\x12\x43\x41PTION_SOURCE_CSV\x10\x02\x12\x1a\n\x16\x43\x41PTION_SOURCE_SIDECAR\x10\x03\x32\xff\x01\n\x0e\x43\x61ptionService\x12R\n\rCaptionImages\x12\x1e.lorad.v1.CaptionImagesRequest\x1a\x1f.lorad.v1.CaptionImagesResponse0\x01\x12M\n\x0cListCaptions\x12\x1d.lorad.v1.ListCaptionsRequest\x1a\x1e.lorad.v1.ListCaptionsResponse\x12J\n\x0bSetCaptions\x12\x1c.lorad.v1.SetCaptionsRequest\x1a\x1d.lorad.v1.SetCaptionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad_api.v1.caption_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPTIONERKIND']._serialized_start=2188
-  _globals['_CAPTIONERKIND']._serialized_end=2310
-  _globals['_CAPTIONFORMAT']._serialized_start=2312
-  _globals['_CAPTIONFORMAT']._serialized_end=2407
-  _globals['_CAPTIONSTATUS']._serialized_start=2410
-  _globals['_CAPTIONSTATUS']._serialized_end=2539
-  _globals['_CAPTIONSOURCE']._serialized_start=2541
-  _globals['_CAPTIONSOURCE']._serialized_end=2665
+  _globals['_CAPTIONERKIND']._serialized_start=2210
+  _globals['_CAPTIONERKIND']._serialized_end=2332
+  _globals['_CAPTIONFORMAT']._serialized_start=2334
+  _globals['_CAPTIONFORMAT']._serialized_end=2429
+  _globals['_CAPTIONSTATUS']._serialized_start=2432
+  _globals['_CAPTIONSTATUS']._serialized_end=2561
+  _globals['_CAPTIONSOURCE']._serialized_start=2563
+  _globals['_CAPTIONSOURCE']._serialized_end=2687
   _globals['_CAPTIONOPTIONS']._serialized_start=37
   _globals['_CAPTIONOPTIONS']._serialized_end=277
   _globals['_CAPTIONIMAGESREQUEST']._serialized_start=280
-  _globals['_CAPTIONIMAGESREQUEST']._serialized_end=631
-  _globals['_CAPTIONPLANNED']._serialized_start=634
-  _globals['_CAPTIONPLANNED']._serialized_end=825
-  _globals['_CAPTIONERREADY']._serialized_start=827
-  _globals['_CAPTIONERREADY']._serialized_end=954
-  _globals['_IMAGECAPTION']._serialized_start=957
-  _globals['_IMAGECAPTION']._serialized_end=1087
-  _globals['_CAPTIONFINISHED']._serialized_start=1090
-  _globals['_CAPTIONFINISHED']._serialized_end=1337
-  _globals['_CAPTIONIMAGESRESPONSE']._serialized_start=1340
-  _globals['_CAPTIONIMAGESRESPONSE']._serialized_end=1557
-  _globals['_LISTCAPTIONSREQUEST']._serialized_start=1559
-  _globals['_LISTCAPTIONSREQUEST']._serialized_end=1641
-  _globals['_CAPTIONROW']._serialized_start=1643
-  _globals['_CAPTIONROW']._serialized_end=1761
-  _globals['_LISTCAPTIONSRESPONSE']._serialized_start=1764
-  _globals['_LISTCAPTIONSRESPONSE']._serialized_end=1899
-  _globals['_CAPTIONEDIT']._serialized_start=1901
-  _globals['_CAPTIONEDIT']._serialized_end=1945
-  _globals['_SETCAPTIONSREQUEST']._serialized_start=1947
-  _globals['_SETCAPTIONSREQUEST']._serialized_end=2066
-  _globals['_SETCAPTIONSRESPONSE']._serialized_start=2068
-  _globals['_SETCAPTIONSRESPONSE']._serialized_end=2186
-  _globals['_CAPTIONSERVICE']._serialized_start=2668
-  _globals['_CAPTIONSERVICE']._serialized_end=2923
+  _globals['_CAPTIONIMAGESREQUEST']._serialized_end=653
+  _globals['_CAPTIONPLANNED']._serialized_start=656
+  _globals['_CAPTIONPLANNED']._serialized_end=847
+  _globals['_CAPTIONERREADY']._serialized_start=849
+  _globals['_CAPTIONERREADY']._serialized_end=976
+  _globals['_IMAGECAPTION']._serialized_start=979
+  _globals['_IMAGECAPTION']._serialized_end=1109
+  _globals['_CAPTIONFINISHED']._serialized_start=1112
+  _globals['_CAPTIONFINISHED']._serialized_end=1359
+  _globals['_CAPTIONIMAGESRESPONSE']._serialized_start=1362
+  _globals['_CAPTIONIMAGESRESPONSE']._serialized_end=1579
+  _globals['_LISTCAPTIONSREQUEST']._serialized_start=1581
+  _globals['_LISTCAPTIONSREQUEST']._serialized_end=1663
+  _globals['_CAPTIONROW']._serialized_start=1665
+  _globals['_CAPTIONROW']._serialized_end=1783
+  _globals['_LISTCAPTIONSRESPONSE']._serialized_start=1786
+  _globals['_LISTCAPTIONSRESPONSE']._serialized_end=1921
+  _globals['_CAPTIONEDIT']._serialized_start=1923
+  _globals['_CAPTIONEDIT']._serialized_end=1967
+  _globals['_SETCAPTIONSREQUEST']._serialized_start=1969
+  _globals['_SETCAPTIONSREQUEST']._serialized_end=2088
+  _globals['_SETCAPTIONSRESPONSE']._serialized_start=2090
+  _globals['_SETCAPTIONSRESPONSE']._serialized_end=2208
+  _globals['_CAPTIONSERVICE']._serialized_start=2690
+  _globals['_CAPTIONSERVICE']._serialized_end=2945
 # @@protoc_insertion_point(module_scope)

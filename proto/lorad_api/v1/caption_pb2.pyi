@@ -71,7 +71,7 @@ class CaptionOptions(_message.Message):
     def __init__(self, max_length: _Optional[int] = ..., num_beams: _Optional[int] = ..., prompt: _Optional[str] = ..., general_threshold: _Optional[float] = ..., character_threshold: _Optional[float] = ..., exclude_tags: _Optional[_Iterable[str]] = ..., vocabulary: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class CaptionImagesRequest(_message.Message):
-    __slots__ = ("folder", "base_dir", "captioner", "model", "trigger_word", "format", "overwrite", "regenerate", "caption_extension", "device", "batch_size", "options", "keep_alive_seconds")
+    __slots__ = ("folder", "base_dir", "captioner", "model", "trigger_word", "format", "overwrite", "regenerate", "caption_extension", "device", "batch_size", "options", "keep_alive_seconds", "allow_pickle")
     FOLDER_FIELD_NUMBER: _ClassVar[int]
     BASE_DIR_FIELD_NUMBER: _ClassVar[int]
     CAPTIONER_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class CaptionImagesRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PICKLE_FIELD_NUMBER: _ClassVar[int]
     folder: str
     base_dir: str
     captioner: CaptionerKind
@@ -98,7 +99,8 @@ class CaptionImagesRequest(_message.Message):
     batch_size: int
     options: CaptionOptions
     keep_alive_seconds: float
-    def __init__(self, folder: _Optional[str] = ..., base_dir: _Optional[str] = ..., captioner: _Optional[_Union[CaptionerKind, str]] = ..., model: _Optional[str] = ..., trigger_word: _Optional[str] = ..., format: _Optional[_Union[CaptionFormat, str]] = ..., overwrite: _Optional[bool] = ..., regenerate: _Optional[bool] = ..., caption_extension: _Optional[str] = ..., device: _Optional[str] = ..., batch_size: _Optional[int] = ..., options: _Optional[_Union[CaptionOptions, _Mapping]] = ..., keep_alive_seconds: _Optional[float] = ...) -> None: ...
+    allow_pickle: bool
+    def __init__(self, folder: _Optional[str] = ..., base_dir: _Optional[str] = ..., captioner: _Optional[_Union[CaptionerKind, str]] = ..., model: _Optional[str] = ..., trigger_word: _Optional[str] = ..., format: _Optional[_Union[CaptionFormat, str]] = ..., overwrite: _Optional[bool] = ..., regenerate: _Optional[bool] = ..., caption_extension: _Optional[str] = ..., device: _Optional[str] = ..., batch_size: _Optional[int] = ..., options: _Optional[_Union[CaptionOptions, _Mapping]] = ..., keep_alive_seconds: _Optional[float] = ..., allow_pickle: _Optional[bool] = ...) -> None: ...
 
 class CaptionPlanned(_message.Message):
     __slots__ = ("folder", "images_found", "to_caption", "to_keep", "unusable", "format", "written_to", "record_path")

@@ -148,20 +148,22 @@ class LatentsCached(_message.Message):
     def __init__(self, cached: _Optional[int] = ..., encoded: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingStarted(_message.Message):
-    __slots__ = ("total_steps", "start_step", "epochs", "trainable_params", "device", "precision")
+    __slots__ = ("total_steps", "start_step", "epochs", "trainable_params", "device", "precision", "resumed_from")
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
     total_steps: int
     start_step: int
     epochs: int
     trainable_params: int
     device: str
     precision: str
-    def __init__(self, total_steps: _Optional[int] = ..., start_step: _Optional[int] = ..., epochs: _Optional[int] = ..., trainable_params: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    resumed_from: str
+    def __init__(self, total_steps: _Optional[int] = ..., start_step: _Optional[int] = ..., epochs: _Optional[int] = ..., trainable_params: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resumed_from: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("progress",)
@@ -215,18 +217,22 @@ class JobFailed(_message.Message):
     def __init__(self, error: _Optional[str] = ..., hint: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class JobCancelled(_message.Message):
-    __slots__ = ("checkpoint",)
+    __slots__ = ("checkpoint", "partial")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
-    def __init__(self, checkpoint: _Optional[str] = ...) -> None: ...
+    partial: str
+    def __init__(self, checkpoint: _Optional[str] = ..., partial: _Optional[str] = ...) -> None: ...
 
 class JobInterrupted(_message.Message):
-    __slots__ = ("checkpoint", "will_resume")
+    __slots__ = ("checkpoint", "will_resume", "partial")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     WILL_RESUME_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     will_resume: bool
-    def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ...) -> None: ...
+    partial: str
+    def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ..., partial: _Optional[str] = ...) -> None: ...
 
 class EvalLoss(_message.Message):
     __slots__ = ("step", "loss", "samples")
@@ -248,8 +254,24 @@ class SampleGenerated(_message.Message):
     stopped: str
     def __init__(self, prompt: _Optional[str] = ..., output: _Optional[str] = ..., stopped: _Optional[str] = ...) -> None: ...
 
+class MemoryRecovered(_message.Message):
+    __slots__ = ("step", "change", "micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "error")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    change: str
+    micro_batch: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    error: str
+    def __init__(self, step: _Optional[int] = ..., change: _Optional[str] = ..., micro_batch: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "queued", "started", "model_loaded", "data_report", "latents_cached", "training_started", "step", "checkpoint_saved", "log", "finished", "failed", "cancelled", "interrupted", "eval", "sample")
+    __slots__ = ("job_id", "seq", "time", "queued", "started", "model_loaded", "data_report", "latents_cached", "training_started", "step", "checkpoint_saved", "log", "finished", "failed", "cancelled", "interrupted", "eval", "sample", "memory_recovered")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +290,7 @@ class JobEvent(_message.Message):
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RECOVERED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -286,4 +309,5 @@ class JobEvent(_message.Message):
     interrupted: JobInterrupted
     eval: EvalLoss
     sample: SampleGenerated
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ..., latents_cached: _Optional[_Union[LatentsCached, _Mapping]] = ..., training_started: _Optional[_Union[TrainingStarted, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., finished: _Optional[_Union[JobFinished, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., interrupted: _Optional[_Union[JobInterrupted, _Mapping]] = ..., eval: _Optional[_Union[EvalLoss, _Mapping]] = ..., sample: _Optional[_Union[SampleGenerated, _Mapping]] = ...) -> None: ...
+    memory_recovered: MemoryRecovered
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ..., latents_cached: _Optional[_Union[LatentsCached, _Mapping]] = ..., training_started: _Optional[_Union[TrainingStarted, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., finished: _Optional[_Union[JobFinished, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., interrupted: _Optional[_Union[JobInterrupted, _Mapping]] = ..., eval: _Optional[_Union[EvalLoss, _Mapping]] = ..., sample: _Optional[_Union[SampleGenerated, _Mapping]] = ..., memory_recovered: _Optional[_Union[MemoryRecovered, _Mapping]] = ...) -> None: ...

@@ -27,7 +27,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "started_at", "uptime_seconds", "devices", "queue_length", "running_job_id", "addresses", "token_required", "home", "resident_models", "pid")
+    __slots__ = ("version", "started_at", "uptime_seconds", "devices", "queue_length", "running_job_id", "addresses", "token_required", "home", "resident_models", "pid", "jobs_revision")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class GetStatusResponse(_message.Message):
     HOME_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_MODELS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    JOBS_REVISION_FIELD_NUMBER: _ClassVar[int]
     version: str
     started_at: _timestamp_pb2.Timestamp
     uptime_seconds: float
@@ -50,4 +51,17 @@ class GetStatusResponse(_message.Message):
     home: str
     resident_models: int
     pid: int
-    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., token_required: _Optional[bool] = ..., home: _Optional[str] = ..., resident_models: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    jobs_revision: int
+    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., token_required: _Optional[bool] = ..., home: _Optional[str] = ..., resident_models: _Optional[int] = ..., pid: _Optional[int] = ..., jobs_revision: _Optional[int] = ...) -> None: ...
+
+class ProveIdentityRequest(_message.Message):
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
+
+class ProveIdentityResponse(_message.Message):
+    __slots__ = ("proof",)
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    proof: bytes
+    def __init__(self, proof: _Optional[bytes] = ...) -> None: ...

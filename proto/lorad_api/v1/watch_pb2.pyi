@@ -150,3 +150,17 @@ class FollowWatchesResponse(_message.Message):
     changed: Watch
     removed_watch_id: str
     def __init__(self, snapshot: _Optional[_Union[WatchList, _Mapping]] = ..., changed: _Optional[_Union[Watch, _Mapping]] = ..., removed_watch_id: _Optional[str] = ...) -> None: ...
+
+class RetryWatchRequest(_message.Message):
+    __slots__ = ("watch", "base_dir")
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    watch: str
+    base_dir: str
+    def __init__(self, watch: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
+
+class RetryWatchResponse(_message.Message):
+    __slots__ = ("watch",)
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    watch: Watch
+    def __init__(self, watch: _Optional[_Union[Watch, _Mapping]] = ...) -> None: ...

@@ -57,6 +57,11 @@ class WatchServiceStub:
                 request_serializer=lorad_dot_v1_dot_watch__pb2.FollowWatchesRequest.SerializeToString,
                 response_deserializer=lorad_dot_v1_dot_watch__pb2.FollowWatchesResponse.FromString,
                 _registered_method=True)
+        self.RetryWatch = channel.unary_unary(
+                '/lorad.v1.WatchService/RetryWatch',
+                request_serializer=lorad_dot_v1_dot_watch__pb2.RetryWatchRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_watch__pb2.RetryWatchResponse.FromString,
+                _registered_method=True)
 
 
 class WatchServiceServicer:
@@ -93,6 +98,15 @@ class WatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryWatch(self, request, context):
+        """Try a watch in ERROR again now: read its template config again and, when its folder has new
+        images, queue their job. INVALID_ARGUMENT when the template is still invalid (naming every
+        problem); NOT_FOUND when not watched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +129,11 @@ def add_WatchServiceServicer_to_server(servicer, server):
                     servicer.FollowWatches,
                     request_deserializer=lorad_dot_v1_dot_watch__pb2.FollowWatchesRequest.FromString,
                     response_serializer=lorad_dot_v1_dot_watch__pb2.FollowWatchesResponse.SerializeToString,
+            ),
+            'RetryWatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWatch,
+                    request_deserializer=lorad_dot_v1_dot_watch__pb2.RetryWatchRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_watch__pb2.RetryWatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +246,33 @@ class WatchService:
             '/lorad.v1.WatchService/FollowWatches',
             lorad_dot_v1_dot_watch__pb2.FollowWatchesRequest.SerializeToString,
             lorad_dot_v1_dot_watch__pb2.FollowWatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.WatchService/RetryWatch',
+            lorad_dot_v1_dot_watch__pb2.RetryWatchRequest.SerializeToString,
+            lorad_dot_v1_dot_watch__pb2.RetryWatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,7 @@ class CaptionsScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back"),
         Binding("g", "caption", "Caption"),
+        Binding("p", "next_captioner", "Captioner"),
         Binding("x", "stop", "Stop"),
         Binding("e", "edit", "Edit"),
         Binding("ctrl+s", "save", "Save edits"),
@@ -121,6 +122,9 @@ class CaptionsScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#caption-progress").display = False
+        # The editor is in the tab order only while an edit is open: tabbing on from the model field
+        # must not land in an empty editor that edits nothing.
+        self.query_one("#caption-edit", CaptionEditor).can_focus = False
         self._lay_out_table()
 
     def on_resize(self) -> None:
@@ -219,6 +223,14 @@ class CaptionsScreen(Screen[None]):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "caption-button":
             self.action_caption()
+
+    def action_next_captioner(self) -> None:
+        """Pick the next captioner (BLIP → WD14 → CLIP → BLIP) from the keyboard, wherever the focus is."""
+        picker = self.query_one("#captioner", Select)
+        values = [value for _, value in CAPTIONERS]
+        picker.value = values[(values.index(picker.value) + 1) % len(values)]
+        label = next(name for name, value in CAPTIONERS if value == picker.value)
+        self._status(f"captioner: {label} — g captions the images that have none")
 
     def action_caption(self) -> None:
         folder = self._folder_field()
@@ -319,6 +331,7 @@ class CaptionsScreen(Screen[None]):
         editor = self.query_one("#caption-edit", CaptionEditor)
         editor.value = self.edits.get(rel, self.rows[rel].caption)
         editor.border_title = rel
+        editor.can_focus = True
         editor.focus()
         editor.cursor_position = len(editor.value)
         self.refresh_bindings()
@@ -326,14 +339,14 @@ class CaptionsScreen(Screen[None]):
     def on_caption_editor_dropped(self, message: CaptionEditor.Dropped) -> None:
         self._editing = None
         editor = self.query_one("#caption-edit", CaptionEditor)
-        editor.value, editor.border_title = "", None
+        editor.value, editor.border_title, editor.can_focus = "", None, False
         self.query_one("#captions-table", DataTable).focus()
         self.refresh_bindings()
 
     def _keep_edit(self, value: str) -> None:
         rel, self._editing = self._editing, None
         editor = self.query_one("#caption-edit", CaptionEditor)
-        editor.value, editor.border_title = "", None
+        editor.value, editor.border_title, editor.can_focus = "", None, False
         table = self.query_one("#captions-table", DataTable)
         table.focus()
         if rel is None or rel not in self.rows:

@@ -170,6 +170,8 @@ class JobDetailScreen(Screen[None]):
             parts.append(f"ETA {format_duration(progress.eta_seconds)}")
         if progress.step:
             parts.append(f"loss {progress.loss:.4f}")
+        if view.resumed_at:
+            parts.append(f"resumed at step {view.resumed_at}")
         return Text(" · ".join(parts))
 
     @staticmethod
@@ -188,6 +190,8 @@ class JobDetailScreen(Screen[None]):
             text.append("cancelled", style="bold magenta")
             if job.checkpoint:
                 text.append(f"; checkpoint kept: {job.checkpoint}")
+            if view.partial:
+                text.append(f"\n  partial LoRA of the last step: {view.partial}")
         elif job.state == JOB_STATE_QUEUED:
             where = f" (#{job.queue_position})" if job.queue_position else ""
             text.append(f"waiting in the queue{where}; it starts when the jobs before it are done", style="yellow")

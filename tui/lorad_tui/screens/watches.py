@@ -81,6 +81,7 @@ class WatchesScreen(Screen[None]):
                     yield Input(placeholder="optional", id="watch-publish")
                     yield Checkbox("poll", id="watch-polling", tooltip="poll the folder (network drives)")
                     yield Button("Add (a)", id="watch-add", variant="primary")
+        yield Static(id="watch-problem")
         yield Static("Watched folders", classes="section-title")
         yield DataTable(id="watch-table", cursor_type="row", zebra_stripes=True)
         yield Static(
@@ -104,6 +105,7 @@ class WatchesScreen(Screen[None]):
         table = self.query_one("#watch-table", DataTable)
         for column in WATCH_COLUMNS:
             table.add_column(column, key=column)
+        self.query_one("#watch-problem").display = False
         self.redraw()
 
     def on_view_changed(self, message: ViewChanged) -> None:
@@ -172,14 +174,22 @@ class WatchesScreen(Screen[None]):
         folder = self.query_one("#watch-folder", Input).value.strip()
         config = self.query_one("#watch-config", Input).value.strip()
         if not folder or not config:
-            self.notify("pick the image folder and the template config first", severity="warning")
+            self._problem("pick the image folder and the template config first")
             return
         try:
             policy = self._policy()
         except ValueError as error:
-            self.notify(str(error), severity="warning")
+            self._problem(str(error))
             return
+        self._problem("")
         self._add(folder, config, policy)
+
+    def _problem(self, text: str) -> None:
+        """Say what is wrong right under the form, where it stays until the next try (a toast would cover
+        the form being corrected for seconds); "" clears it."""
+        problem = self.query_one("#watch-problem", Static)
+        problem.update(Text(f"✗ {text}", style="bold red") if text else "")
+        problem.display = bool(text)
 
     def _policy(self) -> dict[str, object]:
         """The policy fields as ``add_watch`` keywords; only those set (the daemon fills in the rest and
@@ -242,8 +252,7 @@ class WatchesScreen(Screen[None]):
         self.redraw()
 
     def on_section_call_failed(self, message: SectionCallFailed) -> None:
-        self.notify(message.error, title=f"{message.what} failed", severity="error", timeout=15)
-        self.query_one("#watch-detail", Static).update(Text(message.error, style="red"))
+        self._problem(f"{message.what} failed: {message.error}")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "remove":

@@ -8,10 +8,15 @@ Address, first match wins:
 3. the running daemon's discovery file (``lorad_client.paths.discovery_path(home)``, JSON with ``pid`` and
    ``addresses``), ignored when its pid is not alive; a ``unix:`` address whose socket exists is
    preferred over TCP;
-4. ``127.0.0.1:<lorad.paths.DEFAULT_PORT>``.
+4. nothing: ``target`` is empty, and ``source`` says no daemon runs for this home. There is no
+   fallback to the default port: whatever listens there may be another home's daemon, or another
+   user's program waiting for a token.
 
 Token: ``$LORAD_TOKEN``, else the token file (``lorad_client.paths.token_path(home)``) if readable, else None.
 Home: the ``home`` argument, else ``$LORAD_HOME``, else the platform default (``lorad_client.paths.lorad_home``).
+
+Whatever the address, clients send the token only to a server that proves it knows it
+(``lorad_client.identity.verify_daemon``).
 
 Addresses are gRPC target strings. For convenience a bare absolute path is taken as a Unix socket
 (``/x/lorad.sock`` → ``unix:///x/lorad.sock``) and a bare port number as ``127.0.0.1:<port>``.
@@ -35,8 +40,9 @@ TOKEN_ENV = "LORAD_TOKEN"
 class DaemonTarget:
     """Where to reach the daemon.
 
-    ``target`` is a gRPC target string ("unix:///abs/lorad.sock", "127.0.0.1:47860"); ``token`` the
-    bearer token to send, or None; ``source`` says how the address was found (for error messages).
+    ``target`` is a gRPC target string ("unix:///abs/lorad.sock", "127.0.0.1:47860"), or "" when no
+    daemon runs for the home; ``token`` the bearer token to send (once the server proved it knows
+    it), or None; ``source`` says how the address was found, or why there is none (for messages).
     """
 
     target: str
@@ -76,7 +82,16 @@ def find_daemon(home: Path | None = None, address: str | None = None) -> DaemonT
     found = _from_discovery_file(discovery_path(home_dir))
     if found is not None:
         return DaemonTarget(found[0], token, found[1])
-    return DaemonTarget(f"127.0.0.1:{DEFAULT_PORT}", token, "the default address")
+    return DaemonTarget("", token, no_daemon_message(home_dir))
+
+
+def no_daemon_message(home: Path) -> str:
+    """Why there is no address for ``home``: no live daemon wrote its discovery file."""
+    return (
+        f"no lorad daemon is running for LORAD_HOME={home} ({discovery_path(home).name} there is missing or names "
+        f"a process that has ended); start one with `lorad serve`, or name a daemon's address with `--address` "
+        f"or ${ADDRESS_ENV} (a daemon on port {DEFAULT_PORT} of another LORAD_HOME is not used by itself)"
+    )
 
 
 def read_token(home: Path) -> str | None:

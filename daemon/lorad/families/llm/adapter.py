@@ -20,6 +20,7 @@ from torch import nn
 
 from lorad.atomic import atomic_directory
 from lorad.config.llm_schema import LlmTrainConfig
+from lorad.disk_space import disk_full_as_error, ensure_room
 from lorad.errors import ConfigError, ConfigProblem
 
 PEFT_PREFIX = "base_model.model."
@@ -99,7 +100,11 @@ def write_adapter(
     the run's tokenizer (chat template included) beside them, so use formats prompts as training did."""
     dtype = SAVE_DTYPES[save_precision]
     weights = {PEFT_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    with atomic_directory(dest) as tmp:
+    what = f"the adapter {dest.name}/"
+    # The weights plus the tokenizer files beside them (a few MB for a large vocabulary).
+    needed = sum(t.numel() for t in weights.values()) * dtype.itemsize + 16 * 1024 * 1024
+    ensure_room(dest.parent, needed, what)
+    with disk_full_as_error(dest.parent, what, needed), atomic_directory(dest, user_file=True) as tmp:
         lora_config.inference_mode = True
         lora_config.save_pretrained(str(tmp))
         lora_config.inference_mode = False

@@ -12,16 +12,18 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.pickle_policy import needs_pickle
 from lorad.events import EvalDone, EventSink, LogLine, SampleGenerated
 from lorad.families.llm.adapter import build_lora_config, compatibility_report, read_adapter_weights, write_adapter
 from lorad.families.llm.model import LlmModel, RunTokenizer, load_llm, prepare_tokenizer, restore_base_llm
-from lorad.families.llm.outputs import generate_samples, write_merged
+from lorad.families.llm.outputs import generate_samples, write_merged, write_partial_adapter
 from lorad.lora.adapters import attach_lora_config, load_lora_state_dict, lora_state_dict
 from lorad.models.registry import ModelKey
 from lorad.textdata.batches import Batch, collate, plan_batches
@@ -100,6 +102,8 @@ class LlmRun:
                 )
             )
         self.parts = {"model": model}
+        # A compiled wrapper, not the resident model itself, so the next job finds the model as it was.
+        self.forward_model = torch.compile(model) if config.torch_compile else model
         self.param_groups: list[dict[str, Any]] = [{"params": params, "lr": config.learning_rate}]
         self.autocast = torch.autocast(
             self.device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
@@ -121,12 +125,21 @@ class LlmRun:
             max_seq_len=config.max_seq_len,
         )
 
+    def split(self, micro_batch: list[list[int]], size: int) -> list[tuple[list[list[int]], float]]:
+        # The loss is a mean over labelled tokens, so a piece's share is its part of them.
+        def labelled(rows: list[list[int]]) -> int:
+            return sum(self.data.train[i].trained_tokens for row in rows for i in row)
+
+        pieces = [micro_batch[at : at + size] for at in range(0, len(micro_batch), size)]
+        whole = labelled(micro_batch)
+        return [(piece, labelled(piece) / whole if whole else len(piece) / len(micro_batch)) for piece in pieces]
+
     def loss(self, micro_batch: list[list[int]], generator: torch.Generator) -> torch.Tensor:
         batch = collate(
             self.data.train, micro_batch, pad_id=self.pad_id, packed=self.config.packing, mask_dtype=self.mask_dtype
         ).to(self.device)
         self.tokens += batch.tokens
-        return forward_loss(self.model, batch)
+        return forward_loss(self.forward_model, batch)
 
     def train_mode(self, gradient_checkpointing: bool) -> None:
         self.model.train()
@@ -162,8 +175,20 @@ class LlmRun:
         self.scalars.summary["eval_loss"] = self.eval_history[-1]["loss"] if self.eval_history else None
         self.scalars.summary["eval_history"] = self.eval_history
 
+    def export_epoch(self, facts: RunFacts) -> None:
+        pass  # the epoch's checkpoint holds the adapter; kohya's per-epoch files are an image-LoRA habit
+
+    def export_partial(self, facts: RunFacts) -> Path | None:
+        state = lora_state_dict(self.model, ADAPTER)
+        return write_partial_adapter(self.config, state, self.lora_config, self.tokenizer, facts.steps, self.on_event)
+
     def export(self, facts: RunFacts) -> dict[str, str]:
         config = self.config
+        if facts.variant:  # the EMA weights beside the trained ones: the adapter folder only
+            folder = config.output_dir / f"adapter-{facts.variant}"
+            state = lora_state_dict(self.model, ADAPTER)
+            write_adapter(folder, state, self.lora_config, self.tokenizer, save_precision=config.save_precision)
+            return {f"adapter_{facts.variant}": str(folder)}
         outputs = {
             "adapter": str(
                 write_adapter(
@@ -232,7 +257,13 @@ class LlmFamily:
         dtype = str(placement.weight_dtype).removeprefix("torch.")
         if config.load_in_4bit:
             dtype = "nf4:" + str(placement.autocast_dtype or "torch.float16").removeprefix("torch.")
-        return ModelKey(base_model=config.base_model, device=str(placement.device), dtype=dtype, kind="llm")
+        return ModelKey(
+            base_model=config.base_model,
+            device=str(placement.device),
+            dtype=dtype,
+            kind="llm",
+            allow_pickle=needs_pickle(config.base_model, config.allow_pickle),
+        )
 
     def load(self, key: ModelKey) -> LlmModel:
         four_bit = key.dtype.startswith("nf4:")
@@ -240,7 +271,7 @@ class LlmFamily:
         placement = Placement(
             device=torch.device(key.device), autocast_dtype=dtype if four_bit else None, weight_dtype=dtype
         )
-        return load_llm(key.base_model, placement, load_in_4bit=four_bit)
+        return load_llm(key.base_model, placement, load_in_4bit=four_bit, allow_pickle=key.allow_pickle)
 
     def start(
         self, config: LlmTrainConfig, model: LlmModel, data: ScannedData, placement: Placement, on_event: EventSink

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lorad.config.llm_schema import LlmTrainConfig
+from lorad.config.pickle_policy import pickle_problem
 from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
 from lorad.lora.adapters import detach_lora
 from lorad.textdata.templates import TemplateError, resolve_template
@@ -38,12 +39,18 @@ class RunTokenizer:
     notes: tuple[str, ...]  # decisions made for the user, shown as log lines
 
 
-def load_llm(base_model: str, placement: Placement, *, load_in_4bit: bool = False) -> LlmModel:
+def load_llm(
+    base_model: str, placement: Placement, *, load_in_4bit: bool = False, allow_pickle: bool = False
+) -> LlmModel:
     """Load a causal LM from a local folder (or the local hub cache; nothing is downloaded), frozen,
-    in eval mode, on the placement's device and weight dtype. ``load_in_4bit``: QLoRA's NF4 base."""
+    in eval mode, on the placement's device and weight dtype. ``load_in_4bit``: QLoRA's NF4 base.
+    Weights come only from safetensors unless ``allow_pickle`` (pytorch_model.bin is a pickle)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": placement.weight_dtype}
+    problem = pickle_problem("base_model", base_model, allow_pickle)
+    if problem is not None:
+        raise ModelLoadError(f"`base_model`: {problem.message}", problem.fix)
+    kwargs: dict = {"dtype": placement.weight_dtype, "use_safetensors": None if allow_pickle else True}
     if load_in_4bit:
         if placement.device.type != "cuda":
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""After training: sample generations, the merged export, and the run summary."""
+"""After training: sample generations, the merged export, and the run summary; a stopped run's partial adapter."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lorad.atomic import atomic_directory
+from lorad.config.llm_schema import LlmTrainConfig
+from lorad.disk_space import disk_full_as_error, ensure_room
+from lorad.errors import DiskFull
+from lorad.events import EventSink, LogLine
+from lorad.families.llm.adapter import write_adapter
+
+PARTIAL_ADAPTER_NAME = "adapter-partial-step{step:08d}"
 
 
 @torch.no_grad()
@@ -67,8 +74,30 @@ def write_merged(model: nn.Module, adapter_name: str, tokenizer: Any, dest: Path
     if hasattr(merged, "peft_config"):
         del merged.peft_config
     merged.config.use_cache = True
-    with atomic_directory(dest) as tmp:
+    what = f"the merged model {dest.name}/"
+    needed = sum(t.numel() * t.element_size() for t in merged.state_dict().values()) + 16 * 1024 * 1024
+    ensure_room(dest.parent, needed, what)
+    with disk_full_as_error(dest.parent, what, needed), atomic_directory(dest, user_file=True) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     del merged
     return dest
+
+
+def write_partial_adapter(
+    config: LlmTrainConfig,
+    state: dict[str, torch.Tensor],
+    lora_config: Any,
+    tokenizer: Any,
+    step: int,
+    on_event: EventSink,
+) -> Path | None:
+    """Write a stopped run's adapter of its last completed ``step`` as ``adapter-partial-step<8 digits>/``
+    in ``output_dir`` (PEFT layout, like ``adapter/``), so a cancelled job still leaves an adapter.
+    Its checkpoint matters more: a full disk is reported as a warning and gives None."""
+    dest = config.output_dir / PARTIAL_ADAPTER_NAME.format(step=step)
+    try:
+        return write_adapter(dest, state, lora_config, tokenizer, save_precision=config.save_precision)
+    except DiskFull as err:
+        on_event(LogLine(message=f"no partial adapter written: {err}", level="warning"))
+        return None

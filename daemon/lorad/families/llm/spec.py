@@ -56,6 +56,13 @@ def out_of_memory_hint(config: LlmTrainConfig) -> str:
     return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
 
 
+def preflight(config: LlmTrainConfig) -> list:
+    """``lorad config --check``'s cheap look at the records and the model (built on the meta device)."""
+    from lorad.families.llm.preflight import llm_preflight
+
+    return llm_preflight(config)
+
+
 SPEC = FamilySpec(
     name="llm",
     title="causal language model (Llama, Mistral, Qwen, ...)",
@@ -67,6 +74,6 @@ SPEC = FamilySpec(
     plugin="lorad.families.llm.family:FAMILY",
     data_key="train_data",
     output_kind="peft_adapter",
-    hint_keys=frozenset({"train_data"}),
+    preflight=preflight,
     out_of_memory_hint=out_of_memory_hint,
 )

@@ -34,15 +34,23 @@ def memory_tips(config: TrainConfig, *, small_resolution: int = 512) -> list[str
     return tips
 
 
+def preflight(config: TrainConfig) -> list:
+    """``lorad config --check``'s cheap look at the images, the model (built on the meta device) and targets."""
+    from lorad.families.sd.preflight import sd_preflight
+
+    return sd_preflight(config)
+
+
 SPEC = FamilySpec(
     name="sd",
     title="Stable Diffusion 1.x/2.x",
     config_class=TrainConfig,
     parse=lambda raw, base_dir, source: parse_config(raw, base_dir=base_dir, source=source),
     render_example=render_example,
-    # The family of last resort: any base model no other family claims is tried as SD 1.x/2.x, whose
-    # loader names what it found when the file is something else.
-    detect=lambda base_model: True,
+    # The family of last resort: a base model no other family claims is tried as SD 1.x/2.x (when the
+    # config's keys fit it), whose loader names what it found when the file is something else.
+    detect=lambda base_model: False,
+    preflight=preflight,
     priority=1000,
     plugin="lorad.families.sd.family:FAMILY",
     data_key="train_data_dir",

@@ -65,11 +65,25 @@ def encode_prompts(
     return {HIDDEN: torch.cat(hidden, dim=-1), POOLED: pooled}
 
 
-def time_ids(width: int, height: int, bucket: tuple[int, int]) -> TimeIds:
+def time_ids(
+    width: int,
+    height: int,
+    bucket: tuple[int, int],
+    *,
+    flipped: bool = False,
+    crop: tuple[int, int] | None = None,
+) -> TimeIds:
     """SDXL's six micro-conditioning values for an upright ``width`` x ``height`` image trained at
-    ``bucket`` = (width, height): (original h, original w, crop top, crop left, bucket h, bucket w)."""
-    crop = bucket_crop(width, height, bucket)
-    return (height, width, crop.top, crop.left, bucket[1], bucket[0])
+    ``bucket`` = (width, height): (original h, original w, crop top, crop left, bucket h, bucket w).
+
+    The crop is the window the sample was cut at, in its own (mirrored, when ``flipped``) frame:
+    ``crop`` = (top, left) when it was cut at a random offset (``random_crop``), else the centre crop of
+    :func:`lorad.data.dataset.load_image_for_bucket`, whose left edge a mirror moves to the other side."""
+    if crop is None:
+        fit = bucket_crop(width, height, bucket)
+        left = fit.resized[0] - bucket[0] - fit.left if flipped else fit.left
+        crop = (fit.top, left)
+    return (height, width, crop[0], crop[1], bucket[1], bucket[0])
 
 
 def time_ids_tensor(ids: Sequence[TimeIds], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 from lorad.config.example import render_annotated
 from lorad.config.loader import image_checks, parse_family_config
 from lorad.config.schema import REQUIRED_KEYS, TrainConfig, redefault, spec
+from lorad.errors import ConfigProblem
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,19 @@ def render_sdxl_example() -> str:
     return render_annotated(SdxlTrainConfig, _SEED, title="lorad SDXL training config")
 
 
+def _sdxl_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    if values.get("clip_skip"):
+        # kohya only warns ("clip_skip will be unexpected" for SDXL); an error says it before a wasted run.
+        return [
+            ConfigProblem(
+                "clip_skip",
+                f"is {values['clip_skip']}, but SDXL always conditions on its text encoders' penultimate layers",
+                "remove clip_skip (it applies to SD 1.x/2.x)",
+            )
+        ]
+    return []
+
+
 def parse_sdxl_config(raw: Any, *, base_dir: Path, source: str = "config") -> SdxlTrainConfig:
     """Validate a mapping of config keys into an :class:`SdxlTrainConfig` (every problem at once)."""
     return parse_family_config(
@@ -91,5 +105,5 @@ def parse_sdxl_config(raw: Any, *, base_dir: Path, source: str = "config") -> Sd
         source=source,
         required=REQUIRED_KEYS,
         default_name="lora",
-        checks=image_checks(base_dir),
+        checks=[*image_checks(base_dir, SdxlTrainConfig), _sdxl_checks],
     )

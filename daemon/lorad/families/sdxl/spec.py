@@ -8,6 +8,20 @@ from lorad.families.sdxl.config import SdxlTrainConfig, parse_sdxl_config, rende
 from lorad.models.sdxl_detection import is_sdxl_model
 
 
+def preflight(config: SdxlTrainConfig) -> list:
+    """``lorad config --check``'s cheap look at the images, the model (built on the meta device) and targets."""
+    from lorad.families.sd.preflight import image_preflight
+
+    def on_meta():
+        from lorad.models.sdxl_loader import sdxl_modules_on_meta
+
+        return sdxl_modules_on_meta(
+            config.base_model, allow_pickle=config.allow_pickle, model_config_dir=config.model_config_dir
+        )
+
+    return image_preflight(config, on_meta)
+
+
 def out_of_memory_hint(config: SdxlTrainConfig) -> str:
     """Concrete settings to lower after an out-of-memory failure, with their current values."""
     tips = memory_tips(config, small_resolution=768)
@@ -30,6 +44,6 @@ SPEC = FamilySpec(
     data_key="train_data_dir",
     output_kind="image_lora",
     uses_captioner=True,
-    hint_keys=frozenset({"fp8_base", "zero_terminal_snr"}),
+    preflight=preflight,
     out_of_memory_hint=out_of_memory_hint,
 )

@@ -21,6 +21,11 @@ class SystemServiceStub(object):
                 request_serializer=lorad_dot_v1_dot_system__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=lorad_dot_v1_dot_system__pb2.GetStatusResponse.FromString,
                 )
+        self.ProveIdentity = channel.unary_unary(
+                '/lorad.v1.SystemService/ProveIdentity',
+                request_serializer=lorad_dot_v1_dot_system__pb2.ProveIdentityRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_system__pb2.ProveIdentityResponse.FromString,
+                )
 
 
 class SystemServiceServicer(object):
@@ -34,6 +39,14 @@ class SystemServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProveIdentity(self, request, context):
+        """Proves the daemon knows its token without revealing it, so a client can check it talks to the
+        daemon it means before it sends the token. Needs no token (like the health check).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SystemServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -41,6 +54,11 @@ def add_SystemServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=lorad_dot_v1_dot_system__pb2.GetStatusRequest.FromString,
                     response_serializer=lorad_dot_v1_dot_system__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ProveIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProveIdentity,
+                    request_deserializer=lorad_dot_v1_dot_system__pb2.ProveIdentityRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_system__pb2.ProveIdentityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -67,5 +85,22 @@ class SystemService(object):
         return grpc.experimental.unary_unary(request, target, '/lorad.v1.SystemService/GetStatus',
             lorad_dot_v1_dot_system__pb2.GetStatusRequest.SerializeToString,
             lorad_dot_v1_dot_system__pb2.GetStatusResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ProveIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/lorad.v1.SystemService/ProveIdentity',
+            lorad_dot_v1_dot_system__pb2.ProveIdentityRequest.SerializeToString,
+            lorad_dot_v1_dot_system__pb2.ProveIdentityResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
