@@ -28,7 +28,7 @@ from lorad.data.masks import latent_mask, mask_source
 from lorad.data.regularization import balanced_reg_repeats, class_captions
 from lorad.data.report import DataReport
 from lorad.diffusion.captions import caption_conditioning, move_off_device, run_epochs
-from lorad.diffusion.clip_skip import clip_hidden_states
+from lorad.diffusion.clip_skip import clip_hidden_states, clip_token_ids
 from lorad.diffusion.ddpm import per_sample_mse, sample_noise, snr_weights, training_target
 from lorad.diffusion.latents import CleanLatents, LatentSample, draw_latents, encode_latents, latent_views, view_key
 from lorad.diffusion.noise import input_perturbation, multires_noise, sample_timesteps
@@ -132,14 +132,7 @@ class ModelTraits:
 
 
 def _sd_encode(model: SDComponents, captions: Sequence[str], device: torch.device, config: TrainConfig) -> dict:
-    tokenizer = model.tokenizer
-    ids = tokenizer(
-        list(captions),
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
+    ids = clip_token_ids(model.tokenizer, captions)
     return {"hidden": clip_hidden_states(model.text_encoder, to_device(ids, device), config.clip_skip)}
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorad.data.dataset import bucket_crop
+from lorad.diffusion.clip_skip import clip_token_ids
 
 #: Names of the tensors in one caption's encoding (and in its text-encoder cache entry).
 HIDDEN = "hidden"  # (tokens, width_1 + width_2): the UNet's cross-attention context
@@ -50,14 +51,7 @@ def encode_prompts(
     hidden = []
     pooled = None
     for tok, encoder in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
-        ids = tok(
-            list(captions),
-            padding="max_length",
-            truncation=True,
-            max_length=tok.model_max_length,
-            return_tensors="pt",
-        ).input_ids
-        out = encoder(ids.to(device), output_hidden_states=True)
+        out = encoder(clip_token_ids(tok, captions).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = getattr(out, "text_embeds", None)
     if pooled is None:
