@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lorad.errors import DataError
@@ -16,13 +17,6 @@ from lorad.jobs.records import JobState
 from lorad.jobs.store import JobStore
 from lorad.jobs.worker import Worker
 from tests.conftest import tiny_train_values
-
-
-class FakeCudaOom(RuntimeError):
-    """Stands in for torch.cuda.OutOfMemoryError (same name, as the worker recognises it)."""
-
-
-FakeCudaOom.__name__ = "OutOfMemoryError"
 
 
 @contextmanager
@@ -77,7 +71,7 @@ def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseEx
 
 def test_failures_are_reported_and_the_next_job_runs(tmp_path: Path, dataset: Path, tiny_sd: Path) -> None:
     outcomes: list[BaseException | None] = [
-        FakeCudaOom("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         DataError("`train_data_dir`: no usable image", "add images"),
         ZeroDivisionError("boom"),
         None,

@@ -34,6 +34,8 @@ from lorad import __version__
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
+    lora_tools_pb2,
+    lora_tools_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     system_pb2,
@@ -173,6 +175,7 @@ class LoradClient:
         self._verify_lock = threading.Lock()
         self._training = training_pb2_grpc.TrainingServiceStub(channel)
         self._models = models_pb2_grpc.ModelServiceStub(channel)
+        self._lora_tools = lora_tools_pb2_grpc.LoraToolsServiceStub(channel)
         self._system = system_pb2_grpc.SystemServiceStub(channel)
         self._caption = caption_pb2_grpc.CaptionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -317,6 +320,45 @@ class LoradClient:
         return JobWatch(call, self._translate)
 
     # -- ModelService ---------------------------------------------------------------------------
+
+    def inspect_lora(self, path: str | Path, *, base_dir: str | Path = "", timeout: float | None = 120.0) -> Any:
+        """The daemon's report on a LoRA file (an InspectLoraResponse: ``.text``, ``.json``, ``.problems``, ...)."""
+        request = lora_tools_pb2.InspectLoraRequest(path=str(path), base_dir=str(base_dir))
+        return self._unary(self._lora_tools.InspectLora, request, timeout)
+
+    def convert_lora(
+        self,
+        path: str | Path,
+        *,
+        to: str,
+        output: str | Path,
+        base: str | Path = "",
+        base_dir: str | Path = "",
+        timeout: float | None = 300.0,
+    ) -> str:
+        """Convert a LoRA file on the daemon's machine to layout ``to`` (kohya, diffusers, comfyui, peft);
+        returns the written path."""
+        request = lora_tools_pb2.ConvertLoraRequest(
+            path=str(path), to=to, output=str(output), base=str(base), base_dir=str(base_dir)
+        )
+        return self._unary(self._lora_tools.ConvertLora, request, timeout).output
+
+    def resize_lora(
+        self,
+        path: str | Path,
+        *,
+        output: str | Path,
+        rank: int = 0,
+        dynamic: str = "",
+        base_dir: str | Path = "",
+        timeout: float | None = 600.0,
+    ) -> Any:
+        """Resize a LoRA file on the daemon's machine to ``rank`` (or kohya's ``dynamic`` method, e.g.
+        "sv_fro:0.9"); a ResizeLoraResponse (``.output``, ``.summary``)."""
+        request = lora_tools_pb2.ResizeLoraRequest(
+            path=str(path), output=str(output), rank=rank, dynamic=dynamic, base_dir=str(base_dir)
+        )
+        return self._unary(self._lora_tools.ResizeLora, request, timeout)
 
     def list_models(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[ResidentModel]:
         """Base models and captioners resident in the daemon's memory, most recently used first."""

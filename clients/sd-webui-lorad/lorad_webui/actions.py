@@ -23,7 +23,7 @@ from lorad_webui.progress import JobProgress
 from lorad_webui.vendored.format import describe_caption
 
 # The first is the default, as for `lorad caption` and the TUI: BLIP's sentences suit any subject
-# (photos and art alike), the lora-scripts article captions with it, and it runs on transformers
+# (photos and art alike), lora-scripts users caption with it, and it runs on transformers
 # alone; WD14's booru tags are the better pick for anime art, one choice down.
 CAPTIONERS = {
     "blip (sentences)": caption_pb2.CAPTIONER_KIND_BLIP,

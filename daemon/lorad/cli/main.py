@@ -556,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     webui_install.add_argument("--webui-dir", required=True, help="the WebUI folder (the one with launch.py)")
     webui_install.add_argument("--copy", action="store_true", help="copy instead of linking (re-run to update)")
     webui_install.set_defaults(func=cmd_webui_install)
+
+    # LoRA file tools and exports (issue 21): `lorad lora ...`, `lorad export gguf ...`.
+    from lorad.cli.lora_commands import add_lora_commands
+
+    add_lora_commands(sub)
     return parser
 
 
@@ -581,8 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as err:
-        # Errors from the daemon (lorad_client.LoradRpcError) carry the server's message and hint.
-        if type(err).__name__ not in ("LoradRpcError", "DaemonUnavailable"):
+        # Errors from the daemon (lorad_client.LoradRpcError) carry the server's message and hint. The client
+        # is imported by the commands that talk to a daemon, so only then can such an error occur.
+        client_errors = sys.modules.get("lorad_client.errors")
+        if client_errors is None or not isinstance(err, (client_errors.LoradRpcError, client_errors.DaemonUnavailable)):
             raise
         print(f"error: {err}", file=sys.stderr)
         code = getattr(err, "code", None)

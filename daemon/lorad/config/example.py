@@ -22,7 +22,7 @@ _TITLES = {
     "output": "Output",
 }
 
-# The seed story's values: what a first-time user edits.
+# The values a first-time user edits (the README's quick-start config).
 _SEED = {
     "train_data_dir": "./data/style_train",
     "metadata_path": "./data/style_train/metadata.csv",

@@ -203,6 +203,16 @@ class LlmTrainConfig(TrainingKeys):
             "output_dir/merged, loadable with AutoModelForCausalLM.from_pretrained.",
         ),
     )
+    export_gguf: str | None = field(
+        default=None,
+        metadata=spec(
+            "output",
+            "At the end, also export the adapter (and, with merge_export, the merged model) as GGUF for llama.cpp, "
+            "plus an Ollama Modelfile, into output_dir/gguf, at this quantization: f16, q8_0 or q4_k_m "
+            "(same as `lorad export gguf`). Unset: no GGUF.",
+            choices=("f16", "q8_0", "q4_k_m"),
+        ),
+    )
     sample_prompts: tuple[str, ...] = field(
         default=(),
         metadata=spec(

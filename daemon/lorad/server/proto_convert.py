@@ -427,3 +427,28 @@ def set_captions_to_proto(captions: Any) -> caption_pb2.SetCaptionsResponse:
 def caption_edits_from_proto(edits: Any) -> list[tuple[str, str]]:
     """SetCaptions edits as (image path, caption) pairs, in the request's order."""
     return [(edit.path, edit.caption) for edit in edits]
+
+
+def inspect_response(report: Any) -> Any:
+    """A :class:`lorad.lora_tools.inspect.LoraReport` as an InspectLoraResponse (text and JSON included)."""
+    import json
+
+    from lorad.lora_tools.inspect import render_report
+    from lorad_api.v1 import lora_tools_pb2
+
+    return lora_tools_pb2.InspectLoraResponse(
+        layout=report.layout,
+        family=report.family,
+        family_title=report.family_title,
+        modules=report.modules,
+        parameters=report.parameters,
+        precision=report.precision,
+        ranks=report.ranks,
+        alphas=report.alphas,
+        trigger_words=report.trigger_words,
+        problems=[
+            lora_tools_pb2.LoraProblem(kind=p.kind, message=p.message, keys=p.keys[:20]) for p in report.problems
+        ],
+        text=render_report(report),
+        json=json.dumps(report.to_dict()),
+    )

@@ -378,6 +378,28 @@ class LoradService:
         return report.captions_generated
 
     # --- models --------------------------------------------------------------------------------
+    # --- LoRA toolbox (issue 21): file tools on the daemon's machine --------------------------------
+    def inspect_lora(self, path: str, *, base_dir: str = "") -> Any:
+        """The :class:`lorad.lora_tools.inspect.LoraReport` of a LoRA file."""
+        from lorad.lora_tools.inspect import inspect_lora
+
+        return inspect_lora(_resolve(path, base_dir))
+
+    def convert_lora(self, path: str, *, to: str, output: str, base: str = "", base_dir: str = "") -> str:
+        """Write the LoRA in another layout; returns what was written."""
+        from lorad.lora_tools.convert import convert_lora
+
+        written = convert_lora(
+            _resolve(path, base_dir), _resolve(output, base_dir), to=to, base=_resolve(base, base_dir) if base else None
+        )
+        return str(written)
+
+    def resize_lora(self, path: str, *, output: str, rank: int | None, dynamic: str, base_dir: str = "") -> Any:
+        """Resize the LoRA; returns the :class:`lorad.lora_tools.resize.ResizeResult`."""
+        from lorad.lora_tools.resize import resize_lora
+
+        return resize_lora(_resolve(path, base_dir), _resolve(output, base_dir), rank=rank, dynamic=dynamic or None)
+
     def _device_name(self) -> str:
         from lorad.training.placement import pick_device
 
@@ -705,3 +727,9 @@ def _resident_set_bytes() -> int:
         return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _resolve(path: str, base_dir: str) -> Path:
+    """``path`` made absolute against the client's ``base_dir`` (the daemon's cwd means nothing to a client)."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() or not base_dir else Path(base_dir) / resolved

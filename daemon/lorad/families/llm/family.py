@@ -202,6 +202,20 @@ class LlmRun:
         }
         if config.merge_export:
             outputs["merged"] = str(write_merged(self.model, ADAPTER, self.tokenizer, config.output_dir / "merged"))
+        if config.export_gguf:
+            from lorad.families.llm.gguf import export_gguf
+
+            exported = export_gguf(
+                config.output_dir,
+                quant=config.export_gguf,
+                base_model=config.base_model,
+                merged=config.merge_export,
+                log=lambda line: self.on_event(LogLine(message=f"gguf: {line}")),
+            )
+            outputs |= {"gguf_adapter": exported.adapter, "gguf_base": exported.base, "modelfile": exported.modelfile}
+            if exported.merged:
+                outputs["gguf_merged"] = exported.merged
+            self.on_event(LogLine(message=f"gguf: run it in Ollama: {exported.ollama_command}"))
         compatibility = compatibility_report(self.lora_config)
         for warning in compatibility["warnings"]:
             self.on_event(LogLine(message=f"compatibility: {warning}", level="warning"))
