@@ -209,7 +209,7 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
     hub = EventHub(store)
     runs: list[str] = []
 
-    def train(config, *, on_event, stop, models):
+    def train(config, *, on_event, stop, models, **hooks):
         runs.append(str(config.output_dir))
         if len(runs) == 1:
             store.full = True  # the disk fills while the first job trains

@@ -27,7 +27,7 @@ def no_models(config, placement):
 def scripted_train(outcomes: list[BaseException | None]):
     """A train function that fails or succeeds in the given order, like the engine would."""
 
-    def train(config, *, on_event, stop, models):
+    def train(config, *, on_event, stop, models, **hooks):
         outcome = outcomes.pop(0)
         if outcome is not None:
             raise outcome

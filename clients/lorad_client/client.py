@@ -46,7 +46,7 @@ from lorad_api.v1 import (
     watch_pb2_grpc,
 )
 from lorad_api.v1.caption_pb2 import CaptionImagesResponse
-from lorad_api.v1.jobs_pb2 import Job
+from lorad_api.v1.jobs_pb2 import Job, JobEvent
 from lorad_api.v1.models_pb2 import LoadModelResponse, ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.training_pb2 import WatchJobResponse
@@ -67,6 +67,8 @@ DEFAULT_TIMEOUT = 10.0
 SUBMIT_TIMEOUT = 60.0
 LOAD_MODEL_TIMEOUT = 900.0
 UNLOAD_MODEL_TIMEOUT = 60.0
+# SampleNow / SaveNow: the current step has to end first (minutes on a big model), then the round runs.
+RUN_REQUEST_TIMEOUT = 1800.0
 # Listing or writing a folder's captions reads every caption file: a few thousand images on a slow disk.
 CAPTIONS_TIMEOUT = 60.0
 
@@ -305,6 +307,19 @@ class LoradClient:
     def cancel_job(self, job_id: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> Job:
         """Cancel a job; returns it after the request (a running job stays RUNNING until it stops)."""
         return self._unary(self._training.CancelJob, training_pb2.CancelJobRequest(job_id=job_id), timeout).job
+
+    def sample_now(self, job_id: str, *, timeout: float | None = RUN_REQUEST_TIMEOUT) -> list[JobEvent]:
+        """Have a running job draw its sample prompts after its current step; the events it produced
+        (``sample_image``, ``sample`` for LLMs, or a warning ``log`` for a prompt that failed).
+        LoradRpcError(FAILED_PRECONDITION) when the job is not training or has no sample prompts."""
+        request = training_pb2.SampleNowRequest(job_id=job_id)
+        return list(self._unary(self._training.SampleNow, request, timeout).events)
+
+    def save_now(self, job_id: str, *, timeout: float | None = RUN_REQUEST_TIMEOUT) -> list[JobEvent]:
+        """Have a running job save a resumable checkpoint and its step's LoRA after its current step; the
+        events (``checkpoint_saved``, and a ``log`` naming the LoRA file). FAILED_PRECONDITION when not training."""
+        request = training_pb2.SaveNowRequest(job_id=job_id)
+        return list(self._unary(self._training.SaveNow, request, timeout).events)
 
     def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobWatch:
         """Follow a job: its state, then its history after ``after_seq``, then live events

@@ -231,6 +231,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return cancel_job(client, args.job)
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from lorad.cli.daemon_commands import print_samples
+
+    with _connect() as client:
+        return print_samples(client, args.job)
+
+
+def cmd_sample_now(args: argparse.Namespace) -> int:
+    from lorad.cli.daemon_commands import ask_running_job
+
+    with _connect() as client:
+        return ask_running_job(client, args.job, "sample")
+
+
+def cmd_save_now(args: argparse.Namespace) -> int:
+    from lorad.cli.daemon_commands import ask_running_job
+
+    with _connect() as client:
+        return ask_running_job(client, args.job, "save")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from lorad.cli.daemon_commands import load_model, print_models, unload_model
 
@@ -455,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a queued or running job (a running job keeps its checkpoint)")
     cancel.add_argument("job", help="job id (or a unique prefix)")
     cancel.set_defaults(func=cmd_cancel)
+
+    samples = sub.add_parser("samples", help="a job's sample images (step, prompt, seed, path), oldest first")
+    samples.add_argument("job", help="job id (or a unique prefix)")
+    samples.set_defaults(func=cmd_samples)
+
+    sample_now = sub.add_parser(
+        "sample-now", help="have a running job draw its sample prompts after its current step, and list them"
+    )
+    sample_now.add_argument("job", help="job id (or a unique prefix)")
+    sample_now.set_defaults(func=cmd_sample_now)
+
+    save_now = sub.add_parser(
+        "save-now", help="have a running job save a checkpoint and its step's LoRA file after its current step"
+    )
+    save_now.add_argument("job", help="job id (or a unique prefix)")
+    save_now.set_defaults(func=cmd_save_now)
 
     models = sub.add_parser("models", help="resident models; `load PATH` / `unload ID|PATH`")
     models.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list")

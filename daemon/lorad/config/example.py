@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad.config.schema import SECTIONS, OptimizerArgs, RepeatPolicy, TrainConfig
+from lorad.sampling.prompts import SamplePrompts
 
 _TITLES = {
     "data": "Data: images and captions",
@@ -19,6 +20,7 @@ _TITLES = {
     "lora": "LoRA network",
     "training": "Training",
     "checkpoints": "Checkpoints and resuming",
+    "samples": "Sample images (or answers) while training",
     "output": "Output",
 }
 
@@ -42,7 +44,7 @@ def _yaml_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (RepeatPolicy, OptimizerArgs)):
+    if isinstance(value, (RepeatPolicy, OptimizerArgs, SamplePrompts)):
         return _yaml_value(value.to_yaml())
     if isinstance(value, dict):
         return json.dumps(value)

@@ -216,16 +216,17 @@ class LlmTrainConfig(TrainingKeys):
     sample_prompts: tuple[str, ...] = field(
         default=(),
         metadata=spec(
-            "output",
-            "User messages answered with the trained adapter at the end; the answers go in the job "
-            "events and training_summary.json.",
+            "samples",
+            "User messages answered with the trained adapter at the end (and every sample_every_n_steps / "
+            "sample_every_n_epochs, before training with sample_at_first); the answers go in the job events and "
+            "training_summary.json.",
             example=["What does COPD stand for?"],
         ),
     )
     sample_max_new_tokens: int = field(
         default=64,
         metadata=spec(
-            "output", "Longest answer generated per sample prompt (greedy decoding).", minimum=1, maximum=4096
+            "samples", "Longest answer generated per sample prompt (greedy decoding).", minimum=1, maximum=4096
         ),
     )
 

@@ -24,6 +24,7 @@ from lorad.jobs.hub import EventHub
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import JobRecord, JobState
 from lorad.jobs.store import JobStore, store_failure
+from lorad.training.run_requests import RequestNotDone, RunRequests
 
 log = logging.getLogger("lorad.worker")
 
@@ -68,6 +69,7 @@ class Worker:
         self._shutdown = threading.Event()
         self._lock = threading.Lock()
         self._current: tuple[str, threading.Event] | None = None  # (job_id, its stop event)
+        self._requests: dict[str, RunRequests] = {}  # the running job's "sample now" / "save now" channel
         self._cancel_requested: set[str] = set()
         self._progress: dict[str, dict[str, float]] = {}
         # Job ends the store could not take (full disk, damaged file): job_id -> (changes, (kind, payload)).
@@ -116,6 +118,15 @@ class Worker:
             self._current[1].set()
             return True
 
+    def ask_running(self, job_id: str, kind: str, *, timeout: float) -> list[Event]:
+        """Ask the running job to ``kind`` ("sample" or "save", see lorad.training.run_requests) after its
+        current step, and wait for the events that produced; RequestNotDone if it is not training here."""
+        with self._lock:
+            channel = self._requests.get(job_id)
+        if channel is None:
+            raise RequestNotDone(f"job {job_id} is not training now", "ask while the job is running")
+        return channel.ask(kind, timeout=timeout)
+
     # --- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._shutdown.is_set():
@@ -153,8 +164,10 @@ class Worker:
 
     def _run_job(self, job: JobRecord) -> None:
         stop = threading.Event()
+        requests = RunRequests()
         with self._lock:
             self._current = (job.job_id, stop)
+            self._requests[job.job_id] = requests
         try:
             config = self._job_config(job)
             resumed_from = str(config.resume_from or "") if job.attempt > 1 else ""
@@ -173,7 +186,7 @@ class Worker:
                     if self.captions and spec_for(config).uses_captioner
                     else {}
                 )
-                self.train(config, on_event=sink, stop=stop, models=self.models, **hooks)
+                self.train(config, on_event=sink, stop=stop, models=self.models, requests=requests, **hooks)
             finally:
                 publish_error = pump.close()  # every event of the run is stored before its final state
             if publish_error is not None:
@@ -212,6 +225,8 @@ class Worker:
             with self._lock:
                 self._current = None
                 self._cancel_requested.discard(job.job_id)
+                self._requests.pop(job.job_id, None)
+            requests.close("the job is no longer training")
             self._progress.pop(job.job_id, None)
             self.hub.forget(job.job_id)
 

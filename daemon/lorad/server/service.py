@@ -33,7 +33,7 @@ from lorad.config.pickle_policy import needs_pickle, pickle_problem
 from lorad.config.schema import TrainingKeys
 from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
-from lorad.events import EventSink
+from lorad.events import Event, EventSink
 from lorad.families.registry import family_names, load_plugin, spec_for
 from lorad.jobs.hub import EventHub
 from lorad.jobs.records import EventRecord, JobRecord, JobState
@@ -42,6 +42,7 @@ from lorad.jobs.worker import Worker
 from lorad.models.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
 from lorad.paths import jobs_db_path
 from lorad.server.settings import MAX_KEEP_ALIVE_SECONDS, DaemonSettings
+from lorad.training.run_requests import SAMPLE_NOW, SAVE_NOW, RequestNotDone
 from lorad.watching.manager import JobGateway, WatchChange, WatchManager
 from lorad.watching.records import WatchNotFound, WatchView, watch_policy
 
@@ -49,6 +50,8 @@ log = logging.getLogger("lorad.server.service")
 
 # The most jobs one ListJobs answer holds.
 MAX_LISTED_JOBS = 10_000
+# How long SampleNow / SaveNow wait for the running step to end and the request to be done.
+RUN_REQUEST_SECONDS = 1800.0
 
 
 class JobNotCancellable(LoradError):
@@ -237,6 +240,22 @@ class LoradService:
             return cancelled
         self.worker.cancel_running(job.job_id)
         return self.store.get(job.job_id)
+
+    def sample_now(self, job_id: str) -> list[Event]:
+        """Have the running job draw its sample prompts after its current step; the events that produced.
+        RequestNotDone (FAILED_PRECONDITION) when it is not training here or has no sample prompts."""
+        return self.worker.ask_running(self._running(job_id), SAMPLE_NOW, timeout=RUN_REQUEST_SECONDS)
+
+    def save_now(self, job_id: str) -> list[Event]:
+        """Have the running job save a checkpoint and its step's LoRA after its current step; the events."""
+        return self.worker.ask_running(self._running(job_id), SAVE_NOW, timeout=RUN_REQUEST_SECONDS)
+
+    def _running(self, job_id: str) -> str:
+        """The full id of a RUNNING job; RequestNotDone naming its state otherwise."""
+        job = self.get_job(job_id)
+        if job.state != JobState.RUNNING:
+            raise RequestNotDone(f"job {job.job_id} is not training (it is {job.state.value})", "ask while it runs")
+        return job.job_id
 
     def watch(
         self, job_id: str, *, after_seq: int = 0, active: Any = lambda: True, history_only: bool = False

@@ -22,6 +22,7 @@ from lorad.server.proto_convert import (
     caption_edits_from_proto,
     caption_options_from_proto,
     caption_update_to_proto,
+    engine_events_to_proto,
     event_to_proto,
     inspect_response,
     job_to_proto,
@@ -102,6 +103,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def CancelJob(self, request, context):
         with rpc_errors(context):
             return training_pb2.CancelJobResponse(job=self._job(self.service.cancel(request.job_id)))
+
+    def SampleNow(self, request, context):
+        with rpc_errors(context):
+            events = self.service.sample_now(request.job_id)
+            return training_pb2.SampleNowResponse(events=engine_events_to_proto(request.job_id, events))
+
+    def SaveNow(self, request, context):
+        with rpc_errors(context):
+            events = self.service.save_now(request.job_id)
+            return training_pb2.SaveNowResponse(events=engine_events_to_proto(request.job_id, events))
 
     def WatchJob(self, request, context):
         with rpc_errors(context):

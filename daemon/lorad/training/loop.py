@@ -23,6 +23,7 @@ from lorad.errors import TrainingDiverged, TrainingInterrupted, is_out_of_memory
 from lorad.events import (
     CheckpointSaved,
     DataReported,
+    Event,
     EventSink,
     LogLine,
     ModelLoaded,
@@ -47,6 +48,8 @@ from lorad.training.optimizers import (
 )
 from lorad.training.placement import Placement, allow_tf32, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
+from lorad.training.run_requests import SAVE_NOW, RequestNotDone, RunRequests, answer_requests
+from lorad.training.sample_rounds import SampleRounds, exact_eval_weights
 from lorad.training.scalar_log import ScalarLog
 
 # Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
@@ -93,15 +96,17 @@ def train(
     stop: threading.Event | None = None,
     models: ModelProvider | None = None,
     caption_missing: CaptionFiller | None = None,
+    requests: RunRequests | None = None,
 ) -> TrainResult:
     """Train ``config``'s adapter and write its outputs into ``config.output_dir``.
 
     ``models`` provides the base model (the daemon passes its resident-model registry; the model is
     left bit-identical: the adapter is removed afterwards); by default it is loaded for this run.
     Setting ``stop`` makes the run save a checkpoint after the current step and raise
-    TrainingInterrupted. Raises DataError before any model is loaded when no data is usable;
-    TrainingDiverged on a NaN/inf loss (earlier checkpoints are kept); ConfigError for settings only
-    the model can check.
+    TrainingInterrupted. ``requests`` ("sample now", "save now" from another thread) are answered after
+    the step they arrive in; the run closes the channel when it ends. Raises DataError before any model
+    is loaded when no data is usable; TrainingDiverged on a NaN/inf loss (earlier checkpoints are kept);
+    ConfigError for settings only the model can check.
     """
     family = load_plugin(config.model_family)
     run_start, started_at = time.monotonic(), time.time()
@@ -118,6 +123,8 @@ def train(
     device = placement.device
     allow_tf32(device)
     hold = ExitStack()  # releases, in reverse order, everything this run reserved or changed
+    if requests is not None:
+        hold.callback(requests.close, "the job is no longer training")
     try:
         provided = hold.enter_context((models or fresh_model_provider(family))(config, placement))
         hold.callback(family.restore, provided.model)
@@ -153,6 +160,7 @@ def train(
         signature = family.signature(config)
         run.train_mode(config.gradient_checkpointing)  # family.restore turns it off again
         memory = MemoryRecovery(config, run, device)  # shrinks the step when it runs out of memory
+        samples = SampleRounds(config, run, optimizer, params, on_event)  # never changes what is trained
 
         # Locks output_dir, clears our stale temp files, reads the resume checkpoint, sets other runs' aside.
         checkpoints = open_run(config.output_dir, config.resume_from, on_event=on_event)
@@ -242,6 +250,23 @@ def train(
                 started_at=started_at, steps=at_step, epoch=epoch, final_loss=last_loss, precision=placement.precision
             )
 
+        def act(kind: str) -> list[Event]:
+            """Answer a request after the step: sample now, or save a checkpoint and the step's LoRA now."""
+            nonlocal last_saved
+            if kind == SAVE_NOW:
+                last_saved = (step, save(step, epoch))
+                with exact_eval_weights(optimizer, params):  # training goes on from exactly these weights
+                    lora = run.export_partial(facts(step, epoch + 1))
+                saved: list[Event] = [CheckpointSaved(step=step, path=last_saved[1])]
+                if lora is not None:
+                    saved.append(LogLine(message=f"saved on request: the LoRA of step {step} is {lora}"))
+                    on_event(saved[-1])
+                return saved
+            drawn = samples.draw(step, force=True)
+            if not drawn:
+                raise RequestNotDone("this job draws no samples", "add sample_prompts to its config")
+            return drawn
+
         on_event(
             TrainingStarted(
                 total_steps=total_steps,
@@ -256,6 +281,7 @@ def train(
 
         t_train, t_rate, steps_this_run = time.monotonic(), 0.0, 0
         last_saved: tuple[int, str] | None = None  # (step, path) of this run's newest checkpoint
+        samples.at_start(step)  # sample_at_first: the base model's images, before any step
         autocast = torch.autocast(
             device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
         )
@@ -314,6 +340,8 @@ def train(
                 run.scalars.by_step.clear()
                 if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                     last_saved = (step, save(step, epoch))
+                samples.after_step(step)
+                answer_requests(requests, act)  # "sample now" / "save now" asked during this step
                 if stop is not None and stop.is_set():
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
@@ -328,6 +356,7 @@ def train(
                 if step >= total_steps:
                     break
             epoch += 1
+            samples.after_epoch(step, epoch)
             if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
                 settle()
                 with eval_weights(optimizer):
@@ -339,6 +368,7 @@ def train(
         # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
         # `resume_from: latest` writes them without training again. Removed once they are written.
         guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
+        sheet = samples.at_end(step)  # a last round, and the contact sheet of every round
         # Schedule-free optimizers: the final evaluation and the export use the averaged (eval-mode) weights.
         set_optimizer_mode(optimizer, train=False)
         run.finish(step)
@@ -374,6 +404,8 @@ def train(
             },
         )
         outputs["logs"] = str(config.output_dir / "logs")
+        if sheet:
+            outputs["samples"] = sheet
         if guard is not None:
             checkpoints.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))

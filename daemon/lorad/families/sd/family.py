@@ -28,23 +28,16 @@ from lorad.data.masks import latent_mask, mask_source
 from lorad.data.regularization import balanced_reg_repeats, class_captions
 from lorad.data.report import DataReport
 from lorad.diffusion.captions import caption_conditioning, move_off_device, run_epochs
-from lorad.diffusion.clip_skip import clip_hidden_states, clip_token_ids
 from lorad.diffusion.ddpm import per_sample_mse, sample_noise, snr_weights, training_target
 from lorad.diffusion.latents import CleanLatents, LatentSample, draw_latents, encode_latents, latent_views, view_key
 from lorad.diffusion.noise import input_perturbation, multires_noise, sample_timesteps
 from lorad.errors import ConfigError, ConfigProblem
-from lorad.events import EventSink, LatentsCached, LogLine
+from lorad.events import Event, EventSink, LatentsCached, LogLine
 from lorad.families.sd.init_lora import apply_init_lora
-from lorad.families.sd.outputs import (
-    SD_LAYOUT,
-    LoraFileLayout,
-    SdRunFacts,
-    write_epoch_lora,
-    write_lora_files,
-    write_partial_lora,
-)
+from lorad.families.sd.outputs import SdRunFacts, write_epoch_lora, write_lora_files, write_partial_lora
+from lorad.families.sd.sampling import SdSampler
+from lorad.families.sd.traits import SD_TRAITS, ModelTraits, SampleView
 from lorad.lora.adapters import detach_lora, lora_state_dict
-from lorad.lora.kohya_format import PREFIXES, kohya_module_name, portable_path
 from lorad.lora.lycoris_adapter import set_lycoris_training
 from lorad.lora.networks import attach_network, network_spec
 from lorad.lora.targets import (
@@ -96,54 +89,6 @@ class MicroBatch:
     def trained(self) -> slice:
         """The rows of the micro-batch this (piece of a) micro-batch trains on."""
         return slice(self.start, self.stop)
-
-
-@dataclass(frozen=True)
-class SampleView:
-    """How one trained sample was cut from its image: the image, its bucket, whether it is mirrored, and with
-    ``random_crop`` the (top, left) pixel offset of its window in the scaled image (None: centre-cropped)."""
-
-    image: TrainImage
-    bucket: tuple[int, int]
-    flipped: bool
-    crop: tuple[int, int] | None
-
-
-@dataclass(frozen=True)
-class ModelTraits:
-    """What an SD-style run needs to know about its model beyond the UNet and VAE: its text encoders (attribute
-    names on the loaded model), the kohya names of its layers, how captions become the UNet's conditioning,
-    and the layout of its LoRA files. SD 1.x/2.x's are :data:`SD_TRAITS`; SDXL's live in its family.
-
-    - ``kohya_name(model, part, path)``: the layer's module name in kohya's file.
-    - ``encode(model, captions, device, config)``: the text encoders' outputs for ``captions`` (name ->
-      tensor, batch first; autograd as the caller has it).
-    - ``denoise(denoiser, noisy, timesteps, text, views)``: the UNet's prediction with ``text`` (rows of
-      ``encode``'s output) and each sample's ``views`` entry.
-    - ``text_settings(config)``: what else changes ``encode``'s output, for the text-encoder cache key.
-    """
-
-    text_parts: tuple[str, ...]
-    kohya_name: Callable[[Any, str, str], str]
-    encode: Callable[[Any, Sequence[str], torch.device, TrainConfig], dict[str, torch.Tensor]]
-    denoise: Callable[[nn.Module, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Sequence[SampleView]], Any]
-    text_settings: Callable[[TrainConfig], dict[str, object]]
-    layout: LoraFileLayout
-
-
-def _sd_encode(model: SDComponents, captions: Sequence[str], device: torch.device, config: TrainConfig) -> dict:
-    ids = clip_token_ids(model.tokenizer, captions)
-    return {"hidden": clip_hidden_states(model.text_encoder, to_device(ids, device), config.clip_skip)}
-
-
-SD_TRAITS = ModelTraits(
-    text_parts=("text_encoder",),
-    kohya_name=lambda model, part, path: kohya_module_name(PREFIXES[part], portable_path(part, path)),
-    encode=_sd_encode,
-    denoise=lambda denoiser, noisy, timesteps, text, views: denoiser(noisy, timesteps, text["hidden"]).sample,
-    text_settings=lambda config: {"output": "hidden_states", "clip_skip": config.clip_skip or 1},
-    layout=SD_LAYOUT,
-)
 
 
 def load_for_training(
@@ -301,6 +246,13 @@ class SdRun:
         self.param_groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
         if te_params:
             self.param_groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
+        # Sample prompts are checked, and with frozen text encoders encoded, now: before training, and before
+        # the encoders may leave the device (a step and a sample then run no text encoder at all).
+        self.sampler = (
+            SdSampler(config, components, traits, placement, on_event, trainable=bool(te_params))
+            if config.sample_prompts
+            else None
+        )
 
         # Frozen text encoders run once per distinct caption the run will use, before the first step.
         self.text = caption_conditioning(
@@ -416,7 +368,8 @@ class SdRun:
         text = self.text(self.captions(micro_batch)[rows])
         views = [
             SampleView(
-                self.images[self.samples[i]],
+                self.images[self.samples[i]].width,
+                self.images[self.samples[i]].height,
                 self.sample_buckets[i],
                 bool(micro_batch.flips) and micro_batch.flips[position],
                 batch.crops[position] if batch.crops else None,
@@ -454,6 +407,9 @@ class SdRun:
 
     def finish(self, step: int) -> None:
         pass
+
+    def sample(self, step: int, *, baseline: bool = False) -> list[Event]:
+        return self.sampler.sample(step, baseline=baseline) if self.sampler is not None else []
 
     def _lora_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: lora_state_dict(module, ADAPTER) for name, module in self.parts.items()}

@@ -21,8 +21,9 @@ from torch import nn
 from lorad.config.pickle_policy import needs_pickle
 from lorad.events import EventSink, LogLine
 from lorad.families.sd.family import FAMILY as SD_FAMILY
-from lorad.families.sd.family import ModelTraits, SampleView, SdRun, restore_model
+from lorad.families.sd.family import SdRun, restore_model
 from lorad.families.sd.outputs import LoraFileLayout
+from lorad.families.sd.traits import ModelTraits, SampleView
 from lorad.families.sdxl.conditioning import HIDDEN, POOLED, encode_prompts, time_ids, time_ids_tensor
 from lorad.families.sdxl.config import SdxlTrainConfig
 from lorad.families.sdxl.kohya_keys import MODELSPEC_ARCHITECTURE, sdxl_kohya_name
@@ -55,7 +56,7 @@ def _denoise(
 ) -> torch.Tensor:
     """The UNet's prediction with SDXL's conditioning: both encoders' hidden states, and the pooled
     embedding beside each sample's original size, crop and bucket (its time ids)."""
-    ids = [time_ids(v.image.width, v.image.height, v.bucket, flipped=v.flipped, crop=v.crop) for v in views]
+    ids = [time_ids(v.width, v.height, v.bucket, flipped=v.flipped, crop=v.crop) for v in views]
     dtype = noisy.dtype
     added = {
         "text_embeds": text[POOLED].to(dtype),
