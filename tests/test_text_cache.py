@@ -131,6 +131,13 @@ def test_identity_tracks_weights_dtype_tokenizers_and_settings(sdxl: SDXLCompone
     assert text_encoder_identity(_encoders(sdxl), tokenizers, {**settings, "max_length": 225}) != base
     assert text_encoder_identity(_encoders(sdxl), tokenizers[::-1], settings) != base
     assert tokenizer_digest(sdxl.tokenizer) != tokenizer_digest(sdxl.tokenizer_2)  # pad tokens differ
+    # A call leaves its padding and truncation on a fast tokenizer's backend; they do not change its identity
+    # (else a run that tokenized a sample prompt first would miss every cached caption).
+    first = tokenizer_digest(sdxl.tokenizer)
+    sdxl.tokenizer("a prompt")
+    sdxl.tokenizer(["a prompt"], padding="max_length", truncation=True, max_length=77)
+    assert tokenizer_digest(sdxl.tokenizer) == first
+    assert text_encoder_identity(_encoders(sdxl), tokenizers, settings) == base
     with torch.no_grad():
         weight = sdxl.text_encoder_2.text_projection.weight
         kept = weight[0, 0].clone()

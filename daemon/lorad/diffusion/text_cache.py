@@ -49,9 +49,16 @@ class EncodeStats:
 
 def tokenizer_digest(tokenizer: Any) -> str:
     """Hex SHA-256 of what decides a tokenizer's ids: its class, vocabulary and merges (the whole
-    backend model when it has one), special tokens, pad id, maximum length and sides."""
+    backend model when it has one), special tokens, pad id, maximum length and sides; the same whatever
+    the tokenizer was called with before."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # A fast tokenizer's backend holds the padding and truncation its last call set (transformers sets them
+        # per call): history, not identity, so they are left out; the settings that decide ids are in ``facts``.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        model = json.dumps(state, sort_keys=True)
+    else:
+        model = json.dumps(sorted(tokenizer.get_vocab().items()))
     facts = {
         "class": type(tokenizer).__name__,
         "specials": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
