@@ -14,6 +14,10 @@ from lorad.config.loader import image_checks, parse_family_config
 from lorad.config.schema import REQUIRED_KEYS, TrainConfig, redefault, spec
 from lorad.errors import ConfigProblem
 
+# Sample images: 1024 px (the resolution's default), and steps and CFG that suit SDXL (SD 1.x: 20 steps, CFG 7).
+SDXL_SAMPLE_STEPS = 30
+SDXL_SAMPLE_CFG = 5.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class SdxlTrainConfig(TrainConfig):
@@ -27,6 +31,19 @@ class SdxlTrainConfig(TrainConfig):
     )
     min_bucket_reso: int = redefault(TrainConfig, "min_bucket_reso", 512)
     max_bucket_reso: int = redefault(TrainConfig, "max_bucket_reso", 2048)
+    sample_steps: int = redefault(
+        TrainConfig,
+        "sample_steps",
+        SDXL_SAMPLE_STEPS,
+        help=f"Denoising steps per sample image (--s). SDXL: {SDXL_SAMPLE_STEPS} (kohya's default for sample images).",
+    )
+    sample_cfg_scale: float = redefault(
+        TrainConfig,
+        "sample_cfg_scale",
+        SDXL_SAMPLE_CFG,
+        help=f"Classifier-free guidance scale of the samples (--l). SDXL: {SDXL_SAMPLE_CFG} (diffusers' SDXL "
+        "pipeline default).",
+    )
     model_config_dir: Path | None = redefault(
         TrainConfig,
         "model_config_dir",
