@@ -6,6 +6,7 @@ SDXL at 64 px in the reduced mode. Goal at full size: the engine's peak allocate
 from __future__ import annotations
 
 from argparse import Namespace
+from typing import Any
 
 from bench.gpu_suite import GB, Row, Side, Suite, precision_name
 
@@ -39,3 +40,15 @@ def row(suite: Suite) -> Row:
     if measured.engine.peak_bytes is not None:
         measured.goals.append((f"engine peak ≤ {PEAK_GOAL_GB} GB", measured.engine.peak_bytes <= PEAK_GOAL_GB * GB))
     return measured
+
+
+def build_model(suite: Suite) -> Any:
+    """The SDXL model a row runs on, placed as the family keeps a resident one: the real-size SDXL architecture
+    with random weights on ``suite.device`` (the tiny SDXL, built once in the suite's folder, when reduced)."""
+    from bench import sdxl_vs_bare as svb
+    from lorad.models.tiny_sdxl import build_tiny_sdxl
+
+    tiny = suite.work / "tiny-sdxl"
+    if not tiny.exists():
+        build_tiny_sdxl(tiny, seed=svb.SEED)
+    return svb.build_sdxl(tiny / "tokenizer", suite.placement) if suite.full else svb.load_tiny(tiny, suite.placement)
