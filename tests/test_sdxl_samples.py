@@ -204,3 +204,21 @@ def test_sdxl_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
     # With the LoRA (same prompt, same seed) the picture differs.
     for before, after in zip(baseline, trained, strict=True):
         assert np.abs(pixels(before.path) - pixels(after.path)).max() > 0
+
+
+@pytest.mark.slow
+def test_fp8_base_and_v_prediction_runs_draw_their_samples(tmp_path: Path, tiny_sdxl: Path, dataset: Path) -> None:
+    from lorad.events import LogLine
+
+    # float8 UNet weights (the sampler computes in the weight dtype, not the first weight's), and a v-prediction
+    # model with a zero-terminal-SNR schedule (each sampler is built from the model's own noise schedule).
+    config = config_of(
+        tmp_path, tiny_sdxl, dataset, "out", fp8_base=True, prediction_type="v_prediction", zero_terminal_snr=True,
+        sample_prompts=PROMPTS, sample_every_n_steps=2, sample_steps=3, max_train_steps=2,
+    )  # fmt: skip
+    _, events = run(config)
+    warnings = [e.message for e in events if isinstance(e, LogLine) and e.level == "warning"]
+    assert [e.prompt_index for e in events if isinstance(e, SampleImage)] == [0, 1], warnings
+    assert not any("sample prompt" in w for w in warnings)
+    for event in (e for e in events if isinstance(e, SampleImage)):
+        assert pixels(event.path).std() > 0  # a picture, not a NaN decoded to one flat colour
