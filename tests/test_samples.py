@@ -255,18 +255,17 @@ def test_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
 
     # The base model alone (no adapter attached at all), drawn by the same renderer: the same pixels.
     from lorad.families.sd.family import load_for_training
-    from lorad.families.sd.prompts import PromptEncoder
     from lorad.families.sd.sampling import SdSampler
+    from lorad.families.sd.traits import SD_TRAITS
     from lorad.training.placement import pick_placement
 
     config = parse_config(values, base_dir=tmp_path)
     placement = pick_placement("cpu", "no")
     components = load_for_training(str(tiny_sd), placement)
-    encoder = PromptEncoder(components.tokenizer, components.text_encoder, placement.device, trainable=False)
-    bare = SdSampler(config, components, encoder, placement, lambda event: None)
+    bare = SdSampler(config, components, SD_TRAITS, placement, lambda event: None, trainable=False)
     for event in baseline:
         prompt = bare.prompts[event.prompt_index]
-        image = bare.render(prompt, torch.Generator("cpu").manual_seed(prompt.seed), bare.embeddings)
+        image = bare.render(prompt, torch.Generator("cpu").manual_seed(prompt.seed), bare.encodings)
         assert Image.open(event.path).tobytes() == image.tobytes()
     # With the LoRA (same prompt, same seed) the picture differs.
     for before, after in zip(baseline, trained, strict=True):

@@ -188,7 +188,7 @@ def test_clip_skip_conditions_on_the_expected_layer(tmp_path: Path, tiny_sd: Pat
         with torch.no_grad():
             out = te(ids, output_hidden_states=True)
             penultimate = final_layer_norm(te)(out.hidden_states[-2])
-            used = run.prompts(["a red circle"])
+            used = run.traits.encode(run.components, ["a red circle"], run.device, run.config)["hidden"]
         assert torch.allclose(used, penultimate)
         assert not torch.allclose(used, out.last_hidden_state)
         with torch.no_grad():

@@ -41,7 +41,6 @@ def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_
         "metadata_path": str(dataset / "metadata.csv"),
         "base_model": "/models/v1-5.safetensors",
         "lora_rank": 16,
-        "resolution": 512,
         "learning_rate": 1e-4,
         "output_dir": str(tmp_path / "runs" / "my_style"),
         "output_name": "my_style",
@@ -54,6 +53,9 @@ def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_
         TrainForm(name="x", data_dir=str(dataset), base_model="m", length_unit="epochs", length=10), tmp_path
     )
     assert by_epochs["epochs"] == 10 and "max_train_steps" not in by_epochs and "trigger_word" not in by_epochs
+    # An explicit resolution is sent; none leaves it to the model family (SD 512, SDXL 1024).
+    sized = config_fields(TrainForm(name="x", data_dir=str(dataset), base_model="m", resolution=768), tmp_path)
+    assert sized["resolution"] == 768 and "resolution" not in by_epochs
 
 
 def test_every_form_problem_is_reported_at_once(tmp_path: Path) -> None:
