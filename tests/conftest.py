@@ -122,13 +122,6 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
 
 
-def tiny_sdxl_values(tiny_sdxl: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
-    """SDXL config keys for a fast CPU run on the tiny SDXL (64 px images, a few steps)."""
-    values = tiny_train_values(tiny_sdxl, data, out, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32)
-    values.update(overrides)
-    return values
-
-
 # --- Hugging Face cache ---------------------------------------------------------------------------
 @pytest.fixture
 def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -140,17 +133,6 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return cache
-
-
-def put_in_hf_cache(cache: Path, repo_id: str, source: Path, subfolder: str = "") -> Path:
-    """Lay ``source``'s files out as a cached snapshot of ``repo_id`` (the layout huggingface_hub reads)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(source, snapshot / subfolder, dirs_exist_ok=True)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 # --- LLM fixtures ---------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_every_key_of_a_trained_file_maps_to_an_a1111_module(
 ) -> None:
     from lorad.config.dispatch import parse_any_config
     from lorad.training.loop import train
-    from tests.conftest import tiny_sdxl_values
+    from tests.support.datasets import tiny_sdxl_values
 
     values = tiny_sdxl_values(
         model["folder"],

@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from tests.support.hf_cache import put_in_hf_cache
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
@@ -27,7 +29,6 @@ from lorad.models.tiny import (
     build_tiny_sd,
     write_original_checkpoint,
 )
-from tests.conftest import put_in_hf_cache
 
 PROMPT = "a photo of a red cat"
 

@@ -13,8 +13,8 @@ from lorad.models.sd_components import state_dict_digest
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.conftest import tiny_sdxl_values
-from tests.test_daemon import kinds, watch_all
+from tests.support.daemons import kinds, watch_all
+from tests.support.datasets import tiny_sdxl_values
 
 pytestmark = pytest.mark.slow
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -68,8 +68,8 @@ def test_two_sdxl_jobs_share_one_resident_model_left_bit_identical(
 def test_a_watched_folder_trains_an_sdxl_template(client: LoradClient, tiny_sdxl: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from tests.conftest import make_dataset
-    from tests.test_watch_daemon import finished_job, wait_for, watch_jobs
+    from tests.support.datasets import make_dataset
+    from tests.support.watching import finished_job, wait_for, watch_jobs
 
     # SDXL-only keys in the template: it must be read as an SDXL config, not SD's.
     values = tiny_sdxl_values(

@@ -26,7 +26,7 @@ from lorad.models.tiny_sdxl import (
     build_tiny_sdxl,
     write_sdxl_checkpoint,
 )
-from tests.conftest import put_in_hf_cache
+from tests.support.hf_cache import put_in_hf_cache
 
 pytestmark = pytest.mark.usefixtures("hf_cache")
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -18,9 +18,9 @@ from lorad.errors import ConfigError
 from lorad.events import Event, SampleImage
 from lorad.families.sdxl.config import SDXL_SAMPLE_CFG, SdxlTrainConfig
 from lorad.training.loop import train
-from tests.conftest import tiny_sdxl_values
-from tests.test_samples import parse_a1111
-from tests.test_train_sdxl import count_text_encoder_forwards
+from tests.support.a1111 import parse_a1111
+from tests.support.datasets import tiny_sdxl_values
+from tests.support.text_encoders import count_text_encoder_forwards
 
 PROMPTS = ["a red circle --d 7", "[trigger] a blue square --n green --ss ddim --w 128 --h 64"]
 

@@ -206,7 +206,7 @@ def test_a_run_with_too_many_distinct_captions_encodes_at_every_step_instead(
     from lorad.diffusion import captions as run_captions
     from lorad.events import LogLine
     from lorad.training.family import Scalars
-    from tests.conftest import make_dataset, tiny_train_values
+    from tests.support.datasets import make_dataset, tiny_train_values
 
     data = make_dataset(tmp_path / "data")
     config = parse_config(

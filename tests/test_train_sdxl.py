@@ -13,13 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorad.config.dispatch import parse_any_config
-from lorad.events import Event, StepDone, TrainingStarted
+from lorad.events import StepDone
 from lorad.families.sdxl.config import SdxlTrainConfig, render_sdxl_example
 from lorad.families.sdxl.kohya_keys import sdxl_kohya_name
 from lorad.lora.targets import ADAPTABLE
 from lorad.models.tiny_sdxl import write_sdxl_checkpoint
 from lorad.training.loop import train
-from tests.conftest import tiny_sdxl_values
+from tests.support.datasets import tiny_sdxl_values
+from tests.support.text_encoders import count_text_encoder_forwards
 
 pytestmark = pytest.mark.slow
 
@@ -132,35 +133,6 @@ def test_outputs_load_in_diffusers_and_equal_a_hand_merge(tmp_path: Path, tiny_s
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-3), source
 
 
-def count_text_encoder_forwards(config, model_dir: Path) -> tuple[int, int, dict]:
-    """Train ``config`` on a model loaded here, counting text-encoder forwards before and after the
-    first step starts."""
-    from contextlib import contextmanager
-
-    from lorad.families.sdxl.family import FAMILY
-    from lorad.training.family import ProvidedModel
-    from lorad.training.placement import pick_placement
-
-    placement = pick_placement("cpu", "no")
-    model = FAMILY.load(FAMILY.model_key(config, placement))
-    counts = {"before": 0, "during": 0}
-    phase = {"now": "before"}
-    for encoder in (model.text_encoder, model.text_encoder_2):
-        encoder.register_forward_hook(lambda *_: counts.__setitem__(phase["now"], counts[phase["now"]] + 1))
-
-    def on_event(event: Event) -> None:
-        if isinstance(event, TrainingStarted):
-            phase["now"] = "during"
-
-    @contextmanager
-    def provide(_config, _placement):
-        yield ProvidedModel(model=model, resident=True, seconds=0.0)
-
-    train(config, on_event=on_event, models=provide)
-    summary = json.loads((config.output_dir / "training_summary.json").read_text())
-    return counts["before"], counts["during"], summary
-
-
 def test_cached_text_encoder_outputs_mean_no_text_encoder_in_a_step(
     tmp_path: Path, tiny_sdxl: Path, dataset: Path
 ) -> None:
@@ -268,8 +240,8 @@ def test_cli_example_check_and_train(
 ) -> None:
     import yaml
 
-    from tests.conftest import write_config
-    from tests.test_cli import run_cli
+    from tests.support.cli import run_cli
+    from tests.support.datasets import write_config
 
     code, out, _ = run_cli(capsys, "config", "--example", "sdxl")
     assert code == 0 and yaml.safe_load(out)["gradient_checkpointing"] is True
@@ -313,7 +285,7 @@ def test_flip_aug_and_random_crop_reach_the_time_ids(tmp_path: Path, tiny_sdxl: 
     from lorad.families.sdxl.family import FAMILY
     from lorad.training.family import ProvidedModel
     from lorad.training.placement import pick_placement
-    from tests.conftest import make_dataset
+    from tests.support.datasets import make_dataset
 
     wide = make_dataset(tmp_path / "wide", count=4, size=(128, 64))
     config = sdxl_config(tmp_path, tiny_sdxl, wide, flip_aug=True, random_crop=True, epochs=3, enable_bucket=False)

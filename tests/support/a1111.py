@@ -3,6 +3,7 @@ files against."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -58,3 +59,39 @@ def ldm_module_names(single_file: Path) -> set[str]:
                 if module.startswith(prefix):
                     names.add(module[len(prefix) :].replace(".", "_"))
     return names
+
+
+def parse_a1111(text: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    prompt, negative, done = "", "", False
+    *lines, last = text.strip().split("\n")
+    if len(_RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done, line = True, line[16:].strip()
+        if done:
+            negative += ("" if not negative else "\n") + line
+        else:
+            prompt += ("" if not prompt else "\n") + line
+    result["Prompt"], result["Negative prompt"] = prompt, negative
+    for key, value in _RE_PARAM.findall(last):
+        if value[:1] == '"' and value[-1:] == '"':
+            value = json.loads(value)
+        size = _RE_SIZE.match(value)
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            result[key] = value
+    return result
+
+
+# A1111's infotext parsing (modules/infotext_utils.py parse_generation_parameters), as documented there:
+# the last line holds `Key: value` pairs when it has at least three; lines before it are the prompt
+# until one starts with "Negative prompt:"; quoted values are JSON strings; `Size: WxH` splits in two.
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")

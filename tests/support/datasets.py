@@ -114,3 +114,10 @@ def tiny_llm_values(tiny_llm: Path, data: Path, out: Path, **overrides: object) 
     }
     values.update(overrides)
     return values
+
+
+def tiny_sdxl_values(tiny_sdxl: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
+    """SDXL config keys for a fast CPU run on the tiny SDXL (64 px images, a few steps)."""
+    values = tiny_train_values(tiny_sdxl, data, out, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32)
+    values.update(overrides)
+    return values
