@@ -123,10 +123,17 @@ def test_dropping_only_files_training_skips_trains_no_new_version(
 
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")  # corrupt
     shutil.copyfile(stock / "img_05.png", folder / "uncaptioned.png")  # no caption, no captioner
-    wait_for(lambda: watch_of(client, watch.watch_id).images_seen == 4, "the two files seen")
-    time.sleep(QUIET * 4)  # settled long ago: a job would have been queued by now
+    # images_seen is counted when the folder settles, in the same pass that decides on a job: once the
+    # watch shows 4 images, IDLE and nothing pending, that decision was made.
+    wait_for(
+        lambda: (
+            (w := watch_of(client, watch.watch_id)).images_seen == 4
+            and w.state == watch_pb2.WATCH_STATE_IDLE
+            and not w.pending_files
+        ),
+        "the two files seen and the folder settled",
+    )
     assert len(watch_jobs(client, folder)) == 1
-    assert state_of(client, watch.watch_id) == watch_pb2.WATCH_STATE_IDLE
 
     (folder / "uncaptioned.txt").write_text("mystyle, a late caption")
     drop(stock, folder, 7)  # one usable image: now there is new data
