@@ -118,7 +118,7 @@ def test_demo_runs_end_to_end_and_reuses_latents(tmp_path: Path, capsys: pytest.
     lora = tmp_path / "demo" / "output" / "demo_lora" / "demo_lora.safetensors"
     assert lora.is_file() and "<lora:demo_lora:0.8>" in out
     code, _, err = run_cli(capsys, "demo", "--dir", str(tmp_path / "demo"), "--steps", "4")
-    assert code == 0 and "12 from cache, 0 encoded" in err
+    assert code == 0 and "0 encoded, 12 from cache" in err
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:

@@ -172,7 +172,7 @@ def test_an_embedded_resume_says_from_which_step(
     cfg = write_config(tmp_path / "c.yaml", **values, resume_from="latest")
     code, _, err = run_cli(capsys, "train", "--embedded", "--config", str(cfg))
     assert code == 0, err
-    assert f"resuming at step 3 of 8 from {tmp_path / 'out' / 'checkpoints' / 'step-000003'}" in err
+    assert f"training resumes at step 3 of 8 (from {tmp_path / 'out' / 'checkpoints' / 'step-000003'})" in err
 
 
 @pytest.mark.slow
