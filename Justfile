@@ -13,6 +13,10 @@ install:
 test *ARGS: lint
     {{venv}}/python -m pytest -q -n 2 {{ARGS}}
 
+# The tests that train no model (the `slow` ones are left out): a quick check while editing
+test-fast *ARGS:
+    {{venv}}/python -m pytest -q -n 2 -m "not slow" {{ARGS}}
+
 # Train the tiny built-in model end to end
 demo *ARGS:
     {{venv}}/lorad demo {{ARGS}}

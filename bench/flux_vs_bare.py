@@ -123,7 +123,7 @@ def build_width_folder(dest: Path, tiny: Path, case: FluxCase) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from lorad.models.flux_loader import SHIPPED_CONFIGS
-    from lorad.models.tiny import save_clip_text_encoder
+    from lorad.models.tiny import save_text_encoder
 
     shutil.copytree(tiny, dest)
     config = json.loads((SHIPPED_CONFIGS / "dev" / "transformer" / "config.json").read_text())
@@ -138,7 +138,7 @@ def build_width_folder(dest: Path, tiny: Path, case: FluxCase) -> Path:
     )
     clip_config.num_hidden_layers = 1
     shutil.rmtree(dest / "text_encoder")
-    save_clip_text_encoder(CLIPTextModel(clip_config), dest / "text_encoder")
+    save_text_encoder(CLIPTextModel(clip_config), dest / "text_encoder")
     t5_config = T5Config.from_pretrained(str(tiny / "text_encoder_2"))
     t5_config.update({"d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 1024, "num_layers": 1})
     shutil.rmtree(dest / "text_encoder_2")

@@ -110,6 +110,7 @@ def sample_rounds_case(
         "family": family_name,
         "size": size,
         "sample_steps": sample_steps,
+        "cfg_scale": config.sample_cfg_scale,
         "prompts": prompts,
         "rounds": rounds,
         "s_per_image": per_image,

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lorad.server.daemon import RunningDaemon
+from lorad_client import LoradClient
+from tests.support.daemons import run_daemon
+from tests.support.datasets import COLOURS, SHAPES, draw_image, make_dataset
 
 # Before anything imports huggingface_hub: tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -11,37 +20,14 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # only oversubscribe them (OpenMP threads spinning against each other slow training tenfold).
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import random
-import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
-import yaml
-from PIL import Image, ImageDraw
-
 if TYPE_CHECKING:
+    from lorad.models.tiny_flux import FluxFiles
     from lorad.server.daemon import RunningDaemon
     from lorad_client import LoradClient
-
-# The config from the lora-scripts article, verbatim but for base_model.
-SEED_YAML = """\
-train_data_dir: "./data/style_train"
-metadata_path: "./data/style_train/metadata.csv"
-base_model: "{base_model}"
-lora_rank: 8
-unet_target_modules: ["q_proj", "v_proj"]
-batch_size: 4
-epochs: 10
-learning_rate: 2e-4
-output_dir: "./output/my_style_lora"
-save_steps: 100
-"""
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -50,6 +36,37 @@ def _quiet_single_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+class _NoTrainingHere:
+    """A family plug-in that notes each run it starts: what a test not marked ``slow`` gets."""
+
+    def __init__(self, plugin: object, started: list[str]) -> None:
+        self._plugin, self._started = plugin, started
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._plugin, name)
+
+    def start(self, config: object, *args: object, **kwargs: object) -> object:
+        # Recorded and let through: a refusal here would leave a test waiting on a job that never steps.
+        self._started.append(getattr(config, "model_family", "?"))
+        return self._plugin.start(config, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _training_tests_are_marked_slow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`just test-fast` runs the tests not marked slow; a test that trains a model in this process (directly,
+    or through an in-process daemon) must carry the marker, or it fails here."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from lorad.families import registry
+
+    started: list[str] = []
+    real = registry.load_plugin
+    monkeypatch.setattr(registry, "load_plugin", lambda name: _NoTrainingHere(real(name), started))
+    yield
+    assert not started, f"{request.node.nodeid} trains a model ({', '.join(started)}): mark it @pytest.mark.slow"
 
 
 @pytest.fixture(autouse=True)
@@ -69,69 +86,9 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd1", version="sd1", seed=0)
 
 
-def draw_image(path: Path, colour: str, shape: str, size: tuple[int, int] = (64, 64), seed: int = 0) -> None:
-    """A small synthetic picture: a coloured shape on a noisy background."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rng.randint(0, 255) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    w, h = size
-    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-    img.save(path)
-
-
-def make_dataset(root: Path, count: int = 8, *, csv: bool = True, size: tuple[int, int] = (64, 64)) -> Path:
-    """``count`` images in ``root`` with captions in metadata.csv (or .txt sidecars)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(count):
-        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
-        name = f"img_{i:02d}.png"
-        draw_image(root / name, colour, shape, size, seed=i)
-        caption = f"mystyle, a {colour} {shape}, simple background"
-        if csv:
-            rows.append(f"{name},{caption}")
-        else:
-            (root / f"img_{i:02d}.txt").write_text(caption)
-    if csv:
-        (root / "metadata.csv").write_text("file,caption\n" + "\n".join(rows) + "\n")
-    return root
-
-
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data" / "style_train")
-
-
-def write_config(path: Path, **values: object) -> Path:
-    """Write a YAML config file with the given keys."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, sort_keys=False)
-    )
-    return path
-
-
-def tiny_train_values(tiny_sd: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
-    """Config keys for a fast CPU run on the tiny model (64 px images, a few steps)."""
-    values: dict[str, object] = {
-        "train_data_dir": data,
-        "metadata_path": data / "metadata.csv",
-        "base_model": tiny_sd,
-        "lora_rank": 4,
-        "unet_target_modules": ["q_proj", "v_proj"],
-        "batch_size": 2,
-        "epochs": 1,
-        "learning_rate": "1e-3",
-        "output_dir": out,
-        "resolution": 64,
-        "min_bucket_reso": 64,
-        "max_bucket_reso": 128,
-        "bucket_reso_steps": 16,
-        "device": "cpu",
-    }
-    values.update(overrides)
-    return values
 
 
 @pytest.fixture
@@ -140,15 +97,6 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="lorad-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def run_daemon(home: Path) -> RunningDaemon:
-    """A real daemon in this process on a free port and a Unix socket in ``home``."""
-    from lorad.server.daemon import start_daemon
-    from lorad.server.settings import daemon_settings
-
-    settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home)
-    return start_daemon(settings)
 
 
 @pytest.fixture
@@ -166,6 +114,28 @@ def client(daemon: RunningDaemon) -> Iterator[LoradClient]:
         yield connected
 
 
+# --- SDXL fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL model in diffusers layout (built locally, offline)."""
+    from lorad.models.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+# --- Hugging Face cache ---------------------------------------------------------------------------
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache per test, so a real cache on this machine cannot change results."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
 # --- FLUX fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -177,7 +147,7 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_flux_files(tiny_flux: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def tiny_flux_files(tiny_flux: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> FluxFiles:
     """The tiny dev model as ComfyUI/Forge users keep FLUX: the transformer as one BFL file with ComfyUI's
     prefix, and separate clip_l / t5xxl / ae files (a :class:`lorad.models.tiny_flux.FluxFiles`)."""
     from lorad.models.tiny_flux import write_flux_files
@@ -194,28 +164,20 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """Write ``rows`` as JSON Lines."""
-    import json
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Finished images to copy into watched folders, each with its caption sidecar."""
+    root = tmp_path_factory.mktemp("stock")
+    for i in range(30):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        draw_image(root / f"img_{i:02d}.png", colour, shape, (64, 64), seed=i)
+        (root / f"img_{i:02d}.txt").write_text(f"mystyle, a {colour} {shape}")
+    return root
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
-
-def tiny_llm_values(tiny_llm: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
-    """LLM config keys for a fast CPU run on the tiny Llama (a few dozen steps at a high rate)."""
-    values: dict[str, object] = {
-        "train_data": data,
-        "base_model": tiny_llm,
-        "output_dir": out,
-        "device": "cpu",
-        "max_train_steps": 30,
-        "learning_rate": "1e-2",
-        "lora_dropout": 0.0,
-        "batch_size": 4,
-        "lr_scheduler": "constant",
-        "max_seq_len": 64,
-    }
-    values.update(overrides)
-    return values
+@pytest.fixture
+def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> RunningDaemon:
+    """Point the CLI at the test daemon, as `lorad` finds one on a user's machine."""
+    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))
+    monkeypatch.delenv("LORAD_ADDRESS")
+    return daemon

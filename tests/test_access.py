@@ -31,7 +31,7 @@ from lorad.server.daemon import RunningDaemon, ensure_token, start_daemon
 from lorad.server.settings import daemon_settings
 from lorad_api.v1 import system_pb2, system_pb2_grpc
 from lorad_client import DaemonNotVerified, DaemonUnavailable, LoradClient
-from tests.conftest import run_daemon
+from tests.support.daemons import run_daemon
 
 PROBE_USER = "lorad-probe"
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import make_dataset, tiny_train_values
+from tests.support.datasets import make_dataset, tiny_train_values
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,7 @@ def test_lorad_caption_goes_through_the_daemon(
     assert code == 0 and "wd14" in out.splitlines()[1] and str(tagger) in out
 
 
+@pytest.mark.slow
 def test_a_daemon_job_captions_its_missing_captions_then_trains(
     client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, tagger: Path, tmp_path: Path
 ) -> None:

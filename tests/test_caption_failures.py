@@ -13,7 +13,7 @@ from lorad.captioning.options import CaptionOptions
 from lorad.captioning.runner import caption_images
 from lorad.data.dataset import scan_dataset
 from lorad.models.tiny_captioners import build_tiny_blip
-from tests.conftest import make_dataset
+from tests.support.datasets import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from lorad.data.dataset import scan_dataset
 from lorad.events import DataReported, Event, LogLine
 from lorad.models.tiny_captioners import build_tiny_blip, build_tiny_wd14
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import make_dataset, tiny_train_values
+from tests.support.datasets import make_dataset, tiny_train_values
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def half_captioned(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_job_captions_the_missing_half_then_trains(tiny_sd: Path, tiny_blip: Path, tmp_path: Path) -> None:
     data = half_captioned(tmp_path / "data")
     human = dict(read_metadata_csv(data / "metadata.csv").captions)

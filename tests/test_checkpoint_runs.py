@@ -18,7 +18,7 @@ from lorad.errors import ConfigError, TrainingInterrupted
 from lorad.events import CheckpointSaved, Event, LogLine, StepDone, TrainingStarted
 from lorad.training.checkpoints import load_checkpoint
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):
@@ -52,6 +52,7 @@ def dead_pid() -> int:
     return child.pid
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_output_dir_neither_prunes_nor_resumes_the_first(
     tmp_path: Path, tiny_sd: Path, dataset: Path
 ) -> None:
@@ -86,6 +87,7 @@ def test_a_second_run_into_the_same_output_dir_neither_prunes_nor_resumes_the_fi
     assert load_checkpoint(moved[-1]).step == 10
 
 
+@pytest.mark.slow
 def test_the_previous_checkpoint_outlives_the_record_of_the_next(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     """keep_checkpoints: 1 — while the sink (the daemon's job store) records step 2, step 1 must still
     be on disk: a crash before that record is committed resumes from step 1, not from step 0."""
@@ -120,6 +122,7 @@ def _damage(kind: str, checkpoint: Path) -> None:
         (checkpoint / "state.pt").unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated lora", "garbage state", "flipped byte", "broken meta", "missing state"])
 def test_a_damaged_newest_checkpoint_is_named_and_latest_falls_back(
     tmp_path: Path, tiny_sd: Path, dataset: Path, kind: str
@@ -140,6 +143,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_latest_falls_back(
     assert "weights_only" not in warning
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_a_config_error_naming_each(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     stop, _, sink = stop_at(3)
     with pytest.raises(TrainingInterrupted):
@@ -154,6 +158,7 @@ def test_every_checkpoint_damaged_is_a_config_error_naming_each(tmp_path: Path, 
     assert "remove resume_from" in text and "weights_only" not in text and "Unpickling" not in text
 
 
+@pytest.mark.slow
 def test_an_explicit_damaged_checkpoint_falls_back_within_its_own_run(
     tmp_path: Path, tiny_sd: Path, dataset: Path
 ) -> None:
@@ -172,6 +177,7 @@ def test_an_explicit_damaged_checkpoint_falls_back_within_its_own_run(
     assert next(e for e in seen if isinstance(e, TrainingStarted)).start_step == 4
 
 
+@pytest.mark.slow
 def test_temp_files_a_killed_run_left_are_removed_on_the_next_run(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     out = tmp_path / "out"
     checkpoints = out / "checkpoints"
@@ -225,6 +231,7 @@ def test_two_runs_cannot_train_into_one_output_dir_at_once(tmp_path: Path) -> No
     open_run(out, None).close()  # free again once the first run ends
 
 
+@pytest.mark.slow
 def test_checkpoint_meta_records_run_and_checksums(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     stop, _, sink = stop_at(2)
     with pytest.raises(TrainingInterrupted) as err:

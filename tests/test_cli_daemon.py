@@ -8,25 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lorad.cli import main
+from lorad import __version__
 from lorad.server.daemon import RunningDaemon
-from tests.conftest import tiny_train_values, write_config
+from tests.support.cli import run_cli
+from tests.support.datasets import tiny_train_values, write_config
 
 
-@pytest.fixture
-def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> RunningDaemon:
-    """Point the CLI at the test daemon, as `lorad` finds one on a user's machine."""
-    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))
-    monkeypatch.delenv("LORAD_ADDRESS")
-    return daemon
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
+@pytest.mark.slow
 def test_train_submits_to_the_daemon_and_follows(
     use_daemon: RunningDaemon,
     tiny_sd: Path,
@@ -60,7 +48,7 @@ def test_train_submits_to_the_daemon_and_follows(
     assert code == 0 and "freed" in out
 
     code, out, _ = run_cli(capsys, "status")
-    assert code == 0 and "lorad 0.1.0" in out and "queue: 0 waiting" in out
+    assert code == 0 and f"lorad {__version__}" in out and "queue: 0 waiting" in out
 
 
 def test_bad_config_over_the_daemon_names_every_key(
@@ -73,6 +61,7 @@ def test_bad_config_over_the_daemon_names_every_key(
     assert "`lora_rank`" in err and "did you mean `epochs`" in err
 
 
+@pytest.mark.slow
 def test_cancel_a_queued_job(
     use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -90,6 +79,7 @@ def test_cancel_a_queued_job(
     assert code == 130
 
 
+@pytest.mark.slow
 def test_without_a_daemon(tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "jobs")
     assert code == 1 and "lorad serve" in err

@@ -8,7 +8,7 @@ import pytest
 
 from lorad.config import load_config, parse_config, parse_config_text, render_example
 from lorad.errors import ConfigError
-from tests.conftest import SEED_YAML as SEED_TEMPLATE
+from tests.support.datasets import SEED_YAML as SEED_TEMPLATE
 
 SEED_YAML = SEED_TEMPLATE.format(base_model="./models/Stable-diffusion/v1-5-pruned.safetensors")
 

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorad.cli import main
-from tests.conftest import make_dataset, tiny_llm_values, tiny_train_values, write_config, write_jsonl
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.support.cli import run_cli
+from tests.support.datasets import make_dataset, tiny_llm_values, tiny_train_values, write_config, write_jsonl
 
 
 def check(capsys: pytest.CaptureFixture[str], config: Path) -> tuple[int, str]:
@@ -100,6 +94,7 @@ def test_an_llm_target_module_and_data_are_checked_too(
     assert code == 2 and "`target_modules`" in text and "qkv_proj not found" in text, text
 
 
+@pytest.mark.slow
 def test_a_small_resolution_trains_with_the_default_buckets(
     tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,33 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2, system_pb2, system_pb2_grpc
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import run_daemon, tiny_train_values
+from tests.support.daemons import config_yaml, kinds, run_daemon, watch_all
+from tests.support.datasets import tiny_train_values
 
 
-def config_yaml(tiny_sd: Path, data: Path, out: Path, **overrides: object) -> str:
-    values = tiny_train_values(tiny_sd, data, out, **overrides)
-    return yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
-
-
-def watch_all(client: LoradClient, job_id: str, after_seq: int = 0) -> tuple[jobs_pb2.Job, list[jobs_pb2.JobEvent]]:
-    first, events = None, []
-    for message in client.watch_job(job_id, after_seq=after_seq):
-        if message.WhichOneof("item") == "job":
-            first = message.job
-        else:
-            events.append(message.event)
-    return first, events
-
-
-def kinds(events: list[jobs_pb2.JobEvent]) -> list[str]:
-    return [e.WhichOneof("kind") for e in events]
-
-
+@pytest.mark.slow
 def test_submit_stream_finish_then_second_job_is_resident(
     client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -71,6 +53,7 @@ def test_submit_stream_finish_then_second_job_is_resident(
     assert [m.model_id for m in client.list_models()] == [info.model_id]
 
 
+@pytest.mark.slow
 def test_late_watcher_gets_full_history(client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
     job = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "o"), base_dir=tmp_path)
     _, live = watch_all(client, job.job_id)
@@ -81,6 +64,7 @@ def test_late_watcher_gets_full_history(client: LoradClient, tiny_sd: Path, data
     assert [e.seq for e in tail] == [len(live) - 1, len(live)]
 
 
+@pytest.mark.slow
 def test_cancel_running_and_queued(client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
     long_run = config_yaml(tiny_sd, dataset, tmp_path / "long", max_train_steps=100_000, save_steps=1000)
     running = client.submit_training(long_run, base_dir=tmp_path)
@@ -115,6 +99,7 @@ def test_bad_config_and_unknown_job(client: LoradClient, tiny_sd: Path, dataset:
     assert err.value.code == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow
 def test_structured_fields_submit(client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "fields")
     job = client.submit_training_fields(
@@ -123,6 +108,7 @@ def test_structured_fields_submit(client: LoradClient, tiny_sd: Path, dataset: P
     assert kinds(watch_all(client, job.job_id)[1])[-1] == "finished"
 
 
+@pytest.mark.slow
 def test_ten_watchers_receive_every_event(client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path) -> None:
     job = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "o", epochs=2), base_dir=tmp_path)
     results: list[list[int]] = [[] for _ in range(10)]

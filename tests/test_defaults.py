@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from lorad.config import parse_config
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 def kohya_default_modules(tiny_sd: Path) -> set[str]:
@@ -41,6 +42,7 @@ def kohya_default_modules(tiny_sd: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_the_default_targets_are_kohyas(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", max_train_steps=1, train_text_encoder=True)
     values.pop("unet_target_modules")

@@ -24,7 +24,7 @@ from lorad.errors import OutputError
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.training.checkpoints import load_checkpoint
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 COMMON = {"save_steps": 1, "max_train_steps": 4, "keep_checkpoints": 1, "save_precision": "fp32"}
 
@@ -80,6 +80,7 @@ def same_lora(a: str, b: str) -> bool:
     return ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_names_the_disk_and_keeps_the_previous_one(
     tmp_path: Path, tiny_sd: Path, dataset: Path, small_disk: Path
 ) -> None:
@@ -104,6 +105,7 @@ def test_a_full_disk_at_a_checkpoint_names_the_disk_and_keeps_the_previous_one(
     assert resumed.steps == 4 and same_lora(resumed.outputs["kohya"], reference.outputs["kohya"])
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_export_keeps_the_training_and_resume_only_writes_the_outputs(
     tmp_path: Path, tiny_sd: Path, dataset: Path, small_disk: Path
 ) -> None:
@@ -133,6 +135,7 @@ def test_a_full_disk_at_export_keeps_the_training_and_resume_only_writes_the_out
     assert step_names(out / "checkpoints") == []  # the guard goes once the outputs are written
 
 
+@pytest.mark.slow
 def test_an_injected_enospc_mid_checkpoint_removes_the_partial_folder(
     tmp_path: Path, tiny_sd: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,6 +162,7 @@ def test_an_injected_enospc_mid_checkpoint_removes_the_partial_folder(
     load_checkpoint(out / "checkpoints" / "step-000001")
 
 
+@pytest.mark.slow
 def test_an_injected_storage_full_at_export_is_a_clear_error(
     tmp_path: Path, tiny_sd: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

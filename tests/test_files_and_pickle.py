@@ -24,7 +24,7 @@ from lorad.paths import token_path
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import draw_image, make_dataset, tiny_train_values, write_jsonl
+from tests.support.datasets import draw_image, make_dataset, tiny_train_values, write_jsonl
 
 CANARY = "LEAKCANARY7f3a9c"
 SECRET_LINES = (
@@ -248,6 +248,7 @@ def pickled_models(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path, tiny
     yield {"sd": sd, "llm": llm, "blip": blip}
 
 
+@pytest.mark.slow
 def test_pickle_needs_opt_in_on_every_daemon_path(
     client: LoradClient, pickled_models: dict, tmp_path: Path, dataset: Path
 ) -> None:

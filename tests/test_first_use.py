@@ -28,9 +28,10 @@ from lorad_tui.screens.captions import CaptionsScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import JobView
-from tests.conftest import tiny_train_values, write_config
-from tests.test_tui_helpers import screen_text, wait_until
-from tests.test_tui_snapshots import DONE, FakeClient, FakeStream
+from tests.support.cli import run_cli
+from tests.support.datasets import tiny_train_values, write_config
+from tests.support.tui import screen_text, wait_until
+from tests.support.tui_fakes import DONE, FakeClient, FakeStream
 
 # --- TUI ------------------------------------------------------------------------------------------
 
@@ -149,12 +150,6 @@ def test_a_resumed_job_says_from_which_step_and_a_cancelled_one_its_partial_lora
 # --- CLI ------------------------------------------------------------------------------------------
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture
 def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> RunningDaemon:
     monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))
@@ -162,6 +157,7 @@ def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> Runnin
     return daemon
 
 
+@pytest.mark.slow
 def test_an_embedded_resume_says_from_which_step(
     tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -176,9 +172,10 @@ def test_an_embedded_resume_says_from_which_step(
     cfg = write_config(tmp_path / "c.yaml", **values, resume_from="latest")
     code, _, err = run_cli(capsys, "train", "--embedded", "--config", str(cfg))
     assert code == 0, err
-    assert f"resuming at step 3 of 8 from {tmp_path / 'out' / 'checkpoints' / 'step-000003'}" in err
+    assert f"training resumes at step 3 of 8 (from {tmp_path / 'out' / 'checkpoints' / 'step-000003'})" in err
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_reported_once(
     use_daemon: RunningDaemon, tmp_path: Path, tiny_sd: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,6 +187,7 @@ def test_a_failed_job_is_reported_once(
     assert (out + err).count("'to_qq' matches no layer") == 1, out + err
 
 
+@pytest.mark.slow
 def test_logs_follow_prints_history_as_a_log_not_as_a_live_bar(
     use_daemon: RunningDaemon, client: LoradClient, tmp_path: Path, tiny_sd: Path, dataset: Path, capsys
 ) -> None:

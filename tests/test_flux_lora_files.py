@@ -21,11 +21,11 @@ from lorad.families.flux.lora_files import (
     comfyui_tensors,
     flux_metadata,
     kohya_tensors,
-    save_flux_diffusers,
     save_flux_kohya,
 )
 from lorad.families.flux.targets import TARGET_SETS, transformer_target_paths
 from lorad.lora.adapters import attach_lora, lora_state_dict
+from lorad.lora.diffusers_format import save_diffusers_lora
 from lorad.models.tiny_flux import build_tiny_flux, write_flux_files
 
 RANK, ALPHA = 4, 8.0
@@ -192,8 +192,8 @@ def test_diffusers_file_loads_in_flux_pipeline_and_equals_base_plus_lora(
 ) -> None:
     model, state = _trained(tiny, ["all-linear"])
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=sorted({k.rsplit(".lora_", 1)[0] for k in state}))
-    path = save_flux_diffusers(
-        tmp_path, state, {}, transformer_config=config.to_dict(), clip_config=None, dtype=torch.float32
+    path = save_diffusers_lora(
+        tmp_path, {"transformer": state}, {"transformer": config}, torch.float32, pipeline="flux"
     )
     assert all(k.startswith("transformer.") for k in load_file(str(path)))
     pipe = FluxPipeline.from_pretrained(str(tiny), local_files_only=True)

@@ -30,7 +30,7 @@ from lorad.models.flux_loader import (
 )
 from lorad.models.tiny_flux import FluxFiles, build_tiny_flux, write_flux_files
 from lorad.models.tiny_t5_tokenizer import write_tiny_t5_tokenizer
-from tests.test_sd_loader import _put_in_hf_cache, hf_cache  # noqa: F401  (fixture)
+from tests.support.hf_cache import put_in_hf_cache
 
 PROMPT = "a photo of a red cat sitting on a wooden table"
 REAL_FLUX = FluxShape(num_layers=19, num_single_layers=38, inner_dim=3072, guidance_embeds=True)
@@ -256,8 +256,8 @@ def test_compact_model_takes_its_depth_from_the_file(tiny: dict[str, Path], tmp_
     assert load_transformer(sources, torch.float32).config.num_single_layers == 1
 
 
-def test_cached_hub_id_loads_offline(tiny: dict[str, Path], hf_cache: Path) -> None:  # noqa: F811
-    _put_in_hf_cache(hf_cache, "someone/tiny-flux", tiny["dev"])
+def test_cached_hub_id_loads_offline(tiny: dict[str, Path], hf_cache: Path) -> None:
+    put_in_hf_cache(hf_cache, "someone/tiny-flux", tiny["dev"])
     sources = resolve_flux_model("someone/tiny-flux")
     _same_state(
         load_transformer(sources, torch.float32), load_transformer(resolve_flux_model(str(tiny["dev"])), torch.float32)
@@ -307,7 +307,7 @@ def test_missing_tokenizers_name_their_keys(
     files: FluxFiles,
     tiny: dict[str, Path],
     tmp_path: Path,
-    hf_cache: Path,  # noqa: F811
+    hf_cache: Path,
 ) -> None:
     configs = tmp_path / "configs"
     shutil.copytree(tiny["dev"], configs, ignore=shutil.ignore_patterns("tokenizer_2"))
@@ -320,7 +320,7 @@ def test_missing_tokenizers_name_their_keys(
     sources = resolve_flux_model(str(files.transformer), **common, t5xxl_tokenizer=tiny["dev"] / "tokenizer_2")
     assert sources.t5_tokenizer == tiny["dev"] / "tokenizer_2"
     # Or from the Hugging Face cache, where FLUX.1-dev's tokenizer_2/ would be.
-    _put_in_hf_cache(hf_cache, "black-forest-labs/FLUX.1-dev", tiny["dev"] / "tokenizer_2", "tokenizer_2")
+    put_in_hf_cache(hf_cache, "black-forest-labs/FLUX.1-dev", tiny["dev"] / "tokenizer_2", "tokenizer_2")
     cached = resolve_flux_model(str(files.transformer), **common)
     assert cached.t5_tokenizer.parts[-1] == "tokenizer_2" and str(hf_cache) in str(cached.t5_tokenizer)
     open_tokenizers(cached)

@@ -18,9 +18,9 @@ from lorad.events import Event, LogLine, SampleImage
 from lorad.families.flux.config import FluxTrainConfig
 from lorad.models.tiny_flux import TINY_T5_MAX_LENGTH, FluxFiles
 from lorad.training.loop import train
-from tests.conftest import make_dataset
-from tests.test_samples import parse_a1111
-from tests.test_train_flux import file_values, flux_values, parse
+from tests.support.a1111 import parse_a1111
+from tests.support.datasets import make_dataset
+from tests.support.flux import flux_file_values, flux_values, parse_flux
 
 PROMPTS = ["a red circle --d 7", "[trigger] a blue square --n green --l 3 --w 96 --h 64 --s 3"]
 
@@ -32,7 +32,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(values: dict, tmp_path: Path) -> tuple[dict[str, str], list[Event]]:
     events: list[Event] = []
-    result = train(parse(values, tmp_path), on_event=events.append)
+    result = train(parse_flux(values, tmp_path), on_event=events.append)
     return result.outputs, events
 
 
@@ -56,7 +56,9 @@ def same_lora(a: str, b: str) -> bool:
 def test_flux_sample_defaults_suit_a_guidance_distilled_flow_model(
     tmp_path: Path, tiny_flux_files: FluxFiles, data: Path
 ) -> None:
-    config = parse(flux_values(tiny_flux_files.transformer, data, tmp_path / "o", sample_prompts=PROMPTS), tmp_path)
+    config = parse_flux(
+        flux_values(tiny_flux_files.transformer, data, tmp_path / "o", sample_prompts=PROMPTS), tmp_path
+    )
     assert isinstance(config, FluxTrainConfig)
     assert (config.sample_sampler, config.sample_cfg_scale, config.sample_guidance_scale) == (
         "flow_match_euler",
@@ -214,8 +216,8 @@ def test_sampling_leaves_the_lora_bit_identical(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, memory: dict
 ) -> None:
     common = {"max_train_steps": 3, "save_precision": "fp32", "learning_rate": "1e-2", **memory}
-    plain, _ = run(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", **common), tmp_path)
-    values = file_values(
+    plain, _ = run(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", **common), tmp_path)
+    values = flux_file_values(
         tiny_flux_files,
         tiny_flux,
         data,
@@ -241,9 +243,10 @@ def test_block_swap_draws_the_same_images(
 ) -> None:
     common = {"max_train_steps": 2, "gradient_checkpointing": True, "sample_prompts": PROMPTS, "sample_steps": 3}
     _, plain = run(
-        file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", sample_every_n_steps=2, **common), tmp_path
+        flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", sample_every_n_steps=2, **common),
+        tmp_path,
     )
-    values = file_values(
+    values = flux_file_values(
         tiny_flux_files, tiny_flux, data, tmp_path / "swap", blocks_to_swap=3, sample_every_n_steps=2, **common
     )
     _, swapped = run(values, tmp_path)
@@ -257,8 +260,8 @@ def test_samples_need_no_text_encoder_once_the_cache_is_warm(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     common = {"max_train_steps": 1, "sample_prompts": PROMPTS, "sample_every_n_steps": 1, "sample_steps": 2}
-    _, first = run(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "a", **common), tmp_path)
-    assert any(isinstance(e, LogLine) and "3 sample prompts encoded, 0 from the cache" in e.message for e in first)
+    _, first = run(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "a", **common), tmp_path)
+    assert any(isinstance(e, LogLine) and "sample prompts: 3 encoded now, 0 from the cache" in e.message for e in first)
     from transformers import CLIPTextModel, T5EncoderModel
 
     def refuse(*args: object, **kwargs: object) -> None:
@@ -268,7 +271,7 @@ def test_samples_need_no_text_encoder_once_the_cache_is_warm(
         monkeypatch.setattr(cls, "forward", refuse)
     monkeypatch.setattr("lorad.families.flux.family.load_t5xxl", refuse)
     monkeypatch.setattr("lorad.families.flux.family.load_clip_l", refuse)
-    _, second = run(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "b", **common), tmp_path)
+    _, second = run(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "b", **common), tmp_path)
     assert len(images(second)) == 2
     for a, b in zip(images(first), images(second), strict=True):
         assert np.array_equal(pixels(a.path), pixels(b.path))  # same seed, same step, same LoRA: same image

@@ -41,7 +41,8 @@ from lorad_api.v1 import (
     watch_pb2_grpc,
 )
 from lorad_client import LoradClient
-from tests.conftest import make_dataset, run_daemon
+from tests.support.daemons import run_daemon
+from tests.support.datasets import make_dataset
 
 # The "billion laughs": 9 levels of 9 aliases, about 390 million strings once expanded.
 YAML_BOMB = (

@@ -19,7 +19,7 @@ from lorad.config.yaml_text import MAX_ALIAS_VALUES, load_yaml_text
 from lorad.errors import MAX_LISTED_PROBLEMS, ConfigError, ConfigProblem
 from lorad.server.status_codes import MAX_MESSAGE_WIRE_BYTES, fit_trailer
 from lorad.watching.records import watch_policy
-from tests.conftest import make_dataset
+from tests.support.datasets import make_dataset
 
 
 def _numeric_keys(config_class: type) -> dict[str, type]:

@@ -24,7 +24,8 @@ from lorad.jobs.records import JobState
 from lorad.jobs.store import JobStore
 from lorad.paths import jobs_db_path
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import run_daemon, tiny_train_values
+from tests.support.daemons import run_daemon
+from tests.support.datasets import tiny_train_values
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from lorad.config.dispatch import parse_any_config, parse_any_config_text
 from lorad.config.llm_example import render_llm_example
 from lorad.config.llm_schema import LlmTrainConfig
 from lorad.errors import ConfigError
-from tests.conftest import tiny_llm_values, write_jsonl
+from tests.support.datasets import tiny_llm_values, write_jsonl
 
 
 @pytest.fixture

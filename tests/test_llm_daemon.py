@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.conftest import tiny_llm_values, write_jsonl
-from tests.test_daemon import kinds, watch_all
+from tests.support.daemons import kinds, watch_all
+from tests.support.datasets import tiny_llm_values, write_jsonl
 
 
 def llm_yaml(tiny_llm: Path, data: Path, out: Path, **overrides: object) -> str:
@@ -26,6 +27,7 @@ def base_digest(daemon: RunningDaemon, key) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in held.model.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_two_llm_jobs_share_one_resident_base_model(
     client: LoradClient, daemon: RunningDaemon, tiny_llm: Path, tmp_path: Path
 ) -> None:
@@ -86,10 +88,11 @@ def test_a_bad_llm_config_is_refused_at_submit_with_every_problem(
     assert not reply.already_resident and reply.model.kind == "llm"
 
 
+@pytest.mark.slow
 def test_an_llm_job_interrupted_by_a_daemon_stop_resumes_on_the_next_start(
     short_dir: Path, tiny_llm: Path, tmp_path: Path
 ) -> None:
-    from tests.conftest import run_daemon
+    from tests.support.daemons import run_daemon
 
     data = write_jsonl(tmp_path / "records.jsonl", [{"text": "one two three four five six"}] * 4)
     first = run_daemon(short_dir)

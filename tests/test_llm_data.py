@@ -14,7 +14,7 @@ from lorad.textdata.dataset import encode_samples, read_samples
 from lorad.textdata.encoding import IGNORE, encode_sample
 from lorad.textdata.shapes import Message, Sample
 from lorad.textdata.templates import NAMED_TEMPLATES
-from tests.conftest import write_jsonl
+from tests.support.datasets import write_jsonl
 
 NO_MAPPING = {"data_format": "auto", "columns": {}, "roles": {}}
 

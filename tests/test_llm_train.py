@@ -15,7 +15,7 @@ from lorad.errors import DataError, TrainingInterrupted
 from lorad.events import EvalDone, Event, SampleGenerated, StepDone
 from lorad.training.loop import TrainResult as LlmTrainResult
 from lorad.training.loop import train as train_llm_lora
-from tests.conftest import tiny_llm_values, write_jsonl
+from tests.support.datasets import tiny_llm_values, write_jsonl
 
 # A tiny memorisable set: four short answers the model can learn in a few dozen steps.
 ANSWERS = {"colour one": "red green", "colour two": "blue yellow", "count": "one two three", "greet": "hello world"}
@@ -59,6 +59,7 @@ def write_shape(folder: Path, shape: str) -> Path:
     return folder / "t.csv"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["alpaca", "chat", "sharegpt", "text"])
 def test_each_data_shape_trains_and_the_loss_goes_down(tiny_llm: Path, tmp_path: Path, shape: str) -> None:
     _, events = train(tiny_llm, write_shape(tmp_path, shape), tmp_path / "out", max_train_steps=25)
@@ -92,6 +93,7 @@ def adapter_model(tiny_llm: Path, adapter: Path):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm), str(adapter)).eval()
 
 
+@pytest.mark.slow
 def test_the_saved_adapter_reloads_to_the_end_of_training_logits(tiny_llm: Path, trained) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -185,6 +187,7 @@ def test_summary_reports_eval_samples_compatibility_and_logs(trained) -> None:
     assert list((folder / "out" / "logs").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tiny_llm: Path, tmp_path: Path) -> None:
     data = write_shape(tmp_path, "chat")
     common = {"max_train_steps": 8, "lora_dropout": 0.2, "batch_size": 2, "save_steps": 4, "lr_scheduler": "cosine"}
@@ -207,6 +210,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_llm: Path, tmp_path: Path) -> N
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_init_adapter_starts_from_its_weights(tiny_llm: Path, trained, tmp_path: Path) -> None:
     folder, result, _ = trained
     start = load_file(str(Path(result.outputs["adapter"]) / "adapter_model.safetensors"))
@@ -227,6 +231,7 @@ def test_init_adapter_starts_from_its_weights(tiny_llm: Path, trained, tmp_path:
     assert losses(cont_events)[0] < losses(fresh_events)[0] - 0.1
 
 
+@pytest.mark.slow
 def test_dora_and_rslora_train_reload_and_are_flagged(tiny_llm: Path, tmp_path: Path) -> None:
     result, _ = train(
         tiny_llm,
@@ -260,6 +265,7 @@ def test_an_empty_data_file_fails_before_the_model_loads(tiny_llm: Path, tmp_pat
         train_llm_lora(config, models=must_not_load)
 
 
+@pytest.mark.slow
 def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found(
     tiny_llm: Path, tmp_path: Path
 ) -> None:
@@ -293,11 +299,12 @@ def test_packing_with_gradient_checkpointing_trains_and_leaves_the_base_as_found
     assert not any("lora" in name for name, _ in base.named_modules())
 
 
+@pytest.mark.slow
 def test_lorad_train_runs_an_llm_config_in_process(
     tiny_llm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lorad.cli.local_training import run_training
-    from tests.conftest import write_config
+    from tests.support.datasets import write_config
 
     values = tiny_llm_values(tiny_llm, write_shape(tmp_path, "alpaca"), tmp_path / "out", max_train_steps=3)
     config = write_config(tmp_path / "llm.yaml", **values)

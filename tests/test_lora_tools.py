@@ -22,8 +22,8 @@ from lorad.lora_tools.resize import resize_lora
 from lorad.lora_tools.tensor_files import TensorReader, TensorWriter
 from lorad.models.single_file import convert_components
 from lorad.models.tiny import build_tiny_sd, write_original_checkpoint
-from tests.lora_samples import write_diffusers_sample, write_kohya_sample
-from tests.test_a1111_names import a1111_compvis_name, ldm_module_names
+from tests.support.a1111 import a1111_compvis_name, ldm_module_names
+from tests.support.lora_samples import write_diffusers_sample, write_kohya_sample
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_converted_peft_folders_load_in_peft(files: dict[str, Path], tmp_path: P
     from peft import PeftModel
 
     from lorad.lora_tools.sd_key_map import shipped_key_map
-    from tests.lora_samples import load_parts
+    from tests.support.lora_samples import load_parts
 
     folder = convert_lora(files["kohya"], tmp_path / "peft", to="peft")
     unet, text = load_parts(tiny_sd)
@@ -320,7 +320,7 @@ def test_bake_equals_diffusers_fuse_lora(files: dict[str, Path], tmp_path: Path,
 def _pipeline_weights(tiny_sd: Path, model: torch.nn.Module, _cache: dict = {}) -> dict[str, torch.Tensor]:  # noqa: B006
     name = type(model).__name__
     if name not in _cache:
-        from tests.lora_samples import load_parts
+        from tests.support.lora_samples import load_parts
 
         unet, text = load_parts(tiny_sd)
         _cache["UNet2DConditionModel"], _cache["CLIPTextModel"] = unet.state_dict(), text.state_dict()

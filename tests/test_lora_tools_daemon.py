@@ -10,7 +10,7 @@ import pytest
 
 from lorad_client import LoradClient
 from lorad_client.errors import LoradRpcError
-from tests.lora_samples import write_kohya_sample
+from tests.support.lora_samples import write_kohya_sample
 
 
 def test_inspect_convert_resize_over_grpc(client: LoradClient, tmp_path: Path, tiny_sd: Path) -> None:

@@ -24,8 +24,8 @@ from lorad.lora.networks import NetworkSpec, attach_network
 from lorad.lora.targets import resnet_layer_paths
 from lorad.models.tiny import write_original_checkpoint
 from lorad.training.loop import train
-from tests.conftest import make_dataset, tiny_train_values
-from tests.test_a1111_names import a1111_compvis_name, ldm_module_names
+from tests.support.a1111 import a1111_compvis_name, ldm_module_names
+from tests.support.datasets import make_dataset, tiny_train_values
 
 LYCORIS_TYPES = ("locon", "loha", "lokr", "dora")
 # Per type: settings that exercise its file layouts (LoKr rank 2 decomposes w2 into lokr_w2_a/_b on the

@@ -19,8 +19,8 @@ from lorad.families.sd.family import SdRun
 from lorad.training.loop import train
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.conftest import tiny_train_values
-from tests.test_daemon import config_yaml, kinds, watch_all
+from tests.support.daemons import config_yaml, kinds, watch_all
+from tests.support.datasets import tiny_train_values
 
 REAL_LOSS = SdRun.loss
 

@@ -24,7 +24,7 @@ from lorad.training.checkpoints import load_checkpoint
 from lorad.training.loop import train
 from lorad.training.optimizers import build_optimizer, build_scheduler, optimizer_hints, set_optimizer_mode
 from lorad.training.placement import pick_placement
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 CPU_OPTIMIZERS = ("adamw", "prodigy", "adafactor", "lion", "adamw_schedulefree", "came")
 # A learning rate each optimizer trains well at (Prodigy estimates its own step: 1.0; Lion wants less).
@@ -191,7 +191,7 @@ def test_a_hint_reaches_the_run_log(tmp_path: Path, tiny_sd: Path, dataset: Path
 
 @pytest.mark.slow
 def test_llm_family_trains_with_schedulefree_and_exports_ema_alongside(tiny_llm: Path, tmp_path: Path) -> None:
-    from tests.conftest import tiny_llm_values, write_jsonl
+    from tests.support.datasets import tiny_llm_values, write_jsonl
 
     data = write_jsonl(
         tmp_path / "d.jsonl", [{"instruction": f"What is {i}+1?", "output": f"{i + 1}"} for i in range(12)]

@@ -18,7 +18,7 @@ from lorad.config import parse_config
 from lorad.errors import ConfigError, TrainingInterrupted
 from lorad.events import StepDone
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):
@@ -35,6 +35,7 @@ def loads_in_diffusers(tiny_sd: Path, lora: Path) -> int:
     return sum(1 for _, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer) and "check" in m.lora_A)
 
 
+@pytest.mark.slow
 def test_a_stopped_run_leaves_a_partial_lora_of_its_last_step(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     stop = threading.Event()
     with pytest.raises(TrainingInterrupted) as err:
@@ -56,6 +57,7 @@ def test_a_stopped_run_leaves_a_partial_lora_of_its_last_step(tmp_path: Path, ti
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 def test_save_every_n_epochs_writes_kohya_epoch_loras(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     result = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, epochs=3, save_every_n_epochs=1))
     out = tmp_path / "out"
@@ -92,6 +94,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.slow
 def test_outputs_honour_the_umask(tmp_path: Path, tiny_sd: Path, dataset: Path, umask_027: None) -> None:
     stop = threading.Event()
     with pytest.raises(TrainingInterrupted):
@@ -130,13 +133,14 @@ def test_a_published_watch_lora_honours_the_umask(tmp_path: Path, umask_027: Non
     assert published == tmp_path / "Lora" / "style.safetensors" and mode(published) == 0o640
 
 
+@pytest.mark.slow
 def test_a_stopped_llm_run_leaves_a_partial_adapter_peft_loads(tmp_path: Path, tiny_llm: Path, umask_027: None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from lorad.config.llm_loader import parse_llm_config
     from lorad.training.loop import train as train_llm_lora
-    from tests.conftest import tiny_llm_values, write_jsonl
+    from tests.support.datasets import tiny_llm_values, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)])
     config = parse_llm_config(tiny_llm_values(tiny_llm, data, tmp_path / "llm"), base_dir=tmp_path)
@@ -152,6 +156,7 @@ def test_a_stopped_llm_run_leaves_a_partial_adapter_peft_loads(tmp_path: Path, t
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_a_job_cancelled_in_the_daemon_names_its_partial_lora(
     client: object, tmp_path: Path, tiny_sd: Path, dataset: Path
 ) -> None:

@@ -11,8 +11,8 @@ from PIL import Image
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.test_cli_daemon import run_cli, use_daemon  # noqa: F401 - a fixture
-from tests.test_daemon import config_yaml, kinds, watch_all
+from tests.support.cli import run_cli
+from tests.support.daemons import config_yaml, kinds, watch_all
 
 PROMPTS = ["a red circle --d 5", "a blue square --d 6"]
 
@@ -85,13 +85,13 @@ def test_sample_now_without_prompts_says_what_to_add(
 
 @pytest.mark.slow
 def test_the_cli_lists_samples_and_asks_a_running_job(
-    use_daemon: RunningDaemon,  # noqa: F811
+    use_daemon: RunningDaemon,
     tiny_sd: Path,
     dataset: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from tests.conftest import tiny_train_values, write_config
+    from tests.support.datasets import tiny_train_values, write_config
 
     values = tiny_train_values(
         tiny_sd, dataset, tmp_path / "cli", max_train_steps=100_000, sample_prompts=PROMPTS, sample_steps=2,

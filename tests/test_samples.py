@@ -4,7 +4,6 @@ changes what is trained. Tiny random SD1 model on the CPU."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -25,40 +24,8 @@ from lorad.sampling.prompts import (
     sample_prompts_from,
 )
 from lorad.training.loop import train
-from tests.conftest import tiny_train_values
-
-# A1111's infotext parsing (modules/infotext_utils.py parse_generation_parameters), as documented there:
-# the last line holds `Key: value` pairs when it has at least three; lines before it are the prompt
-# until one starts with "Negative prompt:"; quoted values are JSON strings; `Size: WxH` splits in two.
-_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def parse_a1111(text: str) -> dict[str, str]:
-    result: dict[str, str] = {}
-    prompt, negative, done = "", "", False
-    *lines, last = text.strip().split("\n")
-    if len(_RE_PARAM.findall(last)) < 3:
-        lines.append(last)
-        last = ""
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            done, line = True, line[16:].strip()
-        if done:
-            negative += ("" if not negative else "\n") + line
-        else:
-            prompt += ("" if not prompt else "\n") + line
-    result["Prompt"], result["Negative prompt"] = prompt, negative
-    for key, value in _RE_PARAM.findall(last):
-        if value[:1] == '"' and value[-1:] == '"':
-            value = json.loads(value)
-        size = _RE_SIZE.match(value)
-        if size:
-            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
-        else:
-            result[key] = value
-    return result
+from tests.support.a1111 import parse_a1111
+from tests.support.datasets import tiny_train_values
 
 
 def settings(**overrides: object) -> SampleSettings:
@@ -255,18 +222,17 @@ def test_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
 
     # The base model alone (no adapter attached at all), drawn by the same renderer: the same pixels.
     from lorad.families.sd.family import load_for_training
-    from lorad.families.sd.prompts import PromptEncoder
     from lorad.families.sd.sampling import SdSampler
+    from lorad.families.sd.traits import SD_TRAITS
     from lorad.training.placement import pick_placement
 
     config = parse_config(values, base_dir=tmp_path)
     placement = pick_placement("cpu", "no")
     components = load_for_training(str(tiny_sd), placement)
-    encoder = PromptEncoder(components.tokenizer, components.text_encoder, placement.device, trainable=False)
-    bare = SdSampler(config, components, encoder, placement, lambda event: None)
+    bare = SdSampler(config, components, SD_TRAITS, placement, lambda event: None, trainable=False)
     for event in baseline:
         prompt = bare.prompts[event.prompt_index]
-        image = bare.render(prompt, torch.Generator("cpu").manual_seed(prompt.seed), bare.embeddings)
+        image = bare.render(prompt, torch.Generator("cpu").manual_seed(prompt.seed), bare.encodings)
         assert Image.open(event.path).tobytes() == image.tobytes()
     # With the LoRA (same prompt, same seed) the picture differs.
     for before, after in zip(baseline, trained, strict=True):
@@ -301,7 +267,7 @@ def test_an_llm_answers_its_sample_prompts_during_training_without_changing_the_
 ) -> None:
     from lorad.config.llm_loader import parse_llm_config
     from lorad.events import SampleGenerated
-    from tests.conftest import tiny_llm_values, write_jsonl
+    from tests.support.datasets import tiny_llm_values, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "count", "output": "one two three"}] * 8)
     prompts = {"sample_prompts": ["count"], "sample_max_new_tokens": 4, "max_train_steps": 4}

@@ -9,9 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+from tests.support.hf_cache import put_in_hf_cache
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors import safe_open
@@ -36,14 +37,10 @@ class _NotATensor:
     """Pickled next to the weights to stand for the Python objects weights_only must refuse."""
 
 
-@pytest.fixture(autouse=True)
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache per test, so a real cache on this machine cannot change results."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return cache
+SDXL_REFUSED = r"is an SDXL (model|checkpoint), which the SD 1\.x/2\.x loader does not load"
+
+# Every test gets an empty Hugging Face cache, so a real cache on this machine cannot change results.
+pytestmark = pytest.mark.usefixtures("hf_cache")
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +70,6 @@ def _configs_only(folder: Path, dest: Path, *, scheduler: bool = True) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(config, dest / rel)
     return dest
-
-
-def _put_in_hf_cache(cache: Path, repo_id: str, source: Path, subfolder: str = "") -> Path:
-    """Lay ``source``'s files out as a cached snapshot of ``repo_id`` (the layout huggingface_hub reads)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(source, snapshot / subfolder, dirs_exist_ok=True)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def _assert_same_weights(a: SDComponents, b: SDComponents) -> None:
@@ -161,7 +147,7 @@ def test_sdxl_folder_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
         text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
     )
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="SDXL is not supported yet"):
+    with pytest.raises(ModelLoadError, match=SDXL_REFUSED):
         load_sd_components(str(folder))
 
 
@@ -240,7 +226,7 @@ def test_tokenizer_path_without_tokenizer_is_named(tiny: dict[str, Path], tmp_pa
 
 def test_tokenizer_found_in_hf_cache(tiny: dict[str, Path], tmp_path: Path, hf_cache: Path) -> None:
     configs = _configs_only(tiny["sd1"], tmp_path / "configs")
-    _put_in_hf_cache(hf_cache, "openai/clip-vit-large-patch14", tiny["sd1"] / "tokenizer")
+    put_in_hf_cache(hf_cache, "openai/clip-vit-large-patch14", tiny["sd1"] / "tokenizer")
     c = load_sd_components(str(tiny["sd1_file"]), model_config_dir=configs)
     assert len(c.tokenizer(PROMPT).input_ids) == 8
 
@@ -282,7 +268,7 @@ def test_sdxl_single_file_is_refused(tmp_path: Path) -> None:
         "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
     }
     save_file(tensors, str(path))
-    with pytest.raises(ModelLoadError, match="SDXL is not supported yet"):
+    with pytest.raises(ModelLoadError, match=SDXL_REFUSED):
         load_sd_components(str(path))
 
 
@@ -303,7 +289,7 @@ def test_uncached_hub_id_is_refused_without_download() -> None:
 
 
 def test_cached_hub_id_loads(tiny: dict[str, Path], hf_cache: Path) -> None:
-    snapshot = _put_in_hf_cache(hf_cache, "lorad-test/tiny-sd2", tiny["sd2"])
+    snapshot = put_in_hf_cache(hf_cache, "lorad-test/tiny-sd2", tiny["sd2"])
     c = load_sd_components("lorad-test/tiny-sd2")
     assert (c.source, c.model_version, c.prediction_type) == (str(snapshot), "sd2", "v_prediction")
 

@@ -21,7 +21,7 @@ from lorad.errors import TrainingDiverged
 from lorad.events import Event, StepDone, TrainingStarted
 from lorad.families.sd.family import SdRun
 from lorad.training.loop import train
-from tests.conftest import tiny_llm_values, tiny_train_values, write_jsonl
+from tests.support.datasets import tiny_llm_values, tiny_train_values, write_jsonl
 
 # Every way Python code reads a tensor's value on the host; on a GPU each one waits for the device.
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")

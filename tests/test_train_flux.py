@@ -15,57 +15,16 @@ from safetensors.torch import load_file
 from lorad.config.dispatch import parse_any_config
 from lorad.errors import ConfigError, TrainingInterrupted
 from lorad.events import LatentsCached, LogLine, StepDone
-from lorad.families.flux.config import FluxTrainConfig
 from lorad.families.flux.spec import render_flux_example
 from lorad.models.tiny_flux import FluxFiles
 from lorad.training.loop import train
-from tests.conftest import make_dataset
+from tests.support.datasets import make_dataset
+from tests.support.flux import flux_file_values, flux_values, parse_flux
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "style_train")
-
-
-def flux_values(base: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
-    """Config keys for a fast CPU run on the tiny FLUX model (64 px images, a few steps)."""
-    values: dict[str, object] = {
-        "train_data_dir": data,
-        "metadata_path": data / "metadata.csv",
-        "base_model": base,
-        "lora_rank": 4,
-        "batch_size": 2,
-        "epochs": 1,
-        "learning_rate": "1e-3",
-        "output_dir": out,
-        "resolution": 64,
-        "min_bucket_reso": 64,
-        "max_bucket_reso": 128,
-        "bucket_reso_steps": 16,
-        "device": "cpu",
-        "cache_dir": out.parent / "cache",
-    }
-    values.update(overrides)
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
-
-
-def file_values(files: FluxFiles, tiny: dict[str, Path], data: Path, out: Path, **overrides: object) -> dict:
-    return flux_values(
-        files.transformer,
-        data,
-        out,
-        clip_l=files.clip_l,
-        t5xxl=files.t5xxl,
-        ae=files.ae,
-        model_config_dir=tiny["dev"],
-        **overrides,
-    )
-
-
-def parse(values: dict, tmp_path: Path) -> FluxTrainConfig:
-    config = parse_any_config(values, base_dir=tmp_path)
-    assert isinstance(config, FluxTrainConfig) and config.model_family == "flux"
-    return config
 
 
 # --- config ----------------------------------------------------------------------------------------------
@@ -74,7 +33,7 @@ def parse(values: dict, tmp_path: Path) -> FluxTrainConfig:
 def test_example_config_parses_and_detects_flux(tmp_path: Path, tiny_flux_files: FluxFiles) -> None:
     raw = yaml.safe_load(render_flux_example())
     (tmp_path / "data" / "style_train").mkdir(parents=True)
-    config = parse(
+    config = parse_flux(
         {
             **raw,
             "base_model": str(tiny_flux_files.transformer),
@@ -136,7 +95,7 @@ def test_image_options_flux_does_not_implement_yet_are_refused_not_ignored(
     assert {p.key for p in err.value.problems} >= {"network_type", "flip_aug", "min_timestep", "clip_skip"}
     # The same keys at their defaults (as an exported config writes them) are fine.
     defaults = flux_values(tiny_flux_files.transformer, data, tmp_path / "o", network_type="lora", flip_aug=False)
-    assert parse(defaults, tmp_path).network_type == "lora"
+    assert parse_flux(defaults, tmp_path).network_type == "lora"
 
 
 def test_choices_match_the_modules_that_implement_them() -> None:
@@ -158,8 +117,8 @@ def test_trains_from_single_file_with_separate_files(
 ) -> None:
     from diffusers import FluxPipeline
 
-    config = parse(
-        file_values(
+    config = parse_flux(
+        flux_file_values(
             tiny_flux_files,
             tiny_flux,
             data,
@@ -188,12 +147,14 @@ def test_trains_from_single_file_with_separate_files(
     assert any("lora" in name for name, _ in pipe.transformer.named_modules())
     summary = json.loads(Path(result.outputs["summary"]).read_text())
     assert summary["text_encoder_outputs"]["encoded"] == 4 and summary["latents"]["encoded"] == 8
-    assert any(isinstance(e, LogLine) and "4 captions encoded, 0 from the cache" in e.message for e in events)
+    assert any(
+        isinstance(e, LogLine) and "4 distinct captions, 4 encoded now, 0 from the cache" in e.message for e in events
+    )
 
 
 @pytest.mark.slow
 def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny_flux: dict[str, Path], data: Path) -> None:
-    config = parse(
+    config = parse_flux(
         flux_values(
             tiny_flux["schnell"],
             data,
@@ -220,7 +181,9 @@ def test_trains_schnell_from_a_diffusers_folder(tmp_path: Path, tiny_flux: dict[
 def test_warm_caches_run_no_text_encoder_and_no_vae(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "a", max_train_steps=1), tmp_path))
+    first = train(
+        parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "a", max_train_steps=1), tmp_path)
+    )
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -233,7 +196,7 @@ def test_warm_caches_run_no_text_encoder_and_no_vae(
     monkeypatch.setattr("lorad.families.flux.family.load_vae", refuse)
     events: list = []
     second = train(
-        parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "b", max_train_steps=2), tmp_path),
+        parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "b", max_train_steps=2), tmp_path),
         on_event=events.append,
     )
     assert second.steps == 2 and first.steps == 1
@@ -254,7 +217,7 @@ def test_resume_is_exact(tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_f
         "lora_dropout": 0.1,
         "train_text_encoder": True,
     }
-    full = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "full", **common), tmp_path))
+    full = train(parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "full", **common), tmp_path))
     stop = threading.Event()
 
     def stop_at_five(event: object) -> None:
@@ -263,7 +226,7 @@ def test_resume_is_exact(tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_f
 
     with pytest.raises(TrainingInterrupted) as err:
         train(
-            parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "part", **common), tmp_path),
+            parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "part", **common), tmp_path),
             on_event=stop_at_five,
             stop=stop,
         )
@@ -271,8 +234,9 @@ def test_resume_is_exact(tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_f
     assert err.value.partial and Path(err.value.partial).name == "part-partial-step00000005.safetensors"
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in load_file(err.value.partial)
     resumed = train(
-        parse(
-            file_values(tiny_flux_files, tiny_flux, data, tmp_path / "part", resume_from="latest", **common), tmp_path
+        parse_flux(
+            flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "part", resume_from="latest", **common),
+            tmp_path,
         )
     )
     assert resumed.steps == full.steps == 12
@@ -286,9 +250,13 @@ def test_block_swap_trains_the_same_lora(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
     common = {"max_train_steps": 3, "gradient_checkpointing": True, "save_precision": "fp32"}
-    plain = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", **common), tmp_path))
+    plain = train(
+        parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain", **common), tmp_path)
+    )
     swapped = train(
-        parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path)
+        parse_flux(
+            flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path
+        )
     )
     a, b = load_file(plain.outputs["kohya"]), load_file(swapped.outputs["kohya"])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -298,7 +266,7 @@ def test_block_swap_trains_the_same_lora(
 def test_ema_variant_is_written_beside_the_trained_lora(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
-    values = file_values(
+    values = flux_file_values(
         tiny_flux_files,
         tiny_flux,
         data,
@@ -307,7 +275,7 @@ def test_ema_variant_is_written_beside_the_trained_lora(
         ema_decay=0.5,
         output_format=["kohya", "diffusers"],
     )
-    result = train(parse(values, tmp_path))
+    result = train(parse_flux(values, tmp_path))
     assert {"kohya", "diffusers", "kohya_ema", "diffusers_ema"} <= set(result.outputs)
     assert Path(result.outputs["kohya_ema"]).name == "e-ema.safetensors"
     assert Path(result.outputs["diffusers_ema"]).parent == tmp_path / "e" / "ema"
@@ -323,8 +291,10 @@ def test_quantized_base_trains(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
     result = train(
-        parse(
-            file_values(tiny_flux_files, tiny_flux, data, tmp_path / "q", base_quantization="nf4", max_train_steps=2),
+        parse_flux(
+            flux_file_values(
+                tiny_flux_files, tiny_flux, data, tmp_path / "q", base_quantization="nf4", max_train_steps=2
+            ),
             tmp_path,
         )
     )
@@ -346,10 +316,10 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
 ) -> None:
     from lorad.models.sd_components import state_dict_digest
     from lorad_api.v1 import jobs_pb2
-    from tests.test_daemon import watch_all
+    from tests.support.daemons import watch_all
 
     def submit(out: str, **overrides: object) -> list:
-        values = file_values(tiny_flux_files, tiny_flux, data, tmp_path / out, max_train_steps=2, **overrides)
+        values = flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / out, max_train_steps=2, **overrides)
         job = client.submit_training(yaml.safe_dump(values), base_dir=tmp_path)
         _, events = watch_all(client, job.job_id)
         assert client.get_job(job.job_id).state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1]
@@ -379,8 +349,8 @@ def test_init_lora_continues_a_flux_lora_in_any_layout(
 ) -> None:
     common = {"save_precision": "fp32", "max_train_steps": 2, "transformer_target_modules": ["attention", "proj_out"]}
     first = train(
-        parse(
-            file_values(
+        parse_flux(
+            flux_file_values(
                 tiny_flux_files,
                 tiny_flux,
                 data,
@@ -394,8 +364,8 @@ def test_init_lora_continues_a_flux_lora_in_any_layout(
         )
     )
     source = first.outputs[layout]
-    cont = parse(
-        file_values(
+    cont = parse_flux(
+        flux_file_values(
             tiny_flux_files,
             tiny_flux,
             data,
@@ -427,9 +397,11 @@ def test_init_lora_continues_a_flux_lora_in_any_layout(
 def test_init_lora_with_other_targets_names_the_key(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
 ) -> None:
-    first = train(parse(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "first", max_train_steps=1), tmp_path))
-    narrow = parse(
-        file_values(
+    first = train(
+        parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "first", max_train_steps=1), tmp_path)
+    )
+    narrow = parse_flux(
+        flux_file_values(
             tiny_flux_files,
             tiny_flux,
             data,
@@ -461,18 +433,20 @@ def test_cli_prints_the_flux_example_and_checks_a_flux_config(
     out = capsys.readouterr().out
     assert "t5xxl:" in out and '# timestep_sampling: "flux_shift"' in out and "# blocks_to_swap: 0" in out
     good = tmp_path / "flux.yaml"
-    good.write_text(yaml.safe_dump(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out")))
+    good.write_text(yaml.safe_dump(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out")))
     assert main(["config", "--check", str(good)]) == 0
     assert "FLUX.1" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        yaml.safe_dump(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", unet_target_modules=["to_q"]))
+        yaml.safe_dump(
+            flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", unet_target_modules=["to_q"])
+        )
     )
     assert main(["config", "--check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "`unet_target_modules`" in err and "transformer_target_modules" in err and "Traceback" not in err
     # The cheap pre-flight: model files read by header, tokenizers found, target names resolved.
-    values = file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", transformer_target_modules=["attn2"])
+    values = flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", transformer_target_modules=["attn2"])
     values.pop("ae")
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump(values))
@@ -497,7 +471,7 @@ def test_cli_trains_a_flux_lora(
 
     config = tmp_path / "flux.yaml"
     config.write_text(
-        yaml.safe_dump(file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", max_train_steps=2))
+        yaml.safe_dump(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "out", max_train_steps=2))
     )
     code = main(["train", "--config", str(config)])
     captured = capsys.readouterr()

@@ -16,7 +16,7 @@ from lorad.config import load_config, parse_config
 from lorad.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lorad.events import LatentsCached, StepDone
 from lorad.training.loop import train as train_sd_lora
-from tests.conftest import SEED_YAML, tiny_train_values
+from tests.support.datasets import SEED_YAML, tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, dataset: Path, out: str = "out", **overrides: object):
@@ -32,6 +32,7 @@ def kohya_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return modules
 
 
+@pytest.mark.slow
 def test_seed_config_verbatim_trains(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     (tmp_path / "configs").mkdir()
     cfg = tmp_path / "configs" / "my_lora_config.yaml"
@@ -59,6 +60,7 @@ def test_seed_config_verbatim_trains(tmp_path: Path, tiny_sd: Path, dataset: Pat
     assert names and all(n.endswith(("_to_q", "_to_v")) for n in names)
 
 
+@pytest.mark.slow
 def test_kohya_keys_name_real_modules(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     from diffusers import UNet2DConditionModel
 
@@ -74,6 +76,7 @@ def test_kohya_keys_name_real_modules(tmp_path: Path, tiny_sd: Path, dataset: Pa
         assert set(parts) == {"lora_down.weight", "lora_up.weight", "alpha"}
 
 
+@pytest.mark.slow
 def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -133,6 +136,7 @@ def test_alpha_differs_from_rank_loads_in_diffusers(tmp_path: Path, tiny_sd: Pat
         assert torch.allclose(pipe2.unet(sample, t, hidden).sample, want, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     a = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "a", shuffle_caption=True, caption_dropout=0.2))
     b = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "b", shuffle_caption=True, caption_dropout=0.2))
@@ -140,6 +144,7 @@ def test_same_seed_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> No
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     common = {
         "epochs": 3,
@@ -173,6 +178,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, tiny_sd: Path, dataset
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_is_refused(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "r", epochs=2, save_steps=2))
     with pytest.raises(ConfigError) as err:
@@ -180,6 +186,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path: Path, tiny_sd: Path, 
     assert any(p.key == "lora_rank" for p in err.value.problems)
 
 
+@pytest.mark.slow
 def test_init_lora_starts_from_file(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     first = train_sd_lora(
         config_for(
@@ -216,6 +223,7 @@ def test_init_lora_starts_from_file(tmp_path: Path, tiny_sd: Path, dataset: Path
         assert delta_b.abs().max() > 0  # not zeros
 
 
+@pytest.mark.slow
 def test_second_run_encodes_no_latents(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     events: list[LatentsCached] = []
     sink = lambda e: events.append(e) if isinstance(e, LatentsCached) else None  # noqa: E731
@@ -225,6 +233,7 @@ def test_second_run_encodes_no_latents(tmp_path: Path, tiny_sd: Path, dataset: P
     assert (events[1].encoded, events[1].cached) == (0, 8)
 
 
+@pytest.mark.slow
 def test_resident_base_model_left_bit_identical(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     from contextlib import contextmanager
 
@@ -258,6 +267,7 @@ def test_resident_base_model_left_bit_identical(tmp_path: Path, tiny_sd: Path, d
     assert not any("lora" in name for name, _ in components.unet.named_modules())
 
 
+@pytest.mark.slow
 def test_bad_target_module_lists_valid_names(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     with pytest.raises(ConfigError) as err:
         train_sd_lora(config_for(tmp_path, tiny_sd, dataset, unet_target_modules=["to_q", "qkv", "norm1"]))
@@ -267,6 +277,7 @@ def test_bad_target_module_lists_valid_names(tmp_path: Path, tiny_sd: Path, data
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_error(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     config = config_for(tmp_path, tiny_sd, dataset, max_grad_norm=0, epochs=5, save_steps=1)
     # Validation refuses a rate this absurd; the engine must still stop cleanly if a run diverges.
@@ -277,6 +288,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path: Path, tiny_sd: Path, dataset:
     assert not (config.output_dir / "out.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_single_file_checkpoint_trains(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     from lorad.models.tiny import write_original_checkpoint
 
@@ -286,6 +298,7 @@ def test_single_file_checkpoint_trains(tmp_path: Path, tiny_sd: Path, dataset: P
     assert Path(result.outputs["kohya"]).is_file()
 
 
+@pytest.mark.slow
 def test_sd2_v_prediction_with_min_snr_and_noise_offset(tmp_path: Path, dataset: Path) -> None:
     from lorad.models.tiny import build_tiny_sd
 
@@ -301,6 +314,7 @@ def test_sd2_v_prediction_with_min_snr_and_noise_offset(tmp_path: Path, dataset:
     assert result.final_loss == result.final_loss  # finite, not NaN
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_lora(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     plain = train_sd_lora(config_for(tmp_path, tiny_sd, dataset, "plain", save_precision="fp32"))
     ckpt = train_sd_lora(

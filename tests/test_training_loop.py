@@ -17,7 +17,7 @@ from lorad.errors import ConfigError
 from lorad.families.registry import family_names, get_spec, load_plugin
 from lorad.training.loop import train
 from lorad.training.optimizers import build_optimizer, build_scheduler
-from tests.conftest import tiny_llm_values, tiny_train_values, write_jsonl
+from tests.support.datasets import tiny_llm_values, tiny_train_values, write_jsonl
 
 
 def lrs(config_values: dict, tmp_path: Path, total: int) -> list[float]:

@@ -25,7 +25,7 @@ from lorad.training.checkpoints import list_checkpoints, load_checkpoint
 from lorad.training.family import RunHooks
 from lorad.training.loop import train
 from lorad.training.placement import pick_placement
-from tests.conftest import draw_image, make_dataset, tiny_train_values
+from tests.support.datasets import draw_image, make_dataset, tiny_train_values
 
 
 def config_for(tmp_path: Path, tiny_sd: Path, data: Path, out: str = "out", **overrides: object):
@@ -188,7 +188,7 @@ def test_clip_skip_conditions_on_the_expected_layer(tmp_path: Path, tiny_sd: Pat
         with torch.no_grad():
             out = te(ids, output_hidden_states=True)
             penultimate = final_layer_norm(te)(out.hidden_states[-2])
-            used = run.prompts(["a red circle"])
+            used = run.traits.encode(run.components, ["a red circle"], run.device, run.config)["hidden"]
         assert torch.allclose(used, penultimate)
         assert not torch.allclose(used, out.last_hidden_state)
         with torch.no_grad():

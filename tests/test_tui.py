@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from textual.widgets import Input, Select
 
+from lorad import __version__
 from lorad.config import parse_config_text
 from lorad.errors import ConfigError
 from lorad.models.tiny_captioners import build_tiny_wd14
@@ -33,9 +34,10 @@ from lorad_tui.screens.offline import HEADLINE, OfflineScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import DaemonView, JobView
-from tests.conftest import draw_image, run_daemon, tiny_llm_values, tiny_train_values, write_config, write_jsonl
-from tests.test_tui_helpers import pick_in_tree, screen_text, wait_until
-from tests.test_tui_snapshots import FakeClient, FakeStream
+from tests.support.daemons import run_daemon
+from tests.support.datasets import draw_image, tiny_llm_values, tiny_train_values, write_config, write_jsonl
+from tests.support.tui import pick_in_tree, screen_text, wait_until
+from tests.support.tui_fakes import FakeClient, FakeStream
 
 # Wide enough that the long temporary paths in the outputs fit on one line.
 SIZE = (200, 50)
@@ -53,6 +55,7 @@ def use_daemon(daemon: RunningDaemon, monkeypatch: pytest.MonkeyPatch) -> Runnin
     return daemon
 
 
+@pytest.mark.slow
 def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
     use_daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,7 +68,7 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(
                 pilot,
-                lambda: "lorad 0.1.0" in screen_text(app) and "no jobs yet" in screen_text(app),
+                lambda: f"lorad {__version__}" in screen_text(app) and "no jobs yet" in screen_text(app),
                 "the dashboard with its empty job table",
             )
             await pilot.press("s")
@@ -93,6 +96,7 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
     assert kohya.is_file()
 
 
+@pytest.mark.slow
 def test_cancel_a_running_job_from_its_detail_screen(
     use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -209,6 +213,7 @@ print(sorted(m for m in sys.modules if m.startswith(heavy)) + plugins)
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_running_job_row_moves_by_its_stream_not_by_reloading_the_list(
     use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -295,7 +300,9 @@ def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon
     async def scenario() -> None:
         app = LoradApp(base_dir=tmp_path)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: app.connected and "lorad 0.1.0" in screen_text(app), "the dashboard")
+            await wait_until(
+                pilot, lambda: app.connected and f"lorad {__version__}" in screen_text(app), "the dashboard"
+            )
             await pilot.press("t")
             await wait_until(pilot, lambda: isinstance(app.screen, CaptionsScreen), "the captions screen")
             screen = app.screen
@@ -402,6 +409,7 @@ def test_add_and_remove_a_watch_from_the_watches_screen(tmp_path: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.slow
 def test_watch_a_folder_from_the_tui_and_see_its_lora_published(
     use_daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -444,6 +452,7 @@ def test_watch_a_folder_from_the_tui_and_see_its_lora_published(
     assert Path(watch.published_path).read_bytes() == Path(watch.latest_output).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_finished_llm_job_shows_its_adapter_and_how_to_load_it(
     use_daemon: RunningDaemon, client: LoradClient, tiny_llm: Path, tmp_path: Path
 ) -> None:

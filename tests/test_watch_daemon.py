@@ -11,99 +11,31 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2, watch_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.conftest import COLOURS, SHAPES, draw_image, run_daemon, tiny_train_values, write_config
-
-QUIET = 0.4
-# Tests that count jobs after a burst use a longer quiet period: a test thread stalled for longer than
-# it on a busy machine would really be a pause between two bursts.
-BURST_QUIET = 1.0
-DEADLINE = 90.0
-_T = TypeVar("_T")
-
-
-def wait_for(condition: Callable[[], _T], what: str, timeout: float = DEADLINE) -> _T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.daemons import run_daemon
+from tests.support.datasets import tiny_train_values, write_config
+from tests.support.watching import (
+    BURST_QUIET,
+    DEADLINE,
+    QUIET,
+    drop,
+    finished_job,
+    job_event,
+    job_logs,
+    template,
+    wait_for,
+    watch_jobs,
+    watch_of,
+)
 
 
-@pytest.fixture(scope="module")
-def stock(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Finished images to copy into watched folders, each with its caption sidecar."""
-    root = tmp_path_factory.mktemp("stock")
-    for i in range(30):
-        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
-        draw_image(root / f"img_{i:02d}.png", colour, shape, (64, 64), seed=i)
-        (root / f"img_{i:02d}.txt").write_text(f"mystyle, a {colour} {shape}")
-    return root
-
-
-def drop(stock: Path, folder: Path, index: int, name: str | None = None) -> Path:
-    """Copy stock image ``index`` (caption first) into ``folder`` as ``name``."""
-    stem = name or f"img_{index:02d}"
-    shutil.copyfile(stock / f"img_{index:02d}.txt", folder / f"{stem}.txt")
-    target = folder / f"{stem}.png"
-    shutil.copyfile(stock / f"img_{index:02d}.png", target)
-    return target
-
-
-def template(tmp_path: Path, tiny_sd: Path, name: str = "mystyle", **overrides: object) -> Path:
-    """A template training config: the tiny model, two steps, sidecar captions."""
-    values = tiny_train_values(
-        tiny_sd, tmp_path / "unused", tmp_path / "output" / name, **{"max_train_steps": 2, **overrides}
-    )
-    values.pop("metadata_path")
-    return write_config(tmp_path / f"{name}.yaml", **values)
-
-
-def watch_of(client: LoradClient, watch_id: str) -> watch_pb2.Watch:
-    return next(w for w in client.list_watches() if w.watch_id == watch_id)
-
-
-def watch_jobs(client: LoradClient, folder: Path) -> list[jobs_pb2.Job]:
-    """Jobs a watch of ``folder`` queued, oldest first."""
-    return [j for j in reversed(client.list_jobs(limit=100)) if j.source_name == f"watch {folder}"]
-
-
-def finished_job(client: LoradClient, job_id: str) -> jobs_pb2.Job:
-    def done() -> jobs_pb2.Job | None:
-        job = client.get_job(job_id)
-        return job if job.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED) else None
-
-    job = wait_for(done, f"job {job_id} to finish")
-    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, f"{job.error}\n{job.hint}"
-    return job
-
-
-def job_event(client: LoradClient, job_id: str, kind: str):
-    for message in client.watch_job(job_id, history_only=True):
-        if message.WhichOneof("item") == "event" and message.event.WhichOneof("kind") == kind:
-            return getattr(message.event, kind)
-    raise AssertionError(f"job {job_id} has no {kind} event")
-
-
-def job_logs(client: LoradClient, job_id: str) -> list[str]:
-    return [
-        m.event.log.message
-        for m in client.watch_job(job_id, history_only=True)
-        if m.WhichOneof("item") == "event" and m.event.WhichOneof("kind") == "log"
-    ]
-
-
+@pytest.mark.slow
 def test_images_copied_slowly_make_one_job_after_the_quiet_period(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -135,6 +67,7 @@ def test_images_copied_slowly_make_one_job_after_the_quiet_period(
     assert Path(watch.latest_output).name == "mystyle_v1.safetensors"
 
 
+@pytest.mark.slow
 def test_a_burst_makes_one_job_and_more_images_one_continue_job_encoding_only_them(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -172,6 +105,7 @@ def test_a_burst_makes_one_job_and_more_images_one_continue_job_encoding_only_th
     assert Path(v1.latest_output).is_file()  # versions are kept
 
 
+@pytest.mark.slow
 def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -197,6 +131,7 @@ def test_partial_downloads_and_hidden_files_are_ignored_until_renamed(
     assert seen.images_seen == 2
 
 
+@pytest.mark.slow
 def test_images_added_while_the_daemon_was_down_are_found(
     short_dir: Path, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -223,6 +158,7 @@ def test_images_added_while_the_daemon_was_down_are_found(
         daemon.stop(grace=0)
 
 
+@pytest.mark.slow
 def test_a_vanished_folder_errors_alone(
     client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -350,6 +286,7 @@ def wait_job_state(client: LoradClient, job_id: str, state: int) -> jobs_pb2.Job
     )
 
 
+@pytest.mark.slow
 def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -420,6 +357,7 @@ def test_bursts_coalesce_into_the_queued_job_and_one_follow_up(
     assert len(watch_jobs(client, folder)) == 2
 
 
+@pytest.mark.slow
 def test_new_images_without_captions_are_captioned_before_the_job(
     client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:
@@ -441,6 +379,7 @@ def test_new_images_without_captions_are_captioned_before_the_job(
     wait_for(lambda: watch_of(client, watch.watch_id).version == 1, "version 1")
 
 
+@pytest.mark.slow
 def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_sd: Path, tmp_path: Path) -> None:
     folder = tmp_path / "network-drive"
     (folder / "sub").mkdir(parents=True)
@@ -452,6 +391,7 @@ def test_a_polling_watch_picks_up_images(client: LoradClient, stock: Path, tiny_
     assert wait_for(lambda: (w := watch_of(client, watch.watch_id)).version == 1 and w, "v1").images_seen == 1
 
 
+@pytest.mark.slow
 def test_a_slow_captioning_pass_does_not_hold_up_other_watches(
     client: LoradClient, daemon: RunningDaemon, stock: Path, tiny_sd: Path, tmp_path: Path
 ) -> None:

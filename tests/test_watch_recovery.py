@@ -14,25 +14,17 @@ from lorad.cli import main
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import watch_pb2
 from lorad_client import LoradClient, LoradRpcError
-from tests.test_watch_daemon import (
-    QUIET,
-    drop,
-    finished_job,
-    stock,  # noqa: F401 - the fixture
-    template,
-    wait_for,
-    watch_jobs,
-    watch_of,
-)
+from tests.support.watching import QUIET, drop, finished_job, template, wait_for, watch_jobs, watch_of
 
 
 def state_of(client: LoradClient, watch_id: str) -> int:
     return watch_of(client, watch_id).state
 
 
+@pytest.mark.slow
 def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
     client: LoradClient,
-    stock: Path,  # noqa: F811
+    stock: Path,
     tiny_sd: Path,
     tmp_path: Path,
 ) -> None:
@@ -56,10 +48,11 @@ def test_a_fixed_template_typo_is_picked_up_without_touching_the_folder(
     assert "lorad watch retry" in broken.hint  # and the error said how to retry at once
 
 
+@pytest.mark.slow
 def test_watch_retry_reads_the_template_again_and_queues_the_job(
     daemon: RunningDaemon,
     client: LoradClient,
-    stock: Path,  # noqa: F811
+    stock: Path,
     tiny_sd: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -112,9 +105,10 @@ def test_a_second_watch_on_the_same_template_is_refused_naming_the_clash(
     assert client.add_watch(str(second), str(own), quiet_seconds=QUIET).state != watch_pb2.WATCH_STATE_ERROR
 
 
+@pytest.mark.slow
 def test_dropping_only_files_training_skips_trains_no_new_version(
     client: LoradClient,
-    stock: Path,  # noqa: F811
+    stock: Path,
     tiny_sd: Path,
     tmp_path: Path,
 ) -> None:
@@ -129,10 +123,17 @@ def test_dropping_only_files_training_skips_trains_no_new_version(
 
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")  # corrupt
     shutil.copyfile(stock / "img_05.png", folder / "uncaptioned.png")  # no caption, no captioner
-    wait_for(lambda: watch_of(client, watch.watch_id).images_seen == 4, "the two files seen")
-    time.sleep(QUIET * 4)  # settled long ago: a job would have been queued by now
+    # images_seen is counted when the folder settles, in the same pass that decides on a job: once the
+    # watch shows 4 images, IDLE and nothing pending, that decision was made.
+    wait_for(
+        lambda: (
+            (w := watch_of(client, watch.watch_id)).images_seen == 4
+            and w.state == watch_pb2.WATCH_STATE_IDLE
+            and not w.pending_files
+        ),
+        "the two files seen and the folder settled",
+    )
     assert len(watch_jobs(client, folder)) == 1
-    assert state_of(client, watch.watch_id) == watch_pb2.WATCH_STATE_IDLE
 
     (folder / "uncaptioned.txt").write_text("mystyle, a late caption")
     drop(stock, folder, 7)  # one usable image: now there is new data

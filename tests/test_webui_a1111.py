@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.webui_env import EXTENSION_DIR, a1111_python, run_python
+from tests.support.webui_env import EXTENSION_DIR, a1111_python, run_python
 
 # Just the parts of A1111's API the extension uses, with A1111's names and signatures.
 FAKE_A1111 = {

@@ -19,8 +19,8 @@ import pytest
 from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server.daemon import RunningDaemon
 from lorad_webui.captions import read_captions
-from tests.conftest import draw_image
-from tests.webui_env import EXTENSION_DIR, REPO, a1111_python, load_script
+from tests.support.datasets import draw_image
+from tests.support.webui_env import EXTENSION_DIR, REPO, a1111_python, load_script
 
 ARTIFACTS = REPO / "test-artifacts"
 # Generous: the page waits on real training; these only bound a hang.

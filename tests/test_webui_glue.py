@@ -16,11 +16,12 @@ from lorad_webui import actions, captions
 from lorad_webui.api.v1 import jobs_pb2, training_pb2
 from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
-from lorad_webui.placement import lora_snippet, place_lora
+from lorad_webui.placement import place_lora
 from lorad_webui.progress import JobProgress
 from lorad_webui.standalone import StandaloneHost
 from lorad_webui.vendored import paths
-from tests.conftest import make_dataset
+from lorad_webui.vendored.format import lora_snippet
+from tests.support.datasets import make_dataset
 
 
 def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_path: Path) -> None:
@@ -40,7 +41,6 @@ def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_
         "metadata_path": str(dataset / "metadata.csv"),
         "base_model": "/models/v1-5.safetensors",
         "lora_rank": 16,
-        "resolution": 512,
         "learning_rate": 1e-4,
         "output_dir": str(tmp_path / "runs" / "my_style"),
         "output_name": "my_style",
@@ -53,6 +53,9 @@ def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_
         TrainForm(name="x", data_dir=str(dataset), base_model="m", length_unit="epochs", length=10), tmp_path
     )
     assert by_epochs["epochs"] == 10 and "max_train_steps" not in by_epochs and "trigger_word" not in by_epochs
+    # An explicit resolution is sent; none leaves it to the model family (SD 512, SDXL 1024).
+    sized = config_fields(TrainForm(name="x", data_dir=str(dataset), base_model="m", resolution=768), tmp_path)
+    assert sized["resolution"] == 768 and "resolution" not in by_epochs
 
 
 def test_every_form_problem_is_reported_at_once(tmp_path: Path) -> None:
@@ -231,7 +234,7 @@ def test_a_daemon_that_is_not_running_gets_a_message_with_the_start_command(tmp_
 
 
 def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path) -> None:
-    from tests.conftest import run_daemon
+    from tests.support.daemons import run_daemon
 
     running = run_daemon(short_dir)
     try:

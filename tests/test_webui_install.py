@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorad.cli import main
-from tests.webui_env import EXTENSION_DIR
+from tests.support.webui_env import EXTENSION_DIR
 
 
 @pytest.fixture

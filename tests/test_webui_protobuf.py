@@ -13,8 +13,8 @@ import pytest
 from lorad.models.tiny_captioners import build_tiny_wd14
 from lorad.server.daemon import RunningDaemon
 from lorad_webui.captions import read_captions
-from tests.conftest import make_dataset, tiny_train_values
-from tests.webui_env import EXTENSION_DIR, a1111_python, current_python, load_script, run_python
+from tests.support.datasets import make_dataset, tiny_train_values
+from tests.support.webui_env import EXTENSION_DIR, a1111_python, current_python, load_script, run_python
 
 
 def test_the_extension_stubs_and_vendored_modules_are_not_stale() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorad.server.daemon import RunningDaemon
-from tests.webui_env import EXTENSION_DIR, REPO
+from tests.support.webui_env import EXTENSION_DIR, REPO
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from lorad.jobs.hub import EventHub
 from lorad.jobs.records import JobState
 from lorad.jobs.store import JobStore
 from lorad.jobs.worker import Worker
-from tests.conftest import tiny_train_values
+from tests.support.datasets import tiny_train_values
 
 
 @contextmanager

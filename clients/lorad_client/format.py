@@ -1,4 +1,5 @@
-"""Pure text helpers for CLIs and TUIs: job states, durations, sizes, progress, event and caption lines.
+"""Every user-facing rendering of jobs, events and LoRAs, shared by the CLI, the TUI and the WebUI
+(vendored into the extension by scripts/gen_webui_api.py), so one job reads the same in each client.
 
 No I/O and no daemon access; every function takes plain values or generated messages.
 """
@@ -9,7 +10,7 @@ import math
 from collections.abc import Callable
 
 from lorad_api.v1 import caption_pb2
-from lorad_api.v1.jobs_pb2 import JobEvent, JobState, Progress
+from lorad_api.v1.jobs_pb2 import JOB_STATE_QUEUED, JOB_STATE_RUNNING, Job, JobEvent, JobState, Progress
 
 _STATE_PREFIX = "JOB_STATE_"
 
@@ -66,6 +67,41 @@ def format_progress(progress: Progress) -> str:
     return " · ".join(parts)
 
 
+# The job table's columns, in every client that lists jobs (the CLI puts the job id in front).
+JOB_COLUMNS = ("NAME", "STATE", "PROGRESS", "LOSS", "ETA", "STARTED")
+
+
+def format_ago(stamp_seconds: float, now: float) -> str:
+    """ "3m05s ago" for a set time (seconds since the epoch), "-" for an unset one (0)."""
+    if not stamp_seconds:
+        return "-"
+    return f"{format_duration(max(0.0, now - stamp_seconds))} ago"
+
+
+def job_state_label(job: Job) -> str:
+    """The job's state as a word, with its place in line while queued ("queued #2")."""
+    label = job_state_name(job.state)
+    return f"{label} #{job.queue_position}" if job.state == JOB_STATE_QUEUED and job.queue_position else label
+
+
+def job_cells(job: Job, now: float) -> tuple[str, ...]:
+    """One job's cells in ``JOB_COLUMNS`` order: name, state, "step/total pct%", loss, ETA, started."""
+    progress = job.progress
+    if progress.total_steps:
+        steps = f"{progress.step}/{progress.total_steps} {100 * progress.step // progress.total_steps:>3}%"
+    else:
+        steps = "-"
+    loss = f"{progress.loss:.4f}" if progress.step else "-"
+    running = job.state == JOB_STATE_RUNNING and progress.steps_per_second > 0
+    eta = format_duration(progress.eta_seconds) if running else "-"
+    return (job.name or job.job_id, job_state_label(job), steps, loss, eta, format_ago(job.started_at.seconds, now))
+
+
+def lora_snippet(name: str, weight: float = 0.8) -> str:
+    """The prompt tag AUTOMATIC1111 / Forge / ComfyUI's A1111-style nodes use to apply LoRA ``name``."""
+    return f"<lora:{name}:{weight:g}>"
+
+
 def describe_event(event: JobEvent) -> str | None:
     """A human line for one event (a few lines for failures and results).
 
@@ -95,7 +131,7 @@ def _model_loaded(e: JobEvent) -> str:
 
 def _data_report(e: JobEvent) -> str:
     d = e.data_report
-    if not d.images_found and d.text:  # an LLM run counts records, not images: its own summary says it
+    if d.text:  # the scan's own report: counts, captions, buckets and every skipped file with its reason
         return d.text
     text = f"data: {d.images_used} of {d.images_found} images used"
     if d.images_skipped:

@@ -1,19 +1,27 @@
 """Progress events a training run emits, in order, to whoever watches it.
 
-The engine calls an :data:`EventSink` with these plain dataclasses; the CLI renders them as a
-progress bar, and the daemon will persist and stream them. They hold only JSON-friendly values.
+The engine calls an :data:`EventSink` with these plain dataclasses. They are the one source of the
+event schema: each names the ``JobEvent.kind`` field that carries it (``wire_kind``), its fields are
+that proto message's fields by name, :meth:`Event.payload` is the job-history row and
+:meth:`Event.from_payload` reads one back (tests/test_event_schema.py checks the proto agrees). They
+hold only JSON-friendly values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+_E = TypeVar("_E", bound="Event")
 
 
 @dataclass(frozen=True)
 class Event:
-    """Base of all events; ``kind`` names the event for logs and the wire."""
+    """Base of all events; ``kind`` names the event for logs, ``wire_kind`` the JobEvent field that carries it."""
+
+    wire_kind: ClassVar[str] = ""
 
     @property
     def kind(self) -> str:
@@ -23,18 +31,49 @@ class Event:
         """The event's fields plus its kind."""
         return {"kind": self.kind, **asdict(self)}
 
+    def payload(self) -> dict[str, Any]:
+        """The job-history row's payload: the wire message's fields by name."""
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls: type[_E], payload: Mapping[str, Any]) -> _E:
+        """The event a payload (or a wire message read field by field) describes; unknown keys (from a
+        newer daemon) are ignored, missing ones take the field's default."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in payload.items() if key in names})
+
 
 @dataclass(frozen=True)
 class DataReported(Event):
     """The data scan finished; ``report`` is DataReport.to_dict(), ``text`` its rendering."""
 
+    wire_kind: ClassVar[str] = "data_report"
+
     report: dict[str, Any]
     text: str
+
+    def payload(self) -> dict[str, Any]:
+        """The wire's DataReport: the counts a table shows, the text, and the whole report as JSON."""
+        report = self.report
+        return {
+            "images_found": report.get("images_found", 0),
+            "images_used": report.get("images_used", 0),
+            "images_skipped": len(report.get("skipped", ())),
+            "captions_generated": report.get("captions_generated", 0),
+            "text": self.text,
+            "report_json": json.dumps(report),
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Event:
+        return cls(report=json.loads(payload.get("report_json") or "{}"), text=payload.get("text", ""))
 
 
 @dataclass(frozen=True)
 class ModelLoaded(Event):
     """The base model is ready. ``resident`` is True when it was already in memory."""
+
+    wire_kind: ClassVar[str] = "model_loaded"
 
     source: str
     model_version: str
@@ -46,6 +85,8 @@ class ModelLoaded(Event):
 class LatentsCached(Event):
     """Latents are ready: how many came from the cache and how many were encoded now."""
 
+    wire_kind: ClassVar[str] = "latents_cached"
+
     cached: int
     encoded: int
     seconds: float
@@ -54,6 +95,8 @@ class LatentsCached(Event):
 @dataclass(frozen=True)
 class TrainingStarted(Event):
     """The loop starts (or resumes at ``start_step``, from the checkpoint ``resumed_from``) towards ``total_steps``."""
+
+    wire_kind: ClassVar[str] = "training_started"
 
     total_steps: int
     start_step: int
@@ -68,6 +111,8 @@ class TrainingStarted(Event):
 class StepDone(Event):
     """One optimizer step finished."""
 
+    wire_kind: ClassVar[str] = "step"
+
     step: int
     total_steps: int
     epoch: int
@@ -80,6 +125,8 @@ class StepDone(Event):
 @dataclass(frozen=True)
 class CheckpointSaved(Event):
     """A resumable checkpoint was written at ``path``."""
+
+    wire_kind: ClassVar[str] = "checkpoint_saved"
 
     step: int
     path: str
@@ -94,6 +141,8 @@ class MemoryRecovered(Event):
     configured effective batch), ``error`` the first line of the out-of-memory error.
     """
 
+    wire_kind: ClassVar[str] = "memory_recovered"
+
     step: int
     change: str
     micro_batch: int
@@ -106,13 +155,21 @@ class MemoryRecovered(Event):
 class LogLine(Event):
     """A human-readable message worth showing (warnings, decisions made for the user)."""
 
+    wire_kind: ClassVar[str] = "log"
+
     message: str
     level: str = "info"
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Event:
+        return cls(message=payload.get("message", ""), level=payload.get("level") or "info")
 
 
 @dataclass(frozen=True)
 class EvalDone(Event):
     """Eval loss (token-weighted mean over ``samples`` held-out records) after ``step`` (LLM runs)."""
+
+    wire_kind: ClassVar[str] = "eval"
 
     step: int
     loss: float
@@ -127,6 +184,8 @@ class SampleGenerated(Event):
     ``stopped`` is "eos" when the model ended the answer itself, "length" when it hit the limit.
     """
 
+    wire_kind: ClassVar[str] = "sample"
+
     prompt: str
     output: str
     stopped: str
@@ -137,6 +196,8 @@ class SampleGenerated(Event):
 class SampleImage(Event):
     """A sample image was written: prompt number ``prompt_index`` (from 0, in the config's order) drawn
     after ``step`` (0: the baseline before training, without the LoRA) with ``seed``, as the PNG ``path``."""
+
+    wire_kind: ClassVar[str] = "sample_image"
 
     step: int
     prompt_index: int
@@ -151,6 +212,8 @@ class SampleImage(Event):
 class TrainingFinished(Event):
     """Every output is written; ``outputs`` maps a role (kohya, diffusers, summary) to a path."""
 
+    wire_kind: ClassVar[str] = "finished"
+
     outputs: dict[str, str] = field(default_factory=dict)
     steps: int = 0
     final_loss: float = float("nan")
@@ -158,6 +221,12 @@ class TrainingFinished(Event):
 
 
 EventSink = Callable[[Event], None]
+
+
+def event_class(wire_kind: str) -> type[Event] | None:
+    """The engine event a ``JobEvent.kind`` field carries; None for job-level kinds (queued, started,
+    failed, cancelled, interrupted) and kinds this daemon does not know."""
+    return next((cls for cls in Event.__subclasses__() if cls.wire_kind == wire_kind), None)
 
 
 def ignore_events(event: Event) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from rich.text import Text
 
 from lorad_api.v1 import watch_pb2
@@ -23,10 +22,10 @@ from lorad_client import (
     JOB_STATE_SUCCEEDED,
     Job,
 )
-from lorad_client.format import format_bytes, format_duration, job_state_name
+from lorad_client.format import format_bytes, format_duration, job_state_label
+from lorad_client.format import job_cells as format_job_cells
 from lorad_tui.state import JobView
 
-JOB_COLUMNS = ("NAME", "STATE", "PROGRESS", "LOSS", "ETA", "STARTED")
 MODEL_COLUMNS = ("MODEL", "VERSION", "DEVICE", "DTYPE", "MEMORY", "KEEP-ALIVE")
 
 # Rich styles per state; the theme-independent colours read on dark and light terminals alike.
@@ -42,31 +41,13 @@ STATE_STYLES = {
 
 def state_text(job: Job) -> Text:
     """The job's state as a coloured word ("queued #2" while waiting in line)."""
-    label = job_state_name(job.state)
-    if job.state == JOB_STATE_QUEUED and job.queue_position:
-        label += f" #{job.queue_position}"
-    return Text(label, style=STATE_STYLES.get(job.state, ""))
-
-
-def ago(stamp: Timestamp, now: float) -> str:
-    """ "3m05s ago" for a set timestamp, "-" for an unset one."""
-    if not stamp.seconds:
-        return "-"
-    return f"{format_duration(max(0.0, now - stamp.seconds))} ago"
+    return Text(job_state_label(job), style=STATE_STYLES.get(job.state, ""))
 
 
 def job_cells(view: JobView, now: float) -> tuple[str | Text, ...]:
-    """The job table's cells for one job, in ``JOB_COLUMNS`` order."""
-    job, progress = view.job, view.job.progress
-    if progress.total_steps:
-        percent = 100 * progress.step // progress.total_steps
-        steps = f"{progress.step}/{progress.total_steps} {percent:>3}%"
-    else:
-        steps = "-"
-    loss = f"{progress.loss:.4f}" if progress.step else "-"
-    running = job.state == JOB_STATE_RUNNING and progress.steps_per_second > 0
-    eta = format_duration(progress.eta_seconds) if running else "-"
-    return (job.name or job.job_id, state_text(job), steps, loss, eta, ago(job.started_at, now))
+    """The job table's cells for one job, in ``JOB_COLUMNS`` order (lorad_client.format's wording, state coloured)."""
+    name, _, *rest = format_job_cells(view.job, now)
+    return (name, state_text(view.job), *rest)
 
 
 def model_cells(model: ResidentModel, keep_alive_left: float) -> tuple[str | Text, ...]:

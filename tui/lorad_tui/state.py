@@ -23,7 +23,7 @@ from lorad_client import (
     Job,
     JobEvent,
 )
-from lorad_client.format import describe_event, format_duration
+from lorad_client.format import describe_event, format_duration, lora_snippet
 
 # Lines of a job's log kept in memory; the log widget shows the tail of these.
 LOG_LINES = 500
@@ -42,11 +42,6 @@ _STATE_OF_EVENT = {
 def is_final(job: Job) -> bool:
     """True when ``job`` will never change again (succeeded, failed or cancelled)."""
     return job.state in FINAL_STATES
-
-
-def lora_snippet(name: str, weight: float = 0.8) -> str:
-    """The prompt snippet AUTOMATIC1111 / Forge use to apply a LoRA: ``<lora:NAME:0.8>``."""
-    return f"<lora:{name}:{weight:g}>"
 
 
 def usage_snippet(job: Job) -> str:

@@ -18,9 +18,9 @@ from lorad_webui.api.v1 import caption_pb2, jobs_pb2
 from lorad_webui.captions import CaptionFileError, list_images, read_captions, write_captions
 from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
-from lorad_webui.placement import lora_snippet, place_lora
+from lorad_webui.placement import place_lora
 from lorad_webui.progress import JobProgress
-from lorad_webui.vendored.format import describe_caption, describe_event
+from lorad_webui.vendored.format import describe_caption, describe_event, lora_snippet
 
 # The first is the default, as for `lorad caption` and the TUI: BLIP's sentences suit any subject
 # (photos and art alike), lora-scripts users caption with it, and it runs on transformers

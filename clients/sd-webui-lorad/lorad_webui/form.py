@@ -28,7 +28,8 @@ class FormError(ValueError):
 @dataclass(frozen=True)
 class TrainForm:
     """What the tab's training form holds. ``length`` counts ``length_unit`` (steps or epochs);
-    ``extra`` is more config keys as YAML (``key: value`` lines), for anything the form lacks."""
+    ``extra`` is more config keys as YAML (``key: value`` lines), for anything the form lacks.
+    ``resolution`` None leaves it to the base model's family (SD 1.x/2.x 512, SDXL 1024)."""
 
     name: str
     data_dir: str
@@ -37,7 +38,7 @@ class TrainForm:
     rank: int = 8
     length_unit: str = "steps"
     length: int = 500
-    resolution: int = 512
+    resolution: int | None = None
     learning_rate: float = 1e-4
     extra: str = ""
     sample_prompts: str = ""  # one prompt a line, with kohya's --w --h --d --s --l --n options
@@ -77,11 +78,10 @@ def config_fields(form: TrainForm, output_dir: Path) -> dict[str, Any]:
         problems.append("`base model`: none chosen; pick a checkpoint or give a path")
     if form.length_unit not in LENGTH_UNITS:
         problems.append(f"`length unit`: got {form.length_unit!r}; use steps or epochs")
-    for label, value, low in (
-        ("rank", form.rank, 1),
-        (form.length_unit, form.length, 1),
-        ("resolution", form.resolution, 64),
-    ):
+    numbers = [("rank", form.rank, 1), (form.length_unit, form.length, 1)]
+    if form.resolution is not None:
+        numbers.append(("resolution", form.resolution, 64))
+    for label, value, low in numbers:
         if not isinstance(value, (int, float)) or int(value) != value or value < low:
             problems.append(f"`{label}`: got {value!r}; use a whole number ≥ {low}")
     if not (isinstance(form.learning_rate, (int, float)) and form.learning_rate > 0):
@@ -99,11 +99,12 @@ def config_fields(form: TrainForm, output_dir: Path) -> dict[str, Any]:
         "train_data_dir": str(data_dir.resolve()),
         "base_model": form.base_model.strip(),
         "lora_rank": int(form.rank),
-        "resolution": int(form.resolution),
         "learning_rate": float(form.learning_rate),
         "output_dir": str(output_dir),
         "output_name": name,
     }
+    if form.resolution is not None:
+        fields["resolution"] = int(form.resolution)
     if uses_csv(data_dir):
         fields["metadata_path"] = str((data_dir / METADATA_CSV).resolve())
     if form.trigger_word.strip():

@@ -8,11 +8,6 @@ import tempfile
 from pathlib import Path
 
 
-def lora_snippet(name: str, weight: float = 0.8) -> str:
-    """The prompt tag A1111 uses to apply LoRA ``name``: ``<lora:name:0.8>``."""
-    return f"<lora:{name}:{weight:g}>"
-
-
 def place_lora(source: Path, lora_dir: Path, name: str) -> Path:
     """Copy ``source`` (a kohya .safetensors) to ``lora_dir/<name>.safetensors`` and return that path.
 

@@ -76,7 +76,12 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                     unit = gr.Radio(list(LENGTH_UNITS), value="steps", label="Train for", elem_id="lorad-unit")
                     length = gr.Number(value=500, precision=0, label="Steps / epochs", elem_id="lorad-length")
                 with gr.Accordion("More settings", open=False):
-                    resolution = gr.Number(value=512, precision=0, label="Resolution", elem_id="lorad-resolution")
+                    resolution = gr.Number(
+                        value=None,
+                        precision=0,
+                        label="Resolution (blank: the model's own, 512 for SD 1.5, 1024 for SDXL)",
+                        elem_id="lorad-resolution",
+                    )
                     learning_rate = gr.Number(value=1e-4, label="Learning rate", elem_id="lorad-lr")
                     sample_prompts = gr.Textbox(
                         label="Sample prompts (one a line; kohya's --w --h --d --s --l --n options; [trigger])",

@@ -15,7 +15,16 @@ from lorad.cli.progress import TerminalProgress
 from lorad.server.proto_convert import engine_event_from_proto
 from lorad_api.v1 import caption_pb2, jobs_pb2
 from lorad_client import FINAL_STATES, LoradClient
-from lorad_client.format import describe_caption, describe_event, format_bytes, format_duration, job_state_name
+from lorad_client.format import (
+    JOB_COLUMNS,
+    describe_caption,
+    describe_event,
+    format_bytes,
+    format_duration,
+    job_cells,
+    job_state_name,
+    lora_snippet,
+)
 
 STATE_NAMES = {job_state_name(v): v for v in jobs_pb2.JobState.values() if v}
 
@@ -24,11 +33,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
-
-
-def _ago(stamp: object) -> str:
-    seconds = getattr(stamp, "seconds", 0)
-    return f"{format_duration(time.time() - seconds)} ago" if seconds else "-"
 
 
 def print_status(client: LoradClient) -> int:
@@ -57,15 +61,8 @@ def print_jobs(client: LoradClient, states: Iterable[str], limit: int) -> int:
             "`lorad train --config FILE`"
         )
         return EXIT_OK
-    rows = []
-    for job in jobs:
-        p = job.progress
-        progress = f"{p.step}/{p.total_steps}" if p.total_steps else "-"
-        loss = f"{p.loss:.4f}" if p.total_steps else "-"
-        eta = format_duration(p.eta_seconds) if job.state == jobs_pb2.JOB_STATE_RUNNING and p.total_steps else "-"
-        state = job_state_name(job.state) + (f" #{job.queue_position}" if job.queue_position else "")
-        rows.append([job.job_id, job.name, state, progress, loss, eta, _ago(job.created_at)])
-    print(_table(rows, ["ID", "NAME", "STATE", "STEP", "LOSS", "ETA", "SUBMITTED"]))
+    now = time.time()
+    print(_table([[job.job_id, *job_cells(job, now)] for job in jobs], ["ID", *JOB_COLUMNS]))
     return EXIT_OK
 
 
@@ -167,7 +164,7 @@ def how_to_use(outputs: dict[str, str], name: str) -> str:
         f"  diffusers:             {outputs.get('diffusers', '-')}\n"
         f"  summary:               {outputs.get('summary', '-')}\n"
         f"Use it: copy the .safetensors into stable-diffusion-webui/models/Lora and prompt with "
-        f"<lora:{name}:0.8>;\n"
+        f"{lora_snippet(name)};\n"
         f'or in diffusers: pipe.load_lora_weights("{Path(outputs.get("diffusers", ".")).parent}")'
     )
 
@@ -189,6 +186,53 @@ def follow_job(
     return _follow(client, job_id, after_seq=after_seq, live_bar=live_bar, history_only=history_only) or EXIT_OK
 
 
+class _JobStream:
+    """How one WatchJob stream is drawn to the terminal: the live bar (or step lines), one line per
+    other event, and the job's end said once."""
+
+    def __init__(self, job_id: str, *, live_bar: bool) -> None:
+        self.job_id, self.name, self.live_bar = job_id, job_id, live_bar
+        self.progress = TerminalProgress() if live_bar else None
+        self.final_state: str | None = None
+
+    def show(self, event: jobs_pb2.JobEvent) -> None:
+        """Draw one event; remember the final one."""
+        kind = event.WhichOneof("kind")
+        engine_event = engine_event_from_proto(event)
+        if self.progress is not None and engine_event is not None and kind != "finished":
+            self.progress(engine_event)
+        elif kind == "step" and not self.live_bar:
+            self._step_line(event.step.progress)
+        elif kind not in ("finished", "failed") and (line := describe_event(event)) is not None:
+            (self.progress.print_line if self.progress else print)(line)
+        if kind == "finished":
+            self.close()
+            print(how_to_use(dict(event.finished.outputs), self.name))
+            self.final_state = kind
+        elif kind in ("failed", "cancelled"):
+            self.close()
+            if kind == "failed":  # said once, here: the event's own line would repeat it
+                self._failure(event.failed)
+            self.final_state = kind
+
+    @staticmethod
+    def _step_line(p: jobs_pb2.Progress) -> None:
+        if p.step == p.total_steps or p.step % max(1, p.total_steps // 20) == 0:
+            print(f"step {p.step}/{p.total_steps}  epoch {p.epoch}  loss {p.loss:.4f}  lr {p.lr:.2e}")
+
+    @staticmethod
+    def _failure(failed: jobs_pb2.JobFailed) -> None:
+        print(f"error: {failed.error}", file=sys.stderr)
+        if failed.hint:
+            print(f"hint: {failed.hint}", file=sys.stderr)
+        if failed.checkpoint:
+            print(f"checkpoint kept: {failed.checkpoint}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+
+
 def _follow(
     client: LoradClient,
     job_id: str,
@@ -201,71 +245,49 @@ def _follow(
 ) -> int | None:
     """One WatchJob stream drawn to the terminal; the exit code, or None when ``quiet`` and the job
     has not ended (the caller goes on following). ``seen[0]`` is set to the last event's seq."""
-    progress = TerminalProgress() if live_bar else None
+    stream = _JobStream(job_id, live_bar=live_bar)
     watch = client.watch_job(job_id, after_seq=after_seq, history_only=history_only)
-    name, final_state = job_id, None
     try:
         for message in watch:
             if message.WhichOneof("item") == "job":
-                job_id, name = message.job.job_id, message.job.name
+                stream.job_id, stream.name = message.job.job_id, message.job.name
                 continue
-            event = message.event
             if seen is not None:
-                seen[0] = event.seq
-            kind = event.WhichOneof("kind")
-            engine_event = engine_event_from_proto(event)
-            if progress is not None and engine_event is not None and kind != "finished":
-                progress(engine_event)
-            elif kind == "step" and not live_bar:
-                p = event.step.progress
-                if p.step == p.total_steps or p.step % max(1, p.total_steps // 20) == 0:
-                    print(f"step {p.step}/{p.total_steps}  epoch {p.epoch}  loss {p.loss:.4f}  lr {p.lr:.2e}")
-            elif kind not in ("finished", "failed") and (line := describe_event(event)) is not None:
-                (progress._print if progress else print)(line)
-            if kind == "finished":
-                if progress:
-                    progress.close()
-                print(how_to_use(dict(event.finished.outputs), name))
-                final_state = "finished"
-            elif kind in ("failed", "cancelled"):
-                if progress:
-                    progress.close()
-                if kind == "failed":  # said once, here: the event's own line would repeat it
-                    print(f"error: {event.failed.error}", file=sys.stderr)
-                    if event.failed.hint:
-                        print(f"hint: {event.failed.hint}", file=sys.stderr)
-                    if event.failed.checkpoint:
-                        print(f"checkpoint kept: {event.failed.checkpoint}", file=sys.stderr)
-                final_state = kind
+                seen[0] = message.event.seq
+            stream.show(message.event)
     except KeyboardInterrupt:
         watch.cancel()
-        if progress:
-            progress.close()
+        stream.close()
         print(
-            f"\ndetached; job {job_id} goes on. Follow it: `lorad logs {job_id} --follow`; "
-            f"cancel it: `lorad cancel {job_id}`",
+            f"\ndetached; job {stream.job_id} goes on. Follow it: `lorad logs {stream.job_id} --follow`; "
+            f"cancel it: `lorad cancel {stream.job_id}`",
             file=sys.stderr,
         )
         return EXIT_OK
     finally:
-        if progress:
-            progress.close()
-    if final_state is None and quiet:
+        stream.close()
+    return _exit_code(client, stream, history_only=history_only, quiet=quiet)
+
+
+def _exit_code(client: LoradClient, stream: _JobStream, *, history_only: bool, quiet: bool) -> int | None:
+    """The command's exit status once a stream ended: by the job's final event, or by asking about a
+    job still going (None when ``quiet``: the caller goes on following)."""
+    if stream.final_state is not None:
+        return {"finished": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED}[stream.final_state]
+    if quiet:
         return None
-    if final_state is None and history_only:
-        job = client.get_job(job_id)
+    job = client.get_job(stream.job_id)
+    if history_only:
         print(f"job {job.job_id} is {job_state_name(job.state)}; `lorad logs {job.job_id} --follow` follows it")
         return EXIT_OK
-    if final_state is None:  # stream ended without a final event (e.g. the daemon stopped)
-        job = client.get_job(job_id)
-        if job.state not in FINAL_STATES:
-            print(
-                f"the daemon stopped following job {job_id} ({job_state_name(job.state)}); "
-                f"`lorad logs {job_id} --follow` picks it up again",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-    return {"finished": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED}.get(final_state or "", EXIT_OK)
+    if job.state not in FINAL_STATES:  # the stream ended without a final event (e.g. the daemon stopped)
+        print(
+            f"the daemon stopped following job {stream.job_id} ({job_state_name(job.state)}); "
+            f"`lorad logs {stream.job_id} --follow` picks it up again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def submit_and_follow(client: LoradClient, config_path: Path, *, detach: bool) -> int:

@@ -41,8 +41,8 @@ def write_demo_images(folder: Path, count: int = 12) -> None:
     (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
 
 
-def demo_config(work: Path, steps: int) -> dict[str, object]:
-    """The config a user would write for the demo data (paths relative to ``work``)."""
+def demo_config(steps: int) -> dict[str, object]:
+    """The config a user would write for the demo data (paths relative to the demo folder)."""
     return {
         "train_data_dir": "./data/demo_style",
         "metadata_path": "./data/demo_style/metadata.csv",
@@ -86,7 +86,7 @@ def run_demo(work: Path, *, steps: int = 30) -> int:
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(
         f"# written by `lorad demo`; edit and run: {edit_and_run(work, config_path)}\n"
-        + yaml.safe_dump(demo_config(work, steps), sort_keys=False)
+        + yaml.safe_dump(demo_config(steps), sort_keys=False)
     )
     print(f"config: {config_path}\nedit and run it: {edit_and_run(work, config_path)}\n")
     code = run_training(config_path, base_dir=work)

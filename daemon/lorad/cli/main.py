@@ -257,7 +257,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     with _connect() as client:
         if args.action == "load":
-            return load_model(client, args.model, args.keep_alive)
+            return load_model(client, args.model, args.keep_alive or 0.0)  # 0: the daemon's default
         if args.action == "unload":
             return unload_model(client, args.model)
         return print_models(client)
@@ -272,10 +272,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 client,
                 args.dir,
                 args.config,
-                quiet_seconds=args.quiet_seconds,
-                min_new_images=args.min_new_images,
+                # Unset options go as 0, which the daemon reads as its own default (the one the help names).
+                quiet_seconds=args.quiet_seconds or 0.0,
+                min_new_images=args.min_new_images or 0,
                 mode=args.mode,
-                continue_steps=args.continue_steps,
+                continue_steps=args.continue_steps or 0,
                 publish_dir=args.publish_dir or "",
                 polling=args.polling,
             )
@@ -499,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--keep-alive",
         type=float,
-        default=0.0,
+        default=None,
         metavar="SECONDS",
         help="with load: keep-alive after last use (default: the daemon's)",
     )
@@ -518,14 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
     watch_add.add_argument(
         "--quiet-seconds",
         type=float,
-        default=0.0,
+        default=None,
         metavar="S",
         help="seconds without file changes before training (default 10)",
     )
     watch_add.add_argument(
         "--min-new-images",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="new images needed before a job is queued (default 1)",
     )
@@ -538,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch_add.add_argument(
         "--continue-steps",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="steps of a continue job (default: the config's own budget)",
     )
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a tiny built-in model end to end (offline, < 1 min)")
     demo.add_argument("--dir", default="lorad-demo", help="work folder (default: ./lorad-demo)")
-    demo.add_argument("--steps", type=int, default=0, help="training steps (default: 30; 40 with --llm)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 30; 40 with --llm)")
     demo.add_argument("--llm", action="store_true", help="train a LoRA on a tiny Llama instead (PEFT adapter)")
     demo.set_defaults(func=cmd_demo)
 

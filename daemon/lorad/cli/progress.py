@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-from lorad.events import (
-    CheckpointSaved,
-    DataReported,
-    EvalDone,
-    Event,
-    LatentsCached,
-    LogLine,
-    MemoryRecovered,
-    ModelLoaded,
-    SampleGenerated,
-    SampleImage,
-    StepDone,
-    TrainingFinished,
-    TrainingStarted,
-)
-from lorad_client.format import describe_sample_image
+from lorad.events import Event, StepDone, TrainingFinished, TrainingStarted
+from lorad.server.proto_convert import engine_events_to_proto
+from lorad_client.format import describe_event
 
 
 def quiet_libraries() -> None:
@@ -40,66 +27,35 @@ class TerminalProgress:
         self.stream = stream or sys.stderr
         self._bar = None
 
-    def _print(self, text: str) -> None:
+    def print_line(self, text: str) -> None:
+        """Print a line above the progress bar (or plainly, before the bar exists)."""
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
 
     def __call__(self, event: Event) -> None:
-        from tqdm import tqdm
-
-        if isinstance(event, DataReported):
-            self._print(event.text)
-        elif isinstance(event, ModelLoaded):
-            how = "already resident" if event.resident else f"loaded in {event.seconds:.1f}s"
-            self._print(f"base model: {event.source} ({event.model_version}, {how})")
-        elif isinstance(event, LatentsCached):
-            self._print(f"latents: {event.cached} from cache, {event.encoded} encoded ({event.seconds:.1f}s)")
-        elif isinstance(event, TrainingStarted):
-            if event.start_step:
-                where = f" from {event.resumed_from}" if event.resumed_from else ""
-                self._print(f"resuming at step {event.start_step} of {event.total_steps}{where}")
-            self._print(
-                f"training {event.trainable_params:,} LoRA parameters on {event.device} "
-                f"(precision {event.precision}), {event.total_steps} steps"
-            )
-            self._bar = tqdm(
-                total=event.total_steps,
-                initial=event.start_step,
-                file=self.stream,
-                unit="step",
-                dynamic_ncols=True,
-                mininterval=0.5,
-            )
-        elif isinstance(event, StepDone):
-            if self._bar is None:  # following a job that started before we looked: the bar starts here
-                self._bar = tqdm(
-                    total=event.total_steps,
-                    initial=event.step - 1,
-                    file=self.stream,
-                    unit="step",
-                    dynamic_ncols=True,
-                    mininterval=0.5,
-                )
-            self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
-            self._bar.update(event.step - self._bar.n)
-        elif isinstance(event, CheckpointSaved):
-            self._print(f"checkpoint saved: {event.path}")
-        elif isinstance(event, MemoryRecovered):
-            self._print(f"warning: {event.change} (the step is redone; the effective batch is unchanged)")
-        elif isinstance(event, LogLine):
-            self._print(("warning: " if event.level == "warning" else "") + event.message)
-        elif isinstance(event, EvalDone):
-            self._print(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
-        elif isinstance(event, SampleGenerated):
-            end = "" if event.stopped == "eos" else " [cut at sample_max_new_tokens]"
-            when = f" (step {event.step})" if event.step else ""
-            self._print(f"sample{when}: {event.prompt!r} -> {event.output!r}{end}")
-        elif isinstance(event, SampleImage):
-            self._print(describe_sample_image(event.step, event.prompt_index, event.prompt, event.path))
+        """Draw one event: steps move the bar, the end closes it, every other event prints the line
+        lorad_client.format gives its wire form, the same line the TUI and the WebUI show."""
+        if isinstance(event, StepDone):
+            self._advance(event)
         elif isinstance(event, TrainingFinished):
             self.close()
+        elif (line := describe_event(engine_events_to_proto("", [event])[0])) is not None:
+            self.print_line(line)
+            if isinstance(event, TrainingStarted):
+                self._bar = self._new_bar(event.total_steps, event.start_step)
+
+    def _advance(self, event: StepDone) -> None:
+        if self._bar is None:  # following a job that started before we looked: the bar starts here
+            self._bar = self._new_bar(event.total_steps, event.step - 1)
+        self._bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+        self._bar.update(event.step - self._bar.n)
+
+    def _new_bar(self, total: int, initial: int) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True, mininterval=0.5)
 
     def close(self) -> None:
         """Finish the bar so later output starts on a clean line."""

@@ -411,7 +411,7 @@ def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
-def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+def _cross_checks(values: dict[str, Any], config_class: type = TrainConfig) -> list[ConfigProblem]:
     """Checks that involve the file system or more than one key."""
     problems: list[ConfigProblem] = []
     data_dir = values.get("train_data_dir")
@@ -471,7 +471,7 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     if isinstance(steps, int) and steps % 8:
         problems.append(ConfigProblem("bucket_reso_steps", f"got {steps}", "use a multiple of 8, e.g. 64"))
     else:
-        problems += settle_buckets(values)
+        problems += settle_buckets(values, config_class)
     problems += option_checks(values)
     problems += _captioner_checks(values)
     for key in ("base_model", "captioner_model"):
@@ -490,12 +490,13 @@ def _cross_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
-def _default(name: str) -> Any:
-    return next(f.default for f in fields(TrainConfig) if f.name == name)
+def _default(name: str, config_class: type = TrainConfig) -> Any:
+    return next(f.default for f in fields(config_class) if f.name == name)
 
 
-def settle_buckets(values: dict[str, Any]) -> list[ConfigProblem]:
-    """Check the bucket settings together with ``resolution``, as a run will use them.
+def settle_buckets(values: dict[str, Any], config_class: type = TrainConfig) -> list[ConfigProblem]:
+    """Check the bucket settings together with ``resolution``, as a run will use them (keys left unset
+    take ``config_class``'s defaults: a family may give them its own).
 
     ``min_bucket_reso`` left unset follows a small ``resolution`` down (kohya's 256 cannot hold a
     64-pixel run's buckets), and is set in ``values``; set explicitly, every setting that leaves no
@@ -503,13 +504,13 @@ def settle_buckets(values: dict[str, Any]) -> list[ConfigProblem]:
     """
     from lorad.data.buckets import make_buckets
 
-    resolution = values.get("resolution", _default("resolution"))
-    step = values.get("bucket_reso_steps", _default("bucket_reso_steps"))
+    resolution = values.get("resolution", _default("resolution", config_class))
+    step = values.get("bucket_reso_steps", _default("bucket_reso_steps", config_class))
     if not all(isinstance(v, int) and v > 0 for v in (resolution, step)):
         return []  # already reported as a bad value
     if "min_bucket_reso" not in values:
-        values["min_bucket_reso"] = max(step, min(_default("min_bucket_reso"), resolution // step * step))
-    lo, hi = values["min_bucket_reso"], values.get("max_bucket_reso", _default("max_bucket_reso"))
+        values["min_bucket_reso"] = max(step, min(_default("min_bucket_reso", config_class), resolution // step * step))
+    lo, hi = values["min_bucket_reso"], values.get("max_bucket_reso", _default("max_bucket_reso", config_class))
     if not (isinstance(lo, int) and isinstance(hi, int)):
         return []
     problems = [
@@ -525,7 +526,7 @@ def settle_buckets(values: dict[str, Any]) -> list[ConfigProblem]:
                 "min_bucket_reso", f"{lo} is above max_bucket_reso {hi}", "make min_bucket_reso <= max_bucket_reso"
             )
         )
-    elif values.get("enable_bucket", _default("enable_bucket")) and not problems:
+    elif values.get("enable_bucket", _default("enable_bucket", config_class)) and not problems:
         try:
             make_buckets(resolution, lo, hi, step)
         except ValueError:
@@ -746,8 +747,11 @@ def sampling_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
-def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
-    """The checks every image family's config gets (data folder, captions, buckets, paths, output)."""
+def image_checks(
+    base_dir: Path, config_class: type = TrainConfig
+) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
+    """The checks every image family's config gets (data folder, captions, buckets, paths, output); keys
+    left unset are checked at ``config_class``'s defaults."""
 
     def resolve_models(values: dict[str, Any]) -> list[ConfigProblem]:
         for key in ("base_model", "captioner_model"):  # resolved before the checks look at the disk
@@ -755,7 +759,7 @@ def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigP
                 values[key] = _resolve_base_model(values[key], base_dir)
         return []
 
-    return [resolve_models, _cross_checks, sampling_checks]
+    return [resolve_models, lambda values: _cross_checks(values, config_class), sampling_checks]
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:

@@ -9,6 +9,8 @@ exactly as a run resolves them.
 
 from __future__ import annotations
 
+import re
+
 from lorad.config.schema import TrainingKeys
 from lorad.errors import ConfigProblem, LoradError
 from lorad.families.registry import spec_for
@@ -20,7 +22,10 @@ def preflight_problems(config: TrainingKeys) -> list[ConfigProblem]:
 
 
 def model_problem(err: LoradError) -> ConfigProblem:
-    """A model loader's error as a problem of the ``base_model`` key."""
-    # Loader messages start with "`base_model` 'x'" already; the problem's key says it.
-    message = str(err).removeprefix("`base_model`").strip().removeprefix(":").strip()
-    return ConfigProblem("base_model", message, err.hint)
+    """A model loader's error as a problem of the key its message starts with, else of ``base_model``."""
+    # Loader messages start with "`base_model` 'x'", or with the key of the separate file they could not
+    # read (FLUX's `clip_l`, `t5xxl`, `ae`); the problem's key says it.
+    found = re.match(r"`(\w+)`\s*(.*)", str(err), re.S)
+    if found is None:
+        return ConfigProblem("base_model", str(err).strip(), err.hint)
+    return ConfigProblem(found[1], found[2].strip().removeprefix(":").strip(), err.hint)

@@ -908,8 +908,18 @@ class TrainConfig(TrainingKeys):
         default=None,
         metadata=spec(
             "training",
-            "Where VAE latents are cached by image content (a re-run encodes nothing). "
-            "Unset: the lorad cache folder ($LORAD_HOME/cache).",
+            "Where VAE latents (by image content) and text-encoder outputs (by caption, in text/) are cached, so a "
+            "re-run encodes nothing. Unset: the lorad cache folder ($LORAD_HOME/cache).",
+        ),
+    )
+    cache_text_encoder_outputs: bool = field(
+        default=True,
+        metadata=spec(
+            "training",
+            "When the text encoder is not trained: encode every caption the run will use once, before the first "
+            "step (kept in cache_dir), and move the text encoder off the GPU until the run ends. With "
+            "shuffle_caption or caption_dropout every distinct caption string of the run is one entry "
+            "(the data report says how many). false: run the text encoder at every step.",
         ),
     )
 

@@ -8,6 +8,7 @@ Modules, each named for what it holds:
   ``prepare_caption`` (kohya-style keep_tokens / shuffle / dropout / trigger word).
 - :mod:`lorad.data.buckets` — aspect-ratio buckets and the deterministic per-epoch batch plan.
 - :mod:`lorad.data.latent_cache` — VAE latents cached in memory and on disk.
+- :mod:`lorad.data.cache_entries` — the files both caches (latents, text-encoder outputs) keep.
 - :mod:`lorad.data.report` — ``DataReport``: what the scan found, used and skipped, and why.
 
 Importing this package (or ``report``, ``captions``, ``buckets``, ``dataset``) does not import

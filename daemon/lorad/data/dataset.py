@@ -447,6 +447,28 @@ def _nothing_usable_hint(report: DataReport, root: Path, no_caption: str) -> str
     return "Fix or replace the files listed above (re-save them from an image editor), then run again."
 
 
+@dataclass(frozen=True)
+class BucketCrop:
+    """How an upright image is fitted to a bucket: scaled by ``scale`` to ``resized`` (width, height),
+    then the bucket-sized window at (``left``, ``top``) of the scaled image is kept."""
+
+    scale: float
+    resized: tuple[int, int]
+    left: int
+    top: int
+
+
+def bucket_crop(width: int, height: int, bucket: tuple[int, int]) -> BucketCrop:
+    """The scale and center crop that :func:`load_image_for_bucket` applies to a ``width`` x ``height``
+    (upright) image for ``bucket`` = (width, height): the smallest scale that covers the bucket,
+    keeping the aspect ratio, then a center crop. Only one side is ever cropped."""
+    bucket_w, bucket_h = bucket
+    scale = max(bucket_w / width, bucket_h / height)
+    # max() guards against float rounding landing one pixel short of the bucket.
+    new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+    return BucketCrop(scale, (new_w, new_h), left=(new_w - bucket_w) // 2, top=(new_h - bucket_h) // 2)
+
+
 def load_image_for_bucket(path: Path, bucket: tuple[int, int], *, crop: bool = True) -> torch.Tensor:
     """The pixels of ``path`` for training at ``bucket`` = (width, height).
 
@@ -524,18 +546,16 @@ def _fit_to_bucket(picture: Image.Image, bucket: tuple[int, int], *, crop: bool)
     multiples of 8."""
     bucket_w, bucket_h = bucket
     width, height = picture.size
-    scale = max(bucket_w / width, bucket_h / height)
-    # max() guards against float rounding landing one pixel short of the bucket.
-    new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+    fit = bucket_crop(width, height, bucket)
+    new_w, new_h = fit.resized
     if not crop:
         new_w, new_h = -(-new_w // 8) * 8, -(-new_h // 8) * 8
     if (new_w, new_h) != (width, height):
-        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+        resample = Image.Resampling.LANCZOS if fit.scale < 1 else Image.Resampling.BICUBIC
         picture = picture.resize((new_w, new_h), resample)
     if not crop:
         return picture
-    left, top = (new_w - bucket_w) // 2, (new_h - bucket_h) // 2
-    return picture.crop((left, top, left + bucket_w, top + bucket_h))
+    return picture.crop((fit.left, fit.top, fit.left + bucket_w, fit.top + bucket_h))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

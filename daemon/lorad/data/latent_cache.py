@@ -11,17 +11,13 @@ at another bucket, or switching VAE (or its dtype, if the caller includes that i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from lorad.atomic import write_text_atomic, write_with_atomic
-from lorad.data.dataset import CACHEDIR_TAG
+from lorad.data.cache_entries import SUFFIX, open_cache_dir, read_entry, write_entry
 from lorad.errors import OutputError
 
 MEAN = "mean"
@@ -29,15 +25,6 @@ STD = "std"
 
 # Bumped when the file layout changes; files of another version are treated as misses.
 FORMAT_VERSION = "1"
-SUFFIX = ".safetensors"
-
-# The Cache Directory Tagging spec (https://bford.info/cachedir/): backup tools skip the folder,
-# and the dataset scan skips it should cache_dir sit inside train_data_dir.
-CACHEDIR_TAG_TEXT = (
-    "Signature: 8a477f597d28d172789f06886806bc55\n"
-    "# This file is a cache directory tag created by lorad (latent cache).\n"
-    "# For information about cache directory tags, see https://bford.info/cachedir/\n"
-)
 
 
 class LatentCache:
@@ -61,12 +48,7 @@ class LatentCache:
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         if self.cache_dir is not None:
             try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tag = self.cache_dir / CACHEDIR_TAG
-                # Writing the tag doubles as the check that the folder is writable, up front
-                # rather than after the first image has been encoded.
-                if not tag.is_file():
-                    write_text_atomic(tag, CACHEDIR_TAG_TEXT)
+                open_cache_dir(self.cache_dir, "latent cache")
             except OSError as err:
                 raise self._unwritable(err) from err
 
@@ -125,10 +107,7 @@ class LatentCache:
             "vae_identity": self.vae_identity,
         }
         try:
-            write_with_atomic(
-                self.cache_dir / (key + SUFFIX),
-                lambda tmp: save_file(entry, str(tmp), metadata=metadata),
-            )
+            write_entry(self.cache_dir / (key + SUFFIX), entry, metadata)
         except OSError as err:
             raise self._unwritable(err) from err
         self.writes += 1
@@ -140,30 +119,13 @@ class LatentCache:
     def _load(self, key: str, content_hash: str, bucket: tuple[int, int]) -> dict[str, torch.Tensor] | None:
         if self.cache_dir is None:
             return None
-        path = self.cache_dir / (key + SUFFIX)
-        if not path.is_file():
-            return None
         expected = {
             "version": FORMAT_VERSION,
             "content_hash": content_hash,
             "bucket": f"{bucket[0]}x{bucket[1]}",
             "vae_identity": self.vae_identity,
         }
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-            if any(metadata.get(k) != v for k, v in expected.items()):
-                raise ValueError("entry metadata does not match its key")
-            entry = load_file(str(path))
-            if not entry:
-                raise ValueError("entry holds no tensors")
-        # safetensors raises its own SafetensorError, OSError or others for damaged files; any
-        # failure here only means "encode again".
-        except Exception:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-            return None
-        return entry
+        return read_entry(self.cache_dir / (key + SUFFIX), expected)
 
     def _unwritable(self, err: OSError) -> OutputError:
         return OutputError(

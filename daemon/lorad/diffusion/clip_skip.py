@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
+
+
+def clip_token_ids(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """``captions`` as CLIP token ids, padded and truncated to the tokenizer's ``model_max_length`` (77):
+    (batch, 77), on the CPU."""
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
 
 
 def final_layer_norm(text_encoder: nn.Module) -> nn.Module:

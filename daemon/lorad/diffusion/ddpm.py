@@ -36,7 +36,8 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     clipped = torch.clamp(snr, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
-    return clipped / snr
+    # With zero terminal SNR the last timestep has SNR 0, where min(SNR, γ)/SNR tends to 1.
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -117,6 +117,8 @@ class CleanLatents:
 
     latents: torch.Tensor
     masks: torch.Tensor | None
+    # With random_crop: each sample's (top, left) window offset in pixels of its covering view; else empty.
+    crops: tuple[tuple[int, int], ...] = ()
 
 
 def draw_latents(
@@ -136,7 +138,7 @@ def draw_latents(
     number comes from ``generator``."""
     base = "cover" if random_crop else ""
     offsets = host_generator(generator, stream=2)  # crop windows are shapes: decided on the host
-    means, stds, found = [], [], []
+    means, stds, found, crops = [], [], [], []
     for sample in samples:
         view = f"{base}:hflip".lstrip(":") if sample.flipped else base
         key = (view_key(sample.content_hash, view), sample.bucket)
@@ -147,6 +149,7 @@ def draw_latents(
             top = int(torch.randint(0, mean.shape[-2] - height + 1, (), generator=offsets))
             left = int(torch.randint(0, mean.shape[-1] - width + 1, (), generator=offsets))
             window = (..., slice(top, top + height), slice(left, left + width))
+            crops.append((top * factor, left * factor))
             mean, std = mean[window], std[window]
             mask = mask[window] if mask is not None else None
         means.append(mean)
@@ -160,4 +163,4 @@ def draw_latents(
     if any(m is not None for m in found):
         ones = torch.ones_like(means[0][:1])
         stacked = stack_to_device([m if m is not None else ones for m in found], generator.device)
-    return CleanLatents(clean, stacked)
+    return CleanLatents(clean, stacked, tuple(crops))

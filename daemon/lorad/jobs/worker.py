@@ -7,8 +7,7 @@ import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -34,12 +33,6 @@ PROGRESS_WRITE_SECONDS = 2.0
 STORE_RETRY_SECONDS = 2.0
 
 
-@contextmanager
-def _no_models(config: TrainingKeys, placement: object) -> Iterator[object]:
-    raise AssertionError("the worker was started without a model provider")  # pragma: no cover
-    yield
-
-
 class Worker:
     """One thread that takes QUEUED jobs in order and trains them.
 
@@ -55,7 +48,7 @@ class Worker:
         hub: EventHub,
         *,
         train: Callable[..., object],
-        models: Callable = _no_models,
+        models: Callable,
         device_name: str = "auto",
         captions: Callable[[TrainingKeys, Callable[[Event], None], threading.Event], Callable] | None = None,
     ) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -27,39 +28,36 @@ def save_diffusers_lora(
     parts: Mapping[str, Mapping[str, torch.Tensor]],
     configs: Mapping[str, LoraConfig],
     dtype: torch.dtype,
+    *,
+    pipeline: str = "sd",
 ) -> Path:
-    """Write ``output_dir/pytorch_lora_weights.safetensors`` for the "unet"/"text_encoder" parts."""
-    # The loader mixin, not the pipeline: importing the pipeline drags in image processors.
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` for the model parts in ``parts``:
+    "unet" and "text_encoder" (``pipeline`` "sd": SD 1.x/2.x), plus "text_encoder_2" ("sdxl"), or
+    "transformer" and "text_encoder" (CLIP-L) for ``pipeline`` "flux". A part with no tensors is left out."""
+    # The loader mixins, not the pipelines: importing a pipeline drags in image processors.
+    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    mixins = {
+        "sd": StableDiffusionLoraLoaderMixin,
+        "sdxl": StableDiffusionXLLoraLoaderMixin,
+        "flux": FluxLoraLoaderMixin,
+    }
+    mixin = mixins[pipeline]
 
     def cast(part: str) -> dict[str, torch.Tensor]:
         return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous() for k, v in parts[part].items()}
 
-    def metadata(part: str) -> dict | None:
-        # Without it diffusers would assume alpha == rank and scale the LoRA wrongly.
-        return configs[part].to_dict() if part in configs else None
+    layers: dict[str, Any] = {}
+    for part in parts:
+        if parts[part]:
+            layers[f"{part}_lora_layers"] = cast(part)
+            # Without it diffusers would assume alpha == rank and scale the LoRA wrongly.
+            layers[f"{part}_lora_adapter_metadata"] = configs[part].to_dict() if part in configs else None
 
-    return write_lora_weights(
-        output_dir,
-        lambda tmp: StableDiffusionLoraLoaderMixin.save_lora_weights(
-            tmp,
-            unet_lora_layers=cast("unet") if parts.get("unet") else None,
-            text_encoder_lora_layers=cast("text_encoder") if parts.get("text_encoder") else None,
-            unet_lora_adapter_metadata=metadata("unet") if parts.get("unet") else None,
-            text_encoder_lora_adapter_metadata=metadata("text_encoder") if parts.get("text_encoder") else None,
-            weight_name=WEIGHT_NAME,
-        ),
-    )
-
-
-def write_lora_weights(output_dir: Path, save: Callable[[Path], object]) -> Path:
-    """Run a diffusers ``save_lora_weights`` call (``save(folder)``, writing ``WEIGHT_NAME`` there) in a
-    temporary folder inside ``output_dir``, then rename the file into place: it appears complete or
-    not at all. Returns its path."""
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("diffusers-lora"), suffix=TEMP_SUFFIX, dir=output_dir))
     try:
-        save(tmp)
+        mixin.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **layers)
         dest = output_dir / WEIGHT_NAME
         os.chmod(tmp / WEIGHT_NAME, user_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp / WEIGHT_NAME, dest)

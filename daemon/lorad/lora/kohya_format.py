@@ -8,7 +8,7 @@ Keys are ``lora_unet_<module path, '.' → '_'>.{lora_down.weight, lora_up.weigh
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +36,27 @@ def kohya_module_name(prefix: str, module_path: str) -> str:
     return prefix + module_path.replace(".", "_")
 
 
+def sd_kohya_name(part: str, module_path: str) -> str:
+    """The kohya module name of an SD 1.x/2.x module: diffusers/transformers path, prefixed per part."""
+    return kohya_module_name(PREFIXES[part], portable_path(part, module_path))
+
+
 def to_kohya(
-    parts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float, dtype: torch.dtype
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    alpha: float,
+    dtype: torch.dtype,
+    name_for: Callable[[str, str], str] = sd_kohya_name,
 ) -> dict[str, torch.Tensor]:
-    """Convert peft state dicts ({"unet": {...}, "text_encoder": {...}}) to kohya tensors."""
+    """Convert peft state dicts ({"unet": {...}, "text_encoder": {...}}) to kohya tensors.
+
+    ``name_for(part, module_path)`` gives each module's kohya name (SD 1.x/2.x by default; SDXL
+    names its UNet modules in the SGM layout).
+    """
     out: dict[str, torch.Tensor] = {}
     for part, state in parts.items():
-        prefix = PREFIXES[part]
         for key, tensor in state.items():
             module_path, _, rest = key.partition(".lora_")
-            name = kohya_module_name(prefix, portable_path(part, module_path))
+            name = name_for(part, module_path)
             role = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[rest]
             out[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
@@ -67,11 +78,14 @@ class LoadedLora:
     rank: int
 
 
-def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedLora:
+def read_lora_file(
+    path: Path, module_paths: Mapping[str, list[str]], name_for: Callable[[str, str], str] | None = None
+) -> LoadedLora:
     """Read a kohya-format (or diffusers/peft-format) LoRA file for the given model parts.
 
-    ``module_paths`` maps a part ("unet", "text_encoder") to the module paths of that model;
-    kohya names are matched against them (underscores make the names ambiguous to split back).
+    ``module_paths`` maps a part ("unet", "text_encoder", ...) to the module paths of that model;
+    kohya names are matched against them (underscores make the names ambiguous to split back),
+    named by ``name_for(part, path)`` (default: SD 1.x/2.x's names, with or without ``text_model.``).
     Raises ModelLoadError (naming `init_lora`) for unreadable files or keys matching no module.
     """
     try:
@@ -82,18 +96,22 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
             f"`init_lora`: {path} is not a readable .safetensors LoRA ({err})",
             "point init_lora at a LoRA .safetensors file",
         ) from None
-    lookup: dict[str, dict[str, str]] = {}
+    lookup: dict[str, tuple[str, str]] = {}  # kohya module name -> (part, module path)
     for part, paths in module_paths.items():
-        lookup[part] = {
-            kohya_module_name(PREFIXES[part], name): p for p in paths for name in {p, portable_path(part, p)}
-        }
+        for p in paths:
+            if name_for is not None:
+                lookup[name_for(part, p)] = (part, p)
+            else:
+                lookup.update(
+                    {kohya_module_name(PREFIXES[part], name): (part, p) for name in {p, portable_path(part, p)}}
+                )
     parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in module_paths}
     alphas: dict[str, float] = {}
     unknown: list[str] = []
     ranks: set[int] = set()
     for key, tensor in tensors.items():
         name, _, role = key.partition(".")
-        if key.startswith(("unet.", "text_encoder.")):  # diffusers layout: <part>.<path>.lora_A.weight
+        if name in module_paths:  # diffusers layout: <part>.<path>.lora_A.weight
             part, _, rest = key.partition(".")
             module_path, _, role = rest.partition(".lora_")
             if part == "text_encoder" and module_path not in module_paths.get(part, ()):
@@ -105,11 +123,10 @@ def read_lora_file(path: Path, module_paths: Mapping[str, list[str]]) -> LoadedL
             if role == "A.weight":
                 ranks.add(tensor.shape[0])
             continue
-        part = next((p for p, pre in PREFIXES.items() if name.startswith(pre)), None)
-        module_path = lookup.get(part, {}).get(name) if part else None
-        if module_path is None:
+        if name not in lookup:
             unknown.append(key)
             continue
+        part, module_path = lookup[name]
         if role == "alpha":
             alphas[f"{part}:{module_path}"] = float(tensor.item())
         elif role == "lora_down.weight":

@@ -1,11 +1,14 @@
-"""Key mapping from diffusers' layout to the original LDM / AUTOMATIC1111 single-file layout.
+"""Key mapping from diffusers' layout to the original LDM / SGM / AUTOMATIC1111 single-file layout.
 
-This is the inverse of what ``diffusers`` does when it reads a single-file checkpoint, for the
-SD 1.x/2.x parts: the UNet (``model.diffusion_model.*``), the VAE (``first_stage_model.*``) and the
-text encoder (``cond_stage_model.transformer.*`` for SD 1.x's CLIP-L, ``cond_stage_model.model.*``
-for SD 2.x's OpenCLIP). lorad uses it to write tiny test checkpoints; every tensor is carried over
-unchanged except where the layouts differ in shape (VAE attention 1x1 convs, OpenCLIP's fused qkv),
-and those changes are exactly undone by the reader, so a round trip is bit-identical.
+This is the inverse of what ``diffusers`` does when it reads a single-file checkpoint: the UNet
+(``model.diffusion_model.*``, SD 1.x/2.x and SDXL, whose added-conditioning MLP is ``label_emb``),
+the VAE (``first_stage_model.*``) and the text encoders (CLIP-L as ``….transformer.text_model.*``,
+OpenCLIP as ``….model.*``, under SD 1.x/2.x's ``cond_stage_model.`` or SDXL's
+``conditioner.embedders.N.``). lorad uses it to write tiny test checkpoints, and the UNet module
+names double as the SGM names of kohya's SDXL LoRA keys. Every tensor is carried over unchanged
+except where the layouts differ in shape (VAE attention 1x1 convs, OpenCLIP's fused qkv and
+transposed text projection), and those changes are exactly undone by the reader, so a round trip
+is bit-identical.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL's two text encoders: CLIP-L (HF layout inside) and OpenCLIP bigG.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers ResnetBlock2D submodule -> LDM ResBlock submodule (UNet).
 _UNET_RESNET = {
@@ -36,6 +42,9 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's MLP over (pooled text, size/crop time ids).
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 # The VAE's resnets keep their names except the shortcut.
 _VAE_RESNET = {
@@ -51,13 +60,23 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "
 def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Map a diffusers ``UNet2DConditionModel`` state dict to ``model.diffusion_model.*`` keys.
 
-    ``config`` is the UNet's config (``layers_per_block`` must be an int, as in every SD 1.x/2.x
-    model). Raises ValueError on a key outside the SD 1.x/2.x layout (class embeddings, SDXL's
-    added conditioning, ...).
+    ``config`` is the UNet's config. Raises ValueError on a key outside the SD 1.x/2.x/SDXL layout
+    (see :func:`ldm_unet_path`).
+    """
+    return {UNET_PREFIX + ldm_unet_path(key, config): tensor for key, tensor in state_dict.items()}
+
+
+def ldm_unet_path(path: str, config: Mapping[str, Any]) -> str:
+    """The LDM/SGM name of a diffusers UNet module or parameter path (``down_blocks.1.attentions.0.proj_in``
+    -> ``input_blocks.4.1.proj_in`` for SDXL), without the ``model.diffusion_model.`` prefix.
+
+    ``config`` is the UNet's config; ``layers_per_block`` must be an int, as in every SD 1.x/2.x and
+    SDXL model. Paths inside a transformer block are named alike in both layouts and pass through.
+    Raises ValueError on a path with no LDM equivalent (class embeddings, a block part LDM lacks).
     """
     layers = config["layers_per_block"]
     if not isinstance(layers, int):
-        raise ValueError(f"per-block layers_per_block {layers!r} is not an SD 1.x/2.x layout")
+        raise ValueError(f"per-block layers_per_block {layers!r} is not an SD 1.x/2.x/SDXL layout")
     # LDM numbers a level's layers consecutively; the downsampler (input side) or upsampler (output
     # side) shares the last index of its level.
     stride = layers + 1
@@ -65,39 +84,38 @@ def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any
 
     def resnet(prefix: str, module: str, rest: str) -> str:
         if module not in _UNET_RESNET:
-            raise ValueError(f"unexpected resnet submodule {module!r}")
-        return f"{prefix}.{_UNET_RESNET[module]}.{rest}"
+            raise ValueError(f"unexpected resnet submodule {module!r} in {path!r}")
+        return f"{prefix}.{_UNET_RESNET[module]}{rest}"
 
-    def convert(key: str) -> str:
-        module, _, param = key.rpartition(".")
-        if module in _UNET_TOP:
-            return f"{_UNET_TOP[module]}.{param}"
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)", key):
-            block, layer = int(m[1]), int(m[2])
-            return resnet(f"input_blocks.{1 + block * stride + layer}.0", m[3], m[4])
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-            block, layer = int(m[1]), int(m[2])
-            return f"input_blocks.{1 + block * stride + layer}.1.{m[3]}"
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            return f"input_blocks.{1 + int(m[1]) * stride + layers}.0.op.{m[2]}"
-        if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)\.(.+)", key):
-            return resnet(f"middle_block.{2 * int(m[1])}", m[2], m[3])
-        if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            return f"middle_block.1.{m[1]}"
-        if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)", key):
-            block, layer = int(m[1]), int(m[2])
-            return resnet(f"output_blocks.{block * stride + layer}.0", m[3], m[4])
-        if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-            block, layer = int(m[1]), int(m[2])
-            return f"output_blocks.{block * stride + layer}.1.{m[3]}"
-        if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            block = int(m[1])
-            # The upsampler follows the resnet (slot 0) and, when the level has one, the attention (slot 1).
-            slot = 2 if up_has_attention[block] else 1
-            return f"output_blocks.{block * stride + layers}.{slot}.conv.{m[2]}"
-        raise ValueError(f"UNet key {key!r} has no SD 1.x/2.x LDM equivalent")
-
-    return {UNET_PREFIX + convert(key): tensor for key, tensor in state_dict.items()}
+    for top, ldm in _UNET_TOP.items():
+        if path == top or path.startswith(top + "."):
+            return ldm + path[len(top) :]
+    # Each pattern ends in "(…)" capturing the rest of the path with its leading dot (or nothing),
+    # so module paths and parameter keys convert alike.
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)((?:\..+)?)", path):
+        block, layer = int(m[1]), int(m[2])
+        return resnet(f"input_blocks.{1 + block * stride + layer}.0", m[3], m[4])
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)((?:\..+)?)", path):
+        block, layer = int(m[1]), int(m[2])
+        return f"input_blocks.{1 + block * stride + layer}.1{m[3]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv((?:\..+)?)", path):
+        return f"input_blocks.{1 + int(m[1]) * stride + layers}.0.op{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)((?:\..+)?)", path):
+        return resnet(f"middle_block.{2 * int(m[1])}", m[2], m[3])
+    if m := re.fullmatch(r"mid_block\.attentions\.0((?:\..+)?)", path):
+        return f"middle_block.1{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)((?:\..+)?)", path):
+        block, layer = int(m[1]), int(m[2])
+        return resnet(f"output_blocks.{block * stride + layer}.0", m[3], m[4])
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)((?:\..+)?)", path):
+        block, layer = int(m[1]), int(m[2])
+        return f"output_blocks.{block * stride + layer}.1{m[3]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv((?:\..+)?)", path):
+        block = int(m[1])
+        # The upsampler follows the resnet (slot 0) and, when the level has one, the attention (slot 1).
+        slot = 2 if up_has_attention[block] else 1
+        return f"output_blocks.{block * stride + layers}.{slot}.conv{m[2]}"
+    raise ValueError(f"UNet path {path!r} has no LDM equivalent")
 
 
 def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -151,16 +169,22 @@ def _text_model_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     }
 
 
-def clip_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an SD 1.x ``CLIPTextModel`` state dict to ``cond_stage_model.transformer.text_model.*``."""
-    return {CLIP_PREFIX + key: tensor for key, tensor in _text_model_keys(state_dict).items()}
+def clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """Map a CLIP-L ``CLIPTextModel`` state dict to ``<prefix>*`` (SD 1.x: ``cond_stage_model.transformer.text_model.``;
+    SDXL's first encoder: ``conditioner.embedders.0.transformer.text_model.``)."""
+    return {prefix + key: tensor for key, tensor in _text_model_keys(state_dict).items()}
 
 
-def clip_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an SD 2.x ``CLIPTextModel`` state dict to OpenCLIP's ``cond_stage_model.model.*`` layout.
+def clip_to_open_clip(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """Map a ``CLIPTextModel`` (SD 2.x) or ``CLIPTextModelWithProjection`` (SDXL's second encoder)
+    state dict to OpenCLIP's layout under ``prefix`` (``cond_stage_model.model.`` or
+    ``conditioner.embedders.1.model.``).
 
-    OpenCLIP fuses q, k and v into one ``in_proj`` (rows in q, k, v order). No ``text_projection`` is
-    written: SD 2.x does not use it and diffusers' text encoder has none.
+    OpenCLIP fuses q, k and v into one ``in_proj`` (rows in q, k, v order) and stores the text
+    projection as a (width, embed) matrix, the transpose of the Linear's weight. SD 2.x's encoder
+    has no projection, so none is written for it.
     """
     top = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
@@ -180,13 +204,16 @@ def clip_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in source.items():
         if key in top:
-            out[OPEN_CLIP_PREFIX + top[key]] = tensor
+            out[prefix + top[key]] = tensor
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
             continue
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
         if m is None:
             raise ValueError(f"text encoder key {key!r} has no OpenCLIP equivalent")
         layer, module, param = int(m[1]), m[2], m[3]
-        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}"
+        block = f"{prefix}transformer.resblocks.{layer}"
         if qkv := re.fullmatch(r"self_attn\.(q|k|v)_proj", module):
             fused.setdefault((layer, param), {})[qkv[1]] = tensor
         elif module in layer_parts:
@@ -197,7 +224,7 @@ def clip_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
         if sorted(parts) != ["k", "q", "v"]:
             raise ValueError(f"text encoder layer {layer} lacks one of q/k/v {param}")
         name = "in_proj_weight" if param == "weight" else "in_proj_bias"
-        out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.{name}"] = torch.cat(
+        out[f"{prefix}transformer.resblocks.{layer}.attn.{name}"] = torch.cat(
             [parts["q"], parts["k"], parts["v"]], dim=0
         )
     return out

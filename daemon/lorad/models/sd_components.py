@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +45,12 @@ class SDComponents:
     prediction_type: str
     source: str
     _vae_identity: str | None = field(default=None, init=False, repr=False)
+    _text_identities: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        """What latents are multiplied by before the UNet sees them (the VAE config's; 0.18215 for SD)."""
+        return float(self.vae.config.scaling_factor)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -60,6 +67,26 @@ class SDComponents:
         if self._vae_identity is None:
             self._vae_identity = state_dict_digest(self.vae.state_dict())
         return self._vae_identity
+
+    def text_encoder_identity(self, settings: dict[str, object]) -> str:
+        """The text encoder and tokenizer's identity under ``settings``, keying cached text-encoder
+        outputs (see :func:`lorad.diffusion.text_cache.text_encoder_identity`). Memoised like
+        :meth:`vae_identity`, so call it only while no adapter is attached to the encoder."""
+        return memoised_text_identity(
+            self._text_identities, [self.text_encoder], [self.tokenizer], {"family": self.model_version, **settings}
+        )
+
+
+def memoised_text_identity(
+    memo: dict[str, str], encoders: list[Any], tokenizers: list[Any], settings: dict[str, object]
+) -> str:
+    """:func:`lorad.diffusion.text_cache.text_encoder_identity`, computed once per ``settings`` into ``memo``."""
+    from lorad.diffusion.text_cache import text_encoder_identity
+
+    key = json.dumps(settings, sort_keys=True, default=str)
+    if key not in memo:
+        memo[key] = text_encoder_identity(encoders, tokenizers, settings)
+    return memo[key]
 
 
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -16,16 +16,22 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from lorad.errors import ModelLoadError
-from lorad.models.single_file import PICKLE_HINT, PICKLE_SUFFIXES, SD_LAYOUT_HINT
+from lorad.models.single_file import (
+    PICKLE_HINT,
+    PICKLE_SUFFIXES,
+    SD_LAYOUT_HINT,
+    SDXL_FAMILY_HINT,
+    check_unet_in_channels,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # Weight file stems: (safetensors stem, pickle stem) per component, as diffusers/transformers name them.
-_STEMS = {
+STEMS = {
     "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
-_SDXL_HINT = "Use a Stable Diffusion 1.x or 2.x base model."
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ def inspect_folder(folder: Path, where: str, *, allow_pickle: bool) -> FolderInf
         or (folder / "text_encoder_2").is_dir()
         or unet_config.get("addition_embed_type") == "text_time"
     ):
-        raise ModelLoadError(f"{where} is an SDXL model; SDXL is not supported yet", _SDXL_HINT)
+        raise ModelLoadError(f"{where} is an SDXL model, which the SD 1.x/2.x loader does not load", SDXL_FAMILY_HINT)
     if class_name and (not class_name.startswith("StableDiffusion") or class_name.startswith("StableDiffusion3")):
         raise ModelLoadError(f"{where} is a {class_name} model, not Stable Diffusion 1.x/2.x", SD_LAYOUT_HINT)
     missing = [f"{c}/config.json" for c in COMPONENTS if not (folder / c / "config.json").is_file()]
@@ -79,20 +85,15 @@ def inspect_folder(folder: Path, where: str, *, allow_pickle: bool) -> FolderInf
             "A diffusers model needs unet/, vae/, text_encoder/, tokenizer/ and scheduler/; "
             "re-download or re-export it completely.",
         )
-    if unet_config.get("in_channels", 4) != 4:
-        raise ModelLoadError(
-            f"{where} has a UNet with {unet_config['in_channels']} input channels (an inpainting or "
-            "other special model), not a text-to-image base model",
-            "Train on the plain text-to-image version of the model.",
-        )
+    check_unet_in_channels(unet_config.get("in_channels", 4), where)
     sd2 = bool(unet_config.get("use_linear_projection")) or unet_config.get("cross_attention_dim") == 1024
-    options = {c: _weights_options(folder / c, *_STEMS[c], allow_pickle=allow_pickle, where=where) for c in COMPONENTS}
+    options = {c: weights_options(folder / c, *STEMS[c], allow_pickle=allow_pickle, where=where) for c in COMPONENTS}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json_object(scheduler_path, where) if scheduler_path.is_file() else None
     return FolderInfo("sd2" if sd2 else "sd1", options, scheduler)
 
 
-def _weights_options(
+def weights_options(
     component_dir: Path, stem: str, pickle_stem: str, *, allow_pickle: bool, where: str
 ) -> dict[str, Any]:
     """from_pretrained options that select safetensors (plain, else a variant such as fp16), else pickle.
@@ -127,24 +128,28 @@ def load_folder_models(
     """Load the UNet, VAE and text encoder of an inspected folder, offline, in ``dtype``."""
 
     def load(component: str, cls: Any) -> Any:
-        options = {
-            "subfolder": component,
-            "local_files_only": True,
-            "dtype": dtype,
-            **info.load_options[component],
-        }
-        try:
-            if cls is CLIPTextModel:
-                # transformers only warns about missing weights and leaves them random; refuse instead.
-                model, report = cls.from_pretrained(folder, output_loading_info=True, **options)
-                if report.get("missing_keys"):
-                    raise ValueError(f"weights missing for {sorted(report['missing_keys'])[:3]}")
-                return model
-            return cls.from_pretrained(folder, **options)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelLoadError(
-                f"{where}: cannot load {component}/ ({exc})",
-                "The folder may be incomplete or from an unsupported model; re-download or re-export it.",
-            ) from exc
+        return load_component(folder, component, cls, info.load_options[component], dtype, where)
 
     return load("unet", UNet2DConditionModel), load("vae", AutoencoderKL), load("text_encoder", CLIPTextModel)
+
+
+def load_component(
+    folder: Path, component: str, cls: Any, options: dict[str, Any], dtype: torch.dtype, where: str
+) -> Any:
+    """``cls.from_pretrained(folder, subfolder=component)`` offline in ``dtype``, with ``options`` from
+    :func:`weights_options`. A transformers model missing weights is refused (transformers would
+    only warn and leave them random); any failure is a ModelLoadError naming ``where``.
+    """
+    kwargs = {"subfolder": component, "local_files_only": True, "dtype": dtype, **options}
+    try:
+        if cls.__module__.startswith("transformers."):
+            model, report = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+            if report.get("missing_keys"):
+                raise ValueError(f"weights missing for {sorted(report['missing_keys'])[:3]}")
+            return model
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(
+            f"{where}: cannot load {component}/ ({exc})",
+            "The folder may be incomplete or from an unsupported model; re-download or re-export it.",
+        ) from exc

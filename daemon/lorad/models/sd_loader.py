@@ -91,34 +91,19 @@ def load_sd_components(
     the config key and value, ``hint`` the fix) when the model cannot be found, recognised or
     loaded, and ConfigError for an unknown ``prediction_type``.
     """
-    if prediction_type not in ("auto", *PREDICTION_TYPES):
-        problem = ConfigProblem(
-            "prediction_type", f"unknown value {prediction_type!r}", "use auto, epsilon or v_prediction"
-        )
-        raise ConfigError([problem])
+    check_prediction_type(prediction_type)
     where = f"`base_model` {base_model!r}"
     source, plan = _plan(base_model, base_dir, allow_pickle=allow_pickle, model_config_dir=model_config_dir)
-    if prediction_type == "auto":
-        prediction_type = plan.scheduler_config.get("prediction_type") or plan.default_prediction
-        if prediction_type not in PREDICTION_TYPES:
-            raise ModelLoadError(
-                f"{where}: its scheduler config has prediction_type {prediction_type!r}, which lorad cannot train",
-                "Set `prediction_type` to epsilon or v_prediction.",
-            )
+    prediction_type = resolve_prediction_type(prediction_type, plan.scheduler_config, plan.default_prediction, where)
     tokenizer_dir, tokenizer_source = find_tokenizer_dir(
         plan.version,
         where,
-        tokenizer_path=_resolve_optional(tokenizer_path, base_dir),
+        tokenizer_path=resolve_optional_path(tokenizer_path, base_dir),
         local_dirs=plan.tokenizer_dirs,
     )
 
     unet, vae, text_encoder = plan.load(dtype)
-    for module in (unet, vae, text_encoder):
-        # Normally loaded in `dtype` already; diffusers warns on every `.to(dtype)`, so cast only if needed.
-        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-            module.to(dtype=dtype)
-        module.eval()
-        module.requires_grad_(False)
+    freeze(unet, vae, text_encoder, dtype=dtype)
     return SDComponents(
         unet=unet,
         vae=vae,
@@ -129,6 +114,39 @@ def load_sd_components(
         prediction_type=prediction_type,
         source=str(source),
     )
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    """Raise ConfigError unless ``prediction_type`` is auto, epsilon or v_prediction."""
+    if prediction_type not in ("auto", *PREDICTION_TYPES):
+        problem = ConfigProblem(
+            "prediction_type", f"unknown value {prediction_type!r}", "use auto, epsilon or v_prediction"
+        )
+        raise ConfigError([problem])
+
+
+def resolve_prediction_type(prediction_type: str, scheduler_config: dict[str, Any], default: str, where: str) -> str:
+    """``prediction_type`` itself, or for "auto" the scheduler config's (else ``default``); refuses
+    a config naming one lorad cannot train (such as "sample")."""
+    if prediction_type != "auto":
+        return prediction_type
+    found = scheduler_config.get("prediction_type") or default
+    if found not in PREDICTION_TYPES:
+        raise ModelLoadError(
+            f"{where}: its scheduler config has prediction_type {found!r}, which lorad cannot train",
+            "Set `prediction_type` to epsilon or v_prediction.",
+        )
+    return found
+
+
+def freeze(*modules: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Put loaded modules in ``dtype``, eval mode, and ``requires_grad`` False everywhere."""
+    for module in modules:
+        # Normally loaded in `dtype` already; diffusers warns on every `.to(dtype)`, so cast only if needed.
+        if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+            module.to(dtype=dtype)
+        module.eval()
+        module.requires_grad_(False)
 
 
 def inspect_sd_model(
@@ -154,7 +172,7 @@ def _plan(
     """The cheap phase: where ``base_model`` is, and what it is and how to load it."""
     where = f"`base_model` {base_model!r}"
     source = resolve_base_model(base_model, base_dir=base_dir)
-    config_dir = _resolve_optional(model_config_dir, base_dir)
+    config_dir = resolve_optional_path(model_config_dir, base_dir)
     if source.is_dir():
         return source, _plan_folder(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
     return source, _plan_single_file(source, where, allow_pickle=allow_pickle, config_dir=config_dir)
@@ -195,7 +213,8 @@ def _absolute(path: Path, base_dir: Path | None) -> Path:
     return path if path.is_absolute() else (Path(base_dir) if base_dir else Path.cwd()) / path
 
 
-def _resolve_optional(path: Path | None, base_dir: Path | None) -> Path | None:
+def resolve_optional_path(path: Path | None, base_dir: Path | None) -> Path | None:
+    """``path`` made absolute against ``base_dir`` (else the cwd) and resolved; None stays None."""
     return None if path is None else _absolute(Path(path), base_dir).resolve()
 
 
@@ -244,7 +263,7 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
         info = probe_checkpoint(normalize_keys(read_safetensors_shapes(path, where)), where)
 
     if config_dir is not None:
-        _check_model_config_dir(config_dir)
+        check_model_config_dir(config_dir)
         configs, config_where = config_dir, f"`model_config_dir` {str(config_dir)!r}"
     else:
         configs = SHIPPED_CONFIGS / info.version
@@ -273,16 +292,18 @@ def _plan_single_file(path: Path, where: str, *, allow_pickle: bool, config_dir:
     )
 
 
-def _check_model_config_dir(config_dir: Path) -> None:
+def check_model_config_dir(config_dir: Path, components: tuple[str, ...] = COMPONENTS) -> None:
+    """Refuse a ``model_config_dir`` that is not a folder or lacks a config of ``components``."""
     where = f"`model_config_dir` {str(config_dir)!r}"
     if not config_dir.is_dir():
         raise ModelLoadError(
             f"{where} is not a folder", "Set it to a diffusers-layout folder with the model's configs."
         )
-    missing = [f"{c}/config.json" for c in COMPONENTS if not (config_dir / c / "config.json").is_file()]
+    missing = [f"{c}/config.json" for c in components if not (config_dir / c / "config.json").is_file()]
     if missing:
+        configs = ", ".join(f"{c}/config.json" for c in components)
         raise ModelLoadError(
             f"{where} lacks {', '.join(missing)}",
-            "It must be a diffusers-layout folder: model_index.json, unet/config.json, vae/config.json, "
-            "text_encoder/config.json, scheduler/scheduler_config.json (and optionally tokenizer/).",
+            f"It must be a diffusers-layout folder: model_index.json, {configs}, "
+            "scheduler/scheduler_config.json (and optionally tokenizer/).",
         )

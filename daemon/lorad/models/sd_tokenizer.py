@@ -1,4 +1,4 @@
-"""Finding and opening the CLIP tokenizer of an SD 1.x/2.x model, offline.
+"""Finding and opening the CLIP tokenizer of an SD 1.x/2.x or SDXL model, offline.
 
 Order: ``tokenizer_path``; the model's own ``tokenizer/`` (folder models) or ``model_config_dir``'s;
 then the local Hugging Face cache of the repos that usually hold it. Finding is cheap and runs
@@ -29,8 +29,14 @@ HUB_TOKENIZERS = {
         ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
         ("stabilityai/stable-diffusion-2", "tokenizer"),
     ),
+    # SDXL's two tokenizers share CLIP's vocabulary and merges; only their pad tokens differ.
+    "sdxl": (
+        ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+        ("openai/clip-vit-large-patch14", ""),
+        ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", ""),
+    ),
 }
-_FAMILY = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+_FAMILY = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -33,6 +33,10 @@ PICKLE_HINT = (
     "Convert it to .safetensors (which cannot carry code), or set `allow_pickle: true` if you trust "
     "the file; lorad then reads it with torch.load(weights_only=True), which loads tensors only."
 )
+SDXL_FAMILY_HINT = (
+    "Train it as an SDXL model: lorad tells the family from `base_model` by itself, so remove "
+    "`model_family` or set it to sdxl."
+)
 SD_LAYOUT_HINT = (
     "`base_model` must be a Stable Diffusion 1.x/2.x checkpoint in the single-file (AUTOMATIC1111) "
     "layout, a diffusers model folder, or a Hugging Face model id already in the local cache."
@@ -133,8 +137,7 @@ def probe_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> Checkpo
     keys = list(shapes)
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise ModelLoadError(
-            f"{where} is an SDXL checkpoint; SDXL is not supported yet",
-            "Use a Stable Diffusion 1.x or 2.x base model.",
+            f"{where} is an SDXL checkpoint, which the SD 1.x/2.x loader does not load", SDXL_FAMILY_HINT
         )
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelLoadError(
@@ -147,12 +150,7 @@ def probe_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> Checkpo
             "(SD3, Flux and others are not supported)",
             SD_LAYOUT_HINT,
         )
-    if conv_in[1] != 4:
-        raise ModelLoadError(
-            f"{where} is a UNet with {conv_in[1]} input channels (an inpainting or other special model), "
-            "not a text-to-image base model",
-            "Train on the plain text-to-image version of the model.",
-        )
+    check_unet_in_channels(conv_in[1], where)
     if any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
         raise ModelLoadError(
             f"{where} has a class-conditioned UNet (unCLIP, upscaler or SDXL-like), not SD 1.x/2.x text-to-image",
@@ -185,6 +183,16 @@ def probe_checkpoint(shapes: Mapping[str, Sequence[int]], where: str) -> Checkpo
             "The file is probably a broken merge; use another copy of the model.",
         )
     return CheckpointInfo(version, int(context_dim), int(text_width), int(conv_in[0]))
+
+
+def check_unet_in_channels(in_channels: int, where: str) -> None:
+    """Refuse a UNet that does not take plain 4-channel latents (inpainting, depth, instruct-pix2pix)."""
+    if in_channels != 4:
+        raise ModelLoadError(
+            f"{where} has a UNet with {in_channels} input channels (an inpainting or other special model), "
+            "not a text-to-image base model",
+            "Train on the plain text-to-image version of the model.",
+        )
 
 
 def _what_it_looks_like(keys: Sequence[str]) -> str:
@@ -228,6 +236,29 @@ def convert_components(
 
     ``config_dir`` is a local diffusers-layout folder; nothing is fetched from the network.
     """
+    unet, vae, (text_encoder,) = convert_single_file(
+        state_dict, config_dir, dtype, where, text_encoders=(("text_encoder", CLIPTextModel),)
+    )
+    return unet, vae, text_encoder
+
+
+def convert_single_file(
+    state_dict: dict[str, torch.Tensor],
+    config_dir: Path,
+    dtype: torch.dtype,
+    where: str,
+    *,
+    text_encoders: Sequence[tuple[str, type]],
+) -> tuple[UNet2DConditionModel, AutoencoderKL, list[torch.nn.Module]]:
+    """The UNet, VAE and ``text_encoders`` ((subfolder, transformers class) pairs, in order) of an
+    LDM/SGM-layout state dict, converted by diffusers' single-file code with the configs in the
+    local diffusers-layout folder ``config_dir``; nothing is fetched from the network.
+
+    diffusers picks each text encoder's weights from the checkpoint by its key layout (SD 1.x
+    CLIP-L, SD 2.x OpenCLIP, or SDXL's ``conditioner.embedders.0``/``.1`` told apart by width).
+    Raises ModelLoadError, naming ``where`` and ``model_config_dir`` as the fix, when conversion
+    fails or leaves weights the config expects unset.
+    """
     config = str(config_dir)
     try:
         with _quiet_empty_fp32_warning():
@@ -237,20 +268,24 @@ def convert_components(
             vae = AutoencoderKL.from_single_file(
                 state_dict, config=config, subfolder="vae", local_files_only=True, torch_dtype=dtype
             )
-            text_encoder = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel,
-                checkpoint=state_dict,
-                subfolder="text_encoder",
-                config=config,
-                torch_dtype=dtype,
-                local_files_only=True,
-            )
+            encoders = [
+                create_diffusers_clip_model_from_ldm(
+                    cls,
+                    checkpoint=state_dict,
+                    subfolder=subfolder,
+                    config=config,
+                    torch_dtype=dtype,
+                    local_files_only=True,
+                )
+                for subfolder, cls in text_encoders
+            ]
     except (ValueError, RuntimeError, KeyError, OSError, TypeError) as exc:
         raise ModelLoadError(
             f"{where} could not be converted with the configs in {config_dir}: {exc}",
             "Set `model_config_dir` to a diffusers-layout folder whose configs match this checkpoint.",
         ) from exc
-    for name, module in (("UNet", unet), ("VAE", vae), ("text encoder", text_encoder)):
+    names = ["UNet", "VAE", *(subfolder.replace("_", " ") for subfolder, _ in text_encoders)]
+    for name, module in zip(names, (unet, vae, *encoders), strict=True):
         missing = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
         if missing:
             # diffusers loads into empty (meta) modules and leaves absent weights unset.
@@ -259,7 +294,7 @@ def convert_components(
                 "The checkpoint is incomplete or has a different architecture; set `model_config_dir` "
                 "to configs that match it.",
             )
-    return unet, vae, text_encoder
+    return unet, vae, encoders
 
 
 class _EmptyFp32ListFilter(logging.Filter):

@@ -24,7 +24,7 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorad.atomic import atomic_directory, write_text_atomic, write_with_atomic
 from lorad.models.ldm_layout import clip_to_ldm, clip_to_open_clip, unet_to_ldm, vae_to_ldm
@@ -56,7 +56,8 @@ def _unet(version: str) -> UNet2DConditionModel:
     )
 
 
-def _vae() -> AutoencoderKL:
+def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """The tiny VAE (random weights from the global RNG): 64x64 RGB <-> 4x8x8 latents."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -67,7 +68,7 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=TINY_IMAGE_SIZE,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -132,7 +133,7 @@ def build_tiny_sd(dest: Path, *, version: str = "sd1", seed: int = 0) -> Path:
             torch.manual_seed(seed)
             unet = _unet(version)
             torch.manual_seed(seed + 1)
-            vae = _vae()
+            vae = tiny_vae()
             torch.manual_seed(seed + 2)
             text_encoder = _text_encoder(version, vocab)
         write_sd_parts(tmp, unet=unet, vae=vae, text_encoder=text_encoder, scheduler=_scheduler(version))
@@ -152,21 +153,24 @@ def write_sd_parts(
     Used by the tiny builder and by benchmarks that build a real-size model with random weights."""
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
-    save_clip_text_encoder(text_encoder, folder / "text_encoder")
+    save_text_encoder(text_encoder, folder / "text_encoder")
     scheduler.save_pretrained(folder / "scheduler")
     write_text_atomic(folder / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
 
 
-def save_clip_text_encoder(model: CLIPTextModel, folder: Path) -> None:
+def save_text_encoder(model: CLIPTextModel | CLIPTextModelWithProjection, folder: Path) -> None:
     """Save with the classic ``text_model.``-prefixed keys that SD repos on the Hub have.
 
-    transformers >= 5.6 would save unprefixed keys, which older transformers cannot read; the
-    prefixed form loads everywhere (and exercises the path real models take).
+    transformers >= 5.6 would save unprefixed keys for ``CLIPTextModel``, which older transformers
+    cannot read; the prefixed form loads everywhere (and exercises the path real models take).
+    ``CLIPTextModelWithProjection``'s ``text_projection`` sits beside ``text_model`` and keeps its name.
     """
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     tensors = {
-        "text_model." + key.removeprefix("text_model."): tensor.detach().cpu().contiguous()
+        (key if key.startswith("text_projection.") else "text_model." + key.removeprefix("text_model.")): (
+            tensor.detach().cpu().contiguous()
+        )
         for key, tensor in model.state_dict().items()
         if not key.endswith("position_ids")
     }

@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from lorad.atomic import atomic_directory, write_text_atomic, write_with_atomic
 from lorad.families.flux.key_map import COMFY_CHECKPOINT_PREFIX, FluxShape, diffusers_to_bfl
 from lorad.models.ldm_layout import VAE_PREFIX, vae_to_ldm
-from lorad.models.tiny import save_clip_text_encoder
+from lorad.models.tiny import save_text_encoder
 from lorad.models.tiny_t5_tokenizer import write_tiny_t5_tokenizer
 from lorad.models.tiny_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, write_tiny_clip_tokenizer
 
@@ -177,7 +177,7 @@ def build_tiny_flux(dest: Path, *, variant: str = "dev", seed: int = 0) -> Path:
             t5 = _t5(t5_vocab_size)
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        save_clip_text_encoder(clip_l, tmp / "text_encoder")
+        save_text_encoder(clip_l, tmp / "text_encoder")
         t5.save_pretrained(tmp / "text_encoder_2", safe_serialization=True)
         _scheduler(variant).save_pretrained(tmp / "scheduler")
         write_text_atomic(tmp / "model_index.json", json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")

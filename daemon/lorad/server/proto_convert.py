@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,7 +22,15 @@ from lorad.captioning import options as cu_options
 from lorad.captioning import updates as cu
 from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import EventRecord, JobRecord, JobState
-from lorad_api.v1 import caption_pb2, jobs_pb2, models_pb2, system_pb2, watch_pb2
+from lorad_api.v1 import caption_pb2, jobs_pb2, lora_tools_pb2, models_pb2, system_pb2, watch_pb2
+
+if TYPE_CHECKING:  # types only: the registry and the LoRA tools import torch, which clients never load
+    from lorad.captioning.editing import FolderCaptions
+    from lorad.lora_tools.inspect import LoraReport
+    from lorad.models.registry import ResidentInfo
+    from lorad.server.service import DaemonStatus
+    from lorad.watching.manager import WatchChange
+    from lorad.watching.records import WatchView
 
 STATE_TO_PROTO = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -133,7 +141,7 @@ def engine_events_to_proto(job_id: str, events: Sequence[ev.Event]) -> list[jobs
     return [event_to_proto(EventRecord(job_id, 0, now, *engine_event_payload(event))) for event in events]
 
 
-def resident_to_proto(info: Any) -> models_pb2.ResidentModel:
+def resident_to_proto(info: ResidentInfo) -> models_pb2.ResidentModel:
     """A registry ResidentInfo as a ResidentModel message."""
     return models_pb2.ResidentModel(
         model_id=info.model_id,
@@ -150,7 +158,7 @@ def resident_to_proto(info: Any) -> models_pb2.ResidentModel:
     )
 
 
-def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
+def status_to_proto(status: DaemonStatus) -> system_pb2.GetStatusResponse:
     """The service's DaemonStatus as GetStatusResponse."""
     return system_pb2.GetStatusResponse(
         version=status.version,
@@ -180,71 +188,17 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
     """The engine event a JobEvent carries, for renderers shared with in-process runs; None for
     job-level kinds (queued, started, failed, cancelled, interrupted) that callers handle."""
     kind = event.WhichOneof("kind")
-    if kind == "step":
-        p = event.step.progress
-        return ev.StepDone(
-            step=p.step,
-            total_steps=p.total_steps,
-            epoch=p.epoch,
-            loss=p.loss,
-            lr=p.lr,
-            steps_per_second=p.steps_per_second,
-            eta_seconds=p.eta_seconds,
-        )
-    if kind == "data_report":
-        report = json.loads(event.data_report.report_json or "{}")
-        return ev.DataReported(report=report, text=event.data_report.text)
-    if kind == "model_loaded":
-        m = event.model_loaded
-        return ev.ModelLoaded(source=m.source, model_version=m.model_version, seconds=m.seconds, resident=m.resident)
-    if kind == "latents_cached":
-        lc = event.latents_cached
-        return ev.LatentsCached(cached=lc.cached, encoded=lc.encoded, seconds=lc.seconds)
-    if kind == "training_started":
-        t = event.training_started
-        return ev.TrainingStarted(
-            total_steps=t.total_steps,
-            start_step=t.start_step,
-            epochs=t.epochs,
-            trainable_params=t.trainable_params,
-            device=t.device,
-            precision=t.precision,
-            resumed_from=t.resumed_from,
-        )
-    if kind == "checkpoint_saved":
-        return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)
-    if kind == "log":
-        return ev.LogLine(message=event.log.message, level=event.log.level or "info")
-    if kind == "eval":
-        return ev.EvalDone(step=event.eval.step, loss=event.eval.loss, samples=event.eval.samples)
-    if kind == "sample":
-        s = event.sample
-        return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped, step=s.step)
-    if kind == "sample_image":
-        i = event.sample_image
-        return ev.SampleImage(
-            step=i.step,
-            prompt_index=i.prompt_index,
-            prompt=i.prompt,
-            seed=i.seed,
-            path=i.path,
-            width=i.width,
-            height=i.height,
-        )
-    if kind == "memory_recovered":
-        m = event.memory_recovered
-        return ev.MemoryRecovered(
-            step=m.step,
-            change=m.change,
-            micro_batch=m.micro_batch,
-            gradient_accumulation_steps=m.gradient_accumulation_steps,
-            gradient_checkpointing=m.gradient_checkpointing,
-            error=m.error,
-        )
-    if kind == "finished":
-        f = event.finished
-        return ev.TrainingFinished(outputs=dict(f.outputs), steps=f.steps, final_loss=f.final_loss, seconds=f.seconds)
-    return None
+    event_class = ev.event_class(kind) if kind else None
+    if event_class is None:
+        return None
+    message = event.step.progress if kind == "step" else getattr(event, kind)
+    return event_class.from_payload({field.name: _field_value(message, field) for field in message.DESCRIPTOR.fields})
+
+
+def _field_value(message: Any, field: Any) -> Any:
+    """A scalar field as is; a map field as a plain dict."""
+    value = getattr(message, field.name)
+    return dict(value) if field.message_type is not None and field.message_type.GetOptions().map_entry else value
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -363,7 +317,7 @@ WATCH_MODE_TO_PROTO = {"continue": watch_pb2.WATCH_MODE_CONTINUE, "retrain": wat
 WATCH_MODE_FROM_PROTO = {watch_pb2.WATCH_MODE_UNSPECIFIED: "", **{v: k for k, v in WATCH_MODE_TO_PROTO.items()}}
 
 
-def watch_to_proto(view: Any) -> watch_pb2.Watch:
+def watch_to_proto(view: WatchView) -> watch_pb2.Watch:
     """A watch manager's WatchView as the API's Watch message."""
     record, policy = view.record, view.record.policy
     return watch_pb2.Watch(
@@ -394,7 +348,7 @@ def watch_to_proto(view: Any) -> watch_pb2.Watch:
     )
 
 
-def watch_change_to_proto(change: Any) -> watch_pb2.FollowWatchesResponse:
+def watch_change_to_proto(change: WatchChange) -> watch_pb2.FollowWatchesResponse:
     """One FollowWatches item: the first list, a changed watch, or a removed watch's id."""
     if isinstance(change, list):
         return watch_pb2.FollowWatchesResponse(
@@ -412,7 +366,7 @@ CAPTION_SOURCE_TO_PROTO = {
 }
 
 
-def caption_rows_to_proto(captions: Any) -> list[caption_pb2.CaptionRow]:
+def caption_rows_to_proto(captions: FolderCaptions) -> list[caption_pb2.CaptionRow]:
     """The entries of a FolderCaptions (``lorad.captioning.editing``) as CaptionRow messages."""
     return [
         caption_pb2.CaptionRow(
@@ -426,7 +380,7 @@ def caption_rows_to_proto(captions: Any) -> list[caption_pb2.CaptionRow]:
     ]
 
 
-def list_captions_to_proto(captions: Any) -> caption_pb2.ListCaptionsResponse:
+def list_captions_to_proto(captions: FolderCaptions) -> caption_pb2.ListCaptionsResponse:
     """A FolderCaptions as the ListCaptions answer."""
     return caption_pb2.ListCaptionsResponse(
         folder=str(captions.folder),
@@ -436,24 +390,23 @@ def list_captions_to_proto(captions: Any) -> caption_pb2.ListCaptionsResponse:
     )
 
 
-def set_captions_to_proto(captions: Any) -> caption_pb2.SetCaptionsResponse:
+def set_captions_to_proto(captions: FolderCaptions) -> caption_pb2.SetCaptionsResponse:
     """The edited images (a FolderCaptions) as the SetCaptions answer."""
     return caption_pb2.SetCaptionsResponse(
         rows=caption_rows_to_proto(captions), format=FORMAT_TO_PROTO[captions.format], written_to=captions.written_to
     )
 
 
-def caption_edits_from_proto(edits: Any) -> list[tuple[str, str]]:
+def caption_edits_from_proto(edits: Iterable[caption_pb2.CaptionEdit]) -> list[tuple[str, str]]:
     """SetCaptions edits as (image path, caption) pairs, in the request's order."""
     return [(edit.path, edit.caption) for edit in edits]
 
 
-def inspect_response(report: Any) -> Any:
+def inspect_response(report: LoraReport) -> lora_tools_pb2.InspectLoraResponse:
     """A :class:`lorad.lora_tools.inspect.LoraReport` as an InspectLoraResponse (text and JSON included)."""
     import json
 
     from lorad.lora_tools.inspect import render_report
-    from lorad_api.v1 import lora_tools_pb2
 
     return lora_tools_pb2.InspectLoraResponse(
         layout=report.layout,

@@ -14,6 +14,7 @@ import grpc
 
 from lorad.captioning.options import DEFAULT_BATCH_SIZE
 from lorad.errors import LoradError
+from lorad.jobs.records import JobRecord
 from lorad.server.proto_convert import (
     CAPTIONER_FROM_PROTO,
     FORMAT_FROM_PROTO,
@@ -39,6 +40,7 @@ from lorad.server.status_codes import fit_trailer, message_for, status_for
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
+    jobs_pb2,
     lora_tools_pb2,
     lora_tools_pb2_grpc,
     models_pb2,
@@ -74,10 +76,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def __init__(self, service: LoradService) -> None:
         self.service = service
 
-    def _job(self, job) -> object:
+    def _job(self, job: JobRecord) -> jobs_pb2.Job:
         return job_to_proto(job, queue_position=self.service.queue_position(job.job_id))
 
-    def SubmitTraining(self, request, context):
+    def SubmitTraining(
+        self, request: training_pb2.SubmitTrainingRequest, context: grpc.ServicerContext
+    ) -> training_pb2.SubmitTrainingResponse:
         with rpc_errors(context):
             form = request.WhichOneof("config")
             fields = struct_to_dict(request.config_fields) if form == "config_fields" else None
@@ -90,31 +94,41 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             )
             return training_pb2.SubmitTrainingResponse(job=self._job(job))
 
-    def GetJob(self, request, context):
+    def GetJob(self, request: training_pb2.GetJobRequest, context: grpc.ServicerContext) -> training_pb2.GetJobResponse:
         with rpc_errors(context):
             return training_pb2.GetJobResponse(job=self._job(self.service.get_job(request.job_id)))
 
-    def ListJobs(self, request, context):
+    def ListJobs(
+        self, request: training_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> training_pb2.ListJobsResponse:
         with rpc_errors(context):
             states = [STATE_FROM_PROTO[s] for s in request.states if s in STATE_FROM_PROTO]
             jobs = self.service.list_jobs(states, request.limit)
             return training_pb2.ListJobsResponse(jobs=[self._job(j) for j in jobs])
 
-    def CancelJob(self, request, context):
+    def CancelJob(
+        self, request: training_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> training_pb2.CancelJobResponse:
         with rpc_errors(context):
             return training_pb2.CancelJobResponse(job=self._job(self.service.cancel(request.job_id)))
 
-    def SampleNow(self, request, context):
+    def SampleNow(
+        self, request: training_pb2.SampleNowRequest, context: grpc.ServicerContext
+    ) -> training_pb2.SampleNowResponse:
         with rpc_errors(context):
             events = self.service.sample_now(request.job_id)
             return training_pb2.SampleNowResponse(events=engine_events_to_proto(request.job_id, events))
 
-    def SaveNow(self, request, context):
+    def SaveNow(
+        self, request: training_pb2.SaveNowRequest, context: grpc.ServicerContext
+    ) -> training_pb2.SaveNowResponse:
         with rpc_errors(context):
             events = self.service.save_now(request.job_id)
             return training_pb2.SaveNowResponse(events=engine_events_to_proto(request.job_id, events))
 
-    def WatchJob(self, request, context):
+    def WatchJob(
+        self, request: training_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[training_pb2.WatchJobResponse]:
         with rpc_errors(context):
             job, events = self.service.watch(
                 request.job_id, after_seq=request.after_seq, active=context.is_active, history_only=request.history_only
@@ -129,11 +143,15 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def __init__(self, service: LoradService) -> None:
         self.service = service
 
-    def ListModels(self, request, context):
+    def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> models_pb2.ListModelsResponse:
         with rpc_errors(context):
             return models_pb2.ListModelsResponse(models=[resident_to_proto(m) for m in self.service.list_models()])
 
-    def LoadModel(self, request, context):
+    def LoadModel(
+        self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
+    ) -> models_pb2.LoadModelResponse:
         with rpc_errors(context):
             info, already = self.service.load_model(
                 base_model=request.base_model,
@@ -148,7 +166,9 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             )
             return models_pb2.LoadModelResponse(model=resident_to_proto(info), already_resident=already)
 
-    def UnloadModel(self, request, context):
+    def UnloadModel(
+        self, request: models_pb2.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> models_pb2.UnloadModelResponse:
         with rpc_errors(context):
             return models_pb2.UnloadModelResponse(freed_bytes=self.service.unload_model(request.model))
 
@@ -157,7 +177,9 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
     def __init__(self, service: LoradService) -> None:
         self.service = service
 
-    def CaptionImages(self, request, context):
+    def CaptionImages(
+        self, request: caption_pb2.CaptionImagesRequest, context: grpc.ServicerContext
+    ) -> Iterator[caption_pb2.CaptionImagesResponse]:
         with rpc_errors(context):
             updates = self.service.caption_images(
                 folder=request.folder,
@@ -182,7 +204,9 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
             finally:
                 updates.close()  # a client that left: release the folder and the captioner now
 
-    def ListCaptions(self, request, context):
+    def ListCaptions(
+        self, request: caption_pb2.ListCaptionsRequest, context: grpc.ServicerContext
+    ) -> caption_pb2.ListCaptionsResponse:
         with rpc_errors(context):
             return list_captions_to_proto(
                 self.service.list_captions(
@@ -190,7 +214,9 @@ class CaptionServicer(caption_pb2_grpc.CaptionServiceServicer):
                 )
             )
 
-    def SetCaptions(self, request, context):
+    def SetCaptions(
+        self, request: caption_pb2.SetCaptionsRequest, context: grpc.ServicerContext
+    ) -> caption_pb2.SetCaptionsResponse:
         with rpc_errors(context):
             return set_captions_to_proto(
                 self.service.set_captions(
@@ -207,11 +233,15 @@ class SystemServicer(system_pb2_grpc.SystemServiceServicer):
         self.service = service
         self._token = token
 
-    def GetStatus(self, request, context):
+    def GetStatus(
+        self, request: system_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> system_pb2.GetStatusResponse:
         with rpc_errors(context):
             return status_to_proto(self.service.status())
 
-    def ProveIdentity(self, request, context):
+    def ProveIdentity(
+        self, request: system_pb2.ProveIdentityRequest, context: grpc.ServicerContext
+    ) -> system_pb2.ProveIdentityResponse:
         size = len(request.challenge)
         if not self._token:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no token to prove")
@@ -228,7 +258,7 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
     def __init__(self, service: LoradService) -> None:
         self.service = service
 
-    def AddWatch(self, request, context):
+    def AddWatch(self, request: watch_pb2.AddWatchRequest, context: grpc.ServicerContext) -> watch_pb2.AddWatchResponse:
         with rpc_errors(context):
             policy = request.policy
             view = self.service.add_watch(
@@ -244,21 +274,29 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
             )
             return watch_pb2.AddWatchResponse(watch=watch_to_proto(view))
 
-    def RemoveWatch(self, request, context):
+    def RemoveWatch(
+        self, request: watch_pb2.RemoveWatchRequest, context: grpc.ServicerContext
+    ) -> watch_pb2.RemoveWatchResponse:
         with rpc_errors(context):
             view = self.service.remove_watch(request.watch, base_dir=request.base_dir)
             return watch_pb2.RemoveWatchResponse(watch=watch_to_proto(view))
 
-    def ListWatches(self, request, context):
+    def ListWatches(
+        self, request: watch_pb2.ListWatchesRequest, context: grpc.ServicerContext
+    ) -> watch_pb2.ListWatchesResponse:
         with rpc_errors(context):
             return watch_pb2.ListWatchesResponse(watches=[watch_to_proto(v) for v in self.service.list_watches()])
 
-    def RetryWatch(self, request, context):
+    def RetryWatch(
+        self, request: watch_pb2.RetryWatchRequest, context: grpc.ServicerContext
+    ) -> watch_pb2.RetryWatchResponse:
         with rpc_errors(context):
             view = self.service.retry_watch(request.watch, base_dir=request.base_dir)
             return watch_pb2.RetryWatchResponse(watch=watch_to_proto(view))
 
-    def FollowWatches(self, request, context):
+    def FollowWatches(
+        self, request: watch_pb2.FollowWatchesRequest, context: grpc.ServicerContext
+    ) -> Iterator[watch_pb2.FollowWatchesResponse]:
         with rpc_errors(context):
             changes = self.service.follow_watches(active=context.is_active)
             context.add_callback(self.service.watches.wake)  # a client that leaves frees its thread at once
@@ -270,19 +308,25 @@ class LoraToolsServicer(lora_tools_pb2_grpc.LoraToolsServiceServicer):
     def __init__(self, service: LoradService) -> None:
         self.service = service
 
-    def InspectLora(self, request, context):
+    def InspectLora(
+        self, request: lora_tools_pb2.InspectLoraRequest, context: grpc.ServicerContext
+    ) -> lora_tools_pb2.InspectLoraResponse:
         with rpc_errors(context):
             report = self.service.inspect_lora(request.path, base_dir=request.base_dir)
             return inspect_response(report)
 
-    def ConvertLora(self, request, context):
+    def ConvertLora(
+        self, request: lora_tools_pb2.ConvertLoraRequest, context: grpc.ServicerContext
+    ) -> lora_tools_pb2.ConvertLoraResponse:
         with rpc_errors(context):
             output = self.service.convert_lora(
                 request.path, to=request.to, output=request.output, base=request.base, base_dir=request.base_dir
             )
             return lora_tools_pb2.ConvertLoraResponse(output=output)
 
-    def ResizeLora(self, request, context):
+    def ResizeLora(
+        self, request: lora_tools_pb2.ResizeLoraRequest, context: grpc.ServicerContext
+    ) -> lora_tools_pb2.ResizeLoraResponse:
         with rpc_errors(context):
             result = self.service.resize_lora(
                 request.path,

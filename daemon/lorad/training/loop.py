@@ -32,7 +32,7 @@ from lorad.events import (
     TrainingStarted,
     ignore_events,
 )
-from lorad.families.registry import load_plugin
+from lorad.families import registry
 from lorad.lora.adapters import load_lora_state_dict, lora_state_dict
 from lorad.training.checkpoints import check_signature, open_run, restore_rng
 from lorad.training.ema import ParameterEma
@@ -108,7 +108,7 @@ def train(
     is loaded when no data is usable; TrainingDiverged on a NaN/inf loss (earlier checkpoints are kept);
     ConfigError for settings only the model can check.
     """
-    family = load_plugin(config.model_family)
+    family = registry.load_plugin(config.model_family)
     run_start, started_at = time.monotonic(), time.time()
     timings: dict[str, float] = {}
     prepare_output_dir(config.output_dir)

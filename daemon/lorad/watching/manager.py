@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad.atomic import write_with_atomic
-from lorad.config import parse_config
+from lorad.config.dispatch import parse_any_config
 from lorad.config.yaml_text import load_yaml_text
 from lorad.errors import ConfigError, ConfigProblem, DataError, LoradError
 from lorad.jobs.records import JobNotFound, JobRecord, JobState
@@ -275,7 +275,7 @@ class WatchManager:
     def _check_config(self, record: WatchRecord) -> None:
         """Raise ConfigError unless the template config makes a valid job for this watch."""
         fields = job_fields(record, version=record.version + 1)
-        parse_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
+        parse_any_config(dict(fields), base_dir=Path(record.base_dir), source=record.config_path)
 
     def _version_fields(self, skip: str = "") -> list[tuple[str, dict[str, Any]]]:
         """(folder, job fields) of every watch but ``skip`` whose template can be read now."""

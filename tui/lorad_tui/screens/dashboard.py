@@ -11,8 +11,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from lorad_client.format import JOB_COLUMNS
 from lorad_tui.display import (
-    JOB_COLUMNS,
     MODEL_COLUMNS,
     WATCH_COLUMNS,
     job_cells,

@@ -53,6 +53,8 @@ _NOT_YET_FOR_FLUX = {
     "ip_noise_gamma": "a DDPM noise option; not implemented for flow matching",
     "min_timestep": "FLUX draws noise levels, not DDPM timesteps: use `timestep_sampling`",
     "max_timestep": "FLUX draws noise levels, not DDPM timesteps: use `timestep_sampling`",
+    "cache_text_encoder_outputs": "FLUX always caches CLIP-L's and T5's outputs (T5 is never in memory while "
+    "the transformer trains); remove it",
 }
 
 

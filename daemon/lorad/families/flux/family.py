@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from torch import nn
 from lorad.data.buckets import plan_epoch
 from lorad.data.captions import prepare_caption
 from lorad.data.latent_cache import LatentCache
+from lorad.diffusion.captions import run_epochs, text_cache_dir
 from lorad.diffusion.flow_matching import (
     TimestepSampling,
     flow_matching_loss,
@@ -60,7 +60,6 @@ from lorad.families.flux.lora_files import (
     flux_metadata,
     kohya_tensors,
     read_flux_lora,
-    save_flux_diffusers,
     save_flux_kohya,
 )
 from lorad.families.flux.sampling import FluxSampler, flux_prompts, warn_long_prompts
@@ -70,6 +69,7 @@ from lorad.families.sd.family import SdData
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import EPOCH_FILE_NAME, PARTIAL_FILE_NAME, SAVE_DTYPES, SdRunFacts, kohya_metadata
 from lorad.lora.adapters import attach_lora, detach_lora, lora_state_dict
+from lorad.lora.diffusers_format import save_diffusers_lora
 from lorad.lora.targets import TEXT_ENCODER_SUGGESTIONS, resolve_targets
 from lorad.models.block_swap import BlockSwap, flux_blocks
 from lorad.models.flux_loader import (
@@ -96,6 +96,9 @@ from lorad.training.placement import Placement
 from lorad.training.run_folder import EXPORT_FULL_HINT
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+# Text-encoder entries kept in memory at once; the rest are read back from disk. A FLUX.1-dev entry is
+# T5's 512 x 4096 hidden states (4 MB in bf16), so this bounds the cache at about 1 GB of host memory.
+ENTRIES_IN_MEMORY = 256
 T5, POOLED = "t5", "pooled"
 
 
@@ -210,7 +213,7 @@ class FluxRun:
         if config.train_text_encoder:
             # A trained CLIP-L runs every step (its pooled output changes); T5 is still cached.
             self.clip = load_clip_l(sources, self.dtype).to(self.device)
-        self._encode_captions(cache_root / "text", on_event)
+        self._encode_captions(text_cache_dir(config), on_event)
 
         params = attach_lora(
             transformer,
@@ -329,9 +332,7 @@ class FluxRun:
         """Every caption string this run will train on, over all its epochs."""
         config = self.config
         varies = config.shuffle_caption or config.caption_dropout > 0 or config.caption_tag_dropout_rate > 0
-        steps_per_epoch = math.ceil(len(self.plan(0)) / config.gradient_accumulation_steps)
-        total = config.max_train_steps or config.epochs * steps_per_epoch
-        epochs = math.ceil(total / steps_per_epoch) if varies else 1
+        epochs = run_epochs(config, len(self.plan(0))) if varies else 1
         return [self._caption(e, i) for e in range(epochs) for i in range(len(self.samples))]
 
     def _encode_captions(self, folder: Path, on_event: EventSink) -> None:
@@ -349,7 +350,7 @@ class FluxRun:
                 ]
             ).encode()
         ).hexdigest()
-        self.text = TextEncoderCache(folder, identity)
+        self.text = TextEncoderCache(folder, identity, max_in_memory=ENTRIES_IN_MEMORY)
         encoders: dict[str, nn.Module] = {}
 
         def encode(captions: list[str]) -> dict[str, torch.Tensor]:
@@ -365,11 +366,17 @@ class FluxRun:
             encoders.clear()
             free_memory()
         seconds = time.monotonic() - t0
-        message = f"text-encoder outputs: {stats.encoded} captions encoded, {stats.cached} from the cache"
+        distinct = stats.encoded + stats.cached
+        # SD's and SDXL's wording (lorad.diffusion.captions), with the sample prompts beside it.
+        message = (
+            f"text encoder outputs: {distinct} distinct captions, {stats.encoded} encoded now, "
+            f"{stats.cached} from the cache ({seconds:.1f} s)"
+        )
         if self.sample_prompts:
-            message += f"; {prompts.encoded} sample prompts encoded, {prompts.cached} from the cache"
+            message += f"; sample prompts: {prompts.encoded} encoded now, {prompts.cached} from the cache"
         on_event(LogLine(message=message))
         self.scalars.summary["text_encoder_outputs"] = {
+            "distinct_captions": distinct,
             "encoded": stats.encoded,
             "cached": stats.cached,
             "seconds": seconds,
@@ -515,14 +522,12 @@ class FluxRun:
             for kind, (path, tensors) in files.items():
                 outputs[kind + role] = str(save_flux_kohya(path, tensors, metadata))
             if "diffusers" in config.output_format:
-                clip_config = self.clip.peft_config[ADAPTER].to_dict() if self.clip is not None else None
-                path = save_flux_diffusers(
+                path = save_diffusers_lora(
                     config.output_dir / variant if variant else config.output_dir,
-                    transformer_lora,
-                    clip_lora,
-                    transformer_config=self.model.transformer.peft_config[ADAPTER].to_dict(),
-                    clip_config=clip_config,
-                    dtype=dtype,
+                    {"transformer": transformer_lora, "text_encoder": clip_lora},
+                    {name: part.peft_config[ADAPTER] for name, part in self.parts.items()},
+                    dtype,
+                    pipeline="flux",
                 )
                 outputs["diffusers" + role] = str(path)
         return outputs

@@ -31,7 +31,6 @@ from safetensors import safe_open
 
 from lorad.errors import ModelLoadError
 from lorad.families.flux.key_map import FluxShape, LinearModule, linear_modules, part_sizes, swap_halves
-from lorad.lora.diffusers_format import WEIGHT_NAME, write_lora_weights
 from lorad.lora.kohya_format import LoadedLora, kohya_module_name, portable_path, save_kohya
 
 FLUX_OUTPUT_FORMATS = ("kohya", "diffusers", "comfyui")
@@ -170,38 +169,6 @@ def save_flux_kohya(path: Path, tensors: Mapping[str, torch.Tensor], metadata: M
     """Write a kohya- or ComfyUI-layout file atomically; returns ``path``."""
     save_kohya(path, tensors, metadata)
     return path
-
-
-def save_flux_diffusers(
-    output_dir: Path,
-    transformer_lora: Mapping[str, torch.Tensor],
-    clip_lora: Mapping[str, torch.Tensor],
-    *,
-    transformer_config: Mapping[str, object],
-    clip_config: Mapping[str, object] | None,
-    dtype: torch.dtype,
-) -> Path:
-    """``output_dir/pytorch_lora_weights.safetensors`` through diffusers' Flux serializer (atomic rename).
-
-    The configs are peft ``LoraConfig.to_dict()`` results: diffusers stores them in the file so its
-    loader scales by the trained lora_alpha instead of assuming alpha == rank.
-    """
-    from diffusers.loaders import FluxLoraLoaderMixin
-
-    def cast(state: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
-        return {portable_path(part, k): v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-
-    return write_lora_weights(
-        output_dir,
-        lambda tmp: FluxLoraLoaderMixin.save_lora_weights(
-            tmp,
-            transformer_lora_layers=cast(transformer_lora, "transformer"),
-            text_encoder_lora_layers=cast(clip_lora, "text_encoder") if clip_lora else None,
-            transformer_lora_adapter_metadata=dict(transformer_config),
-            text_encoder_lora_adapter_metadata=dict(clip_config) if clip_lora and clip_config else None,
-            weight_name=WEIGHT_NAME,
-        ),
-    )
 
 
 def _split_fused(

@@ -3,19 +3,10 @@ tokenizers found, and target names matching layers, from headers and configs (no
 
 from __future__ import annotations
 
-import re
-
+from lorad.config.preflight import model_problem
 from lorad.errors import ConfigError, ConfigProblem, ModelLoadError
 from lorad.families.flux.config import FluxTrainConfig, flux_sources
 from lorad.families.sd.preflight import image_problems
-
-
-def _problem(err: ModelLoadError) -> ConfigProblem:
-    """A loader error as the problem of the key its message starts with (``base_model`` otherwise)."""
-    found = re.match(r"`(\w+)`\s*(.*)", str(err), re.S)
-    if found:
-        return ConfigProblem(found[1], found[2].lstrip(": "), err.hint)
-    return ConfigProblem("base_model", str(err), err.hint)
 
 
 def flux_preflight(config: FluxTrainConfig) -> list[ConfigProblem]:
@@ -31,7 +22,7 @@ def flux_preflight(config: FluxTrainConfig) -> list[ConfigProblem]:
     try:
         sources = flux_sources(config)
     except ModelLoadError as err:
-        return [*problems, _problem(err)]
+        return [*problems, model_problem(err)]
     with torch.device("meta"):  # shapes only: resolving names needs the modules, not their weights
         transformer = FluxTransformer2DModel.from_config(sources.transformer.config)
         clip = CLIPTextModel(CLIPTextConfig(**sources.clip_l.config)) if config.train_text_encoder else None

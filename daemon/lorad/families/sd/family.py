@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from lorad.data.latent_cache import LatentCache
 from lorad.data.masks import latent_mask, mask_source
 from lorad.data.regularization import balanced_reg_repeats, class_captions
 from lorad.data.report import DataReport
+from lorad.diffusion.captions import caption_conditioning, move_off_device, run_epochs
 from lorad.diffusion.ddpm import per_sample_mse, sample_noise, snr_weights, training_target
 from lorad.diffusion.latents import CleanLatents, LatentSample, draw_latents, encode_latents, latent_views, view_key
 from lorad.diffusion.noise import input_perturbation, multires_noise, sample_timesteps
@@ -34,10 +35,9 @@ from lorad.errors import ConfigError, ConfigProblem
 from lorad.events import Event, EventSink, LatentsCached, LogLine
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SdRunFacts, write_epoch_lora, write_lora_files, write_partial_lora
-from lorad.families.sd.prompts import PromptEncoder
 from lorad.families.sd.sampling import SdSampler
+from lorad.families.sd.traits import SD_TRAITS, ModelTraits, SampleView
 from lorad.lora.adapters import detach_lora, lora_state_dict
-from lorad.lora.kohya_format import PREFIXES, kohya_module_name, portable_path
 from lorad.lora.lycoris_adapter import set_lycoris_training
 from lorad.lora.networks import attach_network, network_spec
 from lorad.lora.targets import (
@@ -124,12 +124,24 @@ class SdRun:
     """A run on one SD model: see :class:`lorad.training.family.FamilyRun` for the contract."""
 
     def __init__(
-        self, config: TrainConfig, components: SDComponents, data: SdData, placement: Placement, on_event: EventSink
+        self,
+        config: TrainConfig,
+        components: SDComponents,
+        data: SdData,
+        placement: Placement,
+        on_event: EventSink,
+        traits: ModelTraits = SD_TRAITS,
     ) -> None:
         self.config, self.components, self.data, self.on_event = config, components, data, on_event
+        self.traits = traits
+        # The files name layers as this model's traits do (kohya's SD or SGM names).
+        self.layout = replace(traits.layout, kohya_name=lambda part, path: traits.kohya_name(components, part, path))
         self.device = placement.device
+        # The UNet computes in the weight dtype (not ``unet.dtype``: with fp8_base its first weight is float8).
+        self.dtype = placement.weight_dtype
         self.scalars = Scalars()
-        unet, text_encoder = components.unet, components.text_encoder
+        unet = components.unet
+        encoders = {part: getattr(components, part) for part in traits.text_parts}
         self.spec = spec = network_spec(config)
 
         # Resolve targets before encoding anything, so a typo costs nothing.
@@ -142,26 +154,27 @@ class SdRun:
         )
         if spec.conv_rank:  # LoCon, or another LyCORIS type given conv_dim: the ResNet layers too
             unet_paths = sorted(set(unet_paths) | set(resnet_layer_paths(unet)))
-        te_paths = (
-            resolve_targets(
-                text_encoder,
+        te_paths = {
+            part: resolve_targets(
+                encoder,
                 config.text_encoder_target_modules,
                 key="text_encoder_target_modules",
                 suggestions=TEXT_ENCODER_SUGGESTIONS,
             )
+            for part, encoder in encoders.items()
             if config.train_text_encoder
-            else []
-        )
-        layers = getattr(text_encoder.config, "num_hidden_layers", 0)
-        if config.clip_skip and layers and config.clip_skip > layers:
-            raise ConfigError(
-                [ConfigProblem("clip_skip", f"is {config.clip_skip}", f"this text encoder has {layers} layers")]
-            )
+        }
+        for encoder in encoders.values():
+            layers = getattr(encoder.config, "num_hidden_layers", 0)
+            if config.clip_skip and layers and config.clip_skip > layers:
+                raise ConfigError(
+                    [ConfigProblem("clip_skip", f"is {config.clip_skip}", f"this text encoder has {layers} layers")]
+                )
 
         # Layer paths an init_lora file may name, read before the adapter wraps them.
         adaptable = {
-            "unet": [p for p, m in unet.named_modules() if isinstance(m, ADAPTABLE)],
-            "text_encoder": [p for p, m in text_encoder.named_modules() if isinstance(m, ADAPTABLE)],
+            part: [p for p, m in module.named_modules() if isinstance(m, ADAPTABLE)]
+            for part, module in {"unet": unet, **encoders}.items()
         }
 
         # Each training image appears `repeats` times per epoch; regularization images as many times as
@@ -206,44 +219,66 @@ class SdRun:
         self.masks = self._load_masks(used, on_event) if config.masked_loss else {}
 
         def lora_name(part: str) -> Callable[[str], str]:
-            return lambda path: kohya_module_name(PREFIXES[part], portable_path(part, path))
+            return lambda path: traits.kohya_name(components, part, path)
 
         unet_params = attach_network(
             unet, adapter_name=ADAPTER, target_paths=unet_paths, spec=spec, lora_name=lora_name("unet")
         )
-        te_params = (
-            attach_network(
-                text_encoder,
-                adapter_name=ADAPTER,
-                target_paths=te_paths,
-                spec=spec,
-                lora_name=lora_name("text_encoder"),
+        te_params = [
+            param
+            for part, paths in te_paths.items()
+            if paths
+            for param in attach_network(
+                encoders[part], adapter_name=ADAPTER, target_paths=paths, spec=spec, lora_name=lora_name(part)
             )
-            if te_paths
-            else []
-        )
+        ]
         if config.init_lora:
             apply_init_lora(
                 config,
-                {"unet": unet, "text_encoder": text_encoder},
+                {"unet": unet, **encoders},
                 ADAPTER,
-                targeted={"unet": unet_paths, "text_encoder": te_paths},
+                targeted={"unet": unet_paths, **te_paths},
                 adaptable=adaptable,
                 on_event=on_event,
+                name_for=lambda part, path: traits.kohya_name(components, part, path),
             )
-        self.parts: dict[str, nn.Module] = {"unet": unet} | ({"text_encoder": text_encoder} if te_params else {})
+        self.parts: dict[str, nn.Module] = {"unet": unet} | {part: encoders[part] for part in te_paths if te_params}
         self.param_groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
         if te_params:
             self.param_groups.append({"params": te_params, "lr": config.effective_text_encoder_lr})
-        self.prompts = PromptEncoder(
-            components.tokenizer, text_encoder, self.device, trainable=bool(te_params), clip_skip=config.clip_skip
+        # Sample prompts are checked, and with frozen text encoders encoded, now: before training, and before
+        # the encoders may leave the device (a step and a sample then run no text encoder at all).
+        self.sampler = (
+            SdSampler(config, components, traits, placement, on_event, trainable=bool(te_params))
+            if config.sample_prompts
+            else None
         )
+
+        # Frozen text encoders run once per distinct caption the run will use, before the first step.
+        self.text = caption_conditioning(
+            config,
+            planned=self.planned_captions(),
+            encode=lambda captions: traits.encode(components, captions, self.device, config),
+            identity=lambda: components.text_encoder_identity(traits.text_settings(config)),
+            trainable=bool(te_params),
+            device=self.device,
+            on_event=on_event,
+            scalars=self.scalars,
+        )
+        if not te_params and config.cache_text_encoder_outputs:
+            move_off_device(list(encoders.values()), self.device)
         # A compiled wrapper, not the resident UNet itself, so the next job finds the model as it was.
         self.denoiser = torch.compile(unet) if config.torch_compile else unet
-        # Sample prompts are checked and (with a frozen text encoder) encoded now, before training.
-        self.sampler = (
-            SdSampler(config, components, self.prompts, placement, on_event) if config.sample_prompts else None
-        )
+
+    def planned_captions(self) -> Iterator[str]:
+        """Every caption the run's steps will see: each epoch's when shuffle or dropout make them differ by
+        epoch (they follow from the seed), else the first epoch's, which every epoch repeats."""
+        config = self.config
+        varies = config.shuffle_caption or config.caption_dropout > 0 or config.caption_tag_dropout_rate > 0
+        epochs = run_epochs(config, len(self.plan(0))) if varies else 1
+        everyone = tuple(range(len(self.samples)))
+        for epoch in range(epochs):
+            yield from self.captions(MicroBatch(epoch, everyone))
 
     def _load_masks(self, used: Sequence[int], on_event: EventSink) -> dict[tuple[str, tuple[int, int]], torch.Tensor]:
         """Each used image's mask per latent view, at latent size (images without a mask have none)."""
@@ -288,7 +323,7 @@ class SdRun:
             self.masks,
             random_crop=self.config.random_crop,
             factor=self.vae_factor,
-            scaling_factor=self.components.vae.config.scaling_factor,
+            scaling_factor=self.components.vae_scaling_factor,
             generator=generator,
         )
 
@@ -330,9 +365,18 @@ class SdRun:
         clean, noise, model_noise, timesteps = clean[rows], noise[rows], model_noise[rows], timesteps[rows]
         noisy = scheduler.add_noise(clean, model_noise, timesteps)
         target = training_target(scheduler, clean, noise, timesteps)
-        unet = self.components.unet
-        captions = self.captions(micro_batch)[rows]
-        pred = self.denoiser(noisy.to(unet.dtype), timesteps, self.prompts(captions)).sample
+        text = self.text(self.captions(micro_batch)[rows])
+        views = [
+            SampleView(
+                self.images[self.samples[i]].width,
+                self.images[self.samples[i]].height,
+                self.sample_buckets[i],
+                bool(micro_batch.flips) and micro_batch.flips[position],
+                batch.crops[position] if batch.crops else None,
+            )
+            for position, i in enumerate(micro_batch.samples)
+        ][rows]
+        pred = self.traits.denoise(self.denoiser, noisy.to(self.dtype), timesteps, text, views)
         masks = batch.masks[rows] if batch.masks is not None else None
         loss = per_sample_mse(pred, target, masks)
         if config.min_snr_gamma:
@@ -382,13 +426,17 @@ class SdRun:
         lora_configs = {
             name: module.peft_config[ADAPTER] for name, module in self.parts.items() if not self.spec.is_lycoris
         }
-        return write_lora_files(self.config, self._lora_parts(), lora_configs, self._facts(facts), self.spec)
+        return write_lora_files(
+            self.config, self._lora_parts(), lora_configs, self._facts(facts), self.spec, layout=self.layout
+        )
 
     def export_epoch(self, facts: RunFacts) -> None:
-        write_epoch_lora(self.config, self._lora_parts(), self._facts(facts))
+        write_epoch_lora(self.config, self._lora_parts(), self._facts(facts), layout=self.layout)
 
     def export_partial(self, facts: RunFacts) -> Path | None:
-        return write_partial_lora(self.config, self._lora_parts(), self._facts(facts), self.on_event)
+        return write_partial_lora(
+            self.config, self._lora_parts(), self._facts(facts), self.on_event, layout=self.layout
+        )
 
 
 class SdFamily:
@@ -468,11 +516,7 @@ class SdFamily:
         return SdRun(config, model, data.payload, placement, on_event)
 
     def restore(self, model: SDComponents) -> None:
-        for module in (model.unet, model.text_encoder):
-            if is_activation_checkpointing(module):
-                disable_activation_checkpointing(module)
-            module.eval()
-            detach_lora(module, ADAPTER)
+        restore_model(model, SD_TRAITS.text_parts)
 
     def signature(self, config: TrainConfig) -> dict[str, Any]:
         keys = (
@@ -496,6 +540,19 @@ class SdFamily:
             "lora_alpha": config.effective_lora_alpha,
             "conv_dim": config.effective_conv_dim,
         }
+
+
+def restore_model(model: Any, text_parts: Sequence[str]) -> None:
+    """Leave an SD-style base model as a run found it: adapters removed, checkpointing off, eval mode, and
+    text encoders a run moved off the device (cached outputs) back beside the UNet for the next job."""
+    for module in (model.unet, *(getattr(model, part) for part in text_parts)):
+        if is_activation_checkpointing(module):
+            disable_activation_checkpointing(module)
+        module.eval()
+        detach_lora(module, ADAPTER)
+    device = next(model.unet.parameters()).device
+    for part in text_parts:
+        getattr(model, part).to(device)
 
 
 def sd_model_key(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -21,6 +21,7 @@ def apply_init_lora(
     targeted: Mapping[str, Sequence[str]],
     adaptable: Mapping[str, Sequence[str]],
     on_event: EventSink,
+    name_for: Callable[[str, str], str] | None = None,
     loaded: LoadedLora | None = None,
     target_keys: Mapping[str, str] | None = None,
 ) -> None:
@@ -28,13 +29,14 @@ def apply_init_lora(
 
     The file's rank must equal ``lora_rank`` and its layers must be among the targeted ones (both
     are config errors naming the fix). When the file's alpha differs from ``lora_alpha`` the up
-    weights are rescaled so the LoRA's effect is exactly the file's at step 0. A family whose files
-    SD's reader cannot read passes the file already ``loaded``, and the config key naming each
-    part's targets in ``target_keys``.
+    weights are rescaled so the LoRA's effect is exactly the file's at step 0. ``name_for(part, path)``
+    names modules as the family's kohya files do (default: SD 1.x/2.x). A family whose files SD's
+    reader cannot read (FLUX's fused BFL layers) passes the file already ``loaded``, and the config
+    key naming each part's targets in ``target_keys``.
     """
     assert config.init_lora is not None
     if loaded is None:
-        loaded = read_lora_file(config.init_lora, {part: list(paths) for part, paths in adaptable.items()})
+        loaded = read_lora_file(config.init_lora, {part: list(paths) for part, paths in adaptable.items()}, name_for)
     problems: list[ConfigProblem] = []
     if loaded.rank and loaded.rank != config.lora_rank:
         problems.append(

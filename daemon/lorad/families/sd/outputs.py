@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,25 @@ from lorad.training.optimizers import OPTIMIZERS
 from lorad.training.run_folder import EXPORT_FULL_HINT
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-BASE_VERSION_NAMES = {"sd1": "sd_v1", "sd2": "sd_v2"}
+BASE_VERSION_NAMES = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # kohya's EPOCH_FILE_NAME ("{}-{:06d}"): A1111 users know `my_lora-000004` as "after epoch 4".
 EPOCH_FILE_NAME = "{name}-{epoch:06d}.safetensors"
 PARTIAL_FILE_NAME = "{name}-partial-step{step:08d}.safetensors"
 # Room for safetensors headers, metadata and the summary beyond the tensors themselves.
 _EXPORT_SLACK_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class LoraFileLayout:
+    """How a family's LoRA files name layers: kohya's module name of a (part, module path); which diffusers
+    pipeline's loader writes its diffusers file ("sd" or "sdxl"); metadata beyond kohya's ``ss_*`` keys."""
+
+    kohya_name: Callable[[str, str], str] | None = None  # None: SD 1.x/2.x's (diffusers names)
+    pipeline: str = "sd"
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+SD_LAYOUT = LoraFileLayout()
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,8 @@ def write_lora_files(
     lora_configs: Mapping[str, LoraConfig],
     facts: SdRunFacts,
     spec: NetworkSpec | None = None,
+    *,
+    layout: LoraFileLayout = SD_LAYOUT,
 ) -> dict[str, str]:
     """Write the kohya file, and for plain LoRA diffusers' file too; return role → path ("kohya",
     "diffusers"). LyCORIS networks (``spec``) are written in their own key layout (A1111/Forge/ComfyUI),
@@ -134,41 +149,59 @@ def write_lora_files(
     needed, what = 2 * lora_file_bytes(parts, dtype), f"the LoRA files of `{config.output_name}`"
     ensure_room(config.output_dir, needed, what, EXPORT_FULL_HINT)
     with disk_full_as_error(config.output_dir, what, needed, EXPORT_FULL_HINT):
-        save_kohya(kohya_path, kohya_tensors(config, parts, dtype, spec), kohya_metadata(config, facts))
+        metadata = kohya_metadata(config, facts) | dict(layout.metadata)
+        save_kohya(kohya_path, kohya_tensors(config, parts, dtype, spec, layout), metadata)
         if spec.is_lycoris:
             return {f"kohya{role}": str(kohya_path)}
         folder = config.output_dir / variant if variant else config.output_dir
-        diffusers_path = save_diffusers_lora(folder, parts, lora_configs, dtype)
+        diffusers_path = save_diffusers_lora(folder, parts, lora_configs, dtype, pipeline=layout.pipeline)
     return {f"kohya{role}": str(kohya_path), f"diffusers{role}": str(diffusers_path)}
 
 
 def kohya_tensors(
-    config: TrainConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype, spec: NetworkSpec
+    config: TrainConfig,
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    dtype: torch.dtype,
+    spec: NetworkSpec,
+    layout: LoraFileLayout = SD_LAYOUT,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the kohya-layout file: LoRA's ``lora_down/lora_up/alpha``, or a LyCORIS type's own keys."""
+    """The tensors of the kohya-layout file: LoRA's ``lora_down/lora_up/alpha``, or a LyCORIS type's own keys
+    (named when the network was attached)."""
     if spec.is_lycoris:
         return network_file_tensors(parts, dtype)
-    return to_kohya(parts, config.effective_lora_alpha, dtype)
+    if layout.kohya_name is None:
+        return to_kohya(parts, config.effective_lora_alpha, dtype)
+    return to_kohya(parts, config.effective_lora_alpha, dtype, name_for=layout.kohya_name)
 
 
 def _write_kohya_file(
-    config: TrainConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], facts: SdRunFacts, name: str
+    config: TrainConfig,
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    facts: SdRunFacts,
+    name: str,
+    layout: LoraFileLayout,
 ) -> Path:
     dtype = SAVE_DTYPES[config.save_precision]
     path = config.output_dir / name
     needed = lora_file_bytes(parts, dtype)
     ensure_room(config.output_dir, needed, f"the LoRA file {name}")
     with disk_full_as_error(config.output_dir, f"the LoRA file {name}", needed):
-        tensors = kohya_tensors(config, parts, dtype, network_spec(config))
-        save_kohya(path, tensors, kohya_metadata(config, facts))
+        tensors = kohya_tensors(config, parts, dtype, network_spec(config), layout)
+        save_kohya(path, tensors, kohya_metadata(config, facts) | dict(layout.metadata))
     return path
 
 
-def write_epoch_lora(config: TrainConfig, parts: Mapping[str, Mapping[str, torch.Tensor]], facts: SdRunFacts) -> Path:
+def write_epoch_lora(
+    config: TrainConfig,
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    facts: SdRunFacts,
+    *,
+    layout: LoraFileLayout = SD_LAYOUT,
+) -> Path:
     """Write the kohya LoRA of the epoch ``facts.run.epoch`` just completed, as kohya's ``save_every_n_epochs``
     does: ``<output_name>-<epoch, 6 digits>.safetensors`` in ``output_dir``. DiskFull when it does not fit."""
     return _write_kohya_file(
-        config, parts, facts, EPOCH_FILE_NAME.format(name=config.output_name, epoch=facts.run.epoch)
+        config, parts, facts, EPOCH_FILE_NAME.format(name=config.output_name, epoch=facts.run.epoch), layout
     )
 
 
@@ -177,13 +210,15 @@ def write_partial_lora(
     parts: Mapping[str, Mapping[str, torch.Tensor]],
     facts: SdRunFacts,
     on_event: EventSink,
+    *,
+    layout: LoraFileLayout = SD_LAYOUT,
 ) -> Path | None:
     """Write the kohya LoRA of a stopped run's last completed step ``facts.run.steps``, named as partial
     (``<output_name>-partial-step<8 digits>.safetensors``), so a cancelled job still leaves a LoRA
     A1111 loads. Its checkpoint matters more: a full disk is reported as a warning and gives None."""
     name = PARTIAL_FILE_NAME.format(name=config.output_name, step=facts.run.steps)
     try:
-        return _write_kohya_file(config, parts, facts, name)
+        return _write_kohya_file(config, parts, facts, name, layout)
     except DiskFull as err:
         on_event(LogLine(message=f"no partial LoRA written: {err}", level="warning"))
         return None

@@ -10,6 +10,11 @@ from lorad.families.registry import FamilySpec
 
 def out_of_memory_hint(config: TrainConfig) -> str:
     """Concrete settings to lower after an out-of-memory failure, with their current values."""
+    return "Out of memory. Try " + "; ".join(memory_tips(config) or ["closing other programs using the GPU"]) + "."
+
+
+def memory_tips(config: TrainConfig, *, small_resolution: int = 512) -> list[str]:
+    """The image-family settings that lower memory use, each with its current value."""
     tips = []
     if config.batch_size > 1:
         tips.append(
@@ -18,15 +23,15 @@ def out_of_memory_hint(config: TrainConfig) -> str:
         )
     if not config.gradient_checkpointing:
         tips.append("gradient_checkpointing: true")
-    if config.resolution > 512:
-        tips.append(f"resolution: 512 (now {config.resolution})")
+    if config.resolution > small_resolution:
+        tips.append(f"resolution: {small_resolution} (now {config.resolution})")
     if config.lora_rank > 8:
         tips.append(f"lora_rank: {max(4, config.lora_rank // 2)} (now {config.lora_rank})")
     if config.train_text_encoder:
         tips.append("train_text_encoder: false")
     if config.mixed_precision in ("no", "auto"):
         tips.append("mixed_precision: bf16 (or fp16 on older GPUs)")
-    return "Out of memory. Try " + "; ".join(tips or ["closing other programs using the GPU"]) + "."
+    return tips
 
 
 def preflight(config: TrainConfig) -> list:

@@ -1,0 +1,55 @@
+"""FLUX.1 configs for fast CPU runs on the tiny FLUX models (see lorad.models.tiny_flux)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorad.config.dispatch import parse_any_config
+from lorad.families.flux.config import FluxTrainConfig
+from lorad.models.tiny_flux import FluxFiles
+
+
+def flux_values(base: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
+    """Config keys for a fast CPU run on the tiny FLUX model (64 px images, a few steps)."""
+    values: dict[str, object] = {
+        "train_data_dir": data,
+        "metadata_path": data / "metadata.csv",
+        "base_model": base,
+        "lora_rank": 4,
+        "batch_size": 2,
+        "epochs": 1,
+        "learning_rate": "1e-3",
+        "output_dir": out,
+        "resolution": 64,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 16,
+        "device": "cpu",
+        "cache_dir": out.parent / "cache",
+    }
+    values.update(overrides)
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def flux_file_values(
+    files: FluxFiles, tiny: dict[str, Path], data: Path, out: Path, **overrides: object
+) -> dict[str, object]:
+    """Config keys for the tiny dev model kept as ComfyUI users keep FLUX: one transformer file and separate
+    ``clip_l``/``t5xxl``/``ae`` files, with the diffusers folder for configs and tokenizers."""
+    return flux_values(
+        files.transformer,
+        data,
+        out,
+        clip_l=files.clip_l,
+        t5xxl=files.t5xxl,
+        ae=files.ae,
+        model_config_dir=tiny["dev"],
+        **overrides,
+    )
+
+
+def parse_flux(values: dict, tmp_path: Path) -> FluxTrainConfig:
+    """``values`` parsed as a config found in ``tmp_path``, which must come out a FLUX config."""
+    config = parse_any_config(values, base_dir=tmp_path)
+    assert isinstance(config, FluxTrainConfig) and config.model_family == "flux"
+    return config
