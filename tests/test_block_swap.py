@@ -8,6 +8,7 @@ from diffusers import FluxTransformer2DModel
 
 from lorad.lora.adapters import attach_lora
 from lorad.models.block_swap import BlockSwap, flux_blocks
+from lorad.models.fp8 import store_in_fp8
 from lorad.models.tiny_flux import tiny_flux_transformer
 
 
@@ -120,29 +121,53 @@ def test_count_is_checked() -> None:
         BlockSwap(flux_blocks(model), 6, "cpu")
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
-def test_quantized_blocks_swap_too(method: str) -> None:
+def _converted(method: str) -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
+    """The small model with its blocks' frozen weights quantized (torchao) or in float8 (fp8_base), LoRA on top."""
     from lorad.models.quantization import in_blocks, quantize_linears
 
-    def quantized() -> tuple[FluxTransformer2DModel, list[torch.nn.Parameter]]:
-        torch.manual_seed(0)
-        model = tiny_flux_transformer("dev", num_layers=2, num_single_layers=3)
-        model.requires_grad_(False)
+    torch.manual_seed(0)
+    model = tiny_flux_transformer("dev", num_layers=2, num_single_layers=3)
+    model.requires_grad_(False)
+    if method == "fp8_base":
+        for block in flux_blocks(model):
+            store_in_fp8(block, compute_dtype=torch.float32)
+    else:
         quantize_linears(model, method, where=in_blocks(["transformer_blocks", "single_transformer_blocks"]))
-        paths = [n for n, _ in model.named_modules() if n.endswith(("attn.to_q", "proj_mlp"))]
-        params = attach_lora(model, adapter_name="job", target_paths=paths, rank=4, alpha=4)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in params:
-                p.normal_(0, 0.1)
-        model.enable_gradient_checkpointing()
-        return model, params
+    paths = [n for n, _ in model.named_modules() if n.endswith(("attn.to_q", "proj_mlp"))]
+    params = attach_lora(model, adapter_name="job", target_paths=paths, rank=4, alpha=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    model.enable_gradient_checkpointing()
+    return model, params
 
-    expected_out, expected_grads = _step(*quantized())
-    model, params = quantized()
+
+@pytest.mark.parametrize("method", ["int8", "nf4", "fp8_base"])
+def test_quantized_blocks_swap_too(method: str) -> None:
+    expected_out, expected_grads = _step(*_converted(method))
+    model, params = _converted(method)
     swap = BlockSwap(flux_blocks(model), 3, "cpu")
     out, grads = _step(model, params)
     swap.settle()
     assert torch.equal(out, expected_out)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
     swap.remove()
+
+
+def test_fp8_scales_travel_with_their_weights() -> None:
+    """An fp8_base layer's per-channel scale is a buffer: it rests in CPU memory and runs from a fresh device
+    copy like the weight beside it (on CUDA a scale left behind would meet its weight on another device)."""
+    model, params = _converted("fp8_base")
+    layer = flux_blocks(model)[-1].attn.to_k
+    swap = BlockSwap(flux_blocks(model), 1, "cpu")
+    resting = layer.weight_scale
+    seen: list[torch.Tensor] = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.weight_scale))
+    _step(model, params)
+    swap.settle()
+    assert layer.weight_scale is resting
+    assert len(seen) == 2 and all(s is not resting and s.data_ptr() != resting.data_ptr() for s in seen)
+    assert all(torch.equal(s, resting) for s in seen)
+    swap.remove()
+    assert "weight_scale" in layer._buffers and torch.equal(layer.weight_scale, resting)

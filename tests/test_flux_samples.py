@@ -209,8 +209,9 @@ def test_sample_at_first_is_the_base_model_and_the_lora_changes_the_image(
         {"train_text_encoder": True, "lora_dropout": 0.1, "shuffle_caption": True},
         {"blocks_to_swap": 3, "gradient_checkpointing": True},
         {"base_quantization": "int8"},
+        {"fp8_base": True, "blocks_to_swap": 2, "gradient_checkpointing": True},
     ],
-    ids=["clip-trained", "block-swap", "int8-base"],
+    ids=["clip-trained", "block-swap", "int8-base", "fp8-base-swap"],
 )
 def test_sampling_leaves_the_lora_bit_identical(
     tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path, memory: dict

@@ -6,23 +6,31 @@ Tolerances, measured on these seeded inputs and stated with margin:
   below 4% (e4m3 keeps 3 mantissa bits: about 2.6% here);
 - the whole tiny SDXL UNet with LoRA: output within 12% of bf16 (about 8%), and the LoRA gradients
   pointing the same way (cosine similarity above 0.9; about 0.95). bf16 itself is 1.4% from fp32.
+- the tiny FLUX.1-dev transformer as the family loads it with fp8_base (its blocks in fp8): output
+  within 2% of bf16 (FLUX_TOLERANCE; about 0.7%, where bf16 itself is 0.6% from fp32).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorad.families.flux.family import FluxModel, load_flux_model
 from lorad.lora.adapters import attach_lora, detach_lora
+from lorad.models.block_swap import flux_blocks
 from lorad.models.fp8 import FP8_DTYPE, Fp8Conv2d, Fp8Linear, fp8_layer_count, store_in_fp8
+from lorad.models.registry import ModelKey
 from lorad.models.sdxl_loader import load_sdxl_components
 from lorad.models.tiny_sdxl import build_tiny_sdxl
+from tests.support.flux import flux_transformer_inputs
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+FLUX_TOLERANCE = 0.02
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -158,3 +166,39 @@ def test_adapters_attached_before_conversion_keep_working(unet: nn.Module) -> No
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     _, grads = _loss_and_grads(model, torch.bfloat16)
     assert torch.isfinite(grads).all() and grads.abs().sum() > 0
+
+
+# --- FLUX.1: the transformer as the family loads it ---------------------------------------------------------
+
+
+def _flux(tiny_flux: dict[str, Path], *, fp8: bool) -> FluxModel:
+    options = (("fp8_base", "true"),) if fp8 else ()
+    return load_flux_model(
+        ModelKey(base_model=str(tiny_flux["dev"]), device="cpu", dtype="bfloat16", kind="flux", options=options)
+    )
+
+
+def test_flux_transformer_in_fp8_matches_bf16_and_trains_lora(tiny_flux: dict[str, Path]) -> None:
+    reference, model = _flux(tiny_flux, fp8=False).transformer, _flux(tiny_flux, fp8=True)
+    transformer = model.transformer
+    blocks = flux_blocks(transformer)
+    # Every Linear of every block, nothing outside them: the embedders and the output projection stay bf16.
+    assert (
+        model.fp8_layers
+        == fp8_layer_count(transformer)
+        == sum(isinstance(m, nn.Linear) for b in blocks for m in b.modules())
+    )
+    assert transformer.x_embedder.weight.dtype == transformer.proj_out.weight.dtype == torch.bfloat16
+    assert transformer.transformer_blocks[0].attn.to_q.weight.dtype == FP8_DTYPE
+    inputs = flux_transformer_inputs(torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(**inputs).sample.float()
+        out = transformer(**inputs).sample.float()
+    assert 0 < _rel(out, expected) < FLUX_TOLERANCE
+    # LoRA on top: trainable fp32 adapters beside the fp8 base layers, gradients reach them.
+    paths = [n for n, _ in transformer.named_modules() if n.endswith(("attn.to_q", "proj_mlp"))]
+    params = attach_lora(transformer, adapter_name="job", target_paths=paths, rank=4, alpha=4)
+    transformer(**inputs).sample.float().square().mean().backward()
+    assert params and all(p.dtype == torch.float32 and p.grad is not None for p in params)
+    assert any(p.grad.abs().sum() > 0 for p in params)
+    assert isinstance(transformer.transformer_blocks[0].attn.to_q.base_layer, Fp8Linear)

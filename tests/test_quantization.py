@@ -11,22 +11,11 @@ from lorad.errors import ModelLoadError
 from lorad.lora.adapters import attach_lora
 from lorad.models.quantization import check_quantization, in_blocks, quantize_linears
 from lorad.models.tiny_flux import tiny_flux_transformer
+from tests.support.flux import flux_transformer_inputs
 
 BLOCKS = in_blocks(["transformer_blocks", "single_transformer_blocks"])
 # Relative L2 error of the transformer's output against the same model unquantized in bf16.
 TOLERANCE = {"fp8": 0.03, "int8": 0.02, "nf4": 0.08}
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(2)
-    floats = {
-        "hidden_states": torch.randn(2, 16, 64, generator=generator),
-        "encoder_hidden_states": torch.randn(2, 8, 32, generator=generator),
-        "pooled_projections": torch.randn(2, 32, generator=generator),
-        "timestep": torch.tensor([0.3, 0.7]),
-        "guidance": torch.tensor([1.0, 1.0]),
-    }
-    return {**{k: v.bfloat16() for k, v in floats.items()}, "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3)}
 
 
 def _bf16_model() -> torch.nn.Module:
@@ -40,7 +29,7 @@ def _bf16_model() -> torch.nn.Module:
 def test_quantized_base_matches_bf16_and_trains_lora(method: str) -> None:
     reference = _bf16_model()
     with torch.no_grad():
-        expected = reference(**_inputs()).sample.float()
+        expected = reference(**flux_transformer_inputs(torch.bfloat16)).sample.float()
     model = _bf16_model()
     quantized = quantize_linears(model, method, where=BLOCKS)
     assert len(quantized) == 40 and all(
@@ -50,13 +39,13 @@ def test_quantized_base_matches_bf16_and_trains_lora(method: str) -> None:
     assert type(weight).__module__.startswith("torchao"), type(weight)
     assert model.x_embedder.weight.dtype == torch.bfloat16  # outside the blocks: untouched
     with torch.no_grad():
-        out = model(**_inputs()).sample.float()
+        out = model(**flux_transformer_inputs(torch.bfloat16)).sample.float()
     error = ((out - expected).norm() / expected.norm()).item()
     assert 0 < error < TOLERANCE[method], error
     # LoRA on top: trainable fp32 adapters, gradients reach them through the quantized base.
     paths = [n for n, _ in model.named_modules() if n.endswith(("attn.to_q", "proj_mlp"))]
     params = attach_lora(model, adapter_name="job", target_paths=paths, rank=4, alpha=4)
-    model(**_inputs()).sample.float().square().mean().backward()
+    model(**flux_transformer_inputs(torch.bfloat16)).sample.float().square().mean().backward()
     assert params and all(p.dtype == torch.float32 and p.grad is not None for p in params)
     assert any(p.grad.abs().sum() > 0 for p in params)  # B starts at zero, so only B's gradient is non-zero yet
 

@@ -302,6 +302,42 @@ def test_quantized_base_trains(
     assert load_file(result.outputs["kohya"])
 
 
+@pytest.mark.slow
+def test_fp8_base_trains_and_block_swap_keeps_it_bit_identical(
+    tmp_path: Path, tiny_flux: dict[str, Path], tiny_flux_files: FluxFiles, data: Path
+) -> None:
+    from lorad.families.flux.family import FAMILY
+    from lorad.training.placement import pick_placement
+
+    common = {"max_train_steps": 3, "gradient_checkpointing": True, "save_precision": "fp32", "fp8_base": True}
+    config = parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "fp8", **common), tmp_path)
+    placement = pick_placement("cpu", "no")
+    key = FAMILY.model_key(config, placement)
+    plain = parse_flux(flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "plain"), tmp_path)
+    assert key.option("fp8_base") == "true" and key != FAMILY.model_key(plain, placement)  # resident apart
+    events: list = []
+    fp8 = train(config, on_event=events.append)
+    assert fp8.steps == 3 and torch.isfinite(torch.tensor(fp8.final_loss))
+    assert any(isinstance(e, LogLine) and "fp8_base: 40 transformer layers hold float8" in e.message for e in events)
+    swapped = train(
+        parse_flux(
+            flux_file_values(tiny_flux_files, tiny_flux, data, tmp_path / "swap", blocks_to_swap=3, **common), tmp_path
+        )
+    )
+    a, b = load_file(fp8.outputs["kohya"]), load_file(swapped.outputs["kohya"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp8_base_and_base_quantization_are_one_or_the_other(
+    tmp_path: Path, tiny_flux_files: FluxFiles, data: Path
+) -> None:
+    values = flux_values(tiny_flux_files.transformer, data, tmp_path / "o", fp8_base=True, base_quantization="int8")
+    with pytest.raises(ConfigError) as err:
+        parse_any_config(values, base_dir=tmp_path)
+    (problem,) = [p for p in err.value.problems if p.key == "fp8_base"]
+    assert "base_quantization is 'int8'" in problem.message and "remove base_quantization" in problem.fix
+
+
 # --- the daemon --------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lorad.config.dispatch import parse_any_config
 from lorad.families.flux.config import FluxTrainConfig
 from lorad.models.tiny_flux import FluxFiles
@@ -53,3 +55,17 @@ def parse_flux(values: dict, tmp_path: Path) -> FluxTrainConfig:
     config = parse_any_config(values, base_dir=tmp_path)
     assert isinstance(config, FluxTrainConfig) and config.model_family == "flux"
     return config
+
+
+def flux_transformer_inputs(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A batch of 2 for :func:`lorad.models.tiny_flux.tiny_flux_transformer` (16 image and 8 text tokens, dev's
+    guidance), the same every call; floating inputs in ``dtype``, position ids in fp32 as FLUX takes them."""
+    generator = torch.Generator().manual_seed(2)
+    floats = {
+        "hidden_states": torch.randn(2, 16, 64, generator=generator),
+        "encoder_hidden_states": torch.randn(2, 8, 32, generator=generator),
+        "pooled_projections": torch.randn(2, 32, generator=generator),
+        "timestep": torch.tensor([0.3, 0.7]),
+        "guidance": torch.tensor([1.0, 1.0]),
+    }
+    return {**{k: v.to(dtype) for k, v in floats.items()}, "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3)}

@@ -3,8 +3,9 @@
 ``blocks_to_swap: N`` (kohya's name) keeps the last N blocks (in execution order) in CPU memory
 (pinned on CUDA). A forward pre-hook puts a block's frozen weights on the device and starts
 copying the next swapped block's weights on a side CUDA stream, so the copy overlaps this
-block's compute; a forward hook puts the resting copy back. Only frozen parameters move: LoRA
-weights (trainable, small) stay where the optimizer has them.
+block's compute; a forward hook puts the resting copy back. Frozen parameters and buffers move
+(an fp8_base layer's per-channel scales are buffers: :mod:`lorad.models.fp8`); LoRA weights
+(trainable, small) stay where the optimizer has them.
 
 Why swap Parameter objects and never ``.data``: autograd saves the weight *objects* a block used
 for its backward. Giving each run its own device Parameter keeps whatever autograd saved valid
@@ -41,8 +42,8 @@ class BlockSwap:
         self.swapped = list(range(len(blocks) - count, len(blocks)))
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        # block index -> [(owner module, parameter name, resting CPU parameter)]
-        self._resting: dict[int, list[tuple[nn.Module, str, nn.Parameter]]] = {}
+        # block index -> [(owner module, parameter or buffer name, resting CPU tensor)]
+        self._resting: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
         # block index -> (device tensors in _resting order, CUDA event marking the end of their copy)
         self._prefetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self._last: int | None = None
@@ -54,17 +55,15 @@ class BlockSwap:
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(index)))
             self._handles.append(block.register_forward_hook(self._post_hook(index)))
 
-    def _move_to_cpu(self, block: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    def _move_to_cpu(self, block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
         resting = []
         for owner in block.modules():
-            for name, param in list(owner.named_parameters(recurse=False)):
-                if param.requires_grad:
-                    continue
-                cpu = _copy_to(param.detach(), torch.device("cpu"))
+            frozen = [(n, p.detach()) for n, p in owner.named_parameters(recurse=False) if not p.requires_grad]
+            for name, tensor in frozen + list(owner.named_buffers(recurse=False)):
+                cpu = _copy_to(tensor, torch.device("cpu"))
                 if self._cuda:
                     cpu = _pinned(cpu)
-                rest = nn.Parameter(cpu, requires_grad=False)
-                owner._parameters[name] = rest
+                rest = _put(owner, name, cpu)
                 resting.append((owner, name, rest))
         return resting
 
@@ -99,7 +98,7 @@ class BlockSwap:
                     # The side stream allocated these; tell the allocator the compute stream uses them.
                     tensor.record_stream(current)
             for (owner, name, _), tensor in zip(self._resting[index], tensors, strict=True):
-                owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+                _put(owner, name, tensor)
             self._active.add(index)
             following = self._neighbour(index)
             self._last = index
@@ -116,7 +115,7 @@ class BlockSwap:
 
     def _rest(self, index: int) -> None:
         for owner, name, rest in self._resting[index]:
-            owner._parameters[name] = rest
+            _put(owner, name, rest)
         self._active.discard(index)
 
     def settle(self) -> None:
@@ -163,10 +162,20 @@ class BlockSwap:
         self._prefetched.clear()
         for entries in self._resting.values():
             for owner, name, rest in entries:
-                owner._parameters[name] = nn.Parameter(_copy_to(rest.detach(), self.device), requires_grad=False)
+                _put(owner, name, _copy_to(rest.detach(), self.device))
         self._resting.clear()
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+
+def _put(owner: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Make ``tensor`` ``owner``'s parameter (frozen) or buffer ``name``, whichever it is; returns what was set."""
+    if name in owner._buffers:
+        owner._buffers[name] = tensor
+        return tensor
+    param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+    owner._parameters[name] = param
+    return param
 
 
 def _plain(tensor: torch.Tensor) -> bool:

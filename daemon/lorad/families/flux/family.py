@@ -82,6 +82,7 @@ from lorad.models.flux_loader import (
     open_tokenizers,
     resolve_flux_transformer,
 )
+from lorad.models.fp8 import store_in_fp8
 from lorad.models.quantization import check_quantization, in_blocks, quantize_linears
 from lorad.models.registry import ModelKey, free_memory
 from lorad.paths import default_cache_dir
@@ -107,13 +108,15 @@ class FluxModel:
     """A FLUX.1 base model as the registry keeps it: the transformer only, placed for training.
 
     ``swap`` holds the blocks kept in CPU memory (None without ``blocks_to_swap``); ``found`` is
-    where the transformer came from, so a run finds the text encoders and VAE next to it.
+    where the transformer came from, so a run finds the text encoders and VAE next to it;
+    ``fp8_layers`` counts the layers ``fp8_base`` stores in float8 (0 without it).
     """
 
     transformer: FluxTransformer2DModel
     found: TransformerSource
     device: torch.device
     swap: BlockSwap | None = None
+    fp8_layers: int = 0
 
     @property
     def source(self) -> str:
@@ -132,9 +135,11 @@ class FluxModel:
 
 
 def load_flux_model(key: ModelKey) -> FluxModel:
-    """Load the transformer the key names: weights in ``key.dtype``, quantized and block-swapped as
-    its options say, then placed on ``key.device``. Quantization runs on the CPU, before the weights
-    reach the GPU, so the GPU never holds the unquantized model."""
+    """Load the transformer the key names: weights in ``key.dtype``, quantized (``base_quantization``)
+    or stored in float8 (``fp8_base``) and block-swapped as its options say, then placed on
+    ``key.device``. Both conversions run on the CPU, before the weights reach the GPU, so the GPU
+    never holds the full-precision model. They touch the blocks only (where nearly all weights are):
+    the embedders and the output projection, where the stream enters and leaves, stay as loaded."""
     device, dtype = torch.device(key.device), getattr(torch, key.dtype)
     quantization = key.option("base_quantization", "none")
     check_quantization(quantization, device)
@@ -143,9 +148,12 @@ def load_flux_model(key: ModelKey) -> FluxModel:
     )
     transformer = load_transformer(found, dtype)
     quantize_linears(transformer, quantization, where=in_blocks(BLOCK_LISTS))
+    fp8_layers = 0
+    if key.option("fp8_base") == "true":
+        fp8_layers = sum(store_in_fp8(block, compute_dtype=dtype).layers for block in flux_blocks(transformer))
     count = int(key.option("blocks_to_swap", "0"))
     swap = BlockSwap(flux_blocks(transformer), count, device) if count else None
-    model = FluxModel(transformer=transformer, found=found, device=device, swap=swap)
+    model = FluxModel(transformer=transformer, found=found, device=device, swap=swap, fp8_layers=fp8_layers)
     model.place(device)
     return model
 
@@ -563,6 +571,8 @@ class FluxFamily:
         options = []
         if config.base_quantization != "none":
             options.append(("base_quantization", config.base_quantization))
+        if config.fp8_base:  # changes the resident weights (lossily): resident apart from the full-precision model
+            options.append(("fp8_base", "true"))
         if config.blocks_to_swap:
             options.append(("blocks_to_swap", str(config.blocks_to_swap)))
         return ModelKey(
@@ -580,6 +590,8 @@ class FluxFamily:
     def start(
         self, config: FluxTrainConfig, model: FluxModel, data: ScannedData, placement: Placement, on_event: EventSink
     ) -> FluxRun:
+        if model.fp8_layers:
+            on_event(LogLine(f"fp8_base: {model.fp8_layers} transformer layers hold float8 weights"))
         return FluxRun(config, model, data.payload, placement, on_event)
 
     def restore(self, model: FluxModel) -> None:

@@ -86,8 +86,8 @@ def out_of_memory_hint(config: FluxTrainConfig) -> str:
     tips = []
     if not config.gradient_checkpointing:
         tips.append("gradient_checkpointing: true")
-    if config.base_quantization == "none":
-        tips.append("base_quantization: fp8 (or nf4 for the least memory)")
+    if config.base_quantization == "none" and not config.fp8_base:
+        tips.append("fp8_base: true (or base_quantization: nf4 for the least memory)")
     if config.blocks_to_swap < 18:
         tips.append(f"blocks_to_swap: {max(18, config.blocks_to_swap + 8)} (now {config.blocks_to_swap})")
     if config.batch_size > 1:
