@@ -26,14 +26,15 @@ from lorad.families.flux.lora_files import (
 from lorad.families.flux.targets import TARGET_SETS, transformer_target_paths
 from lorad.lora.adapters import attach_lora, lora_state_dict
 from lorad.lora.diffusers_format import save_diffusers_lora
-from lorad.models.tiny_flux import build_tiny_flux, write_flux_files
+from lorad.models.tiny_flux import write_flux_files
 
 RANK, ALPHA = 4, 8.0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "dev", variant="dev")
+def tiny(tiny_flux: dict[str, Path]) -> Path:
+    """The session's tiny FLUX.1-dev folder (read only)."""
+    return tiny_flux["dev"]
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,8 @@ REAL_FLUX = FluxShape(num_layers=19, num_single_layers=38, inner_dim=3072, guida
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("flux")
-    return {variant: build_tiny_flux(root / variant, variant=variant) for variant in ("dev", "schnell")}
-
-
-@pytest.fixture(scope="module")
-def files(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> FluxFiles:
-    return write_flux_files(tiny["dev"], tmp_path_factory.mktemp("flux-files"))
+def files(tiny_flux: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> FluxFiles:
+    return write_flux_files(tiny_flux["dev"], tmp_path_factory.mktemp("flux-files"))
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -57,7 +51,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 # --- tiny models -----------------------------------------------------------------------------------------
 
 
-def test_tiny_flux_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_tiny_flux_is_deterministic(tiny_flux: dict[str, Path], tmp_path: Path) -> None:
     again = build_tiny_flux(tmp_path / "again", variant="dev")
     for part in (
         "transformer/diffusion_pytorch_model.safetensors",
@@ -66,12 +60,12 @@ def test_tiny_flux_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> No
         "text_encoder_2/model.safetensors",
         "tokenizer_2/tokenizer.json",
     ):
-        assert (again / part).read_bytes() == (tiny["dev"] / part).read_bytes(), part
+        assert (again / part).read_bytes() == (tiny_flux["dev"] / part).read_bytes(), part
 
 
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
-def test_tiny_flux_is_a_flux_pipeline(tiny: dict[str, Path], variant: str) -> None:
-    pipe = FluxPipeline.from_pretrained(str(tiny[variant]), local_files_only=True)
+def test_tiny_flux_is_a_flux_pipeline(tiny_flux: dict[str, Path], variant: str) -> None:
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux[variant]), local_files_only=True)
     assert pipe.transformer.config.guidance_embeds is (variant == "dev")
     assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor == pytest.approx(0.1159)
     images = pipe(
@@ -151,9 +145,9 @@ def test_key_map_matches_diffusers_converter_on_real_flux_shapes() -> None:
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_diffusers_to_bfl_refuses_unknown_keys(tiny: dict[str, Path]) -> None:
-    state = load_file(str(tiny["dev"] / "transformer" / "diffusion_pytorch_model.safetensors"))
-    shape = FluxShape.from_config(json.loads((tiny["dev"] / "transformer" / "config.json").read_text()))
+def test_diffusers_to_bfl_refuses_unknown_keys(tiny_flux: dict[str, Path]) -> None:
+    state = load_file(str(tiny_flux["dev"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    shape = FluxShape.from_config(json.loads((tiny_flux["dev"] / "transformer" / "config.json").read_text()))
     with pytest.raises(ValueError, match="controlnet"):
         diffusers_to_bfl({**state, "controlnet.weight": torch.zeros(1)}, shape)
 
@@ -172,13 +166,13 @@ def _components(sources, dtype=torch.float32):
 
 @pytest.mark.parametrize("comfy_prefix", [False, True])
 def test_single_file_plus_separate_files_load_bit_identical(
-    tiny: dict[str, Path], tmp_path: Path, comfy_prefix: bool
+    tiny_flux: dict[str, Path], tmp_path: Path, comfy_prefix: bool
 ) -> None:
-    f = write_flux_files(tiny["dev"], tmp_path, comfy_prefix=comfy_prefix)
+    f = write_flux_files(tiny_flux["dev"], tmp_path, comfy_prefix=comfy_prefix)
     sources = resolve_flux_model(
-        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny["dev"]
+        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny_flux["dev"]
     )
-    folder = resolve_flux_model(str(tiny["dev"]))
+    folder = resolve_flux_model(str(tiny_flux["dev"]))
     assert (sources.variant, sources.t5_max_length) == ("dev", 512)
     for ours, reference in zip(_components(sources), _components(folder), strict=True):
         _same_state(ours, reference)
@@ -187,15 +181,15 @@ def test_single_file_plus_separate_files_load_bit_identical(
     assert t5_tokenizer.model_max_length == 512 and clip_tokenizer.model_max_length == 77
 
 
-def test_float8_checkpoint_loads_directly(tiny: dict[str, Path], tmp_path: Path) -> None:
-    f = write_flux_files(tiny["dev"], tmp_path, comfy_prefix=True, float8=True)
+def test_float8_checkpoint_loads_directly(tiny_flux: dict[str, Path], tmp_path: Path) -> None:
+    f = write_flux_files(tiny_flux["dev"], tmp_path, comfy_prefix=True, float8=True)
     stored = load_file(str(f.transformer))
     assert stored[COMFY_CHECKPOINT_PREFIX + "double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
     sources = resolve_flux_model(
-        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny["dev"]
+        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny_flux["dev"]
     )
     model = load_transformer(sources, torch.bfloat16)
-    reference = FluxTransformer2DModel.from_pretrained(str(tiny["dev"] / "transformer"))
+    reference = FluxTransformer2DModel.from_pretrained(str(tiny_flux["dev"] / "transformer"))
     ours, theirs = model.state_dict(), reference.state_dict()
     qkv = "transformer_blocks.0.attn.to_q.weight"
     assert ours[qkv].dtype == torch.bfloat16
@@ -203,8 +197,8 @@ def test_float8_checkpoint_loads_directly(tiny: dict[str, Path], tmp_path: Path)
     assert torch.equal(ours[qkv].float(), theirs[qkv].to(torch.float8_e4m3fn).float())
 
 
-def test_scaled_fp8_checkpoint_is_dequantized(tiny: dict[str, Path], tmp_path: Path) -> None:
-    f = write_flux_files(tiny["dev"], tmp_path)
+def test_scaled_fp8_checkpoint_is_dequantized(tiny_flux: dict[str, Path], tmp_path: Path) -> None:
+    f = write_flux_files(tiny_flux["dev"], tmp_path)
     state = load_file(str(f.transformer))
     key = "double_blocks.0.img_attn.qkv.weight"
     scale = state[key].abs().max() / 448.0
@@ -213,16 +207,16 @@ def test_scaled_fp8_checkpoint_is_dequantized(tiny: dict[str, Path], tmp_path: P
     state["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
     save_file(state, str(f.transformer))
     sources = resolve_flux_model(
-        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny["dev"]
+        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny_flux["dev"]
     )
     model = load_transformer(sources, torch.float32)
-    original = load_file(str(tiny["dev"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(tiny_flux["dev"] / "transformer" / "diffusion_pytorch_model.safetensors"))
     q = model.state_dict()["transformer_blocks.0.attn.to_q.weight"]
     assert torch.allclose(q, original["transformer_blocks.0.attn.to_q.weight"], rtol=0.07, atol=1e-3)
 
 
-def test_bundled_checkpoint_needs_no_separate_files(tiny: dict[str, Path], tmp_path: Path) -> None:
-    f = write_flux_files(tiny["dev"], tmp_path, comfy_prefix=True)
+def test_bundled_checkpoint_needs_no_separate_files(tiny_flux: dict[str, Path], tmp_path: Path) -> None:
+    f = write_flux_files(tiny_flux["dev"], tmp_path, comfy_prefix=True)
     bundle = {
         **load_file(str(f.transformer)),
         **{"vae." + k: v for k, v in load_file(str(f.ae)).items()},
@@ -230,46 +224,51 @@ def test_bundled_checkpoint_needs_no_separate_files(tiny: dict[str, Path], tmp_p
         **{"text_encoders.t5xxl.transformer." + k: v for k, v in load_file(str(f.t5xxl)).items()},
     }
     save_file(bundle, str(tmp_path / "bundle.safetensors"))
-    sources = resolve_flux_model(str(tmp_path / "bundle.safetensors"), model_config_dir=tiny["dev"])
-    for ours, reference in zip(_components(sources), _components(resolve_flux_model(str(tiny["dev"]))), strict=True):
+    sources = resolve_flux_model(str(tmp_path / "bundle.safetensors"), model_config_dir=tiny_flux["dev"])
+    for ours, reference in zip(
+        _components(sources), _components(resolve_flux_model(str(tiny_flux["dev"]))), strict=True
+    ):
         _same_state(ours, reference)
 
 
-def test_schnell_is_detected_by_its_missing_guidance_embedder(tiny: dict[str, Path], tmp_path: Path) -> None:
-    f = write_flux_files(tiny["schnell"], tmp_path)
+def test_schnell_is_detected_by_its_missing_guidance_embedder(tiny_flux: dict[str, Path], tmp_path: Path) -> None:
+    f = write_flux_files(tiny_flux["schnell"], tmp_path)
     sources = resolve_flux_model(
-        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny["schnell"]
+        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny_flux["schnell"]
     )
     assert (sources.variant, sources.t5_max_length) == ("schnell", 256)
     assert sources.scheduler_config["use_dynamic_shifting"] is False
     assert load_transformer(sources, torch.float32).config.guidance_embeds is False
-    assert resolve_flux_model(str(tiny["schnell"]), t5xxl_max_token_length=128).t5_max_length == 128
+    assert resolve_flux_model(str(tiny_flux["schnell"]), t5xxl_max_token_length=128).t5_max_length == 128
 
 
-def test_compact_model_takes_its_depth_from_the_file(tiny: dict[str, Path], tmp_path: Path) -> None:
-    f = write_flux_files(tiny["dev"], tmp_path)
+def test_compact_model_takes_its_depth_from_the_file(tiny_flux: dict[str, Path], tmp_path: Path) -> None:
+    f = write_flux_files(tiny_flux["dev"], tmp_path)
     state = {k: v for k, v in load_file(str(f.transformer)).items() if not k.startswith("single_blocks.1.")}
     save_file(state, str(f.transformer))
     sources = resolve_flux_model(
-        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny["dev"]
+        str(f.transformer), clip_l=f.clip_l, t5xxl=f.t5xxl, ae=f.ae, model_config_dir=tiny_flux["dev"]
     )
     assert load_transformer(sources, torch.float32).config.num_single_layers == 1
 
 
-def test_cached_hub_id_loads_offline(tiny: dict[str, Path], hf_cache: Path) -> None:
-    put_in_hf_cache(hf_cache, "someone/tiny-flux", tiny["dev"])
+def test_cached_hub_id_loads_offline(tiny_flux: dict[str, Path], hf_cache: Path) -> None:
+    put_in_hf_cache(hf_cache, "someone/tiny-flux", tiny_flux["dev"])
     sources = resolve_flux_model("someone/tiny-flux")
     _same_state(
-        load_transformer(sources, torch.float32), load_transformer(resolve_flux_model(str(tiny["dev"])), torch.float32)
+        load_transformer(sources, torch.float32),
+        load_transformer(resolve_flux_model(str(tiny_flux["dev"])), torch.float32),
     )
 
 
 # --- clear errors ----------------------------------------------------------------------------------------
 
 
-def test_single_file_without_ae_names_the_key(files: FluxFiles, tiny: dict[str, Path]) -> None:
+def test_single_file_without_ae_names_the_key(files: FluxFiles, tiny_flux: dict[str, Path]) -> None:
     with pytest.raises(ModelLoadError, match="`ae` is not set") as err:
-        resolve_flux_model(str(files.transformer), clip_l=files.clip_l, t5xxl=files.t5xxl, model_config_dir=tiny["dev"])
+        resolve_flux_model(
+            str(files.transformer), clip_l=files.clip_l, t5xxl=files.t5xxl, model_config_dir=tiny_flux["dev"]
+        )
     assert "ae.safetensors" in err.value.hint
 
 
@@ -279,11 +278,11 @@ def test_tiny_file_against_shipped_configs_names_model_config_dir(files: FluxFil
     assert "`model_config_dir`" in err.value.hint
 
 
-def test_wrong_files_for_each_key_are_named(files: FluxFiles, tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_wrong_files_for_each_key_are_named(files: FluxFiles, tiny_flux: dict[str, Path], tmp_path: Path) -> None:
     from lorad.models.tiny import build_tiny_sd, write_original_checkpoint
 
     sd = write_original_checkpoint(build_tiny_sd(tmp_path / "sd"), tmp_path / "sd.safetensors")
-    common = {"clip_l": files.clip_l, "t5xxl": files.t5xxl, "ae": files.ae, "model_config_dir": tiny["dev"]}
+    common = {"clip_l": files.clip_l, "t5xxl": files.t5xxl, "ae": files.ae, "model_config_dir": tiny_flux["dev"]}
     with pytest.raises(ModelLoadError, match="Stable Diffusion"):
         resolve_flux_model(str(sd), **common)
     sd_vae = {
@@ -305,22 +304,22 @@ def test_wrong_files_for_each_key_are_named(files: FluxFiles, tiny: dict[str, Pa
 
 def test_missing_tokenizers_name_their_keys(
     files: FluxFiles,
-    tiny: dict[str, Path],
+    tiny_flux: dict[str, Path],
     tmp_path: Path,
     hf_cache: Path,
 ) -> None:
     configs = tmp_path / "configs"
-    shutil.copytree(tiny["dev"], configs, ignore=shutil.ignore_patterns("tokenizer_2"))
+    shutil.copytree(tiny_flux["dev"], configs, ignore=shutil.ignore_patterns("tokenizer_2"))
     common = {"clip_l": files.clip_l, "t5xxl": files.t5xxl, "ae": files.ae, "model_config_dir": configs}
     with pytest.raises(ModelLoadError, match="no T5 tokenizer found") as err:
         resolve_flux_model(str(files.transformer), **common)
     assert "`t5xxl_tokenizer`" in err.value.hint
     with pytest.raises(ModelLoadError, match="`t5xxl_tokenizer`"):
         resolve_flux_model(str(files.transformer), **common, t5xxl_tokenizer=tmp_path)
-    sources = resolve_flux_model(str(files.transformer), **common, t5xxl_tokenizer=tiny["dev"] / "tokenizer_2")
-    assert sources.t5_tokenizer == tiny["dev"] / "tokenizer_2"
+    sources = resolve_flux_model(str(files.transformer), **common, t5xxl_tokenizer=tiny_flux["dev"] / "tokenizer_2")
+    assert sources.t5_tokenizer == tiny_flux["dev"] / "tokenizer_2"
     # Or from the Hugging Face cache, where FLUX.1-dev's tokenizer_2/ would be.
-    put_in_hf_cache(hf_cache, "black-forest-labs/FLUX.1-dev", tiny["dev"] / "tokenizer_2", "tokenizer_2")
+    put_in_hf_cache(hf_cache, "black-forest-labs/FLUX.1-dev", tiny_flux["dev"] / "tokenizer_2", "tokenizer_2")
     cached = resolve_flux_model(str(files.transformer), **common)
     assert cached.t5_tokenizer.parts[-1] == "tokenizer_2" and str(hf_cache) in str(cached.t5_tokenizer)
     open_tokenizers(cached)

@@ -9,26 +9,14 @@ import torch
 from lorad.config.dispatch import parse_any_config
 from lorad.families.flux.config import FluxTrainConfig
 from lorad.models.tiny_flux import FluxFiles
+from tests.support.datasets import tiny_train_values
 
 
 def flux_values(base: Path, data: Path, out: Path, **overrides: object) -> dict[str, object]:
-    """Config keys for a fast CPU run on the tiny FLUX model (64 px images, a few steps)."""
-    values: dict[str, object] = {
-        "train_data_dir": data,
-        "metadata_path": data / "metadata.csv",
-        "base_model": base,
-        "lora_rank": 4,
-        "batch_size": 2,
-        "epochs": 1,
-        "learning_rate": "1e-3",
-        "output_dir": out,
-        "resolution": 64,
-        "min_bucket_reso": 64,
-        "max_bucket_reso": 128,
-        "bucket_reso_steps": 16,
-        "device": "cpu",
-        "cache_dir": out.parent / "cache",
-    }
+    """Config keys for a fast CPU run on the tiny FLUX model: the tiny SD run's (64 px images, a few steps)
+    without UNet targets, with its caches beside ``out``; paths as strings."""
+    values = tiny_train_values(base, data, out, cache_dir=out.parent / "cache")
+    del values["unet_target_modules"]  # FLUX names its layers in transformer_target_modules
     values.update(overrides)
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
