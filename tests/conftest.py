@@ -23,6 +23,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
+    from lorad.models.registry import ModelRegistry
     from lorad.server.daemon import RunningDaemon
     from lorad_client import LoradClient
 
@@ -142,20 +143,28 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_daemon(home: Path) -> RunningDaemon:
-    """A real daemon in this process on a free port and a Unix socket in ``home``."""
+def run_daemon(home: Path, **settings: object) -> RunningDaemon:
+    """A real daemon in this process on a free port and a Unix socket in ``home``; its jobs run in worker
+    processes (``in_process=True``: in threads of this process, where a test can look at the resident
+    models; ``cpu_workers=2``: two CPU workers)."""
     from lorad.server.daemon import start_daemon
     from lorad.server.settings import daemon_settings
 
-    settings = daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home)
-    return start_daemon(settings)
+    return start_daemon(daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home, **settings))
 
 
 @pytest.fixture
-def daemon(short_dir: Path) -> Iterator[RunningDaemon]:
-    running = run_daemon(short_dir)
+def daemon(short_dir: Path, request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
+    """A daemon whose jobs run in worker processes, as `lorad serve`'s do; a test marked ``in_process``
+    gets its workers in this process instead (see :func:`worker_registry`)."""
+    running = run_daemon(short_dir, in_process=request.node.get_closest_marker("in_process") is not None)
     yield running
     running.stop(grace=0)
+
+
+def worker_registry(daemon: RunningDaemon, index: int = 0) -> ModelRegistry:
+    """The resident models of an in-process daemon's worker ``index`` (its base models live there)."""
+    return daemon.service.dispatcher.handles[index].host.registry
 
 
 @pytest.fixture

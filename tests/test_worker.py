@@ -1,9 +1,8 @@
-"""The worker outlives every job: failures end as FAILED with a hint, and the next job runs."""
+"""The dispatcher and its workers outlive every job: failures end as FAILED with a hint, and the next job runs."""
 
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,12 @@ import yaml
 
 from lorad.errors import DataError
 from lorad.events import TrainingFinished
+from lorad.jobs.dispatcher import Dispatcher
 from lorad.jobs.hub import EventHub
 from lorad.jobs.records import JobState
+from lorad.jobs.scheduling import Slot
 from lorad.jobs.store import JobStore
-from lorad.jobs.worker import Worker
+from lorad.workers.host import WorkerSpec
 from tests.conftest import tiny_train_values
 
 
@@ -25,15 +26,10 @@ class FakeCudaOom(RuntimeError):
 FakeCudaOom.__name__ = "OutOfMemoryError"
 
 
-@contextmanager
-def no_models(config, placement):
-    yield None
-
-
 def scripted_train(outcomes: list[BaseException | None]):
     """A train function that fails or succeeds in the given order, like the engine would."""
 
-    def train(config, *, on_event, stop, models):
+    def train(config, *, on_event, stop, models, **hooks):
         outcome = outcomes.pop(0)
         if outcome is not None:
             raise outcome
@@ -42,10 +38,22 @@ def scripted_train(outcomes: list[BaseException | None]):
     return train
 
 
+def in_process_dispatcher(store: JobStore, home: Path, train) -> Dispatcher:
+    """The daemon's dispatcher with one CPU worker in this process, running ``train``."""
+    return Dispatcher(
+        store,
+        EventHub(store),
+        [Slot(0, "cpu")],
+        lambda slot: WorkerSpec(slot.index, slot.device, str(home), default_keep_alive=0.0, memory_budget_bytes=None),
+        in_process=True,
+        train=train,
+    )
+
+
 def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseException | None], **overrides):
     store = JobStore(tmp_path / "jobs.sqlite3")
-    hub = EventHub(store)
-    worker = Worker(store, hub, train=scripted_train(outcomes), models=no_models, device_name="cpu")
+    dispatcher = in_process_dispatcher(store, tmp_path / "home", scripted_train(outcomes))
+    hub = dispatcher.hub
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", **overrides)
     text = yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
     jobs = [
@@ -68,10 +76,10 @@ def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseEx
                 done.set()
 
     threading.Thread(target=wait_last, daemon=True).start()
-    worker.start()
-    worker.wake()
+    dispatcher.start()
+    dispatcher.wake()
     assert done.wait(timeout=60)
-    worker.shutdown(timeout=10)
+    dispatcher.shutdown(timeout=10)
     return store, jobs
 
 

@@ -62,6 +62,7 @@ class TrainingStarted(Event):
     device: str
     precision: str
     resumed_from: str = ""
+    devices: int = 1  # ranks of a data-parallel run (one device each)
 
 
 @dataclass(frozen=True)

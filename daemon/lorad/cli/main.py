@@ -190,6 +190,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_keep_alive=args.keep_alive,
         memory_budget_gb=args.memory_budget,
         resume_interrupted=not args.no_resume,
+        cpu_workers=args.cpu_workers,
+        in_process=args.in_process,
+        start_workers=True,  # the first job does not wait for its worker to import torch
+        log_level=getattr(logging, args.log_level.upper()),
     )
 
     def ready(daemon) -> None:
@@ -431,7 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="GB",
-        help="unload least-recently-used idle models beyond this much memory",
+        help="per device: unload least-recently-used idle models beyond this much memory",
+    )
+    serve.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on the CPU besides one per GPU (default 1): CPU jobs run side by side, or one "
+        "job trains on several with `devices: N`",
+    )
+    serve.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run jobs in the daemon process instead of one worker process per device (for debugging: no crash "
+        "isolation, one device per job)",
     )
     serve.add_argument(
         "--no-resume", action="store_true", help="do not resume jobs that were running when the daemon last stopped"

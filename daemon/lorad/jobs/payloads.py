@@ -52,6 +52,7 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
             "device": event.device,
             "precision": event.precision,
             "resumed_from": event.resumed_from,
+            "devices": event.devices,
         }
     if isinstance(event, ev.CheckpointSaved):
         return "checkpoint_saved", {"step": event.step, "path": event.path}

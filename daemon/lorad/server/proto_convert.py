@@ -125,9 +125,11 @@ def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:
     return event
 
 
-def resident_to_proto(info: Any) -> models_pb2.ResidentModel:
-    """A registry ResidentInfo as a ResidentModel message."""
+def resident_to_proto(held: Any) -> models_pb2.ResidentModel:
+    """A resident model (the service's HeldModel: a registry ResidentInfo and its worker) as a message."""
+    info = held.info
     return models_pb2.ResidentModel(
+        worker=held.worker,
         model_id=info.model_id,
         source=info.source,
         model_version=info.model_version,
@@ -154,6 +156,14 @@ def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
                 description=d.description,
                 memory_total_bytes=d.memory_total_bytes,
                 memory_used_bytes=d.memory_used_bytes,
+                worker=d.worker,
+                worker_pid=d.worker_pid,
+                worker_state=d.worker_state,
+                running_job_id=d.running_job_id,
+                resident_models=d.resident_models,
+                resident_bytes=d.resident_bytes,
+                worker_restarts=d.worker_restarts,
+                worker_rss_bytes=d.worker_rss_bytes,
             )
             for d in status.devices
         ],
@@ -165,6 +175,8 @@ def status_to_proto(status: Any) -> system_pb2.GetStatusResponse:
         resident_models=status.resident_models,
         pid=status.pid,
         jobs_revision=status.jobs_revision,
+        running_job_ids=status.running_job_ids,
+        in_process=status.in_process,
     )
 
 
@@ -202,6 +214,7 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
             device=t.device,
             precision=t.precision,
             resumed_from=t.resumed_from,
+            devices=t.devices or 1,
         )
     if kind == "checkpoint_saved":
         return ev.CheckpointSaved(step=event.checkpoint_saved.step, path=event.checkpoint_saved.path)
