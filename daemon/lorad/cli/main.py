@@ -33,8 +33,10 @@ def _connect(timeout: float = 3.0):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Submit to the running daemon and follow; without one, train in this process."""
-    if not args.embedded:
+    """Submit to the running daemon and follow; without one (or as a torchrun rank), train in this process."""
+    from lorad.training.distributed import launched_by_torchrun
+
+    if not args.embedded and not launched_by_torchrun():
         from lorad_client import DaemonUnavailable
 
         try:
@@ -337,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a LoRA from a YAML config",
         description="Train a LoRA from a YAML config: submit it to the running lorad daemon and follow "
         "the job (Ctrl-C detaches; the job goes on), or, with no daemon running (or --embedded), train in "
-        "this process. Relative paths in the config resolve against the current directory.",
+        "this process. Started by torchrun (or srun with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it is "
+        "one rank of a job across GPUs and machines. Relative paths in the config resolve against the current "
+        "directory.",
     )
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
     train.add_argument(

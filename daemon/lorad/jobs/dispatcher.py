@@ -135,10 +135,16 @@ class Dispatcher:
         for job in running:
             self._send_stop(job)
         deadline = time.monotonic() + (timeout if timeout is not None else 120.0)
+        asked = time.monotonic()
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._running:
-                    break
+                running = list(self._running.values())
+            if not running:
+                break
+            if time.monotonic() - asked > 1.0:  # a rank whose worker was still starting hears it now
+                asked = time.monotonic()
+                for job in running:
+                    self._send_stop(job)
             time.sleep(0.05)
         for handle in self.handles:
             handle.shutdown(timeout=max(1.0, deadline - time.monotonic()))
