@@ -153,6 +153,31 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def resume_batch_problem(saved: object, per_device: int, world: int) -> ConfigError | None:
+    """Why a checkpoint cannot be resumed at this batch, or None. A checkpoint keeps the global micro-batch
+    (batch_size × devices) it was trained with: a resume may use another number of devices when
+    batch_size × devices stays the same (the run then goes on exactly as it would have)."""
+    if not isinstance(saved, int) or saved == per_device * world:
+        return None
+    fits = [n for n in range(1, saved + 1) if saved % n == 0]
+    fix = (
+        f"train {saved} samples per micro-batch again: batch_size {saved // world} on {world} devices"
+        if saved % world == 0
+        else (f"resume on a number of devices that divides {saved} ({', '.join(map(str, fits))})")
+    )
+    return ConfigError(
+        [
+            ConfigProblem(
+                "batch_size",
+                f"the checkpoint was trained with {saved} samples per micro-batch (batch_size × devices); this run "
+                f"has {per_device} × {world} = {per_device * world}",
+                fix + ", or start a new run without resume_from",
+            )
+        ],
+        "resume_from",
+    )
+
+
 def _dumps(value: Any) -> bytes:
     """``value`` pickled, read-only mappings (frozen reports use them) as the dicts they wrap."""
     buffer = io.BytesIO()

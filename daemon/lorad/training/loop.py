@@ -34,7 +34,7 @@ from lorad.events import (
 from lorad.families.registry import load_plugin
 from lorad.lora.adapters import load_lora_state_dict, lora_state_dict
 from lorad.training.checkpoints import Checkpoint, check_signature, open_run, restore_rng
-from lorad.training.distributed import SINGLE, Ranks
+from lorad.training.distributed import SINGLE, Ranks, resume_batch_problem
 from lorad.training.ema import ParameterEma
 from lorad.training.family import (
     ADAPTER,
@@ -155,7 +155,8 @@ def train(
     # captions) once; every rank trains on what it found.
     data = ranks.share(scan)
     batch = batch_report(config, ranks.world)
-    on_event(DataReported(report=data.report | {"batch": batch}, text=f"{data.text}\n{batch_line(batch)}"))
+    data_report = data.report | {"batch": batch}
+    on_event(DataReported(report=data_report, text=f"{data.text}\n{batch_line(batch)}"))
     for note in data.notes:
         on_event(LogLine(message=note))
 
@@ -216,6 +217,9 @@ def train(
         step = 0
         if resumed is not None:
             checkpoint = resumed
+            # Another number of devices is fine where batch_size × devices is the same (the plan is).
+            if problem := resume_batch_problem(checkpoint.signature.get("batch_size"), config.batch_size, ranks.world):
+                raise problem
             check_signature(checkpoint.signature, signature)
             for part, module in run.parts.items():
                 load_lora_state_dict(module, ADAPTER, checkpoint.lora[part])
@@ -439,7 +443,7 @@ def train(
         outputs["summary"] = write_summary(
             config,
             {
-                "data_report": data.report,
+                "data_report": data_report,
                 "steps": step,
                 "epochs": epoch,
                 "final_loss": last_loss,

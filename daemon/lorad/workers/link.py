@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import pickle
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,8 +151,14 @@ class Link:
             self._shut()
 
     def close(self) -> None:
-        """Close this end: the other end's :meth:`serve` returns; calls waiting here fail."""
+        """Close this end: both ends' :meth:`serve` return; calls waiting here fail."""
         self._shut()
+        # A thread blocked reading keeps a closed descriptor's socket open (the other end would never see
+        # end-of-file): shut the socket itself down first, which ends both ends' reads.
+        with contextlib.suppress(OSError, ValueError):
+            channel = socket.socket(fileno=os.dup(self._connection.fileno()))
+            channel.shutdown(socket.SHUT_RDWR)
+            channel.close()
         with contextlib.suppress(OSError):
             self._connection.close()
 
