@@ -298,6 +298,9 @@ class Dispatcher:
             for rank in range(len(running.slots)):
                 self._rank_ended(running, rank, Outcome("stopped"))
             return
+        with self._lock:
+            if running.outcomes:  # a worker died while starting: the job is queued again already
+                return
         config = config_mapping(job.config_yaml)
         resumed_from = ""
         if job.attempt > 1 and job.checkpoint and Path(job.checkpoint).is_dir():
