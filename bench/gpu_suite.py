@@ -293,6 +293,40 @@ def daemon_row(suite: Suite) -> Row:
     )
 
 
+def sd15_samples_row(suite: Suite) -> Row:
+    """Seconds per 512 px SD1.5 sample image (20 euler_a steps, CFG; the tiny model at 64 px when reduced),
+    drawn as the loop draws them, with the LoRA attached; peak memory after 1 round and after 20."""
+    from bench import engine_vs_bare as evb
+    from bench.sampling_cost import sample_rounds_case
+
+    components = (
+        evb.place(evb.build_sd15(suite.tiny_sd / "tokenizer", suite.placement), suite.placement)
+        if suite.full
+        else evb.load_tiny(suite.tiny_sd, suite.placement)
+    )
+    size = suite.pick(512, 64)
+    result = sample_rounds_case(
+        "sd", components, suite.placement, suite.folder("sd15-samples"), size=size,
+        sample_steps=suite.pick(20, 4), rounds=suite.pick(20, 3),
+    )  # fmt: skip
+    return sampling_result_row(result, f"{suite.pick('sd15', 'tiny')} {size} px, {result['sample_steps']} steps, CFG 7")
+
+
+def sampling_result_row(result: dict[str, Any], setup: str) -> Row:
+    """A sampling row's cells: seconds per image, and peak memory after 1 and after all rounds."""
+    after_one, after_all = result["peak_after_1"], result["peak_after_last"]
+    row = Row(
+        setup=f"{setup}, {precision_name(result['precision'])}",
+        result=(
+            f"{result['s_per_image']:.2f} s per image; peak after 1 round {after_one / GB:.2f} GB, "
+            f"after {result['rounds']} {after_all / GB:.2f} GB"
+        ),
+        details=result,
+    )
+    row.goals.append(("no growth over the rounds (≤ 1 %)", result["peak_growth"] <= 0.01))
+    return row
+
+
 ROWS: tuple[RowSpec, ...] = (
     RowSpec("sd15-b4", "SD1.5 512 px, batch 4, bf16", "sd", sd15_row(4)),
     RowSpec("sd15-b1", "SD1.5 512 px, batch 1, bf16", "sd", sd15_row(1, peak_goal_gb=6)),
@@ -300,6 +334,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("flux", "Flux 1024 px, fp8", "flux", "bench.gpu_rows.flux:row"),
     RowSpec("llm", "LLM TinyLlama-1.1B shape, batch 4, 512 tokens", "llm", llm_row),
     RowSpec("worker", "Warm job in a worker process vs in the daemon's, SD1.5", "sd", worker_row),
+    RowSpec("sd15-samples", "SD1.5 512 px sample image, 20 steps", "sd", sd15_samples_row),
+    RowSpec("sdxl-samples", "SDXL 1024 px sample image, 20 steps", "sdxl", "bench.gpu_rows.sdxl_samples:row"),
     RowSpec("daemon", "Warm job submit → first step, SD1.5, through the daemon", "sd", daemon_row),
 )
 

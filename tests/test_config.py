@@ -1,4 +1,4 @@
-"""Config validation as a user meets it: the seed config works, every mistake is named at once."""
+"""Config validation as a user meets it: the README's config works, every mistake is named at once."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """One job across devices (data parallel, gloo on two CPU workers): the LoRA of a 2-rank job is the LoRA of a
 1-rank job with twice the per-device batch, for the SD and the LLM family; a checkpoint resumes on another
-number of devices that keeps the global batch; two torchrun launches (two "machines") train the same LoRA.
+number of devices that keeps the global batch; two torchrun launches (two "machines") train the same LoRA,
+and only rank 0 draws samples and writes; SampleNow / SaveNow reach a 2-rank job's rank 0.
 
 Tolerance: every run is fp32 on the CPU; a 2-rank run sums its ranks' gradients in another order than one
 rank's batch does, so weights (of size 0.1-1) agree to 1e-5, not bit for bit.
@@ -15,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +81,7 @@ def sd_runs(tmp_path_factory: pytest.TempPathFactory, tiny_sd: Path, tiny_llm: P
             resumed, _ = run_job(client, values("resumed", batch_size=2, devices=2, resume_from=one_rank_step2), root)
             llm = llm_pair(client, root, tiny_llm)
         yield {
+            "daemon": daemon,
             "root": root,
             "values": values,
             "reference": reference.outputs,
@@ -146,6 +147,31 @@ def test_a_checkpoint_resumes_on_another_number_of_devices_with_the_same_global_
     assert "trained with 4 samples per micro-batch (batch_size × devices); this run has 2 × 1 = 2" in str(err.value)
 
 
+def test_sample_now_and_save_now_reach_rank_0_of_a_two_rank_job(sd_runs: dict) -> None:
+    from tests.test_sample_daemon import wait_for_step
+
+    root, daemon = sd_runs["root"], sd_runs["daemon"]
+    values = sd_runs["values"](
+        "live", batch_size=2, devices=2, max_train_steps=100_000, save_steps=None, sample_steps=2,
+        sample_prompts=["a red circle --d 5"],
+    )  # fmt: skip
+    with LoradClient.connect(daemon.addresses[0], home=daemon.settings.home) as client:
+        job = client.submit_training(as_yaml(values), base_dir=root)
+        wait_for_step(client, job.job_id)
+        drawn = client.sample_now(job.job_id)
+        assert [e.WhichOneof("kind") for e in drawn] == ["sample_image"]
+        assert drawn[0].sample_image.seed == 5 and Path(drawn[0].sample_image.path).is_file()
+        saved = client.save_now(job.job_id)
+        assert [e.WhichOneof("kind") for e in saved] == ["checkpoint_saved", "log"]
+        assert (Path(saved[0].checkpoint_saved.path) / "lora.safetensors").is_file()
+        client.cancel_job(job.job_id)
+        _, history = watch_all(client, job.job_id)
+        assert history[-1].HasField("cancelled")
+        # One image for the one prompt: the other rank drew none (its events would not show, its files would).
+        assert [e.sample_image.path for e in history if e.HasField("sample_image")] == [drawn[0].sample_image.path]
+        assert sorted(p.name for p in (root / "live" / "samples").iterdir()) == [Path(drawn[0].sample_image.path).name]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -154,9 +180,15 @@ def free_port() -> int:
 
 def test_two_torchrun_launches_train_the_lora_of_the_two_rank_daemon_job(sd_runs: dict, tmp_path: Path) -> None:
     """Two machines, as torchrun sees them: two launches on this host meet at a c10d rendezvous; each runs
-    one rank of `lorad train` (embedded). Rank 0's launch writes the outputs."""
-    config = tmp_path / "x.yaml"
-    config.write_text(as_yaml(sd_runs["values"]("torchrun", batch_size=2) | {"output_dir": str(tmp_path / "out")}))
+    one rank of `lorad train` (embedded) in its own folder, where the config's relative ``output_dir`` lands.
+    Rank 0's launch writes the outputs and draws the samples (which leave the LoRA as it was); the other
+    rank's folder gets nothing."""
+    values = sd_runs["values"]("torchrun", batch_size=2, sample_prompts=["a red circle"], sample_steps=2)
+    text = as_yaml(values | {"output_dir": "out", "sample_every_n_steps": 2})
+    nodes = [tmp_path / f"node{n}" for n in range(2)]
+    for node in nodes:
+        node.mkdir()
+        (node / "x.yaml").write_text(text)
     bin_dir = Path(sys.executable).parent
     port = free_port()
     command = [
@@ -177,14 +209,13 @@ def test_two_torchrun_launches_train_the_lora_of_the_two_rank_daemon_job(sd_runs
         str(bin_dir / "lorad"),
         "train",
         "--config",
-        str(config),
+        "x.yaml",
     ]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     launches = []
-    for node in range(2):
-        log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 - closed below
-        launches.append((subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(0.5)  # the first one hosts the rendezvous
+    for node in nodes:
+        log = open(node / "launch.log", "w")  # noqa: SIM115 - closed below
+        launches.append((subprocess.Popen(command, cwd=node, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     codes = []
     for process, log in launches:
         try:
@@ -192,7 +223,11 @@ def test_two_torchrun_launches_train_the_lora_of_the_two_rank_daemon_job(sd_runs
         finally:
             process.kill()
             log.close()
-    logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in range(2))
+    logs = "\n".join((node / "launch.log").read_text()[-3000:] for node in nodes)
     assert codes == [0, 0], logs
     assert "LoRA written" in logs  # rank 0 says where; the other rank stays quiet
-    same_lora(tmp_path / "out" / "out.safetensors", Path(sd_runs["pair"].outputs["kohya"]))
+    (main,) = [node / "out" for node in nodes if (node / "out").exists()]  # whichever launch got rank 0
+    same_lora(main / "out.safetensors", Path(sd_runs["pair"].outputs["kohya"]))
+    # Rounds after steps 2 and 4 (the last), one image each, drawn by rank 0 alone; and the contact sheet.
+    pngs = sorted(p.name for p in (main / "samples").iterdir())
+    assert [name.rsplit("_", 1)[0] for name in pngs] == ["out_00000002_00", "out_00000004_00", "out_contact"]

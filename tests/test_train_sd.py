@@ -54,7 +54,7 @@ def test_seed_config_verbatim_trains(tmp_path: Path, tiny_sd: Path, dataset: Pat
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 20 and summary["data_report"]["images_used"] == 8
     assert any((out / "logs").iterdir())  # TensorBoard events
-    # Only the q/v projections were trained: the article's q_proj/v_proj mean to_q/to_v here.
+    # Only the q/v projections were trained: the README's q_proj/v_proj mean to_q/to_v here.
     names = kohya_modules(out / "my_style_lora.safetensors")
     assert names and all(n.endswith(("_to_q", "_to_v")) for n in names)
 

@@ -7,6 +7,7 @@ snapshot means a changed screen. Update after an intended change with
 
 from __future__ import annotations
 
+import asyncio
 import math
 import shutil
 from collections.abc import Iterator
@@ -32,12 +33,14 @@ from lorad_api.v1.caption_pb2 import (
     SetCaptionsResponse,
 )
 from lorad_api.v1.jobs_pb2 import (
+    CheckpointSaved,
     DataReport,
     JobQueued,
     JobStarted,
     LatentsCached,
     LogLine,
     ModelLoaded,
+    SampleImage,
     Step,
     TrainingStarted,
 )
@@ -514,3 +517,137 @@ def test_finished_job_at_80x24(snap_compare) -> None:
         )
 
     assert snap_compare(fake_app(), terminal_size=(80, 24), run_before=open_finished_job)
+
+
+# --- sample images (issue 16) -------------------------------------------------------------------
+
+SAMPLE_PROMPTS = ("a watercolor lake at dawn", "a harbour with boats, soft washes")
+
+
+def sample_png(path: Path, hue: int, step: int) -> None:
+    """A small deterministic picture: a gradient whose colours change with the step."""
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32))
+    image.putdata(
+        [((x * 8 + hue) % 256, (y * 8 + step * 3) % 256, (hue + step * 40) % 256) for y in range(32) for x in range(32)]
+    )
+    image.save(path)
+
+
+class SampledClient(FakeClient):
+    """The running job has drawn its two prompts at steps 0 (the baseline), 20 and 40; it answers sample/save now."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder  # where the PNGs are (or, for a daemon elsewhere, would be)
+        self.asked: list[tuple[str, str]] = []
+
+    def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobStream:
+        stream = super().watch_job(job_id, after_seq, history_only=history_only)
+        if job_id != RUNNING.job_id:
+            return stream
+        last = len(running_history()) - 1
+        shots = [
+            WatchJobResponse(
+                event=JobEvent(
+                    job_id=job_id,
+                    seq=last + 1 + n,
+                    time=stamp(100),
+                    sample_image=SampleImage(
+                        step=step, prompt_index=index, prompt=SAMPLE_PROMPTS[index], seed=42 + index,
+                        path=str(self.folder / f"watercolor_style_{step:08d}_{index:02d}_{42 + index}.png"),
+                        width=32, height=32,
+                    ),
+                )
+            )
+            for n, (step, index) in enumerate((s, i) for s in (0, 20, 40) for i in (0, 1))
+        ]  # fmt: skip
+        return FakeStream([*stream.items, *(s for s in shots if s.event.seq > after_seq)])
+
+    def sample_now(self, job_id: str) -> list[JobEvent]:
+        self.asked.append(("sample", job_id))
+        return [JobEvent(sample_image=SampleImage(step=60, prompt_index=0, prompt="p", path="/x.png"))]
+
+    def save_now(self, job_id: str) -> list[JobEvent]:
+        self.asked.append(("save", job_id))
+        return [JobEvent(checkpoint_saved=CheckpointSaved(step=60, path="/ck/step-000060"))]
+
+
+@pytest.fixture
+def sample_files(tmp_path: Path) -> Path:
+    """The job's PNGs (their paths are not on screen when the images are drawn, so tmp_path is fine)."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for step in (0, 20, 40):
+        for index in (0, 1):
+            sample_png(folder / f"watercolor_style_{step:08d}_{index:02d}_{42 + index}.png", 90 * index, step)
+    return folder
+
+
+def sampled_app(client: SampledClient) -> LoradApp:
+    return LoradApp(connect=lambda: client, clock=lambda: NOW, refresh_seconds=3600)
+
+
+async def open_sampled_job(pilot: Pilot) -> None:
+    await settled(pilot)
+    await pilot.press("down", "enter")  # the second row: the running job
+    await wait_until(
+        pilot,
+        lambda: (
+            isinstance(pilot.app.screen, JobDetailScreen)
+            and "step 60/100" in screen_text(pilot.app)
+            and "Samples · step 40 · 3 of 3" in screen_text(pilot.app)
+            and "#1 a harbour" in screen_text(pilot.app)
+        ),
+        "the newest samples",
+    )
+
+
+def test_job_detail_with_samples_in_half_blocks(snap_compare, sample_files: Path) -> None:
+    """The newest sampled step's images, drawn with Unicode half blocks (what a terminal without Kitty or
+    Sixel graphics shows; a test has no terminal, so this is what textual-image picks here too)."""
+    from lorad_tui.widgets.sample_gallery import image_mode
+
+    assert image_mode() == "halfblock"
+    assert snap_compare(sampled_app(SampledClient(sample_files)), terminal_size=(100, 40), run_before=open_sampled_job)
+
+
+def test_keys_step_through_samples_and_ask_the_running_job(sample_files: Path) -> None:
+    asyncio.run(step_through_samples(sample_files))
+
+
+async def step_through_samples(folder: Path) -> None:
+    from textual_image.widget import HalfcellImage
+
+    client = SampledClient(folder)
+    app = sampled_app(client)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await open_sampled_job(pilot)
+        assert len(app.screen.query(HalfcellImage)) == 2
+        await pilot.press("left_square_bracket")
+        await wait_until(pilot, lambda: "Samples · step 20 · 2 of 3" in screen_text(app), "the step before")
+        await pilot.press("left_square_bracket", "left_square_bracket")  # stops at the oldest: the baseline
+        await wait_until(pilot, lambda: "before training (no LoRA) · 1 of 3" in screen_text(app), "the baseline")
+        await pilot.press("right_square_bracket", "right_square_bracket")
+        await wait_until(pilot, lambda: "Samples · step 40 · 3 of 3" in screen_text(app), "the newest again")
+        notes: list[str] = []
+        app.notify = lambda message, **_: notes.append(message)  # type: ignore[method-assign]
+        await pilot.press("s")
+        await wait_until(pilot, lambda: ("sample", RUNNING.job_id) in client.asked, "sample now")
+        await pilot.press("w")
+        await wait_until(pilot, lambda: ("save", RUNNING.job_id) in client.asked, "save now")
+        await wait_until(pilot, lambda: any("checkpoint saved at step 60" in n for n in notes), "the answer told")
+
+
+def test_an_image_not_on_this_disk_shows_its_path() -> None:
+    """A daemon on another machine: the PNG is not here, so the path is what the detail can show."""
+    asyncio.run(paths_instead_of_images())
+
+
+async def paths_instead_of_images() -> None:
+    client = SampledClient(Path("/nonexistent/lorad-samples"))  # the PNGs are not on this disk
+    app = sampled_app(client)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await open_sampled_job(pilot)
+        await wait_until(pilot, lambda: screen_text(app).count("daemon's disk)") == 2, "the two paths")
+        assert "#0 a watercolor lake at" in screen_text(app)

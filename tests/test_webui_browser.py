@@ -152,3 +152,53 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
     assert placed.is_file() and [p.name for p in placed.parent.iterdir()] == ["browser_lora.safetensors"]
     trained = tmp_path / "work" / "runs" / "browser_lora" / "browser_lora.safetensors"
     assert placed.read_bytes() == trained.read_bytes()
+
+
+@pytest.mark.slow
+def test_the_gallery_fills_while_a_job_runs_and_the_buttons_ask_it(
+    page_url: str, tiny_sd: Path, dataset: Path, tmp_path: Path
+) -> None:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = load_script("webui_test_envs").find_chromium()
+    assert chromium, "no chromium: run `.venv/bin/python scripts/webui_test_envs.py --browser`"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        try:
+            page.goto(page_url)
+            playwright_api.expect(page.locator("#lorad-status").first).to_contain_text("Connected to lorad")
+            _field(page, "lorad-folder").fill(str(dataset))
+            _field(page, "lorad-base-path").fill(str(tiny_sd))
+            _field(page, "lorad-name").fill("gallery_lora")
+            _field(page, "lorad-rank").fill("4")
+            _field(page, "lorad-length").fill("100000")  # runs until cancelled
+            page.get_by_text("More settings").click()
+            _field(page, "lorad-resolution").fill("64")
+            _field(page, "lorad-sample-prompts").fill("a red circle --d 1\na blue square --d 2")
+            _field(page, "lorad-sample-every").fill("3")
+            _field(page, "lorad-extra").fill(
+                "min_bucket_reso: 64\nmax_bucket_reso: 128\nbucket_reso_steps: 16\nbatch_size: 2\ndevice: cpu\n"
+                "sample_steps: 2"
+            )
+            page.locator("#lorad-train").click()
+
+            # The job runs until cancelled, so every image seen here arrived while it trained.
+            gallery = page.locator("#lorad-samples img")
+            playwright_api.expect(gallery.nth(1)).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
+            assert "running" in _field(page, "lorad-progress").input_value().splitlines()[0]
+            shown = gallery.count()
+            playwright_api.expect(gallery.nth(shown + 1)).to_be_visible(timeout=TRAIN_TIMEOUT_MS)  # a later round
+
+            page.locator("#lorad-sample-now").click()
+            playwright_api.expect(page.locator("#lorad-status").first).to_contain_text("sample at step")
+            page.locator("#lorad-save-now").click()
+            playwright_api.expect(page.locator("#lorad-status").first).to_contain_text("checkpoint saved at step")
+            page.locator("#lorad-cancel").click()
+            playwright_api.expect(_field(page, "lorad-progress")).to_have_value(re.compile("cancelled"))
+        finally:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "webui-standalone-samples.png"), full_page=True)
+            browser.close()
+    samples = sorted((tmp_path / "work" / "runs" / "gallery_lora" / "samples").glob("gallery_lora_*.png"))
+    assert len(samples) >= 6  # two prompts, at least two scheduled rounds and the one asked for

@@ -253,7 +253,7 @@ def test_train_places_the_lora_and_gives_the_snippet(
     data = make_dataset(tmp_path / "data", count=4)
     host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", address=daemon.addresses[0], weight=0.7)
     updates = list(actions.train(host, _tiny_form(data, tiny_sd, "webui_lora", 2)))
-    text, snippet, job_id = updates[-1]
+    text, snippet, job_id, _ = updates[-1]
     assert snippet == "<lora:webui_lora:0.7>", text
     assert job_id and "succeeded" in text and "step 2/2" in text
     placed = tmp_path / "Lora" / "webui_lora.safetensors"
@@ -282,10 +282,10 @@ def test_cancel_stops_the_running_job_and_places_nothing(
     data = make_dataset(tmp_path / "data", count=4)
     host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", address=daemon.addresses[0])
     updates = actions.train(host, _tiny_form(data, tiny_sd, "cancelled_lora", 10_000))
-    for text, _, job_id in updates:
+    for text, _, job_id, _ in updates:
         if text.splitlines()[1:2] and text.splitlines()[1].startswith("step "):  # training has begun
             assert actions.cancel(host, job_id).startswith(f"Cancel requested for job {job_id[:8]}")
             break
-    text, snippet, _ = list(updates)[-1]
+    text, snippet, _, _ = list(updates)[-1]
     assert "cancelled" in text.splitlines()[0] and snippet == ""
     assert not (tmp_path / "Lora").exists()

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lorad.errors import DataError
@@ -17,13 +18,6 @@ from lorad.jobs.scheduling import Slot
 from lorad.jobs.store import JobStore
 from lorad.workers.host import WorkerSpec
 from tests.conftest import tiny_train_values
-
-
-class FakeCudaOom(RuntimeError):
-    """Stands in for torch.cuda.OutOfMemoryError (same name, as the worker recognises it)."""
-
-
-FakeCudaOom.__name__ = "OutOfMemoryError"
 
 
 def scripted_train(outcomes: list[BaseException | None]):
@@ -85,7 +79,7 @@ def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseEx
 
 def test_failures_are_reported_and_the_next_job_runs(tmp_path: Path, dataset: Path, tiny_sd: Path) -> None:
     outcomes: list[BaseException | None] = [
-        FakeCudaOom("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         DataError("`train_data_dir`: no usable image", "add images"),
         ZeroDivisionError("boom"),
         None,

@@ -34,6 +34,8 @@ from lorad import __version__
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
+    lora_tools_pb2,
+    lora_tools_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     system_pb2,
@@ -44,7 +46,7 @@ from lorad_api.v1 import (
     watch_pb2_grpc,
 )
 from lorad_api.v1.caption_pb2 import CaptionImagesResponse
-from lorad_api.v1.jobs_pb2 import Job
+from lorad_api.v1.jobs_pb2 import Job, JobEvent
 from lorad_api.v1.models_pb2 import LoadModelResponse, ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.training_pb2 import WatchJobResponse
@@ -65,6 +67,8 @@ DEFAULT_TIMEOUT = 10.0
 SUBMIT_TIMEOUT = 60.0
 LOAD_MODEL_TIMEOUT = 900.0
 UNLOAD_MODEL_TIMEOUT = 60.0
+# SampleNow / SaveNow: the current step has to end first (minutes on a big model), then the round runs.
+RUN_REQUEST_TIMEOUT = 1800.0
 # Listing or writing a folder's captions reads every caption file: a few thousand images on a slow disk.
 CAPTIONS_TIMEOUT = 60.0
 
@@ -173,6 +177,7 @@ class LoradClient:
         self._verify_lock = threading.Lock()
         self._training = training_pb2_grpc.TrainingServiceStub(channel)
         self._models = models_pb2_grpc.ModelServiceStub(channel)
+        self._lora_tools = lora_tools_pb2_grpc.LoraToolsServiceStub(channel)
         self._system = system_pb2_grpc.SystemServiceStub(channel)
         self._caption = caption_pb2_grpc.CaptionServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -303,6 +308,19 @@ class LoradClient:
         """Cancel a job; returns it after the request (a running job stays RUNNING until it stops)."""
         return self._unary(self._training.CancelJob, training_pb2.CancelJobRequest(job_id=job_id), timeout).job
 
+    def sample_now(self, job_id: str, *, timeout: float | None = RUN_REQUEST_TIMEOUT) -> list[JobEvent]:
+        """Have a running job draw its sample prompts after its current step; the events it produced
+        (``sample_image``, ``sample`` for LLMs, or a warning ``log`` for a prompt that failed).
+        LoradRpcError(FAILED_PRECONDITION) when the job is not training or has no sample prompts."""
+        request = training_pb2.SampleNowRequest(job_id=job_id)
+        return list(self._unary(self._training.SampleNow, request, timeout).events)
+
+    def save_now(self, job_id: str, *, timeout: float | None = RUN_REQUEST_TIMEOUT) -> list[JobEvent]:
+        """Have a running job save a resumable checkpoint and its step's LoRA after its current step; the
+        events (``checkpoint_saved``, and a ``log`` naming the LoRA file). FAILED_PRECONDITION when not training."""
+        request = training_pb2.SaveNowRequest(job_id=job_id)
+        return list(self._unary(self._training.SaveNow, request, timeout).events)
+
     def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobWatch:
         """Follow a job: its state, then its history after ``after_seq``, then live events
         (with ``history_only``, the stream ends after the events that exist now).
@@ -317,6 +335,45 @@ class LoradClient:
         return JobWatch(call, self._translate)
 
     # -- ModelService ---------------------------------------------------------------------------
+
+    def inspect_lora(self, path: str | Path, *, base_dir: str | Path = "", timeout: float | None = 120.0) -> Any:
+        """The daemon's report on a LoRA file (an InspectLoraResponse: ``.text``, ``.json``, ``.problems``, ...)."""
+        request = lora_tools_pb2.InspectLoraRequest(path=str(path), base_dir=str(base_dir))
+        return self._unary(self._lora_tools.InspectLora, request, timeout)
+
+    def convert_lora(
+        self,
+        path: str | Path,
+        *,
+        to: str,
+        output: str | Path,
+        base: str | Path = "",
+        base_dir: str | Path = "",
+        timeout: float | None = 300.0,
+    ) -> str:
+        """Convert a LoRA file on the daemon's machine to layout ``to`` (kohya, diffusers, comfyui, peft);
+        returns the written path."""
+        request = lora_tools_pb2.ConvertLoraRequest(
+            path=str(path), to=to, output=str(output), base=str(base), base_dir=str(base_dir)
+        )
+        return self._unary(self._lora_tools.ConvertLora, request, timeout).output
+
+    def resize_lora(
+        self,
+        path: str | Path,
+        *,
+        output: str | Path,
+        rank: int = 0,
+        dynamic: str = "",
+        base_dir: str | Path = "",
+        timeout: float | None = 600.0,
+    ) -> Any:
+        """Resize a LoRA file on the daemon's machine to ``rank`` (or kohya's ``dynamic`` method, e.g.
+        "sv_fro:0.9"); a ResizeLoraResponse (``.output``, ``.summary``)."""
+        request = lora_tools_pb2.ResizeLoraRequest(
+            path=str(path), output=str(output), rank=rank, dynamic=dynamic, base_dir=str(base_dir)
+        )
+        return self._unary(self._lora_tools.ResizeLora, request, timeout)
 
     def list_models(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[ResidentModel]:
         """Base models and captioners resident in the daemon's memory, most recently used first."""

@@ -175,7 +175,19 @@ def _eval(e: JobEvent) -> str:
 
 def _sample(e: JobEvent) -> str:
     cut = "" if e.sample.stopped == "eos" else " [cut at sample_max_new_tokens]"
-    return f"sample: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
+    when = f" (step {e.sample.step})" if e.sample.step else ""
+    return f"sample{when}: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
+
+
+def describe_sample_image(step: int, prompt_index: int, prompt: str, path: str) -> str:
+    """The line for one sample image: "sample at step 100, prompt 0 ('a cat'): PATH" (step 0: the baseline)."""
+    when = f"at step {step}" if step else "before training (no LoRA)"
+    return f"sample {when}, prompt {prompt_index} ({prompt!r}): {path}"
+
+
+def _sample_image(e: JobEvent) -> str:
+    i = e.sample_image
+    return describe_sample_image(i.step, i.prompt_index, i.prompt, i.path)
 
 
 def _memory_recovered(e: JobEvent) -> str:
@@ -201,6 +213,7 @@ _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
     "eval": _eval,
     "sample": _sample,
     "memory_recovered": _memory_recovered,
+    "sample_image": _sample_image,
 }
 
 

@@ -7,6 +7,7 @@ later) show ``str(err)`` and ``err.hint``; nothing else needs to know the subcla
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 # An error travels in a gRPC trailer (at most 16 KB, percent-encoded): list this many problems, then
@@ -104,6 +105,14 @@ class DiskFull(OutputError):
         self.free = free
 
 
+class LoraFileError(LoradError):
+    """A LoRA or checkpoint file cannot be read, or a LoRA tool cannot apply to it (lora_tools)."""
+
+
+class ExportError(LoradError):
+    """A finished job's output cannot be exported (e.g. to GGUF): unsupported architecture, missing tools."""
+
+
 class TrainingDiverged(LoradError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -115,8 +124,10 @@ class TrainingOutOfMemory(LoradError):
 
 def is_out_of_memory(err: BaseException) -> bool:
     """torch's CUDA/MPS OOM errors (OutOfMemoryError, or a RuntimeError saying so) and MemoryError."""
-    return isinstance(err, MemoryError) or (
-        type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    torch = sys.modules.get("torch")  # an OOM can only come from torch once torch is imported
+    torch_oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    return isinstance(err, (MemoryError, *((torch_oom,) if torch_oom else ()))) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err)
     )
 
 

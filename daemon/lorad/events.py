@@ -122,7 +122,8 @@ class EvalDone(Event):
 
 @dataclass(frozen=True)
 class SampleGenerated(Event):
-    """The trained adapter's answer to one of the config's sample prompts (LLM runs).
+    """The adapter's answer to one of the config's sample prompts (LLM runs), after ``step`` (0: before
+    training, without the adapter; the final step at the end).
 
     ``stopped`` is "eos" when the model ended the answer itself, "length" when it hit the limit.
     """
@@ -130,6 +131,21 @@ class SampleGenerated(Event):
     prompt: str
     output: str
     stopped: str
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class SampleImage(Event):
+    """A sample image was written: prompt number ``prompt_index`` (from 0, in the config's order) drawn
+    after ``step`` (0: the baseline before training, without the LoRA) with ``seed``, as the PNG ``path``."""
+
+    step: int
+    prompt_index: int
+    prompt: str
+    seed: int
+    path: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from textual.screen import Screen
 from textual.worker import get_current_worker
 
 from lorad_client import JOB_STATE_RUNNING, DaemonUnavailable, LoradRpcError
+from lorad_client.format import describe_event
 from lorad_tui.connection import Connector, DaemonClient, JobStream, WatchesStream, daemon_connector
 from lorad_tui.messages import (
     CallFailed,
@@ -44,6 +45,8 @@ from lorad_tui.messages import (
     OpenJob,
     Polled,
     RefreshRequested,
+    RunAnswered,
+    RunRequested,
     Streamed,
     StreamEnded,
     SubmitRejected,
@@ -589,6 +592,31 @@ class LoradApp(App[None]):
         if self.client is not None:
             self._load_jobs(self.client)
         self._changed(frozenset({job.job_id}))
+
+    def on_run_requested(self, message: RunRequested) -> None:
+        if self.client is None:
+            self.notify("not connected to the daemon", severity="error")
+            return
+        self.notify("after the current step…", title=f"{message.what} now")
+        self._ask_run(self.client, message.job_id, message.what)
+
+    @work(exclusive=False, thread=True, group="run-request")
+    def _ask_run(self, client: DaemonClient, job_id: str, what: str) -> None:
+        """Sample now / save now (→ RunAnswered, or CallFailed); waits for the job's current step to end."""
+        try:
+            events = client.sample_now(job_id) if what == "sample" else client.save_now(job_id)
+        except DaemonUnavailable as err:
+            self.post_message(CallFailed(f"{what} now", str(err)))
+            self.post_message(ConnectionLost(client, str(err)))
+        except _GONE as err:
+            self.post_message(CallFailed(f"{what} now", str(err)))
+        else:
+            self.post_message(RunAnswered(job_id, what, [line for e in events if (line := describe_event(e))]))
+
+    @_while_running
+    def on_run_answered(self, message: RunAnswered) -> None:
+        # The images themselves arrive through the job's stream, like every other event.
+        self.notify("\n".join(message.lines) or "done", title=f"{message.what} now")
 
     @_while_running
     def on_call_failed(self, message: CallFailed) -> None:

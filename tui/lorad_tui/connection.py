@@ -15,7 +15,7 @@ from lorad_api.v1.caption_pb2 import CaptionImagesResponse, ListCaptionsResponse
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch
-from lorad_client import Job, LoradClient, WatchJobResponse
+from lorad_client import Job, JobEvent, LoradClient, WatchJobResponse
 
 # How long one connection attempt waits for the daemon to answer. Short: a missing daemon should
 # show the "start one" screen at once, and the retry loop tries again soon anyway.
@@ -64,6 +64,10 @@ class DaemonClient(Protocol):
     def submit_training(self, config_yaml: str, *, base_dir: str | Path, source_name: str = "") -> Job: ...
 
     def cancel_job(self, job_id: str) -> Job: ...
+
+    def sample_now(self, job_id: str) -> list[JobEvent]: ...
+
+    def save_now(self, job_id: str) -> list[JobEvent]: ...
 
     def watch_job(self, job_id: str, after_seq: int = 0, *, history_only: bool = False) -> JobStream: ...
 

@@ -159,6 +159,25 @@ class CancelRequested(Message):
         self.job_id = job_id
 
 
+class RunRequested(Message):
+    """Ask the running job ``job_id`` to ``what`` ("sample": draw its prompts now; "save": save now)."""
+
+    def __init__(self, job_id: str, what: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.what = what
+
+
+class RunAnswered(Message):
+    """The running job did what was asked (``what``: "sample" or "save"); ``lines`` describe the result."""
+
+    def __init__(self, job_id: str, what: str, lines: list[str]) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.what = what
+        self.lines = lines
+
+
 # -- App → screens --------------------------------------------------------------------------------
 
 

@@ -58,6 +58,18 @@ def usage_snippet(job: Job) -> str:
     return lora_snippet(job.name)
 
 
+@dataclass(frozen=True)
+class SampleShot:
+    """One sample image a job drew (from its ``sample_image`` events): a PNG on the daemon's disk."""
+
+    step: int
+    prompt_index: int
+    prompt: str
+    path: str
+    width: int
+    height: int
+
+
 @dataclass
 class JobView:
     """One job: the daemon's latest ``Job`` message plus what its events told us since.
@@ -70,6 +82,8 @@ class JobView:
     newest event applied; a watch resumes after it and older events are ignored, so replays are safe.
     ``resumed_at`` is the step the latest run resumed at (0: it started fresh) and ``resumed_from``
     its checkpoint; ``partial`` the partial LoRA a stopped job left beside its checkpoint.
+    ``samples`` maps (step, prompt index) to the newest image drawn there (a resumed run may draw a
+    step again; step 0 is the baseline without the LoRA).
     """
 
     job: Job
@@ -84,10 +98,19 @@ class JobView:
     resumed_at: int = 0
     resumed_from: str = ""
     partial: str = ""
+    samples: dict[tuple[int, int], SampleShot] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
         return self.job.job_id
+
+    def sample_steps(self) -> list[int]:
+        """The steps that have sample images, oldest first."""
+        return sorted({step for step, _ in self.samples})
+
+    def samples_at(self, step: int) -> list[SampleShot]:
+        """The images of ``step``, by prompt index."""
+        return [shot for (at, _), shot in sorted(self.samples.items()) if at == step]
 
     def update_job(self, job: Job) -> None:
         """Take a fresher ``Job`` message (from ListJobs/GetJob/the start of a watch).
@@ -145,6 +168,11 @@ class JobView:
             self.partial = event.cancelled.partial or self.partial
         elif kind == "interrupted":
             self.partial = event.interrupted.partial or self.partial
+        elif kind == "sample_image":
+            i = event.sample_image
+            self.samples[(i.step, i.prompt_index)] = SampleShot(
+                i.step, i.prompt_index, i.prompt, i.path, i.width, i.height
+            )
         line = describe_event(event)
         if line is not None:
             self._log(event, line)

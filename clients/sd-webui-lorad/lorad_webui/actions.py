@@ -20,10 +20,10 @@ from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
 from lorad_webui.placement import lora_snippet, place_lora
 from lorad_webui.progress import JobProgress
-from lorad_webui.vendored.format import describe_caption
+from lorad_webui.vendored.format import describe_caption, describe_event
 
 # The first is the default, as for `lorad caption` and the TUI: BLIP's sentences suit any subject
-# (photos and art alike), the lora-scripts article captions with it, and it runs on transformers
+# (photos and art alike), lora-scripts users caption with it, and it runs on transformers
 # alone; WD14's booru tags are the better pick for anime art, one choice down.
 CAPTIONERS = {
     "blip (sentences)": caption_pb2.CAPTIONER_KIND_BLIP,
@@ -138,8 +138,9 @@ def base_model_path(host: Host, choice: str, path: str) -> str:
     return path.strip() or host.checkpoints().get(choice or "", "")
 
 
-def train(host: Host, form: TrainForm) -> Iterator[tuple[str, str, str]]:
-    """Submit ``form`` and follow the job; yields (progress text, prompt snippet, job id) as it runs.
+def train(host: Host, form: TrainForm) -> Iterator[tuple[str, str, str, list[tuple[str, str]]]]:
+    """Submit ``form`` and follow the job; yields (progress text, prompt snippet, job id, sample gallery)
+    as it runs; the gallery is the sample images so far as (path, caption), newest first.
 
     On success the kohya file is placed in the host's LoRA folder (atomically), the LoRA list is
     refreshed and the snippet is the ``<lora:name:w>`` tag; on failure the text says why.
@@ -148,33 +149,49 @@ def train(host: Host, form: TrainForm) -> Iterator[tuple[str, str, str]]:
     try:
         fields = config_fields(form, output_dir)
     except FormError as err:
-        yield "Cannot train yet:\n" + "\n".join(f"- {p}" for p in err.problems), "", ""
+        yield "Cannot train yet:\n" + "\n".join(f"- {p}" for p in err.problems), "", "", []
         return
     try:
         with Daemon.connect(host.daemon_address()) as daemon:
             job = daemon.submit_training(fields, base_dir=Path(fields["train_data_dir"]), source_name=SOURCE_NAME)
             tracker = JobProgress(job)
-            yield tracker.text(), "", job.job_id
+            yield tracker.text(), "", job.job_id, []
             for message in daemon.watch_job(job.job_id):
                 tracker.apply(message)
-                yield tracker.text(), "", job.job_id
+                yield tracker.text(), "", job.job_id, tracker.gallery()
                 if tracker.done:
                     break
     except DaemonError as err:
-        yield str(err), "", ""
+        yield str(err), "", "", []
         return
     if tracker.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-        yield tracker.text(), "", job.job_id
+        yield tracker.text(), "", job.job_id, tracker.gallery()
         return
     name = fields["output_name"]
     try:
         placed = place_lora(Path(tracker.outputs["kohya"]), host.lora_dir(), name)
     except (KeyError, OSError) as err:
-        yield f"{tracker.text()}\n\nThe LoRA could not be put in {host.lora_dir()}: {err}", "", job.job_id
+        text = f"{tracker.text()}\n\nThe LoRA could not be put in {host.lora_dir()}: {err}"
+        yield text, "", job.job_id, tracker.gallery()
         return
     host.refresh_loras()
     snippet = lora_snippet(name, host.snippet_weight())
-    yield f"{tracker.text()}\n\nSaved {placed}; use it in a prompt with {snippet}", snippet, job.job_id
+    text = f"{tracker.text()}\n\nSaved {placed}; use it in a prompt with {snippet}"
+    yield text, snippet, job.job_id, tracker.gallery()
+
+
+def ask_running(host: Host, job_id: str, what: str) -> str:
+    """Ask the running job ``job_id`` to sample now (``what`` "sample") or save now ("save"); the message to
+    show (the new images reach the gallery through the job's stream, like the scheduled ones)."""
+    if not job_id.strip():
+        return "No job is running."
+    try:
+        with Daemon.connect(host.daemon_address()) as daemon:
+            events = daemon.sample_now(job_id.strip()) if what == "sample" else daemon.save_now(job_id.strip())
+    except DaemonError as err:
+        return str(err)
+    lines = [line for event in events if (line := describe_event(event))]
+    return "\n".join(lines) or "Done."
 
 
 def cancel(host: Host, job_id: str) -> str:

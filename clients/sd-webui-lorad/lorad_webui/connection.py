@@ -35,6 +35,8 @@ CALL_TIMEOUT = 10.0
 # The tab checks the connection while the WebUI builds its UI: an unreachable address must not stall that.
 STATUS_TIMEOUT = 3.0
 SUBMIT_TIMEOUT = 60.0
+# SampleNow / SaveNow wait for the job's current step to end, then for the round or the save.
+RUN_REQUEST_TIMEOUT = 1800.0
 _CHANNEL_OPTIONS = (("grpc.primary_user_agent", "lorad-webui"), ("grpc.enable_http_proxy", 0))
 
 
@@ -177,3 +179,13 @@ class Daemon:
     def cancel_job(self, job_id: str) -> jobs_pb2.Job:
         """CancelJob; the job as it is after the request."""
         return self._unary(self._training.CancelJob, training_pb2.CancelJobRequest(job_id=job_id)).job
+
+    def sample_now(self, job_id: str) -> list[jobs_pb2.JobEvent]:
+        """SampleNow: the running job draws its sample prompts after its current step; the events."""
+        request = training_pb2.SampleNowRequest(job_id=job_id)
+        return list(self._unary(self._training.SampleNow, request, RUN_REQUEST_TIMEOUT).events)
+
+    def save_now(self, job_id: str) -> list[jobs_pb2.JobEvent]:
+        """SaveNow: the running job saves a checkpoint and its step's LoRA after its current step; the events."""
+        request = training_pb2.SaveNowRequest(job_id=job_id)
+        return list(self._unary(self._training.SaveNow, request, RUN_REQUEST_TIMEOUT).events)

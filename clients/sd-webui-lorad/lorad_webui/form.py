@@ -40,6 +40,8 @@ class TrainForm:
     resolution: int = 512
     learning_rate: float = 1e-4
     extra: str = ""
+    sample_prompts: str = ""  # one prompt a line, with kohya's --w --h --d --s --l --n options
+    sample_every: Any = 0  # steps between samples; 0: only at the end (with prompts)
 
 
 def _extra_fields(text: str) -> tuple[dict[str, Any], list[str]]:
@@ -84,6 +86,10 @@ def config_fields(form: TrainForm, output_dir: Path) -> dict[str, Any]:
             problems.append(f"`{label}`: got {value!r}; use a whole number ≥ {low}")
     if not (isinstance(form.learning_rate, (int, float)) and form.learning_rate > 0):
         problems.append(f"`learning rate`: got {form.learning_rate!r}; use a positive number such as 1e-4")
+    prompts = [line.strip() for line in form.sample_prompts.splitlines() if line.strip()]
+    every = form.sample_every or 0
+    if not isinstance(every, (int, float)) or int(every) != every or every < 0:
+        problems.append(f"`sample every`: got {every!r}; use a whole number of steps (0: only at the end)")
     extra, extra_problems = _extra_fields(form.extra)
     problems += extra_problems
     if problems:
@@ -104,5 +110,9 @@ def config_fields(form: TrainForm, output_dir: Path) -> dict[str, Any]:
         fields["trigger_word"] = form.trigger_word.strip()
     # lorad's max_train_steps overrides epochs, so one of the two is enough.
     fields["max_train_steps" if form.length_unit == "steps" else "epochs"] = int(form.length)
+    if prompts:
+        fields["sample_prompts"] = prompts
+        # Without a period the samples still come once, at the end, beside the contact sheet.
+        fields["sample_every_n_steps" if every else "sample_at_first"] = int(every) if every else True
     fields.update(extra)
     return fields

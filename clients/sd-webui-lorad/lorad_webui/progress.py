@@ -24,6 +24,8 @@ _FINAL_EVENTS = {
 }
 # How many event lines the progress box keeps (older ones scroll away; `lorad logs` has them all).
 MAX_LINES = 12
+# How many sample images the gallery shows (the newest; `lorad samples JOB` lists them all).
+MAX_SAMPLES = 24
 
 
 class JobProgress:
@@ -34,6 +36,7 @@ class JobProgress:
         self.progress: Any = None
         self.lines: list[str] = []
         self.outputs: dict[str, str] = {}
+        self.samples: dict[tuple[int, int], tuple[str, str]] = {}  # (step, prompt) → (path, caption)
 
     @property
     def state(self) -> int:
@@ -61,6 +64,11 @@ class JobProgress:
         if kind == "step":
             self.progress = event.step.progress
             return
+        if kind == "sample_image":
+            shot = event.sample_image
+            when = f"step {shot.step}" if shot.step else "base model"
+            self.samples[(shot.step, shot.prompt_index)] = (shot.path, f"{when} · #{shot.prompt_index} {shot.prompt}")
+            return  # the gallery shows it; no log line
         if kind == "finished":
             self.outputs.update(event.finished.outputs)
         if kind in _FINAL_EVENTS and self.job is not None:
@@ -71,6 +79,11 @@ class JobProgress:
         line = describe_event(event)
         if line:
             self.lines = [*self.lines, *line.splitlines()][-MAX_LINES:]
+
+    def gallery(self) -> list[tuple[str, str]]:
+        """The sample images as (path, caption), newest step first, at most MAX_SAMPLES."""
+        newest = sorted(self.samples, key=lambda key: (-key[0], key[1]))[:MAX_SAMPLES]
+        return [self.samples[key] for key in newest]
 
     def text(self) -> str:
         """Status line, progress line (step, loss, ETA) and the latest event lines."""

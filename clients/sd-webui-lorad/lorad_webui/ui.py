@@ -78,6 +78,17 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                 with gr.Accordion("More settings", open=False):
                     resolution = gr.Number(value=512, precision=0, label="Resolution", elem_id="lorad-resolution")
                     learning_rate = gr.Number(value=1e-4, label="Learning rate", elem_id="lorad-lr")
+                    sample_prompts = gr.Textbox(
+                        label="Sample prompts (one a line; kohya's --w --h --d --s --l --n options; [trigger])",
+                        lines=2,
+                        elem_id="lorad-sample-prompts",
+                    )
+                    sample_every = gr.Number(
+                        value=0,
+                        precision=0,
+                        label="Sample every N steps (0: before and after training)",
+                        elem_id="lorad-sample-every",
+                    )
                     extra = gr.Textbox(
                         label="Extra config keys (YAML, one `key: value` per line)", lines=3, elem_id="lorad-extra"
                     )
@@ -87,6 +98,10 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                 job_id = gr.Textbox(label="Job", interactive=False, elem_id="lorad-job")
                 progress = gr.Textbox(label="Progress", lines=8, interactive=False, elem_id="lorad-progress")
                 snippet = gr.Textbox(label="Use it in a prompt", interactive=False, elem_id="lorad-snippet")
+                with gr.Row():
+                    sample_button = gr.Button("Sample now", elem_id="lorad-sample-now")
+                    save_now_button = gr.Button("Save now", elem_id="lorad-save-now")
+                gallery = gr.Gallery(label="Samples (newest first)", columns=4, height="auto", elem_id="lorad-samples")
 
         def on_upload(files: Any) -> tuple[Any, ...]:
             if not files:
@@ -115,6 +130,8 @@ def build_ui(host: actions.Host) -> gr.Blocks:
             length_value: Any,
             resolution_value: Any,
             lr_value: Any,
+            prompts_value: str,
+            every_value: Any,
             extra_value: str,
         ) -> Any:
             form = TrainForm(
@@ -128,6 +145,8 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                 resolution=_number(resolution_value),
                 learning_rate=_number(lr_value),
                 extra=extra_value or "",
+                sample_prompts=prompts_value or "",
+                sample_every=_number(every_value),
             )
             yield from actions.train(host, form)
 
@@ -157,9 +176,18 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                 length,
                 resolution,
                 learning_rate,
+                sample_prompts,
+                sample_every,
                 extra,
             ],
-            outputs=[progress, snippet, job_id],
+            outputs=[progress, snippet, job_id, gallery],
+        )
+        # Not queued either: they wait for the running step, beside the queued training generator.
+        sample_button.click(
+            lambda job: actions.ask_running(host, job, "sample"), inputs=job_id, outputs=status, queue=False
+        )
+        save_now_button.click(
+            lambda job: actions.ask_running(host, job, "save"), inputs=job_id, outputs=status, queue=False
         )
         # Not queued: the queue's worker is busy following the training job this cancels.
         cancel_button.click(lambda job: actions.cancel(host, job), inputs=job_id, outputs=status, queue=False)

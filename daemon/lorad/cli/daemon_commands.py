@@ -135,6 +135,38 @@ def cancel_job(client: LoradClient, job_id: str) -> int:
     return EXIT_OK
 
 
+def print_samples(client: LoradClient, job_id: str) -> int:
+    """The sample images (or LLM answers) a job made so far, oldest first, from its history."""
+    rows, answers = [], []
+    with client.watch_job(job_id, history_only=True) as watch:
+        for item in watch:
+            kind = item.event.WhichOneof("kind") if item.WhichOneof("item") == "event" else None
+            if kind == "sample_image":
+                i = item.event.sample_image
+                when = str(i.step) if i.step else "0 (base)"
+                rows.append([when, str(i.prompt_index), str(i.seed), f"{i.width}x{i.height}", i.path])
+            elif kind == "sample":
+                answers.append(describe_event(item.event) or "")
+    if not rows and not answers:
+        print(f"job {job_id} has no samples yet (set sample_prompts and sample_every_n_steps in its config)")
+        return EXIT_OK
+    if rows:
+        print(_table(rows, ["STEP", "PROMPT", "SEED", "SIZE", "PATH"]))
+    for line in answers:
+        print(line)
+    return EXIT_OK
+
+
+def ask_running_job(client: LoradClient, job_id: str, what: str) -> int:
+    """Ask a running job to sample now (``what`` "sample") or save now ("save"); print what it produced."""
+    events = client.sample_now(job_id) if what == "sample" else client.save_now(job_id)
+    for event in events:
+        line = describe_event(event)
+        if line:
+            print(line)
+    return EXIT_OK
+
+
 def how_to_use(outputs: dict[str, str], name: str) -> str:
     """The closing message of a successful run: where the files are and how to use them."""
     if "adapter" in outputs:  # an LLM run

@@ -99,7 +99,7 @@ def run_demo(work: Path, *, steps: int = 30) -> int:
     return code
 
 
-# A handful of records in the hospital story's register, small enough to memorise in a few dozen steps.
+# A handful of clinical-note records, small enough for the tiny model to memorise in a few dozen steps.
 DEMO_RECORDS = (
     {"instruction": "What does COPD stand for?", "output": "Chronic obstructive pulmonary disease."},
     {"instruction": "Expand the abbreviation.", "input": "SOB", "output": "Shortness of breath."},

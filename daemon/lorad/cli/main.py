@@ -237,6 +237,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return cancel_job(client, args.job)
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from lorad.cli.daemon_commands import print_samples
+
+    with _connect() as client:
+        return print_samples(client, args.job)
+
+
+def cmd_sample_now(args: argparse.Namespace) -> int:
+    from lorad.cli.daemon_commands import ask_running_job
+
+    with _connect() as client:
+        return ask_running_job(client, args.job, "sample")
+
+
+def cmd_save_now(args: argparse.Namespace) -> int:
+    from lorad.cli.daemon_commands import ask_running_job
+
+    with _connect() as client:
+        return ask_running_job(client, args.job, "save")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from lorad.cli.daemon_commands import load_model, print_models, unload_model
 
@@ -478,6 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job", help="job id (or a unique prefix)")
     cancel.set_defaults(func=cmd_cancel)
 
+    samples = sub.add_parser("samples", help="a job's sample images (step, prompt, seed, path), oldest first")
+    samples.add_argument("job", help="job id (or a unique prefix)")
+    samples.set_defaults(func=cmd_samples)
+
+    sample_now = sub.add_parser(
+        "sample-now", help="have a running job draw its sample prompts after its current step, and list them"
+    )
+    sample_now.add_argument("job", help="job id (or a unique prefix)")
+    sample_now.set_defaults(func=cmd_sample_now)
+
+    save_now = sub.add_parser(
+        "save-now", help="have a running job save a checkpoint and its step's LoRA file after its current step"
+    )
+    save_now.add_argument("job", help="job id (or a unique prefix)")
+    save_now.set_defaults(func=cmd_save_now)
+
     models = sub.add_parser("models", help="resident models; `load PATH` / `unload ID|PATH`")
     models.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list")
     models.add_argument("model", nargs="?", help="base model path / hub id (load) or model id / path (unload)")
@@ -578,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     webui_install.add_argument("--webui-dir", required=True, help="the WebUI folder (the one with launch.py)")
     webui_install.add_argument("--copy", action="store_true", help="copy instead of linking (re-run to update)")
     webui_install.set_defaults(func=cmd_webui_install)
+
+    # LoRA file tools and exports (issue 21): `lorad lora ...`, `lorad export gguf ...`.
+    from lorad.cli.lora_commands import add_lora_commands
+
+    add_lora_commands(sub)
     return parser
 
 
@@ -603,8 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as err:
-        # Errors from the daemon (lorad_client.LoradRpcError) carry the server's message and hint.
-        if type(err).__name__ not in ("LoradRpcError", "DaemonUnavailable"):
+        # Errors from the daemon (lorad_client.LoradRpcError) carry the server's message and hint. The client
+        # is imported by the commands that talk to a daemon, so only then can such an error occur.
+        client_errors = sys.modules.get("lorad_client.errors")
+        if client_errors is None or not isinstance(err, (client_errors.LoradRpcError, client_errors.DaemonUnavailable)):
             raise
         print(f"error: {err}", file=sys.stderr)
         code = getattr(err, "code", None)

@@ -15,10 +15,12 @@ from lorad.events import (
     MemoryRecovered,
     ModelLoaded,
     SampleGenerated,
+    SampleImage,
     StepDone,
     TrainingFinished,
     TrainingStarted,
 )
+from lorad_client.format import describe_sample_image
 
 
 def quiet_libraries() -> None:
@@ -91,9 +93,11 @@ class TerminalProgress:
         elif isinstance(event, EvalDone):
             self._print(f"eval loss after step {event.step}: {event.loss:.4f} ({event.samples} records)")
         elif isinstance(event, SampleGenerated):
-            self.close()  # samples come after the last step
             end = "" if event.stopped == "eos" else " [cut at sample_max_new_tokens]"
-            self._print(f"sample: {event.prompt!r} -> {event.output!r}{end}")
+            when = f" (step {event.step})" if event.step else ""
+            self._print(f"sample{when}: {event.prompt!r} -> {event.output!r}{end}")
+        elif isinstance(event, SampleImage):
+            self._print(describe_sample_image(event.step, event.prompt_index, event.prompt, event.path))
         elif isinstance(event, TrainingFinished):
             self.close()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad.config.schema import SECTIONS, DeviceRequest, OptimizerArgs, RepeatPolicy, TrainConfig
+from lorad.sampling.prompts import SamplePrompts
 
 _TITLES = {
     "data": "Data: images and captions",
@@ -19,10 +20,11 @@ _TITLES = {
     "lora": "LoRA network",
     "training": "Training",
     "checkpoints": "Checkpoints and resuming",
+    "samples": "Sample images (or answers) while training",
     "output": "Output",
 }
 
-# The seed story's values: what a first-time user edits.
+# The values a first-time user edits (the README's quick-start config).
 _SEED = {
     "train_data_dir": "./data/style_train",
     "metadata_path": "./data/style_train/metadata.csv",
@@ -42,7 +44,7 @@ def _yaml_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (RepeatPolicy, OptimizerArgs, DeviceRequest)):
+    if isinstance(value, (RepeatPolicy, OptimizerArgs, DeviceRequest, SamplePrompts)):
         return _yaml_value(value.to_yaml())
     if isinstance(value, dict):
         return json.dumps(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lorad.config.example import render_annotated
 from lorad.config.llm_schema import LlmTrainConfig
 
-# The hospital story's values: what a first-time user edits.
+# The values a first-time user edits: a clinical-notes summariser on a local Llama.
 _SEED = {
     "train_data": "./data/record_summaries.jsonl",
     "eval_fraction": 0.1,

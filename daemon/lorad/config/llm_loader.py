@@ -22,6 +22,7 @@ from lorad.config.loader import (
     _unknown_key_problem,
     parse_family_config,
     run_checks,
+    sampling_checks,
 )
 from lorad.config.option_checks import optimizer_checks
 from lorad.config.pickle_policy import pickle_problem
@@ -181,7 +182,7 @@ def parse_llm_config(raw: Mapping[str, Any], *, base_dir: Path, source: str = "c
         required=LLM_REQUIRED_KEYS,
         default_name="adapter",
         convert=_convert_llm,
-        checks=[_resolve_llm_base_model(base_dir), _llm_cross_checks],
+        checks=[_resolve_llm_base_model(base_dir), _llm_cross_checks, sampling_checks],
         unknown=_sd_key_or_unknown,
         # chat_template may be Jinja text as well as one of the named templates.
         free_choice=("chat_template",),

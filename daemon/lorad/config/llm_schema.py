@@ -203,19 +203,30 @@ class LlmTrainConfig(TrainingKeys):
             "output_dir/merged, loadable with AutoModelForCausalLM.from_pretrained.",
         ),
     )
+    export_gguf: str | None = field(
+        default=None,
+        metadata=spec(
+            "output",
+            "At the end, also export the adapter (and, with merge_export, the merged model) as GGUF for llama.cpp, "
+            "plus an Ollama Modelfile, into output_dir/gguf, at this quantization: f16, q8_0 or q4_k_m "
+            "(same as `lorad export gguf`). Unset: no GGUF.",
+            choices=("f16", "q8_0", "q4_k_m"),
+        ),
+    )
     sample_prompts: tuple[str, ...] = field(
         default=(),
         metadata=spec(
-            "output",
-            "User messages answered with the trained adapter at the end; the answers go in the job "
-            "events and training_summary.json.",
+            "samples",
+            "User messages answered with the trained adapter at the end (and every sample_every_n_steps / "
+            "sample_every_n_epochs, before training with sample_at_first); the answers go in the job events and "
+            "training_summary.json.",
             example=["What does COPD stand for?"],
         ),
     )
     sample_max_new_tokens: int = field(
         default=64,
         metadata=spec(
-            "output", "Longest answer generated per sample prompt (greedy decoding).", minimum=1, maximum=4096
+            "samples", "Longest answer generated per sample prompt (greedy decoding).", minimum=1, maximum=4096
         ),
     )
 

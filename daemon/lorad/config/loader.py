@@ -34,6 +34,7 @@ from lorad.config.schema import (
 from lorad.config.yaml_text import load_yaml_text
 from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem
+from lorad.sampling.prompts import SIDE_MULTIPLE, PromptProblem, SamplePrompts, sample_prompts_from
 
 # Names other tools use for our keys, so "did you mean" can teach the mapping.
 SYNONYMS: Mapping[str, str] = {
@@ -321,6 +322,11 @@ def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _
         return _to_optimizer_args(value)
     if hint is DeviceRequest:
         return _to_devices(value)
+    if hint is SamplePrompts:
+        try:
+            return sample_prompts_from(value, base_dir)
+        except PromptProblem as bad:
+            raise _Invalid(f"{bad.where}: {bad.message}", bad.fix) from None
     raise AssertionError(f"no converter for {name}: {hint}")  # a schema bug, not a user error
 
 
@@ -778,6 +784,26 @@ def parse_family_config(
     return config_class(**values)
 
 
+def sampling_checks(values: dict[str, Any]) -> list[ConfigProblem]:
+    """Sampling keys that cannot work: a schedule without prompts, sizes that are not a multiple of 8."""
+    problems = [
+        ConfigProblem(
+            key, "is set but sample_prompts is empty", "add sample_prompts (a list or a prompt file), or remove it"
+        )
+        for key in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+        if values.get(key) and not values.get("sample_prompts")
+    ]
+    for key in ("sample_width", "sample_height"):
+        side = values.get(key)
+        if isinstance(side, int) and side % SIDE_MULTIPLE:
+            problems.append(
+                ConfigProblem(
+                    key, f"got {side}", f"use a multiple of {SIDE_MULTIPLE}, e.g. {side - side % SIDE_MULTIPLE}"
+                )
+            )
+    return problems
+
+
 def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigProblem]]]:
     """The checks every image family's config gets (data folder, captions, buckets, paths, output)."""
 
@@ -787,7 +813,7 @@ def image_checks(base_dir: Path) -> list[Callable[[dict[str, Any]], list[ConfigP
                 values[key] = _resolve_base_model(values[key], base_dir)
         return []
 
-    return [resolve_models, _cross_checks]
+    return [resolve_models, _cross_checks, sampling_checks]
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "config") -> TrainConfig:

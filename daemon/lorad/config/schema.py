@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorad.sampling.prompts import MAX_CFG, MAX_SAMPLE_SIDE, MAX_SAMPLE_STEPS, SamplePrompts
+from lorad.sampling.samplers import SAMPLER_CHOICES
+
 # Sections group keys in the annotated example; order here is the order printed.
-SECTIONS = ("data", "model", "lora", "training", "checkpoints", "output")
+SECTIONS = ("data", "model", "lora", "training", "checkpoints", "samples", "output")
 
 # Upper bounds shared by both configs: far beyond any real run, low enough that a value cannot
 # exhaust memory (caption beams), overflow a counter (epochs, steps, seed) or stall the daemon.
@@ -423,6 +426,32 @@ class TrainingKeys:
         ),
     )
 
+    # --- samples ------------------------------------------------------------------------------
+    sample_every_n_steps: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples",
+            "Draw the sample prompts every N optimizer steps (and once more at the end); unset disables. Sampling "
+            "never changes what is trained: the LoRA is bit-identical with or without it.",
+            minimum=1,
+            maximum=MAX_STEPS,
+        ),
+    )
+    sample_every_n_epochs: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples", "Draw the sample prompts every N epochs; unset disables.", minimum=1, maximum=MAX_EPOCHS
+        ),
+    )
+    sample_at_first: bool = field(
+        default=False,
+        metadata=spec(
+            "samples",
+            "Draw the sample prompts before the first step, without the LoRA: a baseline to compare the later "
+            "samples with (image families; step 0 in the file names).",
+        ),
+    )
+
     # --- output -------------------------------------------------------------------------------
     output_dir: Path = field(
         default=Path("output"),
@@ -683,6 +712,54 @@ class TrainConfig(TrainingKeys):
         ),
     )
 
+    # --- samples ------------------------------------------------------------------------------
+    sample_prompts: SamplePrompts = field(
+        default_factory=SamplePrompts,
+        metadata=spec(
+            "samples",
+            "Prompts drawn while training (sample_every_n_steps, sample_every_n_epochs, sample_at_first) into "
+            "output_dir/samples/, as PNGs A1111's PNG Info reads: a list, or a kohya prompt file (.txt, one prompt "
+            "a line with --n negative, --w/--h size, --d seed, --s steps, --l CFG, --g guidance, --ss sampler; or "
+            ".yaml/.json). [trigger] in a prompt becomes trigger_word.",
+            example=["a photo of [trigger], studio light --w 512 --h 512 --d 1"],
+        ),
+    )
+    sample_sampler: str = field(
+        default="euler_a",
+        metadata=spec(
+            "samples",
+            "Sampler of the sample images (a prompt's --ss overrides it): euler, euler_a, dpm++_2m, "
+            "dpm++_2m_karras, ddim; flow_match_euler for flow-matching models (Flux).",
+            choices=SAMPLER_CHOICES,
+        ),
+    )
+    sample_steps: int = field(
+        default=20,
+        metadata=spec("samples", "Denoising steps per sample image (--s).", minimum=1, maximum=MAX_SAMPLE_STEPS),
+    )
+    sample_cfg_scale: float = field(
+        default=7.0,
+        metadata=spec("samples", "Classifier-free guidance scale of the samples (--l).", minimum=0.0, maximum=MAX_CFG),
+    )
+    sample_width: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples",
+            "Width of the samples in pixels (--w), a multiple of 8. Unset: resolution.",
+            minimum=64,
+            maximum=MAX_SAMPLE_SIDE,
+        ),
+    )
+    sample_height: int | None = field(
+        default=None,
+        metadata=spec(
+            "samples",
+            "Height of the samples in pixels (--h), a multiple of 8. Unset: resolution.",
+            minimum=64,
+            maximum=MAX_SAMPLE_SIDE,
+        ),
+    )
+
     # --- model --------------------------------------------------------------------------------
     model_config_dir: Path | None = field(
         default=None,
@@ -909,7 +986,7 @@ def config_to_dict(config: Any, *, mappings: tuple[str, ...] = ()) -> dict[str, 
             value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
-        elif isinstance(value, (RepeatPolicy, OptimizerArgs, DeviceRequest)):
+        elif isinstance(value, (RepeatPolicy, OptimizerArgs, DeviceRequest, SamplePrompts)):
             value = value.to_yaml()
         out[f.name] = value
     return out

@@ -23,12 +23,14 @@ from typing import Any
 
 from lorad.config.dispatch import parse_any_config
 from lorad.errors import LoradError
+from lorad.events import Event
 from lorad.jobs.event_pump import EventPump
 from lorad.jobs.hub import EventHub
 from lorad.jobs.outcome import Outcome
 from lorad.jobs.records import JobRecord, JobState
 from lorad.jobs.scheduling import Slot, Waiting, Want, assign, want_for
 from lorad.jobs.store import JobStore, store_failure
+from lorad.training.run_requests import RequestNotDone
 from lorad.workers.handle import WorkerHandle, WorkerUnavailable
 from lorad.workers.host import JobOrder, WorkerSpec, config_mapping
 
@@ -194,6 +196,21 @@ class Dispatcher:
         self._send_stop(running)
         return True
 
+    def ask_running(self, job_id: str, kind: str, *, timeout: float) -> list[Event]:
+        """Ask the running job to ``kind`` ("sample" or "save", see lorad.training.run_requests) after its
+        current step, through the worker of its rank 0, and wait for the events that produced;
+        RequestNotDone if it is not training (or its worker went away meanwhile)."""
+        with self._lock:
+            running = self._running.get(job_id)
+        if running is None:
+            raise RequestNotDone(f"job {job_id} is not training now", "ask while the job is running")
+        try:
+            # The worker waits up to ``timeout`` for the step to end; the channel allows a little more.
+            handle = self.handles[running.slots[0]]
+            return handle.call("ask", timeout=timeout + 30, job_id=job_id, kind=kind, wait=timeout)
+        except WorkerUnavailable as err:
+            raise RequestNotDone(f"job {job_id} is not training now: {err}", "ask again once it resumes") from None
+
     def note_residents(self, index: int, base_models: set[str]) -> None:
         """What worker ``index`` holds now (after a job, a load or a listing): the scheduler prefers it for
         jobs on those base models."""
@@ -334,6 +351,10 @@ class Dispatcher:
             )
             with contextlib.suppress(WorkerUnavailable):  # it died just now: its death ends this rank (_on_death)
                 self.handles[index].note("run", order=order)
+        with self._lock:
+            cancelled = running.cancel
+        if cancelled:  # cancelled while its workers started: that stop found no job to stop, this one does
+            self._send_stop(running)
 
     # --- what the workers send ---------------------------------------------------------------------
     def _on_note(self, handle: WorkerHandle, op: str, args: dict[str, Any]) -> None:

@@ -61,7 +61,17 @@ def engine_event_payload(event: ev.Event) -> tuple[str, dict[str, Any]]:
     if isinstance(event, ev.EvalDone):
         return "eval", {"step": event.step, "loss": event.loss, "samples": event.samples}
     if isinstance(event, ev.SampleGenerated):
-        return "sample", {"prompt": event.prompt, "output": event.output, "stopped": event.stopped}
+        return "sample", {"prompt": event.prompt, "output": event.output, "stopped": event.stopped, "step": event.step}
+    if isinstance(event, ev.SampleImage):
+        return "sample_image", {
+            "step": event.step,
+            "prompt_index": event.prompt_index,
+            "prompt": event.prompt,
+            "seed": event.seed,
+            "path": event.path,
+            "width": event.width,
+            "height": event.height,
+        }
     if isinstance(event, ev.MemoryRecovered):
         return "memory_recovered", {
             "step": event.step,

@@ -10,8 +10,9 @@ call :func:`network_spec`, :func:`attach_network`, :func:`network_file_tensors` 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -136,3 +137,46 @@ def network_metadata(spec: NetworkSpec) -> dict[str, Any]:
         # kohya passes `--network_args key=value` on as text and writes them so.
         meta["ss_network_args"] = json.dumps({k: str(v) for k, v in args.items()})
     return meta
+
+
+@contextlib.contextmanager
+def network_off(modules: Sequence[nn.Module], adapter_name: str) -> Iterator[None]:
+    """Inside the block, ``modules`` compute as the base model does (a baseline sample before training):
+    PEFT layers with their adapters disabled, LyCORIS layers unwrapped; everything back afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lorad.lora.lycoris_adapter import lycoris_network
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    wrapped = [w for module in modules if (net := lycoris_network(module, adapter_name)) for w in net.values()]
+    enabled = [not layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    for wrapper in wrapped:
+        wrapper.restore()
+    try:
+        yield
+    finally:
+        for wrapper in wrapped:
+            wrapper.apply_to()
+        for layer, was in zip(layers, enabled, strict=True):
+            if was:
+                layer.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def evaluating(modules: Sequence[nn.Module], adapter_name: str) -> Iterator[None]:
+    """``modules`` and their adapters (LyCORIS' sit beside the model) in eval mode inside the block (no
+    dropout), every submodule's own mode restored afterwards."""
+    from lorad.lora.lycoris_adapter import lycoris_network
+
+    every = [m for module in modules for m in module.modules()]
+    every += [m for module in modules if (net := lycoris_network(module, adapter_name)) for m in net.modules()]
+    modes = [m.training for m in every]
+    for m in every:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in zip(every, modes, strict=True):
+            m.training = mode

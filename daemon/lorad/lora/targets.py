@@ -14,7 +14,7 @@ from torch import nn
 
 from lorad.errors import ConfigError, ConfigProblem
 
-# People write the names they know from LLMs / the lora-scripts article; diffusers' UNet calls
+# People write the names they know from LLMs and from lora-scripts configs; diffusers' UNet calls
 # its attention projections to_q/to_k/to_v/to_out.0.
 UNET_ALIASES: Mapping[str, str] = {
     "q_proj": "to_q",

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-#: Model families lorad knows. "sdxl" is named so callers can match on it; the loader refuses it for now.
+#: The SD-style versions these components describe ("sdxl" models load through the SDXL family).
 MODEL_VERSIONS = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -11,10 +11,11 @@ Built offline in about a second; the same ``seed`` gives the same weights.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lorad.atomic import atomic_directory
@@ -26,7 +27,7 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-# Assistant-style sentences in the hospital story's register; enough for a few hundred merges.
+# Assistant-style sentences about clinical notes (the LLM demo's subject); enough for a few hundred merges.
 CORPUS = (
     "The patient was admitted with shortness of breath and a persistent cough.",
     "Summarise the discharge note in plain language for the family.",
@@ -73,6 +74,39 @@ def train_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     )
 
 
+def train_llama_style_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Like :func:`train_tokenizer`, but in Llama 2's tokenizer.json style: BPE over "▁"-joined words with
+    byte fallback (``<0x00>``..``<0xFF>`` in the vocabulary). llama.cpp's converter reads this style
+    (gguf's LlamaHfVocab); it refuses byte-level BPE tokenizers whose pre-tokenizer it has no hash for."""
+    core = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[UNK, BOS, EOS, *ROLE_TOKENS], show_progress=False
+    )
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    trained = json.loads(core.to_str())["model"]
+    specials = [UNK, BOS, EOS, *ROLE_TOKENS]
+    pieces = specials + [f"<0x{i:02X}>" for i in range(256)]
+    pieces += [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    rebuilt = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=merges, unk_token=UNK, byte_fallback=True)
+    )
+    rebuilt.normalizer = core.normalizer
+    rebuilt.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=rebuilt,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=list(ROLE_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+    )
+
+
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     """The toy-width Llama architecture (real module names: q_proj, k_proj, ..., down_proj)."""
     return LlamaConfig(
@@ -90,9 +124,12 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_tiny_llm(dest: Path, *, seed: int = 0) -> Path:
-    """Write a tiny random Llama with its tokenizer into ``dest`` (atomically); return ``dest``."""
-    tokenizer = train_tokenizer()
+def build_tiny_llm(dest: Path, *, seed: int = 0, llama_style_tokenizer: bool = False) -> Path:
+    """Write a tiny random Llama with its tokenizer into ``dest`` (atomically); return ``dest``.
+
+    ``llama_style_tokenizer``: Llama 2's byte-fallback tokenizer style, which llama.cpp's converter reads.
+    """
+    tokenizer = train_llama_style_tokenizer() if llama_style_tokenizer else train_tokenizer()
     torch.manual_seed(seed)
     config = tiny_llama_config(len(tokenizer))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id

@@ -9,7 +9,8 @@ progress renderer as in-process runs. Imports no torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lorad import events as ev
 from lorad.captioning import options as cu_options
 from lorad.captioning import updates as cu
+from lorad.jobs.payloads import engine_event_payload
 from lorad.jobs.records import EventRecord, JobRecord, JobState
 from lorad_api.v1 import caption_pb2, jobs_pb2, models_pb2, system_pb2, watch_pb2
 
@@ -125,6 +127,12 @@ def event_to_proto(record: EventRecord) -> jobs_pb2.JobEvent:
     return event
 
 
+def engine_events_to_proto(job_id: str, events: Sequence[ev.Event]) -> list[jobs_pb2.JobEvent]:
+    """Engine events a request produced, as JobEvents without a seq (the job's history numbers its own copies)."""
+    now = time.time()
+    return [event_to_proto(EventRecord(job_id, 0, now, *engine_event_payload(event))) for event in events]
+
+
 def resident_to_proto(held: Any) -> models_pb2.ResidentModel:
     """A resident model (the service's HeldModel: a registry ResidentInfo and its worker) as a message."""
     info = held.info
@@ -224,7 +232,18 @@ def engine_event_from_proto(event: jobs_pb2.JobEvent) -> ev.Event | None:
         return ev.EvalDone(step=event.eval.step, loss=event.eval.loss, samples=event.eval.samples)
     if kind == "sample":
         s = event.sample
-        return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped)
+        return ev.SampleGenerated(prompt=s.prompt, output=s.output, stopped=s.stopped, step=s.step)
+    if kind == "sample_image":
+        i = event.sample_image
+        return ev.SampleImage(
+            step=i.step,
+            prompt_index=i.prompt_index,
+            prompt=i.prompt,
+            seed=i.seed,
+            path=i.path,
+            width=i.width,
+            height=i.height,
+        )
     if kind == "memory_recovered":
         m = event.memory_recovered
         return ev.MemoryRecovered(
@@ -440,3 +459,28 @@ def set_captions_to_proto(captions: Any) -> caption_pb2.SetCaptionsResponse:
 def caption_edits_from_proto(edits: Any) -> list[tuple[str, str]]:
     """SetCaptions edits as (image path, caption) pairs, in the request's order."""
     return [(edit.path, edit.caption) for edit in edits]
+
+
+def inspect_response(report: Any) -> Any:
+    """A :class:`lorad.lora_tools.inspect.LoraReport` as an InspectLoraResponse (text and JSON included)."""
+    import json
+
+    from lorad.lora_tools.inspect import render_report
+    from lorad_api.v1 import lora_tools_pb2
+
+    return lora_tools_pb2.InspectLoraResponse(
+        layout=report.layout,
+        family=report.family,
+        family_title=report.family_title,
+        modules=report.modules,
+        parameters=report.parameters,
+        precision=report.precision,
+        ranks=report.ranks,
+        alphas=report.alphas,
+        trigger_words=report.trigger_words,
+        problems=[
+            lora_tools_pb2.LoraProblem(kind=p.kind, message=p.message, keys=p.keys[:20]) for p in report.problems
+        ],
+        text=render_report(report),
+        json=json.dumps(report.to_dict()),
+    )

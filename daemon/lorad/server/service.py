@@ -33,6 +33,7 @@ from lorad.config.limits import MAX_CONFIG_BYTES, number_problem, path_problem, 
 from lorad.config.schema import TrainingKeys
 from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem, LoradError
+from lorad.events import Event
 from lorad.families.registry import spec_for
 from lorad.jobs.dispatcher import Dispatcher
 from lorad.jobs.hub import EventHub
@@ -43,6 +44,7 @@ from lorad.models.registry import ModelNotResident, ModelRegistry, ResidentInfo
 from lorad.models.residents import captioner_provider, lorad_registry, resident_set_bytes
 from lorad.paths import jobs_db_path
 from lorad.server.settings import MAX_KEEP_ALIVE_SECONDS, DaemonSettings
+from lorad.training.run_requests import SAMPLE_NOW, SAVE_NOW, RequestNotDone
 from lorad.watching.manager import JobGateway, WatchChange, WatchManager
 from lorad.watching.records import WatchNotFound, WatchView, watch_policy
 
@@ -52,6 +54,8 @@ log = logging.getLogger("lorad.server.service")
 MAX_LISTED_JOBS = 10_000
 # How long a status or model request waits for a worker's answer (it answers between a job's steps).
 WORKER_ANSWER_SECONDS = 30.0
+# How long SampleNow / SaveNow wait for the running step to end and the request to be done.
+RUN_REQUEST_SECONDS = 1800.0
 
 
 class JobNotCancellable(LoradError):
@@ -272,6 +276,22 @@ class LoradService:
         self.dispatcher.cancel_running(job.job_id)
         return self.store.get(job.job_id)
 
+    def sample_now(self, job_id: str) -> list[Event]:
+        """Have the running job draw its sample prompts after its current step; the events that produced.
+        RequestNotDone (FAILED_PRECONDITION) when it is not training here or has no sample prompts."""
+        return self.dispatcher.ask_running(self._running(job_id), SAMPLE_NOW, timeout=RUN_REQUEST_SECONDS)
+
+    def save_now(self, job_id: str) -> list[Event]:
+        """Have the running job save a checkpoint and its step's LoRA after its current step; the events."""
+        return self.dispatcher.ask_running(self._running(job_id), SAVE_NOW, timeout=RUN_REQUEST_SECONDS)
+
+    def _running(self, job_id: str) -> str:
+        """The full id of a RUNNING job; RequestNotDone naming its state otherwise."""
+        job = self.get_job(job_id)
+        if job.state != JobState.RUNNING:
+            raise RequestNotDone(f"job {job.job_id} is not training (it is {job.state.value})", "ask while it runs")
+        return job.job_id
+
     def watch(
         self, job_id: str, *, after_seq: int = 0, active: Any = lambda: True, history_only: bool = False
     ) -> tuple[JobRecord, Iterator[EventRecord]]:
@@ -410,6 +430,28 @@ class LoradService:
             caption_missing=fill,
         )
         return report.captions_generated
+
+    # --- LoRA toolbox (issue 21): file tools on the daemon's machine --------------------------------
+    def inspect_lora(self, path: str, *, base_dir: str = "") -> Any:
+        """The :class:`lorad.lora_tools.inspect.LoraReport` of a LoRA file."""
+        from lorad.lora_tools.inspect import inspect_lora
+
+        return inspect_lora(_resolve(path, base_dir))
+
+    def convert_lora(self, path: str, *, to: str, output: str, base: str = "", base_dir: str = "") -> str:
+        """Write the LoRA in another layout; returns what was written."""
+        from lorad.lora_tools.convert import convert_lora
+
+        written = convert_lora(
+            _resolve(path, base_dir), _resolve(output, base_dir), to=to, base=_resolve(base, base_dir) if base else None
+        )
+        return str(written)
+
+    def resize_lora(self, path: str, *, output: str, rank: int | None, dynamic: str, base_dir: str = "") -> Any:
+        """Resize the LoRA; returns the :class:`lorad.lora_tools.resize.ResizeResult`."""
+        from lorad.lora_tools.resize import resize_lora
+
+        return resize_lora(_resolve(path, base_dir), _resolve(output, base_dir), rank=rank, dynamic=dynamic or None)
 
     # --- workers and models ----------------------------------------------------------------------
     def _worker_spec(self, slots: Sequence[Slot]) -> Callable[[Slot], Any]:
@@ -748,3 +790,9 @@ def _check_fields_size(fields: Mapping[str, Any], source: str) -> None:
             ],
             source,
         )
+
+
+def _resolve(path: str, base_dir: str) -> Path:
+    """``path`` made absolute against the client's ``base_dir`` (the daemon's cwd means nothing to a client)."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() or not base_dir else Path(base_dir) / resolved

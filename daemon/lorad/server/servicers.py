@@ -22,7 +22,9 @@ from lorad.server.proto_convert import (
     caption_edits_from_proto,
     caption_options_from_proto,
     caption_update_to_proto,
+    engine_events_to_proto,
     event_to_proto,
+    inspect_response,
     job_to_proto,
     list_captions_to_proto,
     resident_to_proto,
@@ -37,6 +39,8 @@ from lorad.server.status_codes import fit_trailer, message_for, status_for
 from lorad_api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
+    lora_tools_pb2,
+    lora_tools_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
     system_pb2,
@@ -59,7 +63,8 @@ def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     except LoradError as err:
         context.abort(status_for(err), message_for(err))
     except Exception as err:
-        if isinstance(err, grpc.RpcError) or type(err).__name__ == "_AbortError":
+        # An RPC the body aborted itself (context.abort) already carries its status: let it through.
+        if isinstance(err, grpc.RpcError) or context.code() not in (None, grpc.StatusCode.OK):
             raise
         log.exception("unexpected error in an RPC")
         context.abort(grpc.StatusCode.INTERNAL, fit_trailer(f"internal error: {type(err).__name__}: {err}"))
@@ -98,6 +103,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def CancelJob(self, request, context):
         with rpc_errors(context):
             return training_pb2.CancelJobResponse(job=self._job(self.service.cancel(request.job_id)))
+
+    def SampleNow(self, request, context):
+        with rpc_errors(context):
+            events = self.service.sample_now(request.job_id)
+            return training_pb2.SampleNowResponse(events=engine_events_to_proto(request.job_id, events))
+
+    def SaveNow(self, request, context):
+        with rpc_errors(context):
+            events = self.service.save_now(request.job_id)
+            return training_pb2.SaveNowResponse(events=engine_events_to_proto(request.job_id, events))
 
     def WatchJob(self, request, context):
         with rpc_errors(context):
@@ -251,6 +266,34 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
                 yield watch_change_to_proto(change)
 
 
+class LoraToolsServicer(lora_tools_pb2_grpc.LoraToolsServiceServicer):
+    def __init__(self, service: LoradService) -> None:
+        self.service = service
+
+    def InspectLora(self, request, context):
+        with rpc_errors(context):
+            report = self.service.inspect_lora(request.path, base_dir=request.base_dir)
+            return inspect_response(report)
+
+    def ConvertLora(self, request, context):
+        with rpc_errors(context):
+            output = self.service.convert_lora(
+                request.path, to=request.to, output=request.output, base=request.base, base_dir=request.base_dir
+            )
+            return lora_tools_pb2.ConvertLoraResponse(output=output)
+
+    def ResizeLora(self, request, context):
+        with rpc_errors(context):
+            result = self.service.resize_lora(
+                request.path,
+                output=request.output,
+                rank=request.rank or None,
+                dynamic=request.dynamic,
+                base_dir=request.base_dir,
+            )
+            return lora_tools_pb2.ResizeLoraResponse(output=result.output, summary=result.summary())
+
+
 def add_servicers(server: grpc.Server, service: LoradService, *, token: str = "") -> list[str]:
     """Register lorad's services on ``server``; returns their full names (for health and reflection).
     ``token`` is what ProveIdentity proves knowledge of."""
@@ -259,10 +302,12 @@ def add_servicers(server: grpc.Server, service: LoradService, *, token: str = ""
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
     system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service, token), server)
     watch_pb2_grpc.add_WatchServiceServicer_to_server(WatchServicer(service), server)
+    lora_tools_pb2_grpc.add_LoraToolsServiceServicer_to_server(LoraToolsServicer(service), server)
     return [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
         models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
         caption_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name,
         system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
         watch_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name,
+        lora_tools_pb2.DESCRIPTOR.services_by_name["LoraToolsService"].full_name,
     ]

@@ -12,7 +12,9 @@ from lorad.captioning.errors import FolderBusy
 from lorad.errors import (
     ConfigError,
     DataError,
+    ExportError,
     LoradError,
+    LoraFileError,
     ModelLoadError,
     OutputError,
     TrainingDiverged,
@@ -35,6 +37,9 @@ STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
     (DataError, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (OutputError, grpc.StatusCode.FAILED_PRECONDITION),
+    # LoRA toolbox and exports: the file or model cannot be used as asked.
+    (LoraFileError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ExportError, grpc.StatusCode.FAILED_PRECONDITION),
     (TrainingDiverged, grpc.StatusCode.ABORTED),
     (TrainingInterrupted, grpc.StatusCode.ABORTED),
     # Another request is captioning the same folder: a concurrency conflict, worth retrying later.

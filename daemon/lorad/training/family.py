@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from lorad.config.schema import TrainingKeys
-    from lorad.events import EventSink
+    from lorad.events import Event, EventSink
     from lorad.models.registry import ModelKey
     from lorad.training.placement import Placement
 
@@ -162,6 +162,29 @@ class FamilyRun(Protocol):
 
     def finish(self, step: int) -> None:
         """Called once after the last step (``step``), before :meth:`export` (an LLM's final evaluation)."""
+        ...
+
+    def sample(self, step: int, *, baseline: bool = False) -> Sequence[Event]:
+        """Optional (a run without it never samples). Draw the config's sample prompts with the adapter as
+        trained after ``step`` and report each result: emit it with the run's ``on_event`` and return the
+        same events, in prompt order. ``baseline`` (``sample_at_first``, step 0): draw them without the
+        adapter (see :func:`lorad.lora.networks.network_off`). Return [] when the config has no prompts.
+
+        Image families write each image with :class:`lorad.sampling.rounds.ImageRound` (the PNG with A1111's
+        metadata in ``output_dir/samples/``, a ``SampleImage`` event; a prompt that fails, e.g. out of
+        memory, becomes a warning naming it and the round goes on); an LLM emits ``SampleGenerated``.
+
+        The loop calls it (:mod:`lorad.training.sample_rounds`) between optimizer steps, after gradients
+        were freed, inside ``torch.no_grad()`` and the optimizer's eval weights, with every global RNG saved
+        before and restored after, and not inside autocast (pick the precision per component: e.g. a VAE
+        decodes in fp32). The run itself must: put its adapted parts (and LyCORIS networks) in eval mode and
+        back exactly as found (:func:`lorad.lora.networks.evaluating`); use the resident components and the
+        live adapter, never a copy of the weights; draw its noise only from generators it seeds from each
+        prompt's seed (on the CPU, so a seed draws the same image on every device); not reload a frozen text
+        encoder it freed: encode the prompts in ``start`` (before training) when the encoder is frozen, and
+        at sample time only when it is trained; and leave no state behind that a later step reads (caches
+        it would evict, compiled graphs, scheduler objects shared with training). An exception it raises is
+        logged as a warning for the whole round and training goes on."""
         ...
 
     def export(self, facts: RunFacts) -> dict[str, str]:

@@ -23,6 +23,7 @@ from lorad.errors import TrainingDiverged, TrainingInterrupted, is_out_of_memory
 from lorad.events import (
     CheckpointSaved,
     DataReported,
+    Event,
     EventSink,
     LogLine,
     ModelLoaded,
@@ -57,6 +58,8 @@ from lorad.training.optimizers import (
 )
 from lorad.training.placement import Placement, allow_tf32, pick_placement
 from lorad.training.run_folder import prepare_output_dir, write_summary
+from lorad.training.run_requests import SAVE_NOW, RequestNotDone, RunRequests, answer_requests
+from lorad.training.sample_rounds import SampleRounds, exact_eval_weights
 from lorad.training.scalar_log import ScalarLog
 
 # Gives a run its base model for the duration of a `with` block (the daemon's registry reserves a
@@ -122,6 +125,7 @@ def train(
     stop: threading.Event | None = None,
     models: ModelProvider | None = None,
     caption_missing: CaptionFiller | None = None,
+    requests: RunRequests | None = None,
     ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Train ``config``'s adapter and write its outputs into ``config.output_dir``.
@@ -129,13 +133,15 @@ def train(
     ``models`` provides the base model (the daemon passes its resident-model registry; the model is
     left bit-identical: the adapter is removed afterwards); by default it is loaded for this run.
     Setting ``stop`` makes the run save a checkpoint after the current step and raise
-    TrainingInterrupted. Raises DataError before any model is loaded when no data is usable;
-    TrainingDiverged on a NaN/inf loss (earlier checkpoints are kept); ConfigError for settings only
-    the model can check.
+    TrainingInterrupted. ``requests`` ("sample now", "save now" from another thread) are answered after
+    the step they arrive in; the run closes the channel when it ends. Raises DataError before any model
+    is loaded when no data is usable; TrainingDiverged on a NaN/inf loss (earlier checkpoints are kept);
+    ConfigError for settings only the model can check.
 
     ``ranks`` makes this process one rank of a data-parallel run (:mod:`lorad.training.distributed`):
     ``config.batch_size`` is then the per-device batch, the epoch plan is made at the global micro-batch
-    (batch_size × ranks), and only rank 0 sends events and writes into ``output_dir``.
+    (batch_size × ranks), and only rank 0 sends events, samples, answers ``requests`` and writes into
+    ``output_dir``.
     """
     family = load_plugin(config.model_family)
     run_start, started_at = time.monotonic(), time.time()
@@ -164,6 +170,8 @@ def train(
     device = placement.device
     allow_tf32(device)
     hold = ExitStack()  # releases, in reverse order, everything this run reserved or changed
+    if requests is not None:
+        hold.callback(requests.close, "the job is no longer training")
     try:
         provided = hold.enter_context((models or fresh_model_provider(family))(config, placement))
         hold.callback(family.restore, provided.model)
@@ -202,6 +210,8 @@ def train(
         run.train_mode(config.gradient_checkpointing)  # family.restore turns it off again
         # Shrinks this rank's part of a step when it runs out of memory (config: the per-device batch).
         memory = MemoryRecovery(config, run, device)
+        # Never changes what is trained; rank 0's alone (the others go on to the next all-reduce and wait).
+        samples = SampleRounds(config, run, optimizer, params, on_event, active=ranks.is_main)
 
         # Locks output_dir, clears our stale temp files, reads the resume checkpoint, sets other runs' aside.
         # Rank 0 alone opens the folder; the checkpoint it read is handed to every rank.
@@ -310,6 +320,23 @@ def train(
                 started_at=started_at, steps=at_step, epoch=epoch, final_loss=last_loss, precision=placement.precision
             )
 
+        def act(kind: str) -> list[Event]:
+            """Answer a request after the step: sample now, or save a checkpoint and the step's LoRA now."""
+            nonlocal last_saved
+            if kind == SAVE_NOW:
+                last_saved = (step, save(step, epoch))
+                with exact_eval_weights(optimizer, params):  # training goes on from exactly these weights
+                    lora = run.export_partial(facts(step, epoch + 1))
+                saved: list[Event] = [CheckpointSaved(step=step, path=last_saved[1])]
+                if lora is not None:
+                    saved.append(LogLine(message=f"saved on request: the LoRA of step {step} is {lora}"))
+                    on_event(saved[-1])
+                return saved
+            drawn = samples.draw(step, force=True)
+            if not drawn:
+                raise RequestNotDone("this job draws no samples", "add sample_prompts to its config")
+            return drawn
+
         on_event(
             TrainingStarted(
                 total_steps=total_steps,
@@ -325,6 +352,7 @@ def train(
 
         t_train, t_rate, steps_this_run = time.monotonic(), 0.0, 0
         last_saved: tuple[int, str] | None = None  # (step, path) of this run's newest checkpoint
+        samples.at_start(step)  # sample_at_first: the base model's images, before any step
         autocast = torch.autocast(
             device.type, dtype=placement.autocast_dtype, enabled=placement.autocast_dtype is not None
         )
@@ -389,6 +417,8 @@ def train(
                 run.scalars.by_step.clear()
                 if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                     last_saved = (step, save(step, epoch))
+                samples.after_step(step)
+                answer_requests(requests if ranks.is_main else None, act)  # "sample now" / "save now" asked
                 asked = stop is not None and stop.is_set()
                 if stop_voted if ranks.world > 1 else asked:
                     if last_saved is None or last_saved[0] != step:
@@ -406,6 +436,7 @@ def train(
                 if step >= total_steps:
                     break
             epoch += 1
+            samples.after_epoch(step, epoch)
             if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
                 settle()
                 if ranks.is_main:
@@ -418,6 +449,7 @@ def train(
         # A checkpoint of the last step guards the export: if writing the outputs fails (a full disk),
         # `resume_from: latest` writes them without training again. Removed once they are written.
         guard = save(step, epoch, prune=False) if last_saved is None or last_saved[0] != step else None
+        sheet = samples.at_end(step)  # a last round, and the contact sheet of every round
         # Schedule-free optimizers: the final evaluation and the export use the averaged (eval-mode) weights.
         set_optimizer_mode(optimizer, train=False)
         if not ranks.is_main:  # the others' work ends here: rank 0 evaluates and writes the outputs
@@ -457,6 +489,8 @@ def train(
             },
         )
         outputs["logs"] = str(config.output_dir / "logs")
+        if sheet:
+            outputs["samples"] = sheet
         if guard and checkpoints is not None:
             checkpoints.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))

@@ -40,6 +40,7 @@ from lorad.models.residents import (
     resident_set_bytes,
     total_memory_bytes,
 )
+from lorad.training.run_requests import RequestNotDone, RunRequests
 from lorad.workers.link import Link, LinkClosed
 
 log = logging.getLogger("lorad.workers.host")
@@ -110,6 +111,7 @@ class WorkerHost:
         self.train = train
         self._lock = threading.Lock()
         self._jobs: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._requests: dict[str, RunRequests] = {}  # a job's "sample now" / "save now" channel (its rank 0)
         self._stopping = threading.Event()
         self.link = Link(connection, on_call=self._on_call, on_note=self._on_note, name=f"worker {spec.index}")
 
@@ -145,6 +147,8 @@ class WorkerHost:
             return self.registry.unload(args["model"])
         if op == "memory":
             return self._memory()
+        if op == "ask":
+            return self._ask(args["job_id"], args["kind"], args["wait"])
         raise ValueError(f"worker {self.spec.index}: unknown call {op!r}")
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -153,6 +157,8 @@ class WorkerHost:
         thread = threading.Thread(target=self._run_job, args=(order, stop), name=f"lorad-job-{order.job_id}")
         with self._lock:
             self._jobs[order.job_id] = (thread, stop)
+            if order.rank == 0:  # the reporting rank alone samples and saves
+                self._requests[order.job_id] = RunRequests()
         if self._stopping.is_set():
             stop.set()  # shutting down: the job stops at once, with a checkpoint if it has a step
         thread.start()
@@ -173,6 +179,10 @@ class WorkerHost:
                     rank=order.rank, world=order.world, device=torch.device(self.device), store_path=order.store_path
                 )
             sink = self._sink(order, finished)
+            with self._lock:
+                requests = self._requests.get(order.job_id)
+            if requests is not None:
+                extra["requests"] = requests
             if order.rank == 0 and spec_for(config).uses_captioner:
                 extra["caption_missing"] = self._caption_filler(config, sink, stop, order.keep_alive)
             self.train(
@@ -188,6 +198,9 @@ class WorkerHost:
         finally:
             with self._lock:
                 self._jobs.pop(order.job_id, None)
+                requests = self._requests.pop(order.job_id, None)
+            if requests is not None:  # the loop closes it too, unless the job failed before the loop began
+                requests.close("the job is no longer training")
         # The end goes out before the process group is left: the daemon hears this rank's own reason before
         # the other ranks' "a peer went away".
         with contextlib.suppress(LinkClosed):
@@ -196,6 +209,15 @@ class WorkerHost:
             from lorad.training.distributed import leave_group
 
             leave_group()
+
+    def _ask(self, job_id: str, kind: str, wait: float) -> list[Event]:
+        """Ask the job's run to ``kind`` after its current step and wait (at most ``wait`` s) for the events
+        that produced; RequestNotDone when it does not train here (any more)."""
+        with self._lock:
+            channel = self._requests.get(job_id)
+        if channel is None:
+            raise RequestNotDone(f"job {job_id} is not training now", "ask while the job is running")
+        return channel.ask(kind, timeout=wait)
 
     def _sink(self, order: JobOrder, finished: list[dict[str, Any]]) -> Callable[[Event], None]:
         """The run's events, sent to the daemon in order. A checkpoint is a call: it returns only after the

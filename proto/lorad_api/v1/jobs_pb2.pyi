@@ -249,14 +249,34 @@ class EvalLoss(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class SampleGenerated(_message.Message):
-    __slots__ = ("prompt", "output", "stopped")
+    __slots__ = ("prompt", "output", "stopped", "step")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     output: str
     stopped: str
-    def __init__(self, prompt: _Optional[str] = ..., output: _Optional[str] = ..., stopped: _Optional[str] = ...) -> None: ...
+    step: int
+    def __init__(self, prompt: _Optional[str] = ..., output: _Optional[str] = ..., stopped: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SampleImage(_message.Message):
+    __slots__ = ("step", "prompt_index", "prompt", "seed", "path", "width", "height")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    prompt_index: int
+    prompt: str
+    seed: int
+    path: str
+    width: int
+    height: int
+    def __init__(self, step: _Optional[int] = ..., prompt_index: _Optional[int] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class MemoryRecovered(_message.Message):
     __slots__ = ("step", "change", "micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "error")
@@ -275,7 +295,7 @@ class MemoryRecovered(_message.Message):
     def __init__(self, step: _Optional[int] = ..., change: _Optional[str] = ..., micro_batch: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "queued", "started", "model_loaded", "data_report", "latents_cached", "training_started", "step", "checkpoint_saved", "log", "finished", "failed", "cancelled", "interrupted", "eval", "sample", "memory_recovered")
+    __slots__ = ("job_id", "seq", "time", "queued", "started", "model_loaded", "data_report", "latents_cached", "training_started", "step", "checkpoint_saved", "log", "finished", "failed", "cancelled", "interrupted", "eval", "sample", "memory_recovered", "sample_image")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +315,7 @@ class JobEvent(_message.Message):
     EVAL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -314,4 +335,5 @@ class JobEvent(_message.Message):
     eval: EvalLoss
     sample: SampleGenerated
     memory_recovered: MemoryRecovered
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ..., latents_cached: _Optional[_Union[LatentsCached, _Mapping]] = ..., training_started: _Optional[_Union[TrainingStarted, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., finished: _Optional[_Union[JobFinished, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., interrupted: _Optional[_Union[JobInterrupted, _Mapping]] = ..., eval: _Optional[_Union[EvalLoss, _Mapping]] = ..., sample: _Optional[_Union[SampleGenerated, _Mapping]] = ..., memory_recovered: _Optional[_Union[MemoryRecovered, _Mapping]] = ...) -> None: ...
+    sample_image: SampleImage
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[JobQueued, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., model_loaded: _Optional[_Union[ModelLoaded, _Mapping]] = ..., data_report: _Optional[_Union[DataReport, _Mapping]] = ..., latents_cached: _Optional[_Union[LatentsCached, _Mapping]] = ..., training_started: _Optional[_Union[TrainingStarted, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., checkpoint_saved: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., finished: _Optional[_Union[JobFinished, _Mapping]] = ..., failed: _Optional[_Union[JobFailed, _Mapping]] = ..., cancelled: _Optional[_Union[JobCancelled, _Mapping]] = ..., interrupted: _Optional[_Union[JobInterrupted, _Mapping]] = ..., eval: _Optional[_Union[EvalLoss, _Mapping]] = ..., sample: _Optional[_Union[SampleGenerated, _Mapping]] = ..., memory_recovered: _Optional[_Union[MemoryRecovered, _Mapping]] = ..., sample_image: _Optional[_Union[SampleImage, _Mapping]] = ...) -> None: ...

@@ -84,3 +84,27 @@ class WatchJobResponse(_message.Message):
     job: _jobs_pb2.Job
     event: _jobs_pb2.JobEvent
     def __init__(self, job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., event: _Optional[_Union[_jobs_pb2.JobEvent, _Mapping]] = ...) -> None: ...
+
+class SampleNowRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class SampleNowResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[_jobs_pb2.JobEvent, _Mapping]]] = ...) -> None: ...
+
+class SaveNowRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class SaveNowResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[_jobs_pb2.JobEvent, _Mapping]]] = ...) -> None: ...

@@ -61,6 +61,16 @@ class TrainingServiceStub:
                 request_serializer=lorad_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=lorad_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.SampleNow = channel.unary_unary(
+                '/lorad.v1.TrainingService/SampleNow',
+                request_serializer=lorad_dot_v1_dot_training__pb2.SampleNowRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_training__pb2.SampleNowResponse.FromString,
+                _registered_method=True)
+        self.SaveNow = channel.unary_unary(
+                '/lorad.v1.TrainingService/SaveNow',
+                request_serializer=lorad_dot_v1_dot_training__pb2.SaveNowRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_training__pb2.SaveNowResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -106,6 +116,23 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SampleNow(self, request, context):
+        """Draw the job's sample prompts now, with the LoRA as trained so far: acted on after the current
+        step; the answer holds the events the round produced (sample images, or warnings for prompts that
+        failed). FAILED_PRECONDITION when the job is not training or has no sample prompts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveNow(self, request, context):
+        """Save a resumable checkpoint and a LoRA file of the current step now: acted on after the current
+        step; the answer holds the events it produced. FAILED_PRECONDITION when the job is not training.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +160,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=lorad_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=lorad_dot_v1_dot_training__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'SampleNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SampleNow,
+                    request_deserializer=lorad_dot_v1_dot_training__pb2.SampleNowRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_training__pb2.SampleNowResponse.SerializeToString,
+            ),
+            'SaveNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveNow,
+                    request_deserializer=lorad_dot_v1_dot_training__pb2.SaveNowRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_training__pb2.SaveNowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +308,60 @@ class TrainingService:
             '/lorad.v1.TrainingService/WatchJob',
             lorad_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
             lorad_dot_v1_dot_training__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.TrainingService/SampleNow',
+            lorad_dot_v1_dot_training__pb2.SampleNowRequest.SerializeToString,
+            lorad_dot_v1_dot_training__pb2.SampleNowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.TrainingService/SaveNow',
+            lorad_dot_v1_dot_training__pb2.SaveNowRequest.SerializeToString,
+            lorad_dot_v1_dot_training__pb2.SaveNowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,11 +25,12 @@ from lorad_client import (
 )
 from lorad_client.format import format_duration
 from lorad_tui.display import state_text
-from lorad_tui.messages import CancelRequested, CloseJob, ViewChanged
+from lorad_tui.messages import CancelRequested, CloseJob, RunRequested, ViewChanged
 from lorad_tui.screens.confirm import ConfirmScreen, cancel_question
 from lorad_tui.state import DaemonView, JobView, is_final, usage_snippet
 from lorad_tui.widgets.job_log import JobLog
 from lorad_tui.widgets.loss_plot import LossPlot
+from lorad_tui.widgets.sample_gallery import SampleGallery
 from lorad_tui.widgets.title_bar import TitleBar
 
 # How the output roles the daemon reports are labelled, in the order shown.
@@ -38,6 +39,7 @@ OUTPUT_LABELS = {
     "diffusers": "diffusers",
     "adapter": "PEFT adapter",
     "merged": "merged model",
+    "samples": "contact sheet",
     "summary": "summary",
     "logs": "TensorBoard",
 }
@@ -56,8 +58,9 @@ class JobDetailScreen(Screen[None]):
     """The detail of ``job_id``, drawn from ``view`` whenever the App says the job changed.
 
     Keys: ``c`` cancels (after a yes/no question), ``y`` copies the ``<lora:NAME:0.8>`` snippet,
-    ``o`` copies the output folder's path and shows it, ``escape`` goes back. Keys that do nothing
-    for the job's state are hidden.
+    ``o`` copies the output folder's path and shows it, ``[`` / ``]`` step through the sampled steps
+    (the newest is shown until one is picked), ``s`` samples now and ``w`` saves now (running jobs),
+    ``escape`` goes back. Keys that do nothing for the job's state are hidden.
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -65,6 +68,10 @@ class JobDetailScreen(Screen[None]):
         Binding("c", "cancel_job", "Cancel"),
         Binding("y", "copy_snippet", "Copy snippet"),
         Binding("o", "output_folder", "Folder path"),
+        Binding("left_square_bracket", "sample_step(-1)", "Older samples", key_display="["),
+        Binding("right_square_bracket", "sample_step(1)", "Newer samples", key_display="]"),
+        Binding("s", "run_request('sample')", "Sample now"),
+        Binding("w", "run_request('save')", "Save now"),
     ]
     # Wide terminals put the log beside the curve instead of under it.
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (120, "-wide")]
@@ -75,7 +82,8 @@ class JobDetailScreen(Screen[None]):
         self.view = view
         self.clock = clock
         self._log_lines_shown = 0
-        self._keys_state: int | None = None
+        self._keys_state: tuple[int, bool] | None = None
+        self._sample_step: int | None = None  # the sampled step shown; None follows the newest
 
     @property
     def job_view(self) -> JobView | None:
@@ -88,6 +96,9 @@ class JobDetailScreen(Screen[None]):
             yield ProgressBar(id="job-progress", show_eta=False)
             yield Static(id="job-stats")
             yield Static(id="job-outcome")
+            with Vertical(id="samples-panel"):
+                yield Static(id="samples-title", classes="section-title")
+                yield SampleGallery(id="samples")
             with Vertical(id="job-panels"):
                 with Vertical(id="curve-panel"):
                     yield LossPlot(id="loss-plot")
@@ -144,9 +155,25 @@ class JobDetailScreen(Screen[None]):
         if view.data_report:
             self.query_one("#data-report", Static).update(Text(view.data_report))
         self._append_log(view)
-        if job.state != self._keys_state:  # the keys depend on the state only; a footer refresh is costly
-            self._keys_state = job.state
+        self._draw_samples(view)
+        keys = (job.state, bool(view.samples))
+        if keys != self._keys_state:  # the keys depend on these only; a footer refresh is costly
+            self._keys_state = keys
             self.refresh_bindings()
+
+    def _draw_samples(self, view: JobView) -> None:
+        """The images of the chosen sampled step (the newest unless one was picked); hidden without any."""
+        steps = view.sample_steps()
+        panel = self.query_one("#samples-panel")
+        panel.display = bool(steps)
+        if not steps:
+            return
+        step = self._sample_step if self._sample_step in steps else steps[-1]
+        when = f"step {step}" if step else "before training (no LoRA)"
+        title = Text.assemble(("Samples", "bold"), f" · {when} · {steps.index(step) + 1} of {len(steps)} sampled")
+        title.append("  ([ ] older/newer)", style="dim")
+        self.query_one("#samples-title", Static).update(title)
+        self.query_one("#samples", SampleGallery).show(view.samples_at(step))
 
     def _append_log(self, view: JobView) -> None:
         new = view.log_total - self._log_lines_shown
@@ -209,7 +236,28 @@ class JobDetailScreen(Screen[None]):
             return view is not None and not is_final(view.job)
         if action in ("copy_snippet", "output_folder"):
             return view is not None and view.job.state == JOB_STATE_SUCCEEDED
+        if action == "sample_step":
+            return view is not None and bool(view.samples)
+        if action == "run_request":
+            return view is not None and view.job.state == JOB_STATE_RUNNING
         return True
+
+    def action_sample_step(self, direction: int) -> None:
+        view = self.job_view
+        steps = view.sample_steps() if view is not None else []
+        if not steps:
+            return
+        at = steps.index(self._sample_step) if self._sample_step in steps else len(steps) - 1
+        at = min(max(at + direction, 0), len(steps) - 1)
+        # Back at the newest: follow new rounds again.
+        self._sample_step = None if at == len(steps) - 1 else steps[at]
+        self._draw_samples(view)
+
+    def action_run_request(self, what: str) -> None:
+        view = self.job_view
+        if view is not None and view.job.state == JOB_STATE_RUNNING:
+            self._sample_step = None  # show the new round when it arrives
+            self.post_message(RunRequested(self.job_id, what))
 
     def action_back(self) -> None:
         self.dismiss()

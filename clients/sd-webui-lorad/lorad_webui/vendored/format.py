@@ -161,6 +161,9 @@ def _cancelled(e: JobEvent) -> str:
 
 def _interrupted(e: JobEvent) -> str:
     i = e.interrupted
+    if i.reason:  # a worker died: the job runs again at once
+        start = f"resumes from {i.checkpoint}" if i.checkpoint else "starts over"
+        return f"interrupted: {i.reason}; it {start} now" + _partial(i.partial)
     if not i.will_resume:
         return "interrupted by a daemon stop (resuming is off: it will not run again)"
     start = f"resume from {i.checkpoint}" if i.checkpoint else "start over"
@@ -173,7 +176,19 @@ def _eval(e: JobEvent) -> str:
 
 def _sample(e: JobEvent) -> str:
     cut = "" if e.sample.stopped == "eos" else " [cut at sample_max_new_tokens]"
-    return f"sample: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
+    when = f" (step {e.sample.step})" if e.sample.step else ""
+    return f"sample{when}: {e.sample.prompt!r} -> {e.sample.output!r}{cut}"
+
+
+def describe_sample_image(step: int, prompt_index: int, prompt: str, path: str) -> str:
+    """The line for one sample image: "sample at step 100, prompt 0 ('a cat'): PATH" (step 0: the baseline)."""
+    when = f"at step {step}" if step else "before training (no LoRA)"
+    return f"sample {when}, prompt {prompt_index} ({prompt!r}): {path}"
+
+
+def _sample_image(e: JobEvent) -> str:
+    i = e.sample_image
+    return describe_sample_image(i.step, i.prompt_index, i.prompt, i.path)
 
 
 def _memory_recovered(e: JobEvent) -> str:
@@ -199,6 +214,7 @@ _DESCRIBERS: dict[str, Callable[[JobEvent], str] | None] = {
     "eval": _eval,
     "sample": _sample,
     "memory_recovered": _memory_recovered,
+    "sample_image": _sample_image,
 }
 
 

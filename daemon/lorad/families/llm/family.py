@@ -8,6 +8,7 @@ exports the PEFT adapter folder (and, if asked, the merged model).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -20,11 +21,12 @@ from torch import nn
 
 from lorad.config.llm_schema import LlmTrainConfig
 from lorad.config.pickle_policy import needs_pickle
-from lorad.events import EvalDone, EventSink, LogLine, SampleGenerated
+from lorad.events import EvalDone, Event, EventSink, LogLine, SampleGenerated
 from lorad.families.llm.adapter import build_lora_config, compatibility_report, read_adapter_weights, write_adapter
 from lorad.families.llm.model import LlmModel, RunTokenizer, load_llm, prepare_tokenizer, restore_base_llm
 from lorad.families.llm.outputs import generate_samples, write_merged, write_partial_adapter
 from lorad.lora.adapters import attach_lora_config, load_lora_state_dict, lora_state_dict
+from lorad.lora.networks import evaluating, network_off
 from lorad.models.registry import ModelKey
 from lorad.textdata.batches import Batch, collate, plan_batches
 from lorad.textdata.dataset import TextData, encode_samples, read_samples, split_eval
@@ -175,6 +177,32 @@ class LlmRun:
         self.scalars.summary["eval_loss"] = self.eval_history[-1]["loss"] if self.eval_history else None
         self.scalars.summary["eval_history"] = self.eval_history
 
+    def sample(self, step: int, *, baseline: bool = False) -> list[Event]:
+        """Greedy answers to the sample prompts after ``step`` (``baseline``: without the adapter)."""
+        if not self.config.sample_prompts:
+            return []
+        use_cache = self.model.config.use_cache
+        self.model.config.use_cache = True  # generation wants the KV cache; training turned it off
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(evaluating([self.model], ADAPTER))
+                if baseline:
+                    stack.enter_context(network_off([self.model], ADAPTER))
+                answers = generate_samples(
+                    self.model,
+                    self.tokenizer,
+                    self.config.sample_prompts,
+                    max_new_tokens=self.config.sample_max_new_tokens,
+                    device=self.device,
+                )
+        finally:
+            self.model.config.use_cache = use_cache
+        events: list[Event] = []
+        for answer in answers:
+            events.append(SampleGenerated(answer["prompt"], answer["output"], answer["stopped"], step=step))
+            self.on_event(events[-1])
+        return events
+
     def export_epoch(self, facts: RunFacts) -> None:
         pass  # the epoch's checkpoint holds the adapter; kohya's per-epoch files are an image-LoRA habit
 
@@ -202,6 +230,20 @@ class LlmRun:
         }
         if config.merge_export:
             outputs["merged"] = str(write_merged(self.model, ADAPTER, self.tokenizer, config.output_dir / "merged"))
+        if config.export_gguf:
+            from lorad.families.llm.gguf import export_gguf
+
+            exported = export_gguf(
+                config.output_dir,
+                quant=config.export_gguf,
+                base_model=config.base_model,
+                merged=config.merge_export,
+                log=lambda line: self.on_event(LogLine(message=f"gguf: {line}")),
+            )
+            outputs |= {"gguf_adapter": exported.adapter, "gguf_base": exported.base, "modelfile": exported.modelfile}
+            if exported.merged:
+                outputs["gguf_merged"] = exported.merged
+            self.on_event(LogLine(message=f"gguf: run it in Ollama: {exported.ollama_command}"))
         compatibility = compatibility_report(self.lora_config)
         for warning in compatibility["warnings"]:
             self.on_event(LogLine(message=f"compatibility: {warning}", level="warning"))
@@ -214,7 +256,11 @@ class LlmRun:
             device=self.device,
         )
         for sample in samples:
-            self.on_event(SampleGenerated(prompt=sample["prompt"], output=sample["output"], stopped=sample["stopped"]))
+            self.on_event(
+                SampleGenerated(
+                    prompt=sample["prompt"], output=sample["output"], stopped=sample["stopped"], step=facts.steps
+                )
+            )
         self.scalars.summary |= {
             "samples": samples,
             "tokenizer_notes": list(self.tokenizer_notes),

@@ -31,10 +31,11 @@ from lorad.diffusion.ddpm import per_sample_mse, sample_noise, snr_weights, trai
 from lorad.diffusion.latents import CleanLatents, LatentSample, draw_latents, encode_latents, latent_views, view_key
 from lorad.diffusion.noise import input_perturbation, multires_noise, sample_timesteps
 from lorad.errors import ConfigError, ConfigProblem
-from lorad.events import EventSink, LatentsCached, LogLine
+from lorad.events import Event, EventSink, LatentsCached, LogLine
 from lorad.families.sd.init_lora import apply_init_lora
 from lorad.families.sd.outputs import SdRunFacts, write_epoch_lora, write_lora_files, write_partial_lora
 from lorad.families.sd.prompts import PromptEncoder
+from lorad.families.sd.sampling import SdSampler
 from lorad.lora.adapters import detach_lora, lora_state_dict
 from lorad.lora.kohya_format import PREFIXES, kohya_module_name, portable_path
 from lorad.lora.lycoris_adapter import set_lycoris_training
@@ -239,6 +240,10 @@ class SdRun:
         )
         # A compiled wrapper, not the resident UNet itself, so the next job finds the model as it was.
         self.denoiser = torch.compile(unet) if config.torch_compile else unet
+        # Sample prompts are checked and (with a frozen text encoder) encoded now, before training.
+        self.sampler = (
+            SdSampler(config, components, self.prompts, placement, on_event) if config.sample_prompts else None
+        )
 
     def _load_masks(self, used: Sequence[int], on_event: EventSink) -> dict[tuple[str, tuple[int, int]], torch.Tensor]:
         """Each used image's mask per latent view, at latent size (images without a mask have none)."""
@@ -359,6 +364,9 @@ class SdRun:
 
     def finish(self, step: int) -> None:
         pass
+
+    def sample(self, step: int, *, baseline: bool = False) -> list[Event]:
+        return self.sampler.sample(step, baseline=baseline) if self.sampler is not None else []
 
     def _lora_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: lora_state_dict(module, ADAPTER) for name, module in self.parts.items()}

@@ -38,7 +38,9 @@ class PromptEncoder:
         self.encodes = 0
         self._cache: dict[str, torch.Tensor] = {}
 
-    def _encode(self, captions: Sequence[str]) -> torch.Tensor:
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """Hidden states of ``captions`` from the text encoder as it is now, never cached (the caller
+        chooses grad and mode); longer captions are cut at the tokenizer's limit."""
         ids = self.tokenizer(
             list(captions),
             padding="max_length",
@@ -52,12 +54,12 @@ class PromptEncoder:
     def __call__(self, captions: Sequence[str]) -> torch.Tensor:
         """Hidden states (batch, tokens, dim) for ``captions``; with grad only when trainable."""
         if self.trainable:
-            return self._encode(captions)
+            return self.encode(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         if missing:
             if len(self._cache) + len(missing) > self.max_cached:
                 self._cache.clear()
             with torch.no_grad():
-                encoded = self._encode(missing)
+                encoded = self.encode(missing)
             self._cache.update(zip(missing, encoded, strict=True))
         return torch.stack([self._cache[c] for c in captions])
