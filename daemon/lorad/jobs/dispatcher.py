@@ -118,6 +118,14 @@ class Dispatcher:
     # --- control -------------------------------------------------------------------------------
     def start(self, *, start_workers: bool = False) -> None:
         """Start scheduling; with ``start_workers`` start every worker now (else each starts with its first job)."""
+        if not self.in_process:
+            # Every spawn needs multiprocessing's resource tracker, which is started with sys.stderr's descriptor:
+            # start it now, while that is the daemon's own stderr. A host that swaps sys.stderr later (Textual
+            # does, for a TUI sharing the process in tests) would otherwise make the first worker's start fail
+            # with "bad value(s) in fds_to_keep".
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
         if start_workers:
             for handle in self.handles:
                 handle.start()
