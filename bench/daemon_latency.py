@@ -272,13 +272,15 @@ def job_yaml(*, model: Path, data: Path, out: Path, cache: Path, steps: int) -> 
     )
 
 
-def start_daemon_in_process(home: Path) -> RunningDaemon:
-    """A real daemon on loopback TCP (any free port) and a Unix socket in ``home``."""
+def start_daemon_in_process(home: Path, **settings: Any) -> RunningDaemon:
+    """A real daemon in this process on loopback TCP (any free port) and a Unix socket in ``home``;
+    ``settings`` as :func:`lorad.server.settings.daemon_settings` takes them (``in_process=True``: its
+    jobs run in threads of this process rather than in worker processes)."""
     from lorad.server.daemon import start_daemon
     from lorad.server.settings import daemon_settings
 
     # The socket path must stay under ~100 bytes, hence a short temporary ``home``.
-    return start_daemon(daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home))
+    return start_daemon(daemon_settings(["127.0.0.1:0", f"unix:{home}/lorad.sock"], home=home, **settings))
 
 
 # --------------------------------------------------------------------------------------- jobs
@@ -908,7 +910,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_tiny_sd(root / "models" / "tiny-sd1", version="sd1", seed=0)
         data = make_images(root / "data")
         cache = root / "cache"
-        daemon = start_daemon_in_process(home)
+        # Jobs in this process: the probe reads the training thread's clocks, and the watchers' cost is the
+        # GIL and cores they share with it (a worker process would have neither; bench.worker_overhead).
+        daemon = start_daemon_in_process(home, in_process=True)
         probe = StepCpuProbe(daemon)
         address = daemon.addresses[0]  # the Unix socket, which local clients prefer
         with LoradClient.connect(address, home=home) as client:

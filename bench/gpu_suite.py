@@ -190,6 +190,59 @@ def llm_row(suite: Suite) -> Row:
     )
 
 
+def sd15_on_disk(suite: Suite, work: Path) -> Path:
+    """A real-size SD1.5 (random weights) written as a diffusers folder in ``work``; the tiny model when reduced."""
+    if not suite.full:
+        return suite.tiny_sd
+    from bench import engine_vs_bare as evb
+    from lorad.models.tiny import write_sd_parts
+
+    model = work / "sd15"
+    parts = evb.build_sd15(suite.tiny_sd / "tokenizer", suite.placement)
+    write_sd_parts(
+        model, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, scheduler=parts.noise_scheduler
+    )
+    parts.tokenizer.save_pretrained(model / "tokenizer")
+    del parts
+    release(suite)
+    return model
+
+
+def worker_row(suite: Suite) -> Row:
+    """A warm SD1.5 job on one GPU in a worker process vs in the daemon's process (``--in-process``):
+    submit → first step and step time (bench.worker_overhead.measure), alternating the two daemons."""
+    from bench import engine_vs_bare as evb
+    from bench import worker_overhead as wo
+
+    work = suite.folder("worker")
+    resolution = suite.pick(512, 64)
+    model = sd15_on_disk(suite, work)
+    data = work / "data"
+    evb.make_dataset(data, 8, resolution)
+    result = wo.measure(
+        model,
+        data,
+        work,
+        device=suite.device_flag,
+        resolution=resolution,
+        steps=suite.pick(20, 4),
+        repeats=suite.pick(3, 1),
+    )
+    if not result["all_resident"]:
+        raise RuntimeError("a warm job did not find the model resident")
+    medians, ratios = result["medians_seconds"], result["ratios_worker_over_in_process"]
+    text = "; ".join(
+        f"{label} {medians['worker'][field]:.3f} vs {medians['in-process'][field]:.3f} s ({ratios[field]:.3f}×)"
+        for label, field in (("first step", "to_first_step"), ("step", "step_gap"))
+    )
+    return Row(
+        setup=f"{suite.pick('sd15', 'tiny')} {resolution} px, batch 2, {precision_name(suite.placement.precision)}",
+        result=f"worker vs in-process: {text}",
+        goals=[(f"worker / in-process ≤ {wo.TARGET}", max(ratios["to_first_step"], ratios["step_gap"]) <= wo.TARGET)],
+        details=result,
+    )
+
+
 def daemon_row(suite: Suite) -> Row:
     """Submit → first step of a warm job (base model resident) on real-size SD1.5 through a real daemon
     (gRPC, job store, worker, registry), after a cold job that loaded the model from disk."""
@@ -201,19 +254,7 @@ def daemon_row(suite: Suite) -> Row:
 
     work = suite.folder("daemon")
     resolution = suite.pick(512, 64)
-    if suite.full:
-        from lorad.models.tiny import write_sd_parts
-
-        model = work / "sd15"
-        parts = evb.build_sd15(suite.tiny_sd / "tokenizer", suite.placement)
-        write_sd_parts(
-            model, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, scheduler=parts.noise_scheduler
-        )
-        parts.tokenizer.save_pretrained(model / "tokenizer")
-        del parts
-        release(suite)
-    else:
-        model = suite.tiny_sd
+    model = sd15_on_disk(suite, work)
     data = work / "data"
     evb.make_dataset(data, 8, resolution)
 
@@ -292,6 +333,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("sdxl", "SDXL 1024 px, batch 1, bf16 + gradient checkpointing", "sdxl", "bench.gpu_rows.sdxl:row"),
     RowSpec("flux", "Flux 1024 px, fp8", "flux", "bench.gpu_rows.flux:row"),
     RowSpec("llm", "LLM TinyLlama-1.1B shape, batch 4, 512 tokens", "llm", llm_row),
+    RowSpec("worker", "Warm job in a worker process vs in the daemon's, SD1.5", "sd", worker_row),
     RowSpec("sd15-samples", "SD1.5 512 px sample image, 20 steps", "sd", sd15_samples_row),
     RowSpec("sdxl-samples", "SDXL 1024 px sample image, 20 steps", "sdxl", "bench.gpu_rows.sdxl_samples:row"),
     RowSpec("daemon", "Warm job submit → first step, SD1.5, through the daemon", "sd", daemon_row),

@@ -100,8 +100,10 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(short_dir: Path) -> Iterator[RunningDaemon]:
-    running = run_daemon(short_dir)
+def daemon(short_dir: Path, request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
+    """A daemon whose jobs run in worker processes, as `lorad serve`'s do; a test marked ``in_process``
+    gets its workers in this process instead (see :func:`worker_registry`)."""
+    running = run_daemon(short_dir, in_process=request.node.get_closest_marker("in_process") is not None)
     yield running
     running.stop(grace=0)
 

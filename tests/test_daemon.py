@@ -14,11 +14,12 @@ import pytest
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2, system_pb2, system_pb2_grpc
 from lorad_client import LoradClient, LoradRpcError
-from tests.support.daemons import config_yaml, kinds, run_daemon, watch_all
+from tests.support.daemons import config_yaml, kinds, run_daemon, watch_all, worker_registry
 from tests.support.datasets import tiny_train_values
 
 
 @pytest.mark.slow
+@pytest.mark.in_process  # looks at the resident model itself
 def test_submit_stream_finish_then_second_job_is_resident(
     client: LoradClient, daemon: RunningDaemon, tiny_sd: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -38,8 +39,8 @@ def test_submit_stream_finish_then_second_job_is_resident(
     # The resident base model is bit-identical after a job.
     from lorad.models.sd_components import state_dict_digest
 
-    (info,) = daemon.service.registry.list()
-    with daemon.service.registry.use(info.key) as held:
+    (info,) = worker_registry(daemon).list()
+    with worker_registry(daemon).use(info.key) as held:
         before = state_dict_digest(held.model.unet.state_dict())
 
     second = client.submit_training(config_yaml(tiny_sd, dataset, tmp_path / "second", lora_rank=2), base_dir=tmp_path)
@@ -47,7 +48,7 @@ def test_submit_stream_finish_then_second_job_is_resident(
     loaded = next(e.model_loaded for e in events if e.HasField("model_loaded"))
     assert loaded.resident and loaded.seconds == 0
     assert next(e.latents_cached for e in events if e.HasField("latents_cached")).encoded == 0
-    with daemon.service.registry.use(info.key) as held:
+    with worker_registry(daemon).use(info.key) as held:
         assert state_dict_digest(held.model.unet.state_dict()) == before
         assert not any("lora" in name for name, _ in held.model.unet.named_modules())
     assert [m.model_id for m in client.list_models()] == [info.model_id]

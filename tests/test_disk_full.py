@@ -24,6 +24,7 @@ from lorad.errors import OutputError
 from lorad.events import CheckpointSaved, Event, StepDone
 from lorad.training.checkpoints import load_checkpoint
 from lorad.training.loop import train as train_sd_lora
+from tests.support.daemons import in_process_dispatcher
 from tests.support.datasets import tiny_train_values
 
 COMMON = {"save_steps": 1, "max_train_steps": 4, "keep_checkpoints": 1, "save_precision": "fp32"}
@@ -191,10 +192,8 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
     """A full disk under LORAD_HOME: the job must not stay RUNNING with no worker. It fails with the
     reason (shown at once by the worker, recorded as soon as the store takes writes again), and the
     worker goes on with the next job."""
-    from lorad.jobs.hub import EventHub
     from lorad.jobs.records import JobState
     from lorad.jobs.store import JobStore
-    from lorad.jobs.worker import Worker
 
     class FillingStore(JobStore):
         full = False
@@ -210,7 +209,6 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
             return super().append_event(*args, **kwargs)  # type: ignore[arg-type]
 
     store = FillingStore(tmp_path / "home" / "jobs.sqlite3")
-    hub = EventHub(store)
     runs: list[str] = []
 
     def train(config, *, on_event, stop, models, **hooks):
@@ -222,7 +220,7 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
 
         on_event(TrainingFinished(outputs={"kohya": "x"}, steps=1))
 
-    worker = Worker(store, hub, train=train, models=lambda c, p: None, device_name="cpu")
+    dispatcher = in_process_dispatcher(store, tmp_path / "home", train)
     text = yaml.safe_dump({k: str(v) for k, v in tiny_train_values(tiny_sd, dataset, tmp_path / "o").items()})
     jobs = [
         store.create_job(
@@ -235,13 +233,13 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
         )
         for _ in range(2)
     ]
-    worker.start()
-    worker.wake()
+    dispatcher.start()
+    dispatcher.wake()
     try:
         ended = threading.Event()
 
         def first_job_ended() -> bool:
-            return worker.pending_outcome(jobs[0].job_id) is not None
+            return dispatcher.pending_outcome(jobs[0].job_id) is not None
 
         for _ in range(200):
             if first_job_ended():
@@ -249,7 +247,7 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
                 break
             threading.Event().wait(0.05)
         assert ended.is_set()
-        pending = worker.pending_outcome(jobs[0].job_id) or {}
+        pending = dispatcher.pending_outcome(jobs[0].job_id) or {}
         assert pending["state"] == JobState.FAILED
         assert "job store" in pending["error"] and "is full" in pending["error"] and "bug" not in pending["hint"]
         assert len(runs) == 1  # no next job while the store refuses writes
@@ -264,5 +262,5 @@ def test_a_store_that_cannot_be_written_fails_the_job_with_the_reason(
         assert [e.kind for e in store.events(jobs[0].job_id)][-1] == "failed"
         assert store.get(jobs[1].job_id).state == JobState.SUCCEEDED and len(runs) == 2
     finally:
-        worker.shutdown(timeout=10)
+        dispatcher.shutdown(timeout=10)
         store.close()

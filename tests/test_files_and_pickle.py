@@ -301,13 +301,13 @@ def test_loaders_refuse_pickle_without_opt_in_even_when_asked_directly(
     import torch
 
     from lorad.families.llm.model import load_llm
+    from lorad.models.residents import load_model  # every registry's loader: the workers' and the daemon's
     from lorad.training.placement import Placement
 
-    service = daemon.service
     key = ModelKey(base_model=str(pickled_models["sd"]), device="cpu", dtype="float32")
     with pytest.raises(ModelLoadError, match="pickle"):
-        service._load_model(key)
-    assert service._load_model(ModelKey(**{**key.__dict__, "allow_pickle": True})).unet is not None
+        load_model(key)
+    assert load_model(ModelKey(**{**key.__dict__, "allow_pickle": True})).unet is not None
     placement = Placement(device=torch.device("cpu"), autocast_dtype=None, weight_dtype=torch.float32)
     with pytest.raises(ModelLoadError, match="pickle"):
         load_llm(str(pickled_models["llm"]), placement)

@@ -1,10 +1,10 @@
 """SIGKILL at chosen moments of a daemon job, then a restarted daemon: nothing is lost.
 
-A child process runs the daemon's own job pieces (SQLite job store, event hub, worker, the SD
-engine) on a tiny model and kills itself (SIGKILL, no cleanup) at one chosen moment. A real daemon
-started on the same state directory then resumes the job. Each case checks that the job resumes
-from the checkpoint its record names (never from step 0), finishes with the LoRA of an
-uninterrupted run, and leaves no temporary files.
+A child process runs the daemon's own job pieces (SQLite job store, event hub, dispatcher and its
+worker in that process, the SD engine) on a tiny model and kills itself (SIGKILL, no cleanup) at
+one chosen moment. A real daemon started on the same state directory then resumes the job. Each
+case checks that the job resumes from the checkpoint its record names (never from step 0), finishes
+with the LoRA of an uninterrupted run, and leaves no temporary files.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def die():
 
 from lorad.families.sd import family as sd_family
 from lorad.training import checkpoints as checkpoint
-from lorad.training.loop import fresh_model_provider, train
+from lorad.training.loop import train
 from lorad.jobs.store import JobStore
 
 if point == "checkpoint written, not yet recorded":
@@ -75,18 +75,26 @@ elif point == "mid export":
         die()
     sd_family.write_lora_files = export
 
+from lorad.jobs.dispatcher import Dispatcher
 from lorad.jobs.hub import EventHub
-from lorad.jobs.worker import Worker
+from lorad.jobs.scheduling import Slot
 from lorad.paths import jobs_db_path
+from lorad.workers.host import WorkerSpec
 
 store = JobStore(jobs_db_path(home))
-worker = Worker(
-    store, EventHub(store), train=train, models=fresh_model_provider(sd_family.FAMILY), device_name="cpu"
+# The daemon's dispatcher with its worker in this process, so the patches above apply to the run.
+dispatcher = Dispatcher(
+    store,
+    EventHub(store),
+    [Slot(0, "cpu")],
+    lambda slot: WorkerSpec(slot.index, slot.device, str(home), default_keep_alive=0.0, memory_budget_bytes=None),
+    in_process=True,
+    train=train,
 )
 store.create_job(name="out", config_yaml=config_path.read_text(), base_dir=base_dir, source_name=str(config_path),
                  base_model="tiny", output_dir=str(Path(base_dir) / "out"))
-worker.start()
-worker.wake()
+dispatcher.start()
+dispatcher.wake()
 time.sleep(120)
 sys.exit(3)  # never killed: the moment was not reached
 """

@@ -12,7 +12,7 @@ import yaml
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.support.daemons import kinds, watch_all
+from tests.support.daemons import kinds, watch_all, worker_registry
 from tests.support.datasets import tiny_llm_values, write_jsonl
 
 
@@ -22,12 +22,13 @@ def llm_yaml(tiny_llm: Path, data: Path, out: Path, **overrides: object) -> str:
 
 
 def base_digest(daemon: RunningDaemon, key) -> dict[str, torch.Tensor]:
-    with daemon.service.registry.use(key) as held:
+    with worker_registry(daemon).use(key) as held:
         assert not any("lora" in name for name, _ in held.model.model.named_modules())
         return {k: v.clone() for k, v in held.model.model.state_dict().items()}
 
 
 @pytest.mark.slow
+@pytest.mark.in_process  # looks at the resident model itself
 def test_two_llm_jobs_share_one_resident_base_model(
     client: LoradClient, daemon: RunningDaemon, tiny_llm: Path, tmp_path: Path
 ) -> None:
@@ -51,7 +52,7 @@ def test_two_llm_jobs_share_one_resident_base_model(
     summary = json.loads(Path(done.outputs["summary"]).read_text())
     assert summary["samples"][0]["output"] == sample.output
 
-    (info,) = daemon.service.registry.list()
+    (info,) = worker_registry(daemon).list()
     assert info.key.kind == "llm"
     before = base_digest(daemon, info.key)
 

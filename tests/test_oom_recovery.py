@@ -19,7 +19,7 @@ from lorad.families.sd.family import SdRun
 from lorad.training.loop import train
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.support.daemons import config_yaml, kinds, watch_all
+from tests.support.daemons import config_yaml, kinds, watch_all, worker_registry
 from tests.support.datasets import tiny_train_values
 
 REAL_LOSS = SdRun.loss
@@ -159,6 +159,7 @@ def test_a_run_that_keeps_running_out_fails_after_a_bounded_ladder_with_the_hint
 
 
 @pytest.mark.slow
+@pytest.mark.in_process  # the injected out-of-memory errors patch this process
 def test_through_the_daemon_a_job_recovers_and_a_hopeless_one_fails_with_the_daemon_up(
     client: LoradClient, daemon, tiny_sd: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,7 +186,7 @@ def test_through_the_daemon_a_job_recovers_and_a_hopeless_one_fails_with_the_dae
 
     # The daemon is up, and the resident model is back as it was: no adapter, no checkpointing.
     assert client.status().running_job_id == ""
-    (info,) = daemon.service.registry.list()
-    with daemon.service.registry.use(info.key) as held:
+    (info,) = worker_registry(daemon).list()
+    with worker_registry(daemon).use(info.key) as held:
         assert not held.model.unet.is_gradient_checkpointing
         assert not any("lora" in name for name, _ in held.model.unet.named_modules())

@@ -12,15 +12,9 @@ from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient, LoradRpcError
 from tests.support.cli import run_cli
-from tests.support.daemons import config_yaml, kinds, watch_all
+from tests.support.daemons import config_yaml, kinds, wait_for_step, watch_all
 
 PROMPTS = ["a red circle --d 5", "a blue square --d 6"]
-
-
-def wait_for_step(client: LoradClient, job_id: str) -> None:
-    for message in client.watch_job(job_id):
-        if message.WhichOneof("item") == "event" and message.event.HasField("step"):
-            return
 
 
 @pytest.mark.slow

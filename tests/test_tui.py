@@ -110,11 +110,19 @@ def test_cancel_a_running_job_from_its_detail_screen(
         async with app.run_test(size=SIZE) as pilot:
             # The job's row, not just the status line's "running: long": enter acts on the table's row.
             await wait_until(pilot, lambda: re.search(r"long +running", screen_text(app)), "the job's row to run")
+            # The status names the device's worker process and the job it trains.
+            await wait_until(
+                pilot, lambda: f"worker 0 running {job.job_id}" in screen_text(app), "the worker in the status"
+            )
             await pilot.press("enter")  # the newest job is under the cursor
             await wait_until(pilot, lambda: isinstance(app.screen, JobDetailScreen), "the job's detail")
             view = app.view.jobs[job.job_id]
             await wait_until(pilot, lambda: len(view.losses) >= 2, "a few steps")
-            assert "/100000" in screen_text(app) and "loss ⣿ raw" in screen_text(app)
+            await wait_until(
+                pilot,
+                lambda: "/100000" in screen_text(app) and "loss ⣿ raw" in screen_text(app),
+                "the steps and the loss curve drawn",
+            )
             await pilot.press("c")
             await wait_until(pilot, lambda: "Cancel the running job `long`?" in screen_text(app), "the question")
             await pilot.press("y")

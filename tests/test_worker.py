@@ -1,9 +1,8 @@
-"""The worker outlives every job: failures end as FAILED with a hint, and the next job runs."""
+"""The dispatcher and its workers outlive every job: failures end as FAILED with a hint, and the next job runs."""
 
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,10 @@ import yaml
 
 from lorad.errors import DataError
 from lorad.events import TrainingFinished
-from lorad.jobs.hub import EventHub
 from lorad.jobs.records import JobState
 from lorad.jobs.store import JobStore
-from lorad.jobs.worker import Worker
+from tests.support.daemons import in_process_dispatcher
 from tests.support.datasets import tiny_train_values
-
-
-@contextmanager
-def no_models(config, placement):
-    yield None
 
 
 def scripted_train(outcomes: list[BaseException | None]):
@@ -38,8 +31,8 @@ def scripted_train(outcomes: list[BaseException | None]):
 
 def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseException | None], **overrides):
     store = JobStore(tmp_path / "jobs.sqlite3")
-    hub = EventHub(store)
-    worker = Worker(store, hub, train=scripted_train(outcomes), models=no_models, device_name="cpu")
+    dispatcher = in_process_dispatcher(store, tmp_path / "home", scripted_train(outcomes))
+    hub = dispatcher.hub
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", **overrides)
     text = yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
     jobs = [
@@ -62,10 +55,10 @@ def run_jobs(tmp_path: Path, dataset: Path, tiny_sd: Path, outcomes: list[BaseEx
                 done.set()
 
     threading.Thread(target=wait_last, daemon=True).start()
-    worker.start()
-    worker.wake()
+    dispatcher.start()
+    dispatcher.wake()
     assert done.wait(timeout=60)
-    worker.shutdown(timeout=10)
+    dispatcher.shutdown(timeout=10)
     return store, jobs
 
 

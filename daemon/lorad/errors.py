@@ -34,6 +34,19 @@ class LoradError(Exception):
     def __str__(self) -> str:
         return self.args[0]
 
+    def __reduce__(self) -> tuple:
+        # Subclasses take other arguments than ``args`` (ConfigError takes its problems): rebuild from the
+        # arguments and attributes as they are, so an error crosses to another process (a worker's) whole.
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(cls: type[LoradError], args: tuple, attributes: dict) -> LoradError:
+    """A :class:`LoradError` unpickled: its arguments and attributes put back without calling ``__init__``."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
+
 
 @dataclass(frozen=True)
 class ConfigProblem:

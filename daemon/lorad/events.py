@@ -105,6 +105,14 @@ class TrainingStarted(Event):
     device: str
     precision: str
     resumed_from: str = ""
+    devices: int = 1  # ranks of a data-parallel run (one device each)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> Event:
+        # A daemon from before data-parallel runs sent no device count: it trained on one.
+        names = {f.name for f in fields(cls)}
+        values = {key: value for key, value in payload.items() if key in names}
+        return cls(**{**values, "devices": values.get("devices") or 1})
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,9 @@ def status_text(status: GetStatusResponse, uptime: float, running_name: str) -> 
         text.append("\n")
         text.append(device.name, style="bold")
         text.append(f": {used}{total} in use" + (f" · {device.description}" if device.description else ""))
+        if device.worker_state and device.worker >= 0:  # a device's worker process (daemons since issue 20)
+            job = f" {device.running_job_id}" if device.running_job_id else ""
+            text.append(f" · worker {device.worker} {device.worker_state}{job} · {device.resident_models} resident")
     text.append("\n")
     text.append(f"queue: {status.queue_length} waiting · running: ")
     text.append(running_name or "nothing", style="bold cyan" if running_name else "")

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from lorad.cli.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from lorad.cli.progress import TerminalProgress
@@ -40,16 +41,30 @@ def print_status(client: LoradClient) -> int:
     print(f"lorad {s.version} — pid {s.pid}, up {format_duration(s.uptime_seconds)}")
     print(f"listening: {', '.join(s.addresses)}" + (" (token required)" if s.token_required else ""))
     print(f"state directory: {s.home}")
+    if s.in_process:
+        print("jobs run in the daemon process (--in-process): no crash isolation, one device per job")
     for d in s.devices:
-        memory = f"{format_bytes(d.memory_used_bytes)} used" + (
-            f" of {format_bytes(d.memory_total_bytes)}" if d.memory_total_bytes else ""
-        )
-        print(f"device {d.name}: {d.description} ({memory})")
-    print(
-        f"queue: {s.queue_length} waiting; running: {s.running_job_id or 'nothing'}; "
-        f"resident models: {s.resident_models}"
-    )
+        print(describe_device(d))
+    running = ", ".join(s.running_job_ids) or s.running_job_id or "nothing"
+    print(f"queue: {s.queue_length} waiting; running: {running}; resident models: {s.resident_models}")
     return EXIT_OK
+
+
+def describe_device(d: Any) -> str:
+    """One line about a device and its worker: state, job, memory, residents."""
+    memory = f"{format_bytes(d.memory_used_bytes)} used" + (
+        f" of {format_bytes(d.memory_total_bytes)}" if d.memory_total_bytes else ""
+    )
+    if d.worker < 0:  # the daemon process itself
+        return f"daemon: pid {d.worker_pid}, {memory}, {d.resident_models} caption models"
+    worker = f"worker {d.worker} ({d.worker_state or 'unknown'}"
+    worker += f", pid {d.worker_pid}" if d.worker_pid else ""
+    worker += f", restarted {d.worker_restarts}×" if d.worker_restarts else ""
+    worker += f", job {d.running_job_id})" if d.running_job_id else ")"
+    residents = f"{d.resident_models} resident model{'s' if d.resident_models != 1 else ''}"
+    residents += f" ({format_bytes(d.resident_bytes)})" if d.resident_models else ""
+    description = f" {d.description}," if d.description else ""
+    return f"device {d.name}:{description} {worker}; {memory}; {residents}"
 
 
 def print_jobs(client: LoradClient, states: Iterable[str], limit: int) -> int:
@@ -78,13 +93,14 @@ def print_models(client: LoradClient) -> int:
             m.source,
             m.model_version,
             m.device,
+            str(m.worker) if m.worker >= 0 else "daemon",
             m.dtype,
             format_bytes(m.memory_bytes),
             "in use" if m.in_use else format_duration(m.keep_alive_seconds_left),
         ]
         for m in models
     ]
-    print(_table(rows, ["ID", "KIND", "SOURCE", "VERSION", "DEVICE", "DTYPE", "MEMORY", "KEEP-ALIVE"]))
+    print(_table(rows, ["ID", "KIND", "SOURCE", "VERSION", "DEVICE", "WORKER", "DTYPE", "MEMORY", "KEEP-ALIVE"]))
     return EXIT_OK
 
 

@@ -33,8 +33,10 @@ def _connect(timeout: float = 3.0):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Submit to the running daemon and follow; without one, train in this process."""
-    if not args.embedded:
+    """Submit to the running daemon and follow; without one (or as a torchrun rank), train in this process."""
+    from lorad.training.distributed import launched_by_torchrun
+
+    if not args.embedded and not launched_by_torchrun():
         from lorad_client import DaemonUnavailable
 
         try:
@@ -190,6 +192,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_keep_alive=args.keep_alive,
         memory_budget_gb=args.memory_budget,
         resume_interrupted=not args.no_resume,
+        cpu_workers=args.cpu_workers,
+        in_process=args.in_process,
+        start_workers=True,  # the first job does not wait for its worker to import torch
+        log_level=getattr(logging, args.log_level.upper()),
     )
 
     def ready(daemon) -> None:
@@ -355,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a LoRA from a YAML config",
         description="Train a LoRA from a YAML config: submit it to the running lorad daemon and follow "
         "the job (Ctrl-C detaches; the job goes on), or, with no daemon running (or --embedded), train in "
-        "this process. Relative paths in the config resolve against the current directory.",
+        "this process. Started by torchrun (or srun with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it is "
+        "one rank of a job across GPUs and machines. Relative paths in the config resolve against the current "
+        "directory.",
     )
     train.add_argument("--config", "-c", required=True, help="the YAML config file")
     train.add_argument(
@@ -453,7 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="GB",
-        help="unload least-recently-used idle models beyond this much memory",
+        help="per device: unload least-recently-used idle models beyond this much memory",
+    )
+    serve.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on the CPU besides one per GPU (default 1): CPU jobs run side by side, or one "
+        "job trains on several with `devices: N`",
+    )
+    serve.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run jobs in the daemon process instead of one worker process per device (for debugging: no crash "
+        "isolation, one device per job)",
     )
     serve.add_argument(
         "--no-resume", action="store_true", help="do not resume jobs that were running when the daemon last stopped"

@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from lorad.config.schema import SECTIONS, OptimizerArgs, RepeatPolicy, TrainConfig
+from lorad.config.schema import SECTIONS, DeviceRequest, OptimizerArgs, RepeatPolicy, TrainConfig
 from lorad.sampling.prompts import SamplePrompts
 
 _TITLES = {
@@ -44,7 +44,7 @@ def _yaml_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (RepeatPolicy, OptimizerArgs, SamplePrompts)):
+    if isinstance(value, (RepeatPolicy, OptimizerArgs, DeviceRequest, SamplePrompts)):
         return _yaml_value(value.to_yaml())
     if isinstance(value, dict):
         return json.dumps(value)

@@ -22,7 +22,15 @@ from typing import Any, TypeVar
 from lorad.config.limits import path_problem, shown
 from lorad.config.option_checks import option_checks
 from lorad.config.pickle_policy import pickle_problem
-from lorad.config.schema import MAX_REPEATS, REQUIRED_KEYS, OptimizerArgs, RepeatPolicy, TrainConfig
+from lorad.config.schema import (
+    MAX_DEVICES,
+    MAX_REPEATS,
+    REQUIRED_KEYS,
+    DeviceRequest,
+    OptimizerArgs,
+    RepeatPolicy,
+    TrainConfig,
+)
 from lorad.config.yaml_text import load_yaml_text
 from lorad.data.dataset import caption_extension_problem
 from lorad.errors import ConfigError, ConfigProblem
@@ -185,6 +193,46 @@ def _to_repeats(value: Any) -> RepeatPolicy:
     return RepeatPolicy(default=n)
 
 
+_DEVICES_FIX = "write auto, a count such as 2, or a list such as [cuda:0, cuda:1], [cpu, cpu] or [0, 1]"
+
+
+def _to_devices(value: Any) -> DeviceRequest:
+    """``auto``, a count (a number), one device name, or a list of device names / worker indices."""
+    if isinstance(value, bool) or value is None:
+        raise _Invalid(f"got {_show(value)}", _DEVICES_FIX)
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return DeviceRequest()
+    if isinstance(value, str) and "," in value:
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        count = _to_int(value)
+        if not 1 <= count <= MAX_DEVICES:
+            raise _Invalid(f"got {shown(count)}", f"ask for 1 to {MAX_DEVICES} devices")
+        return DeviceRequest(count=count)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise _Invalid(f"got {_show(value)}", _DEVICES_FIX)
+    if len(items) > MAX_DEVICES:
+        raise _Invalid(f"names {len(items)} devices", f"ask for 1 to {MAX_DEVICES} devices")
+    names: list[str] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 1024:
+            names.append(str(item))
+        elif isinstance(item, str) and _DEVICE.match(item.strip().lower()) and item.strip().lower() != "auto":
+            names.append(item.strip().lower())
+        else:
+            raise _Invalid(f"{'got' if isinstance(value, str) else 'holds'} {_show(item)}", _DEVICES_FIX)
+    kinds = {name.partition(":")[0] for name in names if not name.isdigit()}
+    if len(kinds) > 1:
+        raise _Invalid(
+            f"mixes device kinds ({', '.join(sorted(kinds))})", "one job's devices must all be GPUs, or all CPU"
+        )
+    index_names = [name for name in names if name.isdigit() or ":" in name]
+    if len(set(index_names)) < len(index_names):
+        raise _Invalid("names one device twice", "name each GPU or worker once (only `cpu` may repeat)")
+    return DeviceRequest(names=tuple(names))
+
+
 def _literal(value: Any) -> Any:
     """A YAML value (or kohya's `key=value` text) as a Python value: numbers and tuples parsed, lists as tuples."""
     if isinstance(value, str):
@@ -272,6 +320,8 @@ def _convert(name: str, value: Any, base_dir: Path, hints: Mapping[str, Any] = _
         return _to_repeats(value)
     if hint is OptimizerArgs:
         return _to_optimizer_args(value)
+    if hint is DeviceRequest:
+        return _to_devices(value)
     if hint is SamplePrompts:
         try:
             return sample_prompts_from(value, base_dir)
@@ -407,6 +457,14 @@ def run_checks(values: dict[str, Any]) -> list[ConfigProblem]:
     if isinstance(device, str) and not _DEVICE.match(device.strip().lower()):
         problems.append(
             ConfigProblem("device", f"got {shown(device)}", "use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+        )
+    elif isinstance(device, str) and device.strip().lower() != "auto" and values.get("devices", DeviceRequest()).names:
+        problems.append(
+            ConfigProblem(
+                "devices",
+                f"names devices, and `device` says {shown(device)} too",
+                "use one of them: `devices` alone (e.g. [cuda:0, cuda:1]), or `device` with a count in `devices`",
+            )
         )
     return problems
 

@@ -107,6 +107,36 @@ class OptimizerArgs:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items}
 
 
+# The most devices one job may ask for (far beyond one machine; torchrun jobs are counted by torchrun).
+MAX_DEVICES = 64
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """Which devices a job trains on (the ``devices`` key): ``auto`` (one, the daemon chooses), a
+    ``count`` of devices of the kind ``device`` says, or ``names`` (one per rank): device names such as
+    ``cuda:1`` or ``cpu`` (a name given twice means two devices of that kind), or worker indices ("1")
+    as ``lorad status`` numbers them."""
+
+    count: int | None = None
+    names: tuple[str, ...] = ()
+
+    @property
+    def is_auto(self) -> bool:
+        return self.count is None and not self.names
+
+    @property
+    def ranks(self) -> int:
+        """How many devices (ranks) the job runs on."""
+        return len(self.names) or self.count or 1
+
+    def to_yaml(self) -> str | int | list[str | int]:
+        """The YAML spelling: ``auto``, a number, or a list (indices as numbers)."""
+        if self.names:
+            return [int(name) if name.isdigit() else name for name in self.names]
+        return self.count if self.count is not None else "auto"
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingKeys:
     """The keys every model family shares: base model, LoRA size, optimizer and schedule, checkpoints and
@@ -326,6 +356,16 @@ class TrainingKeys:
     device: str = field(
         default="auto",
         metadata=spec("training", "Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."),
+    )
+    devices: DeviceRequest = field(
+        default_factory=DeviceRequest,
+        metadata=spec(
+            "training",
+            "How many devices train this job together (data parallel; the daemon runs one worker per GPU): `auto` "
+            "(one, the daemon picks a free one, preferring where the base model is loaded), a count such as 2 (of "
+            "the kind `device` names), or a list of devices or worker indices such as [cuda:0, cuda:1] or [0, 2]. "
+            "batch_size is per device: the global batch is batch_size × devices × gradient_accumulation_steps.",
+        ),
     )
 
     ema_decay: float | None = field(
@@ -956,7 +996,7 @@ def config_to_dict(config: Any, *, mappings: tuple[str, ...] = ()) -> dict[str, 
             value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
-        elif isinstance(value, (RepeatPolicy, OptimizerArgs, SamplePrompts)):
+        elif isinstance(value, (RepeatPolicy, OptimizerArgs, DeviceRequest, SamplePrompts)):
             value = value.to_yaml()
         out[f.name] = value
     return out

@@ -431,6 +431,16 @@ class JobStore:
             )
         return _job_from_row(rows[0]) if rows else None
 
+    def queued(self, limit: int = 10_000) -> builtins.list[JobRecord]:
+        """Every QUEUED job, oldest first (the order :meth:`next_queued` hands them out)."""
+        with self._read() as conn:
+            rows = _rows(
+                conn,
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ? ORDER BY created_at, num LIMIT ?",
+                (JobState.QUEUED.value, limit),
+            )
+        return [_job_from_row(row) for row in rows]
+
     def queue_position(self, job_id: str) -> int:
         """1 for the job :meth:`next_queued` returns, 2 for the one after, ...; 0 if not QUEUED."""
         with self._read() as conn:

@@ -27,8 +27,7 @@ from lorad_api.v1 import caption_pb2, jobs_pb2, lora_tools_pb2, models_pb2, syst
 if TYPE_CHECKING:  # types only: the registry and the LoRA tools import torch, which clients never load
     from lorad.captioning.editing import FolderCaptions
     from lorad.lora_tools.inspect import LoraReport
-    from lorad.models.registry import ResidentInfo
-    from lorad.server.service import DaemonStatus
+    from lorad.server.service import DaemonStatus, HeldModel
     from lorad.watching.manager import WatchChange
     from lorad.watching.records import WatchView
 
@@ -141,9 +140,11 @@ def engine_events_to_proto(job_id: str, events: Sequence[ev.Event]) -> list[jobs
     return [event_to_proto(EventRecord(job_id, 0, now, *engine_event_payload(event))) for event in events]
 
 
-def resident_to_proto(info: ResidentInfo) -> models_pb2.ResidentModel:
-    """A registry ResidentInfo as a ResidentModel message."""
+def resident_to_proto(held: HeldModel) -> models_pb2.ResidentModel:
+    """A resident model (a registry ResidentInfo and the worker that holds it) as a message."""
+    info = held.info
     return models_pb2.ResidentModel(
+        worker=held.worker,
         model_id=info.model_id,
         source=info.source,
         model_version=info.model_version,
@@ -170,6 +171,14 @@ def status_to_proto(status: DaemonStatus) -> system_pb2.GetStatusResponse:
                 description=d.description,
                 memory_total_bytes=d.memory_total_bytes,
                 memory_used_bytes=d.memory_used_bytes,
+                worker=d.worker,
+                worker_pid=d.worker_pid,
+                worker_state=d.worker_state,
+                running_job_id=d.running_job_id,
+                resident_models=d.resident_models,
+                resident_bytes=d.resident_bytes,
+                worker_restarts=d.worker_restarts,
+                worker_rss_bytes=d.worker_rss_bytes,
             )
             for d in status.devices
         ],
@@ -181,6 +190,8 @@ def status_to_proto(status: DaemonStatus) -> system_pb2.GetStatusResponse:
         resident_models=status.resident_models,
         pid=status.pid,
         jobs_revision=status.jobs_revision,
+        running_job_ids=status.running_job_ids,
+        in_process=status.in_process,
     )
 
 

@@ -1,9 +1,10 @@
 """The daemon's domain API: what the gRPC servicer calls, with no gRPC in it.
 
-It owns the job store, the event hub, the resident-model registry and the worker, and wires the
-training engine to them. The registry holds captioners too: caption requests and training jobs
-that caption their images share them. Methods raise lorad's own errors (ConfigError, JobNotFound,
-...); the servicer maps those to status codes in one place (``lorad.server.status_codes``).
+It owns the job store, the event hub and the dispatcher, which runs jobs in one worker process per
+device (each holding that device's resident base models: :mod:`lorad.workers`). The daemon process
+keeps a model registry of its own for the captioners that serve caption requests. Methods raise
+lorad's own errors (ConfigError, JobNotFound, ...); the servicer maps those to status codes in one
+place (``lorad.server.status_codes``).
 """
 
 from __future__ import annotations
@@ -15,31 +16,32 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lorad import __version__
-from lorad.captioning.captioner import CaptionerKey, CaptionerProvider, ProvidedCaptioner
+from lorad.captioning.captioner import CaptionerProvider
 from lorad.captioning.editing import FolderCaptions
 from lorad.captioning.errors import FolderBusy
 from lorad.captioning.options import DEFAULT_BATCH_SIZE, CaptionOptions
 from lorad.captioning.updates import CaptionUpdate
-from lorad.config.dispatch import choose_family, parse_any_config, parse_any_config_text
+from lorad.config.dispatch import parse_any_config, parse_any_config_text
 from lorad.config.limits import MAX_CONFIG_BYTES, number_problem, path_problem, shown
-from lorad.config.pickle_policy import needs_pickle, pickle_problem
 from lorad.config.schema import TrainingKeys
 from lorad.data.dataset import caption_extension_problem
-from lorad.errors import ConfigError, ConfigProblem, LoradError, ModelLoadError
-from lorad.events import Event, EventSink
-from lorad.families.registry import family_names, load_plugin, spec_for
+from lorad.errors import ConfigError, ConfigProblem, LoradError
+from lorad.events import Event
+from lorad.families.registry import spec_for
+from lorad.jobs.dispatcher import Dispatcher
 from lorad.jobs.hub import EventHub
 from lorad.jobs.records import EventRecord, JobRecord, JobState
+from lorad.jobs.scheduling import Slot
 from lorad.jobs.store import JobStore
-from lorad.jobs.worker import Worker
-from lorad.models.registry import ModelKey, ModelRegistry, ResidentInfo, measure_tensor_bytes
+from lorad.models.registry import ModelNotResident, ModelRegistry, ResidentInfo
+from lorad.models.residents import captioner_provider, lorad_registry, resident_set_bytes
 from lorad.paths import jobs_db_path
 from lorad.server.settings import MAX_KEEP_ALIVE_SECONDS, DaemonSettings
 from lorad.training.run_requests import SAMPLE_NOW, SAVE_NOW, RequestNotDone
@@ -50,6 +52,8 @@ log = logging.getLogger("lorad.server.service")
 
 # The most jobs one ListJobs answer holds.
 MAX_LISTED_JOBS = 10_000
+# How long a status or model request waits for a worker's answer (it answers between a job's steps).
+WORKER_ANSWER_SECONDS = 30.0
 # How long SampleNow / SaveNow wait for the running step to end and the request to be done.
 RUN_REQUEST_SECONDS = 1800.0
 
@@ -60,12 +64,28 @@ class JobNotCancellable(LoradError):
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """One compute device and its memory."""
+    """One compute device, its worker and its memory (``worker_rss_bytes``: the worker process's host memory)."""
 
     name: str
     description: str
     memory_total_bytes: int
     memory_used_bytes: int
+    worker: int = -1
+    worker_pid: int = 0
+    worker_state: str = ""
+    running_job_id: str = ""
+    resident_models: int = 0
+    resident_bytes: int = 0
+    worker_restarts: int = 0
+    worker_rss_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """A resident model and who holds it: a device's worker (its index), or -1 for the daemon process."""
+
+    info: ResidentInfo
+    worker: int
 
 
 @dataclass(frozen=True)
@@ -84,35 +104,48 @@ class DaemonStatus:
     resident_models: int
     pid: int
     jobs_revision: int = 0
+    running_job_ids: list[str] = field(default_factory=list)
+    in_process: bool = False
 
 
 class LoradService:
     """Jobs, models and status for one daemon process."""
 
-    def __init__(self, settings: DaemonSettings, *, registry: ModelRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        *,
+        registry: ModelRegistry | None = None,
+        slots: Sequence[Slot] | None = None,
+        train: Callable[..., object] | None = None,
+    ) -> None:
+        """``slots`` (the daemon's workers: one per GPU plus ``settings.cpu_workers`` on the CPU) and
+        ``train`` (in-process workers only) may be given by tests."""
         self.settings = settings
         self.started_at = time.time()
         self.store = JobStore(jobs_db_path(settings.home))
         self.hub = EventHub(self.store)
-        self.registry: ModelRegistry = registry or ModelRegistry(
-            self._load_model,
-            default_keep_alive=settings.default_keep_alive,
-            memory_budget_bytes=settings.memory_budget_bytes,
-            measure=_measure_model,
-        )
-        from lorad.training.loop import train
-
-        self.worker = Worker(
-            self.store,
-            self.hub,
-            train=train,
-            models=self._provide_model,
-            captions=self._caption_filler,
-            device_name=self._device_name(),
+        # The daemon process's own models: captioners serving caption requests and watched folders.
+        self.registry: ModelRegistry = registry or lorad_registry(
+            default_keep_alive=settings.default_keep_alive, memory_budget_bytes=settings.memory_budget_bytes
         )
         # One writer per caption folder: two requests merging into one metadata.csv would lose rows.
         self._folder_locks: dict[str, threading.Lock] = {}
         self._folder_locks_guard = threading.Lock()
+        if slots is None:
+            from lorad.workers.handle import machine_slots
+
+            slots = machine_slots(settings.cpu_workers)
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.hub,
+            slots,
+            self._worker_spec(slots),
+            in_process=settings.in_process,
+            train=train,
+            hold_folder=self._lock_folder,
+            release_folder=self._unlock_folder,
+        )
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_models, name="lorad-model-reaper", daemon=True)
         self.addresses: list[str] = settings.grpc_targets  # the server replaces these with the bound ones
@@ -122,15 +155,15 @@ class LoradService:
     def start(self) -> None:
         """Recover jobs a dead daemon left running, then start the worker and the model reaper."""
         self._recover_interrupted()
-        self.worker.start()
+        self.dispatcher.start(start_workers=self.settings.start_workers)
         self._reaper.start()
         self.watches.start()
 
     def stop(self) -> None:
-        """Checkpoint and interrupt the running job (it resumes on the next start), stop threads."""
+        """Checkpoint and interrupt the running jobs (they resume on the next start), stop the workers and threads."""
         self._reaper_stop.set()
         self.watches.stop()
-        self.worker.shutdown(timeout=120)
+        self.dispatcher.shutdown(timeout=120)
         self.hub.wake()
         self.registry.close()
         self.store.close()
@@ -186,6 +219,8 @@ class LoradService:
             config_yaml = yaml.safe_dump(dict(config_fields), sort_keys=False)
         else:
             config = parse_any_config_text(config_yaml or "", base_dir=base, source=source)
+        # Devices this daemon cannot give the job (more than it has, a GPU it lacks) are refused now.
+        self.dispatcher.check_want(config.devices, config.device)
         # Pickle weights without `allow_pickle` were refused by the config's own checks.
         job = self.store.create_job(
             name=config.output_name,
@@ -197,13 +232,13 @@ class LoradService:
             keep_alive_seconds=keep_alive_seconds,
         )
         self.hub.publish(job.job_id, "queued", {"queue_position": self.store.queue_position(job.job_id)})
-        self.worker.wake()
+        self.dispatcher.wake()
         return job
 
     def get_job(self, job_id: str) -> JobRecord:
         """A job by id (or unique id prefix), with live progress while it runs."""
         job = self.store.get(job_id)
-        if job.state == JobState.RUNNING and (ended := self.worker.pending_outcome(job.job_id)):
+        if job.state == JobState.RUNNING and (ended := self.dispatcher.pending_outcome(job.job_id)):
             return replace(job, **ended)  # it ended, but the store could not take the write yet
         return self._with_live_progress(job)
 
@@ -222,7 +257,7 @@ class LoradService:
         return [self._with_live_progress(job) for job in jobs]
 
     def _with_live_progress(self, job: JobRecord) -> JobRecord:
-        live = self.worker.live_progress(job.job_id) if job.state == JobState.RUNNING else None
+        live = self.dispatcher.live_progress(job.job_id) if job.state == JobState.RUNNING else None
         return replace(job, progress=live) if live else job
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -238,17 +273,17 @@ class LoradService:
         if cancelled is not None:
             self.hub.publish(job.job_id, "cancelled", {"checkpoint": ""})
             return cancelled
-        self.worker.cancel_running(job.job_id)
+        self.dispatcher.cancel_running(job.job_id)
         return self.store.get(job.job_id)
 
     def sample_now(self, job_id: str) -> list[Event]:
         """Have the running job draw its sample prompts after its current step; the events that produced.
         RequestNotDone (FAILED_PRECONDITION) when it is not training here or has no sample prompts."""
-        return self.worker.ask_running(self._running(job_id), SAMPLE_NOW, timeout=RUN_REQUEST_SECONDS)
+        return self.dispatcher.ask_running(self._running(job_id), SAMPLE_NOW, timeout=RUN_REQUEST_SECONDS)
 
     def save_now(self, job_id: str) -> list[Event]:
         """Have the running job save a checkpoint and its step's LoRA after its current step; the events."""
-        return self.worker.ask_running(self._running(job_id), SAVE_NOW, timeout=RUN_REQUEST_SECONDS)
+        return self.dispatcher.ask_running(self._running(job_id), SAVE_NOW, timeout=RUN_REQUEST_SECONDS)
 
     def _running(self, job_id: str) -> str:
         """The full id of a RUNNING job; RequestNotDone naming its state otherwise."""
@@ -396,7 +431,6 @@ class LoradService:
         )
         return report.captions_generated
 
-    # --- models --------------------------------------------------------------------------------
     # --- LoRA toolbox (issue 21): file tools on the daemon's machine --------------------------------
     def inspect_lora(self, path: str, *, base_dir: str = "") -> Any:
         """The :class:`lorad.lora_tools.inspect.LoraReport` of a LoRA file."""
@@ -419,62 +453,42 @@ class LoradService:
 
         return resize_lora(_resolve(path, base_dir), _resolve(output, base_dir), rank=rank, dynamic=dynamic or None)
 
-    def _device_name(self) -> str:
-        from lorad.training.placement import pick_device
+    # --- workers and models ----------------------------------------------------------------------
+    def _worker_spec(self, slots: Sequence[Slot]) -> Callable[[Slot], Any]:
+        """A worker's start-up settings. CPU workers share the cores (unless OMP_NUM_THREADS says)."""
+        from lorad.workers.host import WorkerSpec
 
-        return str(pick_device("auto"))
+        cpu_slots = sum(1 for slot in slots if slot.kind == "cpu")
+        threads = 0 if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // max(cpu_slots, 1))
 
-    def _load_model(self, key: ModelKey) -> Any:
-        """The registry's loader: a family's base model (kind = the family's name), or a captioner."""
-        if key.kind in family_names():
-            return load_plugin(key.kind).load(key)
-        from lorad.captioning.captioner import load_captioner
-
-        return load_captioner(
-            CaptionerKey(
-                kind=key.kind, model=key.base_model, device=key.device, dtype=key.dtype, allow_pickle=key.allow_pickle
+        def spec(slot: Slot) -> WorkerSpec:
+            return WorkerSpec(
+                index=slot.index,
+                device=slot.device,
+                home=str(self.settings.home),
+                default_keep_alive=self.settings.default_keep_alive,
+                memory_budget_bytes=self.settings.memory_budget_bytes,
+                log_level=self.settings.log_level,
+                threads=threads if slot.kind == "cpu" and cpu_slots > 1 else 0,
             )
-        )
 
-    @contextmanager
-    def _provide_model(self, config: TrainingKeys, placement: Any) -> Iterator[Any]:
-        """The training loop's ModelProvider: reserve the config's base model in the registry."""
-        from lorad.training.family import ProvidedModel
-
-        if (problem := pickle_problem("base_model", config.base_model, config.allow_pickle)) is not None:
-            raise ModelLoadError(f"`base_model`: {problem.message}", problem.fix)
-        key = load_plugin(config.model_family).model_key(config, placement)
-        with self.registry.use(key, keep_alive=self._running_keep_alive()) as acquired:
-            yield ProvidedModel(model=acquired.model, resident=acquired.resident, seconds=acquired.load_seconds)
-
-    def _running_keep_alive(self) -> float | None:
-        job_id = self.worker.running_job_id
-        if job_id is None:
-            return None
-        seconds = self.store.get(job_id).keep_alive_seconds
-        return seconds if seconds > 0 else None
+        return spec
 
     def _captioner_provider(self, keep_alive: float | None) -> CaptionerProvider:
-        """A CaptionerProvider that reserves captioners in the registry (loading them once)."""
+        """A CaptionerProvider that reserves captioners in the daemon's registry (loading them once)."""
+        return captioner_provider(self.registry, keep_alive)
 
-        @contextmanager
-        def provide(key: CaptionerKey) -> Iterator[ProvidedCaptioner]:
-            registry_key = ModelKey(
-                base_model=key.model,
-                device=key.device,
-                dtype=key.dtype,
-                kind=key.kind,
-                allow_pickle=needs_pickle(key.model, key.allow_pickle),
-            )
-            with self.registry.use(registry_key, keep_alive=keep_alive) as acquired:
-                yield ProvidedCaptioner(
-                    captioner=acquired.model,
-                    resident=acquired.resident,
-                    seconds=acquired.load_seconds,
-                    model_id=acquired.model_id,
-                )
+    def _lock_folder(self, folder: str) -> None:
+        """Wait until nobody else writes captions into ``folder``, then hold it (a job's captioning)."""
+        with self._folder_locks_guard:
+            lock = self._folder_locks.setdefault(str(folder), threading.Lock())
+        lock.acquire()
 
-        return provide
+    def _unlock_folder(self, folder: str) -> None:
+        with self._folder_locks_guard:
+            lock = self._folder_locks.get(str(folder))
+        if lock is not None and lock.locked():
+            lock.release()
 
     @contextmanager
     def _hold_folder(self, folder: Path, *, wait: bool) -> Iterator[None]:
@@ -490,18 +504,6 @@ class LoradService:
             yield
         finally:
             lock.release()
-
-    def _caption_filler(self, config: TrainingKeys, on_event: EventSink, stop: threading.Event) -> Callable:
-        """The worker's hook factory: a job's ``caption_missing`` hook, using resident captioners."""
-        from lorad.captioning.training import caption_filler
-
-        return caption_filler(
-            config,
-            on_event=on_event,
-            provide=self._captioner_provider(self._running_keep_alive()),
-            stop=stop,
-            exclusive=lambda folder: self._hold_folder(folder, wait=True),
-        )
 
     def caption_images(
         self,
@@ -576,8 +578,20 @@ class LoradService:
         with self._hold_folder(root, wait=False):
             return set_captions(root, edits, caption_extension=extension)
 
-    def list_models(self) -> list[ResidentInfo]:
-        return self.registry.list()
+    def list_models(self) -> list[HeldModel]:
+        """Every resident model: each running worker's, then the daemon process's own (captioners)."""
+        held: list[HeldModel] = []
+        for handle in self.dispatcher.handles:
+            if not handle.started:
+                continue
+            try:
+                infos = handle.call("list", timeout=WORKER_ANSWER_SECONDS)
+            except LoradError as err:  # it died or restarts: nothing resident there now
+                log.warning("worker %d: cannot list its models: %s", handle.index, err)
+                continue
+            self.dispatcher.note_residents(handle.index, {info.key.base_model for info in infos})
+            held += [HeldModel(info, handle.index) for info in infos]
+        return held + [HeldModel(info, -1) for info in self.registry.list()]
 
     def load_model(
         self,
@@ -591,42 +605,54 @@ class LoradService:
         prediction_type: str = "",
         allow_pickle: bool = False,
         keep_alive_seconds: float = 0.0,
-    ) -> tuple[ResidentInfo, bool]:
-        """Preload a base model the way a job with these settings would use it (its family detected
-        from the model's files; settings its family has no key for are ignored)."""
-        from dataclasses import fields as config_fields
-
-        from lorad.training.placement import pick_placement
-
+    ) -> tuple[HeldModel, bool]:
+        """Preload a base model in the worker a job with these settings would use (``device``: a device name,
+        "" or auto for the machine's first GPU, else the first CPU worker), the way that job would use it."""
         check_request(
             "model load",
             paths={"base_model": base_model, "model_config_dir": model_config_dir, "tokenizer_path": tokenizer_path},
             keep_alive=keep_alive_seconds,
         )
         base = _absolute_base_dir(base_dir or "/", "model load")
-        spec = choose_family({"base_model": base_model}, base_dir=base, source="model load")
-        raw: dict[str, Any] = {
-            spec.data_key: str(base),
+        from lorad.config.schema import DeviceRequest
+
+        want = self.dispatcher.check_want(DeviceRequest(), device or "auto")
+        index = (want.named or want.any_of)[0]
+        handle = self.dispatcher.handles[index]
+        handle.ensure_started()
+        settings = {
             "base_model": base_model,
-            "output_dir": str(base),
-            "device": device or "auto",
-            "mixed_precision": mixed_precision or "auto",
-        }
-        optional = {
+            "base_dir": base,
+            "mixed_precision": mixed_precision,
             "model_config_dir": model_config_dir,
             "tokenizer_path": tokenizer_path,
             "prediction_type": prediction_type,
             "allow_pickle": allow_pickle,
         }
-        known = {f.name for f in config_fields(spec.config_class)}
-        raw |= {key: value for key, value in optional.items() if value and key in known}
-        config = spec.parse(raw, base, "model load")  # pickle refused here
-        placement = pick_placement(config.device, config.mixed_precision)
-        key = load_plugin(spec.name).model_key(config, placement)
-        return self.registry.load(key, keep_alive=keep_alive_seconds or None)
+        info, resident = handle.call("load", settings=settings, keep_alive=keep_alive_seconds or None)
+        self.dispatcher.note_residents(
+            index, {i.key.base_model for i in handle.call("list", timeout=WORKER_ANSWER_SECONDS)}
+        )
+        return HeldModel(info, index), resident
 
     def unload_model(self, model: str) -> int:
-        return self.registry.unload(model)
+        """Unload ``model`` (an id or a base model path) wherever it is resident; the bytes freed.
+        ModelInUse when a job uses it; ModelNotResident when nobody holds it."""
+        freed, found, busy = 0, False, None
+        owners: list[Any] = [h for h in self.dispatcher.handles if h.started] + [self.registry]
+        for owner in owners:
+            try:
+                freed += owner.call("unload", model=model) if owner is not self.registry else owner.unload(model)
+                found = True
+            except ModelNotResident:
+                continue
+            except LoradError as err:
+                busy = busy or err
+        if busy is not None:
+            raise busy
+        if not found:
+            raise ModelNotResident(f"no resident model has id or base model {model!r}")
+        return freed
 
     def _reap_models(self) -> None:
         while not self._reaper_stop.wait(timeout=5.0):
@@ -638,34 +664,75 @@ class LoradService:
 
     # --- status --------------------------------------------------------------------------------
     def status(self) -> DaemonStatus:
+        running = self.dispatcher.running_job_ids
+        devices = self._devices()
         return DaemonStatus(
             version=__version__,
             started_at=self.started_at,
             uptime_seconds=time.time() - self.started_at,
-            devices=self._devices(),
+            devices=devices,
             queue_length=len(self.store.list([JobState.QUEUED], limit=100_000, configs=False)),
-            running_job_id=self.worker.running_job_id or "",
+            running_job_id=running[0] if running else "",
             addresses=self.addresses,
             token_required=True,
             home=str(self.settings.home),
-            resident_models=len(self.registry.list()),
+            resident_models=sum(d.resident_models for d in devices) + len(self.registry.list()),
             pid=os.getpid(),
             jobs_revision=self.store.revision,
+            running_job_ids=running,
+            in_process=self.settings.in_process,
         )
 
     def _devices(self) -> list[DeviceInfo]:
+        """Each worker's device: its memory (asked of the worker; nothing while it is not running, so the
+        daemon itself never opens a GPU), its state, job and residents."""
         import platform
 
-        import torch
-
         devices = []
-        for index in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(index)
-            devices.append(DeviceInfo(f"cuda:{index}", torch.cuda.get_device_name(index), total, total - free))
-        if torch.backends.mps.is_available():
-            devices.append(DeviceInfo("mps", "Apple GPU", 0, int(torch.mps.current_allocated_memory())))
+        for handle in self.dispatcher.handles:
+            memory: dict[str, Any] = {}
+            residents: list[ResidentInfo] = []
+            if handle.started:
+                try:
+                    memory = handle.call("memory", timeout=WORKER_ANSWER_SECONDS)
+                    residents = handle.call("list", timeout=WORKER_ANSWER_SECONDS)
+                except LoradError as err:
+                    log.warning("worker %d: no status: %s", handle.index, err)
+            job = self.dispatcher.job_on(handle.index)
+            state = handle.state
+            if state == "ready":
+                state = "running" if job else "idle"
+            cpu = handle.slot.kind == "cpu"
+            devices.append(
+                DeviceInfo(
+                    name=handle.device,
+                    description=memory.get("description")
+                    or (platform.processor() or platform.machine() if cpu else ""),
+                    memory_total_bytes=int(memory.get("total", 0)),
+                    memory_used_bytes=int(memory.get("used", 0)),
+                    worker=handle.index,
+                    worker_pid=handle.pid if handle.started else 0,
+                    worker_state=state,
+                    running_job_id=job,
+                    resident_models=len(residents),
+                    resident_bytes=sum(info.memory_bytes for info in residents),
+                    worker_restarts=handle.restarts,
+                    worker_rss_bytes=int(memory.get("rss", 0)),
+                )
+            )
+        # The daemon process itself (gRPC, the job store, caption requests' models).
         devices.append(
-            DeviceInfo("cpu", platform.processor() or platform.machine(), _total_memory_bytes(), _resident_set_bytes())
+            DeviceInfo(
+                name="daemon",
+                description=f"the daemon process (pid {os.getpid()}): gRPC, job store, caption requests",
+                memory_total_bytes=0,
+                memory_used_bytes=resident_set_bytes(),
+                worker=-1,
+                worker_pid=os.getpid(),
+                worker_state="running",
+                resident_models=len(self.registry.list()),
+                resident_bytes=sum(info.memory_bytes for info in self.registry.list()),
+            )
         )
         return devices
 
@@ -723,29 +790,6 @@ def _check_fields_size(fields: Mapping[str, Any], source: str) -> None:
             ],
             source,
         )
-
-
-def _measure_model(model: Any) -> int:
-    """Bytes a resident model holds: its own ``memory_bytes`` when it says (an ONNX tagger holds no
-    torch tensors), else its tensors."""
-    own = getattr(model, "memory_bytes", None)
-    return own if isinstance(own, int) else measure_tensor_bytes(model)
-
-
-def _total_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return 0
-
-
-def _resident_set_bytes() -> int:
-    """This process's current resident memory (Linux); 0 where unknown."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _resolve(path: str, base_dir: str) -> Path:

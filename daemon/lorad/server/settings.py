@@ -17,6 +17,8 @@ from lorad.paths import DEFAULT_PORT, lorad_home, socket_path
 
 # The longest keep-alive a daemon or a request may ask for: 30 days.
 MAX_KEEP_ALIVE_SECONDS = 30 * 86_400.0
+# The most CPU workers a daemon runs (each is a process holding its own models).
+MAX_CPU_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,17 @@ class DaemonSettings:
     tcp_addresses: tuple[str, ...]  # "host:port" each
     unix_socket: Path | None  # None: no Unix socket
     default_keep_alive: float = 1800.0  # seconds a model stays resident after its last use
-    memory_budget_bytes: int | None = None  # resident models beyond this are evicted LRU
+    memory_budget_bytes: int | None = None  # per device: resident models beyond this are evicted LRU
     resume_interrupted: bool = True  # re-queue jobs a dead daemon was running
+    # Workers on the CPU (besides one per GPU): they train jobs that ask for the CPU, and every job on a
+    # machine without a GPU; two or more let CPU jobs run side by side or one job train on several.
+    cpu_workers: int = 1
+    # Run jobs in threads of the daemon process instead of worker processes (no crash isolation; one device
+    # per job): for debugging with a debugger or profiler attached to one process.
+    in_process: bool = False
+    # Start every worker when the daemon starts (`lorad serve`), rather than with its first job.
+    start_workers: bool = False
+    log_level: int = 20  # logging.INFO, for the workers' own logs
 
     @property
     def grpc_targets(self) -> list[str]:
@@ -65,6 +76,10 @@ def daemon_settings(
     default_keep_alive: float = 1800.0,
     memory_budget_gb: float | None = None,
     resume_interrupted: bool = True,
+    cpu_workers: int = 1,
+    in_process: bool = False,
+    start_workers: bool = False,
+    log_level: int = 20,
 ) -> DaemonSettings:
     """Settings from CLI options and the environment.
 
@@ -79,6 +94,8 @@ def daemon_settings(
         )
     if memory_budget_gb is not None and not (math.isfinite(memory_budget_gb) and 0 < memory_budget_gb <= 1e6):
         raise LoradError(f"`--memory-budget`: got {memory_budget_gb!r}", "use a positive number of GB, e.g. 24")
+    if not 0 <= cpu_workers <= MAX_CPU_WORKERS:
+        raise LoradError(f"`--cpu-workers`: got {cpu_workers!r}", f"use 0 to {MAX_CPU_WORKERS}")
     home = home or lorad_home()
     entries = list(listen) or [a.strip() for a in os.environ.get("LORAD_ADDRESS", "").split(",") if a.strip()]
     tcp: list[str] = []
@@ -101,4 +118,8 @@ def daemon_settings(
         default_keep_alive=default_keep_alive,
         memory_budget_bytes=budget,
         resume_interrupted=resume_interrupted,
+        cpu_workers=cpu_workers,
+        in_process=in_process,
+        start_workers=start_workers,
+        log_level=log_level,
     )

@@ -25,6 +25,7 @@ from lorad.models.registry import ModelInUse, ModelNotResident
 from lorad.server.service import JobNotCancellable
 from lorad.watching.observer import WatchUnavailable
 from lorad.watching.records import WatchExists, WatchNotFound
+from lorad.workers.handle import WorkerUnavailable
 
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
@@ -47,6 +48,9 @@ STATUS_BY_ERROR: tuple[tuple[type[LoradError], grpc.StatusCode], ...] = (
     (WatchExists, grpc.StatusCode.ALREADY_EXISTS),
     (WatchNotFound, grpc.StatusCode.NOT_FOUND),
     (WatchUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    # A device's worker is starting again after its process died: worth retrying in a moment (UNAVAILABLE
+    # would read as "no daemon" to clients).
+    (WorkerUnavailable, grpc.StatusCode.ABORTED),
     (LoradError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

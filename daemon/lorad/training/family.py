@@ -106,6 +106,11 @@ class FamilyRun(Protocol):
     :meth:`loss` draws its randomness only from ``generator`` (on the run's device, seeded by the
     loop from seed, epoch and planned micro-batch) and the global RNGs the loop checkpoints.
 
+    In a run on several devices (:mod:`lorad.training.distributed`) ``plan`` is made at the global
+    micro-batch (the family's config says ``batch_size`` × devices), each rank trains its rows of every
+    micro-batch (:meth:`split`), and :meth:`after_step`, :meth:`finish` and the exports run on rank 0
+    only: they must not change the weights or anything a step computes.
+
     Out-of-memory recovery uses two more methods, optional (a run without them skips those rungs):
     :meth:`split` cuts a planned micro-batch into smaller pieces, and :meth:`reduce_memory` turns
     on the family's own savings (e.g. ``fp8_base``). See :mod:`lorad.training.memory_recovery`.
@@ -131,7 +136,12 @@ class FamilyRun(Protocol):
     def split(self, micro_batch: Any, size: int) -> Sequence[tuple[Any, float]]:
         """Optional. ``micro_batch`` as pieces of at most ``size`` samples, in order, each with its share
         of the micro-batch's loss (shares sum to 1: the pieces' ``share * loss`` add up to the whole's
-        mean loss, e.g. samples or labelled tokens in the piece over those in the whole)."""
+        mean loss, e.g. samples or labelled tokens in the piece over those in the whole).
+
+        ``micro_batch`` may itself be a piece split made: then its own rows are split, with shares of its
+        loss. A data-parallel run gives each rank one piece of every planned micro-batch this way (and
+        out-of-memory recovery splits that piece further); a family without ``split`` trains on one
+        device only."""
         ...
 
     def reduce_memory(self) -> str | None:

@@ -34,9 +34,19 @@ from lorad.events import (
 )
 from lorad.families import registry
 from lorad.lora.adapters import load_lora_state_dict, lora_state_dict
-from lorad.training.checkpoints import check_signature, open_run, restore_rng
+from lorad.training.checkpoints import Checkpoint, check_signature, open_run, restore_rng
+from lorad.training.distributed import SINGLE, Ranks, resume_batch_problem
 from lorad.training.ema import ParameterEma
-from lorad.training.family import ADAPTER, CaptionFiller, FamilyRun, ModelFamily, ProvidedModel, RunFacts, RunHooks
+from lorad.training.family import (
+    ADAPTER,
+    CaptionFiller,
+    FamilyRun,
+    ModelFamily,
+    ProvidedModel,
+    RunFacts,
+    RunHooks,
+    ScannedData,
+)
 from lorad.training.lagged import LaggedValues, all_finite, wait_for_device
 from lorad.training.memory_recovery import MemoryRecovery
 from lorad.training.optimizers import (
@@ -89,6 +99,25 @@ def fresh_model_provider(family: ModelFamily) -> ModelProvider:
     return provide
 
 
+def batch_report(config: TrainingKeys, devices: int) -> dict[str, int]:
+    """The batch a step trains on: per-device batch × devices × accumulation = the global batch."""
+    accum = config.gradient_accumulation_steps
+    return {
+        "per_device": config.batch_size,
+        "devices": devices,
+        "gradient_accumulation_steps": accum,
+        "global": config.batch_size * devices * accum,
+    }
+
+
+def batch_line(batch: dict[str, int]) -> str:
+    """The data report's line about the batch."""
+    return (
+        f"batch: {batch['per_device']} per device × {batch['devices']} device{'s' if batch['devices'] != 1 else ''}"
+        f" × {batch['gradient_accumulation_steps']} accumulation = {batch['global']} samples per step"
+    )
+
+
 def train(
     config: TrainingKeys,
     *,
@@ -97,6 +126,7 @@ def train(
     models: ModelProvider | None = None,
     caption_missing: CaptionFiller | None = None,
     requests: RunRequests | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Train ``config``'s adapter and write its outputs into ``config.output_dir``.
 
@@ -107,15 +137,32 @@ def train(
     the step they arrive in; the run closes the channel when it ends. Raises DataError before any model
     is loaded when no data is usable; TrainingDiverged on a NaN/inf loss (earlier checkpoints are kept);
     ConfigError for settings only the model can check.
+
+    ``ranks`` makes this process one rank of a data-parallel run (:mod:`lorad.training.distributed`):
+    ``config.batch_size`` is then the per-device batch, the epoch plan is made at the global micro-batch
+    (batch_size × ranks), and only rank 0 sends events, samples, answers ``requests`` and writes into
+    ``output_dir``.
     """
     family = registry.load_plugin(config.model_family)
     run_start, started_at = time.monotonic(), time.time()
     timings: dict[str, float] = {}
-    prepare_output_dir(config.output_dir)
+    if not ranks.is_main:
+        on_event = ignore_events  # rank 0 tells the story; every rank computes the same numbers
+    # What the family sees: the global micro-batch, so the plan (and a checkpoint's signature) is the same
+    # whatever the number of devices that share it.
+    family_config = replace(config, batch_size=config.batch_size * ranks.world) if ranks.world > 1 else config
 
-    # Data first: unusable data fails in seconds, before gigabytes of weights load.
-    data = family.scan(config, on_event=on_event, hooks=RunHooks(caption_missing=caption_missing, stop=stop))
-    on_event(DataReported(report=data.report, text=data.text))
+    def scan() -> ScannedData:
+        prepare_output_dir(config.output_dir)
+        hooks = RunHooks(caption_missing=caption_missing, stop=stop)
+        return family.scan(family_config, on_event=on_event, hooks=hooks)
+
+    # Data first: unusable data fails in seconds, before gigabytes of weights load. Rank 0 scans (and
+    # captions) once; every rank trains on what it found.
+    data = ranks.share(scan)
+    batch = batch_report(config, ranks.world)
+    data_report = data.report | {"batch": batch}
+    on_event(DataReported(report=data_report, text=f"{data.text}\n{batch_line(batch)}"))
     for note in data.notes:
         on_event(LogLine(message=note))
 
@@ -142,9 +189,11 @@ def train(
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         t0 = time.monotonic()
-        run = family.start(config, provided.model, data, placement, on_event)
+        run = family.start(family_config, provided.model, data, placement, on_event)
         timings["prepare"] = time.monotonic() - t0
+        ranks.check_family(run, family.name)
         params = [p for group in run.param_groups for p in group["params"]]
+        ranks.broadcast_(params)  # the same first weights everywhere, whatever each rank's RNG did
         optimizer = build_optimizer(run.param_groups, config)
         for hint in optimizer_hints(config, [group["lr"] for group in run.param_groups]):
             on_event(LogLine(message=f"optimizer: {hint}", level="warning"))
@@ -157,17 +206,30 @@ def train(
         scheduler = build_scheduler(optimizer, config, total_steps=total_steps)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         scaler = torch.amp.GradScaler(device.type) if placement.autocast_dtype == torch.float16 else None
-        signature = family.signature(config)
+        signature = family.signature(family_config)
         run.train_mode(config.gradient_checkpointing)  # family.restore turns it off again
-        memory = MemoryRecovery(config, run, device)  # shrinks the step when it runs out of memory
-        samples = SampleRounds(config, run, optimizer, params, on_event)  # never changes what is trained
+        # Shrinks this rank's part of a step when it runs out of memory (config: the per-device batch).
+        memory = MemoryRecovery(config, run, device)
+        # Never changes what is trained; rank 0's alone (the others go on to the next all-reduce and wait).
+        samples = SampleRounds(config, run, optimizer, params, on_event, active=ranks.is_main)
 
         # Locks output_dir, clears our stale temp files, reads the resume checkpoint, sets other runs' aside.
-        checkpoints = open_run(config.output_dir, config.resume_from, on_event=on_event)
-        hold.callback(checkpoints.close)
+        # Rank 0 alone opens the folder; the checkpoint it read is handed to every rank.
+        checkpoints = None
+
+        def open_checkpoints() -> Checkpoint | None:
+            nonlocal checkpoints
+            checkpoints = open_run(config.output_dir, config.resume_from, on_event=on_event)
+            hold.callback(checkpoints.close)
+            return checkpoints.resumed
+
+        resumed = ranks.share(open_checkpoints)
         step = 0
-        if checkpoints.resumed is not None:
-            checkpoint = checkpoints.resumed
+        if resumed is not None:
+            checkpoint = resumed
+            # Another number of devices is fine where batch_size × devices is the same (the plan is).
+            if problem := resume_batch_problem(checkpoint.signature.get("batch_size"), config.batch_size, ranks.world):
+                raise problem
             check_signature(checkpoint.signature, signature)
             for part, module in run.parts.items():
                 load_lora_state_dict(module, ADAPTER, checkpoint.lora[part])
@@ -181,14 +243,18 @@ def train(
                 ema.load_state_dict(checkpoint.state["extra"]["ema"])
             step = checkpoint.step
 
-        from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
+        writer = None
+        if ranks.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # slow import; only when training
 
-        writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
-        hold.callback(writer.close)
+            writer = SummaryWriter(log_dir=str(config.output_dir / "logs"))
+            hold.callback(writer.close)
         scalars = ScalarLog(writer)
         # A step's loss is read on the host one step later, so the device never idles waiting for it.
         lagged: LaggedValues[StepNote] = LaggedValues(device)
         last_loss = float("nan")
+        # Ranks stop at the same step: each one's stop request is a vote summed in the step's all-reduce.
+        stop_voted = False
 
         def diverged(what: str) -> TrainingDiverged:
             kept = sorted(config.output_dir.glob("checkpoints/step-*"))
@@ -198,9 +264,11 @@ def train(
                 + (f"; the last good checkpoint is {kept[-1]}" if kept else ""),
             )
 
-        def report(note: StepNote, loss: float) -> None:
-            """A step's loss reached the host: stop on NaN/inf, else tell everyone about the step."""
-            nonlocal last_loss
+        def report(note: StepNote, values: list[float]) -> None:
+            """A step's loss (and stop votes) reached the host: stop on NaN/inf, else tell everyone about the step."""
+            nonlocal last_loss, stop_voted
+            loss, votes = values[0], values[1] if len(values) > 1 else 0.0
+            stop_voted = stop_voted or votes > 0
             if not math.isfinite(loss):
                 raise diverged(f"the loss became {loss} at step {note.step}")
             last_loss = loss
@@ -221,14 +289,16 @@ def train(
         def settle() -> None:
             """Report every step still in flight and check the adapter's weights: before a checkpoint, a
             stop or the export, so that none of them ever holds a NaN."""
-            for note, (loss,) in lagged.drain():
-                report(note, loss)
+            for note, values in lagged.drain():
+                report(note, values)
             if not all_finite(params):
                 raise diverged(f"the LoRA weights became NaN or infinite by step {step}")
             scalars.flush()
 
         def save(at_step: int, epoch: int, prune: bool = True) -> str:
             settle()
+            if checkpoints is None:  # not the reporting rank
+                return ""
             path = checkpoints.save(
                 step=at_step,
                 epoch=epoch,
@@ -275,7 +345,8 @@ def train(
                 trainable_params=sum(p.numel() for p in params),
                 device=str(device),
                 precision=placement.precision,
-                resumed_from=str(checkpoints.resumed.path) if checkpoints.resumed is not None else "",
+                resumed_from=str(resumed.path) if resumed is not None else "",
+                devices=ranks.world,
             )
         )
 
@@ -296,7 +367,7 @@ def train(
                     try:
                         step_loss = backward_step(
                             run, plan, start, accum, memory, seed=config.seed, epoch=epoch, autocast=autocast,
-                            scaler=scaler, device=device,
+                            scaler=scaler, device=device, ranks=ranks, per_device=config.batch_size,
                         )  # fmt: skip
                         break
                     except Exception as err:
@@ -306,6 +377,11 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     on_event(memory.recover(error, at_step=step + 1))  # TrainingOutOfMemory when nothing is left
 
+                # Every rank's gradients (and loss, and stop vote) summed: one all-reduce, queued, no host wait.
+                step_values = step_loss.reshape(1)
+                if ranks.world > 1:
+                    vote = torch.full((1,), 1.0 if stop is not None and stop.is_set() else 0.0, device=device)
+                    step_values = ranks.reduce(params, torch.cat([step_values, vote]))
                 # One optimizer step, queued without waiting for the device (no host sync).
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -333,24 +409,28 @@ def train(
                         on_event(LogLine(message=f"first step {timings['first_step']:.1f}s (torch.compile included)"))
                 else:
                     rate = (steps_this_run - 1) / max(time.monotonic() - t_rate, 1e-9)
-                for done, (loss,) in lagged.push(step_loss.reshape(1), StepNote(step, epoch + 1, lr, rate)):
-                    report(done, loss)  # the previous step's; TrainingDiverged on NaN/inf
-                run.after_step(step, total_steps)
+                for done, values in lagged.push(step_values, StepNote(step, epoch + 1, lr, rate)):
+                    report(done, values)  # the previous step's; TrainingDiverged on NaN/inf
+                if ranks.is_main:  # evaluation and samples: the reporting rank's (they change no weights)
+                    run.after_step(step, total_steps)
                 scalars.add(step, run.scalars.by_step)
                 run.scalars.by_step.clear()
                 if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                     last_saved = (step, save(step, epoch))
                 samples.after_step(step)
-                answer_requests(requests, act)  # "sample now" / "save now" asked during this step
-                if stop is not None and stop.is_set():
+                answer_requests(requests if ranks.is_main else None, act)  # "sample now" / "save now" asked
+                asked = stop is not None and stop.is_set()
+                if stop_voted if ranks.world > 1 else asked:
                     if last_saved is None or last_saved[0] != step:
                         last_saved = (step, save(step, epoch))
-                    with eval_weights(optimizer):  # schedule-free: the averaged weights, as an export holds
-                        partial = run.export_partial(facts(step, epoch + 1))  # a usable LoRA of the last step
+                    partial = None
+                    if ranks.is_main:
+                        with eval_weights(optimizer):  # schedule-free: the averaged weights, as an export holds
+                            partial = run.export_partial(facts(step, epoch + 1))  # a usable LoRA of the last step
                     raise TrainingInterrupted(
                         f"training stopped at step {step}/{total_steps}",
                         "resume with `resume_from: latest` in the config and the same command",
-                        checkpoint=last_saved[1],
+                        checkpoint=last_saved[1] or None,
                         partial=str(partial) if partial else None,
                     )
                 if step >= total_steps:
@@ -359,8 +439,9 @@ def train(
             samples.after_epoch(step, epoch)
             if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
                 settle()
-                with eval_weights(optimizer):
-                    run.export_epoch(facts(step, epoch))  # kohya's NAME-00000N.safetensors
+                if ranks.is_main:
+                    with eval_weights(optimizer):
+                        run.export_epoch(facts(step, epoch))  # kohya's NAME-00000N.safetensors
                 if last_saved is None or last_saved[0] != step:
                     last_saved = (step, save(step, epoch))
         settle()
@@ -371,6 +452,9 @@ def train(
         sheet = samples.at_end(step)  # a last round, and the contact sheet of every round
         # Schedule-free optimizers: the final evaluation and the export use the averaged (eval-mode) weights.
         set_optimizer_mode(optimizer, train=False)
+        if not ranks.is_main:  # the others' work ends here: rank 0 evaluates and writes the outputs
+            timings["train"] = time.monotonic() - t_train
+            return TrainResult(outputs={}, steps=step, final_loss=last_loss, seconds=time.monotonic() - run_start)
         run.finish(step)
         scalars.add(step, run.scalars.by_step)
         scalars.flush()
@@ -391,13 +475,14 @@ def train(
         outputs["summary"] = write_summary(
             config,
             {
-                "data_report": data.report,
+                "data_report": data_report,
                 "steps": step,
                 "epochs": epoch,
                 "final_loss": last_loss,
                 "timings_seconds": timings | {"total": seconds},
                 "outputs": outputs,
                 "device": str(device),
+                "devices": ranks.world,
                 "precision": placement.precision,
                 "memory_recovery": memory.changes,
                 **run.scalars.summary,
@@ -406,7 +491,7 @@ def train(
         outputs["logs"] = str(config.output_dir / "logs")
         if sheet:
             outputs["samples"] = sheet
-        if guard is not None:
+        if guard and checkpoints is not None:
             checkpoints.discard(Path(guard))
         on_event(TrainingFinished(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds))
         return TrainResult(outputs=outputs, steps=step, final_loss=last_loss, seconds=seconds)
@@ -426,19 +511,27 @@ def backward_step(
     autocast: AbstractContextManager,
     scaler: torch.amp.GradScaler | None,
     device: torch.device,
+    ranks: Ranks = SINGLE,
+    per_device: int = 0,
 ) -> torch.Tensor:
     """Forward and backward of the micro-batches ``plan[start:start + accum]`` (one optimizer step),
     each in the pieces ``memory`` says; gradients add up in ``.grad``. Returns the step's loss (the
-    mean of its micro-batches' losses) on the device, unread."""
+    mean of its micro-batches' losses) on the device, unread. With several ``ranks`` this rank does
+    only its rows of each micro-batch (at most ``per_device``), weighted by their share: the ranks'
+    gradients and losses then add up to the whole step's."""
     micro_batches = plan[start : start + accum]
     total = torch.zeros((), device=device)
     for index, micro_batch in enumerate(micro_batches, start):
-        for piece, share in memory.pieces(micro_batch):
+        shard = ranks.shard(run, micro_batch, per_device)
+        if shard is None:
+            continue  # the micro-batch has no rows for this rank
+        mine, part = shard
+        for piece, share in memory.pieces(mine):
             # Every random draw is a function of (seed, epoch, planned micro-batch), drawn on the device:
             # a resumed run, and a step redone in smaller pieces, draw exactly what the first run drew.
             generator = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch * 10_007 + index)
             with autocast:
-                loss = run.loss(piece, generator) * share
+                loss = run.loss(piece, generator) * (share * part)
             (scaler.scale(loss / accum) if scaler else loss / accum).backward()
             total += loss.detach()
     return total / len(micro_batches)

@@ -64,7 +64,7 @@ def exact_eval_weights(optimizer: torch.optim.Optimizer, params: list[torch.nn.P
 class SampleRounds:
     """The run's sampling: at the first step (``sample_at_first``: a baseline without the adapter), every
     ``sample_every_n_steps`` steps, every ``sample_every_n_epochs`` epochs, on request, and at the end.
-    Inert when the family's run has no ``sample`` method."""
+    Inert when the family's run has no ``sample`` method, or when not ``active``."""
 
     def __init__(
         self,
@@ -73,9 +73,12 @@ class SampleRounds:
         optimizer: torch.optim.Optimizer,
         params: list[torch.nn.Parameter],
         on_event: EventSink,
+        *,
+        active: bool = True,
     ) -> None:
         self.config, self.run, self.optimizer, self.params, self.on_event = config, run, optimizer, params, on_event
-        self.supported = callable(getattr(run, "sample", None))
+        # Inactive on every rank of a data-parallel run but the reporting one.
+        self.supported = active and callable(getattr(run, "sample", None))
         self.last_step: int | None = None  # the step of the newest round (none twice for one step)
 
     @property

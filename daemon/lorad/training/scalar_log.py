@@ -9,7 +9,8 @@ from typing import Any
 class ScalarLog:
     """Collects (name, value, step) scalars and hands them to a TensorBoard ``SummaryWriter`` every
     ``every`` steps and on :meth:`flush`. Each ``add_scalar`` builds a protobuf on the calling thread;
-    batching keeps that work out of most steps (the writer's own thread does the file I/O)."""
+    batching keeps that work out of most steps (the writer's own thread does the file I/O). Without a
+    writer (a rank that does not report) the scalars are dropped."""
 
     def __init__(self, writer: Any, *, every: int = 25) -> None:
         self.writer = writer
@@ -27,10 +28,11 @@ class ScalarLog:
     def flush(self) -> None:
         """Write every queued scalar and flush the event file (at checkpoints and at the end of the run)."""
         self._write()
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def _write(self) -> None:
-        for name, value, step in self._rows:
+        for name, value, step in self._rows if self.writer is not None else ():
             self.writer.add_scalar(name, value, step)
         self._rows.clear()
         self._steps.clear()

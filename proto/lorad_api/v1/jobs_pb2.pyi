@@ -148,7 +148,7 @@ class LatentsCached(_message.Message):
     def __init__(self, cached: _Optional[int] = ..., encoded: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingStarted(_message.Message):
-    __slots__ = ("total_steps", "start_step", "epochs", "trainable_params", "device", "precision", "resumed_from")
+    __slots__ = ("total_steps", "start_step", "epochs", "trainable_params", "device", "precision", "resumed_from", "devices")
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class TrainingStarted(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     total_steps: int
     start_step: int
     epochs: int
@@ -163,7 +164,8 @@ class TrainingStarted(_message.Message):
     device: str
     precision: str
     resumed_from: str
-    def __init__(self, total_steps: _Optional[int] = ..., start_step: _Optional[int] = ..., epochs: _Optional[int] = ..., trainable_params: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resumed_from: _Optional[str] = ...) -> None: ...
+    devices: int
+    def __init__(self, total_steps: _Optional[int] = ..., start_step: _Optional[int] = ..., epochs: _Optional[int] = ..., trainable_params: _Optional[int] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resumed_from: _Optional[str] = ..., devices: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("progress",)
@@ -225,14 +227,16 @@ class JobCancelled(_message.Message):
     def __init__(self, checkpoint: _Optional[str] = ..., partial: _Optional[str] = ...) -> None: ...
 
 class JobInterrupted(_message.Message):
-    __slots__ = ("checkpoint", "will_resume", "partial")
+    __slots__ = ("checkpoint", "will_resume", "partial", "reason")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     WILL_RESUME_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     will_resume: bool
     partial: str
-    def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ..., partial: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, checkpoint: _Optional[str] = ..., will_resume: _Optional[bool] = ..., partial: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EvalLoss(_message.Message):
     __slots__ = ("step", "loss", "samples")

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lorad/v1/models.proto\x12\x08lorad.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x02\n\rResidentModel\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12-\n\tloaded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17keep_alive_seconds_left\x18\t \x01(\x01\x12\x0e\n\x06in_use\x18\n \x01(\x08\x12\x0c\n\x04kind\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.lorad.v1.ResidentModel\"\xde\x01\n\x10LoadModelRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x18\n\x10model_config_dir\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_path\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fmixed_precision\x18\x06 \x01(\t\x12\x1a\n\x12keep_alive_seconds\x18\x07 \x01(\x01\x12\x17\n\x0fprediction_type\x18\x08 \x01(\t\x12\x14\n\x0c\x61llow_pickle\x18\t \x01(\x08\"U\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lorad.v1.ResidentModel\x12\x18\n\x10\x61lready_resident\x18\x02 \x01(\x08\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"*\n\x13UnloadModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x32\xe9\x01\n\x0cModelService\x12G\n\nListModels\x12\x1b.lorad.v1.ListModelsRequest\x1a\x1c.lorad.v1.ListModelsResponse\x12\x44\n\tLoadModel\x12\x1a.lorad.v1.LoadModelRequest\x1a\x1b.lorad.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.lorad.v1.UnloadModelRequest\x1a\x1d.lorad.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lorad/v1/models.proto\x12\x08lorad.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x02\n\rResidentModel\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x03\x12-\n\tloaded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17keep_alive_seconds_left\x18\t \x01(\x01\x12\x0e\n\x06in_use\x18\n \x01(\x08\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12\x0e\n\x06worker\x18x \x01(\x05\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.lorad.v1.ResidentModel\"\xde\x01\n\x10LoadModelRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\x12\x18\n\x10model_config_dir\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_path\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0fmixed_precision\x18\x06 \x01(\t\x12\x1a\n\x12keep_alive_seconds\x18\x07 \x01(\x01\x12\x17\n\x0fprediction_type\x18\x08 \x01(\t\x12\x14\n\x0c\x61llow_pickle\x18\t \x01(\x08\"U\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.lorad.v1.ResidentModel\x12\x18\n\x10\x61lready_resident\x18\x02 \x01(\x08\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"*\n\x13UnloadModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x32\xe9\x01\n\x0cModelService\x12G\n\nListModels\x12\x1b.lorad.v1.ListModelsRequest\x1a\x1c.lorad.v1.ListModelsResponse\x12\x44\n\tLoadModel\x12\x1a.lorad.v1.LoadModelRequest\x1a\x1b.lorad.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.lorad.v1.UnloadModelRequest\x1a\x1d.lorad.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad_api.v1.models_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESIDENTMODEL']._serialized_start=69
-  _globals['_RESIDENTMODEL']._serialized_end=354
-  _globals['_LISTMODELSREQUEST']._serialized_start=356
-  _globals['_LISTMODELSREQUEST']._serialized_end=375
-  _globals['_LISTMODELSRESPONSE']._serialized_start=377
-  _globals['_LISTMODELSRESPONSE']._serialized_end=438
-  _globals['_LOADMODELREQUEST']._serialized_start=441
-  _globals['_LOADMODELREQUEST']._serialized_end=663
-  _globals['_LOADMODELRESPONSE']._serialized_start=665
-  _globals['_LOADMODELRESPONSE']._serialized_end=750
-  _globals['_UNLOADMODELREQUEST']._serialized_start=752
-  _globals['_UNLOADMODELREQUEST']._serialized_end=787
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=789
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=831
-  _globals['_MODELSERVICE']._serialized_start=834
-  _globals['_MODELSERVICE']._serialized_end=1067
+  _globals['_RESIDENTMODEL']._serialized_end=370
+  _globals['_LISTMODELSREQUEST']._serialized_start=372
+  _globals['_LISTMODELSREQUEST']._serialized_end=391
+  _globals['_LISTMODELSRESPONSE']._serialized_start=393
+  _globals['_LISTMODELSRESPONSE']._serialized_end=454
+  _globals['_LOADMODELREQUEST']._serialized_start=457
+  _globals['_LOADMODELREQUEST']._serialized_end=679
+  _globals['_LOADMODELRESPONSE']._serialized_start=681
+  _globals['_LOADMODELRESPONSE']._serialized_end=766
+  _globals['_UNLOADMODELREQUEST']._serialized_start=768
+  _globals['_UNLOADMODELREQUEST']._serialized_end=803
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=805
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=847
+  _globals['_MODELSERVICE']._serialized_start=850
+  _globals['_MODELSERVICE']._serialized_end=1083
 # @@protoc_insertion_point(module_scope)

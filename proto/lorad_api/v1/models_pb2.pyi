@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ResidentModel(_message.Message):
-    __slots__ = ("model_id", "source", "model_version", "device", "dtype", "memory_bytes", "loaded_at", "last_used_at", "keep_alive_seconds_left", "in_use", "kind")
+    __slots__ = ("model_id", "source", "model_version", "device", "dtype", "memory_bytes", "loaded_at", "last_used_at", "keep_alive_seconds_left", "in_use", "kind", "worker")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class ResidentModel(_message.Message):
     KEEP_ALIVE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
     IN_USE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     source: str
     model_version: str
@@ -34,7 +35,8 @@ class ResidentModel(_message.Message):
     keep_alive_seconds_left: float
     in_use: bool
     kind: str
-    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[str] = ..., model_version: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_alive_seconds_left: _Optional[float] = ..., in_use: _Optional[bool] = ..., kind: _Optional[str] = ...) -> None: ...
+    worker: int
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[str] = ..., model_version: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_alive_seconds_left: _Optional[float] = ..., in_use: _Optional[bool] = ..., kind: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -11,23 +11,39 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Device(_message.Message):
-    __slots__ = ("name", "description", "memory_total_bytes", "memory_used_bytes")
+    __slots__ = ("name", "description", "memory_total_bytes", "memory_used_bytes", "worker", "worker_pid", "worker_state", "running_job_id", "resident_models", "resident_bytes", "worker_restarts", "worker_rss_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_STATE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_MODELS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     memory_total_bytes: int
     memory_used_bytes: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+    worker: int
+    worker_pid: int
+    worker_state: str
+    running_job_id: str
+    resident_models: int
+    resident_bytes: int
+    worker_restarts: int
+    worker_rss_bytes: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., worker: _Optional[int] = ..., worker_pid: _Optional[int] = ..., worker_state: _Optional[str] = ..., running_job_id: _Optional[str] = ..., resident_models: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., worker_restarts: _Optional[int] = ..., worker_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "started_at", "uptime_seconds", "devices", "queue_length", "running_job_id", "addresses", "token_required", "home", "resident_models", "pid", "jobs_revision")
+    __slots__ = ("version", "started_at", "uptime_seconds", "devices", "queue_length", "running_job_id", "addresses", "token_required", "home", "resident_models", "pid", "jobs_revision", "running_job_ids", "in_process")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +56,8 @@ class GetStatusResponse(_message.Message):
     RESIDENT_MODELS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     JOBS_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    IN_PROCESS_FIELD_NUMBER: _ClassVar[int]
     version: str
     started_at: _timestamp_pb2.Timestamp
     uptime_seconds: float
@@ -52,7 +70,9 @@ class GetStatusResponse(_message.Message):
     resident_models: int
     pid: int
     jobs_revision: int
-    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., token_required: _Optional[bool] = ..., home: _Optional[str] = ..., resident_models: _Optional[int] = ..., pid: _Optional[int] = ..., jobs_revision: _Optional[int] = ...) -> None: ...
+    running_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    in_process: bool
+    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., queue_length: _Optional[int] = ..., running_job_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., token_required: _Optional[bool] = ..., home: _Optional[str] = ..., resident_models: _Optional[int] = ..., pid: _Optional[int] = ..., jobs_revision: _Optional[int] = ..., running_job_ids: _Optional[_Iterable[str]] = ..., in_process: _Optional[bool] = ...) -> None: ...
 
 class ProveIdentityRequest(_message.Message):
     __slots__ = ("challenge",)

@@ -197,6 +197,9 @@ def _cancelled(e: JobEvent) -> str:
 
 def _interrupted(e: JobEvent) -> str:
     i = e.interrupted
+    if i.reason:  # a worker died: the job runs again at once
+        start = f"resumes from {i.checkpoint}" if i.checkpoint else "starts over"
+        return f"interrupted: {i.reason}; it {start} now" + _partial(i.partial)
     if not i.will_resume:
         return "interrupted by a daemon stop (resuming is off: it will not run again)"
     start = f"resume from {i.checkpoint}" if i.checkpoint else "start over"

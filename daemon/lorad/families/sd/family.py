@@ -384,10 +384,11 @@ class SdRun:
         return loss
 
     def split(self, micro_batch: MicroBatch, size: int) -> list[tuple[MicroBatch, float]]:
-        count = len(micro_batch.samples)
+        # A piece (a rank's rows) splits into smaller pieces of its own rows, with shares of its loss.
+        first, last = micro_batch.trained.indices(len(micro_batch.samples))[:2]
         return [
-            (replace(micro_batch, start=at, stop=min(at + size, count)), (min(at + size, count) - at) / count)
-            for at in range(0, count, size)
+            (replace(micro_batch, start=at, stop=min(at + size, last)), (min(at + size, last) - at) / (last - first))
+            for at in range(first, last, size)
         ]
 
     def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:

@@ -15,23 +15,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lorad/v1/system.proto\x12\x08lorad.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x03\"\x12\n\x10GetStatusRequest\"\xb3\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12!\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x10.lorad.v1.Device\x12\x14\n\x0cqueue_length\x18\x05 \x01(\x05\x12\x16\n\x0erunning_job_id\x18\x06 \x01(\t\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x16\n\x0etoken_required\x18\x08 \x01(\x08\x12\x0c\n\x04home\x18\t \x01(\t\x12\x17\n\x0fresident_models\x18\n \x01(\x05\x12\x0b\n\x03pid\x18\x0b \x01(\x05\x12\x15\n\rjobs_revision\x18\x32 \x01(\x03\")\n\x14ProveIdentityRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"&\n\x15ProveIdentityResponse\x12\r\n\x05proof\x18\x01 \x01(\x0c\x32\xa7\x01\n\rSystemService\x12\x44\n\tGetStatus\x12\x1a.lorad.v1.GetStatusRequest\x1a\x1b.lorad.v1.GetStatusResponse\x12P\n\rProveIdentity\x12\x1e.lorad.v1.ProveIdentityRequest\x1a\x1f.lorad.v1.ProveIdentityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lorad/v1/system.proto\x12\x08lorad.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x02\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06worker\x18x \x01(\x05\x12\x12\n\nworker_pid\x18y \x01(\x05\x12\x14\n\x0cworker_state\x18z \x01(\t\x12\x16\n\x0erunning_job_id\x18{ \x01(\t\x12\x17\n\x0fresident_models\x18| \x01(\x05\x12\x16\n\x0eresident_bytes\x18} \x01(\x03\x12\x17\n\x0fworker_restarts\x18~ \x01(\x05\x12\x18\n\x10worker_rss_bytes\x18\x7f \x01(\x03\"\x12\n\x10GetStatusRequest\"\xe0\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12!\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x10.lorad.v1.Device\x12\x14\n\x0cqueue_length\x18\x05 \x01(\x05\x12\x16\n\x0erunning_job_id\x18\x06 \x01(\t\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x16\n\x0etoken_required\x18\x08 \x01(\x08\x12\x0c\n\x04home\x18\t \x01(\t\x12\x17\n\x0fresident_models\x18\n \x01(\x05\x12\x0b\n\x03pid\x18\x0b \x01(\x05\x12\x15\n\rjobs_revision\x18\x32 \x01(\x03\x12\x17\n\x0frunning_job_ids\x18x \x03(\t\x12\x12\n\nin_process\x18y \x01(\x08\")\n\x14ProveIdentityRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"&\n\x15ProveIdentityResponse\x12\r\n\x05proof\x18\x01 \x01(\x0c\x32\xa7\x01\n\rSystemService\x12\x44\n\tGetStatus\x12\x1a.lorad.v1.GetStatusRequest\x1a\x1b.lorad.v1.GetStatusResponse\x12P\n\rProveIdentity\x12\x1e.lorad.v1.ProveIdentityRequest\x1a\x1f.lorad.v1.ProveIdentityResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad_webui.api.v1.system_pb2', globals())
 if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
-  _DEVICE._serialized_start=68
-  _DEVICE._serialized_end=166
-  _GETSTATUSREQUEST._serialized_start=168
-  _GETSTATUSREQUEST._serialized_end=186
-  _GETSTATUSRESPONSE._serialized_start=189
-  _GETSTATUSRESPONSE._serialized_end=496
-  _PROVEIDENTITYREQUEST._serialized_start=498
-  _PROVEIDENTITYREQUEST._serialized_end=539
-  _PROVEIDENTITYRESPONSE._serialized_start=541
-  _PROVEIDENTITYRESPONSE._serialized_end=579
-  _SYSTEMSERVICE._serialized_start=582
-  _SYSTEMSERVICE._serialized_end=749
+  _DEVICE._serialized_start=69
+  _DEVICE._serialized_end=349
+  _GETSTATUSREQUEST._serialized_start=351
+  _GETSTATUSREQUEST._serialized_end=369
+  _GETSTATUSRESPONSE._serialized_start=372
+  _GETSTATUSRESPONSE._serialized_end=724
+  _PROVEIDENTITYREQUEST._serialized_start=726
+  _PROVEIDENTITYREQUEST._serialized_end=767
+  _PROVEIDENTITYRESPONSE._serialized_start=769
+  _PROVEIDENTITYRESPONSE._serialized_end=807
+  _SYSTEMSERVICE._serialized_start=810
+  _SYSTEMSERVICE._serialized_end=977
 # @@protoc_insertion_point(module_scope)
