@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -240,3 +240,25 @@ class ModelFamily(Protocol):
     def signature(self, config: TrainingKeys) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         ...
+
+
+class RowRange(Protocol):
+    """A micro-batch that trains a range of its rows: ``samples[start:stop]`` (``stop`` None: to the end)."""
+
+    samples: tuple[int, ...]
+    start: int
+    stop: int | None
+
+
+_Rows = TypeVar("_Rows", bound=RowRange)
+
+
+def split_rows(micro_batch: _Rows, size: int) -> list[tuple[_Rows, float]]:
+    """:meth:`FamilyRun.split` for a micro-batch that is a frozen dataclass :class:`RowRange`: pieces of at
+    most ``size`` of its trained rows, each with its share of them. Each piece still names every sample
+    of the micro-batch, so its loss draws the whole micro-batch's random numbers and keeps its own rows."""
+    first, last = slice(micro_batch.start, micro_batch.stop).indices(len(micro_batch.samples))[:2]
+    return [
+        (replace(micro_batch, start=at, stop=min(at + size, last)), (min(at + size, last) - at) / (last - first))
+        for at in range(first, last, size)
+    ]

@@ -92,7 +92,7 @@ from lorad.training.activation_checkpointing import (
     enable_activation_checkpointing,
     is_activation_checkpointing,
 )
-from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
+from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData, split_rows
 from lorad.training.placement import Placement
 from lorad.training.run_folder import EXPORT_FULL_HINT
 
@@ -175,10 +175,14 @@ def off_the_device(model: FluxModel) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch of an epoch's plan: positions in the epoch's sample list."""
+    """One micro-batch of an epoch's plan: positions in the epoch's sample list. A piece of it (a rank's
+    rows of a data-parallel step, or an out-of-memory split) trains only ``samples[start:stop]`` but
+    draws the whole micro-batch's random numbers."""
 
     epoch: int
     samples: tuple[int, ...]
+    start: int = 0
+    stop: int | None = None
 
 
 class FluxRun:
@@ -426,12 +430,15 @@ class FluxRun:
             for batch in plan_epoch(self.sample_buckets, self.config.batch_size, seed=self.config.seed, epoch=epoch)
         ]
 
+    def split(self, micro_batch: MicroBatch, size: int) -> list[tuple[MicroBatch, float]]:
+        return split_rows(micro_batch, size)
+
     def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
         if self.model.swap is not None:
             self.model.swap.settle()  # the previous backward's last block back to rest; forward order again
         batch, images = micro_batch.samples, self.data.images
-        captions = [self._caption(micro_batch.epoch, i) for i in batch]
-        t5, pooled = self._conditioning(captions)
+        rows = slice(micro_batch.start, micro_batch.stop)
+        t5, pooled = self._conditioning([self._caption(micro_batch.epoch, i) for i in batch[rows]])
 
         # Every random number is drawn on the run's device (the generator lives there): no host round trip.
         samples = [LatentSample(images[self.samples[i]].content_hash, self.sample_buckets[i]) for i in batch]
@@ -444,6 +451,8 @@ class FluxRun:
         sigmas = sample_sigmas(
             self.sampling, len(batch), image_seq_len=(height // 2) * (width // 2), generator=generator
         )
+        # Drawn for the whole micro-batch above, so a piece trains on exactly the numbers the whole would.
+        clean, noise, sigmas = clean[rows], noise[rows], sigmas[rows]
         dtype = self.dtype
         prediction = self.denoiser(
             hidden_states=pack_latents(noisy_latents(clean, noise, sigmas)).to(dtype),
@@ -452,7 +461,7 @@ class FluxRun:
             timestep=sigmas.to(dtype),
             img_ids=image_position_ids(height, width, device=self.device),
             txt_ids=text_position_ids(t5.shape[1], device=self.device),
-            guidance=None if self.guidance is None else torch.full((len(batch),), self.guidance, device=self.device),
+            guidance=None if self.guidance is None else torch.full((len(clean),), self.guidance, device=self.device),
         ).sample
         return flow_matching_loss(unpack_latents(prediction, height, width), clean, noise).mean()
 

@@ -56,7 +56,7 @@ from lorad.training.activation_checkpointing import (
     enable_activation_checkpointing,
     is_activation_checkpointing,
 )
-from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData
+from lorad.training.family import ADAPTER, RunFacts, RunHooks, Scalars, ScannedData, split_rows
 from lorad.training.placement import Placement
 from lorad.training.transfer import to_device
 
@@ -385,11 +385,7 @@ class SdRun:
 
     def split(self, micro_batch: MicroBatch, size: int) -> list[tuple[MicroBatch, float]]:
         # A piece (a rank's rows) splits into smaller pieces of its own rows, with shares of its loss.
-        first, last = micro_batch.trained.indices(len(micro_batch.samples))[:2]
-        return [
-            (replace(micro_batch, start=at, stop=min(at + size, last)), (min(at + size, last) - at) / (last - first))
-            for at in range(first, last, size)
-        ]
+        return split_rows(micro_batch, size)
 
     def loss(self, micro_batch: MicroBatch, generator: torch.Generator) -> torch.Tensor:
         trained = list(micro_batch.samples[micro_batch.trained])
