@@ -13,7 +13,7 @@ from lorad.models.sd_components import state_dict_digest
 from lorad.server.daemon import RunningDaemon
 from lorad_api.v1 import jobs_pb2
 from lorad_client import LoradClient
-from tests.support.daemons import kinds, watch_all
+from tests.support.daemons import kinds, watch_all, worker_registry
 from tests.support.datasets import tiny_sdxl_values
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def sdxl_yaml(tiny_sdxl: Path, data: Path, out: Path, **overrides: object) -> st
 
 
 def digests(daemon: RunningDaemon, key) -> dict[str, str]:
-    with daemon.service.registry.use(key) as held:
+    with worker_registry(daemon).use(key) as held:
         model = held.model
         assert not any("lora" in name for part in PARTS for name, _ in getattr(model, part).named_modules())
         # The text encoders are back on the model's device for the next job.
@@ -34,6 +34,7 @@ def digests(daemon: RunningDaemon, key) -> dict[str, str]:
         return {part: state_dict_digest(getattr(model, part).state_dict()) for part in PARTS}
 
 
+@pytest.mark.in_process  # looks at the resident model itself
 def test_two_sdxl_jobs_share_one_resident_model_left_bit_identical(
     client: LoradClient, daemon: RunningDaemon, tiny_sdxl: Path, dataset: Path, tmp_path: Path
 ) -> None:
@@ -47,7 +48,7 @@ def test_two_sdxl_jobs_share_one_resident_model_left_bit_identical(
     done = client.get_job(first.job_id)
     assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED and Path(done.outputs["kohya"]).is_file()
 
-    (info,) = daemon.service.registry.list()
+    (info,) = worker_registry(daemon).list()
     assert info.key.kind == "sdxl"
     (listed,) = client.list_models()
     assert listed.kind == "sdxl" and listed.model_version == "sdxl"  # what `lorad models` prints

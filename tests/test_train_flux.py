@@ -18,6 +18,7 @@ from lorad.events import LatentsCached, LogLine, StepDone
 from lorad.families.flux.spec import render_flux_example
 from lorad.models.tiny_flux import FluxFiles
 from lorad.training.loop import train
+from tests.support.daemons import worker_registry
 from tests.support.datasets import make_dataset
 from tests.support.flux import flux_file_values, flux_values, parse_flux
 
@@ -342,6 +343,7 @@ def test_fp8_base_and_base_quantization_are_one_or_the_other(
 
 
 @pytest.mark.slow
+@pytest.mark.in_process  # looks at the resident model itself
 def test_daemon_keeps_the_transformer_resident_and_bit_identical(
     client,
     daemon,
@@ -362,9 +364,9 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
         return events
 
     submit("first")
-    (info,) = daemon.service.registry.list()
+    (info,) = worker_registry(daemon).list()
     assert info.key.kind == "flux"
-    with daemon.service.registry.use(info.key) as held:
+    with worker_registry(daemon).use(info.key) as held:
         model = held.model
         before = state_dict_digest(model.transformer.state_dict())
         # Only the transformer is resident: no text encoder, no VAE.
@@ -373,7 +375,7 @@ def test_daemon_keeps_the_transformer_resident_and_bit_identical(
     events = submit("second", lora_rank=2)
     loaded = next(e.model_loaded for e in events if e.HasField("model_loaded"))
     assert loaded.resident
-    with daemon.service.registry.use(info.key) as held:
+    with worker_registry(daemon).use(info.key) as held:
         assert state_dict_digest(held.model.transformer.state_dict()) == before
         assert not any("lora" in name for name, _ in held.model.transformer.named_modules())
 
