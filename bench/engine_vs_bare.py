@@ -805,24 +805,40 @@ def environment(placement: Placement) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the cases, print the table, write bench/results/engine_vs_bare-<device>.json; exit 0."""
-    args = parse_args(argv)
-    # Before huggingface_hub is imported (by diffusers/transformers/lorad): never touch the network.
+def quiet_offline(threads: int | None) -> None:
+    """What every bench on this harness does first: never touch the network (set before huggingface_hub is
+    imported by diffusers/transformers/lorad), silence the libraries' weight-loading bars and notices (they
+    would bury the per-run lines), and pin torch's CPU threads when asked."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from lorad.models.tiny import build_tiny_sd
-    from lorad.training.placement import pick_placement
-
-    # Weight-loading progress bars and dtype-cast notices would bury the per-run lines.
     for library_logging in (diffusers_logging, transformers_logging):
         library_logging.set_verbosity_error()
         library_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def write_results(name: str, placement: Placement, results: list[dict[str, Any]]) -> Path:
+    """``results`` with the run's environment and argv as bench/results/<name>-<device type>.json; its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{placement.device.type}.json"
+    payload = {"environment": environment(placement), "argv": sys.argv[1:], "results": results}
+    # default=str: the odd non-JSON value a summary carries (a Path) is written as text.
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"results: {path}")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the cases, print the table, write bench/results/engine_vs_bare-<device>.json; exit 0."""
+    args = parse_args(argv)
+    quiet_offline(args.threads)
+    from lorad.models.tiny import build_tiny_sd
+    from lorad.training.placement import pick_placement
+
     placement = pick_placement(args.device, args.precision)
     cases = [args.only] if args.only else list(CASES)
     print(
@@ -843,12 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ru_maxrss is KiB on Linux; it covers both sides and all cases, so it is only a ceiling.
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"peak memory per loop needs CUDA; this process's peak RSS (everything) was {format_bytes(rss)}")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"engine_vs_bare-{placement.device.type}.json"
-    payload = {"environment": environment(placement), "argv": sys.argv[1:], "results": results}
-    # default=str: the odd non-JSON value a summary carries (a Path) is written as text.
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"results: {path}")
+    write_results("engine_vs_bare", placement, results)
     return 0
 
 

@@ -43,20 +43,20 @@ from bench.engine_vs_bare import (
     ADAM_EPS,
     LEARNING_RATE,
     MAX_GRAD_NORM,
-    RESULTS_DIR,
     SEED,
     TARGET_RATIO,
     WEIGHT_DECAY,
     LoopRun,
     device_description,
-    environment,
     format_bytes,
     make_dataset,
     peak_bytes,
     picture_tensor,
+    quiet_offline,
     release_memory,
     reset_peak,
     sync,
+    write_results,
 )
 
 if TYPE_CHECKING:
@@ -541,22 +541,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the cases, print the table, write bench/results/flux_vs_bare-<device>.json; exit 0."""
-    import os
-
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
+    quiet_offline(args.threads)
     from lorad.models.tiny_flux import build_tiny_flux
     from lorad.training.placement import pick_placement
 
-    for library_logging in (diffusers_logging, transformers_logging):
-        library_logging.set_verbosity_error()
-        library_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     placement = pick_placement(args.device, args.precision)
     print(
         f"FLUX engine vs bare loop on {placement.device} ({device_description(placement.device)}), "
@@ -570,11 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in cases_for(placement.device, args):
             results.append(bench_case(case, placement, args, tmp, tiny))
     print_table(results)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"flux_vs_bare-{placement.device.type}.json"
-    payload = {"environment": environment(placement), "argv": sys.argv[1:], "results": results}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"results: {path}")
+    write_results("flux_vs_bare", placement, results)
     return 0
 
 

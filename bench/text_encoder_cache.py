@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,8 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench import engine_vs_bare, sdxl_vs_bare
 from bench.engine_vs_bare import (
     SEED,
@@ -34,6 +31,7 @@ from bench.engine_vs_bare import (
     LoopRun,
     environment,
     make_dataset,
+    quiet_offline,
     release_memory,
     run_engine,
     with_flags,
@@ -134,16 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="runs per variant; the median is reported")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadiest on a shared machine)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library_logging in (diffusers_logging, transformers_logging):
-        library_logging.set_verbosity_error()
-        library_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_offline(args.threads)
     names = [args.only] if args.only else list(CASES) + (list(REAL_CASES) if args.real else [])
     with tempfile.TemporaryDirectory(prefix="lorad-bench-text-") as tmp:
         results = [bench_case(name, case_settings(name, args), args, Path(tmp)) for name in names]
