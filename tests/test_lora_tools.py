@@ -61,7 +61,9 @@ def test_inspect_reports_each_layout_lorad_writes(files: dict[str, Path], tmp_pa
     assert {row.block for row in kohya.blocks} >= {"unet down_blocks.0", "unet mid_block", "te layer 1"}
 
 
-def test_inspect_reports_damage_without_crashing(files: dict[str, Path], tmp_path: Path) -> None:
+def test_inspect_reports_damage_without_crashing(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tensors = load_file(str(files["kohya"]))
     names = sorted({k.split(".")[0] for k in tensors})
     tensors[f"{names[0]}.lora_up.weight"][0, 0] = float("nan")
@@ -85,6 +87,12 @@ def test_inspect_reports_damage_without_crashing(files: dict[str, Path], tmp_pat
     assert problems["unmapped"].keys == ["lora_unet_no_such_block_to_q"]
     # The same through the CLI, as JSON; --strict turns problems into a failing exit status.
     assert main(["lora", "inspect", str(damaged), "--json", "--strict"]) == 1
+    capsys.readouterr()
+    # As text: each problem with the first keys it concerns.
+    assert main(["lora", "inspect", str(damaged)]) == 0
+    text = capsys.readouterr().out
+    assert "problems:   6" in text and "- [missing_alpha] 1 modules have no alpha" in text
+    assert f"\n        {names[2]}\n" in text and "- [unmapped]" in text
 
 
 def test_inspect_cli_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

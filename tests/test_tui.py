@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from textual.widgets import Input, Select
 
 from lorad import __version__
@@ -30,12 +31,14 @@ from lorad_tui.screens.captions import CaptionsScreen
 from lorad_tui.screens.confirm import ConfirmScreen
 from lorad_tui.screens.dashboard import DashboardScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
+from lorad_tui.screens.lora_inspect import LoraInspectScreen
 from lorad_tui.screens.offline import HEADLINE, OfflineScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
 from lorad_tui.screens.watches import WatchesScreen
 from lorad_tui.state import DaemonView, JobView
 from tests.support.daemons import run_daemon
 from tests.support.datasets import draw_image, tiny_llm_values, tiny_train_values, write_config, write_jsonl
+from tests.support.lora_samples import write_kohya_sample
 from tests.support.tui import pick_in_tree, screen_text, wait_until
 from tests.support.tui_fakes import FakeClient, FakeStream
 
@@ -87,6 +90,16 @@ def test_submit_a_config_watch_it_finish_and_copy_the_snippet(
             assert app.clipboard == "<lora:style:0.8>"
             await pilot.press("o")
             assert app.clipboard == str(kohya.parent)
+            await pilot.press("i")  # the kohya file, as the daemon's InspectLora reads it
+            await wait_until(
+                pilot,
+                lambda: isinstance(app.screen, LoraInspectScreen) and "✓ none found" in screen_text(app),
+                "the LoRA's inspect report",
+            )
+            text = screen_text(app)
+            assert "base model: Stable Diffusion 1.x" in text and "rank:       4" in text and "unet up_blocks.1" in text
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: isinstance(app.screen, JobDetailScreen), "back on the job's detail")
             await pilot.press("escape")
             await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen), "the dashboard")
             await wait_until(pilot, lambda: "succeeded" in screen_text(app), "the job's row")
@@ -343,6 +356,36 @@ def test_caption_a_folder_edit_one_caption_and_save_it(use_daemon: RunningDaemon
     run(scenario())
     rows = dict(line.split(",", 1) for line in metadata.read_text().splitlines()[1:])
     assert rows["blue.png"].endswith(', edited"') and rows["red.png"] == "a red square"
+
+
+def test_inspect_lora_files_through_the_daemon(use_daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path) -> None:
+    good = write_kohya_sample(tmp_path / "good.safetensors", tiny_sd)
+    tensors = load_file(str(good))
+    module = sorted(k for k in tensors if k.endswith(".alpha"))[0].removesuffix(".alpha")
+    tensors[f"{module}.lora_up.weight"][0, 0] = float("nan")
+    del tensors[f"{module}.alpha"]
+    save_file(tensors, str(tmp_path / "damaged.safetensors"))
+    (tmp_path / "later.safetensors").write_bytes(b"still downloading")
+
+    async def scenario() -> None:
+        app = LoradApp(base_dir=tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: app.connected, "the connection")
+            # A relative path: the daemon resolves it against the TUI's folder.
+            app.push_screen(LoraInspectScreen("damaged.safetensors", tmp_path))
+            await wait_until(pilot, lambda: "[missing_alpha]" in screen_text(app), "the damaged file's problems")
+            text = screen_text(app)
+            assert str(tmp_path / "damaged.safetensors") in text and "[nan] 1 tensors hold NaN" in text
+            assert f"    {module}" in text and "base model: Stable Diffusion 1.x" in text
+            await pilot.press("escape")
+            app.push_screen(LoraInspectScreen(str(tmp_path / "later.safetensors")))
+            await wait_until(pilot, lambda: "not a .safetensors file" in screen_text(app), "the daemon's refusal")
+            assert "✗ " in screen_text(app) and app.connected  # shown on the screen; the daemon stays
+            (tmp_path / "later.safetensors").write_bytes(good.read_bytes())
+            await pilot.press("r")
+            await wait_until(pilot, lambda: "✓ none found" in screen_text(app), "the file inspected again")
+
+    run(scenario())
 
 
 def test_watched_folders_follow_the_stream() -> None:

@@ -27,6 +27,7 @@ from lorad_tui import LoradApp
 from lorad_tui.connection import JobStream
 from lorad_tui.screens.captions import CaptionsScreen
 from lorad_tui.screens.job_detail import JobDetailScreen
+from lorad_tui.screens.lora_inspect import LoraInspectScreen
 from lorad_tui.screens.submit import ConfigTree, SubmitScreen
 from lorad_tui.screens.watches import WatchesScreen
 from tests.support.tui import pick_in_tree, screen_text, wait_until
@@ -169,6 +170,23 @@ def test_finished_job_at_80x24(snap_compare) -> None:
         )
 
     assert snap_compare(fake_app(), terminal_size=(80, 24), run_before=open_finished_job)
+
+
+def test_lora_inspect(snap_compare) -> None:
+    """A finished job's kohya file inspected (i on its detail): summary, problems, the per-block table."""
+
+    async def inspect_finished_job(pilot: Pilot) -> None:
+        await settled(pilot)
+        await pilot.press("down", "down", "enter")  # the third row: the finished job
+        await wait_until(pilot, lambda: "✓ LoRA written" in screen_text(pilot.app), "the finished job's detail")
+        await pilot.press("i")
+        await wait_until(
+            pilot,
+            lambda: isinstance(pilot.app.screen, LoraInspectScreen) and "te layer 0 " in screen_text(pilot.app),
+            "the inspect report",
+        )
+
+    assert snap_compare(fake_app(), terminal_size=SIZE, run_before=inspect_finished_job)
 
 
 # --- sample images (issue 16) -------------------------------------------------------------------

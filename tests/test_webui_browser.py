@@ -1,6 +1,6 @@
 """The standalone LoRA Training page in a real headless chromium (Playwright), served by gradio 3.41.2
 under protobuf 3.20 (the A1111-like venv), against a real in-process daemon with the tiny model:
-upload four images, caption them, train, see completion, find the LoRA in the target folder.
+upload four images, caption them, train, see completion, inspect the LoRA, find it in the target folder.
 
 The finished page is saved as test-artifacts/webui-standalone-finished.png (look at it after a change).
 """
@@ -143,6 +143,13 @@ def test_upload_caption_train_and_find_the_lora(page_url: str, tiny_sd: Path, tm
             )
             progress = _field(page, "lorad-progress").input_value()
             assert "succeeded" in progress.splitlines()[0] and "step 2/2 (100%)" in progress
+
+            # 4. Inspect: with no file named, the job's LoRA, as the daemon reads it.
+            page.locator("#lorad-inspect").click()
+            report = _field(page, "lorad-inspect-report")
+            playwright_api.expect(report).to_have_value(re.compile("base model: Stable Diffusion 1.x"))
+            assert "browser_lora.safetensors" in report.input_value().splitlines()[0]
+            assert "problems:   none" in report.input_value()
         finally:
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "webui-standalone-finished.png"), full_page=True)

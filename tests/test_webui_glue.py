@@ -12,6 +12,7 @@ import pytest
 
 from lorad.data.captions import read_metadata_csv
 from lorad.server.daemon import RunningDaemon
+from lorad_client import LoradClient
 from lorad_webui import actions, captions
 from lorad_webui.api.v1 import jobs_pb2, training_pb2
 from lorad_webui.connection import Daemon, DaemonError
@@ -22,6 +23,7 @@ from lorad_webui.standalone import StandaloneHost
 from lorad_webui.vendored import paths
 from lorad_webui.vendored.format import lora_snippet
 from tests.support.datasets import make_dataset
+from tests.support.lora_samples import write_kohya_sample
 
 
 def test_the_form_becomes_the_config_fields_the_daemon_takes(dataset: Path, tmp_path: Path) -> None:
@@ -248,6 +250,25 @@ def test_the_token_is_found_on_the_same_machine(short_dir: Path, tmp_path: Path)
         running.stop(grace=0)
 
 
+def test_inspect_shows_the_daemons_report(
+    daemon: RunningDaemon, client: LoradClient, tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAD_HOME", str(daemon.settings.home))  # where the tab finds the daemon's token
+    host = StandaloneHost(tmp_path / "Lora", tmp_path / "work", address=daemon.addresses[0])
+    lora = write_kohya_sample(tmp_path / "Lora" / "sample.safetensors", tiny_sd)
+    # A bare name is a file in the WebUI's LoRA folder; the vendored rendering is lorad_client.format's.
+    text = actions.inspect_lora(host, "sample.safetensors")
+    assert text == client.inspect_lora(lora).text
+    assert (
+        "base model: Stable Diffusion 1.x (sd_v1)" in text and "unet mid_block" in text and "problems:   none" in text
+    )
+    assert actions.inspect_lora(host, str(lora)) == text
+    (tmp_path / "Lora" / "partial.safetensors").write_bytes(b"half a download")
+    assert "not a .safetensors file" in actions.inspect_lora(host, "partial.safetensors")
+    assert actions.inspect_lora(host, " ").startswith("Enter a LoRA file")
+    assert "no job" in actions.inspect_lora(host, "", "0123456789ab")  # the daemon's NOT_FOUND, as text
+
+
 @pytest.mark.slow
 def test_train_places_the_lora_and_gives_the_snippet(
     daemon: RunningDaemon, tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -263,6 +284,10 @@ def test_train_places_the_lora_and_gives_the_snippet(
     assert placed.read_bytes() == (tmp_path / "work" / "runs" / "webui_lora" / "webui_lora.safetensors").read_bytes()
     assert [p.name for p in (tmp_path / "Lora").iterdir()] == ["webui_lora.safetensors"]
     assert "already succeeded" in actions.cancel(host, job_id)
+    # Inspect with no file named: the job's own LoRA.
+    report = actions.inspect_lora(host, "", job_id)
+    assert report.startswith(str(tmp_path / "work" / "runs" / "webui_lora" / "webui_lora.safetensors"))
+    assert "Stable Diffusion 1.x" in report and "problems:   none" in report
 
 
 def _tiny_form(data: Path, tiny_sd: Path, name: str, steps: int) -> TrainForm:

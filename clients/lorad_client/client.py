@@ -334,11 +334,15 @@ class LoradClient:
             raise self._translate(err) from err
         return JobWatch(call, self._translate)
 
-    # -- ModelService ---------------------------------------------------------------------------
+    # -- LoraToolsService: files on the daemon's machine; relative paths resolve against ``base_dir``
+    #    (default: this process's working directory) ----------------------------------------------
 
-    def inspect_lora(self, path: str | Path, *, base_dir: str | Path = "", timeout: float | None = 120.0) -> Any:
-        """The daemon's report on a LoRA file (an InspectLoraResponse: ``.text``, ``.json``, ``.problems``, ...)."""
-        request = lora_tools_pb2.InspectLoraRequest(path=str(path), base_dir=str(base_dir))
+    def inspect_lora(
+        self, path: str | Path, *, base_dir: str | Path | None = None, timeout: float | None = 120.0
+    ) -> lora_tools_pb2.InspectLoraResponse:
+        """The daemon's report on a LoRA file: ``.family``, ``.blocks``, ``.problems``, ... and ``.text``
+        (``lorad_client.format.format_lora_report`` renders the same)."""
+        request = lora_tools_pb2.InspectLoraRequest(path=str(path), base_dir=_base_dir(base_dir))
         return self._unary(self._lora_tools.InspectLora, request, timeout)
 
     def convert_lora(
@@ -348,13 +352,12 @@ class LoradClient:
         to: str,
         output: str | Path,
         base: str | Path = "",
-        base_dir: str | Path = "",
+        base_dir: str | Path | None = None,
         timeout: float | None = 300.0,
     ) -> str:
-        """Convert a LoRA file on the daemon's machine to layout ``to`` (kohya, diffusers, comfyui, peft);
-        returns the written path."""
+        """Convert a LoRA file to layout ``to`` (kohya, diffusers, comfyui, peft); returns the written path."""
         request = lora_tools_pb2.ConvertLoraRequest(
-            path=str(path), to=to, output=str(output), base=str(base), base_dir=str(base_dir)
+            path=str(path), to=to, output=str(output), base=str(base), base_dir=_base_dir(base_dir)
         )
         return self._unary(self._lora_tools.ConvertLora, request, timeout).output
 
@@ -365,15 +368,76 @@ class LoradClient:
         output: str | Path,
         rank: int = 0,
         dynamic: str = "",
-        base_dir: str | Path = "",
+        layout: str = "",
+        base_dir: str | Path | None = None,
         timeout: float | None = 600.0,
-    ) -> Any:
-        """Resize a LoRA file on the daemon's machine to ``rank`` (or kohya's ``dynamic`` method, e.g.
-        "sv_fro:0.9"); a ResizeLoraResponse (``.output``, ``.summary``)."""
+    ) -> lora_tools_pb2.ResizeLoraResponse:
+        """Resize a LoRA file to ``rank`` (or kohya's ``dynamic`` method, e.g. "sv_fro:0.9"); a
+        ResizeLoraResponse (``.output``, ``.summary``)."""
         request = lora_tools_pb2.ResizeLoraRequest(
-            path=str(path), output=str(output), rank=rank, dynamic=dynamic, base_dir=str(base_dir)
+            path=str(path), output=str(output), rank=rank, dynamic=dynamic, layout=layout, base_dir=_base_dir(base_dir)
         )
         return self._unary(self._lora_tools.ResizeLora, request, timeout)
+
+    def merge_lora(
+        self,
+        loras: Sequence[str | Path | tuple[str | Path, float]],
+        *,
+        output: str | Path,
+        rank: int = 0,
+        layout: str = "",
+        base_dir: str | Path | None = None,
+        timeout: float | None = 600.0,
+    ) -> lora_tools_pb2.MergeLoraResponse:
+        """Merge LoRA files (paths, or (path, weight) pairs) into ``output``: exactly, or to ``rank`` by SVD."""
+        request = lora_tools_pb2.MergeLoraRequest(
+            loras=_weighted(loras), output=str(output), rank=rank, layout=layout, base_dir=_base_dir(base_dir)
+        )
+        return self._unary(self._lora_tools.MergeLora, request, timeout)
+
+    def bake_lora(
+        self,
+        loras: Sequence[str | Path | tuple[str | Path, float]],
+        *,
+        base: str | Path,
+        output: str | Path,
+        base_dir: str | Path | None = None,
+        timeout: float | None = 1800.0,
+    ) -> lora_tools_pb2.BakeLoraResponse:
+        """Bake LoRA files (paths, or (path, weight) pairs) into the single-file checkpoint ``base``,
+        written to ``output``."""
+        request = lora_tools_pb2.BakeLoraRequest(
+            loras=_weighted(loras), base=str(base), output=str(output), base_dir=_base_dir(base_dir)
+        )
+        return self._unary(self._lora_tools.BakeLora, request, timeout)
+
+    def extract_lora(
+        self,
+        base: str | Path,
+        tuned: str | Path,
+        *,
+        output: str | Path,
+        rank: int,
+        conv_rank: int = 0,
+        min_diff: float = 0.0,
+        layout: str = "",
+        base_dir: str | Path | None = None,
+        timeout: float | None = 3600.0,
+    ) -> lora_tools_pb2.ExtractLoraResponse:
+        """A rank-``rank`` LoRA of ``tuned - base`` (two single-file checkpoints), written to ``output``."""
+        request = lora_tools_pb2.ExtractLoraRequest(
+            base=str(base),
+            tuned=str(tuned),
+            output=str(output),
+            rank=rank,
+            conv_rank=conv_rank,
+            min_diff=min_diff,
+            layout=layout,
+            base_dir=_base_dir(base_dir),
+        )
+        return self._unary(self._lora_tools.ExtractLora, request, timeout)
+
+    # -- ModelService ---------------------------------------------------------------------------
 
     def list_models(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> list[ResidentModel]:
         """Base models and captioners resident in the daemon's memory, most recently used first."""
@@ -609,3 +673,18 @@ def _json_like(fields: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"config value {value!r} ({type(value).__name__}) is not JSON-like")
 
     return json.loads(json.dumps(dict(fields), default=fallback))
+
+
+def _base_dir(base_dir: str | Path | None) -> str:
+    """What relative paths resolve against on the daemon: ``base_dir``, else this process's working directory."""
+    return str(base_dir) if base_dir is not None else os.getcwd()
+
+
+def _weighted(loras: Sequence[str | Path | tuple[str | Path, float]]) -> list[lora_tools_pb2.WeightedLora]:
+    """Paths (weight 1) or (path, weight) pairs as WeightedLora messages."""
+    return [
+        lora_tools_pb2.WeightedLora(path=str(item[0]), weight=item[1])
+        if isinstance(item, tuple)
+        else lora_tools_pb2.WeightedLora(path=str(item))
+        for item in loras
+    ]

@@ -7,10 +7,11 @@ No I/O and no daemon access; every function takes plain values or generated mess
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from lorad_api.v1 import caption_pb2
 from lorad_api.v1.jobs_pb2 import JOB_STATE_QUEUED, JOB_STATE_RUNNING, Job, JobEvent, JobState, Progress
+from lorad_api.v1.lora_tools_pb2 import InspectLoraResponse
 
 _STATE_PREFIX = "JOB_STATE_"
 
@@ -291,3 +292,97 @@ def describe_caption(message: caption_pb2.CaptionImagesResponse) -> str | None:
             lines.append(f"  captions written to {f.written_to}; generated ones are listed in {f.record_path}")
         return "\n".join(lines)
     return None
+
+
+# --- LoRA files (``lorad lora inspect``, InspectLora) ------------------------------------------------
+
+# The per-block table's columns, in every client that shows an inspect report.
+LORA_BLOCK_COLUMNS = ("BLOCK", "MODULES", "RANK", "ALPHA")
+# Metadata shown in the report, in this order (the JSON form has every key).
+SHOWN_METADATA = (
+    "ss_output_name",
+    "ss_sd_model_name",
+    "ss_base_model_version",
+    "modelspec.architecture",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_num_train_images",
+    "ss_epoch",
+    "ss_steps",
+    "ss_learning_rate",
+    "ss_optimizer",
+    "ss_resolution",
+    "ss_training_comment",
+)
+# Keys listed under each problem before "... and N more".
+SHOWN_PROBLEM_KEYS = 5
+
+
+def compact_values(values: Sequence[float]) -> str:
+    """Ranks or alphas in a few characters: "4", "4,8", "2..64 (7 values)"; "-" for none."""
+    if not values:
+        return "-"
+    shown = [f"{v:g}" for v in values]
+    return ",".join(shown) if len(shown) <= 4 else f"{shown[0]}..{shown[-1]} ({len(shown)} values)"
+
+
+def lora_summary_lines(report: InspectLoraResponse) -> list[str]:
+    """What the file is, one fact a line: layout, base model (and what decided it), modules by network type,
+    parameters and precision, ranks and alphas, trigger words and the most frequent tags."""
+    version = f" ({report.base_version})" if report.base_version else ""
+    kinds = sorted(report.network_types.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [
+        f"layout:     {report.layout}",
+        f"base model: {report.family_title}{version}",
+        f"            decided by {report.family_evidence}",
+        f"modules:    {report.modules} ({', '.join(f'{k} {v}' for k, v in kinds)})",
+        f"parameters: {report.parameters:,} ({report.precision})",
+        f"rank:       {compact_values(report.ranks)}    alpha: {compact_values(report.alphas)}",
+    ]
+    if report.trigger_words:
+        lines.append(f"trigger:    {', '.join(report.trigger_words)}")
+    if report.top_tags:
+        lines.append("top tags:   " + ", ".join(f"{t.tag} ({t.count})" for t in report.top_tags))
+    return lines
+
+
+def lora_block_cells(report: InspectLoraResponse) -> list[tuple[str, str, str, str]]:
+    """The per-block table's rows in ``LORA_BLOCK_COLUMNS`` order: block, modules, ranks, alphas."""
+    return [(b.block, str(b.modules), compact_values(b.ranks), compact_values(b.alphas)) for b in report.blocks]
+
+
+def lora_metadata_lines(report: InspectLoraResponse) -> list[str]:
+    """``key = value`` for the metadata worth showing (``SHOWN_METADATA``), long values cut to 80 characters."""
+    shown = [(k, report.metadata[k]) for k in SHOWN_METADATA if k in report.metadata]
+    return [f"{k} = {v if len(v) <= 80 else v[:77] + '...'}" for k, v in shown]
+
+
+def lora_problem_lines(report: InspectLoraResponse) -> list[str]:
+    """Each problem as "[kind] message", then (indented) the first keys it concerns; empty for a sound file."""
+    lines: list[str] = []
+    for problem in report.problems:
+        lines.append(f"[{problem.kind}] {problem.message}")
+        lines += [f"    {k}" for k in problem.keys[:SHOWN_PROBLEM_KEYS]]
+        if len(problem.keys) > SHOWN_PROBLEM_KEYS:
+            lines.append(f"    ... and {len(problem.keys) - SHOWN_PROBLEM_KEYS} more")
+    return lines
+
+
+def format_lora_report(report: InspectLoraResponse) -> str:
+    """The whole inspect report as text (``lorad lora inspect``, the WebUI tab): the summary, the per-block
+    table, the metadata and the problems."""
+    lines = [report.path, *(f"  {line}" for line in lora_summary_lines(report))]
+    cells = lora_block_cells(report)
+    if cells:
+        width = max(len(LORA_BLOCK_COLUMNS[0]), *(len(row[0]) for row in cells))
+        rank_width = max(8, *(len(row[2]) for row in cells))
+        lines += ["", f"  {'block':<{width}}  modules  {'rank':<{rank_width}}  alpha"]
+        lines += [f"  {b:<{width}}  {m:>7}  {r:<{rank_width}}  {a}" for b, m, r, a in cells]
+    metadata = lora_metadata_lines(report)
+    if metadata:
+        lines += ["", "  metadata:", *(f"    {line}" for line in metadata)]
+    lines += ["", f"  problems:   {len(report.problems) or 'none'}"]
+    lines += [f"    {line}" if line.startswith(" ") else f"    - {line}" for line in lora_problem_lines(report)]
+    return "\n".join(lines)

@@ -34,6 +34,7 @@ from lorad_api.v1.jobs_pb2 import (
     Step,
     TrainingStarted,
 )
+from lorad_api.v1.lora_tools_pb2 import InspectLoraResponse, LoraBlock, TagCount
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import Device, GetStatusResponse
 from lorad_api.v1.watch_pb2 import (
@@ -267,6 +268,40 @@ WATCHES = [
 ]
 
 
+def pixel_art_report() -> InspectLoraResponse:
+    """InspectLora's report on the finished job's kohya file: an SD 1.5 LoRA of rank 16, alpha 8, as
+    kohya's default network adapts it (attention and feed-forward of every transformer, CLIP layers)."""
+    blocks = [LoraBlock(block=f"te layer {i}", modules=6, ranks=[16], alphas=[8.0]) for i in range(12)]
+    blocks += [LoraBlock(block=f"unet down_blocks.{i}", modules=24, ranks=[16], alphas=[8.0]) for i in range(3)]
+    blocks.append(LoraBlock(block="unet mid_block", modules=12, ranks=[16], alphas=[8.0]))
+    blocks += [LoraBlock(block=f"unet up_blocks.{i}", modules=36, ranks=[16], alphas=[8.0]) for i in (1, 2, 3)]
+    return InspectLoraResponse(
+        path=DONE.outputs["kohya"],
+        layout="kohya",
+        family="sd1",
+        family_title="Stable Diffusion 1.x",
+        base_version="sd_v1",
+        family_evidence="key names and metadata ss_base_model_version = sd_v1",
+        modules=264,
+        network_types={"lora": 264},
+        parameters=9_437_184,
+        precision="fp16",
+        ranks=[16],
+        alphas=[8.0],
+        trigger_words=["pixelart"],
+        top_tags=[TagCount(tag="pixelart", count=40), TagCount(tag="1girl", count=22), TagCount(tag="sword", count=9)],
+        blocks=blocks,
+        metadata={
+            "ss_output_name": "pixel_art",
+            "ss_base_model_version": "sd_v1",
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": "16",
+            "ss_network_alpha": "8",
+            "ss_training_comment": "trained with lorad; trigger word: pixelart",
+        },
+    )
+
+
 class FakeStream:
     """A stream (WatchJob, CaptionImages, FollowWatches) that replays fixed messages, then ends."""
 
@@ -377,6 +412,12 @@ class FakeClient:
 
     def remove_watch(self, watch: str, *, base_dir: str | None = None) -> Watch:
         raise AssertionError("the snapshot tests remove no watch")
+
+    # LoraToolsService: the finished job's LoRA
+
+    def inspect_lora(self, path: str | Path, *, base_dir: str | Path | None = None) -> InspectLoraResponse:
+        assert str(path) == DONE.outputs["kohya"], path
+        return pixel_art_report()
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lorad_api.v1.caption_pb2 import CaptionImagesResponse, ListCaptionsResponse, SetCaptionsResponse
+from lorad_api.v1.lora_tools_pb2 import InspectLoraResponse
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch
@@ -106,6 +107,10 @@ class DaemonClient(Protocol):
     def list_watches(self) -> list[Watch]: ...
 
     def follow_watches(self) -> WatchesStream: ...
+
+    # LoraToolsService (a finished job's LoRA, inspected from its detail)
+
+    def inspect_lora(self, path: str | Path, *, base_dir: str | Path | None = None) -> InspectLoraResponse: ...
 
     def close(self) -> None: ...
 

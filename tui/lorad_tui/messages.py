@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 from lorad_api.v1.caption_pb2 import CaptionImagesResponse, ListCaptionsResponse, SetCaptionsResponse
+from lorad_api.v1.lora_tools_pb2 import InspectLoraResponse
 from lorad_api.v1.models_pb2 import ResidentModel
 from lorad_api.v1.system_pb2 import GetStatusResponse
 from lorad_api.v1.watch_pb2 import FollowWatchesResponse, Watch
@@ -246,6 +247,16 @@ class SectionCallFailed(Message):
         super().__init__()
         self.what = what
         self.error = error
+
+
+class LoraInspected(Message):
+    """InspectLora's report on a LoRA file."""
+
+    bubble = False
+
+    def __init__(self, report: InspectLoraResponse) -> None:
+        super().__init__()
+        self.report = report
 
 
 class WatchAdded(Message):

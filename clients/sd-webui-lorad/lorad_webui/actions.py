@@ -20,7 +20,7 @@ from lorad_webui.connection import Daemon, DaemonError
 from lorad_webui.form import FormError, TrainForm, config_fields
 from lorad_webui.placement import place_lora
 from lorad_webui.progress import JobProgress
-from lorad_webui.vendored.format import describe_caption, describe_event, lora_snippet
+from lorad_webui.vendored.format import describe_caption, describe_event, format_lora_report, lora_snippet
 
 # The first is the default, as for `lorad caption` and the TUI: BLIP's sentences suit any subject
 # (photos and art alike), lora-scripts users caption with it, and it runs on transformers
@@ -204,3 +204,23 @@ def cancel(host: Host, job_id: str) -> str:
     except DaemonError as err:
         return str(err)
     return f"Cancel requested for job {job.job_id[:8]} (a running job stops after its current step)."
+
+
+def inspect_lora(host: Host, path: str, job_id: str = "") -> str:
+    """The daemon's report on a LoRA file (``lorad lora inspect``'s text): ``path`` (a bare name is looked up
+    in the WebUI's LoRA folder), or without one the kohya file of the job ``job_id`` made."""
+    try:
+        with Daemon.connect(host.daemon_address()) as daemon:
+            if path.strip():
+                target = Path(path.strip()).expanduser()
+                target = target if target.is_absolute() else host.lora_dir() / target
+            elif job_id.strip():
+                job = daemon.get_job(job_id.strip())
+                if "kohya" not in job.outputs:
+                    return f"Job {job.job_id[:8]} has no LoRA file yet: inspect it once it has succeeded."
+                target = Path(job.outputs["kohya"])
+            else:
+                return "Enter a LoRA file (a path, or a name in the LoRA folder), or train one first."
+            return format_lora_report(daemon.inspect_lora(target))
+    except DaemonError as err:
+        return str(err)

@@ -22,6 +22,8 @@ from lorad_webui.api.v1 import (
     caption_pb2,
     caption_pb2_grpc,
     jobs_pb2,
+    lora_tools_pb2,
+    lora_tools_pb2_grpc,
     system_pb2,
     system_pb2_grpc,
     training_pb2,
@@ -37,6 +39,8 @@ STATUS_TIMEOUT = 3.0
 SUBMIT_TIMEOUT = 60.0
 # SampleNow / SaveNow wait for the job's current step to end, then for the round or the save.
 RUN_REQUEST_TIMEOUT = 1800.0
+# InspectLora reads the whole LoRA file (a large one takes a few seconds).
+INSPECT_TIMEOUT = 120.0
 _CHANNEL_OPTIONS = (("grpc.primary_user_agent", "lorad-webui"), ("grpc.enable_http_proxy", 0))
 
 
@@ -98,6 +102,7 @@ class Daemon:
         self._training = training_pb2_grpc.TrainingServiceStub(self._channel)
         self._caption = caption_pb2_grpc.CaptionServiceStub(self._channel)
         self._system = system_pb2_grpc.SystemServiceStub(self._channel)
+        self._lora_tools = lora_tools_pb2_grpc.LoraToolsServiceStub(self._channel)
 
     @classmethod
     def connect(cls, address: str = "", home: Path | None = None) -> Daemon:
@@ -189,3 +194,12 @@ class Daemon:
         """SaveNow: the running job saves a checkpoint and its step's LoRA after its current step; the events."""
         request = training_pb2.SaveNowRequest(job_id=job_id)
         return list(self._unary(self._training.SaveNow, request, RUN_REQUEST_TIMEOUT).events)
+
+    def get_job(self, job_id: str) -> jobs_pb2.Job:
+        """GetJob: the job as it is now (its ``outputs`` once it succeeded)."""
+        return self._unary(self._training.GetJob, training_pb2.GetJobRequest(job_id=job_id)).job
+
+    def inspect_lora(self, path: Path) -> lora_tools_pb2.InspectLoraResponse:
+        """InspectLora on ``path`` (absolute, on the daemon's machine): the report on the LoRA file."""
+        request = lora_tools_pb2.InspectLoraRequest(path=str(path), base_dir=str(path.parent))
+        return self._unary(self._lora_tools.InspectLora, request, INSPECT_TIMEOUT)

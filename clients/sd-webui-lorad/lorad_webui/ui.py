@@ -7,6 +7,7 @@ Elements carry ``lorad-*`` ids so browser tests (and users' CSS) can find them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -14,10 +15,13 @@ import gradio as gr
 from lorad_webui import TAB_TITLE, actions
 from lorad_webui.form import LENGTH_UNITS, TrainForm
 
+# AUTOMATIC1111 adds the extension's style.css to its page itself; the standalone page gets it from here.
+STYLE = Path(__file__).resolve().parent.parent / "style.css"
+
 
 def build_ui(host: actions.Host) -> gr.Blocks:
     """The tab's Blocks for ``host`` (call inside no other Blocks context)."""
-    with gr.Blocks(analytics_enabled=False, title=TAB_TITLE) as blocks:
+    with gr.Blocks(analytics_enabled=False, title=TAB_TITLE, css=STYLE.read_text()) as blocks:
         status = gr.Markdown(actions.connection_status(host), elem_id="lorad-status")
         check = gr.Button("Check connection", elem_id="lorad-check")
         with gr.Row():
@@ -107,6 +111,20 @@ def build_ui(host: actions.Host) -> gr.Blocks:
                     sample_button = gr.Button("Sample now", elem_id="lorad-sample-now")
                     save_now_button = gr.Button("Save now", elem_id="lorad-save-now")
                 gallery = gr.Gallery(label="Samples (newest first)", columns=4, height="auto", elem_id="lorad-samples")
+                gr.Markdown("### 3. Inspect a LoRA")
+                with gr.Row():
+                    inspect_path = gr.Textbox(
+                        label="LoRA file (path, or a name in the LoRA folder; empty = the job's LoRA)",
+                        elem_id="lorad-inspect-path",
+                    )
+                    inspect_button = gr.Button("Inspect", size="sm", elem_id="lorad-inspect")
+                inspect_report = gr.Textbox(
+                    label="Base model, rank and alpha per block, metadata, problems",
+                    lines=12,
+                    max_lines=40,
+                    interactive=False,
+                    elem_id="lorad-inspect-report",
+                )
 
         def on_upload(files: Any) -> tuple[Any, ...]:
             if not files:
@@ -155,6 +173,9 @@ def build_ui(host: actions.Host) -> gr.Blocks:
             )
             yield from actions.train(host, form)
 
+        def on_inspect(path: str, job: str) -> str:
+            return actions.inspect_lora(host, path or "", job or "")
+
         def on_refresh_models() -> Any:
             choices = list(host.checkpoints())
             return gr.update(choices=choices, value=choices[0] if choices else None)
@@ -194,6 +215,9 @@ def build_ui(host: actions.Host) -> gr.Blocks:
         save_now_button.click(
             lambda job: actions.ask_running(host, job, "save"), inputs=job_id, outputs=status, queue=False
         )
+        # Not queued: it must answer while a training job holds the queue's worker.
+        for trigger in (inspect_button.click, inspect_path.submit):
+            trigger(on_inspect, inputs=[inspect_path, job_id], outputs=inspect_report, queue=False)
         # Not queued: the queue's worker is busy following the training job this cancels.
         cancel_button.click(lambda job: actions.cancel(host, job), inputs=job_id, outputs=status, queue=False)
     return blocks

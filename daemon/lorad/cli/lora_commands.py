@@ -16,10 +16,11 @@ def cmd_lora(args: argparse.Namespace) -> int:
     """Run one LoRA tool and print its result."""
     action = args.lora_action
     if action == "inspect":
-        from lorad.lora_tools.inspect import inspect_lora, render_report
+        from lorad.lora_tools.inspect import inspect_lora
+        from lorad.server.proto_convert import inspect_response
 
         report = inspect_lora(Path(args.file))
-        print(json.dumps(report.to_dict(), indent=2) if args.json else render_report(report))
+        print(json.dumps(report.to_dict(), indent=2) if args.json else inspect_response(report).text)
         return EXIT_FAILED if args.strict and report.problems else EXIT_OK
     if action == "resize":
         from lorad.lora_tools.resize import resize_lora

@@ -1,9 +1,10 @@
 """``lorad lora inspect``: what a LoRA file is, what it adapts, and what is wrong with it.
 
-The report is plain data (:class:`LoraReport`, JSON-ready with :meth:`LoraReport.to_dict`) and a text
-rendering (:func:`render_report`) for terminals, the TUI and the WebUI. Reading never fails on a damaged
-file that is still a safetensors file: NaN/inf values, missing alphas, mismatched ranks, modules missing
-one half and keys no loader maps are each reported as a problem.
+The report is plain data (:class:`LoraReport`, JSON-ready with :meth:`LoraReport.to_dict`); as an
+InspectLoraResponse (:func:`lorad.server.proto_convert.inspect_response`) ``lorad_client.format`` renders it
+the same way for the CLI, the TUI and the WebUI. Reading never fails on a damaged file that is still a
+safetensors file: NaN/inf values, missing alphas, mismatched ranks, modules missing one half and keys no
+loader maps are each reported as a problem.
 """
 
 from __future__ import annotations
@@ -21,24 +22,6 @@ from lorad.lora_tools.layouts import read_lora
 from lorad.lora_tools.lora_file import LoraFile
 
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-# Metadata worth showing first; other ss_* keys follow in the JSON output.
-SHOWN_METADATA = (
-    "ss_output_name",
-    "ss_sd_model_name",
-    "ss_base_model_version",
-    "modelspec.architecture",
-    "ss_network_module",
-    "ss_network_dim",
-    "ss_network_alpha",
-    "ss_network_args",
-    "ss_num_train_images",
-    "ss_epoch",
-    "ss_steps",
-    "ss_learning_rate",
-    "ss_optimizer",
-    "ss_resolution",
-    "ss_training_comment",
-)
 
 
 @dataclass(frozen=True)
@@ -238,44 +221,3 @@ def report_for(lora: LoraFile) -> LoraReport:
         top_tags=_tags(lora.metadata),
         problems=problems,
     )
-
-
-def _compact(values: list) -> str:
-    if not values:
-        return "-"
-    shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
-    return ",".join(shown) if len(shown) <= 4 else f"{shown[0]}..{shown[-1]} ({len(shown)} values)"
-
-
-def render_report(report: LoraReport) -> str:
-    """The report as text for a terminal (the same for the CLI, the TUI and the WebUI)."""
-    lines = [
-        f"{report.path}",
-        f"  layout:     {report.layout}",
-        f"  base model: {report.family_title}" + (f" ({report.base_version})" if report.base_version else ""),
-        f"              decided by {report.family_evidence}",
-        f"  modules:    {report.modules} ({', '.join(f'{k} {v}' for k, v in report.network_types.items())})",
-        f"  parameters: {report.parameters:,} ({report.precision})",
-        f"  rank:       {_compact(report.ranks)}    alpha: {_compact(report.alphas)}",
-    ]
-    if report.trigger_words:
-        lines.append(f"  trigger:    {', '.join(report.trigger_words)}")
-    if report.top_tags:
-        lines.append("  top tags:   " + ", ".join(f"{t} ({c})" for t, c in report.top_tags))
-    if report.blocks:
-        width = max(len(r.block) for r in report.blocks)
-        lines += ["", f"  {'block':<{width}}  modules  rank      alpha"]
-        lines += [
-            f"  {r.block:<{width}}  {r.modules:>7}  {_compact(r.ranks):<8}  {_compact(r.alphas)}" for r in report.blocks
-        ]
-    shown = [(k, report.metadata[k]) for k in SHOWN_METADATA if k in report.metadata]
-    if shown:
-        lines += ["", "  metadata:"]
-        lines += [f"    {k} = {v if len(v) <= 80 else v[:77] + '...'}" for k, v in shown]
-    lines += ["", f"  problems:   {len(report.problems) or 'none'}"]
-    for problem in report.problems:
-        lines.append(f"    - [{problem.kind}] {problem.message}")
-        lines += [f"        {k}" for k in problem.keys[:5]]
-        if len(problem.keys) > 5:
-            lines.append(f"        ... and {len(problem.keys) - 5} more")
-    return "\n".join(lines)

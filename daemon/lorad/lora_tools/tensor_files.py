@@ -53,12 +53,17 @@ class TensorReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise LoraFileError(f"{self.path} is a folder, not a .safetensors file", "Name the .safetensors file.")
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as err:
             raise LoraFileError(f"{self.path} cannot be opened ({err.strerror})", "Check the path.") from None
         try:
             self.entries, self.metadata = self._read_header()
+        except OSError as err:
+            os.close(self._fd)
+            raise LoraFileError(f"{self.path} cannot be read ({err.strerror})", "Check the file.") from None
         except BaseException:
             os.close(self._fd)
             raise
@@ -114,7 +119,12 @@ class TensorReader:
         view = memoryview(data)
         done = 0
         while done < len(data):  # pread may return less than asked for large reads
-            chunk = os.preadv(self._fd, [view[done:]], entry.start + done)
+            try:
+                chunk = os.preadv(self._fd, [view[done:]], entry.start + done)
+            except OSError as err:
+                raise LoraFileError(
+                    f"{self.path} cannot be read at `{key}` ({err.strerror})", "Check the file."
+                ) from None
             if chunk <= 0:
                 raise LoraFileError(f"{self.path} is truncated at tensor `{key}`", "Download it again.")
             done += chunk

@@ -414,12 +414,11 @@ def caption_edits_from_proto(edits: Iterable[caption_pb2.CaptionEdit]) -> list[t
 
 
 def inspect_response(report: LoraReport) -> lora_tools_pb2.InspectLoraResponse:
-    """A :class:`lorad.lora_tools.inspect.LoraReport` as an InspectLoraResponse (text and JSON included)."""
-    import json
+    """A :class:`lorad.lora_tools.inspect.LoraReport` as an InspectLoraResponse, with its text (as
+    ``lorad_client.format`` renders it for every client) and its JSON (``lorad lora inspect --json``)."""
+    from lorad_client.format import format_lora_report
 
-    from lorad.lora_tools.inspect import render_report
-
-    return lora_tools_pb2.InspectLoraResponse(
+    response = lora_tools_pb2.InspectLoraResponse(
         layout=report.layout,
         family=report.family,
         family_title=report.family_title,
@@ -432,6 +431,22 @@ def inspect_response(report: LoraReport) -> lora_tools_pb2.InspectLoraResponse:
         problems=[
             lora_tools_pb2.LoraProblem(kind=p.kind, message=p.message, keys=p.keys[:20]) for p in report.problems
         ],
-        text=render_report(report),
         json=json.dumps(report.to_dict()),
+        path=report.path,
+        base_version=report.base_version,
+        family_evidence=report.family_evidence,
+        network_types=report.network_types,
+        blocks=[
+            lora_tools_pb2.LoraBlock(block=b.block, modules=b.modules, ranks=b.ranks, alphas=b.alphas)
+            for b in report.blocks
+        ],
+        metadata=report.metadata,
+        top_tags=[lora_tools_pb2.TagCount(tag=tag, count=count) for tag, count in report.top_tags],
     )
+    response.text = format_lora_report(response)
+    return response
+
+
+def weighted_loras_from_proto(loras: Iterable[lora_tools_pb2.WeightedLora]) -> list[tuple[str, float]]:
+    """MergeLora / BakeLora inputs as (path, weight) pairs, in the request's order; an unset weight is 1."""
+    return [(lora.path, lora.weight if lora.HasField("weight") else 1.0) for lora in loras]

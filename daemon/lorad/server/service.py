@@ -43,6 +43,7 @@ from lorad.jobs.store import JobStore
 from lorad.models.registry import ModelNotResident, ModelRegistry, ResidentInfo
 from lorad.models.residents import captioner_provider, lorad_registry, resident_set_bytes
 from lorad.paths import jobs_db_path
+from lorad.server.lora_files import LoraFileService
 from lorad.server.settings import MAX_KEEP_ALIVE_SECONDS, DaemonSettings
 from lorad.training.run_requests import SAMPLE_NOW, SAVE_NOW, RequestNotDone
 from lorad.watching.manager import JobGateway, WatchChange, WatchManager
@@ -150,6 +151,8 @@ class LoradService:
         self._reaper = threading.Thread(target=self._reap_models, name="lorad-model-reaper", daemon=True)
         self.addresses: list[str] = settings.grpc_targets  # the server replaces these with the bound ones
         self.watches = self._make_watch_manager()
+        # The LoRA toolbox (LoraToolsService): file tools that share nothing with jobs.
+        self.lora_files = LoraFileService()
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -430,28 +433,6 @@ class LoradService:
             caption_missing=fill,
         )
         return report.captions_generated
-
-    # --- LoRA toolbox (issue 21): file tools on the daemon's machine --------------------------------
-    def inspect_lora(self, path: str, *, base_dir: str = "") -> Any:
-        """The :class:`lorad.lora_tools.inspect.LoraReport` of a LoRA file."""
-        from lorad.lora_tools.inspect import inspect_lora
-
-        return inspect_lora(_resolve(path, base_dir))
-
-    def convert_lora(self, path: str, *, to: str, output: str, base: str = "", base_dir: str = "") -> str:
-        """Write the LoRA in another layout; returns what was written."""
-        from lorad.lora_tools.convert import convert_lora
-
-        written = convert_lora(
-            _resolve(path, base_dir), _resolve(output, base_dir), to=to, base=_resolve(base, base_dir) if base else None
-        )
-        return str(written)
-
-    def resize_lora(self, path: str, *, output: str, rank: int | None, dynamic: str, base_dir: str = "") -> Any:
-        """Resize the LoRA; returns the :class:`lorad.lora_tools.resize.ResizeResult`."""
-        from lorad.lora_tools.resize import resize_lora
-
-        return resize_lora(_resolve(path, base_dir), _resolve(output, base_dir), rank=rank, dynamic=dynamic or None)
 
     # --- workers and models ----------------------------------------------------------------------
     def _worker_spec(self, slots: Sequence[Slot]) -> Callable[[Slot], Any]:
@@ -790,9 +771,3 @@ def _check_fields_size(fields: Mapping[str, Any], source: str) -> None:
             ],
             source,
         )
-
-
-def _resolve(path: str, base_dir: str) -> Path:
-    """``path`` made absolute against the client's ``base_dir`` (the daemon's cwd means nothing to a client)."""
-    resolved = Path(path).expanduser()
-    return resolved if resolved.is_absolute() or not base_dir else Path(base_dir) / resolved

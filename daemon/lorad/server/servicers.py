@@ -15,6 +15,7 @@ import grpc
 from lorad.captioning.options import DEFAULT_BATCH_SIZE
 from lorad.errors import LoradError
 from lorad.jobs.records import JobRecord
+from lorad.server.lora_files import LoraFileService
 from lorad.server.proto_convert import (
     CAPTIONER_FROM_PROTO,
     FORMAT_FROM_PROTO,
@@ -34,6 +35,7 @@ from lorad.server.proto_convert import (
     struct_to_dict,
     watch_change_to_proto,
     watch_to_proto,
+    weighted_loras_from_proto,
 )
 from lorad.server.service import LoradService
 from lorad.server.status_codes import fit_trailer, message_for, status_for
@@ -305,21 +307,20 @@ class WatchServicer(watch_pb2_grpc.WatchServiceServicer):
 
 
 class LoraToolsServicer(lora_tools_pb2_grpc.LoraToolsServiceServicer):
-    def __init__(self, service: LoradService) -> None:
-        self.service = service
+    def __init__(self, tools: LoraFileService) -> None:
+        self.tools = tools
 
     def InspectLora(
         self, request: lora_tools_pb2.InspectLoraRequest, context: grpc.ServicerContext
     ) -> lora_tools_pb2.InspectLoraResponse:
         with rpc_errors(context):
-            report = self.service.inspect_lora(request.path, base_dir=request.base_dir)
-            return inspect_response(report)
+            return inspect_response(self.tools.inspect(request.path, base_dir=request.base_dir))
 
     def ConvertLora(
         self, request: lora_tools_pb2.ConvertLoraRequest, context: grpc.ServicerContext
     ) -> lora_tools_pb2.ConvertLoraResponse:
         with rpc_errors(context):
-            output = self.service.convert_lora(
+            output = self.tools.convert(
                 request.path, to=request.to, output=request.output, base=request.base, base_dir=request.base_dir
             )
             return lora_tools_pb2.ConvertLoraResponse(output=output)
@@ -328,14 +329,73 @@ class LoraToolsServicer(lora_tools_pb2_grpc.LoraToolsServiceServicer):
         self, request: lora_tools_pb2.ResizeLoraRequest, context: grpc.ServicerContext
     ) -> lora_tools_pb2.ResizeLoraResponse:
         with rpc_errors(context):
-            result = self.service.resize_lora(
+            result = self.tools.resize(
                 request.path,
                 output=request.output,
                 rank=request.rank or None,
                 dynamic=request.dynamic,
+                layout=request.layout,
                 base_dir=request.base_dir,
             )
             return lora_tools_pb2.ResizeLoraResponse(output=result.output, summary=result.summary())
+
+    def MergeLora(
+        self, request: lora_tools_pb2.MergeLoraRequest, context: grpc.ServicerContext
+    ) -> lora_tools_pb2.MergeLoraResponse:
+        with rpc_errors(context):
+            result = self.tools.merge(
+                weighted_loras_from_proto(request.loras),
+                output=request.output,
+                rank=request.rank or None,
+                layout=request.layout,
+                base_dir=request.base_dir,
+            )
+            return lora_tools_pb2.MergeLoraResponse(
+                output=result.output,
+                modules=result.modules,
+                ranks=result.ranks,
+                kept=result.kept,
+                summary=result.summary(),
+            )
+
+    def BakeLora(
+        self, request: lora_tools_pb2.BakeLoraRequest, context: grpc.ServicerContext
+    ) -> lora_tools_pb2.BakeLoraResponse:
+        with rpc_errors(context):
+            result = self.tools.bake(
+                weighted_loras_from_proto(request.loras),
+                base=request.base,
+                output=request.output,
+                base_dir=request.base_dir,
+            )
+            return lora_tools_pb2.BakeLoraResponse(
+                output=result.output,
+                modules=result.modules,
+                weights_changed=result.weights_changed,
+                summary=result.summary(),
+            )
+
+    def ExtractLora(
+        self, request: lora_tools_pb2.ExtractLoraRequest, context: grpc.ServicerContext
+    ) -> lora_tools_pb2.ExtractLoraResponse:
+        with rpc_errors(context):
+            result = self.tools.extract(
+                request.base,
+                request.tuned,
+                output=request.output,
+                rank=request.rank,
+                conv_rank=request.conv_rank or None,
+                min_diff=request.min_diff,
+                layout=request.layout,
+                base_dir=request.base_dir,
+            )
+            return lora_tools_pb2.ExtractLoraResponse(
+                output=result.output,
+                modules=result.modules,
+                skipped_unchanged=result.skipped_unchanged,
+                kept=result.kept,
+                summary=result.summary(),
+            )
 
 
 def add_servicers(server: grpc.Server, service: LoradService, *, token: str = "") -> list[str]:
@@ -346,7 +406,7 @@ def add_servicers(server: grpc.Server, service: LoradService, *, token: str = ""
     caption_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(service), server)
     system_pb2_grpc.add_SystemServiceServicer_to_server(SystemServicer(service, token), server)
     watch_pb2_grpc.add_WatchServiceServicer_to_server(WatchServicer(service), server)
-    lora_tools_pb2_grpc.add_LoraToolsServiceServicer_to_server(LoraToolsServicer(service), server)
+    lora_tools_pb2_grpc.add_LoraToolsServiceServicer_to_server(LoraToolsServicer(service.lora_files), server)
     return [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
         models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,

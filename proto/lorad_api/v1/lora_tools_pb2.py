@@ -25,27 +25,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lorad/v1/lora_tools.proto\x12\x08lorad.v1\"4\n\x12InspectLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\":\n\x0bLoraProblem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\"\xfe\x01\n\x13InspectLoraResponse\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x66\x61mily_title\x18\x03 \x01(\t\x12\x0f\n\x07modules\x18\x04 \x01(\x05\x12\x12\n\nparameters\x18\x05 \x01(\x03\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\r\n\x05ranks\x18\x07 \x03(\x05\x12\x0e\n\x06\x61lphas\x18\x08 \x03(\x01\x12\x15\n\rtrigger_words\x18\t \x03(\t\x12\'\n\x08problems\x18\n \x03(\x0b\x32\x15.lorad.v1.LoraProblem\x12\x0c\n\x04text\x18\x0b \x01(\t\x12\x0c\n\x04json\x18\x0c \x01(\t\"^\n\x12\x43onvertLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x05 \x01(\t\"%\n\x13\x43onvertLoraResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\"b\n\x11ResizeLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07\x64ynamic\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x05 \x01(\t\"5\n\x12ResizeLoraResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t2\xf3\x01\n\x10LoraToolsService\x12J\n\x0bInspectLora\x12\x1c.lorad.v1.InspectLoraRequest\x1a\x1d.lorad.v1.InspectLoraResponse\x12J\n\x0b\x43onvertLora\x12\x1c.lorad.v1.ConvertLoraRequest\x1a\x1d.lorad.v1.ConvertLoraResponse\x12G\n\nResizeLora\x12\x1b.lorad.v1.ResizeLoraRequest\x1a\x1c.lorad.v1.ResizeLoraResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lorad/v1/lora_tools.proto\x12\x08lorad.v1\"4\n\x12InspectLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x02 \x01(\t\":\n\x0bLoraProblem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\"\xf3\x04\n\x13InspectLoraResponse\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x66\x61mily_title\x18\x03 \x01(\t\x12\x0f\n\x07modules\x18\x04 \x01(\x05\x12\x12\n\nparameters\x18\x05 \x01(\x03\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\r\n\x05ranks\x18\x07 \x03(\x05\x12\x0e\n\x06\x61lphas\x18\x08 \x03(\x01\x12\x15\n\rtrigger_words\x18\t \x03(\t\x12\'\n\x08problems\x18\n \x03(\x0b\x32\x15.lorad.v1.LoraProblem\x12\x0c\n\x04text\x18\x0b \x01(\t\x12\x0c\n\x04json\x18\x0c \x01(\t\x12\x0c\n\x04path\x18\x14 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x15 \x01(\t\x12\x17\n\x0f\x66\x61mily_evidence\x18\x16 \x01(\t\x12\x46\n\rnetwork_types\x18\x17 \x03(\x0b\x32/.lorad.v1.InspectLoraResponse.NetworkTypesEntry\x12#\n\x06\x62locks\x18\x18 \x03(\x0b\x32\x13.lorad.v1.LoraBlock\x12=\n\x08metadata\x18\x19 \x03(\x0b\x32+.lorad.v1.InspectLoraResponse.MetadataEntry\x12$\n\x08top_tags\x18\x1a \x03(\x0b\x32\x12.lorad.v1.TagCount\x1a\x33\n\x11NetworkTypesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\tLoraBlock\x12\r\n\x05\x62lock\x18\x14 \x01(\t\x12\x0f\n\x07modules\x18\x15 \x01(\x05\x12\r\n\x05ranks\x18\x16 \x03(\x05\x12\x0e\n\x06\x61lphas\x18\x17 \x03(\x01\"&\n\x08TagCount\x12\x0b\n\x03tag\x18\x14 \x01(\t\x12\r\n\x05\x63ount\x18\x15 \x01(\x05\"^\n\x12\x43onvertLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x05 \x01(\t\"%\n\x13\x43onvertLoraResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\"r\n\x11ResizeLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07\x64ynamic\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x05 \x01(\t\x12\x0e\n\x06layout\x18\x14 \x01(\t\"5\n\x12ResizeLoraResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\"<\n\x0cWeightedLora\x12\x0c\n\x04path\x18\x14 \x01(\t\x12\x13\n\x06weight\x18\x15 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"y\n\x10MergeLoraRequest\x12%\n\x05loras\x18\x14 \x03(\x0b\x32\x16.lorad.v1.WeightedLora\x12\x0e\n\x06output\x18\x15 \x01(\t\x12\x0c\n\x04rank\x18\x16 \x01(\x05\x12\x0e\n\x06layout\x18\x17 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x18 \x01(\t\"b\n\x11MergeLoraResponse\x12\x0e\n\x06output\x18\x14 \x01(\t\x12\x0f\n\x07modules\x18\x15 \x01(\x05\x12\r\n\x05ranks\x18\x16 \x03(\x05\x12\x0c\n\x04kept\x18\x17 \x01(\x01\x12\x0f\n\x07summary\x18\x18 \x01(\t\"h\n\x0f\x42\x61keLoraRequest\x12%\n\x05loras\x18\x14 \x03(\x0b\x32\x16.lorad.v1.WeightedLora\x12\x0c\n\x04\x62\x61se\x18\x15 \x01(\t\x12\x0e\n\x06output\x18\x16 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x17 \x01(\t\"]\n\x10\x42\x61keLoraResponse\x12\x0e\n\x06output\x18\x14 \x01(\t\x12\x0f\n\x07modules\x18\x15 \x01(\x05\x12\x17\n\x0fweights_changed\x18\x16 \x01(\x05\x12\x0f\n\x07summary\x18\x17 \x01(\t\"\x96\x01\n\x12\x45xtractLoraRequest\x12\x0c\n\x04\x62\x61se\x18\x14 \x01(\t\x12\r\n\x05tuned\x18\x15 \x01(\t\x12\x0e\n\x06output\x18\x16 \x01(\t\x12\x0c\n\x04rank\x18\x17 \x01(\x05\x12\x11\n\tconv_rank\x18\x18 \x01(\x05\x12\x10\n\x08min_diff\x18\x19 \x01(\x01\x12\x0e\n\x06layout\x18\x1a \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x1b \x01(\t\"p\n\x13\x45xtractLoraResponse\x12\x0e\n\x06output\x18\x14 \x01(\t\x12\x0f\n\x07modules\x18\x15 \x01(\x05\x12\x19\n\x11skipped_unchanged\x18\x16 \x01(\x05\x12\x0c\n\x04kept\x18\x17 \x01(\x01\x12\x0f\n\x07summary\x18\x18 \x01(\t2\xc8\x03\n\x10LoraToolsService\x12J\n\x0bInspectLora\x12\x1c.lorad.v1.InspectLoraRequest\x1a\x1d.lorad.v1.InspectLoraResponse\x12J\n\x0b\x43onvertLora\x12\x1c.lorad.v1.ConvertLoraRequest\x1a\x1d.lorad.v1.ConvertLoraResponse\x12G\n\nResizeLora\x12\x1b.lorad.v1.ResizeLoraRequest\x1a\x1c.lorad.v1.ResizeLoraResponse\x12\x44\n\tMergeLora\x12\x1a.lorad.v1.MergeLoraRequest\x1a\x1b.lorad.v1.MergeLoraResponse\x12\x41\n\x08\x42\x61keLora\x12\x19.lorad.v1.BakeLoraRequest\x1a\x1a.lorad.v1.BakeLoraResponse\x12J\n\x0b\x45xtractLora\x12\x1c.lorad.v1.ExtractLoraRequest\x1a\x1d.lorad.v1.ExtractLoraResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorad_api.v1.lora_tools_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INSPECTLORARESPONSE_NETWORKTYPESENTRY']._loaded_options = None
+  _globals['_INSPECTLORARESPONSE_NETWORKTYPESENTRY']._serialized_options = b'8\001'
+  _globals['_INSPECTLORARESPONSE_METADATAENTRY']._loaded_options = None
+  _globals['_INSPECTLORARESPONSE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_INSPECTLORAREQUEST']._serialized_start=39
   _globals['_INSPECTLORAREQUEST']._serialized_end=91
   _globals['_LORAPROBLEM']._serialized_start=93
   _globals['_LORAPROBLEM']._serialized_end=151
   _globals['_INSPECTLORARESPONSE']._serialized_start=154
-  _globals['_INSPECTLORARESPONSE']._serialized_end=408
-  _globals['_CONVERTLORAREQUEST']._serialized_start=410
-  _globals['_CONVERTLORAREQUEST']._serialized_end=504
-  _globals['_CONVERTLORARESPONSE']._serialized_start=506
-  _globals['_CONVERTLORARESPONSE']._serialized_end=543
-  _globals['_RESIZELORAREQUEST']._serialized_start=545
-  _globals['_RESIZELORAREQUEST']._serialized_end=643
-  _globals['_RESIZELORARESPONSE']._serialized_start=645
-  _globals['_RESIZELORARESPONSE']._serialized_end=698
-  _globals['_LORATOOLSSERVICE']._serialized_start=701
-  _globals['_LORATOOLSSERVICE']._serialized_end=944
+  _globals['_INSPECTLORARESPONSE']._serialized_end=781
+  _globals['_INSPECTLORARESPONSE_NETWORKTYPESENTRY']._serialized_start=681
+  _globals['_INSPECTLORARESPONSE_NETWORKTYPESENTRY']._serialized_end=732
+  _globals['_INSPECTLORARESPONSE_METADATAENTRY']._serialized_start=734
+  _globals['_INSPECTLORARESPONSE_METADATAENTRY']._serialized_end=781
+  _globals['_LORABLOCK']._serialized_start=783
+  _globals['_LORABLOCK']._serialized_end=857
+  _globals['_TAGCOUNT']._serialized_start=859
+  _globals['_TAGCOUNT']._serialized_end=897
+  _globals['_CONVERTLORAREQUEST']._serialized_start=899
+  _globals['_CONVERTLORAREQUEST']._serialized_end=993
+  _globals['_CONVERTLORARESPONSE']._serialized_start=995
+  _globals['_CONVERTLORARESPONSE']._serialized_end=1032
+  _globals['_RESIZELORAREQUEST']._serialized_start=1034
+  _globals['_RESIZELORAREQUEST']._serialized_end=1148
+  _globals['_RESIZELORARESPONSE']._serialized_start=1150
+  _globals['_RESIZELORARESPONSE']._serialized_end=1203
+  _globals['_WEIGHTEDLORA']._serialized_start=1205
+  _globals['_WEIGHTEDLORA']._serialized_end=1265
+  _globals['_MERGELORAREQUEST']._serialized_start=1267
+  _globals['_MERGELORAREQUEST']._serialized_end=1388
+  _globals['_MERGELORARESPONSE']._serialized_start=1390
+  _globals['_MERGELORARESPONSE']._serialized_end=1488
+  _globals['_BAKELORAREQUEST']._serialized_start=1490
+  _globals['_BAKELORAREQUEST']._serialized_end=1594
+  _globals['_BAKELORARESPONSE']._serialized_start=1596
+  _globals['_BAKELORARESPONSE']._serialized_end=1689
+  _globals['_EXTRACTLORAREQUEST']._serialized_start=1692
+  _globals['_EXTRACTLORAREQUEST']._serialized_end=1842
+  _globals['_EXTRACTLORARESPONSE']._serialized_start=1844
+  _globals['_EXTRACTLORARESPONSE']._serialized_end=1956
+  _globals['_LORATOOLSSERVICE']._serialized_start=1959
+  _globals['_LORATOOLSSERVICE']._serialized_end=2415
 # @@protoc_insertion_point(module_scope)

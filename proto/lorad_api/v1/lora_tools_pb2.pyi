@@ -26,7 +26,21 @@ class LoraProblem(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InspectLoraResponse(_message.Message):
-    __slots__ = ("layout", "family", "family_title", "modules", "parameters", "precision", "ranks", "alphas", "trigger_words", "problems", "text", "json")
+    __slots__ = ("layout", "family", "family_title", "modules", "parameters", "precision", "ranks", "alphas", "trigger_words", "problems", "text", "json", "path", "base_version", "family_evidence", "network_types", "blocks", "metadata", "top_tags")
+    class NetworkTypesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     FAMILY_TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +53,13 @@ class InspectLoraResponse(_message.Message):
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     JSON_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_TYPES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    TOP_TAGS_FIELD_NUMBER: _ClassVar[int]
     layout: str
     family: str
     family_title: str
@@ -51,7 +72,34 @@ class InspectLoraResponse(_message.Message):
     problems: _containers.RepeatedCompositeFieldContainer[LoraProblem]
     text: str
     json: str
-    def __init__(self, layout: _Optional[str] = ..., family: _Optional[str] = ..., family_title: _Optional[str] = ..., modules: _Optional[int] = ..., parameters: _Optional[int] = ..., precision: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., trigger_words: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[LoraProblem, _Mapping]]] = ..., text: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
+    path: str
+    base_version: str
+    family_evidence: str
+    network_types: _containers.ScalarMap[str, int]
+    blocks: _containers.RepeatedCompositeFieldContainer[LoraBlock]
+    metadata: _containers.ScalarMap[str, str]
+    top_tags: _containers.RepeatedCompositeFieldContainer[TagCount]
+    def __init__(self, layout: _Optional[str] = ..., family: _Optional[str] = ..., family_title: _Optional[str] = ..., modules: _Optional[int] = ..., parameters: _Optional[int] = ..., precision: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ..., trigger_words: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[LoraProblem, _Mapping]]] = ..., text: _Optional[str] = ..., json: _Optional[str] = ..., path: _Optional[str] = ..., base_version: _Optional[str] = ..., family_evidence: _Optional[str] = ..., network_types: _Optional[_Mapping[str, int]] = ..., blocks: _Optional[_Iterable[_Union[LoraBlock, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., top_tags: _Optional[_Iterable[_Union[TagCount, _Mapping]]] = ...) -> None: ...
+
+class LoraBlock(_message.Message):
+    __slots__ = ("block", "modules", "ranks", "alphas")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ALPHAS_FIELD_NUMBER: _ClassVar[int]
+    block: str
+    modules: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    alphas: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, block: _Optional[str] = ..., modules: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., alphas: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TagCount(_message.Message):
+    __slots__ = ("tag", "count")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    count: int
+    def __init__(self, tag: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ConvertLoraRequest(_message.Message):
     __slots__ = ("path", "to", "output", "base", "base_dir")
@@ -74,18 +122,20 @@ class ConvertLoraResponse(_message.Message):
     def __init__(self, output: _Optional[str] = ...) -> None: ...
 
 class ResizeLoraRequest(_message.Message):
-    __slots__ = ("path", "output", "rank", "dynamic", "base_dir")
+    __slots__ = ("path", "output", "rank", "dynamic", "base_dir", "layout")
     PATH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     DYNAMIC_FIELD_NUMBER: _ClassVar[int]
     BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     path: str
     output: str
     rank: int
     dynamic: str
     base_dir: str
-    def __init__(self, path: _Optional[str] = ..., output: _Optional[str] = ..., rank: _Optional[int] = ..., dynamic: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
+    layout: str
+    def __init__(self, path: _Optional[str] = ..., output: _Optional[str] = ..., rank: _Optional[int] = ..., dynamic: _Optional[str] = ..., base_dir: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class ResizeLoraResponse(_message.Message):
     __slots__ = ("output", "summary")
@@ -94,3 +144,97 @@ class ResizeLoraResponse(_message.Message):
     output: str
     summary: str
     def __init__(self, output: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class WeightedLora(_message.Message):
+    __slots__ = ("path", "weight")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    weight: float
+    def __init__(self, path: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class MergeLoraRequest(_message.Message):
+    __slots__ = ("loras", "output", "rank", "layout", "base_dir")
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    loras: _containers.RepeatedCompositeFieldContainer[WeightedLora]
+    output: str
+    rank: int
+    layout: str
+    base_dir: str
+    def __init__(self, loras: _Optional[_Iterable[_Union[WeightedLora, _Mapping]]] = ..., output: _Optional[str] = ..., rank: _Optional[int] = ..., layout: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
+
+class MergeLoraResponse(_message.Message):
+    __slots__ = ("output", "modules", "ranks", "kept", "summary")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    output: str
+    modules: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    kept: float
+    summary: str
+    def __init__(self, output: _Optional[str] = ..., modules: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., kept: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class BakeLoraRequest(_message.Message):
+    __slots__ = ("loras", "base", "output", "base_dir")
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    loras: _containers.RepeatedCompositeFieldContainer[WeightedLora]
+    base: str
+    output: str
+    base_dir: str
+    def __init__(self, loras: _Optional[_Iterable[_Union[WeightedLora, _Mapping]]] = ..., base: _Optional[str] = ..., output: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
+
+class BakeLoraResponse(_message.Message):
+    __slots__ = ("output", "modules", "weights_changed", "summary")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    output: str
+    modules: int
+    weights_changed: int
+    summary: str
+    def __init__(self, output: _Optional[str] = ..., modules: _Optional[int] = ..., weights_changed: _Optional[int] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class ExtractLoraRequest(_message.Message):
+    __slots__ = ("base", "tuned", "output", "rank", "conv_rank", "min_diff", "layout", "base_dir")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TUNED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CONV_RANK_FIELD_NUMBER: _ClassVar[int]
+    MIN_DIFF_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIR_FIELD_NUMBER: _ClassVar[int]
+    base: str
+    tuned: str
+    output: str
+    rank: int
+    conv_rank: int
+    min_diff: float
+    layout: str
+    base_dir: str
+    def __init__(self, base: _Optional[str] = ..., tuned: _Optional[str] = ..., output: _Optional[str] = ..., rank: _Optional[int] = ..., conv_rank: _Optional[int] = ..., min_diff: _Optional[float] = ..., layout: _Optional[str] = ..., base_dir: _Optional[str] = ...) -> None: ...
+
+class ExtractLoraResponse(_message.Message):
+    __slots__ = ("output", "modules", "skipped_unchanged", "kept", "summary")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    output: str
+    modules: int
+    skipped_unchanged: int
+    kept: float
+    summary: str
+    def __init__(self, output: _Optional[str] = ..., modules: _Optional[int] = ..., skipped_unchanged: _Optional[int] = ..., kept: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...

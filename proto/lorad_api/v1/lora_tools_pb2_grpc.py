@@ -51,6 +51,21 @@ class LoraToolsServiceStub:
                 request_serializer=lorad_dot_v1_dot_lora__tools__pb2.ResizeLoraRequest.SerializeToString,
                 response_deserializer=lorad_dot_v1_dot_lora__tools__pb2.ResizeLoraResponse.FromString,
                 _registered_method=True)
+        self.MergeLora = channel.unary_unary(
+                '/lorad.v1.LoraToolsService/MergeLora',
+                request_serializer=lorad_dot_v1_dot_lora__tools__pb2.MergeLoraRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lora__tools__pb2.MergeLoraResponse.FromString,
+                _registered_method=True)
+        self.BakeLora = channel.unary_unary(
+                '/lorad.v1.LoraToolsService/BakeLora',
+                request_serializer=lorad_dot_v1_dot_lora__tools__pb2.BakeLoraRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lora__tools__pb2.BakeLoraResponse.FromString,
+                _registered_method=True)
+        self.ExtractLora = channel.unary_unary(
+                '/lorad.v1.LoraToolsService/ExtractLora',
+                request_serializer=lorad_dot_v1_dot_lora__tools__pb2.ExtractLoraRequest.SerializeToString,
+                response_deserializer=lorad_dot_v1_dot_lora__tools__pb2.ExtractLoraResponse.FromString,
+                _registered_method=True)
 
 
 class LoraToolsServiceServicer:
@@ -78,6 +93,29 @@ class LoraToolsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeLora(self, request, context):
+        """Several LoRAs into one: exactly (ranks concatenated) or to a rank by SVD. FAILED_PRECONDITION for files
+        made for different base models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BakeLora(self, request, context):
+        """LoRAs merged into a single-file checkpoint (A1111 / ComfyUI load it as a model), streamed one tensor at
+        a time and written atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtractLora(self, request, context):
+        """A LoRA from the difference of two single-file checkpoints (a fine-tune and its base), by SVD.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoraToolsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +133,21 @@ def add_LoraToolsServiceServicer_to_server(servicer, server):
                     servicer.ResizeLora,
                     request_deserializer=lorad_dot_v1_dot_lora__tools__pb2.ResizeLoraRequest.FromString,
                     response_serializer=lorad_dot_v1_dot_lora__tools__pb2.ResizeLoraResponse.SerializeToString,
+            ),
+            'MergeLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeLora,
+                    request_deserializer=lorad_dot_v1_dot_lora__tools__pb2.MergeLoraRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lora__tools__pb2.MergeLoraResponse.SerializeToString,
+            ),
+            'BakeLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.BakeLora,
+                    request_deserializer=lorad_dot_v1_dot_lora__tools__pb2.BakeLoraRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lora__tools__pb2.BakeLoraResponse.SerializeToString,
+            ),
+            'ExtractLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtractLora,
+                    request_deserializer=lorad_dot_v1_dot_lora__tools__pb2.ExtractLoraRequest.FromString,
+                    response_serializer=lorad_dot_v1_dot_lora__tools__pb2.ExtractLoraResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +232,87 @@ class LoraToolsService:
             '/lorad.v1.LoraToolsService/ResizeLora',
             lorad_dot_v1_dot_lora__tools__pb2.ResizeLoraRequest.SerializeToString,
             lorad_dot_v1_dot_lora__tools__pb2.ResizeLoraResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.LoraToolsService/MergeLora',
+            lorad_dot_v1_dot_lora__tools__pb2.MergeLoraRequest.SerializeToString,
+            lorad_dot_v1_dot_lora__tools__pb2.MergeLoraResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BakeLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.LoraToolsService/BakeLora',
+            lorad_dot_v1_dot_lora__tools__pb2.BakeLoraRequest.SerializeToString,
+            lorad_dot_v1_dot_lora__tools__pb2.BakeLoraResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorad.v1.LoraToolsService/ExtractLora',
+            lorad_dot_v1_dot_lora__tools__pb2.ExtractLoraRequest.SerializeToString,
+            lorad_dot_v1_dot_lora__tools__pb2.ExtractLoraResponse.FromString,
             options,
             channel_credentials,
             insecure,

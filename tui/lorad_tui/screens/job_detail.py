@@ -27,6 +27,7 @@ from lorad_client.format import format_duration
 from lorad_tui.display import state_text
 from lorad_tui.messages import CancelRequested, CloseJob, RunRequested, ViewChanged
 from lorad_tui.screens.confirm import ConfirmScreen, cancel_question
+from lorad_tui.screens.lora_inspect import LoraInspectScreen
 from lorad_tui.state import DaemonView, JobView, is_final, usage_snippet
 from lorad_tui.widgets.job_log import JobLog
 from lorad_tui.widgets.loss_plot import LossPlot
@@ -58,7 +59,8 @@ class JobDetailScreen(Screen[None]):
     """The detail of ``job_id``, drawn from ``view`` whenever the App says the job changed.
 
     Keys: ``c`` cancels (after a yes/no question), ``y`` copies the ``<lora:NAME:0.8>`` snippet,
-    ``o`` copies the output folder's path and shows it, ``[`` / ``]`` step through the sampled steps
+    ``o`` copies the output folder's path and shows it, ``i`` inspects the kohya file (base model, rank
+    and alpha per block, problems: the daemon's InspectLora), ``[`` / ``]`` step through the sampled steps
     (the newest is shown until one is picked), ``s`` samples now and ``w`` saves now (running jobs),
     ``escape`` goes back. Keys that do nothing for the job's state are hidden.
     """
@@ -68,6 +70,7 @@ class JobDetailScreen(Screen[None]):
         Binding("c", "cancel_job", "Cancel"),
         Binding("y", "copy_snippet", "Copy snippet"),
         Binding("o", "output_folder", "Folder path"),
+        Binding("i", "inspect_lora", "Inspect LoRA"),
         Binding("left_square_bracket", "sample_step(-1)", "Older samples", key_display="["),
         Binding("right_square_bracket", "sample_step(1)", "Newer samples", key_display="]"),
         Binding("s", "run_request('sample')", "Sample now"),
@@ -236,6 +239,8 @@ class JobDetailScreen(Screen[None]):
             return view is not None and not is_final(view.job)
         if action in ("copy_snippet", "output_folder"):
             return view is not None and view.job.state == JOB_STATE_SUCCEEDED
+        if action == "inspect_lora":
+            return view is not None and view.job.state == JOB_STATE_SUCCEEDED and "kohya" in view.job.outputs
         if action == "sample_step":
             return view is not None and bool(view.samples)
         if action == "run_request":
@@ -281,6 +286,12 @@ class JobDetailScreen(Screen[None]):
         self.app.copy_to_clipboard(snippet)
         where = "your code" if "adapter" in view.job.outputs else "your prompt"
         self.notify(f"copied {snippet} — paste it into {where}", title="clipboard")
+
+    def action_inspect_lora(self) -> None:
+        view = self.job_view
+        if view is not None and "kohya" in view.job.outputs:
+            # The daemon reports absolute output paths; the App's base_dir only matters for a relative one.
+            self.app.push_screen(LoraInspectScreen(view.job.outputs["kohya"], getattr(self.app, "base_dir", None)))
 
     def action_output_folder(self) -> None:
         view = self.job_view
