@@ -92,9 +92,11 @@ def test_bad_requests_are_refused_naming_each_field(
     client: LoradClient, tmp_path: Path, files: dict[str, Path]
 ) -> None:
     a, single = files["a"], files["single"]
-    err = _refused(client.merge_lora, [(a, float("nan"))], output="out.safetensors", rank=-1, base_dir="")
+    err = _refused(
+        client.merge_lora, [(a, float("nan"))], output="out.safetensors", rank=-1, layout="onnx", base_dir=""
+    )
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
-    for field in ("`loras`", "`loras[0].weight`", "`output`", "`rank`"):
+    for field in ("`loras`", "`loras[0].weight`", "`output`", "`rank`", "`layout`"):
         assert field in str(err), (field, str(err))
     assert "relative and no base_dir" in str(err)
     err = _refused(client.bake_lora, [a], base=single, output=single)
@@ -102,6 +104,8 @@ def test_bad_requests_are_refused_naming_each_field(
     err = _refused(client.extract_lora, single, "", output=tmp_path / "x.safetensors", rank=0, min_diff=-1)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert all(f in str(err) for f in ("`tuned`", "`rank`", "`min_diff`"))
+    err = _refused(client.convert_lora, a, to="", output=tmp_path / "c.safetensors")
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "use one of: kohya, diffusers, peft, comfyui" in str(err)
     err = _refused(client.inspect_lora, "a\0b")
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "NUL" in str(err)
     assert list(tmp_path.iterdir()) == []  # nothing was written

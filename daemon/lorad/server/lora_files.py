@@ -89,7 +89,8 @@ class _Request:
         return output
 
     def weighted(self, loras: Sequence[tuple[str, float]], at_least: int) -> list[tuple[Path, float]]:
-        """The weighted inputs (``loras[i]`` -> key ``loras[i]``), at least ``at_least`` and at most MAX_TOOL_INPUTS."""
+        """The (path, weight) inputs resolved, at least ``at_least`` and at most MAX_TOOL_INPUTS; problems name
+        ``loras[i].path`` / ``loras[i].weight``."""
         if not at_least <= len(loras) <= MAX_TOOL_INPUTS:
             self._add("loras", f"has {len(loras)} files", f"send {at_least} to {MAX_TOOL_INPUTS} LoRA files")
         resolved = []
@@ -99,6 +100,13 @@ class _Request:
             if path is not None:
                 resolved.append((path, weight))
         return resolved
+
+    def layout(self, key: str, name: str, *, required: bool = False) -> None:
+        """A problem unless ``name`` is a layout the tools write (or empty, where that means the default)."""
+        from lorad.lora_tools.layouts import LAYOUTS
+
+        if (name or required) and name not in LAYOUTS:
+            self._add(key, f"got {shown(name)}", "use one of: " + ", ".join(LAYOUTS))
 
     def done(self) -> None:
         """Raise every problem noted, as one ConfigError."""
@@ -157,6 +165,7 @@ class LoraFileService:
         source = request.path("path", path, "the LoRA file to convert")
         model = request.path("base", base, "the model's checkpoint") if base else None
         dest = request.output(output, [source, model])
+        request.layout("to", to, required=True)
         request.done()
         assert source is not None and dest is not None
         with _writing(dest, "the converted LoRA"):
@@ -173,6 +182,7 @@ class LoraFileService:
         dest = request.output(output, [source])
         if rank is not None:
             request.number("rank", rank, 1, MAX_TOOL_RANK)
+        request.layout("layout", layout)
         request.done()
         assert source is not None and dest is not None
         with _writing(dest, "the resized LoRA"):
@@ -195,6 +205,7 @@ class LoraFileService:
         dest = request.output(output, [path for path, _ in inputs])
         if rank is not None:
             request.number("rank", rank, 1, MAX_TOOL_RANK)
+        request.layout("layout", layout)
         request.done()
         assert dest is not None
         with _writing(dest, "the merged LoRA"):
@@ -237,6 +248,7 @@ class LoraFileService:
         if conv_rank is not None:
             request.number("conv_rank", conv_rank, 1, MAX_TOOL_RANK)
         request.number("min_diff", min_diff, 0.0, MAX_MIN_DIFF)
+        request.layout("layout", layout)
         request.done()
         assert original is not None and changed is not None and dest is not None
         with _writing(dest, "the extracted LoRA"):
