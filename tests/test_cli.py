@@ -121,6 +121,7 @@ def test_demo_runs_end_to_end_and_reuses_latents(tmp_path: Path, capsys: pytest.
     assert code == 0 and "0 encoded, 12 from cache" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_checkpoint_and_resume_finishes(tmp_path: Path, tiny_sd: Path, dataset: Path) -> None:
     values = tiny_train_values(tiny_sd, dataset, tmp_path / "out", max_train_steps=100_000)
     cfg = write_config(tmp_path / "c.yaml", **values)

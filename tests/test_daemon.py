@@ -217,6 +217,7 @@ def start_serve_process(home: Path) -> subprocess.Popen[str]:
     raise AssertionError(f"daemon did not start (exit {proc.wait()})")
 
 
+@pytest.mark.slow
 def test_sigkilled_daemon_resumes_job_from_checkpoint(
     short_dir: Path, tiny_sd: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -136,6 +136,7 @@ def test_partly_trained_fused_module_gets_zero_rows(tiny: Path) -> None:
     assert torch.allclose(lora.delta()[: 3 * 32], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_diffusers_reads_our_kohya_file_at_flux_width() -> None:
     """diffusers' kohya-FLUX reader (FluxPipeline.load_lora_weights' converter) takes every key back apart."""
     real = FluxShape(num_layers=19, num_single_layers=38, inner_dim=3072, guidance_embeds=True)

@@ -86,6 +86,7 @@ def _llama_cpp_logits(model: Path, adapter: Path | None = None) -> torch.Tensor:
     return torch.tensor(llm.scores[len(PROMPT_IDS) - 1], dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_adapter_and_merged_ggufs_match_transformers(job: Path) -> None:
     result = export_gguf(job, quant="f16")
     reference = _reference_logits(job, merged=False)
@@ -99,6 +100,7 @@ def test_adapter_and_merged_ggufs_match_transformers(job: Path) -> None:
     assert "ollama create job -f Modelfile" in result.ollama_command
 
 
+@pytest.mark.slow
 def test_q4_k_m_is_quantized_by_llama_cpp(job: Path) -> None:
     import gguf
 
@@ -176,6 +178,7 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
     return commands
 
 
+@pytest.mark.slow
 def test_modelfile_parses_as_ollama_documents_it(job: Path) -> None:
     result = export_gguf(job, quant="f16", merged=False)
     commands = parse_modelfile(Path(result.modelfile).read_text())
