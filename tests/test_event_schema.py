@@ -86,3 +86,11 @@ def test_the_terminal_prints_the_clients_line_for_each_event(cls: type[ev.Event]
     progress(event)
     progress.close()
     assert line in out.getvalue()
+
+
+def test_fields_an_older_daemon_left_unset_read_as_what_they_meant() -> None:
+    """A history written before `devices` or with an empty log level still reads as one device and info."""
+    started = jobs_pb2.JobEvent(training_started=jobs_pb2.TrainingStarted(total_steps=8, device="cpu"))
+    assert engine_event_from_proto(started).devices == 1
+    log = jobs_pb2.JobEvent(log=jobs_pb2.LogLine(message="hello"))
+    assert engine_event_from_proto(log) == ev.LogLine(message="hello", level="info")

@@ -110,9 +110,7 @@ class TrainingStarted(Event):
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> Event:
         # A daemon from before data-parallel runs sent no device count: it trained on one.
-        names = {f.name for f in fields(cls)}
-        values = {key: value for key, value in payload.items() if key in names}
-        return cls(**{**values, "devices": values.get("devices") or 1})
+        return super().from_payload({**payload, "devices": payload.get("devices") or 1})
 
 
 @dataclass(frozen=True)
@@ -170,7 +168,7 @@ class LogLine(Event):
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> Event:
-        return cls(message=payload.get("message", ""), level=payload.get("level") or "info")
+        return super().from_payload({**payload, "level": payload.get("level") or "info"})
 
 
 @dataclass(frozen=True)
